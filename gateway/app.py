@@ -1,0 +1,385 @@
+"""The composition root: start, reload, drain, stop.
+
+`Gateway` owns the current `Snapshot` (one reference, swapped whole on reload), the listeners,
+the admin server, and the state kept across reloads.  Reload follows Caddy's order: load and
+validate off the loop, build everything, then swap in one assignment on the loop thread — or keep
+the old snapshot and report why.  `check` runs the same load-and-build path and throws the result
+away, so a config that passes `gateway check` cannot fail to load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from gateway.admin import AdminServer
+from gateway.config.load import load_config
+from gateway.config.model import GatewayConfig
+from gateway.errors import ConfigErrors
+from gateway.http.server import HttpConnection
+from gateway.http.serving import ServerState
+from gateway.observability.logs import setup_logging
+from gateway.observability.metrics import GatewayMetrics, Registry, read_snapshots
+from gateway.runtime.shared import SharedState
+from gateway.runtime.snapshot import Snapshot, build_snapshot
+
+log = logging.getLogger("gateway.app")
+
+#: how often the connection sweeper checks deadlines (seconds); bounded by the shortest timeout
+_SWEEP_MAX = 0.5
+#: how often a worker publishes its metrics for the worker that serves /metrics
+_METRICS_PUBLISH = 1.0
+#: how long warming waits for one upstream connection before going ready anyway
+_WARM_TIMEOUT = 1.0
+
+
+class Gateway:
+    """One worker process's gateway."""
+
+    def __init__(
+        self,
+        config_path: str,
+        *,
+        worker_index: int = 0,
+        workers: int = 1,
+        metrics_dir: str | None = None,
+    ) -> None:
+        self.config_path = str(Path(config_path).resolve())
+        self.worker_index = worker_index
+        self.workers = workers
+        self.metrics_dir = metrics_dir
+        self.registry = Registry()
+        self.metrics = GatewayMetrics(self.registry)
+        self._state = "starting"
+        self.draining = False
+        self.connections: set[HttpConnection] = set()
+        self.bound: dict[str, tuple[str, int]] = {}
+        self.admin: AdminServer | None = None
+        self.last_reload: dict[str, Any] = {"ok": True, "error": None, "at": None}
+        self._servers: list[asyncio.Server] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stop_requested = asyncio.Event()
+        self._stopped = asyncio.Event()
+        self._all_closed = asyncio.Event()
+        self._reload_lock = asyncio.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._shared: SharedState | None = None
+        self.snapshot: Snapshot
+
+    # -- AdminBackend ------------------------------------------------------------------------
+
+    @property
+    def state(self) -> str:
+        return self._state
+
+    def admin_token(self) -> str | None:
+        return self.snapshot.config.admin.token
+
+    def config_info(self) -> dict[str, Any]:
+        return {
+            "version": self.snapshot.version,
+            "loaded_at": _rfc3339(self.snapshot.loaded_at),
+            "source": self.snapshot.config.source,
+            "last_reload": dict(self.last_reload),
+        }
+
+    def routes_info(self) -> list[dict[str, Any]]:
+        return [route.describe() for route in self.snapshot.routes]
+
+    def upstreams_info(self) -> list[dict[str, Any]]:
+        return [u.describe() for u in self.snapshot.upstreams.values()]
+
+    def metrics_text(self) -> str:
+        extra: list[dict[str, Any]] = []
+        if self.metrics_dir:
+            self._publish_metrics()
+            extra = read_snapshots(self.metrics_dir, exclude=self._metrics_file_name())
+        return self.registry.render(extra=extra)
+
+    async def reload(self) -> dict[str, Any]:
+        result = await self._reload()
+        if self.workers > 1 and self.worker_index == 0 and result["ok"]:
+            # the supervisor passes the reload on to the other workers
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(os.getppid(), signal.SIGUSR1)
+        return result
+
+    # -- start -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load the config, bind the listeners and the admin, warm up; raises on failure."""
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._shared = SharedState(loop, self.metrics)
+        config = await asyncio.to_thread(load_config, self.config_path)
+        snapshot = build_snapshot(config, self._shared)
+        self._shared.commit(snapshot.upstreams)
+        self._install(snapshot)
+        try:
+            for listener in config.listeners:
+                state = ServerState(self, loop, listener.name, "http")
+                server = await loop.create_server(
+                    lambda state=state: HttpConnection(state),  # type: ignore[misc]
+                    listener.host,
+                    listener.port,
+                    reuse_port=self.workers > 1 or None,
+                    backlog=4096,
+                )
+                self._servers.append(server)
+                sockname = server.sockets[0].getsockname()
+                self.bound[listener.name] = (sockname[0], sockname[1])
+            if self.worker_index == 0:
+                self.admin = AdminServer(self, config.admin.host, config.admin.port)
+                await self.admin.start()
+        except BaseException:
+            await self._close_servers()
+            raise
+        self._tasks.append(loop.create_task(self._sweep()))
+        if self.metrics_dir:
+            self._tasks.append(loop.create_task(self._publish_loop()))
+        self._state = "warming"
+        await self._warm()
+        self._state = "ready"
+        log.info(
+            "gateway ready",
+            extra={
+                "version": snapshot.version,
+                "listeners": {k: f"{h}:{p}" for k, (h, p) in self.bound.items()},
+                "worker": self.worker_index,
+            },
+        )
+
+    async def _warm(self) -> None:
+        """Open one connection per endpoint so the first requests find warm pools."""
+
+        async def one(pool: Any) -> None:
+            try:
+                conn = await pool.acquire(_WARM_TIMEOUT)
+            except Exception as exc:  # warming is best effort: the endpoint may come later
+                log.warning("upstream endpoint not reachable while warming: %s", exc)
+                return
+            pool.release(conn)
+
+        pools = [e.pool for u in self.snapshot.upstreams.values() for e in u.endpoints]
+        if pools:
+            await asyncio.gather(*(one(p) for p in pools))
+
+    def _install(self, snapshot: Snapshot) -> None:
+        self.snapshot = snapshot
+        self.metrics.config_info.set_info(snapshot.version)
+
+    # -- reload ------------------------------------------------------------------------------
+
+    async def _reload(self) -> dict[str, Any]:
+        async with self._reload_lock:
+            assert self._shared is not None
+            at = _rfc3339(time.time())
+            try:
+                config = await asyncio.to_thread(load_config, self.config_path)
+                _check_restart_needed(self.snapshot.config, config)
+                snapshot = build_snapshot(config, self._shared)
+            except ConfigErrors as exc:
+                return self._reload_failed(at, exc)
+            except Exception as exc:
+                log.exception("reload failed while building the new configuration")
+                return self._reload_failed(at, ConfigErrors([]), str(exc))
+            # the swap: one assignment; requests in flight keep the snapshot they started with
+            old = self.snapshot
+            self._install(snapshot)
+            self._shared.commit(snapshot.upstreams)
+            self.last_reload = {"ok": True, "error": None, "at": at}
+            self.metrics.config_reloads_total.labels("success").inc()
+            self.metrics.config_last_reload_success.set(1)
+            changed = old.version != snapshot.version
+            log.info(
+                "configuration reloaded",
+                extra={"version": snapshot.version, "previous": old.version, "changed": changed},
+            )
+            return {"ok": True, "version": snapshot.version, "changed": changed, "error": None}
+
+    def _reload_failed(
+        self, at: str, exc: ConfigErrors, message: str | None = None
+    ) -> dict[str, Any]:
+        error = message or "\n".join(str(e) for e in exc.errors) or str(exc)
+        self.last_reload = {"ok": False, "error": error, "at": at}
+        self.metrics.config_reloads_total.labels("failure").inc()
+        self.metrics.config_last_reload_success.set(0)
+        log.error("reload rejected, the previous configuration keeps serving: %s", error)
+        return {"ok": False, "version": self.snapshot.version, "error": error}
+
+    # -- drain and stop ----------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        self._stop_requested.set()
+
+    async def run_until_stopped(self) -> None:
+        await self._stop_requested.wait()
+        await self.drain()
+
+    async def drain(self) -> None:
+        """SPEC §7: not ready at once, keep accepting for drain_delay, then finish in-flight."""
+        if self._state == "draining":
+            await self._stopped.wait()
+            return
+        self._state = "draining"
+        shutdown = self.snapshot.config.shutdown
+        log.info("draining", extra={"drain_delay": shutdown.drain_delay})
+        await asyncio.sleep(shutdown.drain_delay)
+        for server in self._servers:
+            server.close()
+        self.draining = True
+        for conn in list(self.connections):
+            conn.close_if_idle()
+        if self.connections:
+            self._all_closed.clear()
+            try:
+                await asyncio.wait_for(self._all_closed.wait(), shutdown.timeout)
+            except TimeoutError:
+                log.warning(
+                    "shutdown timeout: closing %d connections still open", len(self.connections)
+                )
+                for conn in list(self.connections):
+                    if conn.transport is not None:
+                        conn.transport.abort()
+        await self.stop()
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        await self._close_servers()
+        if self._shared is not None:
+            self._shared.close()
+        self.snapshot.access_log.flush()
+        if self.metrics_dir:
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(self.metrics_dir, self._metrics_file_name()))
+        self._stopped.set()
+
+    async def _close_servers(self) -> None:
+        for server in self._servers:
+            server.close()
+        self._servers = []
+        if self.admin is not None:
+            await self.admin.stop()
+            self.admin = None
+
+    def on_connection_closed(self) -> None:
+        if not self.connections:
+            self._all_closed.set()
+
+    # -- background work ---------------------------------------------------------------------
+
+    async def _sweep(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            limits = self.snapshot.limits
+            shortest = min(limits.header_timeout, limits.idle_timeout, limits.body_timeout)
+            await asyncio.sleep(min(_SWEEP_MAX, shortest / 4))
+            now = loop.time()
+            for conn in list(self.connections):
+                conn.check_deadline(now)
+            self.snapshot.access_log.flush()
+
+    def _metrics_file_name(self) -> str:
+        return f"worker-{self.worker_index}.json"
+
+    def _publish_metrics(self) -> None:
+        assert self.metrics_dir is not None
+        self.registry.write_snapshot(os.path.join(self.metrics_dir, self._metrics_file_name()))
+
+    async def _publish_loop(self) -> None:
+        while True:
+            try:
+                self._publish_metrics()
+            except OSError as exc:
+                log.warning("cannot publish metrics: %s", exc)
+            await asyncio.sleep(_METRICS_PUBLISH)
+
+
+def _check_restart_needed(old: GatewayConfig, new: GatewayConfig) -> None:
+    from gateway.errors import ConfigError
+
+    errors = []
+    if old.listeners != new.listeners:
+        errors.append(
+            ConfigError("listeners", "listeners cannot change while running: restart needed")
+        )
+    if (old.admin.host, old.admin.port) != (new.admin.host, new.admin.port):
+        errors.append(
+            ConfigError("admin.bind", "the admin address cannot change while running: restart needed")
+        )
+    if errors:
+        raise ConfigErrors(errors)
+
+
+def _rfc3339(epoch: float) -> str:
+    t = time.gmtime(epoch)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", t) + f".{int(epoch % 1 * 1000):03d}Z"
+
+
+# -- entry points used by the command line -------------------------------------------------
+
+
+def check(config_path: str) -> tuple[str | None, list[str]]:
+    """Load and build `config_path` exactly as a reload would; (version, errors)."""
+    try:
+        config = load_config(config_path)
+    except ConfigErrors as exc:
+        return None, [str(e) for e in exc.errors]
+
+    async def build() -> None:
+        shared = SharedState(asyncio.get_running_loop(), GatewayMetrics(Registry()))
+        snapshot = build_snapshot(config, shared)
+        shared.discard(snapshot.upstreams)
+
+    try:
+        asyncio.run(build())
+    except ConfigErrors as exc:
+        return None, [str(e) for e in exc.errors]
+    return config.version, []
+
+
+def serve(config_path: str, *, worker_index: int = 0, workers: int = 1) -> int:
+    """Run one gateway process until SIGTERM/SIGINT has drained it; the exit code."""
+    import uvloop
+
+    setup_logging()
+    metrics_dir = os.environ.get("GATEWAY_METRICS_DIR") if workers > 1 else None
+    gateway = Gateway(
+        config_path, worker_index=worker_index, workers=workers, metrics_dir=metrics_dir
+    )
+
+    async def main() -> int:
+        loop = asyncio.get_running_loop()
+        try:
+            await gateway.start()
+        except ConfigErrors as exc:
+            for error in exc.errors:
+                print(error, file=sys.stderr)
+            log.error("configuration rejected: %d error(s)", len(exc.errors))
+            return 1
+        except OSError as exc:
+            log.error("cannot start: %s", exc)
+            return 1
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(_reload_logged()))
+        loop.add_signal_handler(signal.SIGTERM, gateway.request_stop)
+        loop.add_signal_handler(signal.SIGINT, gateway.request_stop)
+        await gateway.run_until_stopped()
+        log.info("stopped")
+        return 0
+
+    async def _reload_logged() -> None:
+        await gateway._reload()
+
+    return uvloop.run(main())

@@ -1,0 +1,131 @@
+"""The configuration model: frozen dataclasses, one per YAML mapping of SPEC §2.
+
+Values here are already normalized: durations are float seconds, sizes are int bytes, names
+are resolved.  The loader (load.py) builds these from raw YAML and reports errors with their
+YAML path; nothing here touches the file system or the network.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+Balance = Literal["round_robin", "least_request"]
+
+#: the built-in upstream that answers with the request it received, as JSON
+INTERNAL_ECHO = "internal:echo"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ListenerConfig:
+    name: str
+    host: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AdminConfig:
+    host: str = "127.0.0.1"
+    port: int = 9901
+    #: when set, /admin/* requires "Authorization: Bearer <token>"
+    token: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LimitsConfig:
+    max_header_bytes: int = 32 * 1024
+    max_body_bytes: int = 10 * 1024 * 1024
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    idle_timeout: float = 60.0
+    max_connections: int = 10_000
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ShutdownConfig:
+    drain_delay: float = 5.0
+    timeout: float = 30.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AccessLogConfig:
+    enabled: bool = True
+    sample_ratio: float = 1.0
+    always_log_status: int = 500
+    exclude_fields: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EndpointConfig:
+    url: str
+    scheme: Literal["http"]
+    host: str
+    port: int
+    weight: int = 1
+
+    @property
+    def address(self) -> str:
+        """``host:port`` — the endpoint's name in metrics and the admin API."""
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UpstreamConfig:
+    name: str
+    endpoints: tuple[EndpointConfig, ...]
+    balance: Balance = "round_robin"
+    connect_timeout: float = 2.0
+    response_header_timeout: float = 15.0
+    pool_max_connections: int = 256
+    pool_idle_timeout: float = 60.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MatchConfig:
+    #: lower-case host without port; "*.example.com" for a wildcard; None matches any host
+    host: str | None = None
+    path: str | None = None
+    path_prefix: str | None = None
+    path_regex: str | None = None
+    #: upper-case method names; None matches any method
+    methods: tuple[str, ...] | None = None
+    #: lower-case header name -> exact value; all must match
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WeightedUpstream:
+    name: str
+    weight: int = 1
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RouteConfig:
+    name: str
+    #: position in the file, used for tie-breaking (regexes in file order)
+    index: int
+    match: MatchConfig
+    #: one entry with weight 1 for `upstream: NAME`, several for a weighted split
+    upstreams: tuple[WeightedUpstream, ...]
+    strip_prefix: str | None = None
+    timeout: float = 30.0
+    #: None = the listener-wide `limits.max_body_bytes`
+    max_body_bytes: int | None = None
+    websocket: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GatewayConfig:
+    listeners: tuple[ListenerConfig, ...]
+    admin: AdminConfig = field(default_factory=AdminConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    #: CIDR strings, validated by the loader
+    trusted_proxies: tuple[str, ...] = ()
+    shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
+    access_log: AccessLogConfig = field(default_factory=AccessLogConfig)
+    upstreams: tuple[UpstreamConfig, ...] = ()
+    routes: tuple[RouteConfig, ...] = ()
+    #: absolute path of the file this came from ("" when built from a string)
+    source: str = ""
+    #: first 12 hex digits of the sha256 of the normalized content and referenced files
+    version: str = ""

@@ -1,0 +1,91 @@
+"""Errors the gateway raises.
+
+`GatewayError` subclasses carry the HTTP status and the machine-readable code of SPEC §4; the
+server protocol turns any of them into one problem+json response in one place.  `ConfigError`
+carries the YAML path of the offending value; `ConfigErrors` gathers every error of one load so
+`gateway check` can print them all at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+class GatewayError(Exception):
+    """An error that becomes a gateway-generated HTTP response."""
+
+    status: int = 500
+    code: str = "internal_error"
+    title: str = "Internal Server Error"
+    #: whether the downstream connection must be closed after the response
+    close: bool = False
+
+    def __init__(
+        self,
+        detail: str = "",
+        *,
+        headers: Iterable[tuple[str, str]] = (),
+        close: bool | None = None,
+    ) -> None:
+        super().__init__(detail or self.title)
+        self.detail = detail or self.title
+        self.headers: tuple[tuple[str, str], ...] = tuple(headers)
+        if close is not None:
+            self.close = close
+
+
+class BadRequest(GatewayError):
+    status, code, title, close = 400, "bad_request", "Bad Request", True
+
+
+class NoRoute(GatewayError):
+    status, code, title = 404, "no_route", "Not Found"
+
+
+class MethodNotAllowed(GatewayError):
+    status, code, title = 405, "method_not_allowed", "Method Not Allowed"
+
+    def __init__(self, allowed: Iterable[str], detail: str = "") -> None:
+        allow = ", ".join(sorted(set(allowed)))
+        super().__init__(detail or f"allowed methods: {allow}", headers=[("Allow", allow)])
+
+
+class RequestTimeout(GatewayError):
+    status, code, title, close = 408, "request_timeout", "Request Timeout", True
+
+
+class PayloadTooLarge(GatewayError):
+    status, code, title, close = 413, "payload_too_large", "Payload Too Large", True
+
+
+class HeadersTooLarge(GatewayError):
+    status, code, title, close = 431, "headers_too_large", "Request Header Fields Too Large", True
+
+
+class UpstreamUnavailable(GatewayError):
+    status, code, title = 502, "upstream_unavailable", "Bad Gateway"
+
+
+class NoHealthyUpstream(GatewayError):
+    status, code, title = 503, "no_healthy_upstream", "Service Unavailable"
+
+
+class UpstreamTimeout(GatewayError):
+    status, code, title = 504, "upstream_timeout", "Gateway Timeout"
+
+
+class ConfigError(Exception):
+    """One configuration error at a YAML path such as ``routes[2].match.path``."""
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(f"{path}: {message}" if path else message)
+        self.path = path
+        self.message = message
+
+
+class ConfigErrors(Exception):
+    """Every error found in one configuration; raised when there is at least one."""
+
+    def __init__(self, errors: Iterable[ConfigError]) -> None:
+        self.errors: tuple[ConfigError, ...] = tuple(errors)
+        super().__init__("\n".join(str(e) for e in self.errors))

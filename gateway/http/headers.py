@@ -1,0 +1,115 @@
+"""Header rules of the data plane (SPEC §3): hop-by-hop names, headers the gateway owns, and the
+serialisation helpers shared by the server and upstream protocols.
+
+Headers travel as ``(name, value)`` byte pairs exactly as received; names are compared in lower
+case but never re-encoded on the wire.
+"""
+
+from __future__ import annotations
+
+import time
+from email.utils import formatdate
+from typing import Final
+
+#: removed both ways whatever the Connection header says (RFC 9110 §7.6.1 and SPEC §3)
+HOP_BY_HOP: Final = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+    }
+)
+
+#: only the mtls stage may set these; a client's copies are always dropped
+CLIENT_CERT_HEADERS: Final = frozenset(
+    {b"client-cert", b"client-cert-chain", b"x-forwarded-client-cert"}
+)
+
+#: the gateway sets these itself on the way upstream; a client's copies never pass as they are
+GATEWAY_SET_REQUEST: Final = frozenset(
+    {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-request-id"}
+)
+
+#: names the client's Connection header may not remove: framing and routing belong to the gateway
+CONNECTION_PROTECTED: Final = frozenset({b"host", b"content-length"})
+
+#: dropped from requests before they go upstream (framing is re-done, Expect is answered here)
+REQUEST_DROP: Final = HOP_BY_HOP | CLIENT_CERT_HEADERS | GATEWAY_SET_REQUEST | frozenset(
+    {b"content-length", b"expect", b"host"}
+)
+
+#: dropped from responses before they go downstream (framing is re-done by the server protocol)
+RESPONSE_DROP: Final = HOP_BY_HOP | frozenset({b"content-length"})
+
+_TOKEN_CHARS: Final = frozenset(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+def connection_tokens(value: bytes) -> set[bytes]:
+    """The lower-case header names listed in a Connection header value."""
+    return {t.strip().lower() for t in value.split(b",") if t.strip()}
+
+
+def is_token(value: bytes) -> bool:
+    return bool(value) and all(c in _TOKEN_CHARS for c in value)
+
+
+class HttpDate:
+    """The IMF-fixdate for the Date header, formatted at most once a second."""
+
+    __slots__ = ("_second", "_value")
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._value = b""
+
+    def __call__(self) -> bytes:
+        now = int(time.time())
+        if now != self._second:
+            self._second = now
+            self._value = formatdate(now, usegmt=True).encode("ascii")
+        return self._value
+
+
+http_date: Final = HttpDate()
+
+STATUS_REASONS: Final[dict[int, bytes]] = {
+    100: b"Continue",
+    101: b"Switching Protocols",
+    103: b"Early Hints",
+    200: b"OK",
+    201: b"Created",
+    202: b"Accepted",
+    204: b"No Content",
+    206: b"Partial Content",
+    301: b"Moved Permanently",
+    302: b"Found",
+    303: b"See Other",
+    304: b"Not Modified",
+    307: b"Temporary Redirect",
+    308: b"Permanent Redirect",
+    400: b"Bad Request",
+    401: b"Unauthorized",
+    403: b"Forbidden",
+    404: b"Not Found",
+    405: b"Method Not Allowed",
+    408: b"Request Timeout",
+    409: b"Conflict",
+    413: b"Payload Too Large",
+    422: b"Unprocessable Content",
+    429: b"Too Many Requests",
+    431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error",
+    502: b"Bad Gateway",
+    503: b"Service Unavailable",
+    504: b"Gateway Timeout",
+}
+
+
+def reason_phrase(status: int) -> bytes:
+    return STATUS_REASONS.get(status, b"Unknown")

@@ -1,0 +1,260 @@
+"""The request and response objects that stages see.
+
+`RequestHead` is filled by the server protocol while llhttp parses; `RequestBody` is the
+request body as a bounded, flow-controlled stream; `Response` is what a pipeline returns: status,
+headers and either a complete body or a `BodyStream` that the server protocol pumps to the
+client after every stage has had its say on the head.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Awaitable
+from typing import Protocol, final
+
+from gateway.errors import GatewayError, PayloadTooLarge, RequestTimeout
+
+#: request-body bytes buffered before the client socket stops being read
+BODY_HIGH_WATER = 256 * 1024
+BODY_LOW_WATER = 64 * 1024
+
+
+@final
+class RequestHead:
+    """The parsed request head.  Header pairs are kept exactly as received."""
+
+    __slots__ = (
+        "connection_tokens",
+        "content_length",
+        "chunked",
+        "expect_continue",
+        "headers",
+        "host",
+        "keep_alive",
+        "method",
+        "path",
+        "query",
+        "request_id",
+        "target",
+        "upgrade",
+        "version",
+        "x_forwarded_for",
+    )
+
+    def __init__(self) -> None:
+        self.method = ""
+        self.target = b""
+        self.path = "/"
+        self.query = ""
+        self.version = "1.1"
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.host: bytes | None = None
+        self.content_length: int | None = None
+        self.chunked = False
+        self.keep_alive = True
+        self.expect_continue = False
+        self.upgrade: bytes | None = None
+        self.connection_tokens: set[bytes] | None = None
+        self.request_id: bytes | None = None
+        self.x_forwarded_for: bytes | None = None
+
+    def get_header(self, name: str) -> str | None:
+        """First value of a header (name in lower case), decoded as latin-1."""
+        key = name.encode("latin-1")
+        for n, v in self.headers:
+            if n.lower() == key:
+                return v.decode("latin-1")
+        return None
+
+    @property
+    def has_body(self) -> bool:
+        return self.chunked or bool(self.content_length)
+
+
+class BodyProducer(Protocol):
+    """The side a `RequestBody` pauses when its buffer is full."""
+
+    def pause_reading(self) -> None: ...
+    def resume_reading(self) -> None: ...
+
+
+@final
+class RequestBody:
+    """The request body as a stream: the parser feeds it, the proxy reads it.
+
+    Memory stays bounded: above BODY_HIGH_WATER buffered bytes the client socket is paused, below
+    BODY_LOW_WATER it is resumed.  A read waits at most `timeout` seconds for the next chunk.
+    """
+
+    __slots__ = (
+        "_buffered",
+        "_chunks",
+        "_error",
+        "_loop",
+        "_paused",
+        "_producer",
+        "_replay",
+        "_timer",
+        "_waiter",
+        "eof",
+        "limit",
+        "on_first_read",
+        "received",
+        "timeout",
+    )
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        producer: BodyProducer,
+        limit: int,
+        timeout: float,
+    ) -> None:
+        self._loop = loop
+        self._producer = producer
+        self._chunks: deque[bytes] = deque()
+        self._buffered = 0
+        self._paused = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._error: GatewayError | None = None
+        self._replay = b""
+        self.eof = False
+        self.limit = limit
+        self.timeout = timeout
+        self.received = 0
+        #: called once before the first read (the server sends "100 Continue" from it)
+        self.on_first_read: object = None
+
+    # -- the parser's side -------------------------------------------------------------------
+
+    def feed(self, data: bytes) -> None:
+        self.received += len(data)
+        if self.received > self.limit:
+            self.fail(PayloadTooLarge(f"request body exceeds {self.limit} bytes"))
+            return
+        if self._error is not None:
+            return
+        self._chunks.append(data)
+        self._buffered += len(data)
+        if self._buffered > BODY_HIGH_WATER and not self._paused:
+            self._paused = True
+            self._producer.pause_reading()
+        self._wake()
+
+    def feed_eof(self) -> None:
+        self.eof = True
+        self._wake()
+
+    def fail(self, error: GatewayError) -> None:
+        if self._error is None:
+            self._error = error
+            self._chunks.clear()
+            self._buffered = 0
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    # -- the reader's side -------------------------------------------------------------------
+
+    @property
+    def is_complete(self) -> bool:
+        """True when the whole body is buffered (it can be replayed without waiting)."""
+        return self.eof and self._error is None
+
+    def take_all(self) -> bytes:
+        """The whole body of a complete request, consumed; may be called again (for a retry)."""
+        if self._chunks:
+            data = b"".join(self._chunks) if len(self._chunks) > 1 else self._chunks[0]
+            self._chunks.clear()
+            self._buffered = 0
+            self._replay = data
+        return self._replay
+
+    async def read(self) -> bytes:
+        """The next chunk; b"" at the end of the body."""
+        while True:
+            if self._error is not None:
+                raise self._error
+            if self._chunks:
+                data = self._chunks.popleft()
+                self._buffered -= len(data)
+                if self._paused and self._buffered < BODY_LOW_WATER:
+                    self._paused = False
+                    self._producer.resume_reading()
+                return data
+            if self.eof:
+                return b""
+            first = self.on_first_read
+            if first is not None:
+                self.on_first_read = None
+                first()  # type: ignore[operator]
+            waiter = self._loop.create_future()
+            self._waiter = waiter
+            self._timer = self._loop.call_later(self.timeout, self._on_timeout)
+            await waiter
+
+    def _on_timeout(self) -> None:
+        self._timer = None
+        self.fail(RequestTimeout("the request body did not arrive in time"))
+
+
+class BodySink(Protocol):
+    """Where a `BodyStream` writes: the server protocol (or a stage wrapping it)."""
+
+    def write(self, data: bytes) -> None: ...
+
+
+class BodyStream(Protocol):
+    """A response body that is still arriving (from an upstream connection)."""
+
+    #: the announced length, or None when it is not known (chunked or close-delimited)
+    length: int | None
+
+    def pipe(self, sink: BodySink) -> Awaitable[None]:
+        """Write every remaining chunk into `sink`; completes at the end of the body."""
+        ...
+
+    def pause(self) -> None:
+        """The sink is full: stop reading the source."""
+        ...
+
+    def resume(self) -> None: ...
+
+    def abort(self) -> None:
+        """The client went away or the body is not wanted: release the source."""
+        ...
+
+
+@final
+class Response:
+    """A response on its way downstream.
+
+    `headers` exclude framing (Content-Length, Transfer-Encoding): the server protocol frames the
+    body itself from `body` / `stream`.  Exactly one of them carries the body.
+    """
+
+    __slots__ = ("body", "headers", "reason", "status", "stream")
+
+    def __init__(
+        self,
+        status: int,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes = b"",
+        stream: BodyStream | None = None,
+        reason: bytes | None = None,
+    ) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+        self.stream = stream
+        self.reason = reason

@@ -1,0 +1,713 @@
+"""The downstream HTTP/1.1 server protocol: one `HttpConnection` per client connection.
+
+llhttp (via httptools) parses; the callbacks fill a `RequestHead`, normalize the path and pick
+the route as soon as the head is complete — so the body limit is the route's before the first
+body byte — and queue an `_Exchange`.  One task per connection works through the queue in order
+(pipelining), runs each route's pipeline, and writes the response: only this class writes to
+the client socket, and every `GatewayError` becomes one problem+json response here.  Metrics and
+the access log are emitted here too, once per request.
+
+Timeouts cost nothing per request: a connection only records a deadline, and the listener's
+sweeper (`ConnectionSweeper`) looks at every connection a few times a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from typing import TYPE_CHECKING, Final, final
+
+import httptools
+
+from gateway.errors import (
+    BadRequest,
+    GatewayError,
+    HeadersTooLarge,
+    PayloadTooLarge,
+    RequestTimeout,
+    UpstreamUnavailable,
+)
+from gateway.http.headers import connection_tokens, reason_phrase
+from gateway.http.messages import BodyStream, RequestBody, RequestHead, Response
+from gateway.http.path import normalize_target
+from gateway.http.problem import problem_response
+from gateway.pipeline import RequestContext
+from gateway.stages.proxy import is_tunnel
+
+if TYPE_CHECKING:
+    from gateway.http.serving import ServerState
+    from gateway.runtime.snapshot import Route, Snapshot
+    from gateway.upstream.connection import UpstreamConnection
+
+log = logging.getLogger("gateway.http")
+
+_IDLE: Final = 1
+_HEAD: Final = 2
+_LINGER: Final = 3
+
+#: pipelined requests parsed ahead of the one being answered before the socket is paused
+_MAX_QUEUED: Final = 8
+_LINGER_SECONDS: Final = 2.0
+_CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+_SPECIAL: Final = frozenset(
+    {
+        b"host",
+        b"content-length",
+        b"transfer-encoding",
+        b"connection",
+        b"expect",
+        b"upgrade",
+        b"x-request-id",
+        b"x-forwarded-for",
+    }
+)
+_NO_BODY_STATUS: Final = frozenset({204, 304})
+
+
+class InternalError(GatewayError):
+    status, code, title = 500, "internal_error", "Internal Server Error"
+
+
+class ClientClosed(Exception):
+    """The client went away before its response was written."""
+
+
+@final
+class _Exchange:
+    """One request on its way through the connection's queue."""
+
+    __slots__ = ("body", "close", "error", "head", "route", "snapshot", "start")
+
+    def __init__(
+        self,
+        head: RequestHead,
+        snapshot: Snapshot,
+        start: float,
+        route: Route | None,
+        error: GatewayError | None,
+        body: RequestBody | None,
+    ) -> None:
+        self.head = head
+        self.snapshot = snapshot
+        self.start = start
+        self.route = route
+        self.error = error
+        self.body = body
+        self.close = error is not None and error.close
+
+
+@final
+class HttpConnection(asyncio.Protocol):
+    __slots__ = (
+        "_bytes_out",
+        "_chunked_out",
+        "_closing",
+        "_current",
+        "_drain",
+        "_head",
+        "_head_bytes",
+        "_in_head",
+        "_loop",
+        "_queue",
+        "_raw_head",
+        "_reading_paused",
+        "_stopped",
+        "_stream",
+        "_task",
+        "_tunnel",
+        "_write_paused",
+        "_write_paused_at",
+        "client_ip",
+        "deadline",
+        "deadline_kind",
+        "parser",
+        "server",
+        "transport",
+        "trusted_peer",
+    )
+
+    def __init__(self, server: ServerState) -> None:
+        self.server = server
+        self._loop = server.loop
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.client_ip = ""
+        self.trusted_peer = False
+        self.deadline = 0.0
+        self.deadline_kind = 0
+        self._head: RequestHead | None = None
+        self._head_bytes = 0
+        self._raw_head = 0
+        self._in_head = False
+        self._current: _Exchange | None = None
+        self._queue: deque[_Exchange] = deque()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._stopped = False  # no more requests are parsed on this connection
+        self._reading_paused = False
+        self._write_paused = False
+        self._write_paused_at = 0.0
+        self._drain: asyncio.Future[None] | None = None
+        self._stream: BodyStream | None = None
+        self._chunked_out = False
+        self._bytes_out = 0
+        self._tunnel: UpstreamConnection | None = None
+
+    # -- connection life ---------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        server = self.server
+        if server.draining or len(server.connections) >= server.snapshot.limits.max_connections:
+            transport.abort()
+            self._closing = True
+            return
+        server.connections.add(self)
+        server.connections_gauge.inc()
+        peer = transport.get_extra_info("peername")
+        self.client_ip = peer[0] if peer else ""
+        self.trusted_peer = server.snapshot.is_trusted(self.client_ip)
+        # the first request head must arrive within header_timeout of the connection opening
+        self.deadline = self._loop.time() + server.snapshot.limits.header_timeout
+        self.deadline_kind = _HEAD
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.transport is None:
+            return
+        server = self.server
+        if self in server.connections:
+            server.connections.discard(self)
+            server.connections_gauge.dec()
+        self._closing = True
+        self._stopped = True
+        if self._stream is not None:
+            self._stream.abort()
+            self._stream = None
+        if self._tunnel is not None:
+            self._tunnel.close()
+            self._tunnel = None
+        if self._current is not None and self._current.body is not None:
+            self._current.body.fail(BadRequest("client closed the connection"))
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        drain = self._drain
+        if drain is not None and not drain.done():
+            drain.set_exception(ClientClosed())
+            drain.add_done_callback(_consume)
+        server.on_connection_closed()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        self._write_paused_at = self._loop.time()
+        if self._stream is not None:
+            self._stream.pause()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._stream is not None:
+            self._stream.resume()
+        drain = self._drain
+        if drain is not None:
+            self._drain = None
+            if not drain.done():
+                drain.set_result(None)
+
+    # RequestBody's producer: flow control of the client socket
+    def pause_reading(self) -> None:
+        if not self._reading_paused and self.transport is not None and not self._closing:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._reading_paused and self.transport is not None and not self._closing:
+            self._reading_paused = False
+            self.transport.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        tunnel = self._tunnel
+        if tunnel is not None:
+            if tunnel.transport is not None:
+                tunnel.transport.write(data)
+            return
+        if self._stopped:
+            return  # after a fatal error or while lingering: discard
+        was_in_head = self._in_head
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            self._on_upgrade(data[exc.args[0] :])
+        except httptools.HttpParserCallbackError as exc:
+            error = exc.__context__
+            self._parse_failed(
+                error if isinstance(error, GatewayError) else BadRequest("malformed request")
+            )
+        except httptools.HttpParserError as exc:
+            self._parse_failed(BadRequest(f"malformed request: {exc}"))
+        else:
+            if self._in_head and not self._stopped:
+                # llhttp buffers a header until it ends: bound what a never-ending one costs
+                self._raw_head = self._raw_head + len(data) if was_in_head else len(data)
+                if self._raw_head > self.server.snapshot.limits.max_header_bytes + 65536:
+                    self._parse_failed(HeadersTooLarge("request head too large"))
+
+    def eof_received(self) -> bool | None:
+        if self.deadline_kind == _LINGER:
+            return None  # the client is done: close now
+        if self._task is not None or self._queue:
+            # half-close: the client may still read what it asked for
+            self._stopped = True
+            return True
+        return None
+
+    # -- llhttp callbacks --------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._head = RequestHead()
+        self._head_bytes = 0
+        self._raw_head = 0
+        self._in_head = True
+        if self._task is None:
+            self.deadline = self._loop.time() + self.server.snapshot.limits.header_timeout
+            self.deadline_kind = _HEAD
+
+    def on_url(self, url: bytes) -> None:
+        head = self._head
+        assert head is not None
+        head.target += url
+        self._head_bytes += len(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._in_head:
+            return  # a trailer: never merged into headers, never forwarded
+        head = self._head
+        assert head is not None
+        self._head_bytes += len(name) + len(value) + 4
+        head.headers.append((name, value))
+        low = name.lower()
+        if low not in _SPECIAL:
+            return
+        if low == b"host":
+            if head.host is not None:
+                raise BadRequest("more than one Host header")
+            head.host = value
+        elif low == b"content-length":
+            head.content_length = int(value)
+        elif low == b"transfer-encoding":
+            if value.strip().lower() != b"chunked":
+                raise BadRequest("only Transfer-Encoding: chunked is accepted")
+            head.chunked = True
+        elif low == b"connection":
+            tokens = connection_tokens(value)
+            head.connection_tokens = (
+                tokens if head.connection_tokens is None else head.connection_tokens | tokens
+            )
+        elif low == b"expect":
+            if value.strip().lower() == b"100-continue":
+                head.expect_continue = True
+        elif low == b"upgrade":
+            head.upgrade = value
+        elif low == b"x-request-id":
+            head.request_id = value
+        elif low == b"x-forwarded-for":
+            previous = head.x_forwarded_for
+            head.x_forwarded_for = value if previous is None else previous + b", " + value
+
+    def on_headers_complete(self) -> None:
+        head = self._head
+        assert head is not None
+        self._in_head = False
+        self._raw_head = 0
+        server = self.server
+        snapshot = server.snapshot
+        limits = snapshot.limits
+        if self._head_bytes > limits.max_header_bytes:
+            raise HeadersTooLarge(f"request head exceeds {limits.max_header_bytes} bytes")
+        parser = self.parser
+        version = parser.get_http_version()
+        if version != "1.1" and version != "1.0":
+            raise BadRequest(f"HTTP/{version} is not supported")
+        head.version = version
+        method = parser.get_method().decode("ascii")
+        if method == "CONNECT":
+            raise BadRequest("CONNECT is not supported")
+        head.method = method
+        if version == "1.1":
+            if head.host is None:
+                raise BadRequest("missing Host header")
+        elif head.chunked:
+            raise BadRequest("Transfer-Encoding is not allowed in HTTP/1.0")
+        head.keep_alive = parser.should_keep_alive()
+        head.path, head.query = normalize_target(head.target)
+        now = self._loop.time()
+        error: GatewayError | None = None
+        route: Route | None = None
+        try:
+            route = snapshot.router.match(
+                None if head.host is None else head.host.decode("latin-1"),
+                head.path,
+                method,
+                head,
+            )
+        except GatewayError as exc:
+            error = exc
+        body: RequestBody | None = None
+        if head.chunked or head.content_length:
+            limit = limits.max_body_bytes
+            if route is not None and route.max_body_bytes is not None:
+                limit = route.max_body_bytes
+            if head.content_length is not None and head.content_length > limit:
+                error = PayloadTooLarge(f"request body exceeds {limit} bytes")
+            body = RequestBody(self._loop, self, limit, limits.body_timeout)
+            if head.expect_continue and error is None:
+                body.on_first_read = self._send_continue
+        exchange = _Exchange(head, snapshot, now, route, error, body)
+        server.in_flight_gauge.inc()
+        self._current = exchange
+        self._enqueue(exchange)
+        if exchange.close:
+            # answered without reading the body: nothing after this head is parsed
+            self._stopped = True
+            self._current = None
+
+    def on_body(self, data: bytes) -> None:
+        exchange = self._current
+        if exchange is not None and exchange.body is not None:
+            exchange.body.feed(data)
+
+    def on_message_complete(self) -> None:
+        exchange = self._current
+        if exchange is not None:
+            self._current = None
+            if exchange.body is not None:
+                exchange.body.feed_eof()
+
+    # -- parse failures and upgrades ---------------------------------------------------------
+
+    def _parse_failed(self, error: GatewayError) -> None:
+        """A request we cannot parse: answer it after those before it, then close."""
+        self._stopped = True
+        current = self._current
+        self._current = None
+        if current is not None:
+            # its head is queued already: failing its body makes its handler answer 400
+            current.close = True
+            if current.body is not None:
+                current.body.fail(error)
+            return
+        head = self._head if self._head is not None and self._in_head else RequestHead()
+        self._in_head = False
+        exchange = _Exchange(head, self.server.snapshot, self._loop.time(), None, error, None)
+        exchange.close = True
+        self.server.in_flight_gauge.inc()
+        self._enqueue(exchange)
+
+    def _on_upgrade(self, rest: bytes) -> None:
+        """llhttp stopped at an upgrade request; `rest` is what followed its head."""
+        queue = self._queue
+        exchange = queue[-1] if queue else None
+        route = exchange.route if exchange is not None else None
+        if exchange is None or exchange.error is not None or route is None or not route.websocket:
+            # not tunnelled: Upgrade is dropped and the connection stays plain HTTP/1.1
+            self.parser = httptools.HttpRequestParser(self)
+            if rest:
+                self.data_received(rest)
+            return
+        # tunnelled: nothing more is parsed; bytes that came early wait for the 101
+        self._stopped = True
+        if rest:
+            exchange.head.headers.append((b"", rest))  # carried to the tunnel, never forwarded
+
+    # -- the request queue -------------------------------------------------------------------
+
+    def _enqueue(self, exchange: _Exchange) -> None:
+        self._queue.append(exchange)
+        if self._task is None:
+            self.deadline_kind = 0
+            self._task = self._loop.create_task(self._process())
+        elif len(self._queue) > _MAX_QUEUED:
+            self.pause_reading()
+
+    async def _process(self) -> None:
+        queue = self._queue
+        try:
+            while queue:
+                exchange = queue[0]
+                await self._run(exchange)
+                queue.popleft()
+                if self._closing:
+                    return
+                if self._reading_paused and len(queue) <= _MAX_QUEUED // 2:
+                    self.resume_reading()
+                if self._write_paused:
+                    # the client is not reading: answer nothing more until it does
+                    self._drain = self._loop.create_future()
+                    await self._drain
+        except (asyncio.CancelledError, ClientClosed):
+            pass
+        finally:
+            self._task = None
+            for pending in queue:
+                if pending.body is not None:
+                    pending.body.fail(BadRequest("connection closed"))
+                self.server.in_flight_gauge.dec()
+            queue.clear()
+        if self._closing or self.transport is None:
+            return
+        if self._stopped:
+            self._close_transport()
+        elif self._in_head:
+            self.deadline = self._loop.time() + self.server.snapshot.limits.header_timeout
+            self.deadline_kind = _HEAD
+        else:
+            self.deadline = self._loop.time() + self.server.snapshot.limits.idle_timeout
+            self.deadline_kind = _IDLE
+            if self.server.draining:
+                self._close_transport()
+
+    async def _run(self, exchange: _Exchange) -> None:
+        server = self.server
+        head = exchange.head
+        request_id = head.request_id
+        if request_id is None or not self.trusted_peer or not _valid_request_id(request_id):
+            request_id = server.new_request_id()
+        ctx: RequestContext | None = None
+        status = 0
+        try:
+            error = exchange.error
+            route = exchange.route
+            if error is None and route is not None:
+                ctx = RequestContext(
+                    head,
+                    exchange.body,
+                    route,
+                    exchange.snapshot,
+                    client_ip=self.client_ip,
+                    trusted_peer=self.trusted_peer,
+                    request_id=request_id,
+                    scheme=server.scheme,
+                    listener=server.listener,
+                    start=exchange.start,
+                )
+                try:
+                    response = await route.handler(ctx)
+                except GatewayError as exc:
+                    response = problem_response(exc, request_id)
+                    if exc.close:
+                        exchange.close = True
+                except Exception:
+                    log.exception("unhandled error on route %s", route.name)
+                    response = problem_response(InternalError("internal error"), request_id)
+            else:
+                if error is None:
+                    error = BadRequest("no route")
+                response = problem_response(error, request_id)
+            status = response.status
+            await self._respond(exchange, response, request_id)
+        except asyncio.CancelledError:
+            status = status or 499  # the client closed the request
+            raise
+        except ClientClosed:
+            status = status or 499
+            raise
+        finally:
+            server.in_flight_gauge.dec()
+            server.record(exchange, ctx, status or 499, request_id, self._bytes_out, self.client_ip)
+            self._bytes_out = 0
+
+    async def _respond(self, exchange: _Exchange, response: Response, request_id: bytes) -> None:
+        transport = self.transport
+        assert transport is not None
+        head = exchange.head
+        body = exchange.body
+        status = response.status
+        tunnel = is_tunnel(response)
+        keep_alive = (
+            head.keep_alive
+            and not exchange.close
+            and not self.server.draining
+            and tunnel is None
+            and (body is None or body.eof)
+        )
+        no_body = head.method == "HEAD" or status in _NO_BODY_STATUS or status < 200
+        stream = response.stream
+        reason = response.reason or reason_phrase(status)
+        parts = [b"HTTP/1.1 %d %b\r\n" % (status, reason)]
+        for name, value in response.headers:
+            parts += (name, b": ", value, b"\r\n")
+        parts += (b"X-Request-Id: ", request_id, b"\r\n")
+        chunked = False
+        if tunnel is not None:
+            parts.append(b"Connection: Upgrade\r\n")
+        elif no_body:
+            pass
+        elif stream is None:
+            parts.append(b"Content-Length: %d\r\n" % len(response.body))
+        elif stream.length is not None:
+            parts.append(b"Content-Length: %d\r\n" % stream.length)
+        elif head.version == "1.1":
+            parts.append(b"Transfer-Encoding: chunked\r\n")
+            chunked = True
+        else:
+            keep_alive = False  # HTTP/1.0 and no length: the body ends when we close
+        if tunnel is None:
+            if not keep_alive:
+                parts.append(b"Connection: close\r\n\r\n")
+            elif head.version == "1.0":
+                parts.append(b"Connection: keep-alive\r\n\r\n")
+            else:
+                parts.append(b"\r\n")
+        else:
+            parts.append(b"\r\n")
+        if stream is None or no_body:
+            if not no_body and response.body:
+                parts.append(response.body)
+            data = b"".join(parts)
+            self._bytes_out += len(data)
+            transport.write(data)
+            if stream is not None:
+                # HEAD / 204 / 304: a body was announced, none follows
+                _release_stream(stream)
+        elif tunnel is not None:
+            data = b"".join(parts)
+            self._bytes_out += len(data)
+            transport.write(data)
+            self._start_tunnel(exchange, tunnel)
+            return
+        else:
+            data = b"".join(parts)
+            self._bytes_out += len(data)
+            transport.write(data)
+            self._chunked_out = chunked
+            self._stream = stream
+            if self._write_paused:
+                stream.pause()
+            try:
+                await stream.pipe(self)
+            except GatewayError:
+                # the head is out: the only honest signal left is to cut the connection
+                self._stream = None
+                self._closing = True
+                transport.close()
+                raise ClientClosed() from None
+            finally:
+                self._stream = None
+            if chunked:
+                transport.write(b"0\r\n\r\n")
+                self._bytes_out += 5
+        if not keep_alive:
+            self._stopped = True
+            if body is not None and not body.eof:
+                self._linger()
+            else:
+                self._close_transport()
+
+    def write(self, data: bytes) -> None:
+        """BodySink: one chunk of a streamed response body."""
+        transport = self.transport
+        if transport is None or self._closing:
+            return
+        self._bytes_out += len(data)
+        if self._chunked_out:
+            transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+        else:
+            transport.write(data)
+
+    def _send_continue(self) -> None:
+        if self.transport is not None and not self._closing:
+            self.transport.write(_CONTINUE)
+
+    # -- tunnels -----------------------------------------------------------------------------
+
+    def _start_tunnel(self, exchange: _Exchange, upstream: UpstreamConnection) -> None:
+        transport = self.transport
+        assert transport is not None
+        self._tunnel = upstream
+        early = [v for n, v in exchange.head.headers if n == b""]
+        if early and upstream.transport is not None:
+            upstream.transport.write(b"".join(early))
+        self.deadline_kind = 0
+
+        def to_client(data: bytes) -> None:
+            if data:
+                transport.write(data)
+            else:
+                self._close_transport()
+
+        upstream.start_tunnel(to_client)
+        if self._reading_paused:
+            self.resume_reading()
+
+    # -- endings -----------------------------------------------------------------------------
+
+    def _close_transport(self) -> None:
+        if self.transport is not None and not self._closing:
+            self._closing = True
+            self.transport.close()
+
+    def _linger(self) -> None:
+        """Close after an answer that left request bytes unread, without losing the answer.
+
+        Closing a socket with unread input makes the kernel send a reset, which can destroy the
+        response before the client reads it; so the write side is shut first and the rest of
+        the request is read and dropped for a short while (nginx's lingering close).
+        """
+        transport = self.transport
+        if transport is None or self._closing:
+            return
+        self._stopped = True
+        if transport.can_write_eof():
+            transport.write_eof()
+            self.deadline = self._loop.time() + _LINGER_SECONDS
+            self.deadline_kind = _LINGER
+            if self._reading_paused:
+                self._reading_paused = False
+                transport.resume_reading()
+        else:
+            self._close_transport()
+
+    def close_if_idle(self) -> None:
+        """Draining: an idle keep-alive connection closes now; a busy one after its response."""
+        if self._task is None and not self._in_head and self._tunnel is None:
+            self._close_transport()
+
+    def check_deadline(self, now: float) -> None:
+        """Called by the sweeper a few times a second."""
+        transport = self.transport
+        if transport is None or self._closing:
+            return
+        if self._write_paused and now - self._write_paused_at > self.server.snapshot.limits.body_timeout:
+            # a client that does not read its response holds buffers and an upstream: drop it
+            self._closing = True
+            transport.abort()
+            return
+        kind = self.deadline_kind
+        if not kind or now < self.deadline:
+            return
+        self.deadline_kind = 0
+        if kind == _HEAD and (self._in_head or self._head is not None):
+            self._parse_failed(RequestTimeout("the request head did not arrive in time"))
+        else:
+            self._close_transport()
+
+
+def _release_stream(stream: BodyStream) -> None:
+    release = getattr(stream, "release_unused", None)
+    if release is not None:
+        release()
+    else:
+        stream.abort()
+
+
+def _valid_request_id(value: bytes) -> bool:
+    return 0 < len(value) <= 200 and all(0x21 <= c <= 0x7E for c in value)
+
+
+def _consume(fut: asyncio.Future[None]) -> None:
+    if not fut.cancelled():
+        fut.exception()
+
+
+__all__ = ["HttpConnection", "InternalError", "UpstreamUnavailable"]

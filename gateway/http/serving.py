@@ -1,0 +1,122 @@
+"""What every connection of one listener shares: the app's current snapshot, metrics children
+resolved for this listener, request ids, and the one place a finished request is recorded."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from typing import TYPE_CHECKING, Any, Protocol, final
+
+from gateway.observability.access_log import AccessEntry
+from gateway.observability.metrics import bounded_method
+
+if TYPE_CHECKING:
+    from gateway.http.server import HttpConnection, _Exchange
+    from gateway.pipeline import RequestContext
+    from gateway.runtime.snapshot import Snapshot
+
+
+class ServingApp(Protocol):
+    """The parts of the application the data plane reads."""
+
+    snapshot: Snapshot
+    draining: bool
+    connections: set[HttpConnection]
+    metrics: Any
+
+    def on_connection_closed(self) -> None: ...
+
+
+@final
+class ServerState:
+    __slots__ = (
+        "_id_counter",
+        "_id_prefix",
+        "_unrouted",
+        "app",
+        "connections_gauge",
+        "in_flight_gauge",
+        "listener",
+        "loop",
+        "scheme",
+    )
+
+    def __init__(
+        self, app: ServingApp, loop: asyncio.AbstractEventLoop, listener: str, scheme: str
+    ) -> None:
+        self.app = app
+        self.loop = loop
+        self.listener = listener
+        self.scheme = scheme
+        self.connections_gauge = app.metrics.connections_active.labels(listener)
+        self.in_flight_gauge = app.metrics.requests_in_flight
+        # ids are unique per process (random prefix) and cheap (a counter): no uuid per request
+        self._id_prefix = os.urandom(6).hex()
+        self._id_counter = 0
+        self._unrouted: dict[tuple[str, int], Any] = {}
+
+    @property
+    def snapshot(self) -> Snapshot:
+        return self.app.snapshot
+
+    @property
+    def connections(self) -> set[HttpConnection]:
+        return self.app.connections
+
+    @property
+    def draining(self) -> bool:
+        return self.app.draining
+
+    def on_connection_closed(self) -> None:
+        self.app.on_connection_closed()
+
+    def new_request_id(self) -> bytes:
+        self._id_counter += 1
+        return b"%s-%08x" % (self._id_prefix.encode(), self._id_counter)
+
+    def record(
+        self,
+        exchange: _Exchange,
+        ctx: RequestContext | None,
+        status: int,
+        request_id: bytes,
+        bytes_out: int,
+        client: str,
+    ) -> None:
+        """Metrics and the access log of one finished request — the only place they are emitted."""
+        elapsed = self.loop.time() - exchange.start
+        head = exchange.head
+        method = bounded_method(head.method)
+        route = exchange.route
+        if route is not None:
+            route.requests_child(method, status).inc()
+            route.duration.observe(elapsed)
+        else:
+            child = self._unrouted.get((method, status))
+            if child is None:
+                child = self.app.metrics.requests_total.labels("", method, str(status))
+                self._unrouted[(method, status)] = child
+            child.inc()
+        access_log = exchange.snapshot.access_log
+        if not access_log.wants(status):
+            return
+        access_log.record(
+            AccessEntry(
+                time=time.time() - elapsed,
+                request_id=request_id.decode("latin-1"),
+                trace_id=None,
+                route=route.name if route is not None else None,
+                method=head.method,
+                path=head.path,
+                status=status,
+                duration_ms=round(elapsed * 1000, 3),
+                upstream=ctx.upstream if ctx is not None else None,
+                endpoint=ctx.endpoint if ctx is not None else None,
+                attempts=ctx.attempts if ctx is not None else 0,
+                bytes_in=exchange.body.received if exchange.body is not None else 0,
+                bytes_out=bytes_out,
+                client=client,
+                stages=(ctx.outcomes or {}) if ctx is not None else {},
+            )
+        )

@@ -1,0 +1,101 @@
+"""Stages and the request context they share.
+
+A route's pipeline is composed once per snapshot into a chain of `_Link` objects (no closures
+built per request): the first stage is called with the context and the rest of the chain as
+`call_next`; the terminal handler (proxy or the built-in echo) ends it.  Stages run like an onion:
+request-side work in pipeline order, response-side work in reverse.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Protocol, final
+
+from gateway.http.messages import RequestBody, RequestHead, Response
+
+if TYPE_CHECKING:
+    from gateway.runtime.snapshot import Route, Snapshot
+
+Next = Callable[["RequestContext"], Awaitable[Response]]
+
+
+class Stage(Protocol):
+    async def __call__(self, ctx: RequestContext, call_next: Next) -> Response: ...
+
+
+@final
+class RequestContext:
+    """Everything one request carries through its pipeline."""
+
+    __slots__ = (
+        "attempts",
+        "body",
+        "client_ip",
+        "deadline",
+        "endpoint",
+        "head",
+        "listener",
+        "outcomes",
+        "request_id",
+        "route",
+        "scheme",
+        "snapshot",
+        "start",
+        "trusted_peer",
+        "upstream",
+        "upstream_head",
+    )
+
+    def __init__(
+        self,
+        head: RequestHead,
+        body: RequestBody | None,
+        route: Route,
+        snapshot: Snapshot,
+        *,
+        client_ip: str,
+        trusted_peer: bool,
+        request_id: bytes,
+        scheme: str,
+        listener: str,
+        start: float,
+    ) -> None:
+        self.head = head
+        self.body = body
+        self.route = route
+        self.snapshot = snapshot
+        self.client_ip = client_ip
+        self.trusted_peer = trusted_peer
+        self.request_id = request_id
+        self.scheme = scheme
+        self.listener = listener
+        self.start = start
+        self.deadline = start + route.timeout
+        #: filled by the terminal stage for the access log and metrics
+        self.upstream: str | None = None
+        self.endpoint: str | None = None
+        self.attempts = 0
+        #: stage name -> what it decided; created on first use
+        self.outcomes: dict[str, str] | None = None
+        #: the request head as it goes upstream (built once, reused by retries)
+        self.upstream_head: bytes | None = None
+
+
+@final
+class _Link:
+    __slots__ = ("_next", "_stage")
+
+    def __init__(self, stage: Stage, call_next: Next) -> None:
+        self._stage = stage
+        self._next = call_next
+
+    def __call__(self, ctx: RequestContext) -> Awaitable[Response]:
+        return self._stage(ctx, self._next)
+
+
+def compose(stages: Sequence[Stage], terminal: Next) -> Next:
+    """Chain `stages` in order in front of `terminal`."""
+    handler = terminal
+    for stage in reversed(stages):
+        handler = _Link(stage, handler)
+    return handler

@@ -1,0 +1,146 @@
+"""The runtime snapshot: a validated config compiled into everything the hot path needs.
+
+`build_snapshot` turns a `GatewayConfig` into a `Snapshot`: the route index, each route's
+composed pipeline, upstreams (shared across reloads when unchanged), parsed trusted-proxy
+networks, and pre-resolved metrics children.  A snapshot is never mutated after it is built; a
+reload builds a new one and swaps a single reference.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from typing import Any, final
+
+from gateway.config.model import INTERNAL_ECHO, GatewayConfig, LimitsConfig, RouteConfig
+from gateway.observability.access_log import AccessLog
+from gateway.pipeline import Next, compose
+from gateway.routing import Router
+from gateway.runtime.shared import SharedState
+from gateway.stages.echo import EchoHandler
+from gateway.stages.proxy import ProxyHandler
+from gateway.upstream.upstream import Upstream
+
+
+@final
+class Route:
+    __slots__ = (
+        "_children",
+        "_requests",
+        "config",
+        "duration",
+        "handler",
+        "max_body_bytes",
+        "name",
+        "timeout",
+        "websocket",
+    )
+
+    def __init__(self, config: RouteConfig, handler: Next, metrics: Any) -> None:
+        self.config = config
+        self.name = config.name
+        self.handler = handler
+        self.timeout = config.timeout
+        self.max_body_bytes = config.max_body_bytes
+        self.websocket = config.websocket
+        self._requests = metrics.requests_total
+        self._children: dict[tuple[str, int], Any] = {}
+        self.duration = metrics.request_duration_seconds.labels(config.name)
+
+    def requests_child(self, method: str, status: int) -> Any:
+        child = self._children.get((method, status))
+        if child is None:
+            child = self._requests.labels(self.name, method, str(status))
+            self._children[(method, status)] = child
+        return child
+
+    def describe(self) -> dict[str, Any]:
+        c = self.config
+        m = c.match
+        return {
+            "name": c.name,
+            "match": {
+                k: v
+                for k, v in {
+                    "host": m.host,
+                    "path": m.path,
+                    "path_prefix": m.path_prefix,
+                    "path_regex": m.path_regex,
+                    "methods": list(m.methods) if m.methods else None,
+                    "headers": dict(m.headers) or None,
+                }.items()
+                if v is not None
+            },
+            "upstreams": [{"name": u.name, "weight": u.weight} for u in c.upstreams],
+            "strip_prefix": c.strip_prefix,
+            "timeout_seconds": c.timeout,
+            "max_body_bytes": c.max_body_bytes,
+            "websocket": c.websocket,
+            "pipeline": [],
+        }
+
+
+@final
+class Snapshot:
+    __slots__ = (
+        "_networks",
+        "access_log",
+        "config",
+        "limits",
+        "loaded_at",
+        "router",
+        "routes",
+        "upstreams",
+        "version",
+    )
+
+    def __init__(
+        self,
+        config: GatewayConfig,
+        router: Router[Route],
+        routes: list[Route],
+        upstreams: dict[str, Upstream],
+        access_log: AccessLog,
+    ) -> None:
+        self.config = config
+        self.version = config.version
+        self.loaded_at = time.time()
+        self.limits: LimitsConfig = config.limits
+        self.router = router
+        self.routes = routes
+        self.upstreams = upstreams
+        self.access_log = access_log
+        self._networks = [ipaddress.ip_network(c, strict=False) for c in config.trusted_proxies]
+
+    def is_trusted(self, ip: str) -> bool:
+        if not self._networks or not ip:
+            return False
+        try:
+            address = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        return any(address in net for net in self._networks)
+
+
+def build_snapshot(config: GatewayConfig, shared: SharedState) -> Snapshot:
+    """Compile `config`; the upstreams it creates are live only after `shared.commit`."""
+    metrics = shared.metrics
+    upstreams = {u.name: shared.upstream(u) for u in config.upstreams}
+    used: dict[str, Upstream] = {}
+    routes: list[Route] = []
+    for rc in config.routes:
+        terminal: Next
+        if len(rc.upstreams) == 1 and rc.upstreams[0].name == INTERNAL_ECHO:
+            terminal = EchoHandler(strip_prefix=rc.strip_prefix)
+        else:
+            picks = []
+            for wu in rc.upstreams:
+                upstream = upstreams[wu.name]
+                used[wu.name] = upstream
+                picks.append((upstream, wu.weight))
+            terminal = ProxyHandler(
+                picks, strip_prefix=rc.strip_prefix, websocket=rc.websocket, loop=shared.loop
+            )
+        routes.append(Route(rc, compose([], terminal), metrics))
+    router = Router.build([(r.config.match, r.config.index, r) for r in routes])
+    return Snapshot(config, router, routes, upstreams, AccessLog(config.access_log))

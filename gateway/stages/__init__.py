@@ -1,0 +1,1 @@
+"""Pipeline stages, one module per YAML key, and the terminal handlers (proxy, echo)."""

@@ -1,0 +1,142 @@
+"""The terminal stage: send the request to an upstream endpoint and return its response.
+
+The response comes back with its head read and its body still on the upstream connection (or,
+when it has already arrived whole, as bytes with the connection back in its pool), so outer
+stages can still change headers before the server protocol writes anything.
+
+A kept-alive connection the upstream closed just as it was reused (no response byte received)
+is retried once on a fresh connection for requests that are safe to repeat — the race every
+keep-alive client meets, not a retry policy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Sequence
+from typing import Final, final
+
+from gateway.errors import GatewayError, UpstreamTimeout, UpstreamUnavailable
+from gateway.http.forwarding import build_request_head, upstream_path
+from gateway.http.messages import Response
+from gateway.pipeline import RequestContext
+from gateway.upstream.connection import StaleConnection, UpstreamConnection
+from gateway.upstream.upstream import Upstream
+
+_REPLAYABLE_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+
+
+@final
+class ProxyHandler:
+    __slots__ = ("_cumulative", "_loop", "_single", "_total", "_upstreams", "strip_prefix", "websocket")
+
+    def __init__(
+        self,
+        upstreams: Sequence[tuple[Upstream, int]],
+        *,
+        strip_prefix: str | None,
+        websocket: bool,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        live = [(u, w) for u, w in upstreams if w > 0]
+        self._upstreams = [u for u, _ in live]
+        self._single = self._upstreams[0] if len(live) == 1 else None
+        total = 0
+        self._cumulative: list[int] = []
+        for _, w in live:
+            total += w
+            self._cumulative.append(total)
+        self._total = total
+        self.strip_prefix = strip_prefix
+        self.websocket = websocket
+        self._loop = loop
+
+    def _choose(self) -> Upstream:
+        if self._single is not None:
+            return self._single
+        r = random.randrange(self._total)
+        for upstream, bound in zip(self._upstreams, self._cumulative, strict=True):
+            if r < bound:
+                return upstream
+        return self._upstreams[-1]
+
+    async def __call__(self, ctx: RequestContext) -> Response:
+        upstream = self._choose()
+        ctx.upstream = upstream.name
+        head = ctx.head
+        body = ctx.body
+        upgrade = self.websocket and head.upgrade is not None and head.upgrade.lower() == b"websocket"
+        if body is not None and body.is_complete:
+            content_length: int | None = body.received
+            chunked = False
+        elif body is not None:
+            content_length = head.content_length
+            chunked = content_length is None
+        else:
+            content_length = None
+            chunked = False
+        request = ctx.upstream_head
+        if request is None:
+            request = build_request_head(
+                ctx,
+                upstream_path(head.path, self.strip_prefix),
+                content_length=content_length,
+                chunked=chunked,
+                upgrade=upgrade,
+            )
+            ctx.upstream_head = request
+        config = upstream.config
+        loop = self._loop
+        started = loop.time()
+        replayable = head.method in _REPLAYABLE_METHODS and (body is None or body.is_complete)
+        while True:
+            remaining = ctx.deadline - loop.time()
+            if remaining <= 0:
+                raise UpstreamTimeout("the route's timeout expired")
+            endpoint = upstream.pick()
+            ctx.endpoint = endpoint.address
+            ctx.attempts += 1
+            conn = await endpoint.pool.acquire(min(config.connect_timeout, remaining))
+            endpoint.in_flight += 1
+            try:
+                response = await conn.send(
+                    request,
+                    body,
+                    chunked,
+                    head.method == "HEAD",
+                    min(config.response_header_timeout, ctx.deadline - loop.time()),
+                    ctx.snapshot.limits.body_timeout,
+                )
+            except StaleConnection:
+                conn.abort()
+                if replayable and ctx.attempts < 2:
+                    continue
+                raise
+            except BaseException:
+                conn.abort()
+                raise
+            finally:
+                endpoint.in_flight -= 1
+            break
+        upstream.request_duration.observe(loop.time() - started)
+        if response.status == 101:
+            if not upgrade:
+                conn.abort()
+                raise UpstreamUnavailable("upstream switched protocols without being asked to")
+            return response
+        complete = conn.take_complete_body()
+        if complete is not None:
+            response.body = complete
+            response.stream = None
+        return response
+
+
+def is_tunnel(response: Response) -> UpstreamConnection | None:
+    """The upstream connection of a 101 response, which the server turns into a tunnel."""
+    stream = response.stream
+    if response.status == 101 and isinstance(stream, UpstreamConnection):
+        return stream
+    return None
+
+
+__all__ = ["GatewayError", "ProxyHandler", "is_tunnel"]

@@ -1,0 +1,1 @@
+"""Upstreams: keep-alive connections, their pools, and the balancers that pick an endpoint."""

@@ -1,0 +1,454 @@
+"""One keep-alive HTTP/1.1 connection to an upstream endpoint, parsed with llhttp.
+
+The connection is also the `BodyStream` of the response it is reading: once the head has arrived
+the proxy returns it to the server protocol, which pipes the body straight from this protocol's
+callbacks into the client's transport — no task and no await per chunk.  Flow control goes both
+ways through `pause()`/`resume()` and the transport's `pause_writing()`/`resume_writing()`.
+
+Invariant: a connection that saw any error, or a response it could not read to the end, is
+never reused (`reusable` stays False and the pool closes it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import TYPE_CHECKING, final
+
+import httptools
+
+from gateway.errors import GatewayError, UpstreamTimeout, UpstreamUnavailable
+from gateway.http.headers import HOP_BY_HOP, connection_tokens
+from gateway.http.messages import BodySink, RequestBody, Response
+
+if TYPE_CHECKING:
+    from gateway.upstream.pool import EndpointPool
+
+#: response-body bytes buffered before the sink is attached (then the upstream socket pauses)
+_EARLY_BODY_LIMIT = 256 * 1024
+
+
+class StaleConnection(UpstreamUnavailable):
+    """A reused connection closed before any response byte: safe to retry on a fresh one."""
+
+
+@final
+class UpstreamConnection(asyncio.Protocol):
+    __slots__ = (
+        "_body_chunks",
+        "_body_timeout",
+        "_chunks_len",
+        "_closed",
+        "_done",
+        "_drain",
+        "_got_bytes",
+        "_head_waiter",
+        "_headers",
+        "_is_head",
+        "_keep_alive",
+        "_last_activity",
+        "_loop",
+        "_message_done",
+        "_paused_by_sink",
+        "_read_paused",
+        "_reset_parser",
+        "_sink",
+        "_status",
+        "_timer",
+        "_upgraded",
+        "_write_paused",
+        "close_delimited",
+        "idle_since",
+        "in_use",
+        "length",
+        "on_upgrade_data",
+        "parser",
+        "pool",
+        "reusable",
+        "reused",
+        "transport",
+    )
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, pool: EndpointPool) -> None:
+        self._loop = loop
+        self.pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.reusable = False
+        self.reused = False
+        self.in_use = False
+        self.idle_since = 0.0
+        self._closed = False
+        self._write_paused = False
+        self._read_paused = False
+        self._drain: asyncio.Future[None] | None = None
+        self._reset_exchange()
+        self._body_timeout = 30.0
+        self.on_upgrade_data: Callable[[bytes], None] | None = None
+
+    def _reset_exchange(self) -> None:
+        self._head_waiter: asyncio.Future[Response] | None = None
+        self._done: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._status = 0
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._keep_alive = True
+        self._is_head = False
+        self._body_chunks: list[bytes] = []
+        self._chunks_len = 0
+        self._sink: BodySink | None = None
+        self._message_done = False
+        self._got_bytes = False
+        self._paused_by_sink = False
+        self._upgraded = False
+        self._reset_parser = False
+        self._last_activity = 0.0
+        self.length: int | None = None
+        self.close_delimited = False
+
+    # -- asyncio.Protocol --------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.reusable = True  # until an exchange says otherwise
+
+    def data_received(self, data: bytes) -> None:
+        if self._upgraded:
+            if self.on_upgrade_data is not None:
+                self.on_upgrade_data(data)
+            return
+        if self._head_waiter is None and self._done is None:
+            # bytes nobody asked for: the connection is out of step, never reuse it
+            self.close()
+            return
+        self._got_bytes = True
+        self._last_activity = self._loop.time()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            self._upgraded = True
+            rest = data[exc.args[0] :]
+            if rest and self.on_upgrade_data is not None:
+                self.on_upgrade_data(rest)
+        except httptools.HttpParserError as exc:
+            self._fail(UpstreamUnavailable(f"invalid response from upstream: {exc}"))
+
+    def eof_received(self) -> bool | None:
+        return None  # let the transport close; connection_lost does the bookkeeping
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        self.reusable = False
+        if self._upgraded:
+            if self.on_upgrade_data is not None:
+                self.on_upgrade_data(b"")
+        elif self.close_delimited and self._status and not self._message_done:
+            # a response without framing ends when the upstream closes
+            self.on_message_complete()
+        elif self._head_waiter is not None or (self._done is not None and not self._message_done):
+            if not self._got_bytes and self.reused:
+                self._fail(StaleConnection("upstream closed a kept-alive connection"))
+            else:
+                self._fail(UpstreamUnavailable("upstream closed the connection"))
+        self.pool.on_connection_lost(self)
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        drain = self._drain
+        if drain is not None:
+            self._drain = None
+            if not drain.done():
+                drain.set_result(None)
+
+    # -- llhttp callbacks --------------------------------------------------------------------
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._status:
+            return  # trailers of a chunked response: dropped
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            # interim response (100 Continue, 103 Early Hints): the final one follows
+            self._headers = []
+            return
+        self._status = status
+        self._keep_alive = self.parser.should_keep_alive()
+        headers: list[tuple[bytes, bytes]] = []
+        named: set[bytes] | None = None
+        length: int | None = None
+        chunked = False
+        keep_length = self._is_head or status == 304
+        for name, value in self._headers:
+            low = name.lower()
+            if low == b"connection":
+                named = connection_tokens(value) if named is None else named | connection_tokens(value)
+                continue
+            if low == b"content-length":
+                length = int(value)
+                if keep_length:
+                    headers.append((name, value))
+                continue
+            if low == b"transfer-encoding":
+                chunked = True
+                continue
+            if low in HOP_BY_HOP and not (status == 101 and low == b"upgrade"):
+                continue
+            headers.append((name, value))
+        if named:
+            headers = [(n, v) for n, v in headers if n.lower() not in named]
+        self._headers = []
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        no_body = self._is_head or status in (101, 204, 304)
+        if no_body:
+            self.length = 0
+            if self._is_head and (chunked or length):
+                # llhttp cannot be told that a HEAD response has no body: start afresh next time
+                self._reset_parser = True
+        elif chunked:
+            self.length = None
+        elif length is not None:
+            self.length = length
+        else:
+            self.length = None
+            self.close_delimited = True
+            self._keep_alive = False
+        response = Response(status, headers, stream=self)
+        waiter = self._head_waiter
+        self._head_waiter = None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(response)
+        if no_body:
+            self.on_message_complete()
+        elif status == 101:
+            self._upgraded = True
+
+    def on_body(self, data: bytes) -> None:
+        sink = self._sink
+        if sink is not None:
+            sink.write(data)
+            return
+        self._body_chunks.append(data)
+        self._chunks_len += len(data)
+        if self._chunks_len > _EARLY_BODY_LIMIT:
+            self._set_reading(False)
+
+    def on_message_complete(self) -> None:
+        if not self._status or self._message_done:
+            return
+        self._message_done = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        done = self._done
+        if done is not None and not done.done():
+            done.set_result(None)
+        if self._sink is not None:
+            self._finish()
+
+    # -- the proxy's side --------------------------------------------------------------------
+
+    async def send(
+        self,
+        head: bytes,
+        body: RequestBody | None,
+        chunked: bool,
+        is_head: bool,
+        header_timeout: float,
+        body_timeout: float,
+    ) -> Response:
+        """Send a request and return the response once its head has arrived."""
+        transport = self.transport
+        if transport is None or self._closed:
+            raise StaleConnection("connection closed")
+        loop = self._loop
+        self._reset_exchange()
+        if self._reset_parser:
+            self.parser = httptools.HttpResponseParser(self)
+        self._is_head = is_head
+        self._body_timeout = body_timeout
+        head_waiter: asyncio.Future[Response] = loop.create_future()
+        self._head_waiter = head_waiter
+        self._done = loop.create_future()
+        self._timer = loop.call_later(header_timeout, self._on_header_timeout)
+        if body is None:
+            transport.write(head)
+        elif body.is_complete and not chunked:
+            transport.write(head + body.take_all())
+        else:
+            transport.write(head)
+            # stream the body while the response may already be coming back
+            sender = loop.create_task(self._send_body(body, chunked))
+            try:
+                return await head_waiter
+            finally:
+                if not sender.done():
+                    # the upstream answered before it had the whole body: never reuse
+                    self.reusable = False
+                    self._keep_alive = False
+                    sender.cancel()
+                elif not sender.cancelled() and sender.exception() is not None:
+                    self._keep_alive = False
+        return await head_waiter
+
+    async def _send_body(self, body: RequestBody, chunked: bool) -> None:
+        transport = self.transport
+        assert transport is not None
+        try:
+            while True:
+                data = await body.read()
+                if not data:
+                    break
+                if chunked:
+                    transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+                else:
+                    transport.write(data)
+                if self._write_paused and not self._closed:
+                    self._drain = self._loop.create_future()
+                    await self._drain
+            if chunked:
+                transport.write(b"0\r\n\r\n")
+        except GatewayError as exc:
+            # the client's body failed (too large, too slow): the upstream request is void
+            self._fail(exc)
+            raise
+
+    # -- BodyStream --------------------------------------------------------------------------
+
+    def pipe(self, sink: BodySink) -> asyncio.Future[None]:
+        done = self._done
+        assert done is not None
+        self._sink = sink
+        if self._body_chunks:
+            for chunk in self._body_chunks:
+                sink.write(chunk)
+            self._body_chunks = []
+            self._chunks_len = 0
+            if not self._paused_by_sink:
+                self._set_reading(True)
+        if self._message_done:
+            self._finish()
+        elif not self._closed:
+            self._timer = self._loop.call_later(self._body_timeout, self._on_body_timeout)
+        return done
+
+    def take_complete_body(self) -> bytes | None:
+        """The whole body when it has already arrived (then the connection is released)."""
+        if not self._message_done:
+            return None
+        body = b"".join(self._body_chunks) if self._body_chunks else b""
+        self._body_chunks = []
+        self._finish()
+        return body
+
+    def pause(self) -> None:
+        self._paused_by_sink = True
+        self._set_reading(False)
+
+    def resume(self) -> None:
+        self._paused_by_sink = False
+        self._set_reading(True)
+
+    def _set_reading(self, on: bool) -> None:
+        transport = self.transport
+        if transport is None or self._closed or self._read_paused != on:
+            return
+        self._read_paused = not on
+        if on:
+            transport.resume_reading()
+        else:
+            transport.pause_reading()
+
+    def abort(self) -> None:
+        self.reusable = False
+        self._sink = None
+        self.close()
+        self._release()
+
+    # -- endings -----------------------------------------------------------------------------
+
+    def _finish(self) -> None:
+        self._sink = None
+        self._paused_by_sink = False
+        self._set_reading(True)
+        self.reusable = self._keep_alive and not self._closed
+        self._release()
+
+    def _release(self) -> None:
+        if self.in_use:
+            self.in_use = False
+            self.pool.release(self)
+
+    def release_unused(self) -> None:
+        """The response head was received but its body is not wanted."""
+        if self._message_done:
+            self._finish()
+        else:
+            self.abort()
+
+    def _fail(self, error: GatewayError) -> None:
+        self.reusable = False
+        self._keep_alive = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        waiter = self._head_waiter
+        self._head_waiter = None
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(error)
+        done = self._done
+        if done is not None and not done.done():
+            done.set_exception(error)
+            # a failure nobody awaits yet must not be reported as "never retrieved"
+            done.add_done_callback(_consume)
+        self.close()
+
+    def _on_header_timeout(self) -> None:
+        self._timer = None
+        self._fail(UpstreamTimeout("upstream did not answer in time"))
+
+    def _on_body_timeout(self) -> None:
+        self._timer = None
+        if self._message_done or self._closed:
+            return
+        idle = self._loop.time() - self._last_activity
+        if self._paused_by_sink or idle < self._body_timeout:
+            # paused by a slow client (the client side has its own timeout), or still moving
+            self._timer = self._loop.call_later(
+                max(self._body_timeout - idle, 0.05), self._on_body_timeout
+            )
+            return
+        self._fail(UpstreamTimeout("upstream stalled while sending the body"))
+
+    def close(self) -> None:
+        self.reusable = False
+        if self.transport is not None and not self._closed:
+            self._closed = True
+            self.transport.close()
+
+    @property
+    def is_closed(self) -> bool:
+        return self._closed
+
+    def start_tunnel(self, on_data: Callable[[bytes], None]) -> None:
+        """After a 101: every byte from the upstream goes to `on_data` (b"" at the end)."""
+        self.on_upgrade_data = on_data
+        self.reusable = False
+        rest = b"".join(self._body_chunks)
+        self._body_chunks = []
+        if rest:
+            on_data(rest)
+
+
+def _consume(fut: asyncio.Future[None]) -> None:
+    if not fut.cancelled():
+        fut.exception()

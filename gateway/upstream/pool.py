@@ -1,0 +1,191 @@
+"""Keep-alive connection pool of one upstream endpoint.
+
+Bookkeeping only — the I/O lives in `UpstreamConnection`.  Idle connections are reused last in,
+first out (the warmest first) and closed after `idle_timeout`; at most `max_connections` are
+open or opening at once, and a request that finds the pool full waits for one to be released
+until the connect timeout.  A connection comes back through `release()`; one that is not
+`reusable` is closed there and never handed out again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import Protocol, final
+
+from gateway.errors import UpstreamTimeout, UpstreamUnavailable
+from gateway.upstream.connection import UpstreamConnection
+
+
+class PoolObserver(Protocol):
+    """Metrics hooks, resolved to label children once per pool."""
+
+    def on_connect(self, seconds: float) -> None: ...
+    def on_acquire(self, reused: bool) -> None: ...
+
+
+@final
+class EndpointPool:
+    __slots__ = (
+        "_closing",
+        "_idle",
+        "_loop",
+        "_sweeper",
+        "_waiters",
+        "connect_timeout",
+        "host",
+        "idle_timeout",
+        "max_connections",
+        "observer",
+        "opened",
+        "port",
+    )
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        host: str,
+        port: int,
+        *,
+        max_connections: int,
+        idle_timeout: float,
+        connect_timeout: float,
+        observer: PoolObserver,
+    ) -> None:
+        self._loop = loop
+        self.host = host
+        self.port = port
+        self.max_connections = max_connections
+        self.idle_timeout = idle_timeout
+        self.connect_timeout = connect_timeout
+        self.observer = observer
+        self._idle: deque[UpstreamConnection] = deque()
+        self._waiters: deque[asyncio.Future[UpstreamConnection | None]] = deque()
+        #: connections open or being opened (idle ones included)
+        self.opened = 0
+        self._closing = False
+        self._sweeper: asyncio.TimerHandle | None = None
+
+    @property
+    def idle_count(self) -> int:
+        return len(self._idle)
+
+    async def acquire(self, connect_timeout: float | None = None) -> UpstreamConnection:
+        """A connection ready for one exchange; raises a GatewayError when none can be had."""
+        timeout = self.connect_timeout if connect_timeout is None else connect_timeout
+        idle = self._idle
+        while idle:
+            conn = idle.pop()
+            if conn.is_closed:
+                continue
+            conn.in_use = True
+            conn.reused = True
+            self.observer.on_acquire(True)
+            return conn
+        if self._closing:
+            raise UpstreamUnavailable("upstream is being removed")
+        if self.opened >= self.max_connections:
+            waiter: asyncio.Future[UpstreamConnection | None] = self._loop.create_future()
+            self._waiters.append(waiter)
+            try:
+                conn_or_none = await asyncio.wait_for(waiter, timeout)
+            except TimeoutError:
+                raise UpstreamUnavailable(
+                    f"upstream connection pool is full ({self.max_connections} connections)"
+                ) from None
+            finally:
+                if not waiter.done():
+                    waiter.cancel()
+            if conn_or_none is not None:
+                conn_or_none.in_use = True
+                conn_or_none.reused = True
+                self.observer.on_acquire(True)
+                return conn_or_none
+            # a slot was freed: open a connection in it (opened was already counted for us)
+            return await self._connect(timeout, counted=True)
+        return await self._connect(timeout, counted=False)
+
+    async def _connect(self, timeout: float, *, counted: bool) -> UpstreamConnection:
+        if not counted:
+            self.opened += 1
+        loop = self._loop
+        conn = UpstreamConnection(loop, self)
+        started = loop.time()
+        try:
+            await asyncio.wait_for(
+                loop.create_connection(lambda: conn, self.host, self.port), timeout
+            )
+        except TimeoutError:
+            if conn.transport is not None:
+                conn.close()  # connected just too late: connection_lost frees the slot
+            else:
+                self._slot_freed()
+            raise UpstreamTimeout(
+                f"connecting to {self.host}:{self.port} timed out"
+            ) from None
+        except OSError as exc:
+            self._slot_freed()
+            raise UpstreamUnavailable(
+                f"cannot connect to {self.host}:{self.port}: {exc.strerror or exc}"
+            ) from exc
+        except BaseException:
+            self._slot_freed()
+            raise
+        self.observer.on_connect(loop.time() - started)
+        self.observer.on_acquire(False)
+        conn.in_use = True
+        conn.reused = False
+        return conn
+
+    def release(self, conn: UpstreamConnection) -> None:
+        """Take a connection back after one exchange; closes it unless it is reusable."""
+        if not conn.reusable or conn.is_closed or self._closing:
+            conn.close()
+            return  # on_connection_lost frees the slot
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(conn)
+                return
+        conn.idle_since = self._loop.time()
+        self._idle.append(conn)
+        if self._sweeper is None:
+            self._sweeper = self._loop.call_later(self.idle_timeout, self._sweep)
+
+    def on_connection_lost(self, conn: UpstreamConnection) -> None:
+        if conn in self._idle:
+            self._idle.remove(conn)
+        self._slot_freed()
+
+    def _slot_freed(self) -> None:
+        self.opened -= 1
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                self.opened += 1
+                waiter.set_result(None)
+                return
+
+    def _sweep(self) -> None:
+        self._sweeper = None
+        deadline = self._loop.time() - self.idle_timeout
+        idle = self._idle
+        # the oldest are on the left
+        while idle and idle[0].idle_since <= deadline:
+            idle.popleft().close()
+        if idle:
+            wait = idle[0].idle_since + self.idle_timeout - self._loop.time()
+            self._sweeper = self._loop.call_later(max(wait, 0.01), self._sweep)
+
+    def close(self) -> None:
+        """Close idle connections now; busy ones close when they are released."""
+        self._closing = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        while self._idle:
+            self._idle.pop().close()
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(UpstreamUnavailable("upstream is being removed"))
