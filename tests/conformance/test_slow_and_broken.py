@@ -1,0 +1,204 @@
+"""Slow clients and broken upstreams: each gets its documented answer, others keep being served."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from gateway.app import Gateway
+from tests.support.gateway import port_of, running_gateway
+from tests.support.raw import exchange, is_closed, open_raw, read_response
+
+Behaviour = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+async def _read_head(reader: asyncio.StreamReader) -> None:
+    await reader.readuntil(b"\r\n\r\n")
+
+
+async def reset_mid_body(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await _read_head(reader)
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + b"p" * 1000)
+    await writer.drain()
+    writer.transport.abort()
+
+
+async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await _read_head(reader)
+    writer.write(b"this is not http at all\r\n\r\n")
+    await writer.drain()
+    await reader.read()
+
+
+async def never_answers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await _read_head(reader)
+    await reader.read()
+
+
+async def close_at_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await _read_head(reader)
+    writer.close()
+
+
+async def healthy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while True:
+        try:
+            await _read_head(reader)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+
+
+BEHAVIOURS: dict[str, Behaviour] = {
+    "reset": reset_mid_body,
+    "garbage": garbage,
+    "silent": never_answers,
+    "close": close_at_once,
+    "healthy": healthy,
+}
+
+
+@pytest.fixture
+async def broken(tmp_path: Path) -> AsyncIterator[Gateway]:
+    servers = []
+    ports = {}
+    for name, behaviour in BEHAVIOURS.items():
+
+        async def handle(
+            reader: asyncio.StreamReader,
+            writer: asyncio.StreamWriter,
+            behaviour: Behaviour = behaviour,
+        ) -> None:
+            try:
+                await behaviour(reader, writer)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                pass
+            finally:
+                writer.close()
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        servers.append(server)
+        ports[name] = server.sockets[0].getsockname()[1]
+    upstreams = "".join(
+        f"""
+  {name}:
+    endpoints: [{{url: "http://127.0.0.1:{port}"}}]
+    timeouts: {{connect: 1s, response_header: 1s}}"""
+        for name, port in ports.items()
+    )
+    routes = "".join(
+        f"""
+  - name: {name}
+    match: {{path_prefix: /{name}}}
+    upstream: {name}"""
+        for name in ports
+    )
+    config = f"""
+listeners: [{{name: http, bind: "127.0.0.1:0"}}]
+admin: {{bind: "127.0.0.1:0"}}
+limits: {{header_timeout: 1s, body_timeout: 1s, idle_timeout: 3s}}
+access_log: {{enabled: false}}
+upstreams:{upstreams}
+routes:{routes}
+"""
+    async with running_gateway(tmp_path, config) as gateway:
+        yield gateway
+    for server in servers:
+        server.close()
+
+
+async def test_upstream_reset_mid_body_cuts_the_client(broken: Gateway) -> None:
+    reader, writer = await open_raw(port_of(broken))
+    writer.write(b"GET /reset HTTP/1.1\r\nHost: a\r\n\r\n")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 200")
+    body = await asyncio.wait_for(reader.read(), 5)
+    # the head was already sent: the connection is cut before the announced length
+    assert len(body) < 100000
+    writer.close()
+    assert (await exchange(port_of(broken), b"GET /healthy HTTP/1.1\r\nHost: a\r\n\r\n")).status == 200
+
+
+@pytest.mark.parametrize(("path", "status", "code"), [
+    ("/garbage", 502, "upstream_unavailable"),
+    ("/close", 502, "upstream_unavailable"),
+    ("/silent", 504, "upstream_timeout"),
+])
+async def test_broken_upstreams_get_documented_errors(
+    broken: Gateway, path: str, status: int, code: str
+) -> None:
+    port = port_of(broken)
+    pending = asyncio.ensure_future(exchange(port, f"GET {path} HTTP/1.1\r\nHost: a\r\n\r\n".encode()))
+    # meanwhile others are served
+    assert (await exchange(port, b"GET /healthy HTTP/1.1\r\nHost: a\r\n\r\n")).status == 200
+    response = await pending
+    assert response.status == status
+    assert json.loads(response.body)["code"] == code
+
+
+async def test_refused_connection_is_502(tmp_path: Path) -> None:
+    probe = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = probe.sockets[0].getsockname()[1]
+    probe.close()
+    await probe.wait_closed()
+    config = f"""
+listeners: [{{name: http, bind: "127.0.0.1:0"}}]
+admin: {{bind: "127.0.0.1:0"}}
+access_log: {{enabled: false}}
+upstreams:
+  gone: {{endpoints: [{{url: "http://127.0.0.1:{port}"}}]}}
+routes:
+  - {{name: gone, match: {{path_prefix: /}}, upstream: gone}}
+"""
+    async with running_gateway(tmp_path, config) as gateway:
+        response = await exchange(port_of(gateway), b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert response.status == 502
+    assert json.loads(response.body)["code"] == "upstream_unavailable"
+
+
+async def test_slow_head_gets_408_and_close(broken: Gateway) -> None:
+    port = port_of(broken)
+    reader, writer = await open_raw(port)
+    writer.write(b"GET /healthy HTTP/1.1\r\nHost: a\r\n")  # the blank line never comes
+    response = await asyncio.wait_for(read_response(reader), 5)
+    assert response.status == 408
+    assert json.loads(response.body)["code"] == "request_timeout"
+    assert await is_closed(reader)
+    writer.close()
+
+
+async def test_slowloris_drip_gets_408(broken: Gateway) -> None:
+    reader, writer = await open_raw(port_of(broken))
+    writer.write(b"GET /healthy HTTP/1.1\r\nHost: a\r\n")
+
+    async def drip() -> None:
+        for i in range(40):
+            writer.write(f"X-{i}: a\r\n".encode())
+            await asyncio.sleep(0.1)
+
+    dripping = asyncio.ensure_future(drip())
+    response = await asyncio.wait_for(read_response(reader), 5)
+    dripping.cancel()
+    assert response.status == 408
+    writer.close()
+
+
+async def test_slow_body_gets_408(broken: Gateway) -> None:
+    reader, writer = await open_raw(port_of(broken))
+    writer.write(b"POST /healthy HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nabc")
+    response = await asyncio.wait_for(read_response(reader), 5)
+    assert response.status == 408
+    writer.close()
+
+
+async def test_idle_keep_alive_connection_is_closed(broken: Gateway) -> None:
+    reader, writer = await open_raw(port_of(broken))
+    writer.write(b"GET /healthy HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert (await asyncio.wait_for(read_response(reader), 5)).status == 200
+    assert await is_closed(reader, timeout=6)
+    writer.close()

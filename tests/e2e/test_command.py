@@ -1,0 +1,254 @@
+"""The `gateway` command as a user runs it: serve, check, reload, drain, workers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from tests.support.process import (
+    GatewayProcess,
+    async_wait_until,
+    free_port,
+    http_get,
+    wait_until,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def config_text(http: int, admin: int, upstream: int | None = None, extra_route: str = "") -> str:
+    upstreams = ""
+    routes = ""
+    if upstream is not None:
+        upstreams = f"""
+upstreams:
+  app:
+    endpoints: [{{url: "http://127.0.0.1:{upstream}"}}]
+"""
+        routes = """
+  - name: app
+    match: {path_prefix: /app}
+    upstream: app"""
+    return f"""
+listeners: [{{name: http, bind: "127.0.0.1:{http}"}}]
+admin: {{bind: "127.0.0.1:{admin}"}}
+shutdown: {{drain_delay: 300ms, timeout: 10s}}
+{upstreams}
+routes:
+  - name: echo
+    match: {{path_prefix: /echo}}
+    upstream: internal:echo{routes}{extra_route}
+"""
+
+
+def run_check(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", "check", "-c", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_check_accepts_the_shipped_configs() -> None:
+    for path in [REPO / "config" / "gateway.yaml", *sorted((REPO / "config" / "examples").glob("*.yaml"))]:
+        result = run_check(path)
+        assert result.returncode == 0, (path, result.stdout, result.stderr)
+        assert result.stdout.startswith("ok "), result.stdout
+        assert len(result.stdout.split()[1]) == 12
+
+
+def test_check_reports_every_error_with_its_path(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(
+        """
+listeners: [{name: http, bind: "127.0.0.1:8080"}]
+limits: {max_conections: 5}
+routes:
+  - name: r
+    match: {path_prefix: /x}
+    upstream: nowhere
+"""
+    )
+    result = run_check(path)
+    assert result.returncode == 1
+    output = result.stdout + result.stderr
+    assert "limits.max_conections" in output
+    assert "routes[0].upstream" in output
+
+
+def test_version_command() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "version"], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert result.returncode == 0
+    assert result.stdout.startswith("gateway ")
+
+
+def test_run_serves_reloads_on_sighup_and_drains_on_sigterm(tmp_path: Path) -> None:
+    http, admin = free_port(), free_port()
+    path = tmp_path / "gateway.yaml"
+    path.write_text(config_text(http, admin))
+    gateway = GatewayProcess(path)
+    try:
+        wait_until(lambda: _ready(admin), what="readyz")
+        status, body = http_get(f"http://127.0.0.1:{http}/echo/hi")
+        assert status == 200
+        assert json.loads(body)["path"] == "/echo/hi"
+        status, _ = http_get(f"http://127.0.0.1:{http}/added")
+        assert status == 404
+
+        # a valid change is applied on SIGHUP
+        path.write_text(
+            config_text(
+                http,
+                admin,
+                extra_route="""
+  - name: added
+    match: {path: /added}
+    upstream: internal:echo""",
+            )
+        )
+        gateway.signal(signal.SIGHUP)
+        wait_until(lambda: http_get(f"http://127.0.0.1:{http}/added")[0] == 200, what="reload")
+
+        # an invalid change is rejected whole; the old config keeps serving
+        path.write_text("listeners: [{name: http, bind: 'nope'}]\nroutes: 7\n")
+        gateway.signal(signal.SIGHUP)
+        wait_until(
+            lambda: json.loads(http_get(f"http://127.0.0.1:{admin}/admin/config")[1])[
+                "last_reload"
+            ]["ok"]
+            is False,
+            what="failed reload reported",
+        )
+        assert http_get(f"http://127.0.0.1:{http}/added")[0] == 200
+        metrics = http_get(f"http://127.0.0.1:{admin}/metrics")[1].decode()
+        assert "gateway_config_last_reload_success 0" in metrics
+    finally:
+        gateway.signal(signal.SIGTERM)
+        code = gateway.wait(30)
+    assert code == 0
+    messages = [r.get("message") for r in gateway.log_records()]
+    assert "gateway ready" in messages
+
+
+def _ready(admin: int) -> bool:
+    try:
+        return http_get(f"http://127.0.0.1:{admin}/readyz", timeout=1)[0] == 200
+    except OSError:
+        return False
+
+
+@pytest.fixture
+async def slow_upstream() -> AsyncIterator[TestServer]:
+    async def handler(request: web.Request) -> web.Response:
+        await asyncio.sleep(0.2)
+        return web.Response(text="done")
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", handler)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    yield server
+    await server.close()
+
+
+async def test_sigterm_under_load_drops_no_accepted_request(
+    tmp_path: Path, slow_upstream: TestServer
+) -> None:
+    http, admin = free_port(), free_port()
+    path = tmp_path / "gateway.yaml"
+    path.write_text(config_text(http, admin, upstream=slow_upstream.port))
+    gateway = GatewayProcess(path)
+    ok = 0
+    failures: list[str] = []
+    refused = 0
+    stop = asyncio.Event()
+    try:
+        await async_wait_until(lambda: _ready(admin), what="readyz")
+
+        async def client() -> None:
+            nonlocal ok, refused
+            connector = aiohttp.TCPConnector(force_close=True)
+            async with aiohttp.ClientSession(connector=connector) as session:
+                for _ in range(200):
+                    if stop.is_set():
+                        return
+                    try:
+                        async with session.get(f"http://127.0.0.1:{http}/app/x") as response:
+                            body = await response.text()
+                            if response.status == 200 and body == "done":
+                                ok += 1
+                            else:
+                                failures.append(f"{response.status} {body[:80]}")
+                    except aiohttp.ClientConnectorError:
+                        refused += 1  # the listener is closed: never accepted, not dropped
+                        return
+                    except aiohttp.ClientError as exc:
+                        failures.append(repr(exc))
+
+        clients = [asyncio.ensure_future(client()) for _ in range(20)]
+        await async_wait_until(lambda: ok >= 40, what="load flowing")
+        gateway.signal(signal.SIGTERM)
+        code = await asyncio.to_thread(gateway.wait, 30)
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*clients), 30)
+    finally:
+        gateway.stop()
+    assert code == 0
+    assert failures == []
+    assert ok >= 40
+
+
+async def test_workers_share_the_port_and_a_killed_worker_is_restarted(tmp_path: Path) -> None:
+    http, admin = free_port(), free_port()
+    path = tmp_path / "gateway.yaml"
+    path.write_text(config_text(http, admin))
+    gateway = GatewayProcess(path, "--workers", "2")
+    try:
+        await async_wait_until(lambda: len(_children(gateway.proc.pid)) == 2, what="2 workers")
+        await async_wait_until(lambda: _ready(admin), what="readyz")
+        first = _children(gateway.proc.pid)
+        async with aiohttp.ClientSession() as session:
+            for _ in range(10):
+                async with session.get(f"http://127.0.0.1:{http}/echo") as response:
+                    assert response.status == 200
+            victim = first[-1]
+            os.kill(victim, signal.SIGKILL)
+            await async_wait_until(
+                lambda: len(_children(gateway.proc.pid)) == 2
+                and victim not in _children(gateway.proc.pid),
+                what="worker restarted",
+            )
+            await async_wait_until(lambda: _ready(admin), what="readyz after restart")
+            for _ in range(10):
+                async with session.get(f"http://127.0.0.1:{http}/echo") as response:
+                    assert response.status == 200
+            status, body = await asyncio.to_thread(http_get, f"http://127.0.0.1:{admin}/metrics")
+            assert status == 200
+            assert b"gateway_requests_total" in body
+        gateway.signal(signal.SIGTERM)
+        assert await asyncio.to_thread(gateway.wait, 60) == 0
+    finally:
+        gateway.stop()
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(p) for p in text.split()]

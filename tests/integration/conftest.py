@@ -1,0 +1,142 @@
+"""An aiohttp upstream that records what it received, and a gateway in front of it."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from gateway.app import Gateway
+from tests.support.gateway import running_gateway
+
+
+@dataclass
+class Seen:
+    """What the upstream received: one entry per request."""
+
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    peers: set[tuple[str, int]] = field(default_factory=set)
+
+
+async def _echo(request: web.Request) -> web.StreamResponse:
+    seen: Seen = request.app["seen"]
+    body = await request.read()
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    if peer:
+        seen.peers.add((peer[0], peer[1]))
+    seen.requests.append(
+        {
+            "method": request.method,
+            "path": request.raw_path,
+            "headers": list(request.raw_headers),
+            "body": body,
+        }
+    )
+    return web.Response(
+        text=f"{request.method} {request.raw_path} {len(body)}",
+        headers={"X-Upstream": "yes", "Connection": "keep-alive, X-Secret", "X-Secret": "s"},
+    )
+
+
+async def _big(request: web.Request) -> web.StreamResponse:
+    size = int(request.query.get("size", "1048576"))
+    response = web.StreamResponse()
+    if request.query.get("length") == "1":
+        response.content_length = size
+    await response.prepare(request)
+    chunk = b"x" * 65536
+    sent = 0
+    while sent < size:
+        part = chunk[: min(65536, size - sent)]
+        await response.write(part)
+        sent += len(part)
+    await response.write_eof()
+    return response
+
+
+async def _status(request: web.Request) -> web.StreamResponse:
+    code = int(request.match_info["code"])
+    return web.Response(status=code, headers={"ETag": '"v1"'})
+
+
+async def _slow(request: web.Request) -> web.StreamResponse:
+    await asyncio.sleep(float(request.query.get("s", "5")))
+    return web.Response(text="late")
+
+
+async def _count(request: web.Request) -> web.StreamResponse:
+    total = 0
+    async for chunk in request.content.iter_any():
+        total += len(chunk)
+    return web.Response(text=str(total))
+
+
+def upstream_app(seen: Seen) -> web.Application:
+    app = web.Application()
+    app["seen"] = seen
+    app.router.add_route("*", "/big", _big)
+    app.router.add_route("*", "/count", _count)
+    app.router.add_route("*", "/status/{code}", _status)
+    app.router.add_route("*", "/slow", _slow)
+    app.router.add_route("*", "/{tail:.*}", _echo)
+    return app
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[tuple[TestServer, Seen]]:
+    seen = Seen()
+    server = TestServer(upstream_app(seen), host="127.0.0.1")
+    await server.start_server()
+    try:
+        yield server, seen
+    finally:
+        await server.close()
+
+
+def basic_config(upstream_port: int, **route_extra: str) -> str:
+    extra = "".join(f"\n    {k}: {v}" for k, v in route_extra.items())
+    return f"""
+listeners:
+  - name: http
+    bind: "127.0.0.1:0"
+admin:
+  bind: "127.0.0.1:0"
+limits:
+  max_body_bytes: 1MiB
+  header_timeout: 1s
+  body_timeout: 2s
+  idle_timeout: 5s
+access_log:
+  enabled: false
+upstreams:
+  app:
+    endpoints:
+      - url: "http://127.0.0.1:{upstream_port}"
+    timeouts: {{connect: 1s, response_header: 2s}}
+routes:
+  - name: echo
+    match: {{path_prefix: /echo}}
+    upstream: internal:echo
+  - name: only-get
+    match: {{path_prefix: /ro, methods: [GET]}}
+    upstream: app
+  - name: app
+    match: {{path_prefix: /}}
+    upstream: app{extra}
+"""
+
+
+@pytest.fixture
+async def gw(
+    tmp_path: Path, upstream: tuple[TestServer, Seen]
+) -> AsyncIterator[Gateway]:
+    server, _ = upstream
+    assert server.port is not None
+    async with running_gateway(tmp_path, basic_config(server.port)) as gateway:
+        yield gateway
