@@ -126,7 +126,7 @@ class Gateway:
             for listener in config.listeners:
                 state = ServerState(self, loop, listener.name, "http")
                 server = await loop.create_server(
-                    lambda state=state: HttpConnection(state),  # type: ignore[misc]
+                    lambda state=state: HttpConnection(state),
                     listener.host,
                     listener.port,
                     reuse_port=self.workers > 1 or None,
@@ -258,6 +258,10 @@ class Gateway:
                 await task
         self._tasks = []
         await self._close_servers()
+        pending = [task for conn in list(self.connections) if (task := conn.abort()) is not None]
+        if pending:
+            # the aborted connections cancel their tasks; let them unwind (closing upstreams)
+            await asyncio.gather(*pending, return_exceptions=True)
         if self._shared is not None:
             self._shared.close()
         self.snapshot.access_log.flush()
@@ -317,7 +321,9 @@ def _check_restart_needed(old: GatewayConfig, new: GatewayConfig) -> None:
         )
     if (old.admin.host, old.admin.port) != (new.admin.host, new.admin.port):
         errors.append(
-            ConfigError("admin.bind", "the admin address cannot change while running: restart needed")
+            ConfigError(
+                "admin.bind", "the admin address cannot change while running: restart needed"
+            )
         )
     if errors:
         raise ConfigErrors(errors)

@@ -36,6 +36,7 @@ def build_request_head(
     content_length: int | None,
     chunked: bool,
     upgrade: bool = False,
+    default_host: bytes = b"",
 ) -> bytes:
     head = ctx.head
     target = path + "?" + head.query if head.query else path
@@ -51,6 +52,9 @@ def build_request_head(
     host = head.host
     if host is not None:
         parts += (b"Host: ", host, b"\r\nX-Forwarded-Host: ", host, _CRLF)
+    elif default_host:
+        # an HTTP/1.0 client sent no Host; HTTP/1.1 upstreams require one
+        parts += (b"Host: ", default_host, _CRLF)
     client = ctx.client_ip.encode("ascii")
     previous = head.x_forwarded_for
     if previous is not None and ctx.trusted_peer:

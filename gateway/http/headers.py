@@ -40,14 +40,19 @@ GATEWAY_SET_REQUEST: Final = frozenset(
 CONNECTION_PROTECTED: Final = frozenset({b"host", b"content-length"})
 
 #: dropped from requests before they go upstream (framing is re-done, Expect is answered here)
-REQUEST_DROP: Final = HOP_BY_HOP | CLIENT_CERT_HEADERS | GATEWAY_SET_REQUEST | frozenset(
-    {b"content-length", b"expect", b"host"}
+REQUEST_DROP: Final = (
+    HOP_BY_HOP
+    | CLIENT_CERT_HEADERS
+    | GATEWAY_SET_REQUEST
+    | frozenset({b"content-length", b"expect", b"host"})
 )
 
 #: dropped from responses before they go downstream (framing is re-done by the server protocol)
 RESPONSE_DROP: Final = HOP_BY_HOP | frozenset({b"content-length"})
 
-_TOKEN_CHARS: Final = frozenset(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+_TOKEN_CHARS: Final = frozenset(
+    b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+)
 
 
 def connection_tokens(value: bytes) -> set[bytes]:

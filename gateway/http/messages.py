@@ -25,9 +25,9 @@ class RequestHead:
     """The parsed request head.  Header pairs are kept exactly as received."""
 
     __slots__ = (
+        "chunked",
         "connection_tokens",
         "content_length",
-        "chunked",
         "expect_continue",
         "headers",
         "host",

@@ -28,6 +28,4 @@ def problem_body(error: GatewayError, request_id: str) -> bytes:
 def problem_response(error: GatewayError, request_id: bytes) -> Response:
     headers = [(b"Content-Type", CONTENT_TYPE), (b"Date", http_date())]
     headers += [(n.encode("latin-1"), v.encode("latin-1")) for n, v in error.headers]
-    return Response(
-        error.status, headers, body=problem_body(error, request_id.decode("latin-1"))
-    )
+    return Response(error.status, headers, body=problem_body(error, request_id.decode("latin-1")))

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from typing import TYPE_CHECKING, Final, final
+from typing import TYPE_CHECKING, Final, cast, final
 
 import httptools
 
@@ -158,8 +158,8 @@ class HttpConnection(asyncio.Protocol):
     # -- connection life ---------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses, but have its interface
+        self.transport = cast(asyncio.Transport, transport)
         server = self.server
         if server.draining or len(server.connections) >= server.snapshot.limits.max_connections:
             transport.abort()
@@ -454,7 +454,7 @@ class HttpConnection(asyncio.Protocol):
                     pending.body.fail(BadRequest("connection closed"))
                 self.server.in_flight_gauge.dec()
             queue.clear()
-        if self._closing or self.transport is None:
+        if self._closing or self.transport is None or self._tunnel is not None:
             return
         if self._stopped:
             self._close_transport()
@@ -668,6 +668,15 @@ class HttpConnection(asyncio.Protocol):
         else:
             self._close_transport()
 
+    def abort(self) -> asyncio.Task[None] | None:
+        """Drop the connection now; the task still answering on it, if any."""
+        task = self._task
+        if self.transport is not None:
+            self.transport.abort()
+        if task is not None and not task.done():
+            task.cancel()
+        return task
+
     def close_if_idle(self) -> None:
         """Draining: an idle keep-alive connection closes now; a busy one after its response."""
         if self._task is None and not self._in_head and self._tunnel is None:
@@ -678,7 +687,10 @@ class HttpConnection(asyncio.Protocol):
         transport = self.transport
         if transport is None or self._closing:
             return
-        if self._write_paused and now - self._write_paused_at > self.server.snapshot.limits.body_timeout:
+        if (
+            self._write_paused
+            and now - self._write_paused_at > self.server.snapshot.limits.body_timeout
+        ):
             # a client that does not read its response holds buffers and an upstream: drop it
             self._closing = True
             transport.abort()

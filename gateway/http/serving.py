@@ -101,7 +101,7 @@ class ServerState:
         access_log = exchange.snapshot.access_log
         if not access_log.wants(status):
             return
-        access_log.record(
+        access_log.emit(
             AccessEntry(
                 time=time.time() - elapsed,
                 request_id=request_id.decode("latin-1"),

@@ -28,7 +28,15 @@ _REPLAYABLE_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE
 
 @final
 class ProxyHandler:
-    __slots__ = ("_cumulative", "_loop", "_single", "_total", "_upstreams", "strip_prefix", "websocket")
+    __slots__ = (
+        "_cumulative",
+        "_loop",
+        "_single",
+        "_total",
+        "_upstreams",
+        "strip_prefix",
+        "websocket",
+    )
 
     def __init__(
         self,
@@ -65,7 +73,9 @@ class ProxyHandler:
         ctx.upstream = upstream.name
         head = ctx.head
         body = ctx.body
-        upgrade = self.websocket and head.upgrade is not None and head.upgrade.lower() == b"websocket"
+        upgrade = (
+            self.websocket and head.upgrade is not None and head.upgrade.lower() == b"websocket"
+        )
         if body is not None and body.is_complete:
             content_length: int | None = body.received
             chunked = False
@@ -83,6 +93,7 @@ class ProxyHandler:
                 content_length=content_length,
                 chunked=chunked,
                 upgrade=upgrade,
+                default_host=upstream.default_host,
             )
             ctx.upstream_head = request
         config = upstream.config

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import TYPE_CHECKING, final
+from typing import TYPE_CHECKING, cast, final
 
 import httptools
 
@@ -109,8 +109,8 @@ class UpstreamConnection(asyncio.Protocol):
     # -- asyncio.Protocol --------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses, but have its interface
+        self.transport = cast(asyncio.Transport, transport)
         self.reusable = True  # until an exchange says otherwise
 
     def data_received(self, data: bytes) -> None:
@@ -189,7 +189,9 @@ class UpstreamConnection(asyncio.Protocol):
         for name, value in self._headers:
             low = name.lower()
             if low == b"connection":
-                named = connection_tokens(value) if named is None else named | connection_tokens(value)
+                named = (
+                    connection_tokens(value) if named is None else named | connection_tokens(value)
+                )
                 continue
             if low == b"content-length":
                 length = int(value)
@@ -203,6 +205,8 @@ class UpstreamConnection(asyncio.Protocol):
                 continue
             headers.append((name, value))
         if named:
+            if status == 101:
+                named.discard(b"upgrade")  # the tunnel needs it
             headers = [(n, v) for n, v in headers if n.lower() not in named]
         self._headers = []
         if self._timer is not None:
@@ -279,15 +283,15 @@ class UpstreamConnection(asyncio.Protocol):
         head_waiter: asyncio.Future[Response] = loop.create_future()
         self._head_waiter = head_waiter
         self._done = loop.create_future()
-        self._timer = loop.call_later(header_timeout, self._on_header_timeout)
         if body is None:
             transport.write(head)
         elif body.is_complete and not chunked:
             transport.write(head + body.take_all())
         else:
             transport.write(head)
-            # stream the body while the response may already be coming back
-            sender = loop.create_task(self._send_body(body, chunked))
+            # stream the body while the response may already be coming back; the wait for the
+            # response head starts once the whole body is sent
+            sender = loop.create_task(self._send_body(body, chunked, header_timeout))
             try:
                 return await head_waiter
             finally:
@@ -298,9 +302,10 @@ class UpstreamConnection(asyncio.Protocol):
                     sender.cancel()
                 elif not sender.cancelled() and sender.exception() is not None:
                     self._keep_alive = False
+        self._timer = loop.call_later(header_timeout, self._on_header_timeout)
         return await head_waiter
 
-    async def _send_body(self, body: RequestBody, chunked: bool) -> None:
+    async def _send_body(self, body: RequestBody, chunked: bool, header_timeout: float) -> None:
         transport = self.transport
         assert transport is not None
         try:
@@ -314,13 +319,18 @@ class UpstreamConnection(asyncio.Protocol):
                     transport.write(data)
                 if self._write_paused and not self._closed:
                     self._drain = self._loop.create_future()
-                    await self._drain
+                    try:
+                        await asyncio.wait_for(self._drain, self._body_timeout)
+                    except TimeoutError:
+                        raise UpstreamTimeout("upstream stopped reading the request body") from None
             if chunked:
                 transport.write(b"0\r\n\r\n")
         except GatewayError as exc:
-            # the client's body failed (too large, too slow): the upstream request is void
+            # the client's body failed (too large, too slow) or the upstream stalled: void
             self._fail(exc)
             raise
+        if self._head_waiter is not None and self._timer is None:
+            self._timer = self._loop.call_later(header_timeout, self._on_header_timeout)
 
     # -- BodyStream --------------------------------------------------------------------------
 

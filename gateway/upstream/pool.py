@@ -105,7 +105,7 @@ class EndpointPool:
             return await self._connect(timeout, counted=True)
         return await self._connect(timeout, counted=False)
 
-    async def _connect(self, timeout: float, *, counted: bool) -> UpstreamConnection:
+    async def _connect(self, limit: float, *, counted: bool) -> UpstreamConnection:
         if not counted:
             self.opened += 1
         loop = self._loop
@@ -113,16 +113,14 @@ class EndpointPool:
         started = loop.time()
         try:
             await asyncio.wait_for(
-                loop.create_connection(lambda: conn, self.host, self.port), timeout
+                loop.create_connection(lambda: conn, self.host, self.port), limit
             )
         except TimeoutError:
             if conn.transport is not None:
                 conn.close()  # connected just too late: connection_lost frees the slot
             else:
                 self._slot_freed()
-            raise UpstreamTimeout(
-                f"connecting to {self.host}:{self.port} timed out"
-            ) from None
+            raise UpstreamTimeout(f"connecting to {self.host}:{self.port} timed out") from None
         except OSError as exc:
             self._slot_freed()
             raise UpstreamUnavailable(

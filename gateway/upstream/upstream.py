@@ -54,7 +54,7 @@ class Endpoint:
 
 @final
 class Upstream:
-    __slots__ = ("_balancer", "config", "endpoints", "name", "request_duration")
+    __slots__ = ("_balancer", "config", "default_host", "endpoints", "name", "request_duration")
 
     def __init__(
         self, config: UpstreamConfig, loop: asyncio.AbstractEventLoop, metrics: Any
@@ -83,6 +83,8 @@ class Upstream:
             )
             for e in config.endpoints
         ]
+        #: the Host sent upstream when an HTTP/1.0 client sent none
+        self.default_host = self.endpoints[0].address.encode("ascii")
         weights = [e.weight for e in self.endpoints]
         self._balancer: RoundRobin | LeastRequest = (
             LeastRequest(weights) if config.balance == "least_request" else RoundRobin(weights)

@@ -11,7 +11,7 @@ import pytest
 
 from gateway.app import Gateway
 from tests.support.gateway import port_of, running_gateway
-from tests.support.raw import exchange, is_closed, open_raw, read_response
+from tests.support.raw import exchange, is_closed, open_raw, read_response, close_writer
 
 Behaviour = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -41,7 +41,7 @@ async def never_answers(reader: asyncio.StreamReader, writer: asyncio.StreamWrit
 
 async def close_at_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     await _read_head(reader)
-    writer.close()
+    await close_writer(writer)
 
 
 async def healthy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -79,7 +79,7 @@ async def broken(tmp_path: Path) -> AsyncIterator[Gateway]:
             except (asyncio.IncompleteReadError, ConnectionError):
                 pass
             finally:
-                writer.close()
+                await close_writer(writer)
 
         server = await asyncio.start_server(handle, "127.0.0.1", 0)
         servers.append(server)
@@ -120,7 +120,7 @@ async def test_upstream_reset_mid_body_cuts_the_client(broken: Gateway) -> None:
     body = await asyncio.wait_for(reader.read(), 5)
     # the head was already sent: the connection is cut before the announced length
     assert len(body) < 100000
-    writer.close()
+    await close_writer(writer)
     assert (await exchange(port_of(broken), b"GET /healthy HTTP/1.1\r\nHost: a\r\n\r\n")).status == 200
 
 
@@ -169,7 +169,7 @@ async def test_slow_head_gets_408_and_close(broken: Gateway) -> None:
     assert response.status == 408
     assert json.loads(response.body)["code"] == "request_timeout"
     assert await is_closed(reader)
-    writer.close()
+    await close_writer(writer)
 
 
 async def test_slowloris_drip_gets_408(broken: Gateway) -> None:
@@ -185,15 +185,15 @@ async def test_slowloris_drip_gets_408(broken: Gateway) -> None:
     response = await asyncio.wait_for(read_response(reader), 5)
     dripping.cancel()
     assert response.status == 408
-    writer.close()
+    await close_writer(writer)
 
 
-async def test_slow_body_gets_408(broken: Gateway) -> None:
-    reader, writer = await open_raw(port_of(broken))
-    writer.write(b"POST /healthy HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nabc")
+async def test_slow_body_gets_408(gw: Gateway) -> None:
+    reader, writer = await open_raw(port_of(gw))
+    writer.write(b"POST /count HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nabc")
     response = await asyncio.wait_for(read_response(reader), 5)
     assert response.status == 408
-    writer.close()
+    await close_writer(writer)
 
 
 async def test_idle_keep_alive_connection_is_closed(broken: Gateway) -> None:
@@ -201,4 +201,4 @@ async def test_idle_keep_alive_connection_is_closed(broken: Gateway) -> None:
     writer.write(b"GET /healthy HTTP/1.1\r\nHost: a\r\n\r\n")
     assert (await asyncio.wait_for(read_response(reader), 5)).status == 200
     assert await is_closed(reader, timeout=6)
-    writer.close()
+    await close_writer(writer)

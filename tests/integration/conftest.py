@@ -24,8 +24,11 @@ class Seen:
     peers: set[tuple[str, int]] = field(default_factory=set)
 
 
+SEEN = web.AppKey("seen", Seen)
+
+
 async def _echo(request: web.Request) -> web.StreamResponse:
-    seen: Seen = request.app["seen"]
+    seen: Seen = request.app[SEEN]
     body = await request.read()
     peer = request.transport.get_extra_info("peername") if request.transport else None
     if peer:
@@ -79,7 +82,7 @@ async def _count(request: web.Request) -> web.StreamResponse:
 
 def upstream_app(seen: Seen) -> web.Application:
     app = web.Application()
-    app["seen"] = seen
+    app[SEEN] = seen
     app.router.add_route("*", "/big", _big)
     app.router.add_route("*", "/count", _count)
     app.router.add_route("*", "/status/{code}", _status)
@@ -127,7 +130,7 @@ routes:
     match: {{path_prefix: /ro, methods: [GET]}}
     upstream: app
   - name: app
-    match: {{path_prefix: /}}
+    match: {{path_prefix: /, methods: [GET, HEAD, POST, PUT, PATCH, OPTIONS]}}
     upstream: app{extra}
 """
 

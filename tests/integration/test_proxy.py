@@ -11,7 +11,7 @@ from aiohttp.test_utils import TestServer
 from gateway.app import Gateway
 from tests.integration.conftest import Seen
 from tests.support.gateway import port_of
-from tests.support.raw import exchange, is_closed, open_raw, read_response
+from tests.support.raw import exchange, is_closed, open_raw, read_response, close_writer
 
 
 def _headers_of(seen: Seen, index: int = -1) -> dict[str, str]:
@@ -43,7 +43,12 @@ async def test_get_is_proxied_with_forwarding_headers(
     # hop-by-hop and Connection-named headers of the response never reach the client
     assert response.header("x-secret") is None
     assert response.header("x-upstream") == "yes"
-    assert response.header("server") is None
+
+
+async def test_gateway_does_not_announce_itself(gw: Gateway) -> None:
+    for target in (b"/echo", b"/ro/x"):
+        response = await exchange(port_of(gw), b"DELETE " + target + b" HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert response.header("server") is None
 
 
 async def test_connection_named_headers_cannot_remove_gateway_headers(
@@ -88,7 +93,7 @@ async def test_keep_alive_reuses_upstream_connections(
         response = await read_response(reader)
         assert response.status == 200
         assert response.body.startswith(f"GET /k{i} ".encode())
-    writer.close()
+    await close_writer(writer)
     assert len(seen.requests) == 20
     # sequential requests share the warm upstream connection
     assert len(seen.peers) == 1
@@ -100,7 +105,7 @@ async def test_pipelined_requests_are_answered_in_order(gw: Gateway) -> None:
     for i in range(5):
         response = await asyncio.wait_for(read_response(reader), 5)
         assert response.body.startswith(f"GET /p{i} ".encode())
-    writer.close()
+    await close_writer(writer)
 
 
 async def test_post_bodies_content_length_and_chunked(
@@ -157,7 +162,7 @@ async def test_expect_100_continue(gw: Gateway, upstream: tuple[TestServer, Seen
     response = await asyncio.wait_for(read_response(reader), 5)
     assert response.body == b"PUT /upload 4"
     assert "expect" not in _headers_of(seen)
-    writer.close()
+    await close_writer(writer)
 
 
 async def test_expect_100_continue_refused_without_reading(gw: Gateway) -> None:
@@ -170,7 +175,7 @@ async def test_expect_100_continue_refused_without_reading(gw: Gateway) -> None:
     assert response.status == 413
     assert json.loads(response.body)["code"] == "payload_too_large"
     assert await is_closed(reader)
-    writer.close()
+    await close_writer(writer)
 
 
 async def test_head_204_304_framing(gw: Gateway) -> None:
@@ -189,7 +194,7 @@ async def test_head_204_304_framing(gw: Gateway) -> None:
     writer.write(b"GET /after HTTP/1.1\r\nHost: a\r\n\r\n")
     response = await asyncio.wait_for(read_response(reader), 5)
     assert response.body.startswith(b"GET /after")
-    writer.close()
+    await close_writer(writer)
 
 
 async def test_http10_client(gw: Gateway) -> None:
@@ -199,14 +204,16 @@ async def test_http10_client(gw: Gateway) -> None:
     assert head.startswith(b"HTTP/1.1 200")
     assert b"Transfer-Encoding" not in head
     assert head.endswith(b"x" * 100)
-    writer.close()
+    await close_writer(writer)
 
 
 async def test_errors_are_problem_json(gw: Gateway) -> None:
     port = port_of(gw)
-    response = await exchange(port, b"POST /ro HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n")
+    response = await exchange(port, b"DELETE /ro HTTP/1.1\r\nHost: a\r\n\r\n")
     assert response.status == 405
-    assert response.header("allow") == "GET"
+    allow = (response.header("allow") or "").split(", ")
+    assert "GET" in allow
+    assert "DELETE" not in allow
     assert response.header("content-type") == "application/problem+json"
     problem = json.loads(response.body)
     assert problem["code"] == "method_not_allowed"

@@ -68,7 +68,7 @@ async def exchange(port: int, data: bytes, *, timeout: float = 5.0) -> RawRespon
         await writer.drain()
         return await asyncio.wait_for(read_response(reader), timeout)
     finally:
-        writer.close()
+        await close_writer(writer)
 
 
 async def is_closed(reader: asyncio.StreamReader, timeout: float = 5.0) -> bool:
@@ -78,3 +78,12 @@ async def is_closed(reader: asyncio.StreamReader, timeout: float = 5.0) -> bool:
     except (ConnectionResetError, BrokenPipeError):
         return True
     return data == b""
+
+
+async def close_writer(writer: asyncio.StreamWriter) -> None:
+    """Close a client connection and wait until its transport is gone."""
+    writer.close()
+    try:
+        await writer.wait_closed()
+    except (ConnectionError, OSError):
+        pass

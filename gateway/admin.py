@@ -1,0 +1,154 @@
+"""The admin listener (SPEC §8): an aiohttp application, never on the request path.
+
+/healthz, /readyz and /metrics are open (probes and scrapers); /admin/* needs the bearer token
+when one is configured.  The token is read from the backend on every call, so a reload that
+changes it applies at once; it is compared in constant time and never logged.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import uuid
+from typing import Any, Protocol
+
+from aiohttp import web
+
+
+class AdminBackend(Protocol):
+    @property
+    def state(self) -> str: ...
+    def admin_token(self) -> str | None: ...
+    def config_info(self) -> dict[str, Any]: ...
+    def routes_info(self) -> list[dict[str, Any]]: ...
+    def upstreams_info(self) -> list[dict[str, Any]]: ...
+    async def reload(self) -> dict[str, Any]: ...
+    def metrics_text(self) -> str: ...
+
+
+_BACKEND = web.AppKey("backend", AdminBackend)
+
+
+def _problem(status: int, code: str, title: str, detail: str, **headers: str) -> web.Response:
+    body = {
+        "type": f"urn:gateway:problem:{code}",
+        "title": title,
+        "status": status,
+        "detail": detail,
+        "code": code,
+        "request_id": uuid.uuid4().hex,
+    }
+    return web.Response(
+        status=status,
+        body=json.dumps(body).encode(),
+        content_type="application/problem+json",
+        headers=headers,
+    )
+
+
+def _json(data: object, status: int = 200) -> web.Response:
+    return web.Response(
+        status=status, body=json.dumps(data, indent=2).encode(), content_type="application/json"
+    )
+
+
+@web.middleware
+async def _guard(request: web.Request, handler: Any) -> web.StreamResponse:
+    if request.path.startswith("/admin/"):
+        token = request.app[_BACKEND].admin_token()
+        if token:
+            given = request.headers.get("Authorization", "")
+            expected = f"Bearer {token}"
+            if not hmac.compare_digest(given.encode(), expected.encode()):
+                return _problem(
+                    401,
+                    "unauthenticated",
+                    "Unauthorized",
+                    "the admin API needs a bearer token",
+                    **{"WWW-Authenticate": 'Bearer realm="gateway-admin"'},
+                )
+    try:
+        response: web.StreamResponse = await handler(request)
+    except web.HTTPMethodNotAllowed as exc:
+        allow = ", ".join(sorted(exc.allowed_methods))
+        return _problem(405, "method_not_allowed", "Method Not Allowed", f"allowed: {allow}", Allow=allow)
+    except web.HTTPNotFound:
+        return _problem(404, "no_route", "Not Found", f"no admin endpoint at {request.path}")
+    return response
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return web.Response(text="ok")
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    state = request.app[_BACKEND].state
+    return _json({"state": state}, 200 if state == "ready" else 503)
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    text = request.app[_BACKEND].metrics_text()
+    return web.Response(text=text, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+
+async def _config(request: web.Request) -> web.Response:
+    return _json(request.app[_BACKEND].config_info())
+
+
+async def _routes(request: web.Request) -> web.Response:
+    return _json(request.app[_BACKEND].routes_info())
+
+
+async def _upstreams(request: web.Request) -> web.Response:
+    return _json(request.app[_BACKEND].upstreams_info())
+
+
+async def _reload(request: web.Request) -> web.Response:
+    result = await request.app[_BACKEND].reload()
+    return _json(result, 200 if result.get("ok") else 422)
+
+
+def build_admin_app(backend: AdminBackend) -> web.Application:
+    app = web.Application(middlewares=[_guard])
+    app[_BACKEND] = backend
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz)
+    app.router.add_get("/metrics", _metrics)
+    app.router.add_get("/admin/config", _config)
+    app.router.add_get("/admin/routes", _routes)
+    app.router.add_get("/admin/upstreams", _upstreams)
+    app.router.add_post("/admin/reload", _reload)
+    return app
+
+
+class AdminServer:
+    def __init__(self, backend: AdminBackend, host: str, port: int) -> None:
+        self._app = build_admin_app(backend)
+        self._host = host
+        self._port = port
+        self._runner: web.AppRunner | None = None
+        self._bound = port
+
+    async def start(self) -> None:
+        runner = web.AppRunner(self._app, access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, self._host, self._port)
+        try:
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        # the asyncio.Server behind the site, to learn a port chosen by the OS
+        sockets = getattr(site._server, "sockets", None)
+        if sockets:
+            self._bound = int(sockets[0].getsockname()[1])
+
+    @property
+    def port(self) -> int:
+        return self._bound
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None

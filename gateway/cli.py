@@ -1,0 +1,67 @@
+"""The `gateway` command line (SPEC §1)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from gateway import __version__
+
+
+def _default_config() -> str:
+    return os.environ.get("GATEWAY_CONFIG") or "config/gateway.yaml"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gateway", description="An API gateway for the edge.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="serve")
+    run.add_argument("-c", "--config", default=None, help="config file")
+    run.add_argument("--workers", type=int, default=1, help="worker processes (SO_REUSEPORT)")
+    run.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
+    check = commands.add_parser("check", help="validate the config and every file it references")
+    check.add_argument("-c", "--config", default=None, help="config file")
+    certs = commands.add_parser("certs", help="development certificates")
+    certs.add_argument("action", choices=["init"])
+    certs.add_argument("--out", default="certs")
+    certs.add_argument("--hosts", default="localhost,127.0.0.1")
+    token = commands.add_parser("token", help="mint an idempotency token")
+    token.add_argument("--client-id", required=True)
+    token.add_argument("--secret-env", default="IDEMPOTENCY_SECRET")
+    commands.add_parser("version", help="print the version")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "version":
+        print(f"gateway {__version__}")
+        return 0
+    if args.command == "check":
+        from gateway.app import check
+
+        version, errors = check(args.config or _default_config())
+        if errors:
+            for line in errors:
+                print(line)
+            return 1
+        print(f"ok {version}")
+        return 0
+    if args.command == "run":
+        if args.workers < 1:
+            print("gateway run: --workers must be >= 1", file=sys.stderr)
+            return 2
+        config = args.config or _default_config()
+        if args.workers > 1 and args.worker_index is None:
+            from gateway.supervisor import supervise
+
+            return supervise(config, args.workers)
+        from gateway.app import serve
+
+        return serve(config, worker_index=args.worker_index or 0, workers=args.workers)
+    if args.command == "certs":
+        print("gateway certs: not supported yet (arrives with TLS support)", file=sys.stderr)
+        return 2
+    print("gateway token: not supported yet (arrives with idempotency)", file=sys.stderr)
+    return 2

@@ -1,0 +1,716 @@
+"""YAML in, `GatewayConfig` out: `${ENV}` interpolation, strict keys, every error with its path.
+
+The loader collects every error of a file before giving up, so `gateway check` shows them all at
+once.  Keys that belong to capabilities not built yet are recognised and refused with "not
+supported yet" — never silently ignored.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import ipaddress
+import json
+import os
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Final, TypeVar
+from urllib.parse import urlsplit
+
+import yaml
+
+from gateway.config.model import (
+    INTERNAL_ECHO,
+    AccessLogConfig,
+    AdminConfig,
+    EndpointConfig,
+    GatewayConfig,
+    LimitsConfig,
+    ListenerConfig,
+    MatchConfig,
+    RouteConfig,
+    ShutdownConfig,
+    UpstreamConfig,
+    WeightedUpstream,
+)
+from gateway.config.units import parse_duration, parse_size
+from gateway.errors import ConfigError, ConfigErrors
+
+T = TypeVar("T")
+
+_ENV: Final = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_TOKEN: Final = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_HOSTNAME: Final = re.compile(
+    r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$"
+)
+_NAME: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+
+_LATER_TOP: Final = {
+    "stores": "shared stores (Redis)",
+    "tracing": "tracing",
+    "middlewares": "pipelines",
+}
+_LATER_LISTENER: Final = {"tls": "TLS termination"}
+_LATER_UPSTREAM: Final = {
+    "tls": "upstream TLS",
+    "health_check": "health checks",
+    "outlier_detection": "outlier detection",
+}
+_LATER_ROUTE: Final = {"pipeline": "pipelines", "tracing": "tracing"}
+
+
+def interpolate_env(text: str, env: Mapping[str, str], path: str = "") -> str:
+    """Replace ${VAR} and ${VAR:-default} in one string; `$${` stays a literal `${`."""
+    missing: list[str] = []
+
+    def sub(match: re.Match[str]) -> str:
+        if match.group(0) == "$${":
+            return "${"
+        name, default = match.group(1), match.group(2)
+        if name in env:
+            return env[name]
+        if default is not None:
+            return default
+        missing.append(name)
+        return ""
+
+    result = _ENV.sub(sub, text)
+    if missing:
+        raise ConfigErrors(
+            ConfigError(path, f"environment variable {name} is not set") for name in missing
+        )
+    return result
+
+
+def _interpolate_tree(
+    value: object, env: Mapping[str, str], path: str, errors: list[ConfigError]
+) -> object:
+    """Interpolate every string scalar of the parsed YAML (comments are never touched).
+
+    A scalar that is exactly one `${...}` takes the YAML type of what it expands to, so
+    `max_connections: ${MAX_CONN}` is still an integer.
+    """
+    if isinstance(value, str):
+        if "$" not in value:
+            return value
+        try:
+            expanded = interpolate_env(value, env, path)
+        except ConfigErrors as exc:
+            errors.extend(exc.errors)
+            return value
+        whole = _ENV.fullmatch(value.strip())
+        if whole and whole.group(0) != "$${" and expanded:
+            try:
+                typed = yaml.safe_load(expanded)
+            except yaml.YAMLError:
+                return expanded
+            if isinstance(typed, int | float | bool):
+                return typed
+        return expanded
+    if isinstance(value, dict):
+        return {
+            k: _interpolate_tree(v, env, f"{path}.{k}" if path else str(k), errors)
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [_interpolate_tree(v, env, f"{path}[{i}]", errors) for i, v in enumerate(value)]
+    return value
+
+
+class _Reader:
+    """Walks raw YAML, collecting errors with their paths."""
+
+    def __init__(self) -> None:
+        self.errors: list[ConfigError] = []
+
+    def error(self, path: str, message: str) -> None:
+        self.errors.append(ConfigError(path, message))
+
+    def mapping(
+        self,
+        value: object,
+        path: str,
+        keys: set[str],
+        later: Mapping[str, str] | None = None,
+        required: tuple[str, ...] = (),
+    ) -> dict[str, Any] | None:
+        if not isinstance(value, dict):
+            self.error(path, "must be a mapping")
+            return None
+        for key in value:
+            where = f"{path}.{key}" if path else str(key)
+            if later and key in later:
+                self.error(where, f"not supported yet (arrives with {later[key]})")
+            elif key not in keys:
+                hint = difflib.get_close_matches(str(key), sorted(keys), n=1)
+                self.error(where, "unknown key" + (f" (did you mean '{hint[0]}'?)" if hint else ""))
+        for key in required:
+            if key not in value:
+                self.error(f"{path}.{key}" if path else key, "is required")
+        return {k: v for k, v in value.items() if k in keys}
+
+    def get(
+        self,
+        raw: Mapping[str, Any],
+        key: str,
+        path: str,
+        convert: Callable[[object, str], T],
+        default: T,
+    ) -> T:
+        if key not in raw or raw[key] is None:
+            return default
+        where = f"{path}.{key}" if path else key
+        try:
+            return convert(raw[key], where)
+        except ConfigError as exc:
+            self.errors.append(exc)
+            return default
+
+
+def _str(value: object, path: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(path, "must be a string")
+    return value
+
+
+def _bool(value: object, path: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(path, "must be true or false")
+    return value
+
+
+def _int(value: object, path: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(path, "must be an integer")
+    return value
+
+
+def _positive_int(value: object, path: str) -> int:
+    result = _int(value, path)
+    if result <= 0:
+        raise ConfigError(path, "must be > 0")
+    return result
+
+
+def _ratio(value: object, path: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(path, "must be a number")
+    if not 0.0 <= float(value) <= 1.0:
+        raise ConfigError(path, "must be between 0 and 1")
+    return float(value)
+
+
+def _positive_duration(value: object, path: str) -> float:
+    result = parse_duration(value, path)
+    if result <= 0:
+        raise ConfigError(path, "must be > 0")
+    return result
+
+
+def _positive_size(value: object, path: str) -> int:
+    result = parse_size(value, path)
+    if result <= 0:
+        raise ConfigError(path, "must be > 0")
+    return result
+
+
+def _bind(value: object, path: str) -> tuple[str, int]:
+    text = _str(value, path)
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not port_text.isdigit():
+        raise ConfigError(path, f"must be host:port, not {text!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    port = int(port_text)
+    if not 0 <= port <= 65535:
+        raise ConfigError(path, "port must be between 0 and 65535")
+    if not host:
+        raise ConfigError(path, "host is missing (use 0.0.0.0 for every interface)")
+    return host, port
+
+
+def _path_value(value: object, path: str) -> str:
+    text = _str(value, path)
+    if not text.startswith("/"):
+        raise ConfigError(path, "must start with /")
+    return text
+
+
+def _prefix(value: object, path: str) -> str:
+    text = _path_value(value, path)
+    return text.rstrip("/") or "/"
+
+
+def _host(value: object, path: str) -> str:
+    text = _str(value, path).strip().lower()
+    if text.startswith("[") and "]" in text:
+        text = text[1 : text.index("]")]
+    elif text.count(":") == 1:
+        text = text.split(":")[0]
+    candidate = text[2:] if text.startswith("*.") else text
+    try:
+        ipaddress.ip_address(candidate)
+        if text.startswith("*."):
+            raise ConfigError(path, "a wildcard cannot apply to an IP address")
+        return text
+    except ValueError:
+        pass
+    if not _HOSTNAME.match(candidate) or "*" in candidate:
+        raise ConfigError(path, f"must be a host name, '*.domain' or an IP address, not {value!r}")
+    return text
+
+
+def _regex(value: object, path: str) -> str:
+    text = _str(value, path)
+    try:
+        re.compile(text)
+    except re.error as exc:
+        raise ConfigError(path, f"invalid regular expression: {exc}") from None
+    return text
+
+
+def _methods(value: object, path: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value:
+        raise ConfigError(path, "must be a non-empty list of methods")
+    methods: list[str] = []
+    for i, item in enumerate(value):
+        if not isinstance(item, str) or not _TOKEN.match(item):
+            raise ConfigError(f"{path}[{i}]", "must be an HTTP method")
+        method = item.upper()
+        if method in methods:
+            raise ConfigError(f"{path}[{i}]", f"{method} is listed twice")
+        methods.append(method)
+    return tuple(methods)
+
+
+def _headers(value: object, path: str) -> tuple[tuple[str, str], ...]:
+    if not isinstance(value, dict):
+        raise ConfigError(path, "must be a mapping of header name to value")
+    result = []
+    for name, header_value in value.items():
+        if not isinstance(name, str) or not _TOKEN.match(name):
+            raise ConfigError(f"{path}.{name}", "is not a valid header name")
+        if not isinstance(header_value, str):
+            raise ConfigError(f"{path}.{name}", 'must be a string (quote values like "true")')
+        result.append((name.lower(), header_value))
+    return tuple(result)
+
+
+def _cidrs(value: object, path: str) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise ConfigError(path, "must be a list of CIDRs")
+    result = []
+    for i, item in enumerate(value):
+        try:
+            result.append(str(ipaddress.ip_network(str(item), strict=False)))
+        except ValueError:
+            raise ConfigError(f"{path}[{i}]", f"is not an IP address or CIDR: {item!r}") from None
+    return tuple(result)
+
+
+def _str_list(value: object, path: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(path, "must be a list of strings")
+    return tuple(value)
+
+
+def _status(value: object, path: str) -> int:
+    result = _int(value, path)
+    if not 100 <= result <= 599:
+        raise ConfigError(path, "must be an HTTP status between 100 and 599")
+    return result
+
+
+class _Loader:
+    def __init__(self, base_dir: Path) -> None:
+        self.r = _Reader()
+        self.base_dir = base_dir
+        #: files the config references (certificates, JWKS …): part of its version
+        self.referenced_files: list[Path] = []
+
+    def load(self, raw: object, source: str, normalized: str) -> GatewayConfig:
+        r = self.r
+        top = r.mapping(
+            raw,
+            "",
+            {
+                "listeners",
+                "admin",
+                "limits",
+                "trusted_proxies",
+                "shutdown",
+                "access_log",
+                "upstreams",
+                "routes",
+            },
+            later=_LATER_TOP,
+        )
+        if top is None:
+            raise ConfigErrors(r.errors)
+        listeners = self.listeners(top.get("listeners"))
+        admin = self.admin(top.get("admin"))
+        limits = self.limits(top.get("limits"))
+        trusted: tuple[str, ...] = r.get(top, "trusted_proxies", "", _cidrs, ())
+        shutdown = self.shutdown(top.get("shutdown"))
+        access_log = self.access_log(top.get("access_log"))
+        upstreams = self.upstreams(top.get("upstreams"))
+        routes = self.routes(top.get("routes"), {u.name for u in upstreams})
+        if r.errors:
+            raise ConfigErrors(r.errors)
+        digest = hashlib.sha256(normalized.encode())
+        for file in self.referenced_files:
+            digest.update(file.read_bytes())
+        return GatewayConfig(
+            listeners=listeners,
+            admin=admin,
+            limits=limits,
+            trusted_proxies=trusted,
+            shutdown=shutdown,
+            access_log=access_log,
+            upstreams=upstreams,
+            routes=routes,
+            source=source,
+            version=digest.hexdigest()[:12],
+        )
+
+    def listeners(self, raw: object) -> tuple[ListenerConfig, ...]:
+        r = self.r
+        if raw is None:
+            r.error("listeners", "at least one listener is required")
+            return ()
+        if not isinstance(raw, list) or not raw:
+            r.error("listeners", "must be a non-empty list")
+            return ()
+        result: list[ListenerConfig] = []
+        names: set[str] = set()
+        binds: set[tuple[str, int]] = set()
+        for i, item in enumerate(raw):
+            path = f"listeners[{i}]"
+            m = r.mapping(
+                item, path, {"name", "bind"}, later=_LATER_LISTENER, required=("name", "bind")
+            )
+            if m is None:
+                continue
+            name = r.get(m, "name", path, _str, "")
+            bind = r.get(m, "bind", path, _bind, ("", -1))
+            if name in names:
+                r.error(f"{path}.name", f"listener {name!r} is defined twice")
+            if bind in binds and bind[1] != 0:
+                r.error(f"{path}.bind", "another listener already binds this address")
+            names.add(name)
+            binds.add(bind)
+            if name and bind[1] >= 0:
+                result.append(ListenerConfig(name=name, host=bind[0], port=bind[1]))
+        return tuple(result)
+
+    def admin(self, raw: object) -> AdminConfig:
+        if raw is None:
+            return AdminConfig()
+        m = self.r.mapping(raw, "admin", {"bind", "token"})
+        if m is None:
+            return AdminConfig()
+        host, port = self.r.get(m, "bind", "admin", _bind, ("127.0.0.1", 9901))
+        token = self.r.get(m, "token", "admin", _str, "")
+        return AdminConfig(host=host, port=port, token=token or None)
+
+    def limits(self, raw: object) -> LimitsConfig:
+        d = LimitsConfig()
+        if raw is None:
+            return d
+        keys = {
+            "max_header_bytes",
+            "max_body_bytes",
+            "header_timeout",
+            "body_timeout",
+            "idle_timeout",
+            "max_connections",
+        }
+        m = self.r.mapping(raw, "limits", keys)
+        if m is None:
+            return d
+        g = self.r.get
+        return LimitsConfig(
+            max_header_bytes=g(m, "max_header_bytes", "limits", _positive_size, d.max_header_bytes),
+            max_body_bytes=g(m, "max_body_bytes", "limits", parse_size, d.max_body_bytes),
+            header_timeout=g(m, "header_timeout", "limits", _positive_duration, d.header_timeout),
+            body_timeout=g(m, "body_timeout", "limits", _positive_duration, d.body_timeout),
+            idle_timeout=g(m, "idle_timeout", "limits", _positive_duration, d.idle_timeout),
+            max_connections=g(m, "max_connections", "limits", _positive_int, d.max_connections),
+        )
+
+    def shutdown(self, raw: object) -> ShutdownConfig:
+        d = ShutdownConfig()
+        if raw is None:
+            return d
+        m = self.r.mapping(raw, "shutdown", {"drain_delay", "timeout"})
+        if m is None:
+            return d
+        return ShutdownConfig(
+            drain_delay=self.r.get(m, "drain_delay", "shutdown", parse_duration, d.drain_delay),
+            timeout=self.r.get(m, "timeout", "shutdown", parse_duration, d.timeout),
+        )
+
+    def access_log(self, raw: object) -> AccessLogConfig:
+        d = AccessLogConfig()
+        if raw is None:
+            return d
+        keys = {"enabled", "sample_ratio", "always_log_status", "exclude_fields"}
+        m = self.r.mapping(raw, "access_log", keys)
+        if m is None:
+            return d
+        g = self.r.get
+        return AccessLogConfig(
+            enabled=g(m, "enabled", "access_log", _bool, d.enabled),
+            sample_ratio=g(m, "sample_ratio", "access_log", _ratio, d.sample_ratio),
+            always_log_status=g(m, "always_log_status", "access_log", _status, d.always_log_status),
+            exclude_fields=g(m, "exclude_fields", "access_log", _str_list, d.exclude_fields),
+        )
+
+    def upstreams(self, raw: object) -> tuple[UpstreamConfig, ...]:
+        r = self.r
+        if raw is None:
+            return ()
+        if not isinstance(raw, dict):
+            r.error("upstreams", "must be a mapping of name to upstream")
+            return ()
+        result = []
+        for name, item in raw.items():
+            path = f"upstreams.{name}"
+            if not isinstance(name, str) or not _NAME.match(name):
+                r.error(path, "an upstream name must be letters, digits, '_', '-' or '.'")
+                continue
+            m = r.mapping(
+                item,
+                path,
+                {"endpoints", "balance", "timeouts", "pool"},
+                later=_LATER_UPSTREAM,
+                required=("endpoints",),
+            )
+            if m is None:
+                continue
+            endpoints = self.endpoints(m.get("endpoints"), f"{path}.endpoints")
+            balance = r.get(m, "balance", path, _str, "round_robin")
+            if balance not in ("round_robin", "least_request"):
+                r.error(f"{path}.balance", "must be round_robin or least_request")
+                balance = "round_robin"
+            d = UpstreamConfig(name=name, endpoints=())
+            connect, response_header = d.connect_timeout, d.response_header_timeout
+            if "timeouts" in m:
+                t = r.mapping(m["timeouts"], f"{path}.timeouts", {"connect", "response_header"})
+                if t is not None:
+                    connect = r.get(t, "connect", f"{path}.timeouts", _positive_duration, connect)
+                    response_header = r.get(
+                        t,
+                        "response_header",
+                        f"{path}.timeouts",
+                        _positive_duration,
+                        response_header,
+                    )
+            max_conns, idle = d.pool_max_connections, d.pool_idle_timeout
+            if "pool" in m:
+                p = r.mapping(m["pool"], f"{path}.pool", {"max_connections", "idle_timeout"})
+                if p is not None:
+                    max_conns = r.get(
+                        p, "max_connections", f"{path}.pool", _positive_int, max_conns
+                    )
+                    idle = r.get(p, "idle_timeout", f"{path}.pool", _positive_duration, idle)
+            if endpoints:
+                result.append(
+                    UpstreamConfig(
+                        name=name,
+                        endpoints=endpoints,
+                        balance="least_request" if balance == "least_request" else "round_robin",
+                        connect_timeout=connect,
+                        response_header_timeout=response_header,
+                        pool_max_connections=max_conns,
+                        pool_idle_timeout=idle,
+                    )
+                )
+        return tuple(result)
+
+    def endpoints(self, raw: object, path: str) -> tuple[EndpointConfig, ...]:
+        r = self.r
+        if not isinstance(raw, list) or not raw:
+            r.error(path, "must be a non-empty list of endpoints")
+            return ()
+        result = []
+        for i, item in enumerate(raw):
+            where = f"{path}[{i}]"
+            m = r.mapping(item, where, {"url", "weight"}, required=("url",))
+            if m is None or "url" not in m:
+                continue
+            url = r.get(m, "url", where, _str, "")
+            weight = r.get(m, "weight", where, _positive_int, 1)
+            parts = urlsplit(url)
+            if parts.scheme == "https":
+                r.error(f"{where}.url", "not supported yet (arrives with upstream TLS)")
+                continue
+            if parts.scheme != "http" or not parts.hostname:
+                r.error(f"{where}.url", f"must be http://host[:port], not {url!r}")
+                continue
+            if parts.path not in ("", "/") or parts.query or parts.fragment:
+                r.error(f"{where}.url", "must not have a path, query or fragment")
+                continue
+            try:
+                port = parts.port or 80
+            except ValueError:
+                r.error(f"{where}.url", "has an invalid port")
+                continue
+            result.append(
+                EndpointConfig(
+                    url=url, scheme="http", host=parts.hostname, port=port, weight=weight
+                )
+            )
+        return tuple(result)
+
+    def routes(self, raw: object, upstreams: set[str]) -> tuple[RouteConfig, ...]:
+        r = self.r
+        if raw is None:
+            return ()
+        if not isinstance(raw, list):
+            r.error("routes", "must be a list")
+            return ()
+        result = []
+        names: set[str] = set()
+        known = upstreams | {INTERNAL_ECHO}
+        for i, item in enumerate(raw):
+            path = f"routes[{i}]"
+            keys = {
+                "name",
+                "match",
+                "upstream",
+                "strip_prefix",
+                "timeout",
+                "max_body_bytes",
+                "websocket",
+            }
+            m = r.mapping(item, path, keys, later=_LATER_ROUTE, required=("name", "upstream"))
+            if m is None:
+                continue
+            name = r.get(m, "name", path, _str, "")
+            if name in names:
+                r.error(f"{path}.name", f"route {name!r} is defined twice")
+            names.add(name)
+            match = self.match(m.get("match"), f"{path}.match")
+            targets = self.targets(m.get("upstream"), f"{path}.upstream", known)
+            strip = r.get(m, "strip_prefix", path, _prefix, None)
+            timeout = r.get(m, "timeout", path, _positive_duration, 30.0)
+            max_body = r.get(m, "max_body_bytes", path, parse_size, None)
+            websocket = r.get(m, "websocket", path, _bool, False)
+            if name and targets:
+                result.append(
+                    RouteConfig(
+                        name=name,
+                        index=i,
+                        match=match,
+                        upstreams=targets,
+                        strip_prefix=strip,
+                        timeout=timeout,
+                        max_body_bytes=max_body,
+                        websocket=websocket,
+                    )
+                )
+        return tuple(result)
+
+    def match(self, raw: object, path: str) -> MatchConfig:
+        r = self.r
+        if raw is None:
+            return MatchConfig()
+        keys = {"host", "path", "path_prefix", "path_regex", "methods", "headers"}
+        m = r.mapping(raw, path, keys)
+        if m is None:
+            return MatchConfig()
+        given = [k for k in ("path", "path_prefix", "path_regex") if k in m]
+        if len(given) > 1:
+            r.error(
+                path,
+                f"only one of path, path_prefix and path_regex may be given, not {', '.join(given)}",
+            )
+        return MatchConfig(
+            host=r.get(m, "host", path, _host, None),
+            path=r.get(m, "path", path, _path_value, None),
+            path_prefix=r.get(m, "path_prefix", path, _prefix, None),
+            path_regex=r.get(m, "path_regex", path, _regex, None),
+            methods=r.get(m, "methods", path, _methods, None),
+            headers=r.get(m, "headers", path, _headers, ()),
+        )
+
+    def targets(self, raw: object, path: str, known: set[str]) -> tuple[WeightedUpstream, ...]:
+        r = self.r
+
+        def check(name: object, where: str) -> str | None:
+            if not isinstance(name, str):
+                r.error(where, "must be an upstream name")
+                return None
+            if name not in known:
+                hint = difflib.get_close_matches(name, sorted(known), n=1)
+                r.error(
+                    where,
+                    f"unknown upstream {name!r}"
+                    + (f" (did you mean '{hint[0]}'?)" if hint else ""),
+                )
+                return None
+            return name
+
+        if isinstance(raw, str):
+            name = check(raw, path)
+            return (WeightedUpstream(name=name, weight=1),) if name else ()
+        if not isinstance(raw, list) or not raw:
+            r.error(path, "must be an upstream name or a list of {name, weight}")
+            return ()
+        result = []
+        for i, item in enumerate(raw):
+            where = f"{path}[{i}]"
+            m = r.mapping(item, where, {"name", "weight"}, required=("name",))
+            if m is None or "name" not in m:
+                continue
+            name = check(m["name"], f"{where}.name")
+            weight = r.get(m, "weight", where, _int, 1)
+            if weight < 0:
+                r.error(f"{where}.weight", "must be >= 0")
+            if name and name == INTERNAL_ECHO and len(raw) > 1:
+                r.error(f"{where}.name", "internal:echo cannot be part of a weighted split")
+            if name:
+                result.append(WeightedUpstream(name=name, weight=max(weight, 0)))
+        if result and not any(t.weight > 0 for t in result):
+            r.error(path, "at least one weight must be > 0")
+        return tuple(result)
+
+
+def parse_config(
+    text: str,
+    *,
+    source: str = "",
+    base_dir: Path | None = None,
+    env: Mapping[str, str] | None = None,
+) -> GatewayConfig:
+    """Parse and validate a config; raises ConfigErrors listing every problem."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigErrors([ConfigError("", f"invalid YAML{where}: {problem}")]) from None
+    if raw is None:
+        raw = {}
+    errors: list[ConfigError] = []
+    raw = _interpolate_tree(raw, os.environ if env is None else env, "", errors)
+    if errors:
+        raise ConfigErrors(errors)
+    normalized = json.dumps(raw, sort_keys=True, default=str)
+    loader = _Loader(base_dir or Path.cwd())
+    return loader.load(raw, source, normalized)
+
+
+def load_config(
+    path: str | os.PathLike[str], env: Mapping[str, str] | None = None
+) -> GatewayConfig:
+    """Read and validate the config file at `path`."""
+    file = Path(path).resolve()
+    try:
+        text = file.read_text()
+    except OSError as exc:
+        raise ConfigErrors([ConfigError("", f"cannot read {file}: {exc.strerror}")]) from None
+    return parse_config(text, source=str(file), base_dir=file.parent, env=env)

@@ -1,0 +1,391 @@
+"""gateway.observability.metrics: children, text rendering, multi-worker merge, snapshot files."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.observability.metrics import (
+    DEFAULT_BUCKETS,
+    GatewayMetrics,
+    Registry,
+    bounded_method,
+    read_snapshots,
+)
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def parse(text: str) -> tuple[dict[str, str], Samples]:
+    """(family name -> type, (sample name, sorted labels) -> value) via prometheus_client."""
+    types: dict[str, str] = {}
+    samples: Samples = {}
+    for family in text_string_to_metric_families(text):
+        types[family.name] = family.type
+        for s in family.samples:
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return types, samples
+
+
+def key(name: str, **labels: str) -> tuple[str, tuple[tuple[str, str], ...]]:
+    return (name, tuple(sorted(labels.items())))
+
+
+def roundtrip(snapshot: dict[str, Any]) -> dict[str, Any]:
+    """What another worker's snapshot looks like after its trip through a file."""
+    data: dict[str, Any] = json.loads(json.dumps(snapshot))
+    return data
+
+
+@pytest.mark.parametrize(
+    ("method", "expected"),
+    [
+        ("GET", "GET"),
+        ("PATCH", "PATCH"),
+        ("CONNECT", "CONNECT"),
+        ("get", "OTHER"),
+        ("PURGE", "OTHER"),
+    ],
+)
+def test_bounded_method_keeps_standard_methods_only(method: str, expected: str) -> None:
+    assert bounded_method(method) == expected
+
+
+def test_render_round_trips_through_the_prometheus_parser() -> None:
+    r = Registry()
+    requests = r.counter("app_requests_total", "Requests.", ("route", "code"))
+    in_flight = r.gauge("app_in_flight", "In flight.")
+    latency = r.histogram("app_latency_seconds", "Latency.", ("route",), buckets=(0.1, 1.0))
+    requests.labels("users", "200").inc()
+    requests.labels("users", "200").inc(2)
+    requests.labels("orders", "503").inc()
+    in_flight.inc(3)
+    in_flight.dec()
+    latency.labels("users").observe(0.05)
+    latency.labels("users").observe(0.5)
+
+    types, samples = parse(r.render())
+
+    assert types == {
+        "app_requests": "counter",
+        "app_in_flight": "gauge",
+        "app_latency_seconds": "histogram",
+    }
+    assert samples[key("app_requests_total", route="users", code="200")] == 3
+    assert samples[key("app_requests_total", route="orders", code="503")] == 1
+    assert samples[key("app_in_flight")] == 2
+    assert samples[key("app_latency_seconds_bucket", route="users", le="0.1")] == 1
+    assert samples[key("app_latency_seconds_bucket", route="users", le="1.0")] == 2
+    assert samples[key("app_latency_seconds_bucket", route="users", le="+Inf")] == 2
+    assert samples[key("app_latency_seconds_count", route="users")] == 2
+    assert samples[key("app_latency_seconds_sum", route="users")] == pytest.approx(0.55)
+
+
+def test_text_has_help_and_type_lines_and_total_suffix() -> None:
+    r = Registry()
+    r.counter("app_hits", "Hits.").inc()
+    text = r.render()
+    assert text.splitlines() == [
+        "# HELP app_hits_total Hits.",
+        "# TYPE app_hits_total counter",
+        "app_hits_total 1",
+    ]
+    assert text.endswith("\n")
+
+
+def test_label_values_and_help_are_escaped() -> None:
+    r = Registry()
+    tricky = 'a "quoted" back\\slash\nnew line'
+    r.counter("app_total", 'Help with \\ and\nnewline "quotes".', ("v",)).labels(tricky).inc()
+    text = r.render()
+    assert 'v="a \\"quoted\\" back\\\\slash\\nnew line"' in text
+    assert '# HELP app_total Help with \\\\ and\\nnewline "quotes".' in text
+    families = list(text_string_to_metric_families(text))
+    assert families[0].samples[0].labels == {"v": tricky}
+    assert families[0].documentation == 'Help with \\ and\nnewline "quotes".'
+
+
+def test_histogram_buckets_are_le_and_cumulative_only_in_the_text() -> None:
+    r = Registry()
+    h = r.histogram("app_seconds", "Latency.", buckets=(1.0, 0.1, 0.5))  # sorted on declaration
+    child = h.labels()
+    for value in (0.1, 0.1000001, 0.5, 2.0, 100.0, 0.0):
+        child.observe(value)
+    # per-bucket storage: 0.0 and 0.1 (equal to the bound) in le=0.1, 0.1000001 and 0.5 in
+    # le=0.5, nothing in le=1, 2.0 and 100.0 in +Inf
+    assert child.counts == [2, 2, 0, 2]
+    _, samples = parse(r.render())
+    assert [samples[key("app_seconds_bucket", le=le)] for le in ("0.1", "0.5", "1.0", "+Inf")] == [
+        2,
+        4,
+        4,
+        6,
+    ]
+    assert samples[key("app_seconds_count")] == 6
+    assert samples[key("app_seconds_sum")] == pytest.approx(102.7000001)
+
+
+def test_unlabelled_families_update_directly_and_render_zero_before_use() -> None:
+    r = Registry()
+    c = r.counter("c_total", "C.")
+    g = r.gauge("g", "G.")
+    h = r.histogram("h", "H.", buckets=(1.0,))
+    _, before = parse(r.render())
+    assert before[key("c_total")] == 0
+    assert before[key("g")] == 0
+    assert before[key("h_count")] == 0
+    c.inc()
+    c.inc(4)
+    g.set(7)
+    g.dec(2)
+    g.inc()
+    h.observe(0.5)
+    assert c.labels() is c.labels()
+    _, after = parse(r.render())
+    assert after[key("c_total")] == 5
+    assert after[key("g")] == 6
+    assert after[key("h_bucket", le="1.0")] == 1
+    assert after[key("h_sum")] == 0.5
+
+
+def test_children_are_cached_and_label_count_is_checked() -> None:
+    r = Registry()
+    family = r.counter("x_total", "X.", ("a", "b"))
+    assert family.labels("1", "2") is family.labels("1", "2")
+    assert family.labels("1", "2") is not family.labels("1", "3")
+    with pytest.raises(ValueError, match="takes labels"):
+        family.labels("1")
+    with pytest.raises(TypeError, match=r"use \.labels"):
+        family.inc()
+
+
+@pytest.mark.parametrize(
+    ("name", "labels"),
+    [
+        ("1bad", ()),
+        ("has-dash", ()),
+        ("ok", ("bad-label",)),
+        ("ok", ("__reserved",)),
+        ("ok", ("le",)),
+    ],
+)
+def test_invalid_names_are_rejected_at_declaration(name: str, labels: tuple[str, ...]) -> None:
+    with pytest.raises(ValueError, match="invalid"):
+        Registry().gauge(name, "x", labels)
+
+
+def test_a_family_cannot_be_declared_twice() -> None:
+    r = Registry()
+    r.counter("dup_total", "x")
+    with pytest.raises(ValueError, match="declared twice"):
+        r.counter("dup", "x")  # the same family once _total is added
+
+
+def test_special_values_render_as_prometheus_spells_them() -> None:
+    r = Registry()
+    g = r.gauge("g", "G.", ("k",))
+    g.labels("inf").set(math.inf)
+    g.labels("ninf").set(-math.inf)
+    g.labels("nan").set(math.nan)
+    g.labels("frac").set(0.25)
+    g.labels("big").set(1e20)
+    text = r.render()
+    assert 'g{k="inf"} +Inf' in text
+    assert 'g{k="ninf"} -Inf' in text
+    assert 'g{k="nan"} NaN' in text
+    _, samples = parse(text)
+    assert samples[key("g", k="frac")] == 0.25
+    assert samples[key("g", k="big")] == 1e20
+    assert math.isnan(samples[key("g", k="nan")])
+
+
+def test_removed_and_replaced_info_children_are_not_rendered() -> None:
+    r = Registry()
+    metrics = GatewayMetrics(r)
+    metrics.config_info.set_info("aaa")
+    metrics.config_info.set_info("bbb")
+    metrics.connections_active.labels("main").inc()
+    metrics.connections_active.remove("main")
+    _, samples = parse(r.render())
+    assert samples[key("gateway_config_info", version="bbb")] == 1
+    assert key("gateway_config_info", version="aaa") not in samples
+    assert key("gateway_connections_active", listener="main") not in samples
+
+
+def test_gateway_metrics_declares_the_spec_names() -> None:
+    r = Registry()
+    GatewayMetrics(r)
+    types, samples = parse(r.render())
+    assert types == {
+        "gateway_requests": "counter",
+        "gateway_request_duration_seconds": "histogram",
+        "gateway_requests_in_flight": "gauge",
+        "gateway_connections_active": "gauge",
+        "gateway_upstream_request_duration_seconds": "histogram",
+        "gateway_upstream_connect_duration_seconds": "histogram",
+        "gateway_upstream_connections": "counter",
+        "gateway_config_reloads": "counter",
+        "gateway_config_last_reload_success": "gauge",
+        "gateway_config_info": "gauge",
+    }
+    assert r.families["gateway_request_duration_seconds"].label_names == ("route",)
+    assert r.families["gateway_requests_total"].label_names == ("route", "method", "code")
+    assert samples[key("gateway_config_last_reload_success")] == 1
+
+
+def test_default_buckets_suit_a_proxy() -> None:
+    h = Registry().histogram("h", "H.")
+    assert h.bounds == DEFAULT_BUCKETS
+    assert h.bounds[0] == 0.0005
+    assert h.bounds[-1] == 30.0
+
+
+def _worker(
+    requests: int,
+    latencies: list[float],
+    in_flight: int,
+    reload_ok: bool,
+    version: str,
+    orders: int = 0,
+) -> Registry:
+    r = Registry()
+    m = GatewayMetrics(r)
+    child = m.requests_total.labels("users", "GET", "200")
+    for _ in range(requests):
+        child.inc()
+    if orders:
+        m.requests_total.labels("orders", "POST", "201").inc(orders)
+    for value in latencies:
+        m.request_duration_seconds.labels("users").observe(value)
+    m.requests_in_flight.inc(in_flight)
+    m.config_last_reload_success.set(1 if reload_ok else 0)
+    m.config_info.set_info(version)
+    return r
+
+
+def test_render_sums_three_workers() -> None:
+    me = _worker(2, [0.003], in_flight=1, reload_ok=True, version="v2")
+    w1 = _worker(5, [0.003, 0.2], in_flight=4, reload_ok=True, version="v2")
+    # a route only another worker has served appears too
+    w2 = _worker(1, [40.0], in_flight=0, reload_ok=True, version="v1", orders=3)
+    snapshots = [roundtrip(w1.snapshot()), roundtrip(w2.snapshot())]
+
+    _, samples = parse(me.render(extra=snapshots))
+
+    assert samples[key("gateway_requests_total", route="users", method="GET", code="200")] == 8
+    assert samples[key("gateway_requests_total", route="orders", method="POST", code="201")] == 3
+    assert samples[key("gateway_requests_in_flight")] == 5
+    bucket = "gateway_request_duration_seconds_bucket"
+    assert samples[key(bucket, route="users", le="0.0025")] == 0
+    assert samples[key(bucket, route="users", le="0.005")] == 2
+    assert samples[key(bucket, route="users", le="0.25")] == 3
+    assert samples[key(bucket, route="users", le="30.0")] == 3
+    assert samples[key(bucket, route="users", le="+Inf")] == 4
+    assert samples[key("gateway_request_duration_seconds_count", route="users")] == 4
+    total = samples[key("gateway_request_duration_seconds_sum", route="users")]
+    assert total == pytest.approx(40.206)
+    # info: the union of versions in use, each at 1 (not the number of workers)
+    assert samples[key("gateway_config_info", version="v2")] == 1
+    assert samples[key("gateway_config_info", version="v1")] == 1
+    assert samples[key("gateway_config_last_reload_success")] == 1
+    # rendering merged values does not change the live ones
+    assert me.snapshot() == _worker(2, [0.003], 1, True, "v2").snapshot()
+
+
+def test_min_merge_reports_a_failed_reload_on_any_worker() -> None:
+    me = _worker(0, [], 0, reload_ok=True, version="v1")
+    others = [
+        roundtrip(_worker(0, [], 0, reload_ok=ok, version="v1").snapshot()) for ok in (True, False)
+    ]
+    _, samples = parse(me.render(extra=others))
+    assert samples[key("gateway_config_last_reload_success")] == 0
+    _, mine_only = parse(me.render())
+    assert mine_only[key("gateway_config_last_reload_success")] == 1
+
+
+def test_max_merge_takes_the_largest() -> None:
+    def registry(value: float) -> Registry:
+        r = Registry()
+        r.gauge("peak", "Peak.", merge="max").set(value)
+        return r
+
+    _, samples = parse(registry(3).render(extra=[registry(9).snapshot(), registry(1).snapshot()]))
+    assert samples[key("peak")] == 9
+
+
+def test_malformed_snapshots_are_skipped_row_by_row() -> None:
+    me = _worker(1, [0.003], 0, True, "v1")
+    good = roundtrip(_worker(2, [0.003], 0, True, "v1").snapshot())
+    bad: list[Any] = [
+        "not a dict",
+        {"gateway_requests_total": "not rows"},
+        {
+            "gateway_requests_total": [
+                ["too", "few"],
+                [["users", "GET"], 5],
+                [["users", "GET", "200"], "x"],
+            ]
+        },
+        {"gateway_requests_total": [[["users", "GET", "200"], True]]},
+        {"gateway_request_duration_seconds": [[["users"], [1, 2], 0.1], [["users"], "x", 0.1]]},
+        {"gateway_requests_in_flight": None},
+    ]
+    _, samples = parse(me.render(extra=[*bad, good]))
+    assert samples[key("gateway_requests_total", route="users", method="GET", code="200")] == 3
+    assert samples[key("gateway_request_duration_seconds_count", route="users")] == 2
+
+
+def test_snapshot_is_plain_json() -> None:
+    r = _worker(3, [0.003, 7.0], 2, True, "v1")
+    snapshot = r.snapshot()
+    assert roundtrip(snapshot) == snapshot
+    assert snapshot["gateway_requests_total"] == [[["users", "GET", "200"], 3.0]]
+
+
+def test_write_and_read_snapshots_skip_our_own_and_broken_files(tmp_path: Path) -> None:
+    _worker(1, [], 0, True, "v1").write_snapshot(str(tmp_path / "worker-0.json"))
+    _worker(2, [], 0, True, "v1").write_snapshot(str(tmp_path / "worker-1.json"))
+    _worker(4, [], 0, True, "v1").write_snapshot(str(tmp_path / "worker-2.json"))
+    (tmp_path / "worker-3.json").write_text('{"gateway_requests_total": [[["us')  # partial
+    (tmp_path / "worker-4.json").write_text("[1, 2]")  # not an object
+    (tmp_path / "worker-5.json").write_bytes(b"\xff\xfe garbage")
+    (tmp_path / "notes.txt").write_text("{}")
+    (tmp_path / "worker-6.json").mkdir()  # unreadable as a file
+
+    snapshots = read_snapshots(str(tmp_path), exclude="worker-0.json")
+
+    counts = sorted(s["gateway_requests_total"][0][1] for s in snapshots)
+    assert counts == [2.0, 4.0]
+    me = _worker(1, [], 0, True, "v1")
+    _, samples = parse(me.render(extra=snapshots))
+    assert samples[key("gateway_requests_total", route="users", method="GET", code="200")] == 7
+
+
+def test_read_snapshots_of_a_missing_directory_is_empty(tmp_path: Path) -> None:
+    assert read_snapshots(str(tmp_path / "absent")) == []
+
+
+def test_write_snapshot_replaces_the_file_and_leaves_no_temporary(tmp_path: Path) -> None:
+    path = tmp_path / "worker-0.json"
+    r = Registry()
+    c = r.counter("c_total", "C.")
+    r.write_snapshot(str(path))
+    c.inc(5)
+    r.write_snapshot(str(path))
+    assert os.listdir(tmp_path) == ["worker-0.json"]
+    assert json.loads(path.read_text()) == {"c_total": [[[], 5.0]]}
+
+
+def test_write_snapshot_failure_removes_the_temporary(tmp_path: Path) -> None:
+    target = tmp_path / "taken"
+    target.mkdir()
+    (target / "child").write_text("x")  # os.replace onto a non-empty directory fails
+    with pytest.raises(OSError, match="taken"):
+        Registry().write_snapshot(str(target))
+    assert sorted(os.listdir(tmp_path)) == ["taken"]
