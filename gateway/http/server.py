@@ -561,6 +561,12 @@ class HttpConnection(asyncio.Protocol):
                 parts.append(b"\r\n")
         else:
             parts.append(b"\r\n")
+        if tunnel is not None:
+            data = b"".join(parts)
+            self._bytes_out += len(data)
+            transport.write(data)
+            self._start_tunnel(exchange, tunnel)
+            return
         if stream is None or no_body:
             if not no_body and response.body:
                 parts.append(response.body)
@@ -570,12 +576,6 @@ class HttpConnection(asyncio.Protocol):
             if stream is not None:
                 # HEAD / 204 / 304: a body was announced, none follows
                 _release_stream(stream)
-        elif tunnel is not None:
-            data = b"".join(parts)
-            self._bytes_out += len(data)
-            transport.write(data)
-            self._start_tunnel(exchange, tunnel)
-            return
         else:
             data = b"".join(parts)
             self._bytes_out += len(data)
