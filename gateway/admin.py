@@ -71,7 +71,9 @@ async def _guard(request: web.Request, handler: Any) -> web.StreamResponse:
         response: web.StreamResponse = await handler(request)
     except web.HTTPMethodNotAllowed as exc:
         allow = ", ".join(sorted(exc.allowed_methods))
-        return _problem(405, "method_not_allowed", "Method Not Allowed", f"allowed: {allow}", Allow=allow)
+        return _problem(
+            405, "method_not_allowed", "Method Not Allowed", f"allowed: {allow}", Allow=allow
+        )
     except web.HTTPNotFound:
         return _problem(404, "no_route", "Not Found", f"no admin endpoint at {request.path}")
     return response
@@ -88,7 +90,9 @@ async def _readyz(request: web.Request) -> web.Response:
 
 async def _metrics(request: web.Request) -> web.Response:
     text = request.app[_BACKEND].metrics_text()
-    return web.Response(text=text, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+    return web.Response(
+        text=text, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
+    )
 
 
 async def _config(request: web.Request) -> web.Response:

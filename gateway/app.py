@@ -258,7 +258,7 @@ class Gateway:
                 await task
         self._tasks = []
         await self._close_servers()
-        pending = [task for conn in list(self.connections) if (task := conn.abort()) is not None]
+        pending = [t for t in (c.abort() for c in list(self.connections)) if t is not None]
         if pending:
             # the aborted connections cancel their tasks; let them unwind (closing upstreams)
             await asyncio.gather(*pending, return_exceptions=True)
@@ -360,6 +360,8 @@ def serve(config_path: str, *, worker_index: int = 0, workers: int = 1) -> int:
     """Run one gateway process until SIGTERM/SIGINT has drained it; the exit code."""
     import uvloop
 
+    # a reload signal that arrives while starting must not kill the process (SIGHUP's default)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     setup_logging()
     metrics_dir = os.environ.get("GATEWAY_METRICS_DIR") if workers > 1 else None
     gateway = Gateway(
@@ -368,6 +370,9 @@ def serve(config_path: str, *, worker_index: int = 0, workers: int = 1) -> int:
 
     async def main() -> int:
         loop = asyncio.get_running_loop()
+        # installed before starting, so a SIGTERM during start-up still drains cleanly
+        loop.add_signal_handler(signal.SIGTERM, gateway.request_stop)
+        loop.add_signal_handler(signal.SIGINT, gateway.request_stop)
         try:
             await gateway.start()
         except ConfigErrors as exc:
@@ -379,8 +384,6 @@ def serve(config_path: str, *, worker_index: int = 0, workers: int = 1) -> int:
             log.error("cannot start: %s", exc)
             return 1
         loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(_reload_logged()))
-        loop.add_signal_handler(signal.SIGTERM, gateway.request_stop)
-        loop.add_signal_handler(signal.SIGINT, gateway.request_stop)
         await gateway.run_until_stopped()
         log.info("stopped")
         return 0

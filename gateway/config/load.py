@@ -625,7 +625,8 @@ class _Loader:
         if len(given) > 1:
             r.error(
                 path,
-                f"only one of path, path_prefix and path_regex may be given, not {', '.join(given)}",
+                "only one of path, path_prefix and path_regex may be given, "
+                f"not {', '.join(given)}",
             )
         return MatchConfig(
             host=r.get(m, "host", path, _host, None),

@@ -162,7 +162,7 @@ class HttpConnection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         server = self.server
         if server.draining or len(server.connections) >= server.snapshot.limits.max_connections:
-            transport.abort()
+            self.transport.abort()
             self._closing = True
             return
         server.connections.add(self)

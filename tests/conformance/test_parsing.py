@@ -15,7 +15,7 @@ from aiohttp.test_utils import TestServer
 from gateway.app import Gateway
 from tests.integration.conftest import Seen
 from tests.support.gateway import port_of
-from tests.support.raw import exchange, is_closed, open_raw, read_response, close_writer
+from tests.support.raw import close_writer, exchange, is_closed, open_raw, read_response
 
 SMUGGLING = {
     "cl_and_te": b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\n"
@@ -85,9 +85,7 @@ async def test_path_spellings_route_like_their_normal_form(
     """A route cannot be reached under another name: /ro only allows GET, whatever the spelling."""
     _, seen = upstream
     port = port_of(gw)
-    response = await exchange(
-        port, f"DELETE {spelling} HTTP/1.1\r\nHost: a\r\n\r\n".encode()
-    )
+    response = await exchange(port, f"DELETE {spelling} HTTP/1.1\r\nHost: a\r\n\r\n".encode())
     assert response.status == 405
     response = await exchange(port, f"GET {spelling} HTTP/1.1\r\nHost: a\r\n\r\n".encode())
     assert response.status == 200
@@ -158,6 +156,7 @@ async def test_body_over_limit_is_413(gw: Gateway, upstream: tuple[TestServer, S
         port, b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 2000000\r\n\r\n" + b"z" * 1000
     )
     assert response.status == 413
+    assert seen.requests == []  # refused before anything went upstream
     # a chunked body is cut off when it passes the limit
     reader, writer = await open_raw(port)
     writer.write(b"POST /count HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n")

@@ -11,7 +11,7 @@ import pytest
 
 from gateway.app import Gateway
 from tests.support.gateway import port_of, running_gateway
-from tests.support.raw import exchange, is_closed, open_raw, read_response, close_writer
+from tests.support.raw import close_writer, exchange, is_closed, open_raw, read_response
 
 Behaviour = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -121,19 +121,26 @@ async def test_upstream_reset_mid_body_cuts_the_client(broken: Gateway) -> None:
     # the head was already sent: the connection is cut before the announced length
     assert len(body) < 100000
     await close_writer(writer)
-    assert (await exchange(port_of(broken), b"GET /healthy HTTP/1.1\r\nHost: a\r\n\r\n")).status == 200
+    assert (
+        await exchange(port_of(broken), b"GET /healthy HTTP/1.1\r\nHost: a\r\n\r\n")
+    ).status == 200
 
 
-@pytest.mark.parametrize(("path", "status", "code"), [
-    ("/garbage", 502, "upstream_unavailable"),
-    ("/close", 502, "upstream_unavailable"),
-    ("/silent", 504, "upstream_timeout"),
-])
+@pytest.mark.parametrize(
+    ("path", "status", "code"),
+    [
+        ("/garbage", 502, "upstream_unavailable"),
+        ("/close", 502, "upstream_unavailable"),
+        ("/silent", 504, "upstream_timeout"),
+    ],
+)
 async def test_broken_upstreams_get_documented_errors(
     broken: Gateway, path: str, status: int, code: str
 ) -> None:
     port = port_of(broken)
-    pending = asyncio.ensure_future(exchange(port, f"GET {path} HTTP/1.1\r\nHost: a\r\n\r\n".encode()))
+    pending = asyncio.ensure_future(
+        exchange(port, f"GET {path} HTTP/1.1\r\nHost: a\r\n\r\n".encode())
+    )
     # meanwhile others are served
     assert (await exchange(port, b"GET /healthy HTTP/1.1\r\nHost: a\r\n\r\n")).status == 200
     response = await pending
@@ -200,5 +207,5 @@ async def test_idle_keep_alive_connection_is_closed(broken: Gateway) -> None:
     reader, writer = await open_raw(port_of(broken))
     writer.write(b"GET /healthy HTTP/1.1\r\nHost: a\r\n\r\n")
     assert (await asyncio.wait_for(read_response(reader), 5)).status == 200
-    assert await is_closed(reader, timeout=6)
+    assert await is_closed(reader, within=6)
     await close_writer(writer)

@@ -63,7 +63,10 @@ def run_check(path: Path) -> subprocess.CompletedProcess[str]:
 
 
 def test_check_accepts_the_shipped_configs() -> None:
-    for path in [REPO / "config" / "gateway.yaml", *sorted((REPO / "config" / "examples").glob("*.yaml"))]:
+    for path in [
+        REPO / "config" / "gateway.yaml",
+        *sorted((REPO / "config" / "examples").glob("*.yaml")),
+    ]:
         result = run_check(path)
         assert result.returncode == 0, (path, result.stdout, result.stderr)
         assert result.stdout.startswith("ok "), result.stdout
@@ -91,7 +94,11 @@ routes:
 
 def test_version_command() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "gateway", "version"], capture_output=True, text=True, timeout=30, check=False
+        [sys.executable, "-m", "gateway", "version"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
     )
     assert result.returncode == 0
     assert result.stdout.startswith("gateway ")
@@ -128,10 +135,12 @@ def test_run_serves_reloads_on_sighup_and_drains_on_sigterm(tmp_path: Path) -> N
         path.write_text("listeners: [{name: http, bind: 'nope'}]\nroutes: 7\n")
         gateway.signal(signal.SIGHUP)
         wait_until(
-            lambda: json.loads(http_get(f"http://127.0.0.1:{admin}/admin/config")[1])[
-                "last_reload"
-            ]["ok"]
-            is False,
+            lambda: (
+                json.loads(http_get(f"http://127.0.0.1:{admin}/admin/config")[1])["last_reload"][
+                    "ok"
+                ]
+                is False
+            ),
             what="failed reload reported",
         )
         assert http_get(f"http://127.0.0.1:{http}/added")[0] == 200
@@ -229,8 +238,10 @@ async def test_workers_share_the_port_and_a_killed_worker_is_restarted(tmp_path:
             victim = first[-1]
             os.kill(victim, signal.SIGKILL)
             await async_wait_until(
-                lambda: len(_children(gateway.proc.pid)) == 2
-                and victim not in _children(gateway.proc.pid),
+                lambda: (
+                    len(_children(gateway.proc.pid)) == 2
+                    and victim not in _children(gateway.proc.pid)
+                ),
                 what="worker restarted",
             )
             await async_wait_until(lambda: _ready(admin), what="readyz after restart")

@@ -136,9 +136,7 @@ routes:
 
 
 @pytest.fixture
-async def gw(
-    tmp_path: Path, upstream: tuple[TestServer, Seen]
-) -> AsyncIterator[Gateway]:
+async def gw(tmp_path: Path, upstream: tuple[TestServer, Seen]) -> AsyncIterator[Gateway]:
     server, _ = upstream
     assert server.port is not None
     async with running_gateway(tmp_path, basic_config(server.port)) as gateway:

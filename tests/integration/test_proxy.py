@@ -11,7 +11,7 @@ from aiohttp.test_utils import TestServer
 from gateway.app import Gateway
 from tests.integration.conftest import Seen
 from tests.support.gateway import port_of
-from tests.support.raw import exchange, is_closed, open_raw, read_response, close_writer
+from tests.support.raw import close_writer, exchange, is_closed, open_raw, read_response
 
 
 def _headers_of(seen: Seen, index: int = -1) -> dict[str, str]:
@@ -47,7 +47,9 @@ async def test_get_is_proxied_with_forwarding_headers(
 
 async def test_gateway_does_not_announce_itself(gw: Gateway) -> None:
     for target in (b"/echo", b"/ro/x"):
-        response = await exchange(port_of(gw), b"DELETE " + target + b" HTTP/1.1\r\nHost: a\r\n\r\n")
+        response = await exchange(
+            port_of(gw), b"DELETE " + target + b" HTTP/1.1\r\nHost: a\r\n\r\n"
+        )
         assert response.header("server") is None
 
 
@@ -75,9 +77,7 @@ async def test_header_bytes_are_forwarded_unchanged(
     gw: Gateway, upstream: tuple[TestServer, Seen]
 ) -> None:
     _, seen = upstream
-    await exchange(
-        port_of(gw), b"GET /x HTTP/1.1\r\nHost: a\r\nX-MiXeD-Case: \xe9t\xe9  v\r\n\r\n"
-    )
+    await exchange(port_of(gw), b"GET /x HTTP/1.1\r\nHost: a\r\nX-MiXeD-Case: \xe9t\xe9  v\r\n\r\n")
     raw = dict(seen.requests[-1]["headers"])
     assert raw[b"X-MiXeD-Case"] == b"\xe9t\xe9  v"
 
@@ -132,20 +132,14 @@ async def test_large_bodies_stream_both_ways(gw: Gateway) -> None:
     port = port_of(gw)
     size = 900 * 1024
     async with aiohttp.ClientSession() as session:
-        async with session.post(
-            f"http://127.0.0.1:{port}/count", data=b"y" * size
-        ) as response:
+        async with session.post(f"http://127.0.0.1:{port}/count", data=b"y" * size) as response:
             assert response.status == 200
             assert await response.text() == str(size)
-        async with session.get(
-            f"http://127.0.0.1:{port}/big?size={5 * 1024 * 1024}"
-        ) as response:
+        async with session.get(f"http://127.0.0.1:{port}/big?size={5 * 1024 * 1024}") as response:
             assert response.status == 200
             assert response.headers.get("Transfer-Encoding") == "chunked"
             assert len(await response.read()) == 5 * 1024 * 1024
-        async with session.get(
-            f"http://127.0.0.1:{port}/big?size=3000000&length=1"
-        ) as response:
+        async with session.get(f"http://127.0.0.1:{port}/big?size=3000000&length=1") as response:
             assert response.headers["Content-Length"] == "3000000"
             assert len(await response.read()) == 3000000
 

@@ -18,7 +18,9 @@ async def test_invalid_config_is_rejected_whole(
 ) -> None:
     port = port_of(gw)
     version = gw.snapshot.version
-    write_config(tmp_path, "routes:\n  - name: x\n    match: {pth: /}\n    upstream: internal:echo\n")
+    write_config(
+        tmp_path, "routes:\n  - name: x\n    match: {pth: /}\n    upstream: internal:echo\n"
+    )
     result = await gw.reload()
     assert result["ok"] is False
     assert "routes[0].match.pth" in result["error"]
@@ -49,11 +51,14 @@ async def test_unchanged_upstream_keeps_its_pool_and_in_flight_requests_finish(
         exchange(port, b"GET /slow?s=0.5 HTTP/1.1\r\nHost: a\r\n\r\n")
     )
     await asyncio.sleep(0.1)  # let the slow request reach the upstream before the swap
-    text = basic_config(server.port or 0) + """
+    text = (
+        basic_config(server.port or 0)
+        + """
   - name: added
     match: {path: /added-route}
     upstream: internal:echo
 """
+    )
     write_config(tmp_path, text)
     result = await gw.reload()
     assert result["ok"] is True, result

@@ -47,12 +47,14 @@ routes:
 
 async def test_websocket_is_tunnelled(ws_gateway: Gateway) -> None:
     port = port_of(ws_gateway)
-    async with aiohttp.ClientSession() as session:
-        async with session.ws_connect(f"http://127.0.0.1:{port}/ws") as socket:
-            for i in range(3):
-                await socket.send_str(f"m{i}")
-                message = await socket.receive(timeout=5)
-                assert message.data == f"echo:m{i}"
+    async with (
+        aiohttp.ClientSession() as session,
+        session.ws_connect(f"http://127.0.0.1:{port}/ws") as socket,
+    ):
+        for i in range(3):
+            await socket.send_str(f"m{i}")
+            message = await socket.receive(timeout=5)
+            assert message.data == f"echo:m{i}"
 
 
 async def test_websocket_refused_on_route_without_it(ws_gateway: Gateway) -> None:

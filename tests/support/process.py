@@ -33,16 +33,16 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 15.0, what: str =
 
 def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 (loopback)
+        with urllib.request.urlopen(url, timeout=timeout) as response:
             return int(response.status), response.read()
     except urllib.error.HTTPError as exc:
         return int(exc.code), exc.read()
 
 
 def http_post(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
-    request = urllib.request.Request(url, data=b"", method="POST")  # noqa: S310
+    request = urllib.request.Request(url, data=b"", method="POST")
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             return int(response.status), response.read()
     except urllib.error.HTTPError as exc:
         return int(exc.code), exc.read()
@@ -87,9 +87,9 @@ class GatewayProcess:
 
 
 async def async_wait_until(
-    predicate: Callable[[], bool], timeout: float = 15.0, what: str = ""
+    predicate: Callable[[], bool], within: float = 15.0, what: str = ""
 ) -> None:
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within
     while time.monotonic() < deadline:
         if predicate():
             return

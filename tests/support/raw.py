@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 from dataclasses import dataclass, field
 
@@ -60,21 +61,21 @@ async def read_response(reader: asyncio.StreamReader, *, head_request: bool = Fa
     return response
 
 
-async def exchange(port: int, data: bytes, *, timeout: float = 5.0) -> RawResponse:
+async def exchange(port: int, data: bytes, *, within: float = 5.0) -> RawResponse:
     """Send `data` on a fresh connection and read one response."""
     reader, writer = await open_raw(port)
     try:
         writer.write(data)
         await writer.drain()
-        return await asyncio.wait_for(read_response(reader), timeout)
+        return await asyncio.wait_for(read_response(reader), within)
     finally:
         await close_writer(writer)
 
 
-async def is_closed(reader: asyncio.StreamReader, timeout: float = 5.0) -> bool:
+async def is_closed(reader: asyncio.StreamReader, within: float = 5.0) -> bool:
     """True when the peer closed the connection (EOF) within `timeout`."""
     try:
-        data = await asyncio.wait_for(reader.read(1), timeout)
+        data = await asyncio.wait_for(reader.read(1), within)
     except (ConnectionResetError, BrokenPipeError):
         return True
     return data == b""
@@ -83,7 +84,5 @@ async def is_closed(reader: asyncio.StreamReader, timeout: float = 5.0) -> bool:
 async def close_writer(writer: asyncio.StreamWriter) -> None:
     """Close a client connection and wait until its transport is gone."""
     writer.close()
-    try:
+    with contextlib.suppress(ConnectionError, OSError):
         await writer.wait_closed()
-    except (ConnectionError, OSError):
-        pass
