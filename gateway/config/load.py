@@ -355,7 +355,11 @@ class _Loader:
         shutdown = self.shutdown(top.get("shutdown"))
         access_log = self.access_log(top.get("access_log"))
         upstreams = self.upstreams(top.get("upstreams"))
-        routes = self.routes(top.get("routes"), {u.name for u in upstreams})
+        # every declared name counts, so an upstream with its own error is not reported again
+        # as unknown by each route that uses it
+        declared = top.get("upstreams")
+        names = {str(k) for k in declared} if isinstance(declared, dict) else set()
+        routes = self.routes(top.get("routes"), names)
         if r.errors:
             raise ConfigErrors(r.errors)
         digest = hashlib.sha256(normalized.encode())

@@ -1,0 +1,275 @@
+"""The config loader: strict keys, paths in every error, env interpolation, units, version."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway.config.load import interpolate_env, load_config, parse_config
+from gateway.config.units import parse_duration, parse_size
+from gateway.errors import ConfigError, ConfigErrors
+
+REPO = Path(__file__).resolve().parents[2]
+
+MINIMAL = """
+listeners: [{name: http, bind: "127.0.0.1:8080"}]
+upstreams:
+  users: {endpoints: [{url: "http://127.0.0.1:9001"}]}
+routes:
+  - {name: users, match: {path_prefix: /users}, upstream: users}
+"""
+
+
+def errors_of(text: str, env: dict[str, str] | None = None) -> list[str]:
+    with pytest.raises(ConfigErrors) as info:
+        parse_config(text, env=env or {})
+    return [str(e) for e in info.value.errors]
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("250ms", 0.25), ("5s", 5.0), ("1.5s", 1.5), ("1m", 60.0), ("24h", 86400.0), (" 2s ", 2.0)],
+)
+def test_durations(text: str, seconds: float) -> None:
+    assert parse_duration(text, "x") == seconds
+
+
+@pytest.mark.parametrize("bad", [30, "30", "5 sec", "-1s", "s", True, None, "1d"])
+def test_bad_durations_name_the_path(bad: object) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_duration(bad, "limits.header_timeout")
+    assert info.value.path == "limits.header_timeout"
+
+
+@pytest.mark.parametrize(
+    ("value", "size"),
+    [(1024, 1024), ("512B", 512), ("16KiB", 16384), ("10MiB", 10 * 2**20), ("1GiB", 2**30)],
+)
+def test_sizes(value: object, size: int) -> None:
+    assert parse_size(value, "x") == size
+
+
+@pytest.mark.parametrize("bad", ["16KB", "1.5MiB", -1, "big", True])
+def test_bad_sizes(bad: object) -> None:
+    with pytest.raises(ConfigError):
+        parse_size(bad, "limits.max_body_bytes")
+
+
+def test_minimal_config_gets_defaults() -> None:
+    config = parse_config(MINIMAL, env={})
+    assert config.listeners[0].host == "127.0.0.1"
+    assert config.listeners[0].port == 8080
+    assert config.limits.max_header_bytes == 32 * 1024
+    assert config.admin.host == "127.0.0.1"
+    assert config.admin.port == 9901
+    assert config.admin.token is None
+    route = config.routes[0]
+    assert route.match.path_prefix == "/users"
+    assert route.upstreams[0].name == "users"
+    assert route.timeout == 30.0
+    assert config.upstreams[0].endpoints[0].port == 9001
+    assert len(config.version) == 12
+
+
+def test_unknown_keys_are_errors_with_path_and_hint() -> None:
+    text = MINIMAL.replace("{path_prefix: /users}", "{pth: /users}") + "limit: {}\n"
+    errors = errors_of(text)
+    assert "routes[0].match.pth: unknown key (did you mean 'path'?)" in errors
+    assert any(e.startswith("limit: unknown key (did you mean 'limits'?)") for e in errors)
+
+
+def test_every_error_is_reported_at_once() -> None:
+    text = """
+listeners: [{name: http, bind: "nowhere"}]
+limits: {max_connections: -5, header_timeout: 10}
+upstreams:
+  users: {endpoints: [{url: "ftp://x"}], balance: random}
+routes:
+  - {name: a, match: {path: x}, upstream: userz}
+  - {name: a, match: {path_regex: "("}, upstream: internal:echo}
+"""
+    errors = errors_of(text)
+    paths = {e.split(":")[0] for e in errors}
+    assert {
+        "listeners[0].bind",
+        "limits.max_connections",
+        "limits.header_timeout",
+        "upstreams.users.endpoints[0].url",
+        "upstreams.users.balance",
+        "routes[0].match.path",
+        "routes[0].upstream",
+        "routes[1].name",
+        "routes[1].match.path_regex",
+    } <= paths
+    assert any("did you mean 'users'" in e for e in errors if e.startswith("routes[0].upstream"))
+
+
+@pytest.mark.parametrize(
+    ("snippet", "path"),
+    [
+        ("stores: {}", "stores"),
+        ("tracing: {}", "tracing"),
+        ("middlewares: {}", "middlewares"),
+    ],
+)
+def test_later_top_level_keys_are_not_supported_yet(snippet: str, path: str) -> None:
+    errors = errors_of(MINIMAL + snippet + "\n")
+    assert any(e.startswith(f"{path}: not supported yet") for e in errors)
+
+
+def test_later_nested_keys_are_not_supported_yet() -> None:
+    text = """
+listeners: [{name: https, bind: "127.0.0.1:8443", tls: {}}]
+upstreams:
+  u: {endpoints: [{url: "http://127.0.0.1:1"}], tls: {}, health_check: {}, outlier_detection: {}}
+routes:
+  - {name: r, upstream: u, pipeline: [], tracing: {}}
+"""
+    errors = errors_of(text)
+    for path in (
+        "listeners[0].tls",
+        "upstreams.u.tls",
+        "upstreams.u.health_check",
+        "upstreams.u.outlier_detection",
+        "routes[0].pipeline",
+        "routes[0].tracing",
+    ):
+        assert any(e.startswith(f"{path}: not supported yet") for e in errors), path
+
+
+def test_https_upstream_is_not_supported_yet() -> None:
+    errors = errors_of(MINIMAL.replace("http://127.0.0.1:9001", "https://127.0.0.1:9001"))
+    assert errors == [
+        "upstreams.users.endpoints[0].url: not supported yet (arrives with upstream TLS)"
+    ]
+
+
+def test_env_interpolation() -> None:
+    assert interpolate_env("a ${X} b", {"X": "1"}) == "a 1 b"
+    assert interpolate_env("${Y:-dflt}", {}) == "dflt"
+    assert interpolate_env("${Y:-}", {}) == ""
+    assert interpolate_env("$${LITERAL}", {}) == "${LITERAL}"
+    with pytest.raises(ConfigErrors) as info:
+        interpolate_env("${MISSING}", {})
+    assert "MISSING" in str(info.value)
+
+
+def test_env_in_config_keeps_types_and_ignores_comments() -> None:
+    text = (
+        "# a comment mentioning ${NOT_SET} is never interpolated\n"
+        + MINIMAL
+        + "limits:\n  max_connections: ${MAXC}\nadmin: {token: '${TOKEN:-}'}\n"
+    )
+    config = parse_config(text, env={"MAXC": "42"})
+    assert config.limits.max_connections == 42
+    assert config.admin.token is None
+    config = parse_config(text, env={"MAXC": "42", "TOKEN": "s3cret"})
+    assert config.admin.token == "s3cret"
+    errors = errors_of(text, env={})
+    assert errors == ["limits.max_connections: environment variable MAXC is not set"]
+
+
+def test_invalid_yaml_reports_line() -> None:
+    errors = errors_of("listeners: [\n  - {name: x\n")
+    assert len(errors) == 1
+    assert "invalid YAML at line" in errors[0]
+
+
+def test_match_normalization() -> None:
+    text = """
+listeners: [{name: http, bind: "[::1]:0"}]
+routes:
+  - name: r
+    match:
+      host: "API.Example.com:443"
+      path_prefix: /api/
+      methods: [get, Post]
+      headers: {X-Canary: "true"}
+    upstream: internal:echo
+    strip_prefix: /api/
+  - name: w
+    match: {host: "*.example.com"}
+    upstream: internal:echo
+"""
+    config = parse_config(text, env={})
+    assert config.listeners[0].host == "::1"
+    match = config.routes[0].match
+    assert match.host == "api.example.com"
+    assert match.path_prefix == "/api"
+    assert match.methods == ("GET", "POST")
+    assert match.headers == (("x-canary", "true"),)
+    assert config.routes[0].strip_prefix == "/api"
+    assert config.routes[1].match.host == "*.example.com"
+
+
+def test_weighted_split_and_errors() -> None:
+    base = MINIMAL.replace(
+        "users: {endpoints",
+        "v2: {endpoints: [{url: 'http://127.0.0.1:9002'}]}\n  users: {endpoints",
+    )
+    config = parse_config(
+        base.replace(
+            "upstream: users}", "upstream: [{name: users, weight: 9}, {name: v2, weight: 1}]}"
+        ),
+        env={},
+    )
+    assert [(u.name, u.weight) for u in config.routes[0].upstreams] == [("users", 9), ("v2", 1)]
+    errors = errors_of(
+        base.replace(
+            "upstream: users}", "upstream: [{name: users, weight: 0}, {name: v2, weight: 0}]}"
+        )
+    )
+    assert errors == ["routes[0].upstream: at least one weight must be > 0"]
+
+
+def test_trusted_proxies_and_access_log() -> None:
+    text = (
+        MINIMAL
+        + """
+trusted_proxies: ["10.0.0.0/8", "192.168.1.10"]
+access_log: {sample_ratio: 0.25, always_log_status: 400, exclude_fields: [client]}
+"""
+    )
+    config = parse_config(text, env={})
+    assert config.trusted_proxies == ("10.0.0.0/8", "192.168.1.10/32")
+    assert config.access_log.sample_ratio == 0.25
+    errors = errors_of(MINIMAL + "trusted_proxies: [nope]\naccess_log: {sample_ratio: 2}\n")
+    assert "trusted_proxies[0]: is not an IP address or CIDR: 'nope'" in errors
+    assert "access_log.sample_ratio: must be between 0 and 1" in errors
+
+
+def test_duplicate_listeners_and_missing_listeners() -> None:
+    errors = errors_of(
+        'listeners: [{name: a, bind: "127.0.0.1:80"}, {name: a, bind: "127.0.0.1:80"}]\n'
+    )
+    assert "listeners[1].name: listener 'a' is defined twice" in errors
+    assert "listeners[1].bind: another listener already binds this address" in errors
+    assert errors_of("routes: []\n") == ["listeners: at least one listener is required"]
+
+
+def test_version_changes_with_content_only() -> None:
+    first = parse_config(MINIMAL, env={}).version
+    assert parse_config(MINIMAL, env={}).version == first
+    assert parse_config(MINIMAL + "# a comment\n", env={}).version == first
+    assert parse_config(MINIMAL.replace("9001", "9002"), env={}).version != first
+
+
+def test_load_config_reads_files_and_reports_missing(tmp_path: Path) -> None:
+    path = tmp_path / "g.yaml"
+    path.write_text(MINIMAL)
+    config = load_config(path, env={})
+    assert config.source == str(path.resolve())
+    with pytest.raises(ConfigErrors) as info:
+        load_config(tmp_path / "missing.yaml", env={})
+    assert "cannot read" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [REPO / "config" / "gateway.yaml", *sorted((REPO / "config" / "examples").glob("*.yaml"))],
+    ids=lambda p: p.name,
+)
+def test_shipped_configs_load(path: Path) -> None:
+    config = load_config(path, env={})
+    assert config.routes
