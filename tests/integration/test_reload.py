@@ -9,7 +9,8 @@ from aiohttp.test_utils import TestServer
 
 from gateway.app import Gateway
 from tests.integration.conftest import Seen, basic_config
-from tests.support.gateway import port_of, write_config
+from tests.support.gateway import in_flight_requests, port_of, write_config
+from tests.support.process import async_wait_until
 from tests.support.raw import exchange
 
 
@@ -50,7 +51,7 @@ async def test_unchanged_upstream_keeps_its_pool_and_in_flight_requests_finish(
     in_flight = asyncio.ensure_future(
         exchange(port, b"GET /slow?s=0.5 HTTP/1.1\r\nHost: a\r\n\r\n")
     )
-    await asyncio.sleep(0.1)  # let the slow request reach the upstream before the swap
+    await async_wait_until(lambda: in_flight_requests(gw) == 1, what="request in flight")
     text = (
         basic_config(server.port or 0)
         + """

@@ -31,5 +31,10 @@ async def running_gateway(directory: Path, text: str) -> AsyncIterator[Gateway]:
         await asyncio.sleep(0)
 
 
+def in_flight_requests(gateway: Gateway) -> float:
+    """The gateway's own count of requests being handled."""
+    return float(gateway.metrics.requests_in_flight.labels().value)
+
+
 def port_of(gateway: Gateway, listener: str = "http") -> int:
     return gateway.bound[listener][1]

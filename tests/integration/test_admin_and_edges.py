@@ -1,0 +1,193 @@
+"""Admin API, metrics, access log, trusted proxies, connection limits, drain — over real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestServer
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.app import Gateway
+from gateway.observability import access_log
+from tests.integration.conftest import Seen
+from tests.support.gateway import in_flight_requests, port_of, running_gateway
+from tests.support.process import async_wait_until
+from tests.support.raw import close_writer, exchange, is_closed, open_raw, read_response
+
+
+def _config(upstream_port: int, extra: str = "") -> str:
+    return f"""
+listeners: [{{name: http, bind: "127.0.0.1:0"}}]
+admin: {{bind: "127.0.0.1:0", token: "${{ADMIN_TOKEN_FOR_TEST:-s3cret}}"}}
+limits: {{max_connections: 3, header_timeout: 2s, body_timeout: 1s, idle_timeout: 5s}}
+trusted_proxies: ["127.0.0.1"]
+shutdown: {{drain_delay: 300ms, timeout: 5s}}
+access_log: {{enabled: true, sample_ratio: 1.0, exclude_fields: [bytes_in]}}
+upstreams:
+  app: {{endpoints: [{{url: "http://127.0.0.1:{upstream_port}"}}]}}
+routes:
+  - {{name: app, match: {{path_prefix: /}}, upstream: app}}
+{extra}"""
+
+
+@pytest.fixture
+async def edge(tmp_path: Path, upstream: tuple[TestServer, Seen]) -> AsyncIterator[Gateway]:
+    server, _ = upstream
+    async with running_gateway(tmp_path, _config(server.port or 0)) as gateway:
+        yield gateway
+
+
+def _admin(gateway: Gateway) -> str:
+    assert gateway.admin is not None
+    return f"http://127.0.0.1:{gateway.admin.port}"
+
+
+async def test_admin_endpoints_and_token(edge: Gateway) -> None:
+    base = _admin(edge)
+    auth = {"Authorization": "Bearer s3cret"}
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{base}/healthz") as r:
+            assert r.status == 200
+            assert await r.text() == "ok"
+        async with session.get(f"{base}/readyz") as r:
+            assert r.status == 200
+            assert (await r.json())["state"] == "ready"
+        async with session.get(f"{base}/admin/config") as r:
+            assert r.status == 401
+            assert r.headers["WWW-Authenticate"].startswith("Bearer")
+            assert (await r.json(content_type=None))["code"] == "unauthenticated"
+        async with session.get(f"{base}/admin/config", headers={"Authorization": "Bearer no"}) as r:
+            assert r.status == 401
+        async with session.get(f"{base}/admin/config", headers=auth) as r:
+            info = await r.json()
+            assert info["version"] == edge.snapshot.version
+            assert info["source"].endswith("gateway.yaml")
+            assert info["last_reload"]["ok"] is True
+        async with session.get(f"{base}/admin/routes", headers=auth) as r:
+            routes = await r.json()
+            assert routes[0]["name"] == "app"
+            assert routes[0]["upstreams"] == [{"name": "app", "weight": 1}]
+        async with session.get(f"{base}/admin/upstreams", headers=auth) as r:
+            upstreams = await r.json()
+            assert upstreams[0]["name"] == "app"
+            assert upstreams[0]["endpoints"][0]["pool"]["open"] >= 1  # warmed at start
+        async with session.post(f"{base}/admin/reload", headers=auth) as r:
+            assert r.status == 200
+            assert (await r.json())["ok"] is True
+
+
+async def test_metrics_count_requests_and_reuse(edge: Gateway) -> None:
+    port = port_of(edge)
+    for _ in range(3):
+        assert (await exchange(port, b"GET /m HTTP/1.1\r\nHost: a\r\n\r\n")).status == 200
+    assert (await exchange(port, b"GET /m HTTP/1.1\r\n\r\n")).status == 400
+    async with aiohttp.ClientSession() as session, session.get(f"{_admin(edge)}/metrics") as r:
+        text = await r.text()
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    ok = ("gateway_requests_total", (("code", "200"), ("method", "GET"), ("route", "app")))
+    assert samples[ok] == 3
+    bad = ("gateway_requests_total", (("code", "400"), ("method", "OTHER"), ("route", "")))
+    assert samples[bad] == 1
+    reused = samples[
+        ("gateway_upstream_connections_total", (("reused", "true"), ("upstream", "app")))
+    ]
+    assert reused >= 2
+    assert samples[("gateway_requests_in_flight", ())] == 0
+    assert samples[("gateway_config_last_reload_success", ())] == 1
+    version = ("gateway_config_info", (("version", edge.snapshot.version),))
+    assert samples[version] == 1
+
+
+async def test_access_log_lines(edge: Gateway, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = io.StringIO()
+    monkeypatch.setattr("sys.stdout", out)
+    port = port_of(edge)
+    await exchange(
+        port, b"GET /logged?token=secret HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer x\r\n\r\n"
+    )
+    edge.snapshot.access_log.flush()
+    access_log.STDOUT.flush()
+    lines = [json.loads(line) for line in out.getvalue().splitlines() if line.startswith("{")]
+    entry = next(line for line in lines if line.get("path") == "/logged")
+    assert entry["status"] == 200
+    assert entry["route"] == "app"
+    assert entry["upstream"] == "app"
+    assert entry["attempts"] == 1
+    assert "bytes_in" not in entry  # excluded by config
+    assert "secret" not in out.getvalue()
+    assert "Bearer" not in out.getvalue()
+
+
+async def test_trusted_peer_keeps_request_id_and_appends_forwarded_for(
+    edge: Gateway, upstream: tuple[TestServer, Seen]
+) -> None:
+    _, seen = upstream
+    response = await exchange(
+        port_of(edge),
+        b"GET /t HTTP/1.1\r\nHost: a\r\nX-Request-Id: lb-123\r\n"
+        b"X-Forwarded-For: 203.0.113.9\r\n\r\n",
+    )
+    assert response.header("x-request-id") == "lb-123"
+    headers = {k.lower(): v for k, v in seen.requests[-1]["headers"]}
+    assert headers[b"x-request-id"] == b"lb-123"
+    assert headers[b"x-forwarded-for"] == b"203.0.113.9, 127.0.0.1"
+
+
+async def test_connections_over_the_limit_are_closed(edge: Gateway) -> None:
+    port = port_of(edge)
+    held = [await open_raw(port) for _ in range(3)]
+    for reader, writer in held:
+        writer.write(b"GET /h HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert (await read_response(reader)).status == 200
+    reader, writer = await open_raw(port)
+    assert await is_closed(reader)
+    await close_writer(writer)
+    for _, w in held:
+        await close_writer(w)
+    # once they are gone, new connections are served again
+    assert (await exchange(port, b"GET /again HTTP/1.1\r\nHost: a\r\n\r\n")).status == 200
+
+
+async def test_client_that_never_reads_is_dropped_and_others_are_served(edge: Gateway) -> None:
+    port = port_of(edge)
+    _, writer = await open_raw(port)
+    transport = writer.transport
+    transport.pause_reading()
+    # ask for far more than the socket buffers hold, and never read it
+    writer.write(b"GET /big?size=67108864 HTTP/1.1\r\nHost: a\r\n\r\n")
+    ok = await exchange(port, b"GET /other HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert ok.status == 200
+    # body_timeout (1s) after writing stalled, the gateway aborts the stalled connection
+    await async_wait_until(lambda: not edge.connections, within=10, what="stalled client dropped")
+    await close_writer(writer)
+
+
+async def test_drain_finishes_in_flight_and_reports_not_ready(edge: Gateway) -> None:
+    port = port_of(edge)
+    base = _admin(edge)
+    in_flight = asyncio.ensure_future(
+        exchange(port, b"GET /slow?s=0.8 HTTP/1.1\r\nHost: a\r\n\r\n")
+    )
+    await async_wait_until(lambda: in_flight_requests(edge) == 1, what="request in flight")
+    draining = asyncio.ensure_future(edge.drain())
+    async with aiohttp.ClientSession() as session, session.get(f"{base}/readyz") as r:
+        assert r.status == 503
+        assert (await r.json())["state"] == "draining"
+    # during drain_delay the listener still accepts
+    assert (await exchange(port, b"GET /during HTTP/1.1\r\nHost: a\r\n\r\n")).status == 200
+    response = await in_flight
+    assert response.status == 200
+    assert response.header("connection") == "close"
+    await asyncio.wait_for(draining, 10)
+    with pytest.raises(ConnectionRefusedError):
+        await open_raw(port)
