@@ -1,0 +1,97 @@
+"""The request head sent upstream: what is dropped, what is set, how the body is framed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from gateway.http.forwarding import build_request_head, upstream_path
+from gateway.http.messages import RequestHead
+
+
+@pytest.mark.parametrize(
+    ("path", "prefix", "expected"),
+    [
+        ("/svc", "/svc", "/"),
+        ("/svc/x", "/svc", "/x"),
+        ("/svcx", "/svc", "/svcx"),
+        ("/other", "/svc", "/other"),
+        ("/a/b", None, "/a/b"),
+        ("/a/b", "/", "/a/b"),
+    ],
+)
+def test_strip_prefix_on_segment_boundaries(path: str, prefix: str | None, expected: str) -> None:
+    assert upstream_path(path, prefix) == expected
+
+
+class Ctx:
+    def __init__(self, head: RequestHead, trusted: bool = False) -> None:
+        self.head = head
+        self.client_ip = "192.0.2.7"
+        self.trusted_peer = trusted
+        self.scheme = "http"
+        self.request_id = b"rid-1"
+
+
+def _head(*headers: tuple[bytes, bytes], **fields: Any) -> RequestHead:
+    head = RequestHead()
+    head.method = "POST"
+    head.query = "a=1"
+    head.headers = list(headers)
+    for key, value in fields.items():
+        setattr(head, key, value)
+    return head
+
+
+def _lines(raw: bytes) -> list[bytes]:
+    assert raw.endswith(b"\r\n\r\n")
+    return raw[:-4].split(b"\r\n")
+
+
+def test_head_drops_hop_by_hop_named_and_spoofable_headers() -> None:
+    head = _head(
+        (b"Host", b"api.test"),
+        (b"X-Keep", b"1"),
+        (b"Connection", b"close, X-Drop, Host"),
+        (b"X-Drop", b"2"),
+        (b"Transfer-Encoding", b"chunked"),
+        (b"X-Forwarded-Proto", b"https"),
+        (b"Client-Cert", b":abc:"),
+        (b"Expect", b"100-continue"),
+        host=b"api.test",
+        connection_tokens={b"close", b"x-drop", b"host"},
+        x_forwarded_for=b"198.51.100.1",
+    )
+    ctx: Any = Ctx(head)
+    lines = _lines(build_request_head(ctx, "/x", content_length=3, chunked=False))
+    assert lines[0] == b"POST /x?a=1 HTTP/1.1"
+    assert b"X-Keep: 1" in lines
+    assert b"Host: api.test" in lines  # naming Host in Connection cannot remove it
+    assert b"X-Forwarded-Host: api.test" in lines
+    assert b"X-Forwarded-For: 192.0.2.7" in lines  # untrusted peer: replaced
+    assert b"X-Forwarded-Proto: http" in lines
+    assert b"X-Request-Id: rid-1" in lines
+    assert b"Content-Length: 3" in lines
+    names = [line.split(b":")[0].lower() for line in lines[1:]]
+    for dropped in (b"connection", b"x-drop", b"transfer-encoding", b"client-cert", b"expect"):
+        assert dropped not in names
+    assert names.count(b"x-forwarded-proto") == 1
+
+
+def test_trusted_peer_appends_and_chunked_framing() -> None:
+    head = _head(host=b"h", x_forwarded_for=b"198.51.100.1")
+    ctx: Any = Ctx(head, trusted=True)
+    lines = _lines(build_request_head(ctx, "/", content_length=None, chunked=True))
+    assert b"X-Forwarded-For: 198.51.100.1, 192.0.2.7" in lines
+    assert b"Transfer-Encoding: chunked" in lines
+
+
+def test_missing_host_uses_the_default() -> None:
+    ctx: Any = Ctx(_head())
+    lines = _lines(
+        build_request_head(
+            ctx, "/", content_length=None, chunked=False, default_host=b"10.0.0.1:80"
+        )
+    )
+    assert b"Host: 10.0.0.1:80" in lines

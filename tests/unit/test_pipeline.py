@@ -1,0 +1,53 @@
+"""compose(): stages run like an onion around the terminal handler."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gateway.http.messages import Response
+from gateway.pipeline import Next, RequestContext, compose
+
+
+class Recorder:
+    def __init__(self, name: str, log: list[str]) -> None:
+        self.name = name
+        self.log = log
+
+    async def __call__(self, ctx: RequestContext, call_next: Next) -> Response:
+        self.log.append(f"in:{self.name}")
+        response = await call_next(ctx)
+        self.log.append(f"out:{self.name}")
+        response.headers.append((b"X-Stage", self.name.encode()))
+        return response
+
+
+class ShortCircuit:
+    async def __call__(self, ctx: RequestContext, call_next: Next) -> Response:
+        return Response(429, [])
+
+
+async def test_onion_order() -> None:
+    log: list[str] = []
+
+    async def terminal(ctx: RequestContext) -> Response:
+        log.append("terminal")
+        return Response(200, [])
+
+    handler = compose([Recorder("a", log), Recorder("b", log)], terminal)
+    ctx: Any = object()
+    response = await handler(ctx)
+    assert log == ["in:a", "in:b", "terminal", "out:b", "out:a"]
+    assert response.headers == [(b"X-Stage", b"b"), (b"X-Stage", b"a")]
+
+
+async def test_a_stage_can_answer_without_calling_next() -> None:
+    called: list[bool] = []
+
+    async def terminal(ctx: RequestContext) -> Response:
+        called.append(True)
+        return Response(200, [])
+
+    handler = compose([ShortCircuit()], terminal)
+    ctx: Any = object()
+    assert (await handler(ctx)).status == 429
+    assert called == []
