@@ -117,6 +117,7 @@ class HttpConnection(asyncio.Protocol):
         "_stream",
         "_task",
         "_tunnel",
+        "_wakeup",
         "_write_paused",
         "_write_paused_at",
         "client_ip",
@@ -144,6 +145,7 @@ class HttpConnection(asyncio.Protocol):
         self._current: _Exchange | None = None
         self._queue: deque[_Exchange] = deque()
         self._task: asyncio.Task[None] | None = None
+        self._wakeup: asyncio.Future[None] | None = None
         self._closing = False
         self._stopped = False  # no more requests are parsed on this connection
         self._reading_paused = False
@@ -256,7 +258,7 @@ class HttpConnection(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         if self.deadline_kind == _LINGER:
             return None  # the client is done: close now
-        if self._task is not None or self._queue:
+        if self._queue:
             # half-close: the client may still read what it asked for
             self._stopped = True
             return True
@@ -269,7 +271,7 @@ class HttpConnection(asyncio.Protocol):
         self._head_bytes = 0
         self._raw_head = 0
         self._in_head = True
-        if self._task is None:
+        if not self._queue:
             self.deadline = self._loop.time() + self.server.snapshot.limits.header_timeout
             self.deadline_kind = _HEAD
 
@@ -427,45 +429,68 @@ class HttpConnection(asyncio.Protocol):
         if self._task is None:
             self.deadline_kind = 0
             self._task = self._loop.create_task(self._process())
+            return
+        wakeup = self._wakeup
+        if wakeup is not None:
+            self._wakeup = None
+            self.deadline_kind = 0
+            wakeup.set_result(None)
         elif len(self._queue) > _MAX_QUEUED:
             self.pause_reading()
 
     async def _process(self) -> None:
+        """The connection's one task: answers queued requests in order, then waits for more.
+
+        Keeping it across keep-alive requests costs one future per wait instead of a new task
+        per request.
+        """
         queue = self._queue
         try:
-            while queue:
-                exchange = queue[0]
-                await self._run(exchange)
-                queue.popleft()
-                if self._closing:
+            while True:
+                while queue:
+                    exchange = queue[0]
+                    await self._run(exchange)
+                    queue.popleft()
+                    if self._closing:
+                        return
+                    if self._reading_paused and len(queue) <= _MAX_QUEUED // 2:
+                        self.resume_reading()
+                    if self._write_paused:
+                        # the client is not reading: answer nothing more until it does
+                        self._drain = self._loop.create_future()
+                        await self._drain
+                if not self._wait_for_next():
                     return
-                if self._reading_paused and len(queue) <= _MAX_QUEUED // 2:
-                    self.resume_reading()
-                if self._write_paused:
-                    # the client is not reading: answer nothing more until it does
-                    self._drain = self._loop.create_future()
-                    await self._drain
+                self._wakeup = self._loop.create_future()
+                await self._wakeup
         except (asyncio.CancelledError, ClientClosed):
             pass
         finally:
             self._task = None
+            self._wakeup = None
             for pending in queue:
                 if pending.body is not None:
                     pending.body.fail(BadRequest("connection closed"))
                 self.server.in_flight_gauge.dec()
             queue.clear()
+
+    def _wait_for_next(self) -> bool:
+        """Between requests: arm the right deadline; False when the connection is done."""
         if self._closing or self.transport is None or self._tunnel is not None:
-            return
+            return False
         if self._stopped:
             self._close_transport()
-        elif self._in_head:
+            return False
+        if self._in_head:
             self.deadline = self._loop.time() + self.server.snapshot.limits.header_timeout
             self.deadline_kind = _HEAD
-        else:
-            self.deadline = self._loop.time() + self.server.snapshot.limits.idle_timeout
-            self.deadline_kind = _IDLE
-            if self.server.draining:
-                self._close_transport()
+            return True
+        if self.server.draining:
+            self._close_transport()
+            return False
+        self.deadline = self._loop.time() + self.server.snapshot.limits.idle_timeout
+        self.deadline_kind = _IDLE
+        return True
 
     async def _run(self, exchange: _Exchange) -> None:
         server = self.server
@@ -679,7 +704,7 @@ class HttpConnection(asyncio.Protocol):
 
     def close_if_idle(self) -> None:
         """Draining: an idle keep-alive connection closes now; a busy one after its response."""
-        if self._task is None and not self._in_head and self._tunnel is None:
+        if not self._queue and not self._in_head and self._tunnel is None:
             self._close_transport()
 
     def check_deadline(self, now: float) -> None:
