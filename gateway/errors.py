@@ -62,6 +62,12 @@ class HeadersTooLarge(GatewayError):
     status, code, title, close = 431, "headers_too_large", "Request Header Fields Too Large", True
 
 
+class InternalError(GatewayError):
+    """A bug: the traceback goes to the log, never on the wire."""
+
+    status, code, title = 500, "internal_error", "Internal Server Error"
+
+
 class UpstreamUnavailable(GatewayError):
     status, code, title = 502, "upstream_unavailable", "Bad Gateway"
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Protocol, final
 
 from gateway.errors import GatewayError, PayloadTooLarge, RequestTimeout
@@ -125,7 +125,7 @@ class RequestBody:
         self.timeout = timeout
         self.received = 0
         #: called once before the first read (the server sends "100 Continue" from it)
-        self.on_first_read: object = None
+        self.on_first_read: Callable[[], None] | None = None
 
     # -- the parser's side -------------------------------------------------------------------
 
@@ -197,7 +197,7 @@ class RequestBody:
             first = self.on_first_read
             if first is not None:
                 self.on_first_read = None
-                first()  # type: ignore[operator]
+                first()
             waiter = self._loop.create_future()
             self._waiter = waiter
             self._timer = self._loop.call_later(self.timeout, self._on_timeout)

@@ -24,9 +24,9 @@ from gateway.errors import (
     BadRequest,
     GatewayError,
     HeadersTooLarge,
+    InternalError,
     PayloadTooLarge,
     RequestTimeout,
-    UpstreamUnavailable,
 )
 from gateway.http.headers import connection_tokens, reason_phrase
 from gateway.http.messages import BodyStream, RequestBody, RequestHead, Response
@@ -64,10 +64,6 @@ _SPECIAL: Final = frozenset(
     }
 )
 _NO_BODY_STATUS: Final = frozenset({204, 304})
-
-
-class InternalError(GatewayError):
-    status, code, title = 500, "internal_error", "Internal Server Error"
 
 
 class ClientClosed(Exception):
@@ -745,6 +741,3 @@ def _valid_request_id(value: bytes) -> bool:
 def _consume(fut: asyncio.Future[None]) -> None:
     if not fut.cancelled():
         fut.exception()
-
-
-__all__ = ["HttpConnection", "InternalError", "UpstreamUnavailable"]

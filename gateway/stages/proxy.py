@@ -16,7 +16,7 @@ import random
 from collections.abc import Sequence
 from typing import Final, final
 
-from gateway.errors import GatewayError, UpstreamTimeout, UpstreamUnavailable
+from gateway.errors import UpstreamTimeout, UpstreamUnavailable
 from gateway.http.forwarding import build_request_head, upstream_path
 from gateway.http.messages import Response
 from gateway.pipeline import RequestContext
@@ -148,6 +148,3 @@ def is_tunnel(response: Response) -> UpstreamConnection | None:
     if response.status == 101 and isinstance(stream, UpstreamConnection):
         return stream
     return None
-
-
-__all__ = ["GatewayError", "ProxyHandler", "is_tunnel"]

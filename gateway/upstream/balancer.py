@@ -9,7 +9,9 @@ takes the one with fewer requests in flight per unit of weight.
 from __future__ import annotations
 
 import random
+from bisect import bisect_right
 from collections.abc import Sequence
+from math import gcd
 from typing import Protocol, final
 
 
@@ -38,8 +40,6 @@ class RoundRobin:
 
     def __init__(self, weights: Sequence[int]) -> None:
         # very large weights would make a huge schedule: reduce by their common divisor first
-        from math import gcd
-
         g = 0
         for w in weights:
             g = gcd(g, w)
@@ -67,8 +67,6 @@ class LeastRequest:
         self._total = total
 
     def _draw(self) -> int:
-        from bisect import bisect_right
-
         return bisect_right(self._cumulative, random.randrange(self._total))
 
     def pick(self, endpoints: Sequence[Weighted]) -> int:

@@ -6,9 +6,11 @@ import asyncio
 import json
 
 import aiohttp
+import pytest
 from aiohttp.test_utils import TestServer
 
 from gateway.app import Gateway
+from gateway.http.messages import Response
 from tests.integration.conftest import Seen
 from tests.support.gateway import port_of
 from tests.support.raw import close_writer, exchange, is_closed, open_raw, read_response
@@ -237,3 +239,22 @@ async def test_upstream_timeout_is_504_and_others_keep_being_served(gw: Gateway)
     response = await slow
     assert response.status == 504
     assert json.loads(response.body)["code"] == "upstream_timeout"
+
+
+async def test_unexpected_error_is_a_500_problem_and_the_traceback_only_in_the_log(
+    gw: Gateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    route = next(r for r in gw.snapshot.routes if r.name == "echo")
+
+    async def broken(ctx: object) -> Response:
+        raise RuntimeError("boom internals")
+
+    route.handler = broken
+    response = await exchange(port_of(gw), b"GET /echo HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert response.status == 500
+    assert json.loads(response.body)["code"] == "internal_error"
+    assert b"boom" not in response.body
+    assert b"Traceback" not in response.body
+    assert "boom internals" in caplog.text
+    # the connection and the gateway carry on
+    assert (await exchange(port_of(gw), b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")).status == 200
