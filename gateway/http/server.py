@@ -202,11 +202,15 @@ class HttpConnection(asyncio.Protocol):
         self._write_paused_at = self._loop.time()
         if self._stream is not None:
             self._stream.pause()
+        elif self._tunnel is not None:
+            self._tunnel.pause()  # the client reads the tunnel slowly: stop reading upstream
 
     def resume_writing(self) -> None:
         self._write_paused = False
         if self._stream is not None:
             self._stream.resume()
+        elif self._tunnel is not None:
+            self._tunnel.resume()
         drain = self._drain
         if drain is not None:
             self._drain = None
@@ -657,7 +661,7 @@ class HttpConnection(asyncio.Protocol):
             else:
                 self._close_transport()
 
-        upstream.start_tunnel(to_client)
+        upstream.start_tunnel(to_client, self)
         if self._reading_paused:
             self.resume_reading()
 

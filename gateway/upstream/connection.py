@@ -19,7 +19,7 @@ import httptools
 
 from gateway.errors import GatewayError, UpstreamTimeout, UpstreamUnavailable
 from gateway.http.headers import HOP_BY_HOP, connection_tokens
-from gateway.http.messages import BodySink, RequestBody, Response
+from gateway.http.messages import BodyProducer, BodySink, RequestBody, Response
 
 if TYPE_CHECKING:
     from gateway.upstream.pool import EndpointPool
@@ -67,6 +67,7 @@ class UpstreamConnection(asyncio.Protocol):
         "reusable",
         "reused",
         "transport",
+        "tunnel_peer",
     )
 
     def __init__(self, loop: asyncio.AbstractEventLoop, pool: EndpointPool) -> None:
@@ -85,6 +86,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._reset_exchange()
         self._body_timeout = 30.0
         self.on_upgrade_data: Callable[[bytes], None] | None = None
+        self.tunnel_peer: BodyProducer | None = None
 
     def _reset_exchange(self) -> None:
         self._head_waiter: asyncio.Future[Response] | None = None
@@ -157,9 +159,14 @@ class UpstreamConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._write_paused = True
+        if self.tunnel_peer is not None:
+            # the upstream reads a tunnel slower than the client writes: slow the client down
+            self.tunnel_peer.pause_reading()
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        if self.tunnel_peer is not None:
+            self.tunnel_peer.resume_reading()
         drain = self._drain
         if drain is not None:
             self._drain = None
@@ -449,9 +456,13 @@ class UpstreamConnection(asyncio.Protocol):
     def is_closed(self) -> bool:
         return self._closed
 
-    def start_tunnel(self, on_data: Callable[[bytes], None]) -> None:
-        """After a 101: every byte from the upstream goes to `on_data` (b"" at the end)."""
+    def start_tunnel(self, on_data: Callable[[bytes], None], peer: BodyProducer) -> None:
+        """After a 101: every byte from the upstream goes to `on_data` (b"" at the end).
+
+        `peer` is the client side, paused while this upstream's write buffer is full.
+        """
         self.on_upgrade_data = on_data
+        self.tunnel_peer = peer
         self.reusable = False
         rest = b"".join(self._body_chunks)
         self._body_chunks = []
