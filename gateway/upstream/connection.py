@@ -117,8 +117,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self._upgraded:
-            if self.on_upgrade_data is not None:
-                self.on_upgrade_data(data)
+            self._tunnel_data(data)
             return
         if self._head_waiter is None and self._done is None:
             # bytes nobody asked for: the connection is out of step, never reuse it
@@ -131,8 +130,8 @@ class UpstreamConnection(asyncio.Protocol):
         except httptools.HttpParserUpgrade as exc:
             self._upgraded = True
             rest = data[exc.args[0] :]
-            if rest and self.on_upgrade_data is not None:
-                self.on_upgrade_data(rest)
+            if rest:
+                self._tunnel_data(rest)
         except httptools.HttpParserError as exc:
             self._fail(UpstreamUnavailable(f"invalid response from upstream: {exc}"))
 
@@ -456,6 +455,16 @@ class UpstreamConnection(asyncio.Protocol):
     def is_closed(self) -> bool:
         return self._closed
 
+    def _tunnel_data(self, data: bytes) -> None:
+        """Bytes after a 101: to the client, or held (bounded) until the tunnel is set up."""
+        if self.on_upgrade_data is not None:
+            self.on_upgrade_data(data)
+            return
+        self._body_chunks.append(data)
+        self._chunks_len += len(data)
+        if self._chunks_len > _EARLY_BODY_LIMIT:
+            self._set_reading(False)
+
     def start_tunnel(self, on_data: Callable[[bytes], None], peer: BodyProducer) -> None:
         """After a 101: every byte from the upstream goes to `on_data` (b"" at the end).
 
@@ -466,8 +475,13 @@ class UpstreamConnection(asyncio.Protocol):
         self.reusable = False
         rest = b"".join(self._body_chunks)
         self._body_chunks = []
+        self._chunks_len = 0
         if rest:
             on_data(rest)
+        if self._closed:
+            on_data(b"")  # the upstream hung up before the tunnel was set up
+        else:
+            self._set_reading(True)
 
 
 def _consume(fut: asyncio.Future[None]) -> None:
