@@ -11,7 +11,7 @@ import pytest
 from gateway.app import Gateway
 from tests.support.gateway import port_of, running_gateway
 from tests.support.process import async_wait_until
-from tests.support.raw import close_writer, open_raw
+from tests.support.raw import close_writer, open_raw, read_response
 
 TOTAL = 48 * 1024 * 1024
 CHUNK = 256 * 1024
@@ -23,9 +23,13 @@ class Pusher:
     def __init__(self) -> None:
         self.sent = 0
         self.done = asyncio.Event()
+        self.may_read = asyncio.Event()
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = await reader.readuntil(b"\r\n\r\n")
+        if head.startswith(b"PUT"):
+            await self.slow_sink(reader, writer)
+            return
         if b"upgrade: websocket" in head.lower():
             writer.write(
                 b"HTTP/1.1 101 Switching Protocols\r\n"
@@ -46,6 +50,19 @@ class Pusher:
         finally:
             writer.close()
 
+    async def slow_sink(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Reads nothing until told to, then the whole body, then answers."""
+        await self.may_read.wait()
+        got = 0
+        while got < TOTAL:
+            data = await reader.read(1 << 20)
+            if not data:
+                break
+            got += len(data)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%d" % (len(str(got)), got))
+        await writer.drain()
+        writer.close()
+
 
 @pytest.fixture
 async def pushing(tmp_path: Path) -> AsyncIterator[tuple[Gateway, Pusher]]:
@@ -60,7 +77,11 @@ access_log: {{enabled: false}}
 upstreams:
   push: {{endpoints: [{{url: "http://127.0.0.1:{port}"}}]}}
 routes:
-  - {{name: push, match: {{path_prefix: /}}, upstream: push, websocket: true}}
+  - name: push
+    match: {{path_prefix: /}}
+    upstream: push
+    websocket: true
+    max_body_bytes: 64MiB
 """
     async with running_gateway(tmp_path, config) as gateway:
         yield gateway, pusher
@@ -96,4 +117,33 @@ async def test_slow_reader_holds_the_upstream_back(
         received += len(data)
     assert head.split(b" ")[1] in (b"200", b"101")
     assert received == TOTAL
+    await close_writer(writer)
+
+
+async def test_slow_upstream_holds_the_uploading_client_back(
+    pushing: tuple[Gateway, Pusher],
+) -> None:
+    gateway, pusher = pushing
+    reader, writer = await open_raw(port_of(gateway))
+    writer.write(b"PUT /upload HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % TOTAL)
+    chunk = b"u" * CHUNK
+    accepted = 0
+
+    async def upload() -> None:
+        nonlocal accepted
+        while accepted < TOTAL:
+            writer.write(chunk)
+            await writer.drain()
+            accepted += CHUNK
+
+    uploading = asyncio.ensure_future(upload())
+    # the upstream reads nothing: the gateway must stop reading the client after its buffers
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(asyncio.shield(uploading), 1.0)
+    assert accepted < TOTAL // 2
+    pusher.may_read.set()
+    await asyncio.wait_for(uploading, 20)
+    response = await asyncio.wait_for(read_response(reader), 10)
+    assert response.status == 200
+    assert response.body == str(TOTAL).encode()  # the upstream got every byte
     await close_writer(writer)
