@@ -200,7 +200,12 @@ class Gateway:
             changed = old.version != snapshot.version
             log.info(
                 "configuration reloaded",
-                extra={"version": snapshot.version, "previous": old.version, "changed": changed},
+                extra={
+                    "version": snapshot.version,
+                    "previous": old.version,
+                    "changed": changed,
+                    "worker": self.worker_index,
+                },
             )
             return {"ok": True, "version": snapshot.version, "changed": changed, "error": None}
 

@@ -74,7 +74,11 @@ def supervise(config_path: str, workers: int, *, argv_prefix: list[str] | None =
         signal.signal(forwarded, signals.handler)
 
     def start(index: int) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(_command(config_path, workers, index, argv_prefix), env=env)
+        # a worker ignores SIGHUP (inherited through exec) until its loop handles reloads, so a
+        # reload forwarded while it is still starting cannot kill it; it loads the newest config
+        return subprocess.Popen(
+            _command(config_path, workers, index, argv_prefix), env=env, preexec_fn=_ignore_hup
+        )
 
     pool = [_Worker(i, start(i), time.monotonic()) for i in range(workers)]
     log.info("supervising %d workers", workers, extra={"pids": [w.proc.pid for w in pool]})
@@ -122,6 +126,10 @@ def supervise(config_path: str, workers: int, *, argv_prefix: list[str] | None =
             time.sleep(_POLL)
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _ignore_hup() -> None:
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 
 def _send(workers: list[_Worker], signum: int) -> None:

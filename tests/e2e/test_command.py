@@ -21,6 +21,7 @@ from tests.support.process import (
     async_wait_until,
     free_port,
     http_get,
+    http_post,
     wait_until,
 )
 
@@ -251,10 +252,50 @@ async def test_workers_share_the_port_and_a_killed_worker_is_restarted(tmp_path:
             status, body = await asyncio.to_thread(http_get, f"http://127.0.0.1:{admin}/metrics")
             assert status == 200
             assert b"gateway_requests_total" in body
+            # SIGHUP to the parent reloads every worker; POST /admin/reload on worker 0 too
+            await async_wait_until(lambda: _listening(http) == 2, what="both workers listening")
+            path.write_text(
+                config_text(
+                    http,
+                    admin,
+                    extra_route="""
+  - name: added
+    match: {path: /added}
+    upstream: internal:echo""",
+                )
+            )
+            gateway.signal(signal.SIGHUP)
+            # fresh connections land on either worker: all of them must know the new route
+            await async_wait_until(
+                lambda: all(
+                    http_get(f"http://127.0.0.1:{http}/added")[0] == 200 for _ in range(20)
+                ),
+                what="every worker reloaded",
+            )
+            status, body = await asyncio.to_thread(
+                http_post, f"http://127.0.0.1:{admin}/admin/reload"
+            )
+            assert status == 200
+            assert json.loads(body)["ok"] is True
         gateway.signal(signal.SIGTERM)
-        assert await asyncio.to_thread(gateway.wait, 60) == 0
+        code = await asyncio.to_thread(gateway.wait, 60)
+        assert code == 0, "\n".join(gateway.lines[-30:])
     finally:
         gateway.stop()
+    unchanged = [
+        r
+        for r in gateway.log_records()
+        if r.get("message") == "configuration reloaded" and r.get("changed") is False
+    ]
+    # the admin reload ran in worker 0, and reached worker 1 through the supervisor (SIGUSR1)
+    assert {r.get("worker") for r in unchanged} == {0, 1}
+
+
+def _listening(port: int) -> int:
+    """How many sockets listen on 127.0.0.1:`port` (one per worker with SO_REUSEPORT)."""
+    needle = f"0100007F:{port:04X}"
+    rows = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    return sum(1 for row in rows if row.split()[1] == needle and row.split()[3] == "0A")
 
 
 def _children(pid: int) -> list[int]:
