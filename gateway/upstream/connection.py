@@ -281,9 +281,9 @@ class UpstreamConnection(asyncio.Protocol):
         if transport is None or self._closed:
             raise StaleConnection("connection closed")
         loop = self._loop
-        self._reset_exchange()
         if self._reset_parser:
             self.parser = httptools.HttpResponseParser(self)
+        self._reset_exchange()
         self._is_head = is_head
         self._body_timeout = body_timeout
         head_waiter: asyncio.Future[Response] = loop.create_future()

@@ -45,12 +45,16 @@ async def close_at_once(reader: asyncio.StreamReader, writer: asyncio.StreamWrit
 
 
 async def healthy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Keeps the connection alive; a HEAD gets the length of a body it does not send."""
     while True:
         try:
-            await _read_head(reader)
+            head = await reader.readuntil(b"\r\n\r\n")
         except (asyncio.IncompleteReadError, ConnectionError):
             return
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        if head.startswith(b"HEAD"):
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")
+        else:
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
         await writer.drain()
 
 
@@ -208,4 +212,21 @@ async def test_idle_keep_alive_connection_is_closed(broken: Gateway) -> None:
     writer.write(b"GET /healthy HTTP/1.1\r\nHost: a\r\n\r\n")
     assert (await asyncio.wait_for(read_response(reader), 5)).status == 200
     assert await is_closed(reader, within=6)
+    await close_writer(writer)
+
+
+async def test_head_then_get_on_one_kept_alive_upstream_connection(broken: Gateway) -> None:
+    """A HEAD response announces a body that never comes; the next response must parse."""
+    reader, writer = await open_raw(port_of(broken))
+    writer.write(b"HEAD /healthy HTTP/1.1\r\nHost: a\r\n\r\n")
+    head = await asyncio.wait_for(read_response(reader, head_request=True), 5)
+    assert head.status == 200
+    assert head.header("content-length") == "1000"
+    for _ in range(3):
+        writer.write(b"GET /healthy HTTP/1.1\r\nHost: a\r\n\r\n")
+        response = await asyncio.wait_for(read_response(reader), 5)
+        assert response.status == 200
+        assert response.body == b"ok"
+    pool = broken.snapshot.upstreams["healthy"].endpoints[0].pool
+    assert pool.opened == 1  # the same upstream connection served all four
     await close_writer(writer)
