@@ -107,7 +107,8 @@ class ProxyHandler:
             endpoint = upstream.pick()
             ctx.endpoint = endpoint.address
             ctx.attempts += 1
-            conn = await endpoint.pool.acquire(min(config.connect_timeout, remaining))
+            pool = endpoint.pool
+            conn = pool.take_idle() or await pool.acquire(min(config.connect_timeout, remaining))
             endpoint.in_flight += 1
             try:
                 response = await conn.send(

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import TYPE_CHECKING, cast, final
+from typing import TYPE_CHECKING, Final, cast, final
 
 import httptools
 
@@ -23,6 +23,9 @@ from gateway.http.messages import BodyProducer, BodySink, RequestBody, Response
 
 if TYPE_CHECKING:
     from gateway.upstream.pool import EndpointPool
+
+#: Connection tokens that name no end-to-end header (already dropped, or not header names)
+HOP_BY_HOP_AND_CLOSE: Final = HOP_BY_HOP | {b"close"}
 
 #: response-body bytes buffered before the sink is attached (then the upstream socket pauses)
 _EARLY_BODY_LIMIT = 256 * 1024
@@ -213,7 +216,10 @@ class UpstreamConnection(asyncio.Protocol):
         if named:
             if status == 101:
                 named.discard(b"upgrade")  # the tunnel needs it
-            headers = [(n, v) for n, v in headers if n.lower() not in named]
+            # "Connection: keep-alive" (the common case) names nothing left to remove
+            named -= HOP_BY_HOP_AND_CLOSE
+            if named:
+                headers = [(n, v) for n, v in headers if n.lower() not in named]
         self._headers = []
         if self._timer is not None:
             self._timer.cancel()

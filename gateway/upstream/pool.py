@@ -70,9 +70,8 @@ class EndpointPool:
     def idle_count(self) -> int:
         return len(self._idle)
 
-    async def acquire(self, connect_timeout: float | None = None) -> UpstreamConnection:
-        """A connection ready for one exchange; raises a GatewayError when none can be had."""
-        timeout = self.connect_timeout if connect_timeout is None else connect_timeout
+    def take_idle(self) -> UpstreamConnection | None:
+        """A warm connection at once, or None: the hot path, without a coroutine."""
         idle = self._idle
         while idle:
             conn = idle.pop()
@@ -81,6 +80,14 @@ class EndpointPool:
             conn.in_use = True
             conn.reused = True
             self.observer.on_acquire(True)
+            return conn
+        return None
+
+    async def acquire(self, connect_timeout: float | None = None) -> UpstreamConnection:
+        """A connection ready for one exchange; raises a GatewayError when none can be had."""
+        timeout = self.connect_timeout if connect_timeout is None else connect_timeout
+        conn = self.take_idle()
+        if conn is not None:
             return conn
         if self._closing:
             raise UpstreamUnavailable("upstream is being removed")
