@@ -28,7 +28,7 @@ from gateway.errors import (
     PayloadTooLarge,
     RequestTimeout,
 )
-from gateway.http.headers import connection_tokens, reason_phrase
+from gateway.http.headers import STATUS_REASONS, connection_tokens, reason_phrase
 from gateway.http.messages import BodyStream, RequestBody, RequestHead, Response
 from gateway.http.path import normalize_target
 from gateway.http.problem import problem_response
@@ -548,7 +548,7 @@ class HttpConnection(asyncio.Protocol):
         head = exchange.head
         body = exchange.body
         status = response.status
-        tunnel = is_tunnel(response)
+        tunnel = is_tunnel(response) if status == 101 else None
         keep_alive = (
             head.keep_alive
             and not exchange.close
@@ -558,7 +558,7 @@ class HttpConnection(asyncio.Protocol):
         )
         no_body = head.method == "HEAD" or status in _NO_BODY_STATUS or status < 200
         stream = response.stream
-        reason = response.reason or reason_phrase(status)
+        reason = response.reason or STATUS_REASONS.get(status) or reason_phrase(status)
         parts = [b"HTTP/1.1 %d %b\r\n" % (status, reason)]
         for name, value in response.headers:
             parts += (name, b": ", value, b"\r\n")

@@ -52,7 +52,7 @@ class ServerState:
         self.connections_gauge = app.metrics.connections_active.labels(listener)
         self.in_flight_gauge = app.metrics.requests_in_flight
         # ids are unique per process (random prefix) and cheap (a counter): no uuid per request
-        self._id_prefix = os.urandom(6).hex()
+        self._id_prefix = os.urandom(6).hex().encode("ascii") + b"-"
         self._id_counter = 0
         self._unrouted: dict[tuple[str, int], Any] = {}
 
@@ -73,7 +73,7 @@ class ServerState:
 
     def new_request_id(self) -> bytes:
         self._id_counter += 1
-        return b"%s-%08x" % (self._id_prefix.encode(), self._id_counter)
+        return b"%s%08x" % (self._id_prefix, self._id_counter)
 
     def record(
         self,
