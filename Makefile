@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 CONFIG ?= config/gateway.yaml
 
-.PHONY: setup run test lint typecheck unit clean
+.PHONY: setup run test lint typecheck test-deps bench bench-deps clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,8 +24,23 @@ lint: setup
 typecheck: setup
 	$(BIN)/mypy --strict gateway
 
-test: setup lint typecheck
+# Debian packages the tests need (wrk drives the bench harness's own test)
+test-deps:
+	@command -v wrk >/dev/null || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
+
+test: setup test-deps lint typecheck
 	$(BIN)/pytest
+
+# the peers compared by bench/ (each is skipped when missing)
+bench-deps:
+	@missing=""; for tool in wrk:wrk nginx:nginx-light haproxy:haproxy caddy:caddy; do \
+		command -v $${tool%%:*} >/dev/null || missing="$$missing $${tool##*:}"; done; \
+	if [ -n "$$missing" ]; then apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi
+
+bench: setup bench-deps
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

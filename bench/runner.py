@@ -1,0 +1,192 @@
+"""Start things pinned to cores, drive them with wrk, and measure the proxy process.
+
+Layout on a 2-core machine (SPEC §12): the proxy under test on core 0, the upstream and wrk on
+core 1.  CPU time per request comes from the proxy's own /proc/<pid>/stat counters, so it holds
+when the machine is noisy; peak RSS is VmHWM.  Everything binds 127.0.0.1 and every process
+started here is stopped before the function that started it returns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+PROXY_CORE = "0"
+LOAD_CORE = "1"
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Round:
+    requests: int
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    cpu_us_per_request: float
+    errors: int
+
+
+@dataclass
+class Result:
+    peer: str
+    scenario: str
+    rounds: list[Round] = field(default_factory=list)
+    peak_rss_mib: float = 0.0
+    note: str = ""
+
+    def median(self, name: str) -> float:
+        return (
+            float(statistics.median(getattr(r, name) for r in self.rounds)) if self.rounds else 0.0
+        )
+
+    def summary(self) -> dict[str, float | str]:
+        return {
+            "peer": self.peer,
+            "scenario": self.scenario,
+            "rps": round(self.median("rps"), 1),
+            "p50_ms": round(self.median("p50_ms"), 3),
+            "p99_ms": round(self.median("p99_ms"), 3),
+            "cpu_us_per_request": round(self.median("cpu_us_per_request"), 2),
+            "peak_rss_mib": round(self.peak_rss_mib, 1),
+            "errors": sum(r.errors for r in self.rounds),
+            "note": self.note,
+        }
+
+    def as_dict(self) -> dict[str, object]:
+        return {**self.summary(), "rounds": [asdict(r) for r in self.rounds]}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def pinned(core: str, argv: list[str]) -> list[str]:
+    return ["taskset", "-c", core, *argv] if shutil.which("taskset") else argv
+
+
+def wait_http(port: int, timeout: float = 20.0) -> None:
+    """Until a GET / on the port gets any HTTP answer."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1) as s:
+            s.sendall(b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+            if s.recv(16).startswith(b"HTTP/1."):
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"nothing answered HTTP on 127.0.0.1:{port} within {timeout}s")
+
+
+@contextlib.contextmanager
+def running(
+    argv: list[str], core: str, env: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    proc = subprocess.Popen(
+        pinned(core, argv),
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        yield proc
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def measured_pid(proc: subprocess.Popen[bytes]) -> int:
+    """The process doing the work: taskset execs in place, so it is the one we started."""
+    return proc.pid
+
+
+_LATENCY = re.compile(r"^\s*(50|99)(?:\.0+)?%\s+([\d.]+)(us|ms|s)\s*$", re.M)
+_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+
+
+def parse_wrk(output: str) -> tuple[int, float, float, float, int]:
+    """(requests, rps, p50 ms, p99 ms, errors) from `wrk --latency` output."""
+    requests = int(re.search(r"(\d+) requests in", output).group(1))  # type: ignore[union-attr]
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))  # type: ignore[union-attr]
+    latency = {
+        m.group(1): float(m.group(2)) * _UNITS[m.group(3)] for m in _LATENCY.finditer(output)
+    }
+    errors = 0
+    socket_errors = re.search(
+        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output
+    )
+    if socket_errors:
+        errors += sum(int(g) for g in socket_errors.groups())
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    if non2xx:
+        errors += int(non2xx.group(1))
+    return requests, rps, latency.get("50", 0.0), latency.get("99", 0.0), errors
+
+
+def wrk_round(pid: int, url: str, connections: int, seconds: float) -> Round:
+    before = cpu_seconds(pid)
+    output = subprocess.run(
+        pinned(
+            LOAD_CORE,
+            [
+                "wrk",
+                "-t1",
+                f"-c{connections}",
+                f"-d{max(1, round(seconds))}s",
+                "--latency",
+                "--timeout",
+                "5s",
+                url,
+            ],
+        ),
+        capture_output=True,
+        text=True,
+        timeout=seconds + 30,
+        check=True,
+    ).stdout
+    used = cpu_seconds(pid) - before
+    requests, rps, p50, p99, errors = parse_wrk(output)
+    return Round(
+        requests=requests,
+        rps=rps,
+        p50_ms=p50,
+        p99_ms=p99,
+        cpu_us_per_request=used * 1e6 / max(requests, 1),
+        errors=errors,
+    )
