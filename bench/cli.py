@@ -94,14 +94,17 @@ def _upstream_argv(port: int, scratch: Path) -> tuple[list[str], str]:
 def table(results: list[Result], baseline: dict[str, Result]) -> str:
     head = (
         "| scenario | proxy | req/s | x nginx | p50 ms | p99 ms | CPU us/req | peak RSS MiB "
-        "| errors |\n"
+        "| errors or figures |\n"
         "|---|---|---|---|---|---|---|---|---|"
     )
     rows = [head]
     for r in results:
         s = r.summary()
         if not r.rounds:
-            rows.append(f"| {r.scenario} | {r.peer} | - | - | - | - | - | - | {s['note']} |")
+            extra = ", ".join(f"{k} {v:g}" for k, v in r.figures.items()) or s["note"]
+            rows.append(
+                f"| {r.scenario} | {r.peer} | - | - | - | - | - | {s['peak_rss_mib']} | {extra} |"
+            )
             continue
         nginx = baseline.get(r.scenario)
         ratio = f"{r.median('rps') / nginx.median('rps'):.2f}" if nginx and nginx.rounds else "-"

@@ -43,6 +43,8 @@ class Result:
     rounds: list[Round] = field(default_factory=list)
     peak_rss_mib: float = 0.0
     note: str = ""
+    #: scenario-specific figures (RSS growth, MiB/s, ...)
+    figures: dict[str, float] = field(default_factory=dict)
 
     def median(self, name: str) -> float:
         return (
@@ -60,6 +62,7 @@ class Result:
             "peak_rss_mib": round(self.peak_rss_mib, 1),
             "errors": sum(r.errors for r in self.rounds),
             "note": self.note,
+            **{k: round(v, 2) for k, v in self.figures.items()},
         }
 
     def as_dict(self) -> dict[str, object]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import resource
 import sys
 import tempfile
 from collections.abc import Callable
@@ -15,6 +17,7 @@ from bench.runner import (
     free_port,
     measured_pid,
     peak_rss_mib,
+    rss_mib,
     running,
     wait_http,
     wrk_round,
@@ -62,6 +65,55 @@ def wrk_scenario(scenario: Scenario, peer_name: str, settings: Settings) -> Resu
     return result
 
 
+async def _hold_idle(port: int, count: int) -> list[asyncio.StreamWriter]:
+    """Open `count` keep-alive connections, one answered request each, and keep them open."""
+    writers: list[asyncio.StreamWriter] = []
+    request = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n"
+
+    async def one() -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(request)
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+        await reader.readexactly(length)
+        writers.append(writer)
+
+    for start in range(0, count, 500):
+        await asyncio.gather(*(one() for _ in range(min(500, count - start))))
+    return writers
+
+
+def idle_scenario(scenario: Scenario, peer_name: str, settings: Settings) -> Result:
+    """RSS growth of the proxy holding 10,000 idle keep-alive client connections."""
+    peer = PEERS[peer_name]
+    result = Result(peer=peer_name, scenario=scenario.name)
+    if not peer.available():
+        result.note = f"{peer.needs} not installed"
+        return result
+    count = int(scenario.extra.get("connections", "10000"))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, count + 1000)), hard))
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix=f"bench-{peer_name}-") as scratch:
+        launch = peer.build(Path(scratch), port, settings.upstream_port, scenario.routes)
+        with running(launch.argv, PROXY_CORE, launch.env) as proc:
+            wait_http(port)
+            pid = measured_pid(proc)
+            before = rss_mib(pid)
+
+            async def hold() -> float:
+                writers = await _hold_idle(port, count)
+                grown = rss_mib(pid) - before
+                for writer in writers:
+                    writer.close()
+                return grown
+
+            result.figures["rss_growth_mib"] = asyncio.run(hold())
+            result.figures["idle_connections"] = count
+            result.peak_rss_mib = peak_rss_mib(pid)
+    return result
+
+
 SCENARIOS: dict[str, Scenario] = {
     s.name: s
     for s in (
@@ -77,6 +129,13 @@ SCENARIOS: dict[str, Scenario] = {
             peers=("gateway",),
             run=wrk_scenario,
             routes=10_000,
+        ),
+        Scenario(
+            name="idle10k",
+            description="RSS growth holding 10,000 idle keep-alive client connections",
+            peers=("gateway", "nginx", "haproxy", "caddy"),
+            run=idle_scenario,
+            extra={"connections": "10000"},
         ),
     )
 }
