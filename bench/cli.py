@@ -81,12 +81,16 @@ def _upstream_argv(port: int, scratch: Path) -> tuple[list[str], str]:
                   server {{
                     listen 127.0.0.1:{port};
                     keepalive_requests 1000000;
+                    client_max_body_size 200m;
                     location / {{ return 200 "hello world\\n"; }}
+                    location /big {{ alias {scratch}/big.bin; }}
                   }}
                 }}
                 """
             )
         )
+        with (scratch / "big.bin").open("wb") as big:
+            big.truncate(100 * 1024 * 1024)  # the streaming scenario's download
         return ["nginx", "-p", str(scratch), "-c", str(conf)], "nginx (fixed body)"
     return [sys.executable, "-m", "bench.upstream", str(port)], "bench.upstream (built in)"
 
@@ -159,9 +163,9 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"bench: {name} / {peer} …", file=sys.stderr, flush=True)
                     try:
                         results.append(scenario.run(scenario, peer, settings))
-                    except (RuntimeError, subprocess.SubprocessError, OSError) as exc:
+                    except Exception as exc:
                         # one peer failing to start must not cost the others their figures
-                        failed = Result(peer=peer, scenario=name, note=f"failed: {exc}")
+                        failed = Result(peer=peer, scenario=name, note=f"failed: {exc!r}")
                         results.append(failed)
     baseline = {r.scenario: r for r in results if r.peer == "nginx"}
     report = {

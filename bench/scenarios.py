@@ -12,6 +12,7 @@ from pathlib import Path
 
 from bench.peers import PEERS
 from bench.runner import (
+    LOAD_CORE,
     PROXY_CORE,
     Result,
     free_port,
@@ -114,6 +115,83 @@ def idle_scenario(scenario: Scenario, peer_name: str, settings: Settings) -> Res
     return result
 
 
+STREAM_BYTES = 100 * 1024 * 1024
+
+
+async def _transfer(port: int, size: int) -> tuple[float, float]:
+    """Seconds to upload `size` bytes, then to download `size` bytes, through the proxy."""
+    loop = asyncio.get_running_loop()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    chunk = b"u" * (256 * 1024)
+    started = loop.time()
+    writer.write(b"POST /upload HTTP/1.1\r\nHost: bench\r\nContent-Length: %d\r\n\r\n" % size)
+    sent = 0
+    while sent < size:
+        part = chunk[: min(len(chunk), size - sent)]
+        writer.write(part)
+        await writer.drain()
+        sent += len(part)
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+    await reader.readexactly(length)
+    upload = loop.time() - started
+    started = loop.time()
+    writer.write(b"GET /big?size=%d HTTP/1.1\r\nHost: bench\r\n\r\n" % size)
+    head = await reader.readuntil(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 200"):
+        raise RuntimeError(f"download refused: {head[:40]!r}")
+    received = 0
+    while received < size:
+        data = await reader.read(1 << 20)
+        if not data:
+            raise RuntimeError("connection closed during the download")
+        received += len(data)
+    download = loop.time() - started
+    writer.close()
+    return upload, download
+
+
+def stream_scenario(scenario: Scenario, peer_name: str, settings: Settings) -> Result:
+    """100 MiB up and 100 MiB down on one connection: throughput and the proxy's RSS growth."""
+    peer = PEERS[peer_name]
+    result = Result(peer=peer_name, scenario=scenario.name)
+    if not peer.available():
+        result.note = f"{peer.needs} not installed"
+        return result
+    port = free_port()
+    # our own upstream here: it reads a whole upload before answering, as a real service would
+    # (nginx's `return` answers at once and discards the body, which cuts streaming proxies off)
+    upstream_port = free_port()
+    upstream_argv = [sys.executable, "-m", "bench.upstream", str(upstream_port)]
+    with (
+        tempfile.TemporaryDirectory(prefix=f"bench-{peer_name}-") as scratch,
+        running(upstream_argv, LOAD_CORE),
+    ):
+        wait_http(upstream_port)
+        launch = peer.build(Path(scratch), port, upstream_port, scenario.routes)
+        with running(launch.argv, PROXY_CORE, launch.env) as proc:
+            wait_http(port)
+            pid = measured_pid(proc)
+            before = rss_mib(pid)
+            peak = before
+
+            async def measure() -> tuple[float, float]:
+                nonlocal peak
+                transfer = asyncio.ensure_future(_transfer(port, STREAM_BYTES))
+                while not transfer.done():
+                    peak = max(peak, rss_mib(pid))
+                    await asyncio.sleep(0.02)
+                return transfer.result()
+
+            upload, download = asyncio.run(measure())
+            mib = STREAM_BYTES / (1024 * 1024)
+            result.figures["upload_mib_s"] = mib / upload
+            result.figures["download_mib_s"] = mib / download
+            result.figures["rss_growth_mib"] = peak - before
+            result.peak_rss_mib = peak_rss_mib(pid)
+    return result
+
+
 SCENARIOS: dict[str, Scenario] = {
     s.name: s
     for s in (
@@ -129,6 +207,12 @@ SCENARIOS: dict[str, Scenario] = {
             peers=("gateway",),
             run=wrk_scenario,
             routes=10_000,
+        ),
+        Scenario(
+            name="stream",
+            description="100 MiB request body and 100 MiB response body, streamed",
+            peers=("gateway", "nginx", "haproxy", "caddy", "aiohttp"),
+            run=stream_scenario,
         ),
         Scenario(
             name="idle10k",

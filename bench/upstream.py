@@ -42,6 +42,9 @@ class Fixed(asyncio.Protocol):
             assert self.transport is not None
             self.transport.close()
 
+    def on_body(self, body: bytes) -> None:
+        pass  # uploads are read and dropped
+
     def on_url(self, url: bytes) -> None:
         self.url = url
 
