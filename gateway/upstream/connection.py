@@ -38,12 +38,14 @@ class StaleConnection(UpstreamUnavailable):
 @final
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
+        "_active",
         "_body_chunks",
         "_body_timeout",
         "_chunks_len",
         "_closed",
         "_done",
         "_drain",
+        "_failure",
         "_got_bytes",
         "_head_waiter",
         "_headers",
@@ -93,7 +95,11 @@ class UpstreamConnection(asyncio.Protocol):
 
     def _reset_exchange(self) -> None:
         self._head_waiter: asyncio.Future[Response] | None = None
+        #: created only when a body is piped: most responses arrive whole and never need it
         self._done: asyncio.Future[None] | None = None
+        self._failure: GatewayError | None = None
+        #: between send() and the end of the exchange
+        self._active = False
         self._timer: asyncio.TimerHandle | None = None
         self._status = 0
         self._headers: list[tuple[bytes, bytes]] = []
@@ -122,7 +128,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self._upgraded:
             self._tunnel_data(data)
             return
-        if self._head_waiter is None and self._done is None:
+        if not self._active:
             # bytes nobody asked for: the connection is out of step, never reuse it
             self.close()
             return
@@ -150,7 +156,7 @@ class UpstreamConnection(asyncio.Protocol):
         elif self.close_delimited and self._status and not self._message_done:
             # a response without framing ends when the upstream closes
             self.on_message_complete()
-        elif self._head_waiter is not None or (self._done is not None and not self._message_done):
+        elif self._active and not self._message_done:
             if not self._got_bytes and self.reused:
                 self._fail(StaleConnection("upstream closed a kept-alive connection"))
             else:
@@ -294,7 +300,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._body_timeout = body_timeout
         head_waiter: asyncio.Future[Response] = loop.create_future()
         self._head_waiter = head_waiter
-        self._done = loop.create_future()
+        self._active = True
         if body is None:
             transport.write(head)
         elif body.is_complete and not chunked:
@@ -347,8 +353,11 @@ class UpstreamConnection(asyncio.Protocol):
     # -- BodyStream --------------------------------------------------------------------------
 
     def pipe(self, sink: BodySink) -> asyncio.Future[None]:
-        done = self._done
-        assert done is not None
+        done = self._loop.create_future()
+        self._done = done
+        if self._failure is not None:
+            done.set_exception(self._failure)
+            return done
         self._sink = sink
         if self._body_chunks:
             for chunk in self._body_chunks:
@@ -358,8 +367,11 @@ class UpstreamConnection(asyncio.Protocol):
             if not self._paused_by_sink:
                 self._set_reading(True)
         if self._message_done:
+            done.set_result(None)
             self._finish()
-        elif not self._closed:
+        elif self._closed:
+            done.set_exception(UpstreamUnavailable("upstream closed the connection"))
+        else:
             self._timer = self._loop.call_later(self._body_timeout, self._on_body_timeout)
         return done
 
@@ -399,6 +411,7 @@ class UpstreamConnection(asyncio.Protocol):
     # -- endings -----------------------------------------------------------------------------
 
     def _finish(self) -> None:
+        self._active = False
         self._sink = None
         self._paused_by_sink = False
         self._set_reading(True)
@@ -418,6 +431,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.abort()
 
     def _fail(self, error: GatewayError) -> None:
+        self._failure = error
         self.reusable = False
         self._keep_alive = False
         if self._timer is not None:
