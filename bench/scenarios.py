@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import resource
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,24 +46,37 @@ class Scenario:
     extra: dict[str, str] = field(default_factory=dict)
 
 
-def wrk_scenario(scenario: Scenario, peer_name: str, settings: Settings) -> Result:
-    """Start `peer_name`, warm it up, then `settings.rounds` wrk rounds against it."""
+@contextlib.contextmanager
+def started(
+    scenario: Scenario, peer_name: str, upstream_port: int, result: Result
+) -> Iterator[tuple[int, int] | None]:
+    """The peer running on core 0 and answering: (pid, port); None when it is not installed."""
     peer = PEERS[peer_name]
-    result = Result(peer=peer_name, scenario=scenario.name)
     if not peer.available():
         result.note = f"{peer.needs} not installed"
-        return result
+        yield None
+        return
     port = free_port()
     with tempfile.TemporaryDirectory(prefix=f"bench-{peer_name}-") as scratch:
-        launch = peer.build(Path(scratch), port, settings.upstream_port, scenario.routes)
+        launch = peer.build(Path(scratch), port, upstream_port, scenario.routes)
         with running(launch.argv, PROXY_CORE, launch.env) as proc:
             wait_http(port)
             pid = measured_pid(proc)
-            url = f"http://127.0.0.1:{port}{scenario.path}"
-            wrk_round(pid, url, settings.connections, min(1.0, settings.seconds))  # warm-up
-            for _ in range(settings.rounds):
-                result.rounds.append(wrk_round(pid, url, settings.connections, settings.seconds))
+            yield pid, port
             result.peak_rss_mib = peak_rss_mib(pid)
+
+
+def wrk_scenario(scenario: Scenario, peer_name: str, settings: Settings) -> Result:
+    """Start `peer_name`, warm it up, then `settings.rounds` wrk rounds against it."""
+    result = Result(peer=peer_name, scenario=scenario.name)
+    with started(scenario, peer_name, settings.upstream_port, result) as peer:
+        if peer is None:
+            return result
+        pid, port = peer
+        url = f"http://127.0.0.1:{port}{scenario.path}"
+        wrk_round(pid, url, settings.connections, min(1.0, settings.seconds))  # warm-up
+        for _ in range(settings.rounds):
+            result.rounds.append(wrk_round(pid, url, settings.connections, settings.seconds))
     return result
 
 
@@ -86,32 +100,25 @@ async def _hold_idle(port: int, count: int) -> list[asyncio.StreamWriter]:
 
 def idle_scenario(scenario: Scenario, peer_name: str, settings: Settings) -> Result:
     """RSS growth of the proxy holding 10,000 idle keep-alive client connections."""
-    peer = PEERS[peer_name]
     result = Result(peer=peer_name, scenario=scenario.name)
-    if not peer.available():
-        result.note = f"{peer.needs} not installed"
-        return result
     count = int(scenario.extra.get("connections", "10000"))
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, count + 1000)), hard))
-    port = free_port()
-    with tempfile.TemporaryDirectory(prefix=f"bench-{peer_name}-") as scratch:
-        launch = peer.build(Path(scratch), port, settings.upstream_port, scenario.routes)
-        with running(launch.argv, PROXY_CORE, launch.env) as proc:
-            wait_http(port)
-            pid = measured_pid(proc)
-            before = rss_mib(pid)
+    with started(scenario, peer_name, settings.upstream_port, result) as peer:
+        if peer is None:
+            return result
+        pid, port = peer
+        before = rss_mib(pid)
 
-            async def hold() -> float:
-                writers = await _hold_idle(port, count)
-                grown = rss_mib(pid) - before
-                for writer in writers:
-                    writer.close()
-                return grown
+        async def hold() -> float:
+            writers = await _hold_idle(port, count)
+            grown = rss_mib(pid) - before
+            for writer in writers:
+                writer.close()
+            return grown
 
-            result.figures["rss_growth_mib"] = asyncio.run(hold())
-            result.figures["idle_connections"] = count
-            result.peak_rss_mib = peak_rss_mib(pid)
+        result.figures["rss_growth_mib"] = asyncio.run(hold())
+        result.figures["idle_connections"] = count
     return result
 
 
@@ -153,25 +160,17 @@ async def _transfer(port: int, size: int) -> tuple[float, float]:
 
 def stream_scenario(scenario: Scenario, peer_name: str, settings: Settings) -> Result:
     """100 MiB up and 100 MiB down on one connection: throughput and the proxy's RSS growth."""
-    peer = PEERS[peer_name]
     result = Result(peer=peer_name, scenario=scenario.name)
-    if not peer.available():
-        result.note = f"{peer.needs} not installed"
-        return result
-    port = free_port()
     # our own upstream here: it reads a whole upload before answering, as a real service would
     # (nginx's `return` answers at once and discards the body, which cuts streaming proxies off)
     upstream_port = free_port()
     upstream_argv = [sys.executable, "-m", "bench.upstream", str(upstream_port)]
-    with (
-        tempfile.TemporaryDirectory(prefix=f"bench-{peer_name}-") as scratch,
-        running(upstream_argv, LOAD_CORE),
-    ):
+    with running(upstream_argv, LOAD_CORE):
         wait_http(upstream_port)
-        launch = peer.build(Path(scratch), port, upstream_port, scenario.routes)
-        with running(launch.argv, PROXY_CORE, launch.env) as proc:
-            wait_http(port)
-            pid = measured_pid(proc)
+        with started(scenario, peer_name, upstream_port, result) as peer:
+            if peer is None:
+                return result
+            pid, port = peer
             before = rss_mib(pid)
             peak = before
 
@@ -188,7 +187,6 @@ def stream_scenario(scenario: Scenario, peer_name: str, settings: Settings) -> R
             result.figures["upload_mib_s"] = mib / upload
             result.figures["download_mib_s"] = mib / download
             result.figures["rss_growth_mib"] = peak - before
-            result.peak_rss_mib = peak_rss_mib(pid)
     return result
 
 
@@ -223,7 +221,3 @@ SCENARIOS: dict[str, Scenario] = {
         ),
     )
 }
-
-
-def python() -> str:
-    return sys.executable
