@@ -24,24 +24,38 @@ class Stage(Protocol):
 
 
 @final
+class Peer:
+    """The client end of one downstream connection, shared by every request on it."""
+
+    __slots__ = ("ip", "ip_bytes", "listener", "scheme", "scheme_bytes", "trusted")
+
+    def __init__(self, ip: str, *, trusted: bool, scheme: str, listener: str) -> None:
+        self.ip = ip
+        #: as it goes into X-Forwarded-For, encoded once per connection
+        self.ip_bytes = ip.encode("ascii")
+        #: X-Forwarded-For and X-Request-Id from this peer are believed (trusted_proxies)
+        self.trusted = trusted
+        self.scheme = scheme
+        self.scheme_bytes = scheme.encode("ascii")
+        self.listener = listener
+
+
+@final
 class RequestContext:
     """Everything one request carries through its pipeline."""
 
     __slots__ = (
         "attempts",
         "body",
-        "client_ip",
         "deadline",
         "endpoint",
         "head",
-        "listener",
         "outcomes",
+        "peer",
         "request_id",
         "route",
-        "scheme",
         "snapshot",
         "start",
-        "trusted_peer",
         "upstream",
         "upstream_head",
     )
@@ -52,23 +66,16 @@ class RequestContext:
         body: RequestBody | None,
         route: Route,
         snapshot: Snapshot,
-        *,
-        client_ip: str,
-        trusted_peer: bool,
+        peer: Peer,
         request_id: bytes,
-        scheme: str,
-        listener: str,
         start: float,
     ) -> None:
         self.head = head
         self.body = body
         self.route = route
         self.snapshot = snapshot
-        self.client_ip = client_ip
-        self.trusted_peer = trusted_peer
+        self.peer = peer
         self.request_id = request_id
-        self.scheme = scheme
-        self.listener = listener
         self.start = start
         self.deadline = start + route.timeout
         #: filled by the terminal stage for the access log and metrics

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Final
 
 from gateway.http.headers import CONNECTION_PROTECTED, REQUEST_DROP
-from gateway.pipeline import RequestContext
+from gateway.http.messages import RequestHead
 
 _CRLF: Final = b"\r\n"
 
@@ -29,18 +29,29 @@ def upstream_path(path: str, strip_prefix: str | None) -> str:
     return path
 
 
+def upstream_target(head: RequestHead, strip_prefix: str | None) -> bytes:
+    """The request-target sent upstream: as received when it was already normal and nothing is
+    stripped (the common case, no re-encoding), else rebuilt from the normalized path."""
+    if head.plain_target and (not strip_prefix or strip_prefix == "/"):
+        return head.target
+    path = upstream_path(head.path, strip_prefix)
+    return (path + "?" + head.query if head.query else path).encode("ascii")
+
+
 def build_request_head(
-    ctx: RequestContext,
-    path: str,
+    head: RequestHead,
+    target: bytes,
     *,
+    client: bytes,
+    trusted_peer: bool,
+    scheme: bytes,
+    request_id: bytes,
     content_length: int | None,
     chunked: bool,
     upgrade: bool = False,
     default_host: bytes = b"",
 ) -> bytes:
-    head = ctx.head
-    target = path + "?" + head.query if head.query else path
-    parts = [head.method.encode("ascii"), b" ", target.encode("ascii"), b" HTTP/1.1\r\n"]
+    parts = [head.raw_method, b" ", target, b" HTTP/1.1\r\n"]
     named = head.connection_tokens
     if named:
         named = named - CONNECTION_PROTECTED
@@ -51,27 +62,20 @@ def build_request_head(
         parts += (name, b": ", value, _CRLF)
     host = head.host
     if host is not None:
-        parts += (b"Host: ", host, b"\r\nX-Forwarded-Host: ", host, _CRLF)
+        parts += (b"Host: ", host, b"\r\nX-Forwarded-Host: ", host, b"\r\nX-Forwarded-For: ")
     elif default_host:
         # an HTTP/1.0 client sent no Host; HTTP/1.1 upstreams require one
-        parts += (b"Host: ", default_host, _CRLF)
-    client = ctx.client_ip.encode("ascii")
-    previous = head.x_forwarded_for
-    if previous is not None and ctx.trusted_peer:
-        parts += (b"X-Forwarded-For: ", previous, b", ", client, _CRLF)
+        parts += (b"Host: ", default_host, b"\r\nX-Forwarded-For: ")
     else:
-        parts += (b"X-Forwarded-For: ", client, _CRLF)
-    parts += (
-        b"X-Forwarded-Proto: ",
-        ctx.scheme.encode("ascii"),
-        b"\r\nX-Request-Id: ",
-        ctx.request_id,
-        _CRLF,
-    )
+        parts.append(b"X-Forwarded-For: ")
+    previous = head.x_forwarded_for
+    if previous is not None and trusted_peer:
+        parts += (previous, b", ")
+    parts += (client, b"\r\nX-Forwarded-Proto: ", scheme, b"\r\nX-Request-Id: ", request_id, _CRLF)
     if upgrade and head.upgrade is not None:
         parts += (b"Connection: Upgrade\r\nUpgrade: ", head.upgrade, _CRLF)
     if content_length is not None:
-        parts += (b"Content-Length: ", str(content_length).encode("ascii"), _CRLF)
+        parts += (b"Content-Length: %d\r\n" % content_length,)
     elif chunked:
         parts.append(b"Transfer-Encoding: chunked\r\n")
     parts.append(_CRLF)

@@ -34,7 +34,9 @@ class RequestHead:
         "keep_alive",
         "method",
         "path",
+        "plain_target",
         "query",
+        "raw_method",
         "request_id",
         "target",
         "upgrade",
@@ -44,7 +46,10 @@ class RequestHead:
 
     def __init__(self) -> None:
         self.method = ""
+        self.raw_method = b""
         self.target = b""
+        #: the target was already normal: it is forwarded as received when nothing is stripped
+        self.plain_target = False
         self.path = "/"
         self.query = ""
         self.version = "1.1"

@@ -49,6 +49,13 @@ _ESCAPES = _escape_table()
 
 def normalize_target(target: bytes) -> tuple[str, str]:
     """Split and normalize a request-target into (path, query); query has no leading "?"."""
+    path, query, _ = split_target(target)
+    return path, query
+
+
+def split_target(target: bytes) -> tuple[str, str, bool]:
+    """`normalize_target`, and whether `target` was already normal (so it can be forwarded as
+    received, without re-encoding)."""
     # latin-1 maps bytes to code points one to one, so nothing is lost before validation
     path, _, query = target.decode("latin-1").partition("?")
     if (
@@ -64,8 +71,9 @@ def normalize_target(target: bytes) -> tuple[str, str]:
         and "/." not in path
         and (not query or (query.isascii() and query.isprintable() and " " not in query))
     ):
-        return path, query
-    return _normalize_slow(path, query)
+        return path, query, True
+    path, query = _normalize_slow(path, query)
+    return path, query, False
 
 
 def _normalize_slow(path: str, query: str) -> tuple[str, str]:

@@ -30,9 +30,9 @@ from gateway.errors import (
 )
 from gateway.http.headers import STATUS_REASONS, connection_tokens, reason_phrase
 from gateway.http.messages import BodyStream, RequestBody, RequestHead, Response
-from gateway.http.path import normalize_target
+from gateway.http.path import split_target
 from gateway.http.problem import problem_response
-from gateway.pipeline import RequestContext
+from gateway.pipeline import Peer, RequestContext
 from gateway.stages.proxy import is_tunnel
 
 if TYPE_CHECKING:
@@ -64,6 +64,8 @@ _SPECIAL: Final = frozenset(
     }
 )
 _NO_BODY_STATUS: Final = frozenset({204, 304})
+#: before connection_made
+_NO_PEER: Final = Peer("", trusted=False, scheme="http", listener="")
 
 
 class ClientClosed(Exception):
@@ -116,13 +118,12 @@ class HttpConnection(asyncio.Protocol):
         "_wakeup",
         "_write_paused",
         "_write_paused_at",
-        "client_ip",
         "deadline",
         "deadline_kind",
         "parser",
+        "peer",
         "server",
         "transport",
-        "trusted_peer",
     )
 
     def __init__(self, server: ServerState) -> None:
@@ -130,8 +131,7 @@ class HttpConnection(asyncio.Protocol):
         self._loop = server.loop
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
-        self.client_ip = ""
-        self.trusted_peer = False
+        self.peer = _NO_PEER
         self.deadline = 0.0
         self.deadline_kind = 0
         self._head: RequestHead | None = None
@@ -165,9 +165,14 @@ class HttpConnection(asyncio.Protocol):
             return
         server.connections.add(self)
         server.connections_gauge.inc()
-        peer = transport.get_extra_info("peername")
-        self.client_ip = peer[0] if peer else ""
-        self.trusted_peer = server.snapshot.is_trusted(self.client_ip)
+        address = transport.get_extra_info("peername")
+        ip = address[0] if address else ""
+        self.peer = Peer(
+            ip,
+            trusted=server.snapshot.is_trusted(ip),
+            scheme=server.scheme,
+            listener=server.listener,
+        )
         # the first request head must arrive within header_timeout of the connection opening
         self.deadline = self._loop.time() + server.snapshot.limits.header_timeout
         self.deadline_kind = _HEAD
@@ -332,17 +337,19 @@ class HttpConnection(asyncio.Protocol):
         if version != "1.1" and version != "1.0":
             raise BadRequest(f"HTTP/{version} is not supported")
         head.version = version
-        method = parser.get_method().decode("ascii")
+        raw_method = parser.get_method()
+        method = raw_method.decode("ascii")
         if method == "CONNECT":
             raise BadRequest("CONNECT is not supported")
         head.method = method
+        head.raw_method = raw_method
         if version == "1.1":
             if head.host is None:
                 raise BadRequest("missing Host header")
         elif head.chunked:
             raise BadRequest("Transfer-Encoding is not allowed in HTTP/1.0")
         head.keep_alive = parser.should_keep_alive()
-        head.path, head.query = normalize_target(head.target)
+        head.path, head.query, head.plain_target = split_target(head.target)
         now = self._loop.time()
         error: GatewayError | None = None
         route: Route | None = None
@@ -496,7 +503,8 @@ class HttpConnection(asyncio.Protocol):
         server = self.server
         head = exchange.head
         request_id = head.request_id
-        if request_id is None or not self.trusted_peer or not _valid_request_id(request_id):
+        peer = self.peer
+        if request_id is None or not peer.trusted or not _valid_request_id(request_id):
             request_id = server.new_request_id()
         ctx: RequestContext | None = None
         status = 0
@@ -505,16 +513,7 @@ class HttpConnection(asyncio.Protocol):
             route = exchange.route
             if error is None and route is not None:
                 ctx = RequestContext(
-                    head,
-                    exchange.body,
-                    route,
-                    exchange.snapshot,
-                    client_ip=self.client_ip,
-                    trusted_peer=self.trusted_peer,
-                    request_id=request_id,
-                    scheme=server.scheme,
-                    listener=server.listener,
-                    start=exchange.start,
+                    head, exchange.body, route, exchange.snapshot, peer, request_id, exchange.start
                 )
                 try:
                     response = await route.handler(ctx)
@@ -539,7 +538,7 @@ class HttpConnection(asyncio.Protocol):
             raise
         finally:
             server.in_flight_gauge.dec()
-            server.record(exchange, ctx, status or 499, request_id, self._bytes_out, self.client_ip)
+            server.record(exchange, ctx, status or 499, request_id, self._bytes_out, peer.ip)
             self._bytes_out = 0
 
     async def _respond(self, exchange: _Exchange, response: Response, request_id: bytes) -> None:

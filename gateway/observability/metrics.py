@@ -399,9 +399,10 @@ class Registry:
                 os.remove(tmp)
             raise
 
-    def render(self, extra: Iterable[Snapshot] = ()) -> str:
-        """Prometheus text of the live values merged with other workers' snapshots."""
-        others = [s for s in extra if isinstance(s, dict)]
+    def render(self, extra: Iterable[object] = ()) -> str:
+        """Prometheus text of the live values merged with other workers' snapshots (anything
+        that is not a snapshot, such as a file another worker was still writing, is skipped)."""
+        others: list[Snapshot] = [s for s in extra if isinstance(s, dict)]
         out: list[str] = []
         for name, family in self.families.items():
             _render_family(family, [s.get(name) for s in others], out)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import final
 
-from gateway.http.forwarding import build_request_head, upstream_path
+from gateway.http.forwarding import build_request_head, upstream_path, upstream_target
 from gateway.http.messages import Response
 from gateway.pipeline import RequestContext
 
@@ -38,7 +38,14 @@ class EchoHandler:
                 size += len(chunk)
         path = upstream_path(ctx.head.path, self.strip_prefix)
         raw = build_request_head(
-            ctx, path, content_length=size if ctx.body is not None else None, chunked=False
+            ctx.head,
+            upstream_target(ctx.head, self.strip_prefix),
+            client=ctx.peer.ip_bytes,
+            trusted_peer=ctx.peer.trusted,
+            scheme=ctx.peer.scheme_bytes,
+            request_id=ctx.request_id,
+            content_length=size if ctx.body is not None else None,
+            chunked=False,
         )
         lines = raw.decode("latin-1").split("\r\n")
         headers: dict[str, str] = {}

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from typing import Final, final
 
 from gateway.errors import UpstreamTimeout, UpstreamUnavailable
-from gateway.http.forwarding import build_request_head, upstream_path
+from gateway.http.forwarding import build_request_head, upstream_target
 from gateway.http.messages import Response
 from gateway.pipeline import RequestContext
 from gateway.upstream.connection import StaleConnection, UpstreamConnection
@@ -87,9 +87,14 @@ class ProxyHandler:
             chunked = False
         request = ctx.upstream_head
         if request is None:
+            peer = ctx.peer
             request = build_request_head(
-                ctx,
-                upstream_path(head.path, self.strip_prefix),
+                head,
+                upstream_target(head, self.strip_prefix),
+                client=peer.ip_bytes,
+                trusted_peer=peer.trusted,
+                scheme=peer.scheme_bytes,
+                request_id=ctx.request_id,
                 content_length=content_length,
                 chunked=chunked,
                 upgrade=upgrade,
@@ -119,16 +124,13 @@ class ProxyHandler:
                     min(config.response_header_timeout, ctx.deadline - loop.time()),
                     ctx.snapshot.limits.body_timeout,
                 )
-            except StaleConnection:
+            except BaseException as exc:
+                endpoint.in_flight -= 1
                 conn.abort()
-                if replayable and ctx.attempts < 2:
+                if isinstance(exc, StaleConnection) and replayable and ctx.attempts < 2:
                     continue
                 raise
-            except BaseException:
-                conn.abort()
-                raise
-            finally:
-                endpoint.in_flight -= 1
+            endpoint.in_flight -= 1
             break
         upstream.request_duration.observe(loop.time() - started)
         if response.status == 101:

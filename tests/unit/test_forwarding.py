@@ -6,8 +6,9 @@ from typing import Any
 
 import pytest
 
-from gateway.http.forwarding import build_request_head, upstream_path
+from gateway.http.forwarding import build_request_head, upstream_path, upstream_target
 from gateway.http.messages import RequestHead
+from gateway.http.path import split_target
 
 
 @pytest.mark.parametrize(
@@ -25,18 +26,22 @@ def test_strip_prefix_on_segment_boundaries(path: str, prefix: str | None, expec
     assert upstream_path(path, prefix) == expected
 
 
-class Ctx:
-    def __init__(self, head: RequestHead, trusted: bool = False) -> None:
-        self.head = head
-        self.client_ip = "192.0.2.7"
-        self.trusted_peer = trusted
-        self.scheme = "http"
-        self.request_id = b"rid-1"
+def _build(head: RequestHead, target: bytes, *, trusted: bool = False, **framing: Any) -> bytes:
+    return build_request_head(
+        head,
+        target,
+        client=b"192.0.2.7",
+        trusted_peer=trusted,
+        scheme=b"http",
+        request_id=b"rid-1",
+        **framing,
+    )
 
 
 def _head(*headers: tuple[bytes, bytes], **fields: Any) -> RequestHead:
     head = RequestHead()
     head.method = "POST"
+    head.raw_method = b"POST"
     head.query = "a=1"
     head.headers = list(headers)
     for key, value in fields.items():
@@ -63,8 +68,7 @@ def test_head_drops_hop_by_hop_named_and_spoofable_headers() -> None:
         connection_tokens={b"close", b"x-drop", b"host"},
         x_forwarded_for=b"198.51.100.1",
     )
-    ctx: Any = Ctx(head)
-    lines = _lines(build_request_head(ctx, "/x", content_length=3, chunked=False))
+    lines = _lines(_build(head, b"/x?a=1", content_length=3, chunked=False))
     assert lines[0] == b"POST /x?a=1 HTTP/1.1"
     assert b"X-Keep: 1" in lines
     assert b"Host: api.test" in lines  # naming Host in Connection cannot remove it
@@ -81,17 +85,31 @@ def test_head_drops_hop_by_hop_named_and_spoofable_headers() -> None:
 
 def test_trusted_peer_appends_and_chunked_framing() -> None:
     head = _head(host=b"h", x_forwarded_for=b"198.51.100.1")
-    ctx: Any = Ctx(head, trusted=True)
-    lines = _lines(build_request_head(ctx, "/", content_length=None, chunked=True))
+    lines = _lines(_build(head, b"/", trusted=True, content_length=None, chunked=True))
     assert b"X-Forwarded-For: 198.51.100.1, 192.0.2.7" in lines
     assert b"Transfer-Encoding: chunked" in lines
 
 
 def test_missing_host_uses_the_default() -> None:
-    ctx: Any = Ctx(_head())
     lines = _lines(
-        build_request_head(
-            ctx, "/", content_length=None, chunked=False, default_host=b"10.0.0.1:80"
-        )
+        _build(_head(), b"/", content_length=None, chunked=False, default_host=b"10.0.0.1:80")
     )
     assert b"Host: 10.0.0.1:80" in lines
+
+
+@pytest.mark.parametrize(
+    ("target", "strip", "expected"),
+    [
+        (b"/a/b?x=1", None, b"/a/b?x=1"),  # already normal: forwarded as received
+        (b"/a/b?", None, b"/a/b?"),
+        (b"/svc/b?x=1", "/svc", b"/b?x=1"),
+        (b"/a/./b/../c?q", None, b"/a/c?q"),  # normalized, then re-encoded
+        (b"/%7euser", None, b"/~user"),
+        (b"http://h.test/p?q=1", None, b"/p?q=1"),  # absolute-form becomes origin-form
+    ],
+)
+def test_upstream_target(target: bytes, strip: str | None, expected: bytes) -> None:
+    head = RequestHead()
+    head.target = target
+    head.path, head.query, head.plain_target = split_target(target)
+    assert upstream_target(head, strip) == expected

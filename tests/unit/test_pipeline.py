@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from gateway.http.messages import Response
 from gateway.pipeline import Next, RequestContext, compose
+from tests.support.context import make_context
 
 
 class Recorder:
@@ -34,7 +33,7 @@ async def test_onion_order() -> None:
         return Response(200, [])
 
     handler = compose([Recorder("a", log), Recorder("b", log)], terminal)
-    ctx: Any = object()
+    ctx = make_context()
     response = await handler(ctx)
     assert log == ["in:a", "in:b", "terminal", "out:b", "out:a"]
     assert response.headers == [(b"X-Stage", b"b"), (b"X-Stage", b"a")]
@@ -48,6 +47,6 @@ async def test_a_stage_can_answer_without_calling_next() -> None:
         return Response(200, [])
 
     handler = compose([ShortCircuit()], terminal)
-    ctx: Any = object()
+    ctx = make_context()
     assert (await handler(ctx)).status == 429
     assert called == []
