@@ -6,10 +6,10 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from typing import TYPE_CHECKING, Any, Protocol, final
+from typing import TYPE_CHECKING, Protocol, final
 
 from gateway.observability.access_log import AccessEntry
-from gateway.observability.metrics import bounded_method
+from gateway.observability.metrics import CounterChild, GatewayMetrics, bounded_method
 
 if TYPE_CHECKING:
     from gateway.http.server import HttpConnection, _Exchange
@@ -23,7 +23,7 @@ class ServingApp(Protocol):
     snapshot: Snapshot
     draining: bool
     connections: set[HttpConnection]
-    metrics: Any
+    metrics: GatewayMetrics
 
     def on_connection_closed(self) -> None: ...
 
@@ -54,7 +54,7 @@ class ServerState:
         # ids are unique per process (random prefix) and cheap (a counter): no uuid per request
         self._id_prefix = os.urandom(6).hex().encode("ascii") + b"-"
         self._id_counter = 0
-        self._unrouted: dict[tuple[str, int], Any] = {}
+        self._unrouted: dict[tuple[str, int], CounterChild] = {}
 
     @property
     def snapshot(self) -> Snapshot:

@@ -9,9 +9,10 @@ exchanges end, so requests in flight finish on the pools they started with.
 from __future__ import annotations
 
 import asyncio
-from typing import Any, final
+from typing import final
 
 from gateway.config.model import UpstreamConfig
+from gateway.observability.metrics import GatewayMetrics
 from gateway.upstream.upstream import Upstream
 
 
@@ -19,7 +20,7 @@ from gateway.upstream.upstream import Upstream
 class SharedState:
     __slots__ = ("_live", "loop", "metrics")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, metrics: Any) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, metrics: GatewayMetrics) -> None:
         self.loop = loop
         self.metrics = metrics
         self._live: dict[str, Upstream] = {}

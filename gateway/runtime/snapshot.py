@@ -14,6 +14,7 @@ from typing import Any, final
 
 from gateway.config.model import INTERNAL_ECHO, GatewayConfig, LimitsConfig, RouteConfig
 from gateway.observability.access_log import AccessLog
+from gateway.observability.metrics import CounterChild, GatewayMetrics
 from gateway.pipeline import Next, compose
 from gateway.routing import Router
 from gateway.runtime.shared import SharedState
@@ -36,7 +37,7 @@ class Route:
         "websocket",
     )
 
-    def __init__(self, config: RouteConfig, handler: Next, metrics: Any) -> None:
+    def __init__(self, config: RouteConfig, handler: Next, metrics: GatewayMetrics) -> None:
         self.config = config
         self.name = config.name
         self.handler = handler
@@ -44,10 +45,10 @@ class Route:
         self.max_body_bytes = config.max_body_bytes
         self.websocket = config.websocket
         self._requests = metrics.requests_total
-        self._children: dict[tuple[str, int], Any] = {}
+        self._children: dict[tuple[str, int], CounterChild] = {}
         self.duration = metrics.request_duration_seconds.labels(config.name)
 
-    def requests_child(self, method: str, status: int) -> Any:
+    def requests_child(self, method: str, status: int) -> CounterChild:
         child = self._children.get((method, status))
         if child is None:
             child = self._requests.labels(self.name, method, str(status))

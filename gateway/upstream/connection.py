@@ -27,6 +27,20 @@ if TYPE_CHECKING:
 #: Connection tokens that name no end-to-end header (already dropped, or not header names)
 HOP_BY_HOP_AND_CLOSE: Final = HOP_BY_HOP | {b"close"}
 
+# response header names handled in on_header, by kind: one dict lookup per header
+_CONNECTION: Final = 1
+_CONTENT_LENGTH: Final = 2
+_TRANSFER_ENCODING: Final = 3
+_UPGRADE: Final = 4
+_DROPPED: Final = 5
+_RESPONSE_SPECIAL: Final[dict[bytes, int]] = {
+    **dict.fromkeys(HOP_BY_HOP, _DROPPED),
+    b"connection": _CONNECTION,
+    b"content-length": _CONTENT_LENGTH,
+    b"transfer-encoding": _TRANSFER_ENCODING,
+    b"upgrade": _UPGRADE,
+}
+
 #: response-body bytes buffered before the sink is attached (then the upstream socket pauses)
 _EARLY_BODY_LIMIT = 256 * 1024
 
@@ -41,6 +55,7 @@ class UpstreamConnection(asyncio.Protocol):
         "_active",
         "_body_chunks",
         "_body_timeout",
+        "_chunked",
         "_chunks_len",
         "_closed",
         "_done",
@@ -52,17 +67,21 @@ class UpstreamConnection(asyncio.Protocol):
         "_is_head",
         "_keep_alive",
         "_last_activity",
+        "_length_header",
         "_loop",
         "_message_done",
+        "_named",
         "_paused_by_sink",
         "_read_paused",
         "_reset_parser",
         "_sink",
         "_status",
         "_timer",
+        "_upgrade_header",
         "_upgraded",
         "_write_paused",
         "close_delimited",
+        "deadline",
         "idle_since",
         "in_use",
         "length",
@@ -103,6 +122,13 @@ class UpstreamConnection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._status = 0
         self._headers: list[tuple[bytes, bytes]] = []
+        #: response framing and hop-by-hop headers, set aside by on_header
+        self._named: set[bytes] | None = None
+        self._length_header: tuple[bytes, bytes] | None = None
+        self._upgrade_header: tuple[bytes, bytes] | None = None
+        self._chunked = False
+        #: when the response head must have arrived (0: not waiting); the pool checks it
+        self.deadline = 0.0
         self._keep_alive = True
         self._is_head = False
         self._body_chunks: list[bytes] = []
@@ -133,7 +159,8 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()
             return
         self._got_bytes = True
-        self._last_activity = self._loop.time()
+        if self._timer is not None:
+            self._last_activity = self._loop.time()  # only the body timer reads it
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -186,50 +213,50 @@ class UpstreamConnection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._status:
             return  # trailers of a chunked response: dropped
-        self._headers.append((name, value))
+        kind = _RESPONSE_SPECIAL.get(name.lower())
+        if kind is None:
+            self._headers.append((name, value))
+        elif kind == _CONNECTION:
+            # "keep-alive" and "close" name no header: llhttp already applied them
+            if value.lower() not in HOP_BY_HOP_AND_CLOSE:
+                tokens = connection_tokens(value)
+                self._named = tokens if self._named is None else self._named | tokens
+        elif kind == _CONTENT_LENGTH:
+            self._length_header = (name, value)
+        elif kind == _TRANSFER_ENCODING:
+            self._chunked = True
+        elif kind == _UPGRADE:
+            self._upgrade_header = (name, value)
 
     def on_headers_complete(self) -> None:
+        self.deadline = 0.0
         status = self.parser.get_status_code()
         if 100 <= status < 200 and status != 101:
             # interim response (100 Continue, 103 Early Hints): the final one follows
             self._headers = []
+            self._named = None
+            self._length_header = None
+            self._upgrade_header = None
+            self._chunked = False
             return
         self._status = status
         self._keep_alive = self.parser.should_keep_alive()
-        headers: list[tuple[bytes, bytes]] = []
-        named: set[bytes] | None = None
-        length: int | None = None
-        chunked = False
-        keep_length = self._is_head or status == 304
-        for name, value in self._headers:
-            low = name.lower()
-            if low == b"connection":
-                named = (
-                    connection_tokens(value) if named is None else named | connection_tokens(value)
-                )
-                continue
-            if low == b"content-length":
-                length = int(value)
-                if keep_length:
-                    headers.append((name, value))
-                continue
-            if low == b"transfer-encoding":
-                chunked = True
-                continue
-            if low in HOP_BY_HOP and not (status == 101 and low == b"upgrade"):
-                continue
-            headers.append((name, value))
+        headers = self._headers
+        self._headers = []
+        length_header = self._length_header
+        length = int(length_header[1]) if length_header is not None else None
+        if length_header is not None and (self._is_head or status == 304):
+            headers.append(length_header)  # describes the body a GET would have had
+        if status == 101 and self._upgrade_header is not None:
+            headers.append(self._upgrade_header)  # the tunnel needs it
+        named = self._named
         if named:
             if status == 101:
-                named.discard(b"upgrade")  # the tunnel needs it
-            # "Connection: keep-alive" (the common case) names nothing left to remove
+                named.discard(b"upgrade")
             named -= HOP_BY_HOP_AND_CLOSE
             if named:
                 headers = [(n, v) for n, v in headers if n.lower() not in named]
-        self._headers = []
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        chunked = self._chunked
         no_body = self._is_head or status in (101, 204, 304)
         if no_body:
             self.length = 0
@@ -320,7 +347,8 @@ class UpstreamConnection(asyncio.Protocol):
                     sender.cancel()
                 elif not sender.cancelled() and sender.exception() is not None:
                     self._keep_alive = False
-        self._timer = loop.call_later(header_timeout, self._on_header_timeout)
+        self.deadline = loop.time() + header_timeout
+        self.pool.watch()
         return await head_waiter
 
     async def _send_body(self, body: RequestBody, chunked: bool, header_timeout: float) -> None:
@@ -347,8 +375,9 @@ class UpstreamConnection(asyncio.Protocol):
             # the client's body failed (too large, too slow) or the upstream stalled: void
             self._fail(exc)
             raise
-        if self._head_waiter is not None and self._timer is None:
-            self._timer = self._loop.call_later(header_timeout, self._on_header_timeout)
+        if self._head_waiter is not None:
+            self.deadline = self._loop.time() + header_timeout
+            self.pool.watch()
 
     # -- BodyStream --------------------------------------------------------------------------
 
@@ -372,6 +401,7 @@ class UpstreamConnection(asyncio.Protocol):
         elif self._closed:
             done.set_exception(UpstreamUnavailable("upstream closed the connection"))
         else:
+            self._last_activity = self._loop.time()
             self._timer = self._loop.call_later(self._body_timeout, self._on_body_timeout)
         return done
 
@@ -432,6 +462,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def _fail(self, error: GatewayError) -> None:
         self._failure = error
+        self.deadline = 0.0
         self.reusable = False
         self._keep_alive = False
         if self._timer is not None:
@@ -448,9 +479,11 @@ class UpstreamConnection(asyncio.Protocol):
             done.add_done_callback(_consume)
         self.close()
 
-    def _on_header_timeout(self) -> None:
-        self._timer = None
-        self._fail(UpstreamTimeout("upstream did not answer in time"))
+    def check_deadline(self, now: float) -> None:
+        """Called by the pool a few times a second while this connection is in use."""
+        if self.deadline and now >= self.deadline:
+            self.deadline = 0.0
+            self._fail(UpstreamTimeout("upstream did not answer in time"))
 
     def _on_body_timeout(self) -> None:
         self._timer = None

@@ -5,6 +5,9 @@ first out (the warmest first) and closed after `idle_timeout`; at most `max_conn
 open or opening at once, and a request that finds the pool full waits for one to be released
 until the connect timeout.  A connection comes back through `release()`; one that is not
 `reusable` is closed there and never handed out again.
+
+Response-head timeouts cost no timer per request: a connection in use records a deadline, and
+while any connection is in use the pool looks at them every `WATCH_INTERVAL` seconds.
 """
 
 from __future__ import annotations
@@ -15,6 +18,9 @@ from typing import Protocol, final
 
 from gateway.errors import UpstreamTimeout, UpstreamUnavailable
 from gateway.upstream.connection import UpstreamConnection
+
+#: how often in-use connections' deadlines are checked (the precision of header timeouts)
+WATCH_INTERVAL = 0.1
 
 
 class PoolObserver(Protocol):
@@ -27,11 +33,13 @@ class PoolObserver(Protocol):
 @final
 class EndpointPool:
     __slots__ = (
+        "_busy",
         "_closing",
         "_idle",
         "_loop",
         "_sweeper",
         "_waiters",
+        "_watcher",
         "connect_timeout",
         "host",
         "idle_timeout",
@@ -60,6 +68,9 @@ class EndpointPool:
         self.connect_timeout = connect_timeout
         self.observer = observer
         self._idle: deque[UpstreamConnection] = deque()
+        #: connections handed out and not yet released
+        self._busy: set[UpstreamConnection] = set()
+        self._watcher: asyncio.TimerHandle | None = None
         self._waiters: deque[asyncio.Future[UpstreamConnection | None]] = deque()
         #: connections open or being opened (idle ones included)
         self.opened = 0
@@ -79,6 +90,7 @@ class EndpointPool:
                 continue
             conn.in_use = True
             conn.reused = True
+            self._busy.add(conn)
             self.observer.on_acquire(True)
             return conn
         return None
@@ -140,18 +152,22 @@ class EndpointPool:
         self.observer.on_acquire(False)
         conn.in_use = True
         conn.reused = False
+        self._busy.add(conn)
         return conn
 
     def release(self, conn: UpstreamConnection) -> None:
         """Take a connection back after one exchange; closes it unless it is reusable."""
+        conn.deadline = 0.0
         if not conn.reusable or conn.is_closed or self._closing:
+            self._busy.discard(conn)
             conn.close()
             return  # on_connection_lost frees the slot
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
-                waiter.set_result(conn)
+                waiter.set_result(conn)  # handed over: still busy
                 return
+        self._busy.discard(conn)
         conn.idle_since = self._loop.time()
         self._idle.append(conn)
         if self._sweeper is None:
@@ -160,7 +176,24 @@ class EndpointPool:
     def on_connection_lost(self, conn: UpstreamConnection) -> None:
         if conn in self._idle:
             self._idle.remove(conn)
+        self._busy.discard(conn)
         self._slot_freed()
+
+    def watch(self) -> None:
+        """A connection in use has a deadline: make sure someone looks at it."""
+        if self._watcher is None:
+            self._watcher = self._loop.call_later(WATCH_INTERVAL, self._check_deadlines)
+
+    def _check_deadlines(self) -> None:
+        self._watcher = None
+        now = self._loop.time()
+        waiting = False
+        for conn in list(self._busy):
+            conn.check_deadline(now)
+            waiting = waiting or conn.deadline > 0
+        if waiting:
+            # connections in use without a deadline (tunnels, bodies being piped) need no look
+            self._watcher = self._loop.call_later(WATCH_INTERVAL, self._check_deadlines)
 
     def _slot_freed(self) -> None:
         self.opened -= 1
@@ -188,6 +221,7 @@ class EndpointPool:
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
+        # busy connections keep being watched until they are released
         while self._idle:
             self._idle.pop().close()
         while self._waiters:

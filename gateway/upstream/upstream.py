@@ -8,26 +8,21 @@ resolved here once, not per request.
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Protocol, final
+from typing import Any, final
 
 from gateway.config.model import UpstreamConfig
+from gateway.observability.metrics import CounterChild, GatewayMetrics, HistogramChild
 from gateway.upstream.balancer import LeastRequest, RoundRobin
 from gateway.upstream.pool import EndpointPool
-
-
-class _Observe(Protocol):
-    def observe(self, value: float) -> None: ...
-
-
-class _Inc(Protocol):
-    def inc(self, amount: float = 1) -> None: ...
 
 
 @final
 class _PoolMetrics:
     __slots__ = ("_connect", "_fresh", "_reused")
 
-    def __init__(self, connect: _Observe, reused: _Inc, fresh: _Inc) -> None:
+    def __init__(
+        self, connect: HistogramChild, reused: CounterChild, fresh: CounterChild
+    ) -> None:
         self._connect = connect
         self._reused = reused
         self._fresh = fresh
@@ -57,7 +52,7 @@ class Upstream:
     __slots__ = ("_balancer", "config", "default_host", "endpoints", "name", "request_duration")
 
     def __init__(
-        self, config: UpstreamConfig, loop: asyncio.AbstractEventLoop, metrics: Any
+        self, config: UpstreamConfig, loop: asyncio.AbstractEventLoop, metrics: GatewayMetrics
     ) -> None:
         self.config = config
         self.name = config.name
@@ -89,7 +84,7 @@ class Upstream:
         self._balancer: RoundRobin | LeastRequest = (
             LeastRequest(weights) if config.balance == "least_request" else RoundRobin(weights)
         )
-        self.request_duration: _Observe = metrics.upstream_request_duration_seconds.labels(
+        self.request_duration: HistogramChild = metrics.upstream_request_duration_seconds.labels(
             config.name
         )
 
