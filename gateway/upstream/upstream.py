@@ -20,9 +20,7 @@ from gateway.upstream.pool import EndpointPool
 class _PoolMetrics:
     __slots__ = ("_connect", "_fresh", "_reused")
 
-    def __init__(
-        self, connect: HistogramChild, reused: CounterChild, fresh: CounterChild
-    ) -> None:
+    def __init__(self, connect: HistogramChild, reused: CounterChild, fresh: CounterChild) -> None:
         self._connect = connect
         self._reused = reused
         self._fresh = fresh
