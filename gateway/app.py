@@ -60,6 +60,8 @@ class Gateway:
         self._state = "starting"
         self.draining = False
         self.connections: set[HttpConnection] = set()
+        #: each listener's view of `snapshot` and `draining`, kept in step by _install and drain
+        self._states: list[ServerState] = []
         self.bound: dict[str, tuple[str, int]] = {}
         self.admin: AdminServer | None = None
         self.last_reload: dict[str, Any] = {"ok": True, "error": None, "at": None}
@@ -125,6 +127,7 @@ class Gateway:
         try:
             for listener in config.listeners:
                 state = ServerState(self, loop, listener.name, "http")
+                self._states.append(state)
                 server = await loop.create_server(
                     lambda state=state: HttpConnection(state),
                     listener.host,
@@ -173,6 +176,8 @@ class Gateway:
 
     def _install(self, snapshot: Snapshot) -> None:
         self.snapshot = snapshot
+        for state in self._states:
+            state.snapshot = snapshot
         self.metrics.config_info.set_info(snapshot.version)
 
     # -- reload ------------------------------------------------------------------------------
@@ -240,6 +245,8 @@ class Gateway:
         for server in self._servers:
             server.close()
         self.draining = True
+        for state in self._states:
+            state.draining = True
         for conn in list(self.connections):
             conn.close_if_idle()
         if self.connections:

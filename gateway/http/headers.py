@@ -116,5 +116,17 @@ STATUS_REASONS: Final[dict[int, bytes]] = {
 }
 
 
-def reason_phrase(status: int) -> bytes:
-    return STATUS_REASONS.get(status, b"Unknown")
+#: the status lines of the statuses we know, built once
+STATUS_LINES: Final[dict[int, bytes]] = {
+    status: b"HTTP/1.1 %d %b\r\n" % (status, reason) for status, reason in STATUS_REASONS.items()
+}
+
+
+def status_line(status: int, reason: bytes | None = None) -> bytes:
+    """`HTTP/1.1 <status> <reason>` and its CRLF; the standard reason unless one is given."""
+    if not reason:
+        line = STATUS_LINES.get(status)
+        if line is not None:
+            return line
+        reason = b"Unknown"
+    return b"HTTP/1.1 %d %b\r\n" % (status, reason)

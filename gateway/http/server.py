@@ -28,7 +28,7 @@ from gateway.errors import (
     PayloadTooLarge,
     RequestTimeout,
 )
-from gateway.http.headers import STATUS_REASONS, connection_tokens, reason_phrase
+from gateway.http.headers import connection_tokens, status_line
 from gateway.http.messages import BodyStream, RequestBody, RequestHead, Response
 from gateway.http.path import split_target
 from gateway.http.problem import problem_response
@@ -557,24 +557,29 @@ class HttpConnection(asyncio.Protocol):
         )
         no_body = head.method == "HEAD" or status in _NO_BODY_STATUS or status < 200
         stream = response.stream
-        reason = response.reason or STATUS_REASONS.get(status) or reason_phrase(status)
-        parts = [b"HTTP/1.1 %d %b\r\n" % (status, reason)]
+        parts = [status_line(status, response.reason)]
         for name, value in response.headers:
-            parts += (name, b": ", value, b"\r\n")
-        parts += (b"X-Request-Id: ", request_id, b"\r\n")
+            parts.append(name)
+            parts.append(b": ")
+            parts.append(value)
+            parts.append(b"\r\n")
+        parts.append(b"X-Request-Id: ")
+        parts.append(request_id)
         chunked = False
+        # each framing piece starts by ending the X-Request-Id line
         if tunnel is not None:
-            parts.append(b"Connection: Upgrade\r\n")
+            parts.append(b"\r\nConnection: Upgrade\r\n")
         elif no_body:
-            pass
+            parts.append(b"\r\n")
         elif stream is None:
-            parts.append(b"Content-Length: %d\r\n" % len(response.body))
+            parts.append(b"\r\nContent-Length: %d\r\n" % len(response.body))
         elif stream.length is not None:
-            parts.append(b"Content-Length: %d\r\n" % stream.length)
+            parts.append(b"\r\nContent-Length: %d\r\n" % stream.length)
         elif head.version == "1.1":
-            parts.append(b"Transfer-Encoding: chunked\r\n")
+            parts.append(b"\r\nTransfer-Encoding: chunked\r\n")
             chunked = True
         else:
+            parts.append(b"\r\n")
             keep_alive = False  # HTTP/1.0 and no length: the body ends when we close
         if tunnel is None:
             if not keep_alive:

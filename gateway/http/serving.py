@@ -35,17 +35,24 @@ class ServerState:
         "_id_prefix",
         "_unrouted",
         "app",
+        "connections",
         "connections_gauge",
+        "draining",
         "in_flight_gauge",
         "listener",
         "loop",
         "scheme",
+        "snapshot",
     )
 
     def __init__(
         self, app: ServingApp, loop: asyncio.AbstractEventLoop, listener: str, scheme: str
     ) -> None:
         self.app = app
+        #: copies the app keeps current (plain attributes: read several times per request)
+        self.snapshot: Snapshot = app.snapshot
+        self.draining = app.draining
+        self.connections = app.connections
         self.loop = loop
         self.listener = listener
         self.scheme = scheme
@@ -55,18 +62,6 @@ class ServerState:
         self._id_prefix = os.urandom(6).hex().encode("ascii") + b"-"
         self._id_counter = 0
         self._unrouted: dict[tuple[str, int], CounterChild] = {}
-
-    @property
-    def snapshot(self) -> Snapshot:
-        return self.app.snapshot
-
-    @property
-    def connections(self) -> set[HttpConnection]:
-        return self.app.connections
-
-    @property
-    def draining(self) -> bool:
-        return self.app.draining
 
     def on_connection_closed(self) -> None:
         self.app.on_connection_closed()

@@ -20,7 +20,6 @@ import math
 import os
 import re
 import tempfile
-from bisect import bisect_left
 from collections.abc import Iterable, Sequence
 from typing import Any, Final, Generic, Literal, TypeVar, final
 
@@ -86,8 +85,15 @@ class HistogramChild:
         self.sum = 0.0
 
     def observe(self, value: float) -> None:
-        # bisect_left: a value equal to a bound belongs to that bucket (le = "less or equal")
-        self.counts[bisect_left(self.bounds, value)] += 1
+        # a value equal to a bound belongs to that bucket (le = "less or equal").  A linear scan
+        # beats bisect here: latencies land in the first few of ~15 buckets, and compiled it is
+        # a few float compares instead of a call into the bisect module
+        index = 0
+        for bound in self.bounds:
+            if value <= bound:
+                break
+            index += 1
+        self.counts[index] += 1
         self.sum += value
 
 
@@ -204,8 +210,7 @@ class Histogram(_Family[HistogramChild]):
         child = self._only
         if child is None:
             raise self._unlabelled()
-        child.counts[bisect_left(self.bounds, value)] += 1
-        child.sum += value
+        child.observe(value)
 
 
 AnyFamily = Counter | Gauge | Histogram

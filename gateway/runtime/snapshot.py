@@ -45,14 +45,17 @@ class Route:
         self.max_body_bytes = config.max_body_bytes
         self.websocket = config.websocket
         self._requests = metrics.requests_total
-        self._children: dict[tuple[str, int], CounterChild] = {}
+        #: method -> status -> child; nested so the lookup builds no tuple key
+        self._children: dict[str, dict[int, CounterChild]] = {}
         self.duration = metrics.request_duration_seconds.labels(config.name)
 
     def requests_child(self, method: str, status: int) -> CounterChild:
-        child = self._children.get((method, status))
+        by_status = self._children.get(method)
+        if by_status is None:
+            by_status = self._children[method] = {}
+        child = by_status.get(status)
         if child is None:
-            child = self._requests.labels(self.name, method, str(status))
-            self._children[(method, status)] = child
+            child = by_status[status] = self._requests.labels(self.name, method, str(status))
         return child
 
     def describe(self) -> dict[str, Any]:
