@@ -10,12 +10,8 @@ known, else chunked; trailers never pass.
 
 from __future__ import annotations
 
-from typing import Final
-
 from gateway.http.headers import CONNECTION_PROTECTED, REQUEST_DROP
 from gateway.http.messages import RequestHead
-
-_CRLF: Final = b"\r\n"
 
 
 def upstream_path(path: str, strip_prefix: str | None) -> str:
@@ -51,32 +47,40 @@ def build_request_head(
     upgrade: bool = False,
     default_host: bytes = b"",
 ) -> bytes:
-    parts = [head.raw_method, b" ", target, b" HTTP/1.1\r\n"]
+    # bytes %-formatting with %b/%d compiles to one sized copy: cheaper than joining a list
     named = head.connection_tokens
     if named:
         named = named - CONNECTION_PROTECTED
+    lines: list[bytes] = []
     for name, value in head.headers:
         low = name.lower()
         if low in REQUEST_DROP or (named and low in named):
             continue
-        parts += (name, b": ", value, _CRLF)
+        lines.append(b"%b: %b\r\n" % (name, value))
+    block = b"".join(lines) if lines else b""
     host = head.host
     if host is not None:
-        parts += (b"Host: ", host, b"\r\nX-Forwarded-Host: ", host, b"\r\nX-Forwarded-For: ")
+        hosts = b"Host: %b\r\nX-Forwarded-Host: %b\r\n" % (host, host)
     elif default_host:
         # an HTTP/1.0 client sent no Host; HTTP/1.1 upstreams require one
-        parts += (b"Host: ", default_host, b"\r\nX-Forwarded-For: ")
+        hosts = b"Host: %b\r\n" % default_host
     else:
-        parts.append(b"X-Forwarded-For: ")
+        hosts = b""
     previous = head.x_forwarded_for
     if previous is not None and trusted_peer:
-        parts += (previous, b", ")
-    parts += (client, b"\r\nX-Forwarded-Proto: ", scheme, b"\r\nX-Request-Id: ", request_id, _CRLF)
+        forwarded_for = b"%b, %b" % (previous, client)
+    else:
+        forwarded_for = client
     if upgrade and head.upgrade is not None:
-        parts += (b"Connection: Upgrade\r\nUpgrade: ", head.upgrade, _CRLF)
+        hosts += b"Connection: Upgrade\r\nUpgrade: %b\r\n" % head.upgrade
     if content_length is not None:
-        parts += (b"Content-Length: %d\r\n" % content_length,)
+        framing = b"Content-Length: %d\r\n" % content_length
     elif chunked:
-        parts.append(b"Transfer-Encoding: chunked\r\n")
-    parts.append(_CRLF)
-    return b"".join(parts)
+        framing = b"Transfer-Encoding: chunked\r\n"
+    else:
+        framing = b""
+    return (
+        b"%b %b HTTP/1.1\r\n%b%bX-Forwarded-For: %b\r\nX-Forwarded-Proto: %b\r\n"
+        b"X-Request-Id: %b\r\n%b\r\n"
+        % (head.raw_method, target, block, hosts, forwarded_for, scheme, request_id, framing)
+    )
