@@ -157,16 +157,9 @@ def main(argv: list[str] | None = None) -> int:
             results.append(ceiling)
             for name in names:
                 scenario = SCENARIOS[name]
-                for peer in scenario.peers:
-                    if args.peer and peer not in args.peer:
-                        continue
-                    print(f"bench: {name} / {peer} …", file=sys.stderr, flush=True)
-                    try:
-                        results.append(scenario.run(scenario, peer, settings))
-                    except Exception as exc:
-                        # one peer failing to start must not cost the others their figures
-                        failed = Result(peer=peer, scenario=name, note=f"failed: {exc!r}")
-                        results.append(failed)
+                peers = [p for p in scenario.peers if not args.peer or p in args.peer]
+                if peers:
+                    results.extend(scenario.run(scenario, peers, settings))
     baseline = {r.scenario: r for r in results if r.peer == "nginx"}
     report = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),

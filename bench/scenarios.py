@@ -39,7 +39,8 @@ class Scenario:
     name: str
     description: str
     peers: tuple[str, ...]
-    run: Callable[[Scenario, str, Settings], Result]
+    #: runs the scenario for the peers named (a subset of `peers`), one Result each
+    run: Callable[[Scenario, list[str], Settings], list[Result]]
     #: gateway routes in the config (the measured request hits the last one)
     routes: int = 10
     path: str = "/"
@@ -66,18 +67,53 @@ def started(
             result.peak_rss_mib = peak_rss_mib(pid)
 
 
-def wrk_scenario(scenario: Scenario, peer_name: str, settings: Settings) -> Result:
-    """Start `peer_name`, warm it up, then `settings.rounds` wrk rounds against it."""
-    result = Result(peer=peer_name, scenario=scenario.name)
-    with started(scenario, peer_name, settings.upstream_port, result) as peer:
-        if peer is None:
-            return result
-        pid, port = peer
-        url = f"http://127.0.0.1:{port}{scenario.path}"
-        wrk_round(pid, url, settings.connections, min(1.0, settings.seconds))  # warm-up
-        for _ in range(settings.rounds):
-            result.rounds.append(wrk_round(pid, url, settings.connections, settings.seconds))
-    return result
+def wrk_scenario(scenario: Scenario, peer_names: list[str], settings: Settings) -> list[Result]:
+    """Start every peer, warm each up, then run the rounds interleaved: round 1 of each peer,
+    then round 2 of each, and so on (the starting peer rotating), so a slow minute on a shared
+    machine costs every peer alike instead of whichever happened to be measured then."""
+    results = {name: Result(peer=name, scenario=scenario.name) for name in peer_names}
+    with contextlib.ExitStack() as stack:
+        live: dict[str, tuple[int, str]] = {}
+        for name in peer_names:
+            print(f"bench: {scenario.name} / {name} starting", file=sys.stderr, flush=True)
+            try:
+                peer = stack.enter_context(
+                    started(scenario, name, settings.upstream_port, results[name])
+                )
+            except Exception as exc:
+                # one peer failing to start must not cost the others their figures
+                results[name].note = f"failed: {exc!r}"
+                continue
+            if peer is not None:
+                pid, port = peer
+                live[name] = (pid, f"http://127.0.0.1:{port}{scenario.path}")
+        for pid, url in live.values():
+            wrk_round(pid, url, settings.connections, min(1.0, settings.seconds))  # warm-up
+        order = list(live)
+        for index in range(settings.rounds):
+            for name in order[index % len(order) :] + order[: index % len(order)]:
+                pid, url = live[name]
+                round_ = wrk_round(pid, url, settings.connections, settings.seconds)
+                results[name].rounds.append(round_)
+    return list(results.values())
+
+
+def each_peer(
+    one: Callable[[Scenario, str, Settings], Result],
+) -> Callable[[Scenario, list[str], Settings], list[Result]]:
+    """A scenario that measures one peer at a time (it loads the machine on its own)."""
+
+    def run(scenario: Scenario, peer_names: list[str], settings: Settings) -> list[Result]:
+        results = []
+        for name in peer_names:
+            print(f"bench: {scenario.name} / {name} …", file=sys.stderr, flush=True)
+            try:
+                results.append(one(scenario, name, settings))
+            except Exception as exc:
+                results.append(Result(peer=name, scenario=scenario.name, note=f"failed: {exc!r}"))
+        return results
+
+    return run
 
 
 async def _hold_idle(port: int, count: int) -> list[asyncio.StreamWriter]:
@@ -210,13 +246,13 @@ SCENARIOS: dict[str, Scenario] = {
             name="stream",
             description="100 MiB request body and 100 MiB response body, streamed",
             peers=("gateway", "nginx", "haproxy", "caddy", "aiohttp"),
-            run=stream_scenario,
+            run=each_peer(stream_scenario),
         ),
         Scenario(
             name="idle10k",
             description="RSS growth holding 10,000 idle keep-alive client connections",
             peers=("gateway", "nginx", "haproxy", "caddy"),
-            run=idle_scenario,
+            run=each_peer(idle_scenario),
             extra={"connections": "10000"},
         ),
     )
