@@ -104,6 +104,7 @@ class HttpConnection(asyncio.Protocol):
         "_closing",
         "_current",
         "_drain",
+        "_ended_at",
         "_head",
         "_head_bytes",
         "_in_head",
@@ -151,6 +152,7 @@ class HttpConnection(asyncio.Protocol):
         self._stream: BodyStream | None = None
         self._chunked_out = False
         self._bytes_out = 0
+        self._ended_at = 0.0
         self._tunnel: UpstreamConnection | None = None
 
     # -- connection life ---------------------------------------------------------------------
@@ -255,9 +257,14 @@ class HttpConnection(asyncio.Protocol):
             self._parse_failed(BadRequest(f"malformed request: {exc}"))
         else:
             if self._in_head and not self._stopped:
+                limits = self.server.snapshot.limits
+                if not was_in_head and not self._queue:
+                    # a new head began and did not end: it must end within header_timeout
+                    self.deadline = self._loop.time() + limits.header_timeout
+                    self.deadline_kind = _HEAD
                 # llhttp buffers a header until it ends: bound what a never-ending one costs
                 self._raw_head = self._raw_head + len(data) if was_in_head else len(data)
-                if self._raw_head > self.server.snapshot.limits.max_header_bytes + 65536:
+                if self._raw_head > limits.max_header_bytes + 65536:
                     self._parse_failed(HeadersTooLarge("request head too large"))
 
     def eof_received(self) -> bool | None:
@@ -276,9 +283,8 @@ class HttpConnection(asyncio.Protocol):
         self._head_bytes = 0
         self._raw_head = 0
         self._in_head = True
-        if not self._queue:
-            self.deadline = self._loop.time() + self.server.snapshot.limits.header_timeout
-            self.deadline_kind = _HEAD
+        # a head that arrives whole is queued before any deadline could matter; one still
+        # incomplete when feed_data returns gets its header_timeout there
 
     def on_url(self, url: bytes) -> None:
         head = self._head
@@ -466,6 +472,7 @@ class HttpConnection(asyncio.Protocol):
                         # the client is not reading: answer nothing more until it does
                         self._drain = self._loop.create_future()
                         await self._drain
+                        self._ended_at = self._loop.time()
                 if not self._wait_for_next():
                     return
                 self._wakeup = self._loop.create_future()
@@ -488,14 +495,16 @@ class HttpConnection(asyncio.Protocol):
         if self._stopped:
             self._close_transport()
             return False
+        # the clock as the last response ended: close enough, and one call fewer per request
+        now = self._ended_at
         if self._in_head:
-            self.deadline = self._loop.time() + self.server.snapshot.limits.header_timeout
+            self.deadline = now + self.server.snapshot.limits.header_timeout
             self.deadline_kind = _HEAD
             return True
         if self.server.draining:
             self._close_transport()
             return False
-        self.deadline = self._loop.time() + self.server.snapshot.limits.idle_timeout
+        self.deadline = now + self.server.snapshot.limits.idle_timeout
         self.deadline_kind = _IDLE
         return True
 
@@ -538,7 +547,9 @@ class HttpConnection(asyncio.Protocol):
             raise
         finally:
             server.in_flight_gauge.dec()
-            server.record(exchange, ctx, status or 499, request_id, self._bytes_out, peer.ip)
+            end = self._loop.time()
+            self._ended_at = end
+            server.record(exchange, ctx, status or 499, request_id, self._bytes_out, peer.ip, end)
             self._bytes_out = 0
 
     async def _respond(self, exchange: _Exchange, response: Response, request_id: bytes) -> None:

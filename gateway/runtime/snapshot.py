@@ -89,6 +89,7 @@ class Snapshot:
     __slots__ = (
         "_networks",
         "access_log",
+        "body_timeout",
         "config",
         "limits",
         "loaded_at",
@@ -110,6 +111,8 @@ class Snapshot:
         self.version = config.version
         self.loaded_at = time.time()
         self.limits: LimitsConfig = config.limits
+        #: read on every proxied request
+        self.body_timeout = config.limits.body_timeout
         self.router = router
         self.routes = routes
         self.upstreams = upstreams

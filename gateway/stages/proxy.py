@@ -101,19 +101,21 @@ class ProxyHandler:
                 default_host=upstream.default_host,
             )
             ctx.upstream_head = request
-        config = upstream.config
         loop = self._loop
-        started = loop.time()
+        started = now = loop.time()
         replayable = head.method in _REPLAYABLE_METHODS and (body is None or body.is_complete)
         while True:
-            remaining = ctx.deadline - loop.time()
+            remaining = ctx.deadline - now
             if remaining <= 0:
                 raise UpstreamTimeout("the route's timeout expired")
             endpoint = upstream.pick()
             ctx.endpoint = endpoint.address
             ctx.attempts += 1
             pool = endpoint.pool
-            conn = pool.take_idle() or await pool.acquire(min(config.connect_timeout, remaining))
+            conn = pool.take_idle()
+            if conn is None:
+                conn = await pool.acquire(min(upstream.connect_timeout, remaining))
+                now = loop.time()
             endpoint.in_flight += 1
             try:
                 response = await conn.send(
@@ -121,13 +123,14 @@ class ProxyHandler:
                     body,
                     chunked,
                     head.method == "HEAD",
-                    min(config.response_header_timeout, ctx.deadline - loop.time()),
-                    ctx.snapshot.limits.body_timeout,
+                    min(upstream.response_header_timeout, ctx.deadline - now),
+                    ctx.snapshot.body_timeout,
                 )
             except BaseException as exc:
                 endpoint.in_flight -= 1
                 conn.abort()
                 if isinstance(exc, StaleConnection) and replayable and ctx.attempts < 2:
+                    now = loop.time()
                     continue
                 raise
             endpoint.in_flight -= 1

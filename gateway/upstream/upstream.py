@@ -47,13 +47,25 @@ class Endpoint:
 
 @final
 class Upstream:
-    __slots__ = ("_balancer", "config", "default_host", "endpoints", "name", "request_duration")
+    __slots__ = (
+        "_balancer",
+        "config",
+        "connect_timeout",
+        "default_host",
+        "endpoints",
+        "name",
+        "request_duration",
+        "response_header_timeout",
+    )
 
     def __init__(
         self, config: UpstreamConfig, loop: asyncio.AbstractEventLoop, metrics: GatewayMetrics
     ) -> None:
         self.config = config
         self.name = config.name
+        # copied out of the (uncompiled) config: read on every request
+        self.connect_timeout = config.connect_timeout
+        self.response_header_timeout = config.response_header_timeout
         observer = _PoolMetrics(
             metrics.upstream_connect_duration_seconds.labels(config.name),
             metrics.upstream_connections_total.labels(config.name, "true"),
