@@ -31,7 +31,13 @@ def compiled_modules(package: Path = _PACKAGE) -> dict[str, Path]:
 
 
 def check_fresh(package: Path = _PACKAGE) -> None:
-    """Raise `StaleCompiledModule` when a source file changed after it was compiled."""
+    """Raise `StaleCompiledModule` when a source file changed after it was compiled.
+
+    Only in a source checkout (setup.py beside the package), where `make build` compiles in
+    place: an installed package has its files' times set by the installer, not by the build.
+    """
+    if not (package.parent / "setup.py").exists():
+        return
     # each module's extension is a small shim that loads the group's shared library, where the
     # code is; a rebuild rewrites the library and leaves an unchanged shim alone
     libraries = [

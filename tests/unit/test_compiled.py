@@ -14,6 +14,7 @@ SUFFIX = importlib.machinery.EXTENSION_SUFFIXES[0]
 
 
 def _package(root: Path) -> Path:
+    (root / "setup.py").write_text("")  # a source checkout
     package = root / "pkg"
     (package / "http").mkdir(parents=True)
     for name in ("http/server.py", "routing.py", "cli.py"):
@@ -53,3 +54,13 @@ def test_an_edited_source_is_reported_by_name(tmp_path: Path) -> None:
     _touch(package / "cli.py", 5000)  # not compiled: never stale
     with pytest.raises(StaleCompiledModule, match=r"pkg\.routing;.*make build"):
         check_fresh(package)
+
+
+def test_an_installed_package_is_not_checked(tmp_path: Path) -> None:
+    package = _package(tmp_path)
+    (tmp_path / "setup.py").unlink()  # site-packages: the installer set the times
+    for path in package.rglob("*"):
+        if path.is_file():
+            _touch(path, 1000)
+    _touch(package / "routing.py", 2000)
+    check_fresh(package)
