@@ -112,9 +112,11 @@ def table(results: list[Result], baseline: dict[str, Result]) -> str:
             continue
         nginx = baseline.get(r.scenario)
         ratio = f"{r.median('rps') / nginx.median('rps'):.2f}" if nginx and nginx.rounds else "-"
+        figures = "".join(f"; {k} {v:.2f}" for k, v in r.figures.items())
         rows.append(
             f"| {r.scenario} | {r.peer} | {s['rps']:,.0f} | {ratio} | {s['p50_ms']} | "
-            f"{s['p99_ms']} | {s['cpu_us_per_request']} | {s['peak_rss_mib']} | {s['errors']} |"
+            f"{s['p99_ms']} | {s['cpu_us_per_request']} | {s['peak_rss_mib']} | "
+            f"{s['errors']}{figures} |"
         )
     return "\n".join(rows)
 

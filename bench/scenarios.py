@@ -49,7 +49,11 @@ class Scenario:
 
 @contextlib.contextmanager
 def started(
-    scenario: Scenario, peer_name: str, upstream_port: int, result: Result
+    scenario: Scenario,
+    peer_name: str,
+    upstream_port: int,
+    result: Result,
+    routes: int | None = None,
 ) -> Iterator[tuple[int, int] | None]:
     """The peer running on core 0 and answering: (pid, port); None when it is not installed."""
     peer = PEERS[peer_name]
@@ -59,7 +63,7 @@ def started(
         return
     port = free_port()
     with tempfile.TemporaryDirectory(prefix=f"bench-{peer_name}-") as scratch:
-        launch = peer.build(Path(scratch), port, upstream_port, scenario.routes)
+        launch = peer.build(Path(scratch), port, upstream_port, routes or scenario.routes)
         with running(launch.argv, PROXY_CORE, launch.env) as proc:
             wait_http(port)
             pid = measured_pid(proc)
@@ -68,34 +72,52 @@ def started(
 
 
 def wrk_scenario(scenario: Scenario, peer_names: list[str], settings: Settings) -> list[Result]:
-    """Start every peer, warm each up, then run the rounds interleaved: round 1 of each peer,
-    then round 2 of each, and so on (the starting peer rotating), so a slow minute on a shared
-    machine costs every peer alike instead of whichever happened to be measured then."""
-    results = {name: Result(peer=name, scenario=scenario.name) for name in peer_names}
+    """Every peer under the same wrk load, rounds interleaved (see `_interleaved`)."""
+    entries = [
+        (Result(peer=name, scenario=scenario.name), name, scenario.routes) for name in peer_names
+    ]
+    _interleaved(scenario, entries, settings)
+    return [result for result, _, _ in entries]
+
+
+def routes_scenario(scenario: Scenario, peer_names: list[str], settings: Settings) -> list[Result]:
+    """The gateway with 10 routes and with `scenario.routes`, interleaved; the second carries
+    its throughput as a ratio to the first (SPEC §12: >= 0.9)."""
+    few = Result(peer="gateway (10 routes)", scenario=scenario.name)
+    many = Result(peer=f"gateway ({scenario.routes:,} routes)", scenario=scenario.name)
+    _interleaved(scenario, [(few, "gateway", 10), (many, "gateway", scenario.routes)], settings)
+    if few.rounds and many.rounds:
+        many.figures["x_10_routes"] = many.median("rps") / few.median("rps")
+    return [few, many]
+
+
+def _interleaved(
+    scenario: Scenario, entries: list[tuple[Result, str, int]], settings: Settings
+) -> None:
+    """Start every entry's peer, warm each up, then run the rounds interleaved: round 1 of
+    each, then round 2 of each, and so on (the starting one rotating), so a slow minute on a
+    shared machine costs every peer alike instead of whichever happened to be measured then."""
     with contextlib.ExitStack() as stack:
-        live: dict[str, tuple[int, str]] = {}
-        for name in peer_names:
-            print(f"bench: {scenario.name} / {name} starting", file=sys.stderr, flush=True)
+        live: list[tuple[Result, int, str]] = []
+        for result, name, routes in entries:
+            print(f"bench: {scenario.name} / {result.peer} starting", file=sys.stderr, flush=True)
             try:
                 peer = stack.enter_context(
-                    started(scenario, name, settings.upstream_port, results[name])
+                    started(scenario, name, settings.upstream_port, result, routes)
                 )
             except Exception as exc:
                 # one peer failing to start must not cost the others their figures
-                results[name].note = f"failed: {exc!r}"
+                result.note = f"failed: {exc!r}"
                 continue
             if peer is not None:
                 pid, port = peer
-                live[name] = (pid, f"http://127.0.0.1:{port}{scenario.path}")
-        for pid, url in live.values():
+                live.append((result, pid, f"http://127.0.0.1:{port}{scenario.path}"))
+        for _, pid, url in live:
             wrk_round(pid, url, settings.connections, min(1.0, settings.seconds))  # warm-up
-        order = list(live)
         for index in range(settings.rounds):
-            for name in order[index % len(order) :] + order[: index % len(order)]:
-                pid, url = live[name]
-                round_ = wrk_round(pid, url, settings.connections, settings.seconds)
-                results[name].rounds.append(round_)
-    return list(results.values())
+            shift = index % len(live) if live else 0
+            for result, pid, url in live[shift:] + live[:shift]:
+                result.rounds.append(wrk_round(pid, url, settings.connections, settings.seconds))
 
 
 def each_peer(
@@ -239,7 +261,7 @@ SCENARIOS: dict[str, Scenario] = {
             name="routes10k",
             description="the bare request with 10,000 routes in the gateway's table",
             peers=("gateway",),
-            run=wrk_scenario,
+            run=routes_scenario,
             routes=10_000,
         ),
         Scenario(
