@@ -122,7 +122,7 @@ class Gateway:
         self._shared = SharedState(loop, self.metrics)
         config = await asyncio.to_thread(load_config, self.config_path)
         snapshot = build_snapshot(config, self._shared)
-        self._shared.commit(snapshot.upstreams)
+        self._shared.commit(snapshot.upstreams, snapshot.stages)
         self._install(snapshot)
         try:
             for listener in config.listeners:
@@ -198,7 +198,7 @@ class Gateway:
             # the swap: one assignment; requests in flight keep the snapshot they started with
             old = self.snapshot
             self._install(snapshot)
-            self._shared.commit(snapshot.upstreams)
+            self._shared.commit(snapshot.upstreams, snapshot.stages)
             self.last_reload = {"ok": True, "error": None, "at": at}
             self.metrics.config_reloads_total.labels("success").inc()
             self.metrics.config_last_reload_success.set(1)

@@ -31,9 +31,11 @@ from gateway.config.model import (
     MatchConfig,
     RouteConfig,
     ShutdownConfig,
+    StageSpec,
     UpstreamConfig,
     WeightedUpstream,
 )
+from gateway.config.stages import parse_entry
 from gateway.config.units import parse_duration, parse_size
 from gateway.errors import ConfigError, ConfigErrors
 
@@ -49,7 +51,6 @@ _NAME: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 _LATER_TOP: Final = {
     "stores": "shared stores (Redis)",
     "tracing": "tracing",
-    "middlewares": "pipelines",
 }
 _LATER_LISTENER: Final = {"tls": "TLS termination"}
 _LATER_UPSTREAM: Final = {
@@ -57,7 +58,7 @@ _LATER_UPSTREAM: Final = {
     "health_check": "health checks",
     "outlier_detection": "outlier detection",
 }
-_LATER_ROUTE: Final = {"pipeline": "pipelines", "tracing": "tracing"}
+_LATER_ROUTE: Final = {"tracing": "tracing"}
 
 
 def interpolate_env(text: str, env: Mapping[str, str], path: str = "") -> str:
@@ -328,6 +329,7 @@ class _Loader:
         self.base_dir = base_dir
         #: files the config references (certificates, JWKS …): part of its version
         self.referenced_files: list[Path] = []
+        self.declared_middlewares: set[str] = set()
 
     def load(self, raw: object, source: str, normalized: str) -> GatewayConfig:
         r = self.r
@@ -342,6 +344,7 @@ class _Loader:
                 "shutdown",
                 "access_log",
                 "upstreams",
+                "middlewares",
                 "routes",
             },
             later=_LATER_TOP,
@@ -359,7 +362,8 @@ class _Loader:
         # as unknown by each route that uses it
         declared = top.get("upstreams")
         names = {str(k) for k in declared} if isinstance(declared, dict) else set()
-        routes = self.routes(top.get("routes"), names)
+        middlewares = self.middlewares(top.get("middlewares"))
+        routes = self.routes(top.get("routes"), names, middlewares)
         if r.errors:
             raise ConfigErrors(r.errors)
         digest = hashlib.sha256(normalized.encode())
@@ -373,6 +377,7 @@ class _Loader:
             shutdown=shutdown,
             access_log=access_log,
             upstreams=upstreams,
+            middlewares=tuple(middlewares.values()),
             routes=routes,
             source=source,
             version=digest.hexdigest()[:12],
@@ -568,7 +573,9 @@ class _Loader:
             )
         return tuple(result)
 
-    def routes(self, raw: object, upstreams: set[str]) -> tuple[RouteConfig, ...]:
+    def routes(
+        self, raw: object, upstreams: set[str], middlewares: dict[str, StageSpec]
+    ) -> tuple[RouteConfig, ...]:
         r = self.r
         if raw is None:
             return ()
@@ -588,6 +595,7 @@ class _Loader:
                 "timeout",
                 "max_body_bytes",
                 "websocket",
+                "pipeline",
             }
             m = r.mapping(item, path, keys, later=_LATER_ROUTE, required=("name", "upstream"))
             if m is None:
@@ -602,6 +610,7 @@ class _Loader:
             timeout = r.get(m, "timeout", path, _positive_duration, 30.0)
             max_body = r.get(m, "max_body_bytes", path, parse_size, None)
             websocket = r.get(m, "websocket", path, _bool, False)
+            pipeline = self.pipeline(m.get("pipeline"), f"{path}.pipeline", name, middlewares)
             if name and targets:
                 result.append(
                     RouteConfig(
@@ -613,8 +622,46 @@ class _Loader:
                         timeout=timeout,
                         max_body_bytes=max_body,
                         websocket=websocket,
+                        pipeline=pipeline,
                     )
                 )
+        return tuple(result)
+
+    def middlewares(self, raw: object) -> dict[str, StageSpec]:
+        r = self.r
+        if raw is None:
+            return {}
+        if not isinstance(raw, dict):
+            r.error("middlewares", "must be a mapping of name to stage")
+            return {}
+        result: dict[str, StageSpec] = {}
+        for name, item in raw.items():
+            self.declared_middlewares.add(str(name))
+            path = f"middlewares.{name}"
+            if not isinstance(name, str) or not _NAME.match(name):
+                r.error(path, "name must be letters, digits, '_', '.' or '-'")
+                continue
+            spec = parse_entry(r, item, path, f"middleware:{name}", None)
+            if spec is not None:
+                result[name] = spec
+        return result
+
+    def pipeline(
+        self, raw: object, path: str, route: str, middlewares: dict[str, StageSpec]
+    ) -> tuple[StageSpec, ...]:
+        if raw is None:
+            return ()
+        if not isinstance(raw, list):
+            self.r.error(path, "must be a list of stages")
+            return ()
+        # every declared middleware name resolves, even one whose own config had an error
+        result = []
+        for i, item in enumerate(raw):
+            if isinstance(item, str) and item in self.declared_middlewares - middlewares.keys():
+                continue  # a middleware whose own error is already reported
+            spec = parse_entry(self.r, item, f"{path}[{i}]", f"route:{route}:{i}", middlewares)
+            if spec is not None:
+                result.append(spec)
         return tuple(result)
 
     def match(self, raw: object, path: str) -> MatchConfig:

@@ -100,6 +100,37 @@ class WeightedUpstream:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class HeaderEdits:
+    """Headers set (replacing any of the same name) and removed, names as written."""
+
+    set: tuple[tuple[str, str], ...] = ()
+    remove: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HeadersConfig:
+    request: HeaderEdits = field(default_factory=HeaderEdits)
+    response: HeaderEdits = field(default_factory=HeaderEdits)
+
+
+#: the config of one stage kind (more kinds join this union as they are built)
+StageConfig = HeadersConfig
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StageSpec:
+    """One pipeline entry: its kind, its config and who owns its state.
+
+    `owner` is `middleware:<name>` for a named middleware (one instance shared by every route
+    that names it) or `route:<route>:<position>` for an inline stage (the route's own).
+    """
+
+    kind: str
+    config: StageConfig
+    owner: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class RouteConfig:
     name: str
     #: position in the file, used for tie-breaking (regexes in file order)
@@ -112,6 +143,8 @@ class RouteConfig:
     #: None = the listener-wide `limits.max_body_bytes`
     max_body_bytes: int | None = None
     websocket: bool = False
+    #: in order; request side runs first to last, response side last to first
+    pipeline: tuple[StageSpec, ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -124,6 +157,8 @@ class GatewayConfig:
     shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
     access_log: AccessLogConfig = field(default_factory=AccessLogConfig)
     upstreams: tuple[UpstreamConfig, ...] = ()
+    #: named stages, by name
+    middlewares: tuple[StageSpec, ...] = ()
     routes: tuple[RouteConfig, ...] = ()
     #: absolute path of the file this came from ("" when built from a string)
     source: str = ""

@@ -12,12 +12,18 @@ import ipaddress
 import time
 from typing import Any, final
 
-from gateway.config.model import INTERNAL_ECHO, GatewayConfig, LimitsConfig, RouteConfig
+from gateway.config.model import (
+    INTERNAL_ECHO,
+    GatewayConfig,
+    LimitsConfig,
+    RouteConfig,
+    StageSpec,
+)
 from gateway.observability.access_log import AccessLog
 from gateway.observability.metrics import CounterChild, GatewayMetrics
-from gateway.pipeline import Next, compose
+from gateway.pipeline import Next, Stage, compose
 from gateway.routing import Router
-from gateway.runtime.shared import SharedState
+from gateway.runtime.shared import SharedState, StageKey
 from gateway.stages.echo import EchoHandler
 from gateway.stages.proxy import ProxyHandler
 from gateway.upstream.upstream import Upstream
@@ -80,7 +86,10 @@ class Route:
             "timeout_seconds": c.timeout,
             "max_body_bytes": c.max_body_bytes,
             "websocket": c.websocket,
-            "pipeline": [],
+            "pipeline": [
+                s.owner.removeprefix("middleware:") if s.owner.startswith("middleware:") else s.kind
+                for s in c.pipeline
+            ],
         }
 
 
@@ -95,6 +104,7 @@ class Snapshot:
         "loaded_at",
         "router",
         "routes",
+        "stages",
         "upstreams",
         "version",
     )
@@ -117,6 +127,8 @@ class Snapshot:
         self.routes = routes
         self.upstreams = upstreams
         self.access_log = access_log
+        #: (owner, kind) -> (spec, stage), for SharedState.commit
+        self.stages: dict[StageKey, tuple[StageSpec, Stage]] = {}
         self._networks = [ipaddress.ip_network(c, strict=False) for c in config.trusted_proxies]
 
     def is_trusted(self, ip: str) -> bool:
@@ -135,6 +147,7 @@ def build_snapshot(config: GatewayConfig, shared: SharedState) -> Snapshot:
     upstreams = {u.name: shared.upstream(u) for u in config.upstreams}
     used: dict[str, Upstream] = {}
     routes: list[Route] = []
+    stages: dict[StageKey, tuple[StageSpec, Stage]] = {}
     for rc in config.routes:
         terminal: Next
         if len(rc.upstreams) == 1 and rc.upstreams[0].name == INTERNAL_ECHO:
@@ -148,6 +161,9 @@ def build_snapshot(config: GatewayConfig, shared: SharedState) -> Snapshot:
             terminal = ProxyHandler(
                 picks, strip_prefix=rc.strip_prefix, websocket=rc.websocket, loop=shared.loop
             )
-        routes.append(Route(rc, compose([], terminal), metrics))
+        pipeline = [shared.stage(spec, stages) for spec in rc.pipeline]
+        routes.append(Route(rc, compose(pipeline, terminal), metrics))
     router = Router.build([(r.config.match, r.config.index, r) for r in routes])
-    return Snapshot(config, router, routes, upstreams, AccessLog(config.access_log))
+    snapshot = Snapshot(config, router, routes, upstreams, AccessLog(config.access_log))
+    snapshot.stages = stages
+    return snapshot

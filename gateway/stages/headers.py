@@ -1,0 +1,58 @@
+"""The `headers` stage (SPEC §5.7): set and remove request and response headers.
+
+Names are matched without regard to case; `set` replaces every header of that name with one
+value.  Everything is encoded and lower-cased once, when the stage is built.  Response edits
+apply to the response the rest of the pipeline returned; an error answered by the gateway itself
+(problem+json) is not edited.
+"""
+
+from __future__ import annotations
+
+from typing import final
+
+from gateway.config.model import HeaderEdits, HeadersConfig
+from gateway.http.messages import Response
+from gateway.pipeline import Next, RequestContext
+
+
+@final
+class _Edits:
+    __slots__ = ("drop", "set")
+
+    def __init__(self, edits: HeaderEdits) -> None:
+        self.set = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in edits.set]
+        # a set header replaces every copy of its name
+        names = [*edits.remove, *(n for n, _ in edits.set)]
+        self.drop = frozenset(n.lower().encode("latin-1") for n in names)
+
+    def apply(self, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+        drop = self.drop
+        kept = [(n, v) for n, v in headers if n.lower() not in drop]
+        kept.extend(self.set)
+        return kept
+
+
+@final
+class HeadersStage:
+    __slots__ = ("_request", "_response")
+
+    def __init__(self, config: HeadersConfig) -> None:
+        self._request = (
+            _Edits(config.request) if config.request.set or config.request.remove else None
+        )
+        self._response = (
+            _Edits(config.response) if config.response.set or config.response.remove else None
+        )
+
+    async def __call__(self, ctx: RequestContext, call_next: Next) -> Response:
+        if self._request is not None:
+            head = ctx.head
+            head.headers = self._request.apply(head.headers)
+        response = await call_next(ctx)
+        if self._response is not None:
+            response.headers = self._response.apply(response.headers)
+        return response
+
+
+def _edits_or_none(edits: HeaderEdits) -> _Edits | None:
+    return _Edits(edits) if edits.set or edits.remove else None
