@@ -31,7 +31,17 @@ class Peer:
         return self.needs is None or shutil.which(self.needs) is not None
 
 
-def gateway_config(port: int, upstream: int, routes: int) -> str:
+#: the full-pipeline scenario's stages: none of them refuses anything at this load
+PIPELINE = """\
+    pipeline:
+      - rate_limit: {rate: 1000000, burst: 1000000, key: client_ip}
+      - circuit_breaker: {failure_ratio: 0.5, min_requests: 20, window: 10s}
+      - retry: {attempts: 2, per_try_timeout: 5s}
+      - headers: {request: {set: {X-Env: bench}}, response: {set: {X-Frame-Options: DENY}}}
+"""
+
+
+def gateway_config(port: int, upstream: int, routes: int, pipeline: bool = False) -> str:
     lines = [
         f'listeners: [{{name: http, bind: "127.0.0.1:{port}"}}]',
         'admin: {bind: "127.0.0.1:0"}',
@@ -45,13 +55,19 @@ def gateway_config(port: int, upstream: int, routes: int) -> str:
     # every other route is a decoy on its own prefix; the measured path hits the last one
     for i in range(routes - 1):
         lines.append(f"  - {{name: r{i}, match: {{path_prefix: /decoy{i}}}, upstream: app}}")
-    lines.append("  - {name: app, match: {path_prefix: /}, upstream: app}")
-    return "\n".join(lines) + "\n"
+    lines.append("  - name: app\n    match: {path_prefix: /}\n    upstream: app")
+    return "\n".join(lines) + "\n" + (PIPELINE if pipeline else "")
 
 
 def _gateway(scratch: Path, port: int, upstream: int, routes: int) -> Launch:
     config = scratch / "gateway.yaml"
     config.write_text(gateway_config(port, upstream, routes))
+    return Launch([sys.executable, "-m", "gateway", "run", "-c", str(config)], {})
+
+
+def _gateway_pipeline(scratch: Path, port: int, upstream: int, routes: int) -> Launch:
+    config = scratch / "gateway.yaml"
+    config.write_text(gateway_config(port, upstream, routes, pipeline=True))
     return Launch([sys.executable, "-m", "gateway", "run", "-c", str(config)], {})
 
 
@@ -143,6 +159,7 @@ def _aiohttp(scratch: Path, port: int, upstream: int, routes: int) -> Launch:
 
 PEERS: dict[str, Peer] = {
     "gateway": Peer("gateway", None, _gateway),
+    "gateway+pipeline": Peer("gateway+pipeline", None, _gateway_pipeline),
     "nginx": Peer("nginx", "nginx", _nginx),
     "haproxy": Peer("haproxy", "haproxy", _haproxy),
     "caddy": Peer("caddy", "caddy", _caddy),

@@ -258,6 +258,12 @@ SCENARIOS: dict[str, Scenario] = {
             run=wrk_scenario,
         ),
         Scenario(
+            name="pipeline",
+            description="the bare request through rate_limit, circuit_breaker, retry and headers",
+            peers=("gateway+pipeline", "gateway", "nginx"),
+            run=wrk_scenario,
+        ),
+        Scenario(
             name="routes10k",
             description="the bare request with 10,000 routes in the gateway's table",
             peers=("gateway",),

@@ -29,6 +29,7 @@ from gateway.observability.logs import setup_logging
 from gateway.observability.metrics import GatewayMetrics, Registry, read_snapshots
 from gateway.runtime.shared import SharedState
 from gateway.runtime.snapshot import Snapshot, build_snapshot
+from gateway.stages.circuit_breaker import CircuitBreakerStage
 
 log = logging.getLogger("gateway.app")
 
@@ -96,7 +97,18 @@ class Gateway:
         return [route.describe() for route in self.snapshot.routes]
 
     def upstreams_info(self) -> list[dict[str, Any]]:
-        return [u.describe() for u in self.snapshot.upstreams.values()]
+        snapshot = self.snapshot
+        described = {name: u.describe() for name, u in snapshot.upstreams.items()}
+        for name in described:
+            described[name]["circuit_breakers"] = []
+        for _, stage in snapshot.stages.values():
+            if isinstance(stage, CircuitBreakerStage):
+                for upstream, circuit in stage.describe().items():
+                    if upstream in described:
+                        described[upstream]["circuit_breakers"].append(
+                            {"stage": stage.name, **circuit}
+                        )
+        return list(described.values())
 
     def metrics_text(self) -> str:
         extra: list[dict[str, Any]] = []

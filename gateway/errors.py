@@ -19,6 +19,9 @@ class GatewayError(Exception):
     title: str = "Internal Server Error"
     #: whether the downstream connection must be closed after the response
     close: bool = False
+    #: for upstream failures, what went wrong, as `retry_on` names it: "connect_error" (the
+    #: request was never sent), "reset", "timeout"; "overflow" for a full connection pool
+    failure: str = ""
 
     def __init__(
         self,
@@ -68,16 +71,48 @@ class InternalError(GatewayError):
     status, code, title = 500, "internal_error", "Internal Server Error"
 
 
+class RateLimited(GatewayError):
+    status, code, title = 429, "rate_limited", "Too Many Requests"
+
+
 class UpstreamUnavailable(GatewayError):
+    """Refused, reset, closed early, or an invalid response."""
+
     status, code, title = 502, "upstream_unavailable", "Bad Gateway"
+    failure = "reset"
+
+
+class ConnectFailed(UpstreamUnavailable):
+    """No connection could be opened: the request was never sent."""
+
+    failure = "connect_error"
+
+
+class PoolFull(UpstreamUnavailable):
+    failure = "overflow"
 
 
 class NoHealthyUpstream(GatewayError):
     status, code, title = 503, "no_healthy_upstream", "Service Unavailable"
 
 
+class CircuitOpen(GatewayError):
+    status, code, title = 503, "circuit_open", "Service Unavailable"
+
+
+class StoreUnavailable(GatewayError):
+    status, code, title = 503, "store_unavailable", "Service Unavailable"
+
+
 class UpstreamTimeout(GatewayError):
     status, code, title = 504, "upstream_timeout", "Gateway Timeout"
+    failure = "timeout"
+
+
+class ConnectTimeout(UpstreamTimeout):
+    """Connecting took too long: the request was never sent."""
+
+    failure = "connect_error"
 
 
 class ConfigError(Exception):

@@ -15,6 +15,7 @@ from gateway.http.messages import RequestBody, RequestHead, Response
 
 if TYPE_CHECKING:
     from gateway.runtime.snapshot import Route, Snapshot
+    from gateway.upstream.upstream import Endpoint, Upstream
 
 Next = Callable[["RequestContext"], Awaitable[Response]]
 
@@ -27,7 +28,7 @@ class Stage(Protocol):
 class Peer:
     """The client end of one downstream connection, shared by every request on it."""
 
-    __slots__ = ("ip", "ip_bytes", "listener", "scheme", "scheme_bytes", "trusted")
+    __slots__ = ("client_sans", "ip", "ip_bytes", "listener", "scheme", "scheme_bytes", "trusted")
 
     def __init__(self, ip: str, *, trusted: bool, scheme: str, listener: str) -> None:
         self.ip = ip
@@ -38,6 +39,8 @@ class Peer:
         self.scheme = scheme
         self.scheme_bytes = scheme.encode("ascii")
         self.listener = listener
+        #: the SANs of the client certificate verified at the TLS handshake, if any
+        self.client_sans: tuple[str, ...] | None = None
 
 
 @final
@@ -46,16 +49,21 @@ class RequestContext:
 
     __slots__ = (
         "attempts",
+        "avoid",
         "body",
+        "claims",
         "deadline",
         "endpoint",
         "head",
+        "idempotent_key",
         "outcomes",
         "peer",
         "request_id",
         "route",
         "snapshot",
         "start",
+        "target",
+        "try_deadline",
         "upstream",
         "upstream_head",
     )
@@ -78,6 +86,8 @@ class RequestContext:
         self.request_id = request_id
         self.start = start
         self.deadline = start + route.timeout
+        #: the deadline of the current upstream attempt (the retry stage may set it earlier)
+        self.try_deadline = self.deadline
         #: filled by the terminal stage for the access log and metrics
         self.upstream: str | None = None
         self.endpoint: str | None = None
@@ -86,6 +96,22 @@ class RequestContext:
         self.outcomes: dict[str, str] | None = None
         #: the request head as it goes upstream (built once, reused by retries)
         self.upstream_head: bytes | None = None
+        #: the upstream chosen for this request (by the proxy, or earlier by a breaker stage)
+        self.target: Upstream | None = None
+        #: an endpoint the next attempt should avoid (the one a retry follows)
+        self.avoid: Endpoint | None = None
+        #: the verified JWT's claims, set by the jwt stage
+        self.claims: dict[str, object] | None = None
+        #: set by the idempotency stage when it accepted the request's key: a POST or PATCH
+        #: carrying one may then be retried
+        self.idempotent_key = False
+
+    def outcome(self, stage: str, decision: str) -> None:
+        """Record what a stage decided, for the access log."""
+        outcomes = self.outcomes
+        if outcomes is None:
+            outcomes = self.outcomes = {}
+        outcomes[stage] = decision
 
 
 @final

@@ -13,9 +13,9 @@ import ipaddress
 import json
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import Final, TypeVar
 from urllib.parse import urlsplit
 
 import yaml
@@ -26,16 +26,46 @@ from gateway.config.model import (
     AdminConfig,
     EndpointConfig,
     GatewayConfig,
+    HealthCheckConfig,
     LimitsConfig,
     ListenerConfig,
     MatchConfig,
+    OutlierDetectionConfig,
     RouteConfig,
     ShutdownConfig,
     StageSpec,
     UpstreamConfig,
     WeightedUpstream,
 )
-from gateway.config.stages import parse_entry
+from gateway.config.reader import Reader as _Reader
+from gateway.config.reader import (
+    as_bool as _bool,
+)
+from gateway.config.reader import (
+    as_int as _int,
+)
+from gateway.config.reader import (
+    as_str as _str,
+)
+from gateway.config.reader import (
+    positive_duration as _positive_duration,
+)
+from gateway.config.reader import (
+    positive_int as _positive_int,
+)
+from gateway.config.reader import (
+    positive_size as _positive_size,
+)
+from gateway.config.reader import (
+    ratio as _ratio,
+)
+from gateway.config.reader import (
+    status as _status,
+)
+from gateway.config.reader import (
+    str_list as _str_list,
+)
+from gateway.config.stages import check_pipeline, parse_entry
 from gateway.config.units import parse_duration, parse_size
 from gateway.errors import ConfigError, ConfigErrors
 
@@ -53,11 +83,7 @@ _LATER_TOP: Final = {
     "tracing": "tracing",
 }
 _LATER_LISTENER: Final = {"tls": "TLS termination"}
-_LATER_UPSTREAM: Final = {
-    "tls": "upstream TLS",
-    "health_check": "health checks",
-    "outlier_detection": "outlier detection",
-}
+_LATER_UPSTREAM: Final = {"tls": "upstream TLS"}
 _LATER_ROUTE: Final = {"tracing": "tracing"}
 
 
@@ -117,103 +143,6 @@ def _interpolate_tree(
     if isinstance(value, list):
         return [_interpolate_tree(v, env, f"{path}[{i}]", errors) for i, v in enumerate(value)]
     return value
-
-
-class _Reader:
-    """Walks raw YAML, collecting errors with their paths."""
-
-    def __init__(self) -> None:
-        self.errors: list[ConfigError] = []
-
-    def error(self, path: str, message: str) -> None:
-        self.errors.append(ConfigError(path, message))
-
-    def mapping(
-        self,
-        value: object,
-        path: str,
-        keys: set[str],
-        later: Mapping[str, str] | None = None,
-        required: tuple[str, ...] = (),
-    ) -> dict[str, Any] | None:
-        if not isinstance(value, dict):
-            self.error(path, "must be a mapping")
-            return None
-        for key in value:
-            where = f"{path}.{key}" if path else str(key)
-            if later and key in later:
-                self.error(where, f"not supported yet (arrives with {later[key]})")
-            elif key not in keys:
-                hint = difflib.get_close_matches(str(key), sorted(keys), n=1)
-                self.error(where, "unknown key" + (f" (did you mean '{hint[0]}'?)" if hint else ""))
-        for key in required:
-            if key not in value:
-                self.error(f"{path}.{key}" if path else key, "is required")
-        return {k: v for k, v in value.items() if k in keys}
-
-    def get(
-        self,
-        raw: Mapping[str, Any],
-        key: str,
-        path: str,
-        convert: Callable[[object, str], T],
-        default: T,
-    ) -> T:
-        if key not in raw or raw[key] is None:
-            return default
-        where = f"{path}.{key}" if path else key
-        try:
-            return convert(raw[key], where)
-        except ConfigError as exc:
-            self.errors.append(exc)
-            return default
-
-
-def _str(value: object, path: str) -> str:
-    if not isinstance(value, str):
-        raise ConfigError(path, "must be a string")
-    return value
-
-
-def _bool(value: object, path: str) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(path, "must be true or false")
-    return value
-
-
-def _int(value: object, path: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(path, "must be an integer")
-    return value
-
-
-def _positive_int(value: object, path: str) -> int:
-    result = _int(value, path)
-    if result <= 0:
-        raise ConfigError(path, "must be > 0")
-    return result
-
-
-def _ratio(value: object, path: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigError(path, "must be a number")
-    if not 0.0 <= float(value) <= 1.0:
-        raise ConfigError(path, "must be between 0 and 1")
-    return float(value)
-
-
-def _positive_duration(value: object, path: str) -> float:
-    result = parse_duration(value, path)
-    if result <= 0:
-        raise ConfigError(path, "must be > 0")
-    return result
-
-
-def _positive_size(value: object, path: str) -> int:
-    result = parse_size(value, path)
-    if result <= 0:
-        raise ConfigError(path, "must be > 0")
-    return result
 
 
 def _bind(value: object, path: str) -> tuple[str, int]:
@@ -308,19 +237,6 @@ def _cidrs(value: object, path: str) -> tuple[str, ...]:
         except ValueError:
             raise ConfigError(f"{path}[{i}]", f"is not an IP address or CIDR: {item!r}") from None
     return tuple(result)
-
-
-def _str_list(value: object, path: str) -> tuple[str, ...]:
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ConfigError(path, "must be a list of strings")
-    return tuple(value)
-
-
-def _status(value: object, path: str) -> int:
-    result = _int(value, path)
-    if not 100 <= result <= 599:
-        raise ConfigError(path, "must be an HTTP status between 100 and 599")
-    return result
 
 
 class _Loader:
@@ -492,7 +408,7 @@ class _Loader:
             m = r.mapping(
                 item,
                 path,
-                {"endpoints", "balance", "timeouts", "pool"},
+                {"endpoints", "balance", "timeouts", "pool", "health_check", "outlier_detection"},
                 later=_LATER_UPSTREAM,
                 required=("endpoints",),
             )
@@ -534,9 +450,59 @@ class _Loader:
                         response_header_timeout=response_header,
                         pool_max_connections=max_conns,
                         pool_idle_timeout=idle,
+                        health_check=self.health_check(m.get("health_check"), path),
+                        outlier_detection=self.outlier_detection(m.get("outlier_detection"), path),
                     )
                 )
         return tuple(result)
+
+    def health_check(self, raw: object, upstream: str) -> HealthCheckConfig | None:
+        r = self.r
+        path = f"{upstream}.health_check"
+        if raw is None:
+            return None
+        keys = {"path", "interval", "timeout", "healthy", "unhealthy"}
+        m = r.mapping({} if raw is True else raw, path, keys)
+        if m is None:
+            return None
+        d = HealthCheckConfig()
+        config = HealthCheckConfig(
+            path=r.get(m, "path", path, _path_value, d.path),
+            interval=r.get(m, "interval", path, _positive_duration, d.interval),
+            timeout=r.get(m, "timeout", path, _positive_duration, d.timeout),
+            healthy=r.get(m, "healthy", path, _positive_int, d.healthy),
+            unhealthy=r.get(m, "unhealthy", path, _positive_int, d.unhealthy),
+        )
+        if any(c in config.path for c in " \r\n\t"):
+            r.error(f"{path}.path", "must not contain spaces or line breaks")
+        if config.timeout > config.interval:
+            r.error(f"{path}.timeout", "must not be longer than interval")
+        return config
+
+    def outlier_detection(self, raw: object, upstream: str) -> OutlierDetectionConfig | None:
+        r = self.r
+        path = f"{upstream}.outlier_detection"
+        if raw is None:
+            return None
+        keys = {"consecutive_failures", "ejection", "max_ejection", "max_ejected_percent"}
+        m = r.mapping({} if raw is True else raw, path, keys)
+        if m is None:
+            return None
+        d = OutlierDetectionConfig()
+        percent = r.get(m, "max_ejected_percent", path, _int, d.max_ejected_percent)
+        if not 0 <= percent <= 100:
+            r.error(f"{path}.max_ejected_percent", "must be between 0 and 100")
+        config = OutlierDetectionConfig(
+            consecutive_failures=r.get(
+                m, "consecutive_failures", path, _positive_int, d.consecutive_failures
+            ),
+            ejection=r.get(m, "ejection", path, _positive_duration, d.ejection),
+            max_ejection=r.get(m, "max_ejection", path, _positive_duration, d.max_ejection),
+            max_ejected_percent=percent,
+        )
+        if config.max_ejection < config.ejection:
+            r.error(f"{path}.max_ejection", "must be at least ejection")
+        return config
 
     def endpoints(self, raw: object, path: str) -> tuple[EndpointConfig, ...]:
         r = self.r
@@ -655,14 +621,15 @@ class _Loader:
             self.r.error(path, "must be a list of stages")
             return ()
         # every declared middleware name resolves, even one whose own config had an error
-        result = []
+        result: list[tuple[str, StageSpec]] = []
         for i, item in enumerate(raw):
             if isinstance(item, str) and item in self.declared_middlewares - middlewares.keys():
                 continue  # a middleware whose own error is already reported
             spec = parse_entry(self.r, item, f"{path}[{i}]", f"route:{route}:{i}", middlewares)
             if spec is not None:
-                result.append(spec)
-        return tuple(result)
+                result.append((f"{path}[{i}]", spec))
+        check_pipeline(self.r, result)
+        return tuple(spec for _, spec in result)
 
     def match(self, raw: object, path: str) -> MatchConfig:
         r = self.r

@@ -70,6 +70,30 @@ class EndpointConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class HealthCheckConfig:
+    """Active health checks: GET `path` on every endpoint each `interval`."""
+
+    path: str = "/healthz"
+    interval: float = 5.0
+    timeout: float = 1.0
+    #: consecutive passes that make an unhealthy endpoint healthy again
+    healthy: int = 2
+    #: consecutive failures that make a healthy endpoint unhealthy
+    unhealthy: int = 3
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OutlierDetectionConfig:
+    """Passive outlier detection: consecutive failed requests eject an endpoint for a while."""
+
+    consecutive_failures: int = 5
+    #: the first ejection's length; the n-th consecutive ejection lasts n times as long
+    ejection: float = 30.0
+    max_ejection: float = 300.0
+    max_ejected_percent: int = 50
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class UpstreamConfig:
     name: str
     endpoints: tuple[EndpointConfig, ...]
@@ -78,6 +102,8 @@ class UpstreamConfig:
     response_header_timeout: float = 15.0
     pool_max_connections: int = 256
     pool_idle_timeout: float = 60.0
+    health_check: HealthCheckConfig | None = None
+    outlier_detection: OutlierDetectionConfig | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -113,8 +139,74 @@ class HeadersConfig:
     response: HeaderEdits = field(default_factory=HeaderEdits)
 
 
-#: the config of one stage kind (more kinds join this union as they are built)
-StageConfig = HeadersConfig
+#: what a rate limit is keyed on: one of these, or several (a composite key)
+RateLimitKey = str  # "client_ip" | "route" | "header:<name>" | "jwt:<claim>" | "mtls:san"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RateLimitConfig:
+    """A token bucket per key: `rate` tokens every `per` seconds, holding at most `burst`."""
+
+    rate: float
+    per: float = 1.0
+    burst: int
+    key: tuple[RateLimitKey, ...] = ("client_ip",)
+    max_keys: int = 100_000
+    store: str = "memory"
+    on_store_error: Literal["allow", "deny"] = "allow"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SlowCallConfig:
+    duration: float
+    ratio: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FallbackConfig:
+    """The response a circuit breaker gives while open, instead of 503 circuit_open."""
+
+    status: int = 503
+    body: str = ""
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CircuitBreakerConfig:
+    window: float = 10.0
+    min_requests: int = 20
+    failure_ratio: float = 0.5
+    failure_statuses: tuple[int, ...] = (502, 503, 504)
+    slow_call: SlowCallConfig | None = None
+    open_for: float = 5.0
+    max_open_for: float = 60.0
+    half_open_requests: int = 3
+    fallback: FallbackConfig | None = None
+
+
+#: failures a retry may follow, besides response statuses
+RETRY_FAILURES = ("connect_error", "reset", "timeout")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RetryConfig:
+    #: total tries, the first included
+    attempts: int = 2
+    #: None = each try may use what is left of the route's timeout
+    per_try_timeout: float | None = None
+    backoff_base: float = 0.025
+    backoff_max: float = 0.25
+    #: failure kinds of RETRY_FAILURES
+    retry_on: tuple[str, ...] = ("connect_error", "reset")
+    retry_statuses: tuple[int, ...] = (502, 503, 504)
+    #: retries in flight per upstream may be at most this share of its requests in flight …
+    budget_ratio: float = 0.2
+    #: … or this many, whichever is more
+    budget_min_concurrent: int = 3
+
+
+#: the config of one stage kind
+StageConfig = HeadersConfig | RateLimitConfig | CircuitBreakerConfig | RetryConfig
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -128,6 +220,12 @@ class StageSpec:
     kind: str
     config: StageConfig
     owner: str
+
+    @property
+    def label(self) -> str:
+        """The owner as metrics and headers name it: the middleware's or the route's name."""
+        kind, _, rest = self.owner.partition(":")
+        return rest if kind == "middleware" else rest.rpartition(":")[0]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

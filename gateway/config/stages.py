@@ -8,24 +8,39 @@ class; kinds that later issues build are reported as not supported yet, at their
 from __future__ import annotations
 
 import difflib
+import math
 import re
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
-from gateway.config.model import HeaderEdits, HeadersConfig, StageConfig, StageSpec
+from gateway.config.model import (
+    RETRY_FAILURES,
+    CircuitBreakerConfig,
+    FallbackConfig,
+    HeaderEdits,
+    HeadersConfig,
+    RateLimitConfig,
+    RetryConfig,
+    SlowCallConfig,
+    StageConfig,
+    StageSpec,
+)
+from gateway.config.reader import (
+    Reader,
+    as_int,
+    as_str,
+    positive_duration,
+    positive_int,
+    status,
+)
+from gateway.errors import ConfigError
 from gateway.http.headers import REQUEST_DROP, RESPONSE_DROP
-
-if TYPE_CHECKING:
-    from gateway.config.load import _Reader
 
 _LATER_KINDS: Final = {
     "mtls": "TLS and mTLS",
     "jwt": "JWT authentication",
-    "rate_limit": "rate limiting",
-    "circuit_breaker": "the circuit breaker",
-    "retry": "retries",
     "idempotency": "idempotency",
 }
-KINDS: Final = frozenset({"headers"})
+KINDS: Final = frozenset({"headers", "rate_limit", "circuit_breaker", "retry"})
 
 _TOKEN: Final = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _VALUE: Final = re.compile(r"^[\t\x20-\x7e]*$")
@@ -35,7 +50,7 @@ _OWNED_RESPONSE: Final = frozenset(n.decode() for n in RESPONSE_DROP) | {"x-requ
 
 
 def parse_entry(
-    r: _Reader, raw: object, path: str, owner: str, middlewares: dict[str, StageSpec] | None
+    r: Reader, raw: object, path: str, owner: str, middlewares: dict[str, StageSpec] | None
 ) -> StageSpec | None:
     """One pipeline entry; `middlewares` is None while the middlewares themselves are read."""
     if isinstance(raw, str) and middlewares is not None:
@@ -70,7 +85,7 @@ def parse_entry(
     return None if config is None else StageSpec(kind=kind, config=config, owner=owner)
 
 
-def _headers(r: _Reader, raw: object, path: str) -> StageConfig | None:
+def _headers(r: Reader, raw: object, path: str) -> StageConfig | None:
     m = r.mapping({} if raw is None else raw, path, {"request", "response"})
     if m is None:
         return None
@@ -80,7 +95,7 @@ def _headers(r: _Reader, raw: object, path: str) -> StageConfig | None:
     )
 
 
-def _edits(r: _Reader, raw: object, path: str, owned: frozenset[str]) -> HeaderEdits:
+def _edits(r: Reader, raw: object, path: str, owned: frozenset[str]) -> HeaderEdits:
     if raw is None:
         return HeaderEdits()
     m = r.mapping(raw, path, {"set", "remove"})
@@ -113,7 +128,7 @@ def _edits(r: _Reader, raw: object, path: str, owned: frozenset[str]) -> HeaderE
     return HeaderEdits(set=tuple(pairs), remove=tuple(names))
 
 
-def _check_name(r: _Reader, name: object, where: str, owned: frozenset[str]) -> bool:
+def _check_name(r: Reader, name: object, where: str, owned: frozenset[str]) -> bool:
     if not isinstance(name, str) or not _TOKEN.match(name):
         r.error(where, "must be a header name (letters, digits and !#$%&'*+-.^_`|~)")
         return False
@@ -123,4 +138,255 @@ def _check_name(r: _Reader, name: object, where: str, owned: frozenset[str]) -> 
     return True
 
 
-_PARSERS: Final = {"headers": _headers}
+def _number(value: object, path: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(path, "must be a number")
+    if not math.isfinite(value) or value <= 0:
+        raise ConfigError(path, "must be > 0")
+    return float(value)
+
+
+def _share(value: object, path: str) -> float:
+    """A ratio that must be able to trigger: 0 < x <= 1."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(path, "must be a number")
+    if not 0.0 < float(value) <= 1.0:
+        raise ConfigError(path, f"must be > 0 and <= 1, not {value}")
+    return float(value)
+
+
+def _statuses(value: object, path: str) -> tuple[int, ...]:
+    if not isinstance(value, list) or not value:
+        raise ConfigError(path, "must be a non-empty list of HTTP statuses")
+    return tuple(status(v, f"{path}[{i}]") for i, v in enumerate(value))
+
+
+#: rate-limit key kinds; the ones with a value after the colon are listed with it
+_KEY_KINDS: Final = ("client_ip", "route", "mtls:san", "header:NAME", "jwt:CLAIM")
+
+
+def _rate_key(value: object, path: str) -> tuple[str, ...]:
+    items = value if isinstance(value, list) else [value]
+    if not items:
+        raise ConfigError(path, "must name at least one key")
+    keys: list[str] = []
+    for i, item in enumerate(items):
+        where = f"{path}[{i}]" if isinstance(value, list) else path
+        if not isinstance(item, str):
+            raise ConfigError(where, f"must be one of {', '.join(_KEY_KINDS)}")
+        kind, sep, arg = item.partition(":")
+        if item in ("client_ip", "route", "mtls:san"):
+            key = item
+        elif kind == "header" and sep and _TOKEN.match(arg):
+            key = f"header:{arg.lower()}"
+        elif kind == "jwt" and sep and arg:
+            key = item
+        else:
+            hint = difflib.get_close_matches(item, _KEY_KINDS, n=1)
+            raise ConfigError(
+                where,
+                f"unknown key kind {item!r}"
+                + (f" (did you mean '{hint[0]}'?)" if hint else "")
+                + f"; keys: {', '.join(_KEY_KINDS)}",
+            )
+        if key in keys:
+            raise ConfigError(where, f"{item} is listed twice")
+        keys.append(key)
+    return tuple(keys)
+
+
+def _rate_limit(r: Reader, raw: object, path: str) -> StageConfig | None:
+    keys = {"rate", "per", "burst", "key", "max_keys", "store", "on_store_error"}
+    m = r.mapping(raw, path, keys, required=("rate",))
+    if m is None or "rate" not in m:
+        return None
+    errors = len(r.errors)
+    rate = r.get(m, "rate", path, _number, 1.0)
+    per = r.get(m, "per", path, positive_duration, 1.0)
+    burst = r.get(m, "burst", path, positive_int, max(1, math.ceil(rate)))
+    default_key: tuple[str, ...] = ("client_ip",)
+    key = r.get(m, "key", path, _rate_key, default_key)
+    max_keys = r.get(m, "max_keys", path, positive_int, 100_000)
+    store = r.get(m, "store", path, as_str, "memory")
+    if store != "memory":
+        # named stores (`stores:`) arrive with Redis; until then memory is the only one
+        r.error(f"{path}.store", f"unknown store {store!r}; stores: memory")
+    on_error = r.get(m, "on_store_error", path, as_str, "allow")
+    if on_error not in ("allow", "deny"):
+        r.error(f"{path}.on_store_error", "must be allow or deny")
+    if len(r.errors) > errors:
+        return None
+    return RateLimitConfig(
+        rate=rate,
+        per=per,
+        burst=burst,
+        key=key,
+        max_keys=max_keys,
+        store=store,
+        on_store_error="deny" if on_error == "deny" else "allow",
+    )
+
+
+def _circuit_breaker(r: Reader, raw: object, path: str) -> StageConfig | None:
+    keys = {
+        "window",
+        "min_requests",
+        "failure_ratio",
+        "failure_statuses",
+        "slow_call",
+        "open_for",
+        "max_open_for",
+        "half_open_requests",
+        "fallback",
+    }
+    m = r.mapping({} if raw is None else raw, path, keys)
+    if m is None:
+        return None
+    errors = len(r.errors)
+    d = CircuitBreakerConfig()
+    slow = None
+    if m.get("slow_call") is not None:
+        where = f"{path}.slow_call"
+        s = r.mapping(m["slow_call"], where, {"duration", "ratio"}, required=("duration", "ratio"))
+        if s is not None and "duration" in s and "ratio" in s:
+            slow = SlowCallConfig(
+                duration=r.get(s, "duration", where, positive_duration, 1.0),
+                ratio=r.get(s, "ratio", where, _share, 1.0),
+            )
+    fallback = None
+    if m.get("fallback") is not None:
+        where = f"{path}.fallback"
+        f = r.mapping(m["fallback"], where, {"status", "body", "headers"})
+        if f is not None:
+            fallback = FallbackConfig(
+                status=r.get(f, "status", where, status, 503),
+                body=r.get(f, "body", where, as_str, ""),
+                headers=_fallback_headers(r, f.get("headers"), f"{where}.headers"),
+            )
+    config = CircuitBreakerConfig(
+        window=r.get(m, "window", path, positive_duration, d.window),
+        min_requests=r.get(m, "min_requests", path, positive_int, d.min_requests),
+        failure_ratio=r.get(m, "failure_ratio", path, _share, d.failure_ratio),
+        failure_statuses=r.get(m, "failure_statuses", path, _statuses, d.failure_statuses),
+        slow_call=slow,
+        open_for=r.get(m, "open_for", path, positive_duration, d.open_for),
+        max_open_for=r.get(m, "max_open_for", path, positive_duration, d.max_open_for),
+        half_open_requests=r.get(m, "half_open_requests", path, positive_int, d.half_open_requests),
+        fallback=fallback,
+    )
+    if config.max_open_for < config.open_for:
+        r.error(f"{path}.max_open_for", "must be at least open_for")
+    return None if len(r.errors) > errors else config
+
+
+def _fallback_headers(r: Reader, raw: object, path: str) -> tuple[tuple[str, str], ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, dict):
+        r.error(path, "must be a mapping of header name to value")
+        return ()
+    result = []
+    for name, value in raw.items():
+        where = f"{path}.{name}"
+        if _check_name(r, name, where, _OWNED_RESPONSE):
+            if isinstance(value, bool) or not isinstance(value, str | int | float):
+                r.error(where, "must be a string")
+            elif not _VALUE.match(str(value)):
+                r.error(where, "must be visible ASCII, spaces and tabs (no line breaks)")
+            else:
+                result.append((str(name), str(value)))
+    return tuple(result)
+
+
+def _retry_on(value: object, path: str) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    if not isinstance(value, list) or not value:
+        raise ConfigError(path, "must be a non-empty list of failures and statuses")
+    kinds: list[str] = []
+    statuses: list[int] = []
+    for i, item in enumerate(value):
+        where = f"{path}[{i}]"
+        if isinstance(item, str) and item in RETRY_FAILURES:
+            kinds.append(item)
+        elif isinstance(item, int) and not isinstance(item, bool):
+            code = status(item, where)
+            if code < 400:
+                raise ConfigError(where, "only error statuses (400-599) can be retried")
+            statuses.append(code)
+        else:
+            hint = difflib.get_close_matches(str(item), RETRY_FAILURES, n=1)
+            raise ConfigError(
+                where,
+                f"unknown failure {item!r}"
+                + (f" (did you mean '{hint[0]}'?)" if hint else "")
+                + f"; use {', '.join(RETRY_FAILURES)} or a status such as 503",
+            )
+    return tuple(dict.fromkeys(kinds)), tuple(dict.fromkeys(statuses))
+
+
+def _retry(r: Reader, raw: object, path: str) -> StageConfig | None:
+    keys = {"attempts", "per_try_timeout", "backoff", "retry_on", "budget"}
+    m = r.mapping({} if raw is None else raw, path, keys)
+    if m is None:
+        return None
+    errors = len(r.errors)
+    d = RetryConfig()
+    attempts = r.get(m, "attempts", path, positive_int, d.attempts)
+    if attempts > 10:
+        r.error(f"{path}.attempts", "must be at most 10")
+    base, cap = d.backoff_base, d.backoff_max
+    if m.get("backoff") is not None:
+        where = f"{path}.backoff"
+        b = r.mapping(m["backoff"], where, {"base", "max"})
+        if b is not None:
+            base = r.get(b, "base", where, positive_duration, base)
+            cap = r.get(b, "max", where, positive_duration, max(cap, base))
+            if cap < base:
+                r.error(f"{where}.max", "must be at least base")
+    kinds, statuses = r.get(m, "retry_on", path, _retry_on, (d.retry_on, d.retry_statuses))
+    ratio, minimum = d.budget_ratio, d.budget_min_concurrent
+    if m.get("budget") is not None:
+        where = f"{path}.budget"
+        b = r.mapping(m["budget"], where, {"ratio", "min_concurrent"})
+        if b is not None:
+            ratio = r.get(b, "ratio", where, _share, ratio)
+            minimum = r.get(b, "min_concurrent", where, _non_negative_int, minimum)
+    if len(r.errors) > errors:
+        return None
+    return RetryConfig(
+        attempts=attempts,
+        per_try_timeout=r.get(m, "per_try_timeout", path, positive_duration, None),
+        backoff_base=base,
+        backoff_max=cap,
+        retry_on=kinds,
+        retry_statuses=statuses,
+        budget_ratio=ratio,
+        budget_min_concurrent=minimum,
+    )
+
+
+def _non_negative_int(value: object, path: str) -> int:
+    result = as_int(value, path)
+    if result < 0:
+        raise ConfigError(path, "must not be negative")
+    return result
+
+
+_PARSERS: Final = {
+    "headers": _headers,
+    "rate_limit": _rate_limit,
+    "circuit_breaker": _circuit_breaker,
+    "retry": _retry,
+}
+
+
+def check_pipeline(r: Reader, specs: list[tuple[str, StageSpec]]) -> None:
+    """Rules between the stages of one route's pipeline (each given with its YAML path)."""
+    before: set[str] = set()
+    for path, spec in specs:
+        config = spec.config
+        if isinstance(config, RateLimitConfig):
+            for key in config.key:
+                needs = "jwt" if key.startswith("jwt:") else "mtls" if key == "mtls:san" else ""
+                if needs and needs not in before:
+                    r.error(path, f"rate-limit key {key} needs a {needs} stage before it")
+        before.add(spec.kind)

@@ -185,6 +185,28 @@ class RequestBody:
             self._replay = data
         return self._replay
 
+    async def fill(self, limit: int) -> bool:
+        """Wait until the whole body is buffered, unless it grows past `limit` bytes first.
+
+        True when it is complete (then it can be sent, and sent again, by `take_all`); False
+        when it is larger than `limit`, with nothing consumed, so it can still be streamed.
+        """
+        while True:
+            if self._error is not None:
+                raise self._error
+            if self.eof:
+                return True
+            if self._buffered > limit or self.received > limit:
+                return False
+            first = self.on_first_read
+            if first is not None:
+                self.on_first_read = None
+                first()
+            waiter = self._loop.create_future()
+            self._waiter = waiter
+            self._timer = self._loop.call_later(self.timeout, self._on_timeout)
+            await waiter
+
     async def read(self) -> bytes:
         """The next chunk; b"" at the end of the body."""
         while True:

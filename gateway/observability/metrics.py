@@ -471,6 +471,41 @@ class GatewayMetrics:
             "Upstream connections taken, by whether a pooled one was reused.",
             ("upstream", "reused"),
         )
+        # min over workers: each runs its own checks; one that cannot reach it says 0
+        self.upstream_endpoint_up = r.gauge(
+            "gateway_upstream_endpoint_up",
+            "1 while an endpoint is healthy and not ejected.",
+            ("upstream", "endpoint"),
+            merge="min",
+        )
+        # max over workers: a breaker open in any worker shows
+        self.circuit_breaker_state = r.gauge(
+            "gateway_circuit_breaker_state",
+            "Circuit state: 0 closed, 1 open, 2 half-open.",
+            ("route", "upstream"),
+            merge="max",
+        )
+        self.circuit_breaker_transitions_total = r.counter(
+            "gateway_circuit_breaker_transitions_total",
+            "Circuit state changes, by the state entered.",
+            ("route", "upstream", "to"),
+        )
+        self.rate_limited_total = r.counter(
+            "gateway_rate_limited_total", "Requests refused with 429.", ("route",)
+        )
+        self.rate_limit_store_errors_total = r.counter(
+            "gateway_rate_limit_store_errors_total",
+            "Rate-limit store failures (the request fell back or was refused).",
+            ("route",),
+        )
+        self.retries_total = r.counter(
+            "gateway_retries_total", "Upstream attempts after the first.", ("route", "upstream")
+        )
+        self.retry_budget_exhausted_total = r.counter(
+            "gateway_retry_budget_exhausted_total",
+            "Retries not made because the upstream's retry budget was spent.",
+            ("upstream",),
+        )
         self.config_reloads_total = r.counter(
             "gateway_config_reloads_total", "Configuration reloads by result.", ("result",)
         )

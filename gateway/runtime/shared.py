@@ -18,7 +18,9 @@ from typing import final
 from gateway.config.model import StageSpec, UpstreamConfig
 from gateway.observability.metrics import GatewayMetrics
 from gateway.pipeline import Stage
-from gateway.stages import build_stage
+from gateway.stages import BuildContext, build_stage, close_stage
+from gateway.stores.base import Store
+from gateway.stores.memory import MemoryStore
 from gateway.upstream.upstream import Upstream
 
 StageKey = tuple[str, str]
@@ -26,13 +28,16 @@ StageKey = tuple[str, str]
 
 @final
 class SharedState:
-    __slots__ = ("_live", "_live_stages", "loop", "metrics")
+    __slots__ = ("_env", "_live", "_live_stages", "loop", "metrics", "stores")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, metrics: GatewayMetrics) -> None:
         self.loop = loop
         self.metrics = metrics
         self._live: dict[str, Upstream] = {}
         self._live_stages: dict[StageKey, tuple[StageSpec, Stage]] = {}
+        #: "memory" always exists (per worker); named shared stores join it later
+        self.stores: dict[str, Store] = {"memory": MemoryStore(clock=loop.time)}
+        self._env = BuildContext(loop, metrics, self.stores)
 
     def upstream(self, config: UpstreamConfig) -> Upstream:
         live = self._live.get(config.name)
@@ -50,7 +55,11 @@ class SharedState:
         entry = built.get(key)
         if entry is None:
             live = self._live_stages.get(key)
-            entry = live if live is not None and live[0] == spec else (spec, build_stage(spec))
+            entry = (
+                live
+                if live is not None and live[0] == spec
+                else (spec, build_stage(spec, self._env))
+            )
             built[key] = entry
         return entry[1]
 
@@ -59,14 +68,24 @@ class SharedState:
         upstreams: dict[str, Upstream],
         stages: dict[StageKey, tuple[StageSpec, Stage]] | None = None,
     ) -> None:
-        """Make `upstreams` and `stages` live; close every previously live upstream not kept."""
+        """Make `upstreams` and `stages` live; close every previously live one not kept."""
         if stages is not None:
+            kept = {id(stage) for _, stage in stages.values()}
+            for _, old_stage in self._live_stages.values():
+                if id(old_stage) not in kept:
+                    close_stage(old_stage)
             self._live_stages = dict(stages)
         keep = {id(u) for u in upstreams.values()}
+        addresses = {(u.name, e.address) for u in upstreams.values() for e in u.endpoints}
         for old in self._live.values():
             if id(old) not in keep:
                 old.close()
+                for endpoint in old.endpoints:
+                    if (old.name, endpoint.address) not in addresses:
+                        self.metrics.upstream_endpoint_up.remove(old.name, endpoint.address)
         self._live = dict(upstreams)
+        for upstream in upstreams.values():
+            upstream.start()
 
     def discard(self, upstreams: dict[str, Upstream]) -> None:
         """A snapshot that was never committed: close what it created."""
@@ -74,8 +93,12 @@ class SharedState:
         for upstream in upstreams.values():
             if id(upstream) not in live:
                 upstream.close()
+        # stages it built are simply dropped: nothing of theirs is running yet
 
     def close(self) -> None:
         for upstream in self._live.values():
             upstream.close()
         self._live = {}
+        for _, stage in self._live_stages.values():
+            close_stage(stage)
+        self._live_stages = {}

@@ -21,7 +21,7 @@ from gateway.config.model import (
 )
 from gateway.observability.access_log import AccessLog
 from gateway.observability.metrics import CounterChild, GatewayMetrics
-from gateway.pipeline import Next, Stage, compose
+from gateway.pipeline import Next, RequestContext, Stage, compose
 from gateway.routing import Router
 from gateway.runtime.shared import SharedState, StageKey
 from gateway.stages.echo import EchoHandler
@@ -39,12 +39,21 @@ class Route:
         "handler",
         "max_body_bytes",
         "name",
+        "proxy",
         "timeout",
         "websocket",
     )
 
-    def __init__(self, config: RouteConfig, handler: Next, metrics: GatewayMetrics) -> None:
+    def __init__(
+        self,
+        config: RouteConfig,
+        handler: Next,
+        metrics: GatewayMetrics,
+        proxy: ProxyHandler | None = None,
+    ) -> None:
         self.config = config
+        #: the terminal proxy stage (None for the built-in echo)
+        self.proxy = proxy
         self.name = config.name
         self.handler = handler
         self.timeout = config.timeout
@@ -54,6 +63,11 @@ class Route:
         #: method -> status -> child; nested so the lookup builds no tuple key
         self._children: dict[str, dict[int, CounterChild]] = {}
         self.duration = metrics.request_duration_seconds.labels(config.name)
+
+    def choose_upstream(self, ctx: RequestContext) -> str:
+        """The name of the upstream this request goes to, chosen now if not chosen yet."""
+        proxy = self.proxy
+        return INTERNAL_ECHO if proxy is None else proxy.choose(ctx).name
 
     def requests_child(self, method: str, status: int) -> CounterChild:
         by_status = self._children.get(method)
@@ -150,6 +164,7 @@ def build_snapshot(config: GatewayConfig, shared: SharedState) -> Snapshot:
     stages: dict[StageKey, tuple[StageSpec, Stage]] = {}
     for rc in config.routes:
         terminal: Next
+        proxy: ProxyHandler | None = None
         if len(rc.upstreams) == 1 and rc.upstreams[0].name == INTERNAL_ECHO:
             terminal = EchoHandler(strip_prefix=rc.strip_prefix)
         else:
@@ -158,11 +173,11 @@ def build_snapshot(config: GatewayConfig, shared: SharedState) -> Snapshot:
                 upstream = upstreams[wu.name]
                 used[wu.name] = upstream
                 picks.append((upstream, wu.weight))
-            terminal = ProxyHandler(
+            terminal = proxy = ProxyHandler(
                 picks, strip_prefix=rc.strip_prefix, websocket=rc.websocket, loop=shared.loop
             )
         pipeline = [shared.stage(spec, stages) for spec in rc.pipeline]
-        routes.append(Route(rc, compose(pipeline, terminal), metrics))
+        routes.append(Route(rc, compose(pipeline, terminal), metrics, proxy))
     router = Router.build([(r.config.match, r.config.index, r) for r in routes])
     snapshot = Snapshot(config, router, routes, upstreams, AccessLog(config.access_log))
     snapshot.stages = stages

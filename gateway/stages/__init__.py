@@ -2,18 +2,61 @@
 
 `build_stage` turns a stage's config into its stage object; it is called once per stage per
 snapshot (and not even that when `SharedState` hands back the live instance of an unchanged
-stage), never per request.
+stage), never per request.  Which store a stage uses (memory or, later, Redis) is decided here
+too, never per request.
 """
 
 from __future__ import annotations
 
-from gateway.config.model import HeadersConfig, StageSpec
+import asyncio
+from dataclasses import dataclass
+
+from gateway.config.model import (
+    CircuitBreakerConfig,
+    HeadersConfig,
+    RateLimitConfig,
+    RetryConfig,
+    StageSpec,
+)
+from gateway.observability.metrics import GatewayMetrics
 from gateway.pipeline import Stage
+from gateway.stages.circuit_breaker import CircuitBreakerStage
 from gateway.stages.headers import HeadersStage
+from gateway.stages.rate_limit import RateLimitStage
+from gateway.stages.retry import RetryStage
+from gateway.stores.base import Store
 
 
-def build_stage(spec: StageSpec) -> Stage:
+@dataclass(frozen=True, slots=True)
+class BuildContext:
+    """What stages are built with: the loop, the metrics, and the stores by name."""
+
+    loop: asyncio.AbstractEventLoop
+    metrics: GatewayMetrics
+    stores: dict[str, Store]
+
+
+def build_stage(spec: StageSpec, env: BuildContext) -> Stage:
     config = spec.config
     if isinstance(config, HeadersConfig):
         return HeadersStage(config)
+    if isinstance(config, RateLimitConfig):
+        return RateLimitStage(
+            config,
+            spec.label,
+            spec.owner,
+            env.stores[config.store],
+            env.stores["memory"],
+            env.metrics,
+        )
+    if isinstance(config, CircuitBreakerConfig):
+        return CircuitBreakerStage(config, spec.label, env.metrics, env.loop)
+    if isinstance(config, RetryConfig):
+        return RetryStage(config, env.metrics.retries_total, env.loop)
     raise AssertionError(f"no builder for stage kind {spec.kind!r}")  # the loader refuses it
+
+
+def close_stage(stage: Stage) -> None:
+    """Release what a stage that is no longer live holds (a limiter's buckets)."""
+    if isinstance(stage, RateLimitStage):
+        stage.close()

@@ -16,7 +16,7 @@ import random
 from collections.abc import Sequence
 from typing import Final, final
 
-from gateway.errors import UpstreamTimeout, UpstreamUnavailable
+from gateway.errors import GatewayError, UpstreamTimeout, UpstreamUnavailable
 from gateway.http.forwarding import build_request_head, upstream_target
 from gateway.http.messages import Response
 from gateway.pipeline import RequestContext
@@ -24,6 +24,8 @@ from gateway.upstream.connection import StaleConnection, UpstreamConnection
 from gateway.upstream.upstream import Upstream
 
 _REPLAYABLE_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+#: statuses that count as a failure of the endpoint for outlier detection
+_OUTLIER_STATUSES: Final = frozenset({502, 503, 504})
 
 
 @final
@@ -59,17 +61,25 @@ class ProxyHandler:
         self.websocket = websocket
         self._loop = loop
 
-    def _choose(self) -> Upstream:
+    def choose(self, ctx: RequestContext) -> Upstream:
+        """The request's upstream: a weighted draw, made once per request (retries keep it)."""
+        upstream = ctx.target
+        if upstream is not None:
+            return upstream
         if self._single is not None:
-            return self._single
-        r = random.randrange(self._total)
-        for upstream, bound in zip(self._upstreams, self._cumulative, strict=True):
-            if r < bound:
-                return upstream
-        return self._upstreams[-1]
+            upstream = self._single
+        else:
+            upstream = self._upstreams[-1]
+            r = random.randrange(self._total)
+            for candidate, bound in zip(self._upstreams, self._cumulative, strict=True):
+                if r < bound:
+                    upstream = candidate
+                    break
+        ctx.target = upstream
+        return upstream
 
     async def __call__(self, ctx: RequestContext) -> Response:
-        upstream = self._choose()
+        upstream = self.choose(ctx)
         ctx.upstream = upstream.name
         head = ctx.head
         body = ctx.body
@@ -104,38 +114,58 @@ class ProxyHandler:
         loop = self._loop
         started = now = loop.time()
         replayable = head.method in _REPLAYABLE_METHODS and (body is None or body.is_complete)
-        while True:
-            remaining = ctx.deadline - now
-            if remaining <= 0:
-                raise UpstreamTimeout("the route's timeout expired")
-            endpoint = upstream.pick()
-            ctx.endpoint = endpoint.address
-            ctx.attempts += 1
-            pool = endpoint.pool
-            conn = pool.take_idle()
-            if conn is None:
-                conn = await pool.acquire(min(upstream.connect_timeout, remaining))
-                now = loop.time()
-            endpoint.in_flight += 1
-            try:
-                response = await conn.send(
-                    request,
-                    body,
-                    chunked,
-                    head.method == "HEAD",
-                    min(upstream.response_header_timeout, ctx.deadline - now),
-                    ctx.snapshot.body_timeout,
-                )
-            except BaseException as exc:
-                endpoint.in_flight -= 1
-                conn.abort()
-                if isinstance(exc, StaleConnection) and replayable and ctx.attempts < 2:
-                    now = loop.time()
-                    continue
-                raise
-            endpoint.in_flight -= 1
-            break
+        deadline = ctx.try_deadline
+        upstream.in_flight += 1
+        try:
+            while True:
+                remaining = deadline - now
+                if remaining <= 0:
+                    raise UpstreamTimeout(
+                        "the route's timeout expired"
+                        if deadline >= ctx.deadline
+                        else "the try's timeout expired"
+                    )
+                endpoint = upstream.pick(ctx.avoid)
+                ctx.endpoint = endpoint.address
+                ctx.attempts += 1
+                pool = endpoint.pool
+                conn = pool.take_idle()
+                try:
+                    if conn is None:
+                        conn = await pool.acquire(min(upstream.connect_timeout, remaining))
+                        now = loop.time()
+                    endpoint.in_flight += 1
+                    try:
+                        response = await conn.send(
+                            request,
+                            body,
+                            chunked,
+                            head.method == "HEAD",
+                            min(upstream.response_header_timeout, deadline - now),
+                            ctx.snapshot.body_timeout,
+                        )
+                    finally:
+                        endpoint.in_flight -= 1
+                except GatewayError as exc:
+                    if conn is not None:
+                        conn.abort()
+                    if isinstance(exc, StaleConnection) and replayable and ctx.attempts < 2:
+                        now = loop.time()
+                        continue
+                    if exc.failure and exc.failure != "overflow":
+                        upstream.record(endpoint, True)
+                    ctx.avoid = endpoint
+                    raise
+                except BaseException:
+                    if conn is not None:
+                        conn.abort()
+                    raise
+                break
+        finally:
+            upstream.in_flight -= 1
         upstream.request_duration.observe(loop.time() - started)
+        upstream.record(endpoint, response.status in _OUTLIER_STATUSES)
+        ctx.avoid = endpoint
         if response.status == 101:
             if not upgrade:
                 conn.abort()
@@ -146,6 +176,14 @@ class ProxyHandler:
             response.body = complete
             response.stream = None
         return response
+
+
+def discard(response: Response) -> None:
+    """Drop a response nobody will read (a retry replaces it): free its upstream connection."""
+    stream = response.stream
+    if stream is not None:
+        response.stream = None
+        stream.abort()
 
 
 def is_tunnel(response: Response) -> UpstreamConnection | None:

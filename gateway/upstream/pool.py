@@ -16,7 +16,7 @@ import asyncio
 from collections import deque
 from typing import Protocol, final
 
-from gateway.errors import UpstreamTimeout, UpstreamUnavailable
+from gateway.errors import ConnectFailed, ConnectTimeout, PoolFull
 from gateway.upstream.connection import UpstreamConnection
 
 #: how often in-use connections' deadlines are checked (the precision of header timeouts)
@@ -102,14 +102,14 @@ class EndpointPool:
         if conn is not None:
             return conn
         if self._closing:
-            raise UpstreamUnavailable("upstream is being removed")
+            raise ConnectFailed("upstream is being removed")
         if self.opened >= self.max_connections:
             waiter: asyncio.Future[UpstreamConnection | None] = self._loop.create_future()
             self._waiters.append(waiter)
             try:
                 conn_or_none = await asyncio.wait_for(waiter, timeout)
             except TimeoutError:
-                raise UpstreamUnavailable(
+                raise PoolFull(
                     f"upstream connection pool is full ({self.max_connections} connections)"
                 ) from None
             finally:
@@ -139,10 +139,10 @@ class EndpointPool:
                 conn.close()  # connected just too late: connection_lost frees the slot
             else:
                 self._slot_freed()
-            raise UpstreamTimeout(f"connecting to {self.host}:{self.port} timed out") from None
+            raise ConnectTimeout(f"connecting to {self.host}:{self.port} timed out") from None
         except OSError as exc:
             self._slot_freed()
-            raise UpstreamUnavailable(
+            raise ConnectFailed(
                 f"cannot connect to {self.host}:{self.port}: {exc.strerror or exc}"
             ) from exc
         except BaseException:
@@ -227,4 +227,4 @@ class EndpointPool:
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
-                waiter.set_exception(UpstreamUnavailable("upstream is being removed"))
+                waiter.set_exception(ConnectFailed("upstream is being removed"))

@@ -1,19 +1,36 @@
 """An upstream at run time: its endpoints, their pools, and the balancer that picks one.
 
 An `Upstream` outlives snapshots: a reload that leaves an upstream's config unchanged hands the
-same object (and so the same warm pools) to the new snapshot.  Its metrics children are
-resolved here once, not per request.
+same object (and so the same warm pools, health and ejection state) to the new snapshot.  Its
+metrics children are resolved here once, not per request.
+
+Endpoints leave and rejoin the rotation when active health checks or passive outlier detection
+say so.  Those are rare events: each rebuilds the balancer over the endpoints still available,
+so a pick costs the same whether or not some endpoint is down, and raises `NoHealthyUpstream`
+when none is left.  The retry budget's counters live here too, since it is per upstream.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from typing import Any, final
 
 from gateway.config.model import UpstreamConfig
-from gateway.observability.metrics import CounterChild, GatewayMetrics, HistogramChild
+from gateway.core.outlier import Outliers
+from gateway.errors import NoHealthyUpstream
+from gateway.observability.metrics import (
+    CounterChild,
+    GatewayMetrics,
+    GaugeChild,
+    HistogramChild,
+)
 from gateway.upstream.balancer import LeastRequest, RoundRobin
+from gateway.upstream.health import HealthChecker
 from gateway.upstream.pool import EndpointPool
+
+log = logging.getLogger("gateway.upstream")
 
 
 @final
@@ -34,28 +51,58 @@ class _PoolMetrics:
 
 @final
 class Endpoint:
-    __slots__ = ("address", "host", "in_flight", "pool", "port", "weight")
+    __slots__ = (
+        "address",
+        "ejected",
+        "healthy",
+        "host",
+        "in_flight",
+        "index",
+        "pool",
+        "port",
+        "up",
+        "weight",
+    )
 
-    def __init__(self, host: str, port: int, weight: int, pool: EndpointPool) -> None:
+    def __init__(self, index: int, host: str, port: int, weight: int, pool: EndpointPool) -> None:
+        self.index = index
         self.host = host
         self.port = port
         self.address = f"{host}:{port}"
         self.weight = weight
         self.in_flight = 0
         self.pool = pool
+        #: active health checks say so (always True without health checks)
+        self.healthy = True
+        #: passive outlier detection took it out of rotation
+        self.ejected = False
+        #: the gateway_upstream_endpoint_up child
+        self.up: GaugeChild | None = None
+
+    @property
+    def available(self) -> bool:
+        return self.healthy and not self.ejected
 
 
 @final
 class Upstream:
     __slots__ = (
         "_balancer",
+        "_checker",
+        "_loop",
+        "_outliers",
+        "_readmit_timer",
+        "_rotation",
+        "budget_exhausted",
         "config",
         "connect_timeout",
         "default_host",
         "endpoints",
+        "in_flight",
         "name",
         "request_duration",
         "response_header_timeout",
+        "retrying",
     )
 
     def __init__(
@@ -71,8 +118,10 @@ class Upstream:
             metrics.upstream_connections_total.labels(config.name, "true"),
             metrics.upstream_connections_total.labels(config.name, "false"),
         )
+        self._loop = loop
         self.endpoints = [
             Endpoint(
+                i,
                 e.host,
                 e.port,
                 e.weight,
@@ -86,22 +135,144 @@ class Upstream:
                     observer=observer,
                 ),
             )
-            for e in config.endpoints
+            for i, e in enumerate(config.endpoints)
         ]
+        for endpoint in self.endpoints:
+            endpoint.up = metrics.upstream_endpoint_up.labels(config.name, endpoint.address)
+            endpoint.up.set(1)
         #: the Host sent upstream when an HTTP/1.0 client sent none
         self.default_host = self.endpoints[0].address.encode("ascii")
-        weights = [e.weight for e in self.endpoints]
-        self._balancer: RoundRobin | LeastRequest = (
-            LeastRequest(weights) if config.balance == "least_request" else RoundRobin(weights)
-        )
+        #: the endpoints in rotation, and a balancer over exactly them
+        self._rotation: list[Endpoint] = []
+        self._balancer: RoundRobin | LeastRequest | None = None
+        self._rebalance()
         self.request_duration: HistogramChild = metrics.upstream_request_duration_seconds.labels(
             config.name
         )
+        #: requests in flight to this upstream, and how many of them are retries (the budget)
+        self.in_flight = 0
+        self.retrying = 0
+        self.budget_exhausted: CounterChild = metrics.retry_budget_exhausted_total.labels(
+            config.name
+        )
+        od = config.outlier_detection
+        self._outliers = Outliers(od, len(self.endpoints)) if od is not None else None
+        self._readmit_timer: asyncio.TimerHandle | None = None
+        hc = config.health_check
+        self._checker = (
+            HealthChecker(
+                loop, hc, [(e.host, e.port) for e in self.endpoints], self._on_health_change
+            )
+            if hc is not None
+            else None
+        )
 
-    def pick(self) -> Endpoint:
-        return self.endpoints[self._balancer.pick(self.endpoints)]
+    # -- picking -----------------------------------------------------------------------------
+
+    def pick(self, avoid: Endpoint | None = None) -> Endpoint:
+        """An endpoint in rotation, other than `avoid` when there is another one."""
+        balancer = self._balancer
+        if balancer is None:
+            raise NoHealthyUpstream(f"every endpoint of upstream {self.name!r} is down")
+        rotation = self._rotation
+        endpoint = rotation[balancer.pick(rotation)]
+        if endpoint is avoid and len(rotation) > 1:
+            # weighted picks can repeat; a bounded number of draws, then any other one
+            for _ in range(len(rotation)):
+                endpoint = rotation[balancer.pick(rotation)]
+                if endpoint is not avoid:
+                    break
+            else:
+                endpoint = next(e for e in rotation if e is not avoid)
+        return endpoint
+
+    def _rebalance(self) -> None:
+        rotation = [e for e in self.endpoints if e.healthy and not e.ejected]
+        self._rotation = rotation
+        if not rotation:
+            self._balancer = None
+            return
+        weights = [e.weight for e in rotation]
+        self._balancer = (
+            LeastRequest(weights) if self.config.balance == "least_request" else RoundRobin(weights)
+        )
+
+    def _set_state(self, endpoint: Endpoint, *, healthy: bool, ejected: bool) -> None:
+        was = endpoint.available
+        endpoint.healthy = healthy
+        endpoint.ejected = ejected
+        now = endpoint.available
+        if now != was:
+            if endpoint.up is not None:
+                endpoint.up.set(1 if now else 0)
+            log.warning(
+                "endpoint %s of upstream %s is %s",
+                endpoint.address,
+                self.name,
+                "back in rotation" if now else "out of rotation",
+                extra={"upstream": self.name, "endpoint": endpoint.address},
+            )
+        self._rebalance()
+
+    # -- health: active checks and passive outlier detection ---------------------------------
+
+    def _on_health_change(self, index: int, healthy: bool) -> None:
+        endpoint = self.endpoints[index]
+        self._set_state(endpoint, healthy=healthy, ejected=endpoint.ejected)
+
+    def record(self, endpoint: Endpoint, failure: bool) -> None:
+        """The outcome of one attempt on `endpoint`, for outlier detection."""
+        outliers = self._outliers
+        if outliers is None:
+            return
+        now = self._loop.time()
+        if outliers.record(endpoint.index, failure, now):
+            self._set_state(endpoint, healthy=endpoint.healthy, ejected=True)
+            self._schedule_readmission()
+
+    def _schedule_readmission(self) -> None:
+        outliers = self._outliers
+        if outliers is None:
+            return
+        if self._readmit_timer is not None:
+            self._readmit_timer.cancel()
+            self._readmit_timer = None
+        when = outliers.next_readmission()
+        if when is not None:
+            self._readmit_timer = self._loop.call_at(when, self._readmit)
+
+    def _readmit(self) -> None:
+        self._readmit_timer = None
+        outliers = self._outliers
+        if outliers is None:
+            return
+        for index in outliers.readmit_due(self._loop.time()):
+            endpoint = self.endpoints[index]
+            self._set_state(endpoint, healthy=endpoint.healthy, ejected=False)
+        self._schedule_readmission()
+
+    # -- the retry budget --------------------------------------------------------------------
+
+    def may_retry(self, ratio: float, min_concurrent: int) -> bool:
+        """Whether one more retry fits: retries in flight stay within max(min, ratio * active)."""
+        if self.retrying < min_concurrent or self.retrying < ratio * self.in_flight:
+            return True
+        self.budget_exhausted.inc()
+        return False
+
+    # -- life --------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Begin active health checks (once the upstream is live; idempotent)."""
+        if self._checker is not None:
+            self._checker.start()
 
     def close(self) -> None:
+        if self._checker is not None:
+            self._checker.close()
+        if self._readmit_timer is not None:
+            self._readmit_timer.cancel()
+            self._readmit_timer = None
         for endpoint in self.endpoints:
             endpoint.pool.close()
 
@@ -110,13 +281,34 @@ class Upstream:
         return {
             "name": self.name,
             "balance": self.config.balance,
-            "endpoints": [
-                {
-                    "address": e.address,
-                    "weight": e.weight,
-                    "in_flight": e.in_flight,
-                    "pool": {"open": e.pool.opened, "idle": e.pool.idle_count},
-                }
-                for e in self.endpoints
-            ],
+            "in_flight": self.in_flight,
+            "retries_in_flight": self.retrying,
+            "endpoints": [self._describe_endpoint(e) for e in self.endpoints],
         }
+
+    def _describe_endpoint(self, e: Endpoint) -> dict[str, Any]:
+        described: dict[str, Any] = {
+            "address": e.address,
+            "weight": e.weight,
+            "up": e.available,
+            "in_flight": e.in_flight,
+            "pool": {"open": e.pool.opened, "idle": e.pool.idle_count},
+        }
+        checker = self._checker
+        if checker is not None:
+            described["health"] = {
+                "healthy": e.healthy,
+                "last_error": checker.last_error(e.index),
+            }
+        outliers = self._outliers
+        if outliers is not None:
+            until = outliers.ejected_until(e.index)
+            described["outlier"] = {
+                "ejected": e.ejected,
+                # wall-clock time, for people reading the admin API
+                "ejected_until": (
+                    None if until is None else time.time() + (until - self._loop.time())
+                ),
+                "ejections": outliers.ejections(e.index),
+            }
+        return described

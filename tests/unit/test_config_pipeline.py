@@ -5,7 +5,17 @@ from __future__ import annotations
 import pytest
 
 from gateway.config.load import parse_config
-from gateway.config.model import HeaderEdits, HeadersConfig
+from gateway.config.model import (
+    CircuitBreakerConfig,
+    FallbackConfig,
+    HeaderEdits,
+    HeadersConfig,
+    HealthCheckConfig,
+    OutlierDetectionConfig,
+    RateLimitConfig,
+    RetryConfig,
+    SlowCallConfig,
+)
 from gateway.errors import ConfigErrors
 
 BASE = """
@@ -53,7 +63,79 @@ routes:
     ("pipeline", "path", "message"),
     [
         ("[secur]", "routes[0].pipeline[0]", "unknown middleware 'secur' (did you mean 'secure'?)"),
-        ("[{rate_limit: {rate: 1}}]", "routes[0].pipeline[0].rate_limit", "not supported yet"),
+        ("[{jwt: {}}]", "routes[0].pipeline[0].jwt", "not supported yet"),
+        ("[{rate_limit: {rate: -1}}]", "routes[0].pipeline[0].rate_limit.rate", "must be > 0"),
+        ("[{rate_limit: {per: 1s}}]", "routes[0].pipeline[0].rate_limit.rate", "is required"),
+        (
+            "[{rate_limit: {rate: 1, key: [client_ip, ip]}}]",
+            "routes[0].pipeline[0].rate_limit.key[1]",
+            "unknown key kind 'ip'",
+        ),
+        (
+            "[{rate_limit: {rate: 1, key: 'header:'}}]",
+            "routes[0].pipeline[0].rate_limit.key",
+            "unknown key kind",
+        ),
+        (
+            "[{rate_limit: {rate: 1, key: 'jwt:sub'}}]",
+            "routes[0].pipeline[0]",
+            "key jwt:sub needs a jwt stage before it",
+        ),
+        (
+            "[{rate_limit: {rate: 1, store: shared}}]",
+            "routes[0].pipeline[0].rate_limit.store",
+            "unknown store 'shared'",
+        ),
+        (
+            "[{rate_limit: {rate: 1, on_store_error: maybe}}]",
+            "routes[0].pipeline[0].rate_limit.on_store_error",
+            "allow or deny",
+        ),
+        (
+            "[{circuit_breaker: {failure_ratio: 2}}]",
+            "routes[0].pipeline[0].circuit_breaker.failure_ratio",
+            "must be > 0 and <= 1, not 2",
+        ),
+        (
+            "[{circuit_breaker: {open_for: 10s, max_open_for: 5s}}]",
+            "routes[0].pipeline[0].circuit_breaker.max_open_for",
+            "at least open_for",
+        ),
+        (
+            "[{circuit_breaker: {slow_call: {duration: 1s}}}]",
+            "routes[0].pipeline[0].circuit_breaker.slow_call.ratio",
+            "is required",
+        ),
+        (
+            "[{circuit_breaker: {failure_statuses: [503, 999]}}]",
+            "routes[0].pipeline[0].circuit_breaker.failure_statuses[1]",
+            "HTTP status",
+        ),
+        (
+            "[{retry: {attempts: 0}}]",
+            "routes[0].pipeline[0].retry.attempts",
+            "must be > 0",
+        ),
+        (
+            "[{retry: {retry_on: [reset, conect_error]}}]",
+            "routes[0].pipeline[0].retry.retry_on[1]",
+            "did you mean 'connect_error'?",
+        ),
+        (
+            "[{retry: {retry_on: [200]}}]",
+            "routes[0].pipeline[0].retry.retry_on[0]",
+            "only error statuses",
+        ),
+        (
+            "[{retry: {backoff: {base: 1s, max: 10ms}}}]",
+            "routes[0].pipeline[0].retry.backoff.max",
+            "at least base",
+        ),
+        (
+            "[{retry: {budget: {ratio: 0}}}]",
+            "routes[0].pipeline[0].retry.budget.ratio",
+            "must be > 0",
+        ),
         ("[{headerz: {}}]", "routes[0].pipeline[0].headerz", "did you mean 'headers'?"),
         ("[{headers: {}, retry: {}}]", "routes[0].pipeline[0]", "one stage kind"),
         ("{headers: {}}", "routes[0].pipeline", "must be a list"),
@@ -96,13 +178,94 @@ def test_a_broken_middleware_is_reported_once() -> None:
     errors = errors_of(
         """
 middlewares:
-  limits: {rate_limit: {rate: 1}}
+  limits: {rate_limit: {rate: -1}}
   two: {headers: {}, retry: {}}
 routes:
   - {name: r, upstream: u, pipeline: [limits, two]}
 """
     )
     assert errors == [
-        "middlewares.limits.rate_limit: not supported yet (arrives with rate limiting)",
+        "middlewares.limits.rate_limit.rate: must be > 0",
         "middlewares.two: must be a mapping with one stage kind, e.g. {headers: {...}}",
     ]
+
+
+def test_resilience_stages_with_defaults_and_values() -> None:
+    config = parse_config(
+        BASE
+        + """
+routes:
+  - name: r
+    upstream: u
+    pipeline:
+      - rate_limit: {rate: 5, per: 1m, key: [route, "header:X-Api-Key"]}
+      - circuit_breaker: {slow_call: {duration: 2s, ratio: 0.8}, fallback: {status: 200}}
+      - retry: {attempts: 3, per_try_timeout: 2s, retry_on: [connect_error, timeout, 503]}
+""",
+        env={},
+    )
+    limit, breaker, retry = (s.config for s in config.routes[0].pipeline)
+    assert limit == RateLimitConfig(rate=5.0, per=60.0, burst=5, key=("route", "header:x-api-key"))
+    assert breaker == CircuitBreakerConfig(
+        slow_call=SlowCallConfig(duration=2.0, ratio=0.8), fallback=FallbackConfig(status=200)
+    )
+    assert retry == RetryConfig(
+        attempts=3,
+        per_try_timeout=2.0,
+        retry_on=("connect_error", "timeout"),
+        retry_statuses=(503,),
+    )
+
+
+def test_health_check_and_outlier_detection() -> None:
+    config = parse_config(
+        """
+listeners: [{name: http, bind: "127.0.0.1:8080"}]
+upstreams:
+  u:
+    endpoints: [{url: "http://127.0.0.1:9001"}]
+    health_check: {path: /ready, interval: 2s, timeout: 500ms, healthy: 1}
+    outlier_detection: {consecutive_failures: 3, ejection: 10s}
+""",
+        env={},
+    )
+    [upstream] = config.upstreams
+    assert upstream.health_check == HealthCheckConfig(
+        path="/ready", interval=2.0, timeout=0.5, healthy=1
+    )
+    assert upstream.outlier_detection == OutlierDetectionConfig(
+        consecutive_failures=3, ejection=10.0
+    )
+
+
+@pytest.mark.parametrize(
+    ("snippet", "path", "message"),
+    [
+        ("health_check: {interval: 1s, timeout: 2s}", "health_check.timeout", "longer than"),
+        ("health_check: {path: healthz}", "health_check.path", "must start with /"),
+        ("health_check: {unhealthy: 0}", "health_check.unhealthy", "must be > 0"),
+        ("health_check: {intervall: 1s}", "health_check.intervall", "did you mean 'interval'"),
+        (
+            "outlier_detection: {max_ejected_percent: 120}",
+            "outlier_detection.max_ejected_percent",
+            "between 0 and 100",
+        ),
+        (
+            "outlier_detection: {ejection: 1m, max_ejection: 30s}",
+            "outlier_detection.max_ejection",
+            "at least ejection",
+        ),
+    ],
+)
+def test_health_errors_name_the_yaml_path(snippet: str, path: str, message: str) -> None:
+    with pytest.raises(ConfigErrors) as info:
+        parse_config(
+            f"""
+listeners: [{{name: http, bind: "127.0.0.1:8080"}}]
+upstreams:
+  u: {{endpoints: [{{url: "http://127.0.0.1:9001"}}], {snippet}}}
+""",
+            env={},
+        )
+    errors = [str(e) for e in info.value.errors]
+    assert any(e.startswith(f"upstreams.u.{path}: ") and message in e for e in errors), errors

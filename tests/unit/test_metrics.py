@@ -230,6 +230,13 @@ def test_gateway_metrics_declares_the_spec_names() -> None:
         "gateway_upstream_request_duration_seconds": "histogram",
         "gateway_upstream_connect_duration_seconds": "histogram",
         "gateway_upstream_connections": "counter",
+        "gateway_upstream_endpoint_up": "gauge",
+        "gateway_circuit_breaker_state": "gauge",
+        "gateway_circuit_breaker_transitions": "counter",
+        "gateway_rate_limited": "counter",
+        "gateway_rate_limit_store_errors": "counter",
+        "gateway_retries": "counter",
+        "gateway_retry_budget_exhausted": "counter",
         "gateway_config_reloads": "counter",
         "gateway_config_last_reload_success": "gauge",
         "gateway_config_info": "gauge",
@@ -237,6 +244,12 @@ def test_gateway_metrics_declares_the_spec_names() -> None:
     assert r.families["gateway_request_duration_seconds"].label_names == ("route",)
     assert r.families["gateway_requests_total"].label_names == ("route", "method", "code")
     assert samples[key("gateway_config_last_reload_success")] == 1
+    assert r.families["gateway_circuit_breaker_transitions_total"].label_names == (
+        "route",
+        "upstream",
+        "to",
+    )
+    assert r.families["gateway_upstream_endpoint_up"].label_names == ("upstream", "endpoint")
 
 
 def test_default_buckets_suit_a_proxy() -> None:

@@ -1,0 +1,148 @@
+"""The `circuit_breaker` stage (SPEC §5.4): stop sending to an upstream that keeps failing.
+
+One `Breaker` (core/breaker.py: the state machine, pure) per upstream the stage's routes send
+to, so a weighted split keeps one circuit per side.  The upstream is chosen here, before the rest
+of the pipeline runs, and kept in `ctx.target` so the proxy (and retries) use the same one.
+
+A failure is an upstream failure (connect error, reset, timeout, a full pool), a response or
+gateway error whose status is in `failure_statuses`, or — with `slow_call` — a response head
+slower than its duration.  Anything else that ends the request early (a later stage's 429, a
+client's body that never came) is neither success nor failure: its ticket is released, so a
+half-open probe slot is not lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from typing import Any, final
+
+from gateway.config.model import CircuitBreakerConfig
+from gateway.core.breaker import CLOSED, HALF_OPEN, OPEN, Breaker
+from gateway.errors import CircuitOpen, GatewayError
+from gateway.http.messages import Response
+from gateway.observability.metrics import GatewayMetrics
+from gateway.pipeline import Next, RequestContext
+
+_STATE_NAMES = {CLOSED: "closed", OPEN: "open", HALF_OPEN: "half_open"}
+
+
+@final
+class _Circuit:
+    """One upstream's breaker with its metrics children resolved."""
+
+    __slots__ = ("breaker", "upstream")
+
+    def __init__(
+        self,
+        config: CircuitBreakerConfig,
+        name: str,
+        upstream: str,
+        metrics: GatewayMetrics,
+        now: float,
+    ) -> None:
+        self.upstream = upstream
+        self.breaker = Breaker(config, now)
+        gauge = metrics.circuit_breaker_state.labels(name, upstream)
+        gauge.set(CLOSED)
+        transitions = metrics.circuit_breaker_transitions_total
+
+        def on_transition(before: int, after: int) -> None:
+            gauge.set(after)
+            transitions.labels(name, upstream, _STATE_NAMES[after]).inc()
+
+        self.breaker.on_transition = on_transition
+
+
+@final
+class CircuitBreakerStage:
+    __slots__ = (
+        "_circuits",
+        "_config",
+        "_failure_statuses",
+        "_fallback",
+        "_loop",
+        "_metrics",
+        "_name",
+    )
+
+    def __init__(
+        self,
+        config: CircuitBreakerConfig,
+        name: str,
+        metrics: GatewayMetrics,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self._config = config
+        self._name = name
+        self._metrics = metrics
+        self._loop = loop
+        self._failure_statuses = frozenset(config.failure_statuses)
+        self._circuits: dict[str, _Circuit] = {}
+        fallback = config.fallback
+        self._fallback = (
+            None
+            if fallback is None
+            else (
+                fallback.status,
+                [(n.encode("latin-1"), v.encode("latin-1")) for n, v in fallback.headers],
+                fallback.body.encode("utf-8"),
+            )
+        )
+
+    def _circuit(self, upstream: str) -> _Circuit:
+        circuit = self._circuits.get(upstream)
+        if circuit is None:
+            circuit = self._circuits[upstream] = _Circuit(
+                self._config, self._name, upstream, self._metrics, self._loop.time()
+            )
+        return circuit
+
+    async def __call__(self, ctx: RequestContext, call_next: Next) -> Response:
+        chosen = ctx.route.choose_upstream(ctx)
+        breaker = self._circuit(chosen).breaker
+        loop = self._loop
+        started = loop.time()
+        ticket = breaker.allow(started)
+        if ticket < 0:
+            ctx.outcome("circuit_breaker", "open")
+            return self._refuse(breaker.retry_after(started))
+        try:
+            response = await call_next(ctx)
+        except GatewayError as exc:
+            if exc.failure or exc.status in self._failure_statuses:
+                breaker.record(ticket, loop.time(), failure=True, duration=loop.time() - started)
+            else:
+                breaker.release(ticket)
+            raise
+        except BaseException:
+            breaker.release(ticket)
+            raise
+        now = loop.time()
+        breaker.record(
+            ticket,
+            now,
+            failure=response.status in self._failure_statuses,
+            duration=now - started,
+        )
+        return response
+
+    def _refuse(self, retry_after: float) -> Response:
+        seconds = str(max(1, math.ceil(retry_after)))
+        fallback = self._fallback
+        if fallback is None:
+            raise CircuitOpen(
+                "the upstream is failing; requests are paused",
+                headers=(("Retry-After", seconds),),
+            )
+        status, headers, body = fallback
+        return Response(status, [*headers, (b"Retry-After", seconds.encode("ascii"))], body)
+
+    def describe(self) -> dict[str, dict[str, Any]]:
+        """Each upstream's circuit, for /admin/upstreams."""
+        now = self._loop.time()
+        return {name: c.breaker.describe(now) for name, c in self._circuits.items()}
+
+    @property
+    def name(self) -> str:
+        return self._name

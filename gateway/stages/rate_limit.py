@@ -1,0 +1,214 @@
+"""The `rate_limit` stage (SPEC §5.3): a token bucket per key, in the configured store.
+
+The key is built from the request by extractors chosen at build time (client_ip, route,
+header:NAME, jwt:CLAIM, mtls:san, or several joined into one composite key).  A missing header,
+claim or certificate is a key of its own (an empty part), shared by every request without it,
+so leaving a header out is not a way around the limit.
+
+Every response of the route carries the IETF draft's `RateLimit-Policy` and `RateLimit` headers
+(gateway errors raised further in included); a refusal is a 429 `rate_limited` with
+`Retry-After`.  When the store cannot answer, `on_store_error: allow` falls back to a local
+bucket of the same policy (logged and counted) and `deny` answers 503 `store_unavailable`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import math
+from collections.abc import Callable, Sequence
+from typing import Final, final
+
+from gateway.config.model import RateLimitConfig
+from gateway.errors import GatewayError, RateLimited, StoreUnavailable
+from gateway.http.messages import Response
+from gateway.observability.metrics import Counter, CounterChild, GatewayMetrics
+from gateway.pipeline import Next, RequestContext
+from gateway.stores.base import RateLimiter, Store, StoreError, Verdict
+
+log = logging.getLogger("gateway.rate_limit")
+
+#: joins the parts of a composite key; cannot occur in a header value, a claim or an address
+_SEPARATOR: Final = "\x1f"
+
+KeyPart = Callable[[RequestContext], str]
+
+
+def client_ip(ctx: RequestContext) -> str:
+    """The client's address: behind trusted proxies, the nearest untrusted X-Forwarded-For hop."""
+    peer = ctx.peer
+    forwarded = ctx.head.x_forwarded_for
+    if not peer.trusted or not forwarded:
+        return peer.ip
+    snapshot = ctx.snapshot
+    hops = forwarded.decode("latin-1").split(",")
+    for hop in reversed(hops):
+        address = hop.strip()
+        try:
+            ipaddress.ip_address(address)
+        except ValueError:
+            # a malformed hop was written by whoever came before it: the last trusted one
+            return peer.ip
+        if not snapshot.is_trusted(address):
+            return address
+    return hops[0].strip()
+
+
+def _route(ctx: RequestContext) -> str:
+    return ctx.route.name
+
+
+def _header(name: str) -> KeyPart:
+    def part(ctx: RequestContext) -> str:
+        return ctx.head.get_header(name) or ""
+
+    return part
+
+
+def _claim(name: str) -> KeyPart:
+    def part(ctx: RequestContext) -> str:
+        claims = ctx.claims
+        value = claims.get(name) if claims is not None else None
+        return "" if value is None else str(value)
+
+    return part
+
+
+def _mtls_san(ctx: RequestContext) -> str:
+    sans = ctx.peer.client_sans
+    return ",".join(sans) if sans else ""
+
+
+def key_function(kinds: Sequence[str]) -> KeyPart:
+    """The function building a request's key from the configured key kinds."""
+    parts: list[KeyPart] = []
+    for kind in kinds:
+        if kind == "client_ip":
+            parts.append(client_ip)
+        elif kind == "route":
+            parts.append(_route)
+        elif kind == "mtls:san":
+            parts.append(_mtls_san)
+        elif kind.startswith("header:"):
+            parts.append(_header(kind.removeprefix("header:")))
+        elif kind.startswith("jwt:"):
+            parts.append(_claim(kind.removeprefix("jwt:")))
+        else:
+            raise AssertionError(f"unknown key kind {kind!r}")  # the loader refuses it
+    if len(parts) == 1:
+        return parts[0]
+
+    def composite(ctx: RequestContext) -> str:
+        return _SEPARATOR.join([part(ctx) for part in parts])
+
+    return composite
+
+
+def policy_window(config: RateLimitConfig) -> tuple[int, int]:
+    """(quota, window seconds) for RateLimit-Policy: whole seconds, the rate scaled to them."""
+    window = max(1, round(config.per))
+    return max(1, round(config.rate * window / config.per)), window
+
+
+def _limiter(store: Store, namespace: str, config: RateLimitConfig) -> RateLimiter:
+    return store.rate_limiter(
+        namespace=namespace,
+        rate=config.rate,
+        per=config.per,
+        burst=config.burst,
+        max_keys=config.max_keys,
+    )
+
+
+@final
+class RateLimitStage:
+    __slots__ = (
+        "_denied",
+        "_deny_on_error",
+        "_fallback",
+        "_key",
+        "_limited",
+        "_limiter",
+        "_name",
+        "_name_bytes",
+        "_policy",
+        "_store_errors",
+    )
+
+    def __init__(
+        self,
+        config: RateLimitConfig,
+        name: str,
+        namespace: str,
+        store: Store,
+        local: Store,
+        metrics: GatewayMetrics,
+    ) -> None:
+        self._name = name
+        self._name_bytes = name.encode("latin-1")
+        self._key = key_function(config.key)
+        quota, window = policy_window(config)
+        self._policy = f'"{name}";q={quota};w={window}'.encode("latin-1")
+        self._limiter = _limiter(store, namespace, config)
+        # where a failing shared store's requests are counted instead (on_store_error: allow)
+        self._fallback = (
+            _limiter(local, namespace, config)
+            if store is not local and config.on_store_error == "allow"
+            else None
+        )
+        self._deny_on_error = config.on_store_error == "deny"
+        self._limited: Counter = metrics.rate_limited_total
+        self._store_errors: Counter = metrics.rate_limit_store_errors_total
+        self._denied: dict[str, CounterChild] = {}
+
+    async def _take(self, ctx: RequestContext, key: str) -> Verdict:
+        try:
+            return await self._limiter.take(key)
+        except StoreError as exc:
+            self._store_errors.labels(ctx.route.name).inc()
+            log.warning("rate-limit store failed: %s", exc, extra={"stage": self._name})
+            if self._deny_on_error or self._fallback is None:
+                raise StoreUnavailable("the rate-limit store is unavailable") from exc
+            ctx.outcome("rate_limit", "store_error")
+            return await self._fallback.take(key)
+
+    async def __call__(self, ctx: RequestContext, call_next: Next) -> Response:
+        verdict = await self._take(ctx, self._key(ctx))
+        state = b'"%b";r=%d;t=%d' % (
+            self._name_bytes,
+            verdict.remaining,
+            math.ceil(verdict.reset_after),
+        )
+        if not verdict.allowed:
+            route = ctx.route.name
+            child = self._denied.get(route)
+            if child is None:
+                child = self._denied[route] = self._limited.labels(route)
+            child.inc()
+            ctx.outcome("rate_limit", "limited")
+            raise RateLimited(
+                f"rate limit {self._name!r} exceeded",
+                headers=(
+                    ("Retry-After", str(max(1, math.ceil(verdict.retry_after)))),
+                    ("RateLimit-Policy", self._policy.decode("latin-1")),
+                    ("RateLimit", state.decode("latin-1")),
+                ),
+            )
+        try:
+            response = await call_next(ctx)
+        except GatewayError as exc:
+            exc.headers = (
+                *exc.headers,
+                ("RateLimit-Policy", self._policy.decode("latin-1")),
+                ("RateLimit", state.decode("latin-1")),
+            )
+            raise
+        headers = response.headers
+        headers.append((b"RateLimit-Policy", self._policy))
+        headers.append((b"RateLimit", state))
+        return response
+
+    def close(self) -> None:
+        self._limiter.close()
+        if self._fallback is not None:
+            self._fallback.close()

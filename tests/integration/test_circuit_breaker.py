@@ -1,0 +1,171 @@
+"""The circuit breaker over real sockets: it opens, sheds load, probes and closes."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import aiohttp
+
+from gateway.app import Gateway
+from tests.support.faulty import faulty_upstreams
+from tests.support.gateway import port_of, running_gateway
+from tests.support.raw import exchange
+
+OPEN_FOR = 0.3
+
+
+def _config(url: str, breaker: str) -> str:
+    return f"""
+listeners: [{{name: http, bind: "127.0.0.1:0"}}]
+admin: {{bind: "127.0.0.1:0"}}
+access_log: {{enabled: false}}
+upstreams:
+  app: {{endpoints: [{{url: "{url}"}}], timeouts: {{response_header: 1s}}}}
+routes:
+  - name: app
+    match: {{path_prefix: /}}
+    upstream: app
+    pipeline:
+      - circuit_breaker: {breaker}
+"""
+
+
+async def _get(port: int, path: str = "/x") -> tuple[int, dict[str, str], bytes]:
+    response = await exchange(port, f"GET {path} HTTP/1.1\r\nHost: a\r\n\r\n".encode())
+    return response.status, {n.lower(): v for n, v in response.headers}, response.body
+
+
+def _admin(gw: Gateway) -> str:
+    assert gw.admin is not None
+    return f"http://127.0.0.1:{gw.admin.port}"
+
+
+async def _circuit(gw: Gateway) -> dict[str, object]:
+    url = f"{_admin(gw)}/admin/upstreams"
+    async with aiohttp.ClientSession() as session, session.get(url) as r:
+        upstreams = await r.json()
+    [breaker] = upstreams[0]["circuit_breakers"]
+    assert isinstance(breaker, dict)
+    return breaker
+
+
+async def _metrics(gw: Gateway) -> str:
+    async with aiohttp.ClientSession() as session, session.get(f"{_admin(gw)}/metrics") as r:
+        return await r.text()
+
+
+async def test_opens_sheds_probes_and_closes(tmp_path: Path) -> None:
+    breaker = (
+        f"{{min_requests: 4, failure_ratio: 0.5, window: 10s, open_for: {int(OPEN_FOR * 1000)}ms,"
+        " half_open_requests: 2}"
+    )
+    async with (
+        faulty_upstreams("a") as [up],
+        running_gateway(tmp_path, _config(up.url, breaker)) as gw,
+    ):
+        port = port_of(gw)
+        up.mode = "status:503"
+        for _ in range(4):
+            status, _, _ = await _get(port)
+            assert status == 503  # the upstream's own 503, passed through
+        assert up.total == 4
+        assert (await _circuit(gw))["state"] == "open"
+        opened = time.monotonic()
+
+        # open: shed at the gateway, never reaching the upstream
+        status, headers, body = await _get(port)
+        assert status == 503
+        assert json.loads(body)["code"] == "circuit_open"
+        assert int(headers["retry-after"]) >= 1
+        assert up.total == 4
+        metrics = await _metrics(gw)
+        assert 'gateway_circuit_breaker_state{route="app",upstream="app"} 1' in metrics
+        assert (
+            'gateway_circuit_breaker_transitions_total{route="app",upstream="app",to="open"} 1'
+            in metrics
+        )
+
+        # after open_for (± 10 % jitter) the next requests are probes
+        up.mode = "ok"
+        while True:
+            status, _, body = await _get(port)
+            if status == 200:
+                break
+            assert json.loads(body)["code"] == "circuit_open"
+            assert time.monotonic() - opened < OPEN_FOR * 1.1 + 2.0, "never half-opened"
+        assert time.monotonic() - opened >= OPEN_FOR * 0.9
+        assert (await _circuit(gw))["state"] == "half_open"
+        status, _, _ = await _get(port)
+        assert status == 200
+        assert (await _circuit(gw))["state"] == "closed"
+        metrics = await _metrics(gw)
+        assert 'gateway_circuit_breaker_state{route="app",upstream="app"} 0' in metrics
+        for state in ("open", "half_open", "closed"):
+            assert f'upstream="app",to="{state}"}} 1' in metrics
+
+
+async def test_failed_probe_reopens_for_longer(tmp_path: Path) -> None:
+    breaker = "{min_requests: 2, open_for: 200ms, max_open_for: 10s, half_open_requests: 1}"
+    async with (
+        faulty_upstreams("a") as [up],
+        running_gateway(tmp_path, _config(up.url, breaker)) as gw,
+    ):
+        port = port_of(gw)
+        up.mode = "reset"
+        for _ in range(2):
+            assert (await _get(port))[0] == 502
+        first = await _circuit(gw)
+        assert first["state"] == "open"
+        before = up.total
+        while (await _get(port))[0] == 503:  # until the probe goes through (and fails)
+            pass
+        assert up.total == before + 1
+        second = await _circuit(gw)
+        assert second["state"] == "open"
+        assert second["consecutive_trips"] == 2
+        # the second open period is about twice the first (0.2 s doubled, ± 10 %)
+        assert isinstance(second["open_remaining"], float)
+        assert 0.3 < second["open_remaining"] <= 0.45
+
+
+async def test_fallback_response_while_open(tmp_path: Path) -> None:
+    breaker = (
+        "{min_requests: 2, open_for: 10s, fallback: {status: 200, body: 'cached answer',"
+        " headers: {Content-Type: text/plain, X-Fallback: 'yes'}}}"
+    )
+    async with (
+        faulty_upstreams("a") as [up],
+        running_gateway(tmp_path, _config(up.url, breaker)) as gw,
+    ):
+        port = port_of(gw)
+        up.mode = "hang"
+        # a hang is a timeout (504): a failure
+        for _ in range(2):
+            assert (await _get(port))[0] == 504
+        status, headers, body = await _get(port)
+        assert (status, body) == (200, b"cached answer")
+        assert headers["x-fallback"] == "yes"
+        assert headers["content-type"] == "text/plain"
+        assert int(headers["retry-after"]) >= 9
+        assert up.total == 2
+
+
+async def test_statuses_not_listed_are_successes(tmp_path: Path) -> None:
+    breaker = "{min_requests: 2, failure_statuses: [500]}"
+    async with (
+        faulty_upstreams("a") as [up],
+        running_gateway(tmp_path, _config(up.url, breaker)) as gw,
+    ):
+        port = port_of(gw)
+        up.mode = "status:503"
+        for _ in range(2):
+            assert (await _get(port))[0] == 503
+        assert (await _circuit(gw))["state"] == "closed"
+        up.mode = "status:500"
+        assert (await _get(port))[0] == 500
+        assert (await _circuit(gw))["state"] == "closed"  # 1 failure in 3
+        assert (await _get(port))[0] == 500
+        assert (await _circuit(gw))["state"] == "open"  # 2 in 4 reaches 0.5
+        assert up.total == 4

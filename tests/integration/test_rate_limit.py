@@ -1,0 +1,168 @@
+"""Rate limiting over real sockets: exact under concurrency, headers, keys, reloads."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import aiohttp
+
+from tests.support.gateway import port_of, running_gateway, write_config
+from tests.support.raw import exchange
+
+
+def _config(limit: str, *, extra_route: str = "") -> str:
+    return f"""
+listeners: [{{name: http, bind: "127.0.0.1:0"}}]
+admin: {{bind: "127.0.0.1:0"}}
+access_log: {{enabled: false}}
+middlewares:
+  per-client:
+    rate_limit: {limit}
+routes:
+  - name: app
+    match: {{path_prefix: /}}
+    upstream: internal:echo
+    pipeline: [per-client]
+  - name: other
+    match: {{path_prefix: /other}}
+    upstream: internal:echo
+    pipeline: [per-client]
+  - name: free
+    match: {{path_prefix: /free}}
+    upstream: internal:echo{extra_route}
+"""
+
+
+async def _get(port: int, path: str = "/x", headers: str = "") -> tuple[int, dict[str, str]]:
+    response = await exchange(port, f"GET {path} HTTP/1.1\r\nHost: a\r\n{headers}\r\n".encode())
+    return response.status, {n.lower(): v for n, v in response.headers}
+
+
+async def test_exact_under_concurrency(tmp_path: Path) -> None:
+    rate, burst, clients, seconds = 10, 5, 20, 2.0
+    async with running_gateway(tmp_path, _config(f"{{rate: {rate}, burst: {burst}}}")) as gw:
+        port = port_of(gw)
+        admitted = refused = 0
+        first = last = 0.0
+
+        async def client(session: aiohttp.ClientSession, stop: float) -> None:
+            nonlocal admitted, refused, first, last
+            while time.monotonic() < stop:
+                sent = time.monotonic()
+                async with session.get(f"http://127.0.0.1:{port}/x") as r:
+                    await r.read()
+                    if r.status == 200:
+                        admitted += 1
+                    else:
+                        assert r.status == 429
+                        refused += 1
+                first = first or sent
+                last = sent
+
+        connector = aiohttp.TCPConnector(limit=clients)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            stop = time.monotonic() + seconds
+            await asyncio.gather(*(client(session, stop) for _ in range(clients)))
+        # tokens that could have been earned between the first and the last request sent
+        expected = burst + rate * (last - first)
+        assert refused > 10 * admitted  # the clients did hammer
+        assert abs(admitted - expected) <= 1.5, (admitted, expected)
+
+
+async def test_headers_on_every_response_and_429(tmp_path: Path) -> None:
+    async with running_gateway(tmp_path, _config("{rate: 2, per: 1m, burst: 3}")) as gw:
+        port = port_of(gw)
+        remaining = []
+        for _ in range(3):
+            status, headers = await _get(port)
+            assert status == 200
+            assert headers["ratelimit-policy"] == '"per-client";q=2;w=60'
+            remaining.append(headers["ratelimit"])
+        assert remaining[0].startswith('"per-client";r=2;t=')
+        assert remaining[2].startswith('"per-client";r=0;t=')
+        # three tokens to refill at two a minute: t is about 90 s
+        assert 85 <= int(remaining[2].rsplit("=", 1)[1]) <= 90
+        status, headers = await _get(port)
+        assert status == 429
+        assert 25 <= int(headers["retry-after"]) <= 30  # one token every 30 s
+        assert headers["ratelimit"].startswith('"per-client";r=0;')
+        assert headers["content-type"] == "application/problem+json"
+        # a route without the stage carries no headers; one sharing the middleware shares buckets
+        status, headers = await _get(port, "/free")
+        assert status == 200
+        assert "ratelimit" not in headers
+        assert (await _get(port, "/other"))[0] == 429
+        assert gw.admin is not None
+        url = f"http://127.0.0.1:{gw.admin.port}/metrics"
+        async with aiohttp.ClientSession() as session, session.get(url) as r:
+            metrics = await r.text()
+        assert 'gateway_rate_limited_total{route="app"} 1' in metrics
+        assert 'gateway_rate_limited_total{route="other"} 1' in metrics
+
+
+async def test_header_and_composite_keys(tmp_path: Path) -> None:
+    limit = '{rate: 1, per: 1m, burst: 1, key: [client_ip, "header:X-Api-Key"]}'
+    async with running_gateway(tmp_path, _config(limit)) as gw:
+        port = port_of(gw)
+        assert (await _get(port, headers="X-Api-Key: a\r\n"))[0] == 200
+        assert (await _get(port, headers="X-Api-Key: a\r\n"))[0] == 429
+        assert (await _get(port, headers="x-api-key: b\r\n"))[0] == 200
+        # without the header: one bucket shared by every request that leaves it out
+        assert (await _get(port))[0] == 200
+        assert (await _get(port))[0] == 429
+
+
+async def test_state_survives_an_unrelated_reload_and_resets_on_change(tmp_path: Path) -> None:
+    async with running_gateway(tmp_path, _config("{rate: 1, per: 1m, burst: 2}")) as gw:
+        port = port_of(gw)
+        assert [(await _get(port))[0] for _ in range(3)] == [200, 200, 429]
+        unrelated = "\n    max_body_bytes: 1KiB"
+        write_config(tmp_path, _config("{rate: 1, per: 1m, burst: 2}", extra_route=unrelated))
+        result = await gw.reload()
+        assert result["ok"], result
+        assert result["changed"]
+        assert (await _get(port))[0] == 429  # the same bucket, still empty
+        write_config(tmp_path, _config("{rate: 1, per: 1m, burst: 3}"))
+        assert (await gw.reload())["ok"]
+        assert [(await _get(port))[0] for _ in range(4)] == [200, 200, 200, 429]
+
+
+async def test_inline_stages_have_their_own_buckets(tmp_path: Path) -> None:
+    config = """
+listeners: [{name: http, bind: "127.0.0.1:0"}]
+access_log: {enabled: false}
+routes:
+  - name: one
+    match: {path_prefix: /one}
+    upstream: internal:echo
+    pipeline: [{rate_limit: {rate: 1, per: 1m, burst: 1}}]
+  - name: two
+    match: {path_prefix: /two}
+    upstream: internal:echo
+    pipeline: [{rate_limit: {rate: 1, per: 1m, burst: 1}}]
+"""
+    async with running_gateway(tmp_path, config) as gw:
+        port = port_of(gw)
+        assert (await _get(port, "/one"))[0] == 200
+        assert (await _get(port, "/one"))[0] == 429
+        status, headers = await _get(port, "/two")
+        assert status == 200
+        assert headers["ratelimit-policy"] == '"two";q=1;w=60'
+
+
+async def test_refusal_is_a_problem_response(tmp_path: Path) -> None:
+    body_seen: list[bytes] = []
+    config = _config("{rate: 1, per: 1m, burst: 1}")
+    async with running_gateway(tmp_path, config) as gw:
+        port = port_of(gw)
+        response = await exchange(port, b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+        body_seen.append(response.body)
+        response = await exchange(port, b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert response.status == 429
+        problem = json.loads(response.body)
+        assert problem["code"] == "rate_limited"
+        assert problem["status"] == 429
+    assert b'"route": "app"' in body_seen[0]
