@@ -4,8 +4,9 @@ States and the events that move between them are listed once, in `TRANSITIONS`; 
 of state goes through `_transition`, which refuses a pair the table does not name.
 
 - closed: everything is admitted; outcomes go into a sliding window of `BUCKETS` time buckets
-  (counts only, O(1) per outcome).  Once the window holds `min_requests` outcomes and the share
-  of failures (or, with `slow_call`, of slow calls) reaches its ratio, the breaker trips.
+  with running sums (O(1) per outcome; a bucket leaves the sums as time moves past it).  Once
+  the window holds `min_requests` outcomes and the share of failures (or, with `slow_call`, of
+  slow calls) reaches its ratio, the breaker trips.
 - open: everything is refused until the open period ends: `open_for` * 2^(trips - 1), capped at
   `max_open_for`, times a jitter factor in [0.9, 1.1] so that many gateways do not probe in
   step.  The period's end is noticed lazily, on the next `allow` or `state_at`.
@@ -54,15 +55,23 @@ REJECTED: Final = -1
 @final
 class Breaker:
     __slots__ = (
+        "_failure_ratio",
         "_failures",
         "_generation",
+        "_half_open_requests",
+        "_latest",
+        "_min_requests",
         "_open_until",
         "_probes_admitted",
         "_probes_succeeded",
         "_rng",
         "_slot_width",
-        "_slots",
         "_slow",
+        "_slow_duration",
+        "_slow_ratio",
+        "_sum_failures",
+        "_sum_slow",
+        "_sum_total",
         "_totals",
         "config",
         "on_transition",
@@ -77,6 +86,14 @@ class Breaker:
         rng: Callable[[], float] = random.random,
     ) -> None:
         self.config = config
+        # copied out of the (uncompiled) config: read on every outcome
+        self._min_requests = config.min_requests
+        self._failure_ratio = config.failure_ratio
+        self._half_open_requests = config.half_open_requests
+        slow = config.slow_call
+        #: a duration no call reaches when slow calls are not counted
+        self._slow_duration = slow.duration if slow is not None else math.inf
+        self._slow_ratio = slow.ratio if slow is not None else math.inf
         self._rng = rng
         self.state = CLOSED
         #: consecutive trips without closing in between (the open period doubles with each)
@@ -89,8 +106,9 @@ class Breaker:
         self._totals = [0] * BUCKETS
         self._failures = [0] * BUCKETS
         self._slow = [0] * BUCKETS
-        #: the absolute slot number (time // width) each bucket currently counts
-        self._slots = [math.floor(now / self._slot_width)] * BUCKETS
+        #: the newest slot number (time // width) counted; the window is it and the 9 before
+        self._latest = math.floor(now / self._slot_width)
+        self._sum_total = self._sum_failures = self._sum_slow = 0
         #: called with (from, to) on every transition
         self.on_transition: Callable[[int, int], None] | None = None
 
@@ -133,7 +151,7 @@ class Breaker:
         state = self.state_at(now)
         if state == CLOSED:
             return self._generation
-        if state == HALF_OPEN and self._probes_admitted < self.config.half_open_requests:
+        if state == HALF_OPEN and self._probes_admitted < self._half_open_requests:
             self._probes_admitted += 1
             return self._generation
         return REJECTED
@@ -145,14 +163,14 @@ class Breaker:
         state = self.state
         if state == CLOSED:
             self._count(now, failure, duration)
-            if self._should_trip(now):
+            if self._should_trip():
                 self._transition(TRIP, now)
         elif state == HALF_OPEN:
             if failure or self._is_slow(duration):
                 self._transition(PROBE_FAILED, now)
             else:
                 self._probes_succeeded += 1
-                if self._probes_succeeded >= self.config.half_open_requests:
+                if self._probes_succeeded >= self._half_open_requests:
                     self._transition(PROBES_SUCCEEDED, now)
 
     def release(self, ticket: int) -> None:
@@ -167,45 +185,52 @@ class Breaker:
     # -- the sliding window ------------------------------------------------------------------
 
     def _is_slow(self, duration: float) -> bool:
-        slow = self.config.slow_call
-        return slow is not None and duration >= slow.duration
+        return duration >= self._slow_duration
+
+    def _advance(self, now: float) -> None:
+        """Move the window to `now`: buckets it has passed leave the sums, emptied for reuse."""
+        slot = math.floor(now / self._slot_width)
+        latest = self._latest
+        if slot <= latest:
+            return  # the same bucket (or a clock that stepped back: count it in the newest)
+        for passed in range(max(latest + 1, slot - BUCKETS + 1), slot + 1):
+            i = passed % BUCKETS
+            self._sum_total -= self._totals[i]
+            self._sum_failures -= self._failures[i]
+            self._sum_slow -= self._slow[i]
+            self._totals[i] = self._failures[i] = self._slow[i] = 0
+        self._latest = slot
 
     def _count(self, now: float, failure: bool, duration: float) -> None:
-        slot = math.floor(now / self._slot_width)
-        i = slot % BUCKETS
-        if self._slots[i] != slot:
-            # this bucket last held an older slot: its counts have left the window
-            self._slots[i] = slot
-            self._totals[i] = self._failures[i] = self._slow[i] = 0
+        self._advance(now)
+        i = self._latest % BUCKETS
         self._totals[i] += 1
+        self._sum_total += 1
         if failure:
             self._failures[i] += 1
+            self._sum_failures += 1
         if self._is_slow(duration):
             self._slow[i] += 1
+            self._sum_slow += 1
 
     def _window(self, now: float) -> tuple[int, int, int]:
         """(total, failures, slow) over the buckets still inside the window at `now`."""
-        oldest = math.floor(now / self._slot_width) - BUCKETS + 1
-        total = failures = slow = 0
-        for i in range(BUCKETS):
-            if self._slots[i] >= oldest:
-                total += self._totals[i]
-                failures += self._failures[i]
-                slow += self._slow[i]
-        return total, failures, slow
+        self._advance(now)
+        return self._sum_total, self._sum_failures, self._sum_slow
 
-    def _should_trip(self, now: float) -> bool:
-        config = self.config
-        total, failures, slow = self._window(now)
-        if total < config.min_requests:
+    def _should_trip(self) -> bool:
+        total = self._sum_total
+        if total < self._min_requests:
             return False
-        if failures >= config.failure_ratio * total:
-            return True
-        return config.slow_call is not None and slow >= config.slow_call.ratio * total
+        return (
+            self._sum_failures >= self._failure_ratio * total
+            or self._sum_slow >= self._slow_ratio * total
+        )
 
     def _clear_window(self) -> None:
         for i in range(BUCKETS):
             self._totals[i] = self._failures[i] = self._slow[i] = 0
+        self._sum_total = self._sum_failures = self._sum_slow = 0
 
     def describe(self, now: float) -> dict[str, Any]:
         state = self.state_at(now)

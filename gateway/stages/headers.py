@@ -17,19 +17,28 @@ from gateway.pipeline import Next, RequestContext
 
 @final
 class _Edits:
-    __slots__ = ("drop", "set")
+    __slots__ = ("drop", "lengths", "set")
 
     def __init__(self, edits: HeaderEdits) -> None:
         self.set = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in edits.set]
         # a set header replaces every copy of its name
         names = [*edits.remove, *(n for n, _ in edits.set)]
         self.drop = frozenset(n.lower().encode("latin-1") for n in names)
+        # only a name of one of these lengths can be dropped: most headers are passed over
+        # without lower-casing them
+        self.lengths = frozenset(len(n) for n in self.drop)
+
+    def _drops(self, name: bytes) -> bool:
+        return len(name) in self.lengths and name.lower() in self.drop
 
     def apply(self, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-        drop = self.drop
-        kept = [(n, v) for n, v in headers if n.lower() not in drop]
-        kept.extend(self.set)
-        return kept
+        """`headers` edited (in place when nothing is dropped, the common case)."""
+        for name, _ in headers:
+            if self._drops(name):
+                headers = [(n, v) for n, v in headers if not self._drops(n)]
+                break
+        headers.extend(self.set)
+        return headers
 
 
 @final
@@ -52,7 +61,3 @@ class HeadersStage:
         if self._response is not None:
             response.headers = self._response.apply(response.headers)
         return response
-
-
-def _edits_or_none(edits: HeaderEdits) -> _Edits | None:
-    return _Edits(edits) if edits.set or edits.remove else None

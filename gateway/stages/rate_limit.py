@@ -25,6 +25,7 @@ from gateway.http.messages import Response
 from gateway.observability.metrics import Counter, CounterChild, GatewayMetrics
 from gateway.pipeline import Next, RequestContext
 from gateway.stores.base import RateLimiter, Store, StoreError, Verdict
+from gateway.stores.memory import MemoryRateLimiter
 
 log = logging.getLogger("gateway.rate_limit")
 
@@ -129,6 +130,7 @@ class RateLimitStage:
         "_key",
         "_limited",
         "_limiter",
+        "_local",
         "_name",
         "_name_bytes",
         "_policy",
@@ -150,6 +152,8 @@ class RateLimitStage:
         quota, window = policy_window(config)
         self._policy = f'"{name}";q={quota};w={window}'.encode("latin-1")
         self._limiter = _limiter(store, namespace, config)
+        # the memory store answers synchronously: no coroutine per request for it
+        self._local = self._limiter if isinstance(self._limiter, MemoryRateLimiter) else None
         # where a failing shared store's requests are counted instead (on_store_error: allow)
         self._fallback = (
             _limiter(local, namespace, config)
@@ -173,7 +177,11 @@ class RateLimitStage:
             return await self._fallback.take(key)
 
     async def __call__(self, ctx: RequestContext, call_next: Next) -> Response:
-        verdict = await self._take(ctx, self._key(ctx))
+        local = self._local
+        if local is not None:
+            verdict = local.take_now(self._key(ctx))
+        else:
+            verdict = await self._take(ctx, self._key(ctx))
         state = b'"%b";r=%d;t=%d' % (
             self._name_bytes,
             verdict.remaining,

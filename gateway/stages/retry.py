@@ -77,10 +77,8 @@ class RetryStage:
         try:
             while True:
                 tries += 1
-                now = loop.time()
-                ctx.try_deadline = (
-                    min(ctx.deadline, now + per_try) if per_try is not None else ctx.deadline
-                )
+                if per_try is not None:
+                    ctx.try_deadline = min(ctx.deadline, loop.time() + per_try)
                 failure: GatewayError | None = None
                 response: Response | None = None
                 try:

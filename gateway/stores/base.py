@@ -12,21 +12,29 @@ leased and not yet spent.  A store that cannot answer raises `StoreError`; the s
 
 from __future__ import annotations
 
-from typing import NamedTuple, Protocol
+from typing import Protocol, final
 
 
 class StoreError(Exception):
     """The store could not answer (unreachable, timed out, refused)."""
 
 
-class Verdict(NamedTuple):
-    allowed: bool
-    #: whole tokens left after this request
-    remaining: int
-    #: seconds until the bucket is full again
-    reset_after: float
-    #: seconds until one token is available (0.0 when allowed)
-    retry_after: float
+@final
+class Verdict:
+    """One take's answer; a plain slotted class, built once per limited request."""
+
+    __slots__ = ("allowed", "remaining", "reset_after", "retry_after")
+
+    def __init__(
+        self, allowed: bool, remaining: int, reset_after: float, retry_after: float
+    ) -> None:
+        self.allowed = allowed
+        #: whole tokens left after this request
+        self.remaining = remaining
+        #: seconds until the bucket is full again
+        self.reset_after = reset_after
+        #: seconds until one token is available (0.0 when allowed)
+        self.retry_after = retry_after
 
 
 class RateLimiter(Protocol):
