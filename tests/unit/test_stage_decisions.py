@@ -1,0 +1,162 @@
+"""Stage decisions with a fake `call_next`: what the retry stage repeats, and how a rate limit
+behaves when its store fails (a fault the memory store cannot produce)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from gateway.config.model import RateLimitConfig, RetryConfig
+from gateway.errors import ConnectFailed, RateLimited, StoreUnavailable, UpstreamTimeout
+from gateway.http.messages import RequestHead, Response
+from gateway.observability.metrics import GatewayMetrics, Registry
+from gateway.pipeline import RequestContext
+from gateway.stages.rate_limit import RateLimitStage
+from gateway.stages.retry import RetryStage
+from gateway.stores.base import RateLimiter, StoreError, Verdict
+from gateway.stores.memory import MemoryStore
+from tests.support.context import make_context, make_snapshot
+
+CONFIG = """
+listeners: [{name: http, bind: "127.0.0.1:0"}]
+upstreams:
+  app: {endpoints: [{url: "http://127.0.0.1:9"}]}
+routes:
+  - {name: app, match: {path_prefix: /}, upstream: app}
+"""
+FAST = RetryConfig(attempts=3, backoff_base=0.001, backoff_max=0.001)
+
+
+def _ctx(method: str) -> RequestContext:
+    head = RequestHead()
+    head.method = method
+    ctx = make_context(head, snapshot=make_snapshot(CONFIG))
+    ctx.target = ctx.snapshot.upstreams["app"]
+    return ctx
+
+
+class Attempts:
+    """A call_next that fails `failures` times, then answers 200."""
+
+    def __init__(self, failures: int, error: Exception | None = None, status: int = 0) -> None:
+        self.calls = 0
+        self.failures = failures
+        self.error = error
+        self.status = status
+
+    async def __call__(self, ctx: RequestContext) -> Response:
+        self.calls += 1
+        if self.calls <= self.failures:
+            if self.error is not None:
+                raise self.error
+            return Response(self.status, [])
+        return Response(200, [])
+
+
+def _stage(config: RetryConfig = FAST) -> RetryStage:
+    return RetryStage(config, GatewayMetrics(Registry()).retries_total, asyncio.get_running_loop())
+
+
+async def test_get_is_retried_until_it_succeeds() -> None:
+    attempts = Attempts(2, ConnectFailed("refused"))
+    response = await _stage()(_ctx("GET"), attempts)
+    assert (response.status, attempts.calls) == (200, 3)
+
+
+async def test_post_only_with_a_key_the_idempotency_stage_accepted() -> None:
+    attempts = Attempts(1, status=503)
+    response = await _stage()(_ctx("POST"), attempts)
+    assert (response.status, attempts.calls) == (503, 1)
+    keyed = _ctx("POST")
+    keyed.idempotent_key = True
+    attempts = Attempts(1, status=503)
+    response = await _stage()(keyed, attempts)
+    assert (response.status, attempts.calls) == (200, 2)
+
+
+async def test_failures_not_listed_are_not_retried() -> None:
+    attempts = Attempts(1, UpstreamTimeout("slow"))
+    with pytest.raises(UpstreamTimeout):
+        await _stage()(_ctx("GET"), attempts)
+    assert attempts.calls == 1
+
+
+async def test_the_last_error_is_raised_when_attempts_run_out() -> None:
+    attempts = Attempts(5, ConnectFailed("refused"))
+    with pytest.raises(ConnectFailed):
+        await _stage()(_ctx("GET"), attempts)
+    assert attempts.calls == 3
+
+
+async def test_budget_refuses_beyond_min_concurrent_retries() -> None:
+    ctx = _ctx("GET")
+    assert ctx.target is not None
+    ctx.target.retrying = 3  # three other requests are retrying already, none in flight
+    attempts = Attempts(1, status=503)
+    response = await _stage()(ctx, attempts)
+    assert (response.status, attempts.calls) == (503, 1)
+    assert ctx.outcomes == {"retry": "budget_exhausted"}
+    assert ctx.target.budget_exhausted.value == 1
+    ctx.target.in_flight = 20  # 20 % of 20 in flight = 4 > 3: room for one more
+    attempts = Attempts(1, status=503)
+    assert (await _stage()(_ctx_on(ctx), attempts)).status == 200
+
+
+def _ctx_on(previous: RequestContext) -> RequestContext:
+    ctx = make_context(previous.head, snapshot=previous.snapshot)
+    ctx.target = previous.target
+    return ctx
+
+
+async def test_retrying_count_returns_to_zero() -> None:
+    ctx = _ctx("GET")
+    await _stage()(ctx, Attempts(2, status=502))
+    assert ctx.target is not None
+    assert ctx.target.retrying == 0
+    assert ctx.try_deadline == ctx.deadline
+
+
+class FailingStore:
+    name = "broken"
+
+    def rate_limiter(
+        self, *, namespace: str, rate: float, per: float, burst: int, max_keys: int
+    ) -> RateLimiter:
+        return FailingLimiter()
+
+    async def aclose(self) -> None:
+        return None
+
+
+class FailingLimiter:
+    async def take(self, key: str) -> Verdict:
+        raise StoreError("connection refused")
+
+    def close(self) -> None:
+        return None
+
+
+async def _ok(ctx: RequestContext) -> Response:
+    return Response(200, [])
+
+
+async def test_store_error_falls_back_to_a_local_bucket_when_allowed() -> None:
+    metrics = GatewayMetrics(Registry())
+    config = RateLimitConfig(rate=1, per=60.0, burst=1, on_store_error="allow")
+    stage = RateLimitStage(config, "limit", "route:app:0", FailingStore(), MemoryStore(), metrics)
+    ctx = _ctx("GET")
+    assert (await stage(ctx, _ok)).status == 200
+    assert ctx.outcomes == {"rate_limit": "store_error"}
+    # the local bucket of the same policy still limits
+    with pytest.raises(RateLimited, match="rate limit 'limit' exceeded"):
+        await stage(_ctx("GET"), _ok)
+    assert metrics.rate_limit_store_errors_total.labels("app").value == 2
+
+
+async def test_store_error_is_a_503_when_denied() -> None:
+    metrics = GatewayMetrics(Registry())
+    config = RateLimitConfig(rate=1, per=60.0, burst=1, on_store_error="deny")
+    stage = RateLimitStage(config, "limit", "route:app:0", FailingStore(), MemoryStore(), metrics)
+    with pytest.raises(StoreUnavailable):
+        await stage(_ctx("GET"), _ok)
