@@ -12,7 +12,7 @@ import pytest
 from gateway.app import Gateway
 from tests.support.faulty import closed_port, faulty_upstreams
 from tests.support.gateway import port_of, running_gateway
-from tests.support.raw import exchange
+from tests.support.raw import close_writer, exchange, open_raw, read_response
 
 
 def _config(urls: list[str], retry: str, *, timeout: str = "5s") -> str:
@@ -214,3 +214,23 @@ async def test_retry_outcome_in_the_access_log(
         assert line["attempts"] == 2
         assert line["endpoint"] == good_endpoint
         assert line["status"] == 200
+
+
+async def test_expect_continue_body_is_buffered_then_replayed(tmp_path: Path) -> None:
+    async with faulty_upstreams("bad", "good") as [bad, good]:
+        config = _config([bad.url, good.url], "{attempts: 2, backoff: {base: 1ms, max: 2ms}}")
+        async with running_gateway(tmp_path, config) as gw:
+            bad.mode = "status:503"
+            for _ in range(2):
+                reader, writer = await open_raw(port_of(gw))
+                writer.write(
+                    b"PUT /x HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\n"
+                    b"Expect: 100-continue\r\n\r\n"
+                )
+                interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+                assert interim.startswith(b"HTTP/1.1 100 Continue")
+                writer.write(b"data")
+                response = await asyncio.wait_for(read_response(reader), 5)
+                assert (response.status, response.body) == (200, b"data")
+                await close_writer(writer)
+            assert good.requests["PUT"] == 2
