@@ -10,7 +10,7 @@ import aiohttp
 
 from gateway.app import Gateway
 from tests.support.faulty import faulty_upstreams
-from tests.support.gateway import port_of, running_gateway
+from tests.support.gateway import port_of, running_gateway, write_config
 from tests.support.raw import exchange
 
 OPEN_FOR = 0.3
@@ -169,3 +169,27 @@ async def test_statuses_not_listed_are_successes(tmp_path: Path) -> None:
         assert (await _get(port))[0] == 500
         assert (await _circuit(gw))["state"] == "open"  # 2 in 4 reaches 0.5
         assert up.total == 4
+
+
+async def test_an_open_circuit_survives_an_unrelated_reload(tmp_path: Path) -> None:
+    breaker = "{min_requests: 2, open_for: 1m}"
+    async with faulty_upstreams("a") as [up]:
+        text = _config(up.url, breaker)
+        async with running_gateway(tmp_path, text) as gw:
+            port = port_of(gw)
+            up.mode = "status:502"
+            for _ in range(2):
+                assert (await _get(port))[0] == 502
+            write_config(
+                tmp_path, text.replace("access_log:", "limits: {idle_timeout: 30s}\naccess_log:")
+            )
+            result = await gw.reload()
+            assert result["ok"], result
+            assert result["changed"]
+            status, _, body = await _get(port)
+            assert (status, json.loads(body)["code"]) == (503, "circuit_open")
+            write_config(tmp_path, _config(up.url, "{min_requests: 3, open_for: 1m}"))
+            assert (await gw.reload())["ok"]
+            up.mode = "ok"
+            assert (await _get(port))[0] == 200  # a changed breaker starts closed
+            assert up.total == 3
