@@ -198,14 +198,7 @@ class RequestBody:
                 return True
             if self._buffered > limit or self.received > limit:
                 return False
-            first = self.on_first_read
-            if first is not None:
-                self.on_first_read = None
-                first()
-            waiter = self._loop.create_future()
-            self._waiter = waiter
-            self._timer = self._loop.call_later(self.timeout, self._on_timeout)
-            await waiter
+            await self._more()
 
     async def read(self) -> bytes:
         """The next chunk; b"" at the end of the body."""
@@ -221,14 +214,18 @@ class RequestBody:
                 return data
             if self.eof:
                 return b""
-            first = self.on_first_read
-            if first is not None:
-                self.on_first_read = None
-                first()
-            waiter = self._loop.create_future()
-            self._waiter = waiter
-            self._timer = self._loop.call_later(self.timeout, self._on_timeout)
-            await waiter
+            await self._more()
+
+    async def _more(self) -> None:
+        """Wait for the next chunk, the end, or an error — at most `timeout` seconds."""
+        first = self.on_first_read
+        if first is not None:
+            self.on_first_read = None
+            first()
+        waiter = self._loop.create_future()
+        self._waiter = waiter
+        self._timer = self._loop.call_later(self.timeout, self._on_timeout)
+        await waiter
 
     def _on_timeout(self) -> None:
         self._timer = None
