@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import signal
+import ssl
 import sys
 import time
 from pathlib import Path
@@ -30,6 +31,7 @@ from gateway.observability.metrics import GatewayMetrics, Registry, read_snapsho
 from gateway.runtime.shared import SharedState
 from gateway.runtime.snapshot import Snapshot, build_snapshot
 from gateway.stages.circuit_breaker import CircuitBreakerStage
+from gateway.tls import front_context
 
 log = logging.getLogger("gateway.app")
 
@@ -138,7 +140,8 @@ class Gateway:
         self._install(snapshot)
         try:
             for listener in config.listeners:
-                state = ServerState(self, loop, listener.name, "http")
+                tls = listener.tls is not None
+                state = ServerState(self, loop, listener.name, "https" if tls else "http")
                 self._states.append(state)
                 server = await loop.create_server(
                     lambda state=state: HttpConnection(state),
@@ -146,6 +149,9 @@ class Gateway:
                     listener.port,
                     reuse_port=self.workers > 1 or None,
                     backlog=4096,
+                    ssl=_front_context(state) if tls else None,
+                    # a client that never completes its handshake is dropped like a slow head
+                    ssl_handshake_timeout=config.limits.header_timeout if tls else None,
                 )
                 self._servers.append(server)
                 sockname = server.sockets[0].getsockname()
@@ -335,11 +341,18 @@ class Gateway:
             await asyncio.sleep(_METRICS_PUBLISH)
 
 
+def _front_context(state: ServerState) -> ssl.SSLContext:
+    name = state.listener
+    # each handshake asks the listener's current snapshot: certificates reload live
+    return front_context(lambda: state.snapshot.tls[name])
+
+
 def _check_restart_needed(old: GatewayConfig, new: GatewayConfig) -> None:
     from gateway.errors import ConfigError
 
     errors = []
-    if old.listeners != new.listeners:
+    # certificates, CA and TLS settings apply live; only the sockets themselves need a restart
+    if [x.socket for x in old.listeners] != [x.socket for x in new.listeners]:
         errors.append(
             ConfigError("listeners", "listeners cannot change while running: restart needed")
         )

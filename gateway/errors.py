@@ -71,6 +71,14 @@ class InternalError(GatewayError):
     status, code, title = 500, "internal_error", "Internal Server Error"
 
 
+class ClientCertificateRequired(GatewayError):
+    status, code, title = 403, "client_certificate_required", "Forbidden"
+
+
+class ClientCertificateForbidden(GatewayError):
+    status, code, title = 403, "client_certificate_forbidden", "Forbidden"
+
+
 class RateLimited(GatewayError):
     status, code, title = 429, "rate_limited", "Too Many Requests"
 

@@ -15,6 +15,7 @@ from gateway.http.messages import RequestBody, RequestHead, Response
 
 if TYPE_CHECKING:
     from gateway.runtime.snapshot import Route, Snapshot
+    from gateway.tls import ClientCertificate
     from gateway.upstream.upstream import Endpoint, Upstream
 
 Next = Callable[["RequestContext"], Awaitable[Response]]
@@ -28,7 +29,16 @@ class Stage(Protocol):
 class Peer:
     """The client end of one downstream connection, shared by every request on it."""
 
-    __slots__ = ("client_sans", "ip", "ip_bytes", "listener", "scheme", "scheme_bytes", "trusted")
+    __slots__ = (
+        "client_cert",
+        "client_sans",
+        "ip",
+        "ip_bytes",
+        "listener",
+        "scheme",
+        "scheme_bytes",
+        "trusted",
+    )
 
     def __init__(self, ip: str, *, trusted: bool, scheme: str, listener: str) -> None:
         self.ip = ip
@@ -39,7 +49,9 @@ class Peer:
         self.scheme = scheme
         self.scheme_bytes = scheme.encode("ascii")
         self.listener = listener
-        #: the SANs of the client certificate verified at the TLS handshake, if any
+        #: the client certificate verified at the TLS handshake, if any
+        self.client_cert: ClientCertificate | None = None
+        #: its SAN values
         self.client_sans: tuple[str, ...] | None = None
 
 
@@ -66,6 +78,7 @@ class RequestContext:
         "try_deadline",
         "upstream",
         "upstream_head",
+        "upstream_headers",
     )
 
     def __init__(
@@ -96,6 +109,9 @@ class RequestContext:
         self.outcomes: dict[str, str] | None = None
         #: the request head as it goes upstream (built once, reused by retries)
         self.upstream_head: bytes | None = None
+        #: headers stages add for the upstream that a client can never send itself (they are
+        #: in REQUEST_DROP, so the client's copies are gone): Client-Cert, claims …
+        self.upstream_headers: list[tuple[bytes, bytes]] | None = None
         #: the upstream chosen for this request (by the proxy, or earlier by a breaker stage)
         self.target: Upstream | None = None
         #: an endpoint the next attempt should avoid (the one a retry follows)

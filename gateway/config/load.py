@@ -24,11 +24,13 @@ from gateway.config.model import (
     INTERNAL_ECHO,
     AccessLogConfig,
     AdminConfig,
+    CertificateConfig,
     EndpointConfig,
     GatewayConfig,
     HealthCheckConfig,
     LimitsConfig,
     ListenerConfig,
+    ListenerTLSConfig,
     MatchConfig,
     OutlierDetectionConfig,
     RouteConfig,
@@ -68,6 +70,7 @@ from gateway.config.reader import (
 from gateway.config.stages import check_pipeline, parse_entry
 from gateway.config.units import parse_duration, parse_size
 from gateway.errors import ConfigError, ConfigErrors
+from gateway.tls import CertificateProblem, check_ca_bundle, check_certificate
 
 T = TypeVar("T")
 
@@ -82,7 +85,6 @@ _LATER_TOP: Final = {
     "stores": "shared stores (Redis)",
     "tracing": "tracing",
 }
-_LATER_LISTENER: Final = {"tls": "TLS termination"}
 _LATER_UPSTREAM: Final = {"tls": "upstream TLS"}
 _LATER_ROUTE: Final = {"tracing": "tracing"}
 
@@ -246,6 +248,8 @@ class _Loader:
         #: files the config references (certificates, JWKS …): part of its version
         self.referenced_files: list[Path] = []
         self.declared_middlewares: set[str] = set()
+        #: listeners that ask clients for certificates (an mtls stage needs one)
+        self.client_ca_listeners: list[str] = []
 
     def load(self, raw: object, source: str, normalized: str) -> GatewayConfig:
         r = self.r
@@ -312,9 +316,7 @@ class _Loader:
         binds: set[tuple[str, int]] = set()
         for i, item in enumerate(raw):
             path = f"listeners[{i}]"
-            m = r.mapping(
-                item, path, {"name", "bind"}, later=_LATER_LISTENER, required=("name", "bind")
-            )
+            m = r.mapping(item, path, {"name", "bind", "tls"}, required=("name", "bind"))
             if m is None:
                 continue
             name = r.get(m, "name", path, _str, "")
@@ -325,9 +327,78 @@ class _Loader:
                 r.error(f"{path}.bind", "another listener already binds this address")
             names.add(name)
             binds.add(bind)
+            tls = self.listener_tls(m.get("tls"), f"{path}.tls") if "tls" in m else None
+            if tls is not None and tls.client_ca is not None:
+                self.client_ca_listeners.append(name)
             if name and bind[1] >= 0:
-                result.append(ListenerConfig(name=name, host=bind[0], port=bind[1]))
+                result.append(ListenerConfig(name=name, host=bind[0], port=bind[1], tls=tls))
         return tuple(result)
+
+    def file(self, raw: object, path: str) -> Path | None:
+        """A referenced file: resolved against the config's directory, counted in its version."""
+        if not isinstance(raw, str) or not raw:
+            self.r.error(path, "must be a file path")
+            return None
+        resolved = (self.base_dir / raw).resolve()
+        if not resolved.is_file():
+            self.r.error(path, f"no such file: {resolved}")
+            return None
+        self.referenced_files.append(resolved)
+        return resolved
+
+    def listener_tls(self, raw: object, path: str) -> ListenerTLSConfig | None:
+        r = self.r
+        m = r.mapping(
+            raw, path, {"certificates", "client_ca", "min_version"}, required=("certificates",)
+        )
+        if m is None:
+            return None
+        items = m.get("certificates")
+        if not isinstance(items, list) or not items:
+            r.error(f"{path}.certificates", "must be a non-empty list of {cert, key}")
+            return None
+        certificates: list[CertificateConfig] = []
+        for i, item in enumerate(items):
+            where = f"{path}.certificates[{i}]"
+            c = r.mapping(item, where, {"cert", "key"}, required=("cert", "key"))
+            if c is None or "cert" not in c or "key" not in c:
+                continue
+            cert = self.file(c["cert"], f"{where}.cert")
+            key = self.file(c["key"], f"{where}.key")
+            if cert is None or key is None:
+                continue
+            try:
+                checked = check_certificate(cert, key)
+            except CertificateProblem as exc:
+                r.error(f"{where}.cert", str(exc))
+                continue
+            certificates.append(
+                CertificateConfig(
+                    cert=str(cert),
+                    key=str(key),
+                    names=checked.names,
+                    not_after=checked.not_after.timestamp(),
+                )
+            )
+        client_ca = None
+        if m.get("client_ca") is not None:
+            ca = self.file(m["client_ca"], f"{path}.client_ca")
+            if ca is not None:
+                try:
+                    check_ca_bundle(ca)
+                    client_ca = str(ca)
+                except CertificateProblem as exc:
+                    r.error(f"{path}.client_ca", str(exc))
+        version = str(m.get("min_version", "1.2"))
+        if version not in ("1.2", "1.3"):
+            r.error(f"{path}.min_version", 'must be "1.2" or "1.3"')
+        if len(certificates) != len(items):
+            return None
+        return ListenerTLSConfig(
+            certificates=tuple(certificates),
+            client_ca=client_ca,
+            min_version="1.3" if version == "1.3" else "1.2",
+        )
 
     def admin(self, raw: object) -> AdminConfig:
         if raw is None:
@@ -629,6 +700,9 @@ class _Loader:
             if spec is not None:
                 result.append((f"{path}[{i}]", spec))
         check_pipeline(self.r, result)
+        for where, spec in result:
+            if spec.kind == "mtls" and not self.client_ca_listeners:
+                self.r.error(where, "mtls needs a listener with tls.client_ca to verify clients")
         return tuple(spec for _, spec in result)
 
     def match(self, raw: object, path: str) -> MatchConfig:

@@ -17,10 +17,37 @@ INTERNAL_ECHO = "internal:echo"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class CertificateConfig:
+    """A certificate (chain) and its key, as absolute paths; checked when loaded."""
+
+    cert: str
+    key: str
+    #: the names the certificate serves, from its SANs (filled by the loader)
+    names: tuple[str, ...] = ()
+    #: its expiry, Unix seconds (filled by the loader)
+    not_after: float = 0.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ListenerTLSConfig:
+    #: chosen by SNI; the first is the default
+    certificates: tuple[CertificateConfig, ...]
+    #: clients MAY present a certificate, verified against this bundle
+    client_ca: str | None = None
+    min_version: Literal["1.2", "1.3"] = "1.2"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ListenerConfig:
     name: str
     host: str
     port: int
+    tls: ListenerTLSConfig | None = None
+
+    @property
+    def socket(self) -> tuple[str, str, int, bool]:
+        """What needs a restart to change: the name, address and whether it speaks TLS."""
+        return (self.name, self.host, self.port, self.tls is not None)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -139,6 +166,18 @@ class HeadersConfig:
     response: HeaderEdits = field(default_factory=HeaderEdits)
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MtlsConfig:
+    """Client-certificate authorization for a route (the handshake already verified the chain)."""
+
+    required: bool = True
+    #: globs over the certificate's DNS/URI/e-mail/IP SANs
+    allowed_sans: tuple[str, ...] = ()
+    #: globs over its RFC 4514 subject
+    allowed_subjects: tuple[str, ...] = ()
+    forward: Literal["rfc9440", "xfcc", "none"] = "rfc9440"
+
+
 #: what a rate limit is keyed on: one of these, or several (a composite key)
 RateLimitKey = str  # "client_ip" | "route" | "header:<name>" | "jwt:<claim>" | "mtls:san"
 
@@ -206,7 +245,7 @@ class RetryConfig:
 
 
 #: the config of one stage kind
-StageConfig = HeadersConfig | RateLimitConfig | CircuitBreakerConfig | RetryConfig
+StageConfig = HeadersConfig | RateLimitConfig | CircuitBreakerConfig | RetryConfig | MtlsConfig
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -18,6 +18,7 @@ from gateway.config.model import (
     FallbackConfig,
     HeaderEdits,
     HeadersConfig,
+    MtlsConfig,
     RateLimitConfig,
     RetryConfig,
     SlowCallConfig,
@@ -26,6 +27,7 @@ from gateway.config.model import (
 )
 from gateway.config.reader import (
     Reader,
+    as_bool,
     as_int,
     as_str,
     positive_duration,
@@ -36,11 +38,10 @@ from gateway.errors import ConfigError
 from gateway.http.headers import REQUEST_DROP, RESPONSE_DROP
 
 _LATER_KINDS: Final = {
-    "mtls": "TLS and mTLS",
     "jwt": "JWT authentication",
     "idempotency": "idempotency",
 }
-KINDS: Final = frozenset({"headers", "rate_limit", "circuit_breaker", "retry"})
+KINDS: Final = frozenset({"headers", "rate_limit", "circuit_breaker", "retry", "mtls"})
 
 _TOKEN: Final = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _VALUE: Final = re.compile(r"^[\t\x20-\x7e]*$")
@@ -371,7 +372,40 @@ def _non_negative_int(value: object, path: str) -> int:
     return result
 
 
+def _globs(value: object, path: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value:
+        raise ConfigError(path, "must be a non-empty list of patterns")
+    for i, item in enumerate(value):
+        if not isinstance(item, str) or not item:
+            raise ConfigError(f"{path}[{i}]", "must be a pattern (text, * and ? as wildcards)")
+    return tuple(value)
+
+
+def _mtls(r: Reader, raw: object, path: str) -> StageConfig | None:
+    keys = {"required", "allowed_sans", "allowed_subjects", "forward"}
+    m = r.mapping({} if raw is None else raw, path, keys)
+    if m is None:
+        return None
+    errors = len(r.errors)
+    required = r.get(m, "required", path, as_bool, True)
+    forward = r.get(m, "forward", path, as_str, "rfc9440")
+    if forward not in ("rfc9440", "xfcc", "none"):
+        r.error(f"{path}.forward", "must be rfc9440, xfcc or none")
+    none: tuple[str, ...] = ()
+    sans = r.get(m, "allowed_sans", path, _globs, none)
+    subjects = r.get(m, "allowed_subjects", path, _globs, none)
+    if len(r.errors) > errors:
+        return None
+    return MtlsConfig(
+        required=required,
+        allowed_sans=sans,
+        allowed_subjects=subjects,
+        forward="xfcc" if forward == "xfcc" else "none" if forward == "none" else "rfc9440",
+    )
+
+
 _PARSERS: Final = {
+    "mtls": _mtls,
     "headers": _headers,
     "rate_limit": _rate_limit,
     "circuit_breaker": _circuit_breaker,

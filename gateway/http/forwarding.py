@@ -46,6 +46,7 @@ def build_request_head(
     chunked: bool,
     upgrade: bool = False,
     default_host: bytes = b"",
+    extra: list[tuple[bytes, bytes]] | None = None,
 ) -> bytes:
     # bytes %-formatting with %b/%d compiles to one sized copy: cheaper than joining a list
     named = head.connection_tokens
@@ -57,6 +58,9 @@ def build_request_head(
         if low in REQUEST_DROP or (named and low in named):
             continue
         lines.append(b"%b: %b\r\n" % (name, value))
+    if extra:
+        for name, value in extra:
+            lines.append(b"%b: %b\r\n" % (name, value))
     block = b"".join(lines) if lines else b""
     host = head.host
     if host is not None:

@@ -34,6 +34,7 @@ from gateway.http.path import split_target
 from gateway.http.problem import problem_response
 from gateway.pipeline import Peer, RequestContext
 from gateway.stages.proxy import is_tunnel
+from gateway.tls import ClientCertificate
 
 if TYPE_CHECKING:
     from gateway.http.serving import ServerState
@@ -169,12 +170,19 @@ class HttpConnection(asyncio.Protocol):
         server.connections_gauge.inc()
         address = transport.get_extra_info("peername")
         ip = address[0] if address else ""
-        self.peer = Peer(
+        self.peer = peer = Peer(
             ip,
             trusted=server.snapshot.is_trusted(ip),
             scheme=server.scheme,
             listener=server.listener,
         )
+        if server.tls:
+            sslobj = transport.get_extra_info("ssl_object")
+            der = sslobj.getpeercert(binary_form=True) if sslobj is not None else None
+            if der:
+                # verified at the handshake against the listener's client_ca; parsed once here
+                peer.client_cert = cert = ClientCertificate.from_der(der)
+                peer.client_sans = cert.san_values
         # the first request head must arrive within header_timeout of the connection opening
         self.deadline = self._loop.time() + server.snapshot.limits.header_timeout
         self.deadline_kind = _HEAD

@@ -43,11 +43,14 @@ class ServerState:
         "loop",
         "scheme",
         "snapshot",
+        "tls",
     )
 
     def __init__(
         self, app: ServingApp, loop: asyncio.AbstractEventLoop, listener: str, scheme: str
     ) -> None:
+        #: the listener terminates TLS (its connections may carry a client certificate)
+        self.tls = scheme == "https"
         self.app = app
         #: copies the app keeps current (plain attributes: read several times per request)
         self.snapshot: Snapshot = app.snapshot

@@ -26,6 +26,7 @@ from gateway.routing import Router
 from gateway.runtime.shared import SharedState, StageKey
 from gateway.stages.echo import EchoHandler
 from gateway.stages.proxy import ProxyHandler
+from gateway.tls import ListenerTLS, listener_tls
 from gateway.upstream.upstream import Upstream
 
 
@@ -119,6 +120,7 @@ class Snapshot:
         "router",
         "routes",
         "stages",
+        "tls",
         "upstreams",
         "version",
     )
@@ -143,6 +145,8 @@ class Snapshot:
         self.access_log = access_log
         #: (owner, kind) -> (spec, stage), for SharedState.commit
         self.stages: dict[StageKey, tuple[StageSpec, Stage]] = {}
+        #: listener name -> its certificates as SSL contexts (TLS listeners only)
+        self.tls: dict[str, ListenerTLS] = {}
         self._networks = [ipaddress.ip_network(c, strict=False) for c in config.trusted_proxies]
 
     def is_trusted(self, ip: str) -> bool:
@@ -181,4 +185,7 @@ def build_snapshot(config: GatewayConfig, shared: SharedState) -> Snapshot:
     router = Router.build([(r.config.match, r.config.index, r) for r in routes])
     snapshot = Snapshot(config, router, routes, upstreams, AccessLog(config.access_log))
     snapshot.stages = stages
+    for listener in config.listeners:
+        if listener.tls is not None:
+            snapshot.tls[listener.name] = listener_tls(listener.tls)
     return snapshot

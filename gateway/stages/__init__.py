@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from gateway.config.model import (
     CircuitBreakerConfig,
     HeadersConfig,
+    MtlsConfig,
     RateLimitConfig,
     RetryConfig,
     StageSpec,
@@ -22,6 +23,7 @@ from gateway.observability.metrics import GatewayMetrics
 from gateway.pipeline import Stage
 from gateway.stages.circuit_breaker import CircuitBreakerStage
 from gateway.stages.headers import HeadersStage
+from gateway.stages.mtls import MtlsStage
 from gateway.stages.rate_limit import RateLimitStage
 from gateway.stages.retry import RetryStage
 from gateway.stores.base import Store
@@ -40,6 +42,8 @@ def build_stage(spec: StageSpec, env: BuildContext) -> Stage:
     config = spec.config
     if isinstance(config, HeadersConfig):
         return HeadersStage(config)
+    if isinstance(config, MtlsConfig):
+        return MtlsStage(config)
     if isinstance(config, RateLimitConfig):
         return RateLimitStage(
             config,

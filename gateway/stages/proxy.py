@@ -109,6 +109,7 @@ class ProxyHandler:
                 chunked=chunked,
                 upgrade=upgrade,
                 default_host=upstream.default_host,
+                extra=ctx.upstream_headers,
             )
             ctx.upstream_head = request
         loop = self._loop
