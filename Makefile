@@ -25,7 +25,13 @@ $(COMPILED): $(STAMP) setup.py $(HOT_SOURCES)
 	$(BIN)/python -c "import gateway._compiled as c; c.check_fresh(); assert c.compiled_modules()"
 	touch $(COMPILED)
 
-setup: $(STAMP) $(COMPILED)
+# development certificates for the default config's HTTPS listener (keys never committed)
+DEV_CERTS := certs/server.crt
+
+$(DEV_CERTS): | $(STAMP)
+	$(BIN)/gateway certs init --out certs --hosts localhost,127.0.0.1
+
+setup: $(STAMP) $(COMPILED) $(DEV_CERTS)
 
 build: $(COMPILED)
 

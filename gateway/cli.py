@@ -61,7 +61,17 @@ def main(argv: list[str] | None = None) -> int:
 
         return serve(config, worker_index=args.worker_index or 0, workers=args.workers)
     if args.command == "certs":
-        print("gateway certs: not supported yet (arrives with TLS support)", file=sys.stderr)
-        return 2
+        from pathlib import Path
+
+        from gateway.tls import init_dev_certificates
+
+        hosts = [h.strip() for h in args.hosts.split(",") if h.strip()]
+        if not hosts:
+            print("gateway certs init: --hosts names no host", file=sys.stderr)
+            return 2
+        for path in init_dev_certificates(Path(args.out), hosts):
+            print(f"wrote {path}")
+        print("for development only: anyone with ca.key can mint certificates these trust")
+        return 0
     print("gateway token: not supported yet (arrives with idempotency)", file=sys.stderr)
     return 2

@@ -157,6 +157,7 @@ class ListenerTLS:
     exact: dict[str, ssl.SSLContext]
     wildcards: dict[str, ssl.SSLContext]
     certificates: tuple[CheckedCertificate, ...]
+    client_ca: Path | None
 
     @classmethod
     def build(
@@ -172,7 +173,7 @@ class ListenerTLS:
                     wildcards.setdefault(name[2:], ctx)
                 else:
                     exact.setdefault(name, ctx)
-        return cls(contexts[0], exact, wildcards, tuple(certificates))
+        return cls(contexts[0], exact, wildcards, tuple(certificates), client_ca)
 
     def select(self, server_name: str | None) -> ssl.SSLContext:
         if not server_name:
@@ -187,7 +188,12 @@ class ListenerTLS:
 
 
 def front_context(current: Callable[[], ListenerTLS]) -> ssl.SSLContext:
-    """The listener socket's context: each handshake switches to the current snapshot's."""
+    """The listener socket's context: each handshake switches to the current snapshot's.
+
+    Whether clients are asked for a certificate is decided by this context (OpenSSL keeps the
+    first context's verify mode through the switch; the trusted CAs do come from the new one),
+    so turning `client_ca` on or off needs a restart, while a changed CA file applies live.
+    """
     first = current()
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = first.default.minimum_version
@@ -196,6 +202,9 @@ def front_context(current: Callable[[], ListenerTLS]) -> ssl.SSLContext:
     ctx.set_alpn_protocols(["http/1.1"])
     cert = first.certificates[0]
     ctx.load_cert_chain(str(cert.cert), str(cert.key))
+    if first.client_ca is not None:
+        ctx.verify_mode = ssl.CERT_OPTIONAL
+        ctx.load_verify_locations(cafile=str(first.client_ca))
 
     def on_server_name(
         sslobj: ssl.SSLObject, server_name: str | None, _: ssl.SSLContext
@@ -277,7 +286,7 @@ def _name(common: str) -> x509.Name:
     )
 
 
-def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
+def write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
     path.write_bytes(
         key.private_bytes(
             serialization.Encoding.PEM,
@@ -357,6 +366,6 @@ def init_dev_certificates(out: Path, hosts: Sequence[str]) -> list[Path]:
         ("client", client_key, client),
     ):
         write_pem(out / f"{name}.crt", cert)
-        _write_key(out / f"{name}.key", key)
+        write_key(out / f"{name}.key", key)
         written += [out / f"{name}.crt", out / f"{name}.key"]
     return written

@@ -45,9 +45,11 @@ class ListenerConfig:
     tls: ListenerTLSConfig | None = None
 
     @property
-    def socket(self) -> tuple[str, str, int, bool]:
-        """What needs a restart to change: the name, address and whether it speaks TLS."""
-        return (self.name, self.host, self.port, self.tls is not None)
+    def socket(self) -> tuple[str, str, int, bool, bool]:
+        """What needs a restart to change: the name, the address, whether it speaks TLS and
+        whether it asks clients for certificates."""
+        tls = self.tls
+        return (self.name, self.host, self.port, tls is not None, bool(tls and tls.client_ca))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

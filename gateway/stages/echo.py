@@ -46,6 +46,7 @@ class EchoHandler:
             request_id=ctx.request_id,
             content_length=size if ctx.body is not None else None,
             chunked=False,
+            extra=ctx.upstream_headers,
         )
         lines = raw.decode("latin-1").split("\r\n")
         headers: dict[str, str] = {}

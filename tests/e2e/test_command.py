@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -16,6 +17,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from gateway.tls import check_certificate
+from tests.support.certs import ensure_dev_certificates
 from tests.support.process import (
     GatewayProcess,
     async_wait_until,
@@ -64,6 +67,7 @@ def run_check(path: Path) -> subprocess.CompletedProcess[str]:
 
 
 def test_check_accepts_the_shipped_configs() -> None:
+    ensure_dev_certificates()
     for path in [
         REPO / "config" / "gateway.yaml",
         *sorted((REPO / "config" / "examples").glob("*.yaml")),
@@ -304,3 +308,35 @@ def _children(pid: int) -> list[int]:
     except OSError:
         return []
     return [int(p) for p in text.split()]
+
+
+def test_certs_init_writes_a_working_set(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gateway",
+            "certs",
+            "init",
+            "--out",
+            str(tmp_path / "c"),
+            "--hosts",
+            "example.test,127.0.0.1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "c"
+    assert {p.name for p in out.iterdir()} == {
+        f"{n}.{e}" for n in ("ca", "server", "client") for e in ("crt", "key")
+    }
+    assert oct((out / "client.key").stat().st_mode & 0o777) == "0o600"
+    server = check_certificate(out / "server.crt", out / "server.key")
+    assert server.names == ("example.test", "127.0.0.1")
+    client = check_certificate(out / "client.crt", out / "client.key")
+    assert client.names == ("client.gateway.dev",)
+    ctx = ssl.create_default_context(cafile=str(out / "ca.crt"))
+    assert ctx.cert_store_stats()["x509_ca"] == 1

@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import ssl
 from pathlib import Path
 
+from tests.support.certs import ensure_dev_certificates
 from tests.support.gateway import port_of, running_gateway
-from tests.support.raw import exchange
+from tests.support.raw import exchange, read_response
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 async def test_quick_tour(tmp_path: Path) -> None:
-    text = (REPO / "config" / "gateway.yaml").read_text()
-    text = text.replace('"0.0.0.0:8080"', '"127.0.0.1:0"').replace(
-        '"127.0.0.1:9901"', '"127.0.0.1:0"'
-    )
+    certs = ensure_dev_certificates()
+    text = (REPO / "config" / "gateway.yaml").read_text().replace("../certs/", f"{certs}/")
+    for bind in ('"0.0.0.0:8080"', '"0.0.0.0:8443"', '"127.0.0.1:9901"'):
+        text = text.replace(bind, '"127.0.0.1:0"')
     text = text.replace("access_log:\n  enabled: true", "access_log:\n  enabled: false")
     async with running_gateway(tmp_path, text) as gw:
         port = port_of(gw)
@@ -30,3 +33,14 @@ async def test_quick_tour(tmp_path: Path) -> None:
         assert statuses == [200] * 5 + [429]
         assert response.header("retry-after") is not None
         assert response.header("ratelimit-policy") == '"per-client";q=5;w=60'
+        # the HTTPS listener: the mtls route with the development client certificate
+        ctx = ssl.create_default_context(cafile=str(certs / "ca.crt"))
+        ctx.load_cert_chain(str(certs / "client.crt"), str(certs / "client.key"))
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", port_of(gw, "https"), ssl=ctx, server_hostname="localhost"
+        )
+        writer.write(b"GET /mtls/hello HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        mtls = await asyncio.wait_for(read_response(reader), 5)
+        writer.close()
+        assert mtls.status == 200
+        assert json.loads(mtls.body)["headers"]["client-cert"].startswith(":")

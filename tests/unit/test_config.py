@@ -9,6 +9,7 @@ import pytest
 from gateway.config.load import interpolate_env, load_config, parse_config
 from gateway.config.units import parse_duration, parse_size
 from gateway.errors import ConfigError, ConfigErrors
+from tests.support.certs import ensure_dev_certificates
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -266,5 +267,6 @@ def test_load_config_reads_files_and_reports_missing(tmp_path: Path) -> None:
     ids=lambda p: p.name,
 )
 def test_shipped_configs_load(path: Path) -> None:
+    ensure_dev_certificates()
     config = load_config(path, env={})
     assert config.routes

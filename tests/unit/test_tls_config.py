@@ -1,0 +1,144 @@
+"""TLS in the config: certificates checked at load, every problem at its YAML path."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from gateway.config.load import load_config
+from gateway.errors import ConfigErrors
+from gateway.tls import ClientCertificate, ListenerTLS, check_certificate
+from tests.support.certs import TestCA, other_key
+
+
+def _write(tmp_path: Path, tls: str, pipeline: str = "[]") -> Path:
+    path = tmp_path / "gateway.yaml"
+    path.write_text(
+        f"""
+listeners:
+  - name: https
+    bind: "127.0.0.1:8443"
+    tls: {tls}
+routes:
+  - {{name: r, match: {{path_prefix: /}}, upstream: internal:echo, pipeline: {pipeline}}}
+"""
+    )
+    return path
+
+
+def _errors(path: Path) -> list[str]:
+    with pytest.raises(ConfigErrors) as info:
+        load_config(str(path))
+    return [str(e) for e in info.value.errors]
+
+
+def test_relative_paths_and_names(tmp_path: Path) -> None:
+    ca = TestCA(tmp_path)
+    ca.issue("server", dns=("a.test", "*.b.test"), ips=("127.0.0.1",))
+    config = load_config(
+        str(
+            _write(
+                tmp_path,
+                "{certificates: [{cert: server.crt, key: server.key}], client_ca: test-ca.crt}",
+            )
+        )
+    )
+    tls = config.listeners[0].tls
+    assert tls is not None
+    assert tls.certificates[0].cert == str(tmp_path / "server.crt")
+    assert tls.certificates[0].names == ("a.test", "*.b.test", "127.0.0.1")
+    assert tls.client_ca == str(tmp_path / "test-ca.crt")
+    assert tls.min_version == "1.2"
+
+
+@pytest.mark.parametrize(
+    ("problem", "message"),
+    [
+        ("expired", "expired on"),
+        ("mismatch", "is not the private key of"),
+        ("garbage", "is not a PEM certificate"),
+        ("missing", "no such file"),
+    ],
+)
+def test_a_broken_certificate_is_a_config_error(tmp_path: Path, problem: str, message: str) -> None:
+    ca = TestCA(tmp_path)
+    issued = ca.issue("server", dns=("a.test",), expired=problem == "expired")
+    if problem == "mismatch":
+        other_key(issued.key)
+    if problem == "garbage":
+        issued.cert.write_text("-----BEGIN CERTIFICATE-----\nnot base64\n")
+    cert = "nowhere.crt" if problem == "missing" else "server.crt"
+    errors = _errors(_write(tmp_path, f"{{certificates: [{{cert: {cert}, key: server.key}}]}}"))
+    assert len(errors) == 1, errors
+    assert errors[0].startswith("listeners[0].tls.certificates[0].cert: ")
+    assert message in errors[0]
+
+
+def test_other_tls_errors(tmp_path: Path) -> None:
+    ca = TestCA(tmp_path)
+    ca.issue("server", dns=("a.test",))
+    (tmp_path / "bad-ca.crt").write_text("nope")
+    errors = _errors(
+        _write(
+            tmp_path,
+            "{certificates: [{cert: server.crt, key: server.key}], client_ca: bad-ca.crt,"
+            " min_version: '1.1', ciphers: x}",
+        )
+    )
+    assert "listeners[0].tls.ciphers: unknown key" in errors
+    assert any(e.startswith("listeners[0].tls.client_ca: ") and "not a PEM" in e for e in errors)
+    assert 'listeners[0].tls.min_version: must be "1.2" or "1.3"' in errors
+
+
+def test_mtls_needs_a_listener_asking_for_client_certificates(tmp_path: Path) -> None:
+    ca = TestCA(tmp_path)
+    ca.issue("server", dns=("a.test",))
+    errors = _errors(
+        _write(tmp_path, "{certificates: [{cert: server.crt, key: server.key}]}", "[{mtls: {}}]")
+    )
+    assert errors == [
+        "routes[0].pipeline[0]: mtls needs a listener with tls.client_ca to verify clients"
+    ]
+
+
+def test_sni_selection(tmp_path: Path) -> None:
+    ca = TestCA(tmp_path)
+    a = ca.issue("a", dns=("a.test",))
+    b = ca.issue("b", dns=("b.test", "*.apps.test"))
+    tls = ListenerTLS.build(
+        [check_certificate(a.cert, a.key), check_certificate(b.cert, b.key)], None, "1.2"
+    )
+    assert tls.select(None) is tls.default
+    assert tls.select("A.TEST.") is tls.default
+    assert tls.select("b.test") is not tls.default
+    assert tls.select("x.apps.test") is tls.select("b.test")
+    assert tls.select("deep.x.apps.test") is tls.default  # a wildcard covers one label
+
+
+def test_client_certificate_matching(tmp_path: Path) -> None:
+    ca = TestCA(tmp_path)
+    issued = ca.issue(
+        "c",
+        dns=("Front.Corp",),
+        uris=("spiffe://corp/ns/web",),
+        emails=("ops@corp.example",),
+        ips=("10.1.2.3",),
+        client=True,
+        common="web",
+    )
+    der = x509.load_pem_x509_certificate(issued.cert.read_bytes()).public_bytes(Encoding.DER)
+    cert = ClientCertificate.from_der(der)
+    assert cert.subject == "CN=web,O=gateway development"
+    assert cert.matches_san(["front.corp"])  # DNS without case
+    assert cert.matches_san(["spiffe://corp/ns/*"])
+    assert not cert.matches_san(["SPIFFE://corp/ns/*"])  # URIs as written
+    assert cert.matches_san(["*@corp.example"])
+    assert cert.matches_san(["10.1.2.*"])
+    assert not cert.matches_san(["spiffe://other/*"])
+    assert cert.matches_subject(["CN=web,*"])
+    assert not cert.matches_subject(["CN=api,*"])
+    assert cert.rfc9440_value == b":" + base64.b64encode(der) + b":"
