@@ -126,6 +126,7 @@ def server_context(
     ctx.set_ciphers(INTERMEDIATE_CIPHERS)
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
     ctx.set_alpn_protocols(["http/1.1"])
+    ctx.set_ecdh_curve("prime256v1")
     ctx.load_cert_chain(str(cert.cert), str(cert.key))
     if client_ca is not None:
         # optional at the handshake; a route's mtls stage decides whether one is required
@@ -200,6 +201,7 @@ def front_context(current: Callable[[], ListenerTLS]) -> ssl.SSLContext:
     ctx.set_ciphers(INTERMEDIATE_CIPHERS)
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
     ctx.set_alpn_protocols(["http/1.1"])
+    ctx.set_ecdh_curve("prime256v1")
     cert = first.certificates[0]
     ctx.load_cert_chain(str(cert.cert), str(cert.key))
     if first.client_ca is not None:

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import json
 import ssl
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -254,3 +255,23 @@ async def test_a_new_certificate_reaches_new_handshakes_only(
     writer.write(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
     assert (await asyncio.wait_for(read_response(reader), 5)).status == 200
     writer.close()
+
+
+async def test_mozilla_intermediate_profile(edge: Gateway) -> None:
+    """sslyze's check against Mozilla's "intermediate" configuration (TLS versions, cipher
+    suites, curves, certificate); the only finding allowed is that the test CA is not one of
+    the public roots its path validation trusts."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "sslyze",
+        "--mozilla_config=intermediate",
+        f"localhost:{port_of(edge, 'https')}{{127.0.0.1}}",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 120)
+    report = out.decode().split("COMPLIANCE AGAINST TLS CONFIGURATION")[-1]
+    issues = [line.strip()[2:].split(":")[0] for line in report.splitlines() if "* " in line]
+    assert "Checking results against Mozilla" in report, out.decode()[-2000:]
+    assert issues in ([], ["certificate_path_validation"]), report
