@@ -37,6 +37,7 @@ from gateway.config.model import (
     ShutdownConfig,
     StageSpec,
     UpstreamConfig,
+    UpstreamTLSConfig,
     WeightedUpstream,
 )
 from gateway.config.reader import Reader as _Reader
@@ -85,7 +86,6 @@ _LATER_TOP: Final = {
     "stores": "shared stores (Redis)",
     "tracing": "tracing",
 }
-_LATER_UPSTREAM: Final = {"tls": "upstream TLS"}
 _LATER_ROUTE: Final = {"tracing": "tracing"}
 
 
@@ -479,8 +479,15 @@ class _Loader:
             m = r.mapping(
                 item,
                 path,
-                {"endpoints", "balance", "timeouts", "pool", "health_check", "outlier_detection"},
-                later=_LATER_UPSTREAM,
+                {
+                    "endpoints",
+                    "balance",
+                    "timeouts",
+                    "pool",
+                    "health_check",
+                    "outlier_detection",
+                    "tls",
+                },
                 required=("endpoints",),
             )
             if m is None:
@@ -511,6 +518,12 @@ class _Loader:
                         p, "max_connections", f"{path}.pool", _positive_int, max_conns
                     )
                     idle = r.get(p, "idle_timeout", f"{path}.pool", _positive_duration, idle)
+            tls = self.upstream_tls(m.get("tls"), f"{path}.tls") if "tls" in m else None
+            schemes = {e.scheme for e in endpoints}
+            if len(schemes) > 1:
+                r.error(f"{path}.endpoints", "must all be http:// or all https://")
+            elif tls is not None and schemes == {"http"}:
+                r.error(f"{path}.tls", "applies to https:// endpoints; these are http://")
             if endpoints:
                 result.append(
                     UpstreamConfig(
@@ -523,9 +536,43 @@ class _Loader:
                         pool_idle_timeout=idle,
                         health_check=self.health_check(m.get("health_check"), path),
                         outlier_detection=self.outlier_detection(m.get("outlier_detection"), path),
+                        tls=tls,
                     )
                 )
         return tuple(result)
+
+    def upstream_tls(self, raw: object, path: str) -> UpstreamTLSConfig | None:
+        r = self.r
+        m = r.mapping({} if raw is None else raw, path, {"ca", "cert", "key", "server_name"})
+        if m is None:
+            return None
+        errors = len(r.errors)
+        ca = self.file(m["ca"], f"{path}.ca") if m.get("ca") is not None else None
+        if ca is not None:
+            try:
+                check_ca_bundle(ca)
+            except CertificateProblem as exc:
+                r.error(f"{path}.ca", str(exc))
+        cert = key = None
+        if ("cert" in m) != ("key" in m):
+            r.error(f"{path}.{'key' if 'cert' in m else 'cert'}", "cert and key go together")
+        elif "cert" in m:
+            cert = self.file(m["cert"], f"{path}.cert")
+            key = self.file(m["key"], f"{path}.key")
+            if cert is not None and key is not None:
+                try:
+                    check_certificate(cert, key)
+                except CertificateProblem as exc:
+                    r.error(f"{path}.cert", str(exc))
+        name = r.get(m, "server_name", path, _host, None)
+        if len(r.errors) > errors:
+            return None
+        return UpstreamTLSConfig(
+            ca=str(ca) if ca else None,
+            cert=str(cert) if cert else None,
+            key=str(key) if key else None,
+            server_name=name,
+        )
 
     def health_check(self, raw: object, upstream: str) -> HealthCheckConfig | None:
         r = self.r
@@ -589,23 +636,25 @@ class _Loader:
             url = r.get(m, "url", where, _str, "")
             weight = r.get(m, "weight", where, _positive_int, 1)
             parts = urlsplit(url)
-            if parts.scheme == "https":
-                r.error(f"{where}.url", "not supported yet (arrives with upstream TLS)")
-                continue
-            if parts.scheme != "http" or not parts.hostname:
-                r.error(f"{where}.url", f"must be http://host[:port], not {url!r}")
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                r.error(f"{where}.url", f"must be http(s)://host[:port], not {url!r}")
                 continue
             if parts.path not in ("", "/") or parts.query or parts.fragment:
                 r.error(f"{where}.url", "must not have a path, query or fragment")
                 continue
+            https = parts.scheme == "https"
             try:
-                port = parts.port or 80
+                port = parts.port or (443 if https else 80)
             except ValueError:
                 r.error(f"{where}.url", "has an invalid port")
                 continue
             result.append(
                 EndpointConfig(
-                    url=url, scheme="http", host=parts.hostname, port=port, weight=weight
+                    url=url,
+                    scheme="https" if https else "http",
+                    host=parts.hostname,
+                    port=port,
+                    weight=weight,
                 )
             )
         return tuple(result)

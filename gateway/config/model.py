@@ -87,7 +87,7 @@ class AccessLogConfig:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class EndpointConfig:
     url: str
-    scheme: Literal["http"]
+    scheme: Literal["http", "https"]
     host: str
     port: int
     weight: int = 1
@@ -96,6 +96,18 @@ class EndpointConfig:
     def address(self) -> str:
         """``host:port`` — the endpoint's name in metrics and the admin API."""
         return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UpstreamTLSConfig:
+    """How https endpoints are verified, and the certificate the gateway presents to them."""
+
+    #: CA bundle the endpoints' certificates are verified against (None = the system's)
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    #: the name verified and sent as SNI (None = each endpoint's host)
+    server_name: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -133,6 +145,8 @@ class UpstreamConfig:
     pool_idle_timeout: float = 60.0
     health_check: HealthCheckConfig | None = None
     outlier_detection: OutlierDetectionConfig | None = None
+    #: for https endpoints (all of an upstream's endpoints share one scheme)
+    tls: UpstreamTLSConfig | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -466,6 +466,11 @@ class GatewayMetrics:
         self.upstream_connect_duration_seconds = r.histogram(
             "gateway_upstream_connect_duration_seconds", "Upstream TCP connect.", ("upstream",)
         )
+        self.upstream_tls_handshake_duration_seconds = r.histogram(
+            "gateway_upstream_tls_handshake_duration_seconds",
+            "Upstream TLS handshake, after the TCP connect.",
+            ("upstream",),
+        )
         self.upstream_connections_total = r.counter(
             "gateway_upstream_connections_total",
             "Upstream connections taken, by whether a pooled one was reused.",

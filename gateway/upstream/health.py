@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import ssl
 from collections.abc import Callable, Sequence
 from typing import final
 
@@ -30,9 +31,11 @@ class HealthChecker:
         "_loop",
         "_on_change",
         "_request",
+        "_server_name",
         "_states",
         "_targets",
         "_task",
+        "_tls",
     )
 
     def __init__(
@@ -41,8 +44,14 @@ class HealthChecker:
         config: HealthCheckConfig,
         targets: Sequence[tuple[str, int]],
         on_change: Callable[[int, bool], None],
+        *,
+        tls: ssl.SSLContext | None = None,
+        server_name: str | None = None,
     ) -> None:
         self._loop = loop
+        #: https endpoints are checked over TLS, verified like requests are
+        self._tls = tls
+        self._server_name = server_name
         self._config = config
         self._targets = list(targets)
         self._on_change = on_change
@@ -94,13 +103,20 @@ class HealthChecker:
         writer: asyncio.StreamWriter | None = None
         try:
             async with asyncio.timeout(self._config.timeout):
-                reader, writer = await asyncio.open_connection(host, port)
+                if self._tls is None:
+                    reader, writer = await asyncio.open_connection(host, port)
+                else:
+                    reader, writer = await asyncio.open_connection(
+                        host, port, ssl=self._tls, server_hostname=self._server_name or host
+                    )
                 writer.write(self._request[index])
                 line = await reader.readline()
         except TimeoutError:
             return "timeout"
         except ConnectionRefusedError:
             return "connection refused"
+        except ssl.SSLError as exc:
+            return f"TLS failed: {exc.reason or exc}"
         except OSError as exc:
             return f"connection failed: {exc.strerror or type(exc).__name__}"
         finally:

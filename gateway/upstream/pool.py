@@ -13,6 +13,7 @@ while any connection is in use the pool looks at them every `WATCH_INTERVAL` sec
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections import deque
 from typing import Protocol, final
 
@@ -27,6 +28,7 @@ class PoolObserver(Protocol):
     """Metrics hooks, resolved to label children once per pool."""
 
     def on_connect(self, seconds: float) -> None: ...
+    def on_handshake(self, seconds: float) -> None: ...
     def on_acquire(self, reused: bool) -> None: ...
 
 
@@ -47,6 +49,8 @@ class EndpointPool:
         "observer",
         "opened",
         "port",
+        "server_name",
+        "tls",
     )
 
     def __init__(
@@ -59,8 +63,13 @@ class EndpointPool:
         idle_timeout: float,
         connect_timeout: float,
         observer: PoolObserver,
+        tls: ssl.SSLContext | None = None,
+        server_name: str | None = None,
     ) -> None:
         self._loop = loop
+        #: for an https endpoint: the client context and the name verified (and sent as SNI)
+        self.tls = tls
+        self.server_name = server_name or host
         self.host = host
         self.port = port
         self.max_connections = max_connections
@@ -148,12 +157,41 @@ class EndpointPool:
         except BaseException:
             self._slot_freed()
             raise
-        self.observer.on_connect(loop.time() - started)
+        connected = loop.time()
+        self.observer.on_connect(connected - started)
+        if self.tls is not None:
+            await self._handshake(conn, self.tls, limit - (connected - started))
+            self.observer.on_handshake(loop.time() - connected)
         self.observer.on_acquire(False)
         conn.in_use = True
         conn.reused = False
         self._busy.add(conn)
         return conn
+
+    async def _handshake(self, conn: UpstreamConnection, tls: ssl.SSLContext, limit: float) -> None:
+        """TLS over the connected socket, timed on its own (the connect timeout covers both)."""
+        transport = conn.transport
+        assert transport is not None
+        where = f"{self.host}:{self.port}"
+        try:
+            secure = await asyncio.wait_for(
+                self._loop.start_tls(transport, conn, tls, server_hostname=self.server_name),
+                max(limit, 0.001),
+            )
+        except TimeoutError:
+            conn.close()
+            raise ConnectTimeout(f"TLS handshake with {where} timed out") from None
+        except (ssl.SSLError, OSError) as exc:
+            conn.close()
+            reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc
+            raise ConnectFailed(f"TLS handshake with {where} failed: {reason}") from exc
+        except BaseException:
+            conn.close()
+            raise
+        if secure is None:
+            conn.close()
+            raise ConnectFailed(f"TLS handshake with {where} failed: connection closed")
+        conn.transport = secure
 
     def release(self, conn: UpstreamConnection) -> None:
         """Take a connection back after one exchange; closes it unless it is reusable."""

@@ -29,21 +29,32 @@ from gateway.observability.metrics import (
 from gateway.upstream.balancer import LeastRequest, RoundRobin
 from gateway.upstream.health import HealthChecker
 from gateway.upstream.pool import EndpointPool
+from gateway.upstream.tls import client_context
 
 log = logging.getLogger("gateway.upstream")
 
 
 @final
 class _PoolMetrics:
-    __slots__ = ("_connect", "_fresh", "_reused")
+    __slots__ = ("_connect", "_fresh", "_handshake", "_reused")
 
-    def __init__(self, connect: HistogramChild, reused: CounterChild, fresh: CounterChild) -> None:
+    def __init__(
+        self,
+        connect: HistogramChild,
+        handshake: HistogramChild,
+        reused: CounterChild,
+        fresh: CounterChild,
+    ) -> None:
         self._connect = connect
+        self._handshake = handshake
         self._reused = reused
         self._fresh = fresh
 
     def on_connect(self, seconds: float) -> None:
         self._connect.observe(seconds)
+
+    def on_handshake(self, seconds: float) -> None:
+        self._handshake.observe(seconds)
 
     def on_acquire(self, reused: bool) -> None:
         (self._reused if reused else self._fresh).inc()
@@ -115,10 +126,13 @@ class Upstream:
         self.response_header_timeout = config.response_header_timeout
         observer = _PoolMetrics(
             metrics.upstream_connect_duration_seconds.labels(config.name),
+            metrics.upstream_tls_handshake_duration_seconds.labels(config.name),
             metrics.upstream_connections_total.labels(config.name, "true"),
             metrics.upstream_connections_total.labels(config.name, "false"),
         )
         self._loop = loop
+        tls = client_context(config.tls) if config.endpoints[0].scheme == "https" else None
+        server_name = config.tls.server_name if config.tls is not None else None
         self.endpoints = [
             Endpoint(
                 i,
@@ -133,6 +147,8 @@ class Upstream:
                     idle_timeout=config.pool_idle_timeout,
                     connect_timeout=config.connect_timeout,
                     observer=observer,
+                    tls=tls,
+                    server_name=server_name,
                 ),
             )
             for i, e in enumerate(config.endpoints)
@@ -161,7 +177,12 @@ class Upstream:
         hc = config.health_check
         self._checker = (
             HealthChecker(
-                loop, hc, [(e.host, e.port) for e in self.endpoints], self._on_health_change
+                loop,
+                hc,
+                [(e.host, e.port) for e in self.endpoints],
+                self._on_health_change,
+                tls=tls,
+                server_name=server_name,
             )
             if hc is not None
             else None

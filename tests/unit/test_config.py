@@ -122,23 +122,13 @@ def test_later_nested_keys_are_not_supported_yet() -> None:
     text = """
 listeners: [{name: http, bind: "127.0.0.1:8080"}]
 upstreams:
-  u: {endpoints: [{url: "http://127.0.0.1:1"}], tls: {}}
+  u: {endpoints: [{url: "http://127.0.0.1:1"}]}
 routes:
   - {name: r, upstream: u, tracing: {}}
 """
     errors = errors_of(text)
-    for path in (
-        "upstreams.u.tls",
-        "routes[0].tracing",
-    ):
+    for path in ("routes[0].tracing",):
         assert any(e.startswith(f"{path}: not supported yet") for e in errors), path
-
-
-def test_https_upstream_is_not_supported_yet() -> None:
-    errors = errors_of(MINIMAL.replace("http://127.0.0.1:9001", "https://127.0.0.1:9001"))
-    assert errors == [
-        "upstreams.users.endpoints[0].url: not supported yet (arrives with upstream TLS)"
-    ]
 
 
 def test_env_interpolation() -> None:

@@ -142,3 +142,59 @@ def test_client_certificate_matching(tmp_path: Path) -> None:
     assert cert.matches_subject(["CN=web,*"])
     assert not cert.matches_subject(["CN=api,*"])
     assert cert.rfc9440_value == b":" + base64.b64encode(der) + b":"
+
+
+def _upstream(tmp_path: Path, body: str) -> Path:
+    path = tmp_path / "gateway.yaml"
+    path.write_text(
+        f"""
+listeners: [{{name: http, bind: "127.0.0.1:8080"}}]
+upstreams:
+  u: {body}
+"""
+    )
+    return path
+
+
+def test_upstream_tls(tmp_path: Path) -> None:
+    ca = TestCA(tmp_path)
+    ca.issue("client", dns=("gw.internal",), client=True)
+    config = load_config(
+        str(
+            _upstream(
+                tmp_path,
+                '{endpoints: [{url: "https://10.0.0.1"}], tls: {ca: test-ca.crt,'
+                " cert: client.crt, key: client.key, server_name: Users.Internal}}",
+            )
+        )
+    )
+    [upstream] = config.upstreams
+    assert upstream.endpoints[0].port == 443
+    assert upstream.tls is not None
+    assert upstream.tls.server_name == "users.internal"
+    assert upstream.tls.cert == str(tmp_path / "client.crt")
+
+
+@pytest.mark.parametrize(
+    ("body", "error"),
+    [
+        (
+            '{endpoints: [{url: "https://a"}, {url: "http://b"}]}',
+            "upstreams.u.endpoints: must all be http:// or all https://",
+        ),
+        (
+            '{endpoints: [{url: "http://a"}], tls: {}}',
+            "upstreams.u.tls: applies to https:// endpoints; these are http://",
+        ),
+        (
+            '{endpoints: [{url: "https://a"}], tls: {cert: client.crt}}',
+            "upstreams.u.tls.key: cert and key go together",
+        ),
+        (
+            '{endpoints: [{url: "ftp://a"}]}',
+            "upstreams.u.endpoints[0].url: must be http(s)://host[:port], not 'ftp://a'",
+        ),
+    ],
+)
+def test_upstream_tls_errors(tmp_path: Path, body: str, error: str) -> None:
+    assert error in _errors(_upstream(tmp_path, body))
