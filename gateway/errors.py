@@ -71,6 +71,10 @@ class InternalError(GatewayError):
     status, code, title = 500, "internal_error", "Internal Server Error"
 
 
+class Unauthenticated(GatewayError):
+    status, code, title = 401, "unauthenticated", "Unauthorized"
+
+
 class ClientCertificateRequired(GatewayError):
     status, code, title = 403, "client_certificate_required", "Forbidden"
 

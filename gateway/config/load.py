@@ -28,6 +28,7 @@ from gateway.config.model import (
     EndpointConfig,
     GatewayConfig,
     HealthCheckConfig,
+    JwtConfig,
     LimitsConfig,
     ListenerConfig,
     ListenerTLSConfig,
@@ -71,6 +72,7 @@ from gateway.config.reader import (
 from gateway.config.stages import check_pipeline, parse_entry
 from gateway.config.units import parse_duration, parse_size
 from gateway.errors import ConfigError, ConfigErrors
+from gateway.jwt import HMAC_ALGORITHMS
 from gateway.tls import CertificateProblem, check_ca_bundle, check_certificate
 
 T = TypeVar("T")
@@ -244,6 +246,7 @@ def _cidrs(value: object, path: str) -> tuple[str, ...]:
 class _Loader:
     def __init__(self, base_dir: Path) -> None:
         self.r = _Reader()
+        self.r.resolve_file = self.file
         self.base_dir = base_dir
         #: files the config references (certificates, JWKS …): part of its version
         self.referenced_files: list[Path] = []
@@ -749,6 +752,13 @@ class _Loader:
             if spec is not None:
                 result.append((f"{path}[{i}]", spec))
         check_pipeline(self.r, result)
+        jwt_kinds = {
+            "hmac" if set(s.config.algorithms) <= HMAC_ALGORITHMS else "public"
+            for _, s in result
+            if isinstance(s.config, JwtConfig)
+        }
+        if len(jwt_kinds) > 1:
+            self.r.error(path, "HMAC and public-key JWT algorithms cannot share a route")
         for where, spec in result:
             if spec.kind == "mtls" and not self.client_ca_listeners:
                 self.r.error(where, "mtls needs a listener with tls.client_ca to verify clients")

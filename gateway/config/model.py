@@ -194,6 +194,32 @@ class MtlsConfig:
     forward: Literal["rfc9440", "xfcc", "none"] = "rfc9440"
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JwtConfig:
+    issuer: str | None = None
+    audiences: tuple[str, ...] = ()
+    #: explicit, never taken from the token; all HMAC or all public-key
+    algorithms: tuple[str, ...]
+    jwks_file: str | None = None
+    jwks_url: str | None = None
+    secret: str | None = None
+    #: sha256 of the JWKS file's content, so a changed file is a changed stage
+    jwks_digest: str = ""
+    leeway: float = 30.0
+    required_claims: tuple[str, ...] = ()
+    #: claim -> header sent upstream
+    forward_claims: tuple[tuple[str, str], ...] = ()
+    #: how often a jwks_url is fetched again
+    jwks_refresh: float = 300.0
+    #: verified tokens remembered (never past their exp)
+    cache_size: int = 10_000
+
+    def __repr__(self) -> str:
+        # the secret must never reach a log line or an error message
+        shown = "***" if self.secret else None
+        return f"JwtConfig(issuer={self.issuer!r}, algorithms={self.algorithms!r}, secret={shown})"
+
+
 #: what a rate limit is keyed on: one of these, or several (a composite key)
 RateLimitKey = str  # "client_ip" | "route" | "header:<name>" | "jwt:<claim>" | "mtls:san"
 
@@ -261,7 +287,9 @@ class RetryConfig:
 
 
 #: the config of one stage kind
-StageConfig = HeadersConfig | RateLimitConfig | CircuitBreakerConfig | RetryConfig | MtlsConfig
+StageConfig = (
+    HeadersConfig | RateLimitConfig | CircuitBreakerConfig | RetryConfig | MtlsConfig | JwtConfig
+)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

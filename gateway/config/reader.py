@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any, TypeVar
 
 from gateway.config.units import parse_duration, parse_size
@@ -22,6 +23,9 @@ class Reader:
 
     def __init__(self) -> None:
         self.errors: list[ConfigError] = []
+        #: resolves a file the config references (relative to it) and records it, or reports
+        #: the error and returns None; the loader provides it
+        self.resolve_file: Callable[[object, str], Path | None] = _no_files
 
     def error(self, path: str, message: str) -> None:
         self.errors.append(ConfigError(path, message))
@@ -65,6 +69,10 @@ class Reader:
         except ConfigError as exc:
             self.errors.append(exc)
             return default
+
+
+def _no_files(raw: object, path: str) -> Path | None:
+    raise ConfigError(path, "files cannot be referenced here")
 
 
 def as_str(value: object, path: str) -> str:

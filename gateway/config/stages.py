@@ -8,6 +8,7 @@ class; kinds that later issues build are reported as not supported yet, at their
 from __future__ import annotations
 
 import difflib
+import hashlib
 import math
 import re
 from typing import Final
@@ -18,6 +19,7 @@ from gateway.config.model import (
     FallbackConfig,
     HeaderEdits,
     HeadersConfig,
+    JwtConfig,
     MtlsConfig,
     RateLimitConfig,
     RetryConfig,
@@ -34,14 +36,15 @@ from gateway.config.reader import (
     positive_int,
     status,
 )
+from gateway.config.units import parse_duration
 from gateway.errors import ConfigError
 from gateway.http.headers import REQUEST_DROP, RESPONSE_DROP
+from gateway.jwt import ALGORITHMS, HMAC_ALGORITHMS, JwksProblem, hmac_key, keys_from_jwks
 
 _LATER_KINDS: Final = {
-    "jwt": "JWT authentication",
     "idempotency": "idempotency",
 }
-KINDS: Final = frozenset({"headers", "rate_limit", "circuit_breaker", "retry", "mtls"})
+KINDS: Final = frozenset({"headers", "rate_limit", "circuit_breaker", "retry", "mtls", "jwt"})
 
 _TOKEN: Final = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _VALUE: Final = re.compile(r"^[\t\x20-\x7e]*$")
@@ -404,7 +407,114 @@ def _mtls(r: Reader, raw: object, path: str) -> StageConfig | None:
     )
 
 
+def _jwt(r: Reader, raw: object, path: str) -> StageConfig | None:
+    keys = {
+        "issuer",
+        "audiences",
+        "algorithms",
+        "jwks_file",
+        "jwks_url",
+        "secret",
+        "leeway",
+        "required_claims",
+        "forward_claims",
+        "jwks_refresh",
+        "cache_size",
+    }
+    m = r.mapping(raw, path, keys, required=("algorithms",))
+    if m is None or "algorithms" not in m:
+        return None
+    errors = len(r.errors)
+    fallback: tuple[str, ...] = ("RS256",)
+    algorithms = r.get(m, "algorithms", path, _algorithms, fallback)
+    sources = [k for k in ("jwks_file", "jwks_url", "secret") if m.get(k) is not None]
+    if len(sources) != 1:
+        r.error(path, "needs exactly one key source: jwks_file, jwks_url or secret")
+    hmac_only = set(algorithms) <= HMAC_ALGORITHMS
+    if sources == ["secret"] and not hmac_only:
+        r.error(f"{path}.algorithms", "a secret verifies HMAC algorithms (HS*) only")
+    if sources and sources[0] != "secret" and hmac_only:
+        r.error(f"{path}.algorithms", "HS* algorithms need a secret, not public keys")
+    secret = r.get(m, "secret", path, as_str, None)
+    if secret is not None:
+        try:
+            hmac_key(secret)
+        except JwksProblem as exc:
+            r.error(f"{path}.secret", str(exc))
+    digest = ""
+    jwks_file = None
+    if m.get("jwks_file") is not None:
+        found = r.resolve_file(m["jwks_file"], f"{path}.jwks_file")
+        if found is not None:
+            jwks_file = str(found)
+            content = found.read_bytes()
+            digest = hashlib.sha256(content).hexdigest()
+            try:
+                usable = [k for k in keys_from_jwks(content) if any(map(k.accepts, algorithms))]
+                if not usable:
+                    r.error(f"{path}.jwks_file", "holds no key for the configured algorithms")
+            except JwksProblem as exc:
+                r.error(f"{path}.jwks_file", str(exc))
+    url = r.get(m, "jwks_url", path, as_str, None)
+    if url is not None and not re.match(r"^https?://[^/\s]+", url):
+        r.error(f"{path}.jwks_url", "must be an http(s) URL")
+    forward: list[tuple[str, str]] = []
+    given = m.get("forward_claims")
+    if given is not None:
+        if not isinstance(given, dict):
+            r.error(f"{path}.forward_claims", "must be a mapping of claim to header name")
+        else:
+            for claim, header in given.items():
+                if _check_name(r, header, f"{path}.forward_claims.{claim}", _OWNED_REQUEST):
+                    forward.append((str(claim), str(header)))
+    d_leeway, d_refresh = 30.0, 300.0
+    config = JwtConfig(
+        issuer=r.get(m, "issuer", path, as_str, None),
+        audiences=r.get(m, "audiences", path, _str_list, ()),
+        algorithms=algorithms,
+        jwks_file=jwks_file,
+        jwks_url=url,
+        secret=secret,
+        jwks_digest=digest,
+        leeway=r.get(m, "leeway", path, _duration, d_leeway),
+        required_claims=r.get(m, "required_claims", path, _str_list, ()),
+        forward_claims=tuple(forward),
+        jwks_refresh=r.get(m, "jwks_refresh", path, positive_duration, d_refresh),
+        cache_size=r.get(m, "cache_size", path, positive_int, 10_000),
+    )
+    return None if len(r.errors) > errors else config
+
+
+def _algorithms(value: object, path: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value:
+        raise ConfigError(path, "must be a non-empty list, e.g. [ES256]")
+    result: list[str] = []
+    for i, item in enumerate(value):
+        where = f"{path}[{i}]"
+        if isinstance(item, str) and item.lower() == "none":
+            raise ConfigError(where, "'none' is never accepted: tokens must be signed")
+        if item not in ALGORITHMS:
+            raise ConfigError(
+                where, f"unknown algorithm {item!r}; use {', '.join(sorted(ALGORITHMS))}"
+            )
+        result.append(str(item))
+    if set(result) & HMAC_ALGORITHMS and set(result) - HMAC_ALGORITHMS:
+        raise ConfigError(path, "HMAC (HS*) and public-key algorithms cannot be mixed")
+    return tuple(result)
+
+
+def _str_list(value: object, path: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(path, "must be a list of strings")
+    return tuple(value)
+
+
+def _duration(value: object, path: str) -> float:
+    return parse_duration(value, path)
+
+
 _PARSERS: Final = {
+    "jwt": _jwt,
     "mtls": _mtls,
     "headers": _headers,
     "rate_limit": _rate_limit,

@@ -503,6 +503,9 @@ class GatewayMetrics:
             "Rate-limit store failures (the request fell back or was refused).",
             ("route",),
         )
+        self.jwt_total = r.counter(
+            "gateway_jwt_total", "Bearer tokens checked, by result.", ("route", "result")
+        )
         self.retries_total = r.counter(
             "gateway_retries_total", "Upstream attempts after the first.", ("route", "upstream")
         )

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from gateway.config.model import (
     CircuitBreakerConfig,
     HeadersConfig,
+    JwtConfig,
     MtlsConfig,
     RateLimitConfig,
     RetryConfig,
@@ -23,6 +24,7 @@ from gateway.observability.metrics import GatewayMetrics
 from gateway.pipeline import Stage
 from gateway.stages.circuit_breaker import CircuitBreakerStage
 from gateway.stages.headers import HeadersStage
+from gateway.stages.jwt import JwtStage
 from gateway.stages.mtls import MtlsStage
 from gateway.stages.rate_limit import RateLimitStage
 from gateway.stages.retry import RetryStage
@@ -42,6 +44,8 @@ def build_stage(spec: StageSpec, env: BuildContext) -> Stage:
     config = spec.config
     if isinstance(config, HeadersConfig):
         return HeadersStage(config)
+    if isinstance(config, JwtConfig):
+        return JwtStage(config, env.metrics.jwt_total, env.loop)
     if isinstance(config, MtlsConfig):
         return MtlsStage(config)
     if isinstance(config, RateLimitConfig):
@@ -61,6 +65,6 @@ def build_stage(spec: StageSpec, env: BuildContext) -> Stage:
 
 
 def close_stage(stage: Stage) -> None:
-    """Release what a stage that is no longer live holds (a limiter's buckets)."""
-    if isinstance(stage, RateLimitStage):
+    """Release what a stage that is no longer live holds (buckets, a JWKS refresh task)."""
+    if isinstance(stage, RateLimitStage | JwtStage):
         stage.close()

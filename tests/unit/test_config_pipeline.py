@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from gateway.config.load import parse_config
+from gateway.config.load import load_config, parse_config
 from gateway.config.model import (
     CircuitBreakerConfig,
     FallbackConfig,
@@ -63,7 +65,49 @@ routes:
     ("pipeline", "path", "message"),
     [
         ("[secur]", "routes[0].pipeline[0]", "unknown middleware 'secur' (did you mean 'secure'?)"),
-        ("[{jwt: {}}]", "routes[0].pipeline[0].jwt", "not supported yet"),
+        ("[{idempotency: {}}]", "routes[0].pipeline[0].idempotency", "not supported yet"),
+        (
+            "[{jwt: {algorithms: [none], secret: " + "s" * 32 + "}}]",
+            "routes[0].pipeline[0].jwt.algorithms[0]",
+            "'none' is never accepted",
+        ),
+        (
+            "[{jwt: {algorithms: [HS256, RS256], jwks_url: 'http://idp/jwks'}}]",
+            "routes[0].pipeline[0].jwt.algorithms",
+            "cannot be mixed",
+        ),
+        (
+            "[{jwt: {algorithms: [HS256], jwks_url: 'http://idp/jwks'}}]",
+            "routes[0].pipeline[0].jwt.algorithms",
+            "HS* algorithms need a secret",
+        ),
+        (
+            "[{jwt: {algorithms: [RS256], secret: " + "s" * 32 + "}}]",
+            "routes[0].pipeline[0].jwt.algorithms",
+            "a secret verifies HMAC algorithms (HS*) only",
+        ),
+        (
+            "[{jwt: {algorithms: [HS256], secret: short}}]",
+            "routes[0].pipeline[0].jwt.secret",
+            "at least 32 bytes",
+        ),
+        (
+            "[{jwt: {algorithms: [RS256]}}]",
+            "routes[0].pipeline[0].jwt",
+            "exactly one key source",
+        ),
+        (
+            "[{jwt: {algorithms: [RS256], jwks_url: 'http://idp/j', forward_claims: {sub: Host}}}]",
+            "routes[0].pipeline[0].jwt.forward_claims.sub",
+            "set by the gateway itself",
+        ),
+        (
+            "[{jwt: {algorithms: [HS256], secret: "
+            + "s" * 32
+            + "}}, {jwt: {algorithms: [RS256], jwks_url: 'http://idp/j'}}]",
+            "routes[0].pipeline",
+            "cannot share a route",
+        ),
         ("[{rate_limit: {rate: -1}}]", "routes[0].pipeline[0].rate_limit.rate", "must be > 0"),
         ("[{rate_limit: {per: 1s}}]", "routes[0].pipeline[0].rate_limit.rate", "is required"),
         (
@@ -269,3 +313,32 @@ upstreams:
         )
     errors = [str(e) for e in info.value.errors]
     assert any(e.startswith(f"upstreams.u.{path}: ") and message in e for e in errors), errors
+
+
+def test_jwks_file_is_read_at_load_and_secrets_stay_out_of_reprs(tmp_path: Path) -> None:
+    (tmp_path / "bad.json").write_text('{"keys": [{"kty": "oct", "k": "c2VjcmV0"}]}')
+    (tmp_path / "gateway.yaml").write_text(
+        BASE
+        + """
+routes:
+  - name: r
+    upstream: u
+    pipeline: [{jwt: {algorithms: [ES256], jwks_file: bad.json}}]
+"""
+    )
+    with pytest.raises(ConfigErrors) as info:
+        load_config(str(tmp_path / "gateway.yaml"))
+    [error] = [str(e) for e in info.value.errors]
+    assert error.startswith("routes[0].pipeline[0].jwt.jwks_file: symmetric (oct) keys")
+    secret = "correct-horse-battery-staple-0123456789"
+    config = parse_config(
+        BASE
+        + f"""
+routes:
+  - {{name: r, upstream: u, pipeline: [{{jwt: {{algorithms: [HS256], secret: {secret}}}}}]}}
+""",
+        env={},
+    )
+    spec = config.routes[0].pipeline[0]
+    assert secret not in repr(spec)
+    assert secret not in repr(config)

@@ -237,6 +237,7 @@ def test_gateway_metrics_declares_the_spec_names() -> None:
         "gateway_rate_limited": "counter",
         "gateway_rate_limit_store_errors": "counter",
         "gateway_retries": "counter",
+        "gateway_jwt": "counter",
         "gateway_retry_budget_exhausted": "counter",
         "gateway_config_reloads": "counter",
         "gateway_config_last_reload_success": "gauge",

@@ -1,0 +1,218 @@
+"""The `jwt` stage (SPEC §5.2): a bearer token, verified, or 401 `unauthenticated`.
+
+Keys come from a JWKS file (read when the stage is built; a changed file is a changed stage), a
+JWKS URL (fetched with aiohttp off the request path, refreshed every `jwks_refresh`, and at
+once — at most every `_MIN_REFETCH` seconds — when a token names a key id it does not know, which
+is how key rotation reaches us), or an HMAC `secret`.  Verified tokens are remembered in a
+bounded LRU until their `exp` (never longer), so a repeated token costs a dict lookup, not a
+signature check.  Claims go into `ctx.claims` (rate-limit keys use them) and, per
+`forward_claims`, into headers for the upstream; a client's own copies of those headers are
+always removed first, so they cannot be spoofed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections import OrderedDict
+from typing import Any, Final, final
+
+import aiohttp
+
+from gateway.config.model import JwtConfig
+from gateway.errors import Unauthenticated
+from gateway.http.messages import Response
+from gateway.jwt import (
+    JwksProblem,
+    Policy,
+    TokenRejected,
+    VerifyingKey,
+    hmac_key,
+    keys_from_jwks,
+    verify,
+)
+from gateway.observability.metrics import Counter
+from gateway.pipeline import Next, RequestContext
+
+log = logging.getLogger("gateway.jwt")
+
+#: a token without exp is remembered this long at most
+_NO_EXP_TTL: Final = 60.0
+#: unknown key ids trigger a JWKS fetch at most this often
+_MIN_REFETCH: Final = 10.0
+#: how long a request waits for a JWKS fetch it needs
+_FETCH_WAIT: Final = 2.0
+_CHALLENGE: Final = 'Bearer realm="gateway"'
+
+
+class JwksFetcher:
+    """Keys from a JWKS URL, refreshed in the background."""
+
+    def __init__(self, url: str, refresh: float, loop: asyncio.AbstractEventLoop) -> None:
+        self.url = url
+        self.refresh = refresh
+        self.keys: list[VerifyingKey] = []
+        self.last_error: str | None = None
+        self._loop = loop
+        #: when a token last made us fetch for an unknown key id (bounded, against floods of
+        #: made-up key ids)
+        self._kid_fetch_at = -_MIN_REFETCH
+        self._pending: asyncio.Task[None] | None = None
+        self._task: asyncio.Task[None] | None = loop.create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            await self.fetch()
+            await asyncio.sleep(self.refresh)
+
+    async def fetch(self) -> None:
+        try:
+            timeout = aiohttp.ClientTimeout(total=5)
+            async with (
+                aiohttp.ClientSession(timeout=timeout) as session,
+                session.get(self.url) as response,
+            ):
+                if response.status != 200:
+                    raise JwksProblem(f"status {response.status}")
+                keys = keys_from_jwks(await response.read())
+        except (aiohttp.ClientError, TimeoutError, JwksProblem) as exc:
+            # keep the keys we had: a JWKS endpoint down must not log everyone out
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            log.warning("JWKS fetch from %s failed: %s", self.url, self.last_error)
+            return
+        self.keys = keys
+        self.last_error = None
+
+    async def current(self, *, unknown_kid: bool = False) -> list[VerifyingKey]:
+        """The keys; fetched now when there are none yet, or a token named an unknown key."""
+        now = self._loop.time()
+        due = not self.keys or (unknown_kid and now - self._kid_fetch_at >= _MIN_REFETCH)
+        if due:
+            if unknown_kid:
+                self._kid_fetch_at = now
+            if self._pending is None or self._pending.done():
+                self._pending = self._loop.create_task(self.fetch())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._pending), _FETCH_WAIT)
+        return self.keys
+
+    def close(self) -> None:
+        for task in (self._task, self._pending):
+            if task is not None and not task.done():
+                task.cancel()
+
+
+@final
+class JwtStage:
+    __slots__ = (
+        "_cache",
+        "_cache_size",
+        "_counters",
+        "_fetcher",
+        "_forward",
+        "_forward_names",
+        "_keys",
+        "_policy",
+        "_total",
+    )
+
+    def __init__(self, config: JwtConfig, total: Counter, loop: asyncio.AbstractEventLoop) -> None:
+        self._policy = Policy(
+            issuer=config.issuer,
+            audiences=config.audiences,
+            algorithms=frozenset(config.algorithms),
+            leeway=config.leeway,
+            required_claims=config.required_claims,
+        )
+        self._keys: list[VerifyingKey] = []
+        self._fetcher: JwksFetcher | None = None
+        if config.secret is not None:
+            self._keys = [hmac_key(config.secret)]
+        elif config.jwks_file is not None:
+            with open(config.jwks_file, "rb") as f:
+                self._keys = keys_from_jwks(f.read())
+        elif config.jwks_url is not None:
+            self._fetcher = JwksFetcher(config.jwks_url, config.jwks_refresh, loop)
+        self._forward = [(c, h.encode("latin-1")) for c, h in config.forward_claims]
+        self._forward_names = frozenset(
+            h.lower().encode("latin-1") for _, h in config.forward_claims
+        )
+        self._cache: OrderedDict[str, tuple[dict[str, Any], float]] = OrderedDict()
+        self._cache_size = config.cache_size
+        self._total = total
+        self._counters: dict[tuple[str, str], Any] = {}
+
+    def _count(self, route: str, result: str) -> None:
+        key = (route, result)
+        child = self._counters.get(key)
+        if child is None:
+            child = self._counters[key] = self._total.labels(route, result)
+        child.inc()
+
+    async def _claims(self, token: str) -> dict[str, Any]:
+        now = time.time()
+        cached = self._cache.get(token)
+        if cached is not None:
+            if now < cached[1]:
+                self._cache.move_to_end(token)
+                return cached[0]
+            del self._cache[token]
+        fetcher = self._fetcher
+        keys = self._keys if fetcher is None else await fetcher.current()
+        try:
+            claims = verify(token, keys, self._policy, now)
+        except TokenRejected as exc:
+            if fetcher is None or exc.reason != "unknown key id":
+                raise
+            # a key we have not seen: the issuer may have rotated its keys
+            keys = await fetcher.current(unknown_kid=True)
+            claims = verify(token, keys, self._policy, now)
+        exp = claims.get("exp")
+        until = float(exp) if isinstance(exp, int | float) else now + _NO_EXP_TTL
+        self._cache[token] = (claims, min(until, now + 3600.0))
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return claims
+
+    async def __call__(self, ctx: RequestContext, call_next: Next) -> Response:
+        head = ctx.head
+        if self._forward_names:
+            drop = self._forward_names
+            head.headers = [(n, v) for n, v in head.headers if n.lower() not in drop]
+        authorization = head.get_header("authorization")
+        route = ctx.route.name
+        if authorization is None or authorization[:7].lower() != "bearer ":
+            self._count(route, "missing")
+            ctx.outcome("jwt", "missing")
+            raise Unauthenticated(
+                "a bearer token is required", headers=[("WWW-Authenticate", _CHALLENGE)]
+            )
+        try:
+            claims = await self._claims(authorization[7:].strip())
+        except TokenRejected as exc:
+            result = "expired" if exc.expired else "invalid"
+            self._count(route, result)
+            ctx.outcome("jwt", result)
+            challenge = f'{_CHALLENGE}, error="invalid_token", error_description="{exc.reason}"'
+            raise Unauthenticated(exc.reason, headers=[("WWW-Authenticate", challenge)]) from None
+        self._count(route, "ok")
+        ctx.claims = claims
+        for claim, header in self._forward:
+            value = claims.get(claim)
+            if value is None:
+                continue
+            text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+            if not text.isprintable() or not text.isascii():
+                continue  # never forward a value that could break the header block
+            extra = ctx.upstream_headers
+            if extra is None:
+                extra = ctx.upstream_headers = []
+            extra.append((header, text.encode("ascii")))
+        return await call_next(ctx)
+
+    def close(self) -> None:
+        if self._fetcher is not None:
+            self._fetcher.close()

@@ -1,0 +1,136 @@
+"""The jwt stage over real sockets: JWKS from a file and from a URL (with key rotation),
+401 answers, claims forwarded, spoofed claim headers dropped, rate limits keyed by a claim."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from tests.integration.conftest import Seen
+from tests.support.gateway import port_of, running_gateway
+from tests.support.raw import RawResponse, exchange
+from tests.support.tokens import EcKey, RsaKey, claims, jwks, token
+
+
+def _config(port: int, source: str, extra: str = "") -> str:
+    return f"""
+listeners: [{{name: http, bind: "127.0.0.1:0"}}]
+admin: {{bind: "127.0.0.1:0"}}
+access_log: {{enabled: false}}
+upstreams:
+  app: {{endpoints: [{{url: "http://127.0.0.1:{port}"}}]}}
+routes:
+  - name: api
+    match: {{path_prefix: /}}
+    upstream: app
+    pipeline:
+      - jwt:
+          issuer: https://idp.test
+          audiences: [api]
+          algorithms: [RS256, ES256]
+          {source}
+          forward_claims: {{sub: X-User-Id, scope: X-Scope}}{extra}
+"""
+
+
+async def _get(port: int, tok: str | None = None, headers: str = "") -> RawResponse:
+    auth = f"Authorization: Bearer {tok}\r\n" if tok else ""
+    return await exchange(port, f"GET /x HTTP/1.1\r\nHost: a\r\n{auth}{headers}\r\n".encode())
+
+
+def _sent(seen: Seen) -> dict[str, str]:
+    return {n.decode().lower(): v.decode() for n, v in seen.requests[-1]["headers"]}
+
+
+async def test_jwks_file_claims_forwarded_and_spoofs_dropped(
+    tmp_path: Path, upstream: tuple[TestServer, Seen]
+) -> None:
+    server, seen = upstream
+    key = RsaKey("k1")
+    (tmp_path / "jwks.json").write_bytes(jwks(key))
+    config = _config(server.port or 0, "jwks_file: jwks.json")
+    async with running_gateway(tmp_path, config) as gw:
+        port = port_of(gw)
+        spoof = "X-User-Id: root\r\nX-Scope: admin\r\n"
+        ok = await _get(port, token(key, claims(scope=["read", "write"])), spoof)
+        assert ok.status == 200
+        sent = _sent(seen)
+        assert sent["x-user-id"] == "alice"
+        assert sent["x-scope"] == '["read","write"]'
+        assert sent["authorization"].startswith("Bearer ")  # the token itself goes on
+
+        missing = await _get(port, headers=spoof)
+        assert missing.status == 401
+        assert missing.header("www-authenticate") == 'Bearer realm="gateway"'
+        assert json.loads(missing.body)["code"] == "unauthenticated"
+        expired = await _get(port, token(key, claims(exp=1)))
+        assert expired.status == 401
+        assert 'error="invalid_token"' in (expired.header("www-authenticate") or "")
+        assert "expired" in json.loads(expired.body)["detail"]
+        assert len(seen.requests) == 1
+        assert gw.admin is not None
+        text = gw.metrics_text()
+        assert 'gateway_jwt_total{route="api",result="ok"} 1' in text
+        assert 'gateway_jwt_total{route="api",result="missing"} 1' in text
+        assert 'gateway_jwt_total{route="api",result="expired"} 1' in text
+
+
+@asynccontextmanager
+async def jwks_server(document: list[bytes]) -> AsyncIterator[tuple[str, list[int]]]:
+    fetches: list[int] = []
+
+    async def handle(request: web.Request) -> web.Response:
+        fetches.append(1)
+        return web.Response(body=document[0], content_type="application/json")
+
+    app = web.Application()
+    app.router.add_get("/jwks.json", handle)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        yield f"http://127.0.0.1:{server.port}/jwks.json", fetches
+    finally:
+        await server.close()
+
+
+async def test_jwks_url_with_key_rotation(
+    tmp_path: Path, upstream: tuple[TestServer, Seen]
+) -> None:
+    server, _ = upstream
+    old, new = RsaKey("2025"), EcKey("2026")
+    document = [jwks(old)]
+    async with jwks_server(document) as (url, fetches):
+        config = _config(server.port or 0, f"jwks_url: {url}")
+        async with running_gateway(tmp_path, config) as gw:
+            port = port_of(gw)
+            assert (await _get(port, token(old, claims()))).status == 200
+            assert (await _get(port, token(old, claims()))).status == 200  # cached
+            before = len(fetches)
+            document[0] = jwks(old, new)  # the issuer publishes its next key
+            assert (await _get(port, token(new, claims()))).status == 200
+            assert len(fetches) == before + 1
+            # an unknown kid does not refetch again within the minimum interval
+            assert (await _get(port, token(new, claims(), kid="nope"))).status == 401
+            assert len(fetches) == before + 1
+
+
+async def test_rate_limit_keyed_by_a_claim(
+    tmp_path: Path, upstream: tuple[TestServer, Seen]
+) -> None:
+    server, _ = upstream
+    key = RsaKey("k1")
+    (tmp_path / "jwks.json").write_bytes(jwks(key))
+    extra = "\n      - rate_limit: {rate: 1, per: 1m, burst: 1, key: 'jwt:sub'}"
+    async with running_gateway(
+        tmp_path, _config(server.port or 0, "jwks_file: jwks.json", extra)
+    ) as gw:
+        port = port_of(gw)
+        alice, bob = token(key, claims(sub="alice")), token(key, claims(sub="bob"))
+        assert (await _get(port, alice)).status == 200
+        assert (await _get(port, alice)).status == 429
+        assert (await _get(port, bob)).status == 200
