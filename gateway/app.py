@@ -32,6 +32,7 @@ from gateway.runtime.shared import SharedState
 from gateway.runtime.snapshot import Snapshot, build_snapshot
 from gateway.stages.circuit_breaker import CircuitBreakerStage
 from gateway.tls import front_context
+from gateway.watch import FileWatcher
 
 log = logging.getLogger("gateway.app")
 
@@ -53,8 +54,13 @@ class Gateway:
         worker_index: int = 0,
         workers: int = 1,
         metrics_dir: str | None = None,
+        watch: bool = False,
     ) -> None:
-        self.config_path = str(Path(config_path).resolve())
+        #: reload when the config or a file it references changes (SPEC §6)
+        self.watch = watch
+        self.watcher: FileWatcher | None = None
+        # symlinks kept: a config mounted from a ConfigMap is a symlink that gets swapped
+        self.config_path = os.path.abspath(config_path)
         self.worker_index = worker_index
         self.workers = workers
         self.metrics_dir = metrics_dir
@@ -163,6 +169,9 @@ class Gateway:
             await self._close_servers()
             raise
         self._tasks.append(loop.create_task(self._sweep()))
+        if self.watch:
+            self.watcher = FileWatcher(self._watched_files, self._reload)
+            self._tasks.append(loop.create_task(self.watcher.run()))
         if self.metrics_dir:
             self._tasks.append(loop.create_task(self._publish_loop()))
         self._state = "warming"
@@ -192,7 +201,22 @@ class Gateway:
         if pools:
             await asyncio.gather(*(one(p) for p in pools))
 
+    def _watched_files(self) -> list[str]:
+        return [self.config_path, *self.snapshot.config.files]
+
     def _install(self, snapshot: Snapshot) -> None:
+        gauge = self.metrics.tls_certificate_not_after_seconds
+        expiries = {
+            f"{listener.name}:{Path(cert.cert).name}": cert.not_after
+            for listener in snapshot.config.listeners
+            if listener.tls is not None
+            for cert in listener.tls.certificates
+        }
+        for values in list(gauge.children):
+            if values[0] not in expiries:
+                gauge.remove(*values)
+        for name, not_after in expiries.items():
+            gauge.labels(name).set(not_after)
         self.snapshot = snapshot
         for state in self._states:
             state.snapshot = snapshot
@@ -402,7 +426,11 @@ def serve(config_path: str, *, worker_index: int = 0, workers: int = 1) -> int:
     setup_logging()
     metrics_dir = os.environ.get("GATEWAY_METRICS_DIR") if workers > 1 else None
     gateway = Gateway(
-        config_path, worker_index=worker_index, workers=workers, metrics_dir=metrics_dir
+        config_path,
+        worker_index=worker_index,
+        workers=workers,
+        metrics_dir=metrics_dir,
+        watch=True,
     )
 
     async def main() -> int:

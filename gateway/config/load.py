@@ -303,6 +303,7 @@ class _Loader:
             middlewares=tuple(middlewares.values()),
             routes=routes,
             source=source,
+            files=tuple(dict.fromkeys(str(f) for f in self.referenced_files)),
             version=digest.hexdigest()[:12],
         )
 
@@ -342,7 +343,9 @@ class _Loader:
         if not isinstance(raw, str) or not raw:
             self.r.error(path, "must be a file path")
             return None
-        resolved = (self.base_dir / raw).resolve()
+        # absolute, but symlinks kept: a Kubernetes `..data` swap must be seen as a change of
+        # this path, not of whatever it pointed to when loaded
+        resolved = Path(os.path.abspath(self.base_dir / raw))
         if not resolved.is_file():
             self.r.error(path, f"no such file: {resolved}")
             return None
@@ -860,7 +863,7 @@ def load_config(
     path: str | os.PathLike[str], env: Mapping[str, str] | None = None
 ) -> GatewayConfig:
     """Read and validate the config file at `path`."""
-    file = Path(path).resolve()
+    file = Path(os.path.abspath(path))
     try:
         text = file.read_text()
     except OSError as exc:

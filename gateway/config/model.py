@@ -343,5 +343,7 @@ class GatewayConfig:
     routes: tuple[RouteConfig, ...] = ()
     #: absolute path of the file this came from ("" when built from a string)
     source: str = ""
+    #: every file it references (certificates, keys, CAs, JWKS), absolute, symlinks kept
+    files: tuple[str, ...] = ()
     #: first 12 hex digits of the sha256 of the normalized content and referenced files
     version: str = ""

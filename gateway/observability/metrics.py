@@ -514,6 +514,12 @@ class GatewayMetrics:
             "Retries not made because the upstream's retry budget was spent.",
             ("upstream",),
         )
+        self.tls_certificate_not_after_seconds = r.gauge(
+            "gateway_tls_certificate_not_after_seconds",
+            "When each listener certificate expires (Unix time).",
+            ("name",),
+            merge="min",
+        )
         self.config_reloads_total = r.counter(
             "gateway_config_reloads_total", "Configuration reloads by result.", ("result",)
         )

@@ -239,6 +239,7 @@ def test_gateway_metrics_declares_the_spec_names() -> None:
         "gateway_retries": "counter",
         "gateway_jwt": "counter",
         "gateway_retry_budget_exhausted": "counter",
+        "gateway_tls_certificate_not_after_seconds": "gauge",
         "gateway_config_reloads": "counter",
         "gateway_config_last_reload_success": "gauge",
         "gateway_config_info": "gauge",
