@@ -31,6 +31,7 @@ from gateway.observability.metrics import GatewayMetrics, Registry, read_snapsho
 from gateway.runtime.shared import SharedState
 from gateway.runtime.snapshot import Snapshot, build_snapshot
 from gateway.stages.circuit_breaker import CircuitBreakerStage
+from gateway.stages.jwt import JwtStage
 from gateway.tls import front_context
 from gateway.watch import FileWatcher
 
@@ -198,8 +199,14 @@ class Gateway:
             pool.release(conn)
 
         pools = [e.pool for u in self.snapshot.upstreams.values() for e in u.endpoints]
-        if pools:
-            await asyncio.gather(*(one(p) for p in pools))
+        # JWKS URLs are fetched before ready, so the first tokens find their keys
+        jwks = [
+            stage.warm(_WARM_TIMEOUT)
+            for _, stage in self.snapshot.stages.values()
+            if isinstance(stage, JwtStage)
+        ]
+        if pools or jwks:
+            await asyncio.gather(*(one(p) for p in pools), *jwks)
 
     def _watched_files(self) -> list[str]:
         return [self.config_path, *self.snapshot.config.files]

@@ -213,6 +213,12 @@ class JwtStage:
             extra.append((header, text.encode("ascii")))
         return await call_next(ctx)
 
+    async def warm(self, limit: float) -> None:
+        """Wait (at most `limit` seconds) for a JWKS URL's first keys; best effort."""
+        if self._fetcher is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._fetcher.current(), limit)
+
     def close(self) -> None:
         if self._fetcher is not None:
             self._fetcher.close()

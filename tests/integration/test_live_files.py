@@ -20,6 +20,7 @@ from gateway.app import Gateway
 from tests.support.certs import Issued, TestCA
 from tests.support.process import async_wait_until
 from tests.support.raw import exchange, read_response
+from tests.support.tokens import RsaKey, claims, jwks, token
 
 
 @contextlib.asynccontextmanager
@@ -195,3 +196,61 @@ async def test_fifty_edits_under_load_fail_no_request(tmp_path: Path) -> None:
         reloads = gw.metrics.config_reloads_total.labels("success").value
         assert reloads >= 50
         assert json.loads(json.dumps(gw.last_reload))["ok"] is True
+
+
+async def test_client_ca_and_jwks_files_rotate_live(tmp_path: Path) -> None:
+    old_ca, new_ca = TestCA(tmp_path, "old"), TestCA(tmp_path, "new")
+    old_ca.issue("server", dns=("localhost",))
+    (tmp_path / "clients.crt").write_bytes(old_ca.path.read_bytes())
+    old_client = old_ca.issue("old-client", uris=("spiffe://corp/a",), client=True)
+    new_client = new_ca.issue("new-client", uris=("spiffe://corp/a",), client=True)
+    old_key, new_key = RsaKey("old"), RsaKey("new")
+    (tmp_path / "jwks.json").write_bytes(jwks(old_key))
+    path = tmp_path / "gateway.yaml"
+    path.write_text(
+        """
+listeners:
+  - name: https
+    bind: "127.0.0.1:0"
+    tls: {certificates: [{cert: server.crt, key: server.key}], client_ca: clients.crt}
+admin: {bind: "127.0.0.1:0"}
+access_log: {enabled: false}
+routes:
+  - name: secure
+    match: {path_prefix: /}
+    upstream: internal:echo
+    pipeline:
+      - mtls: {}
+      - jwt: {algorithms: [RS256], jwks_file: jwks.json}
+"""
+    )
+
+    async def status(client: Issued, key: RsaKey) -> int | str:
+        ctx = ssl.create_default_context(cafile=str(old_ca.path))
+        ctx.load_cert_chain(str(client.cert), str(client.key))
+        try:
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", gw.bound["https"][1], ssl=ctx, server_hostname="localhost"
+            )
+            tok = token(key, claims(aud=None, iss=None))
+            writer.write(
+                f"GET / HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {tok}\r\n\r\n".encode()
+            )
+            response = await asyncio.wait_for(read_response(reader), 5)
+            writer.close()
+            return response.status
+        except (ssl.SSLError, ConnectionError, asyncio.IncompleteReadError):
+            return "refused"
+
+    async with watched_gateway(path) as gw:
+        assert await status(old_client, old_key) == 200
+        assert await status(new_client, old_key) == "refused"
+        _save(tmp_path / "clients.crt", new_ca.path.read_text())
+        _save(tmp_path / "jwks.json", jwks(new_key).decode())
+        for _ in range(200):
+            if await status(new_client, new_key) == 200:
+                break
+            await asyncio.sleep(0.025)
+        assert await status(new_client, new_key) == 200
+        assert await status(old_client, new_key) == "refused"
+        assert await status(new_client, old_key) == 401
