@@ -14,6 +14,10 @@ RUN useradd --system --uid 10001 --home /app gateway
 COPY --from=build /install /usr/local
 WORKDIR /app
 COPY config ./config
+# development certificates so the embedded default config (HTTPS on 8443) starts as is; mount
+# your own config and certificates over /app/config and /app/certs for anything real
+RUN gateway certs init --out /app/certs --hosts localhost,127.0.0.1 > /dev/null \
+ && chown -R gateway /app/certs
 USER gateway
 EXPOSE 8080 8443 9901
 ENV GATEWAY_CONFIG=/app/config/gateway.yaml

@@ -36,3 +36,12 @@ def test_dockerfile_runs_as_non_root() -> None:
     assert users
     assert users[-1] not in {"root", "0"}
     assert any(line.startswith("ENTRYPOINT") and "gateway" in line for line in lines)
+
+
+def test_image_has_the_certificates_its_default_config_references() -> None:
+    dockerfile = (REPO / "Dockerfile").read_text()
+    config = (REPO / "config" / "gateway.yaml").read_text()
+    assert "../certs/server.crt" in config
+    assert "gateway certs init --out /app/certs" in dockerfile
+    # written before dropping privileges, then handed to the runtime user
+    assert dockerfile.index("certs init") < dockerfile.index("USER gateway")
