@@ -424,7 +424,7 @@ def check(config_path: str) -> tuple[str | None, list[str]]:
     return config.version, []
 
 
-def serve(config_path: str, *, worker_index: int = 0, workers: int = 1) -> int:
+def serve(config_path: str, *, worker_index: int = 0, workers: int = 1, watch: bool = True) -> int:
     """Run one gateway process until SIGTERM/SIGINT has drained it; the exit code."""
     import uvloop
 
@@ -437,7 +437,7 @@ def serve(config_path: str, *, worker_index: int = 0, workers: int = 1) -> int:
         worker_index=worker_index,
         workers=workers,
         metrics_dir=metrics_dir,
-        watch=True,
+        watch=watch,
     )
 
     async def main() -> int:

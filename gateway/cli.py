@@ -20,6 +20,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-c", "--config", default=None, help="config file")
     run.add_argument("--workers", type=int, default=1, help="worker processes (SO_REUSEPORT)")
     run.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
+    run.add_argument(
+        "--no-watch",
+        action="store_true",
+        help="do not reload on file changes (SIGHUP and POST /admin/reload still reload)",
+    )
     check = commands.add_parser("check", help="validate the config and every file it references")
     check.add_argument("-c", "--config", default=None, help="config file")
     certs = commands.add_parser("certs", help="development certificates")
@@ -56,10 +61,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.workers > 1 and args.worker_index is None:
             from gateway.supervisor import supervise
 
-            return supervise(config, args.workers)
+            return supervise(config, args.workers, watch=not args.no_watch)
         from gateway.app import serve
 
-        return serve(config, worker_index=args.worker_index or 0, workers=args.workers)
+        return serve(
+            config,
+            worker_index=args.worker_index or 0,
+            workers=args.workers,
+            watch=not args.no_watch,
+        )
     if args.command == "certs":
         from pathlib import Path
 

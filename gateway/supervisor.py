@@ -47,7 +47,9 @@ class _Signals:
         self.pending.append(signum)
 
 
-def _command(config_path: str, workers: int, index: int, prefix: list[str] | None) -> list[str]:
+def _command(
+    config_path: str, workers: int, index: int, prefix: list[str] | None, watch: bool
+) -> list[str]:
     base = prefix or [sys.executable, "-m", "gateway"]
     return [
         *base,
@@ -58,10 +60,17 @@ def _command(config_path: str, workers: int, index: int, prefix: list[str] | Non
         str(workers),
         "--worker-index",
         str(index),
+        *([] if watch else ["--no-watch"]),
     ]
 
 
-def supervise(config_path: str, workers: int, *, argv_prefix: list[str] | None = None) -> int:
+def supervise(
+    config_path: str,
+    workers: int,
+    *,
+    argv_prefix: list[str] | None = None,
+    watch: bool = True,
+) -> int:
     """Run `workers` worker processes until SIGTERM/SIGINT; the exit code."""
     from gateway.observability.logs import setup_logging
 
@@ -77,7 +86,9 @@ def supervise(config_path: str, workers: int, *, argv_prefix: list[str] | None =
         # a worker ignores SIGHUP (inherited through exec) until its loop handles reloads, so a
         # reload forwarded while it is still starting cannot kill it; it loads the newest config
         return subprocess.Popen(
-            _command(config_path, workers, index, argv_prefix), env=env, preexec_fn=_ignore_hup
+            _command(config_path, workers, index, argv_prefix, watch),
+            env=env,
+            preexec_fn=_ignore_hup,
         )
 
     pool = [_Worker(i, start(i), time.monotonic()) for i in range(workers)]

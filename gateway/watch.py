@@ -66,7 +66,7 @@ class FileWatcher:
             async for changes in watchfiles.awatch(
                 *existing,
                 debounce=self._debounce_ms,
-                step=50,
+                step=100,
                 stop_event=stop,
                 recursive=False,
                 force_polling=False,

@@ -9,6 +9,7 @@ import signal
 import ssl
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -340,3 +341,31 @@ def test_certs_init_writes_a_working_set(tmp_path: Path) -> None:
     assert client.names == ("client.gateway.dev",)
     ctx = ssl.create_default_context(cafile=str(out / "ca.crt"))
     assert ctx.cert_store_stats()["x509_ca"] == 1
+
+
+@pytest.mark.parametrize("watch", [True, False], ids=["watching", "no-watch"])
+def test_run_reloads_on_a_saved_edit_unless_told_not_to(tmp_path: Path, watch: bool) -> None:
+    http, admin = free_port(), free_port()
+    path = tmp_path / "gateway.yaml"
+    path.write_text(config_text(http, admin))
+    gateway = GatewayProcess(path, *([] if watch else ["--no-watch"]))
+    try:
+        wait_until(lambda: _ready(admin), what="readyz")
+        added = config_text(
+            http,
+            admin,
+            extra_route="\n  - {name: added, match: {path: /added}, upstream: internal:echo}",
+        )
+        temporary = tmp_path / ".gateway.yaml.tmp"
+        temporary.write_text(added)
+        os.replace(temporary, path)  # an editor's save
+        if watch:
+            wait_until(lambda: http_get(f"http://127.0.0.1:{http}/added")[0] == 200, what="reload")
+        else:
+            # nothing may happen: give a watcher every chance (several debounce periods)
+            time.sleep(1.0)
+            assert http_get(f"http://127.0.0.1:{http}/added")[0] == 404
+            gateway.signal(signal.SIGHUP)
+            wait_until(lambda: http_get(f"http://127.0.0.1:{http}/added")[0] == 200, what="reload")
+    finally:
+        gateway.stop()
