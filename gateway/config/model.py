@@ -45,11 +45,13 @@ class ListenerConfig:
     tls: ListenerTLSConfig | None = None
 
     @property
-    def socket(self) -> tuple[str, str, int, bool, bool]:
-        """What needs a restart to change: the name, the address, whether it speaks TLS and
-        whether it asks clients for certificates."""
+    def socket(self) -> tuple[str, str, int, str, bool]:
+        """What needs a restart to change: the name, the address, the TLS version floor (or
+        plain HTTP) and whether clients are asked for certificates — OpenSSL fixes the last two
+        when a connection starts, before the handshake can switch to the current certificates."""
         tls = self.tls
-        return (self.name, self.host, self.port, tls is not None, bool(tls and tls.client_ca))
+        floor = tls.min_version if tls is not None else "none"
+        return (self.name, self.host, self.port, floor, bool(tls and tls.client_ca))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

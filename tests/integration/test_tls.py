@@ -275,3 +275,21 @@ async def test_mozilla_intermediate_profile(edge: Gateway) -> None:
     issues = [line.strip()[2:].split(":")[0] for line in report.splitlines() if "* " in line]
     assert "Checking results against Mozilla" in report, out.decode()[-2000:]
     assert issues in ([], ["certificate_path_validation"]), report
+
+
+async def test_min_version_or_client_ca_changes_need_a_restart(
+    tmp_path: Path, edge: Gateway, pki: Pki, upstream: tuple[TestServer, Seen]
+) -> None:
+    server, _ = upstream
+    text = _config(pki, server.port or 0)
+    for changed in (
+        text.replace('min_version: "1.2"', 'min_version: "1.3"'),
+        text.replace(f"client_ca: {pki.ca.path}", "").replace(
+            '- mtls: {allowed_sans: ["spiffe://corp/*"], forward: rfc9440}', "- headers: {}"
+        ),
+    ):
+        write_config(tmp_path, changed)
+        result = await edge.reload()
+        assert result["ok"] is False
+        assert "restart" in result["error"]
+    # the certificates themselves apply live (test_a_new_certificate_reaches_new_handshakes_only)
