@@ -107,20 +107,7 @@ def _edits(r: Reader, raw: object, path: str, owned: frozenset[str]) -> HeaderEd
         return HeaderEdits()
     pairs: list[tuple[str, str]] = []
     names: list[str] = []
-    given = m.get("set")
-    if given is not None:
-        if not isinstance(given, dict):
-            r.error(f"{path}.set", "must be a mapping of header name to value")
-        else:
-            for name, value in given.items():
-                where = f"{path}.set.{name}"
-                if _check_name(r, name, where, owned):
-                    if isinstance(value, bool) or not isinstance(value, str | int | float):
-                        r.error(where, "must be a string")
-                    elif not _VALUE.match(str(value)):
-                        r.error(where, "must be visible ASCII, spaces and tabs (no line breaks)")
-                    else:
-                        pairs.append((str(name), str(value)))
+    pairs.extend(_header_values(r, m.get("set"), f"{path}.set", owned))
     removed = m.get("remove")
     if removed is not None:
         if not isinstance(removed, list):
@@ -265,7 +252,7 @@ def _circuit_breaker(r: Reader, raw: object, path: str) -> StageConfig | None:
             fallback = FallbackConfig(
                 status=r.get(f, "status", where, status, 503),
                 body=r.get(f, "body", where, as_str, ""),
-                headers=_fallback_headers(r, f.get("headers"), f"{where}.headers"),
+                headers=_header_values(r, f.get("headers"), f"{where}.headers", _OWNED_RESPONSE),
             )
     config = CircuitBreakerConfig(
         window=r.get(m, "window", path, positive_duration, d.window),
@@ -283,7 +270,10 @@ def _circuit_breaker(r: Reader, raw: object, path: str) -> StageConfig | None:
     return None if len(r.errors) > errors else config
 
 
-def _fallback_headers(r: Reader, raw: object, path: str) -> tuple[tuple[str, str], ...]:
+def _header_values(
+    r: Reader, raw: object, path: str, owned: frozenset[str]
+) -> tuple[tuple[str, str], ...]:
+    """A mapping of header name to value: names checked, values one safe line each."""
     if raw is None:
         return ()
     if not isinstance(raw, dict):
@@ -292,7 +282,7 @@ def _fallback_headers(r: Reader, raw: object, path: str) -> tuple[tuple[str, str
     result = []
     for name, value in raw.items():
         where = f"{path}.{name}"
-        if _check_name(r, name, where, _OWNED_RESPONSE):
+        if _check_name(r, name, where, owned):
             if isinstance(value, bool) or not isinstance(value, str | int | float):
                 r.error(where, "must be a string")
             elif not _VALUE.match(str(value)):
