@@ -466,7 +466,7 @@ def _jwt(r: Reader, raw: object, path: str) -> StageConfig | None:
         jwks_url=url,
         secret=secret,
         jwks_digest=digest,
-        leeway=r.get(m, "leeway", path, _duration, d_leeway),
+        leeway=r.get(m, "leeway", path, parse_duration, d_leeway),
         required_claims=r.get(m, "required_claims", path, _str_list, ()),
         forward_claims=tuple(forward),
         jwks_refresh=r.get(m, "jwks_refresh", path, positive_duration, d_refresh),
@@ -497,10 +497,6 @@ def _str_list(value: object, path: str) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
         raise ConfigError(path, "must be a list of strings")
     return tuple(value)
-
-
-def _duration(value: object, path: str) -> float:
-    return parse_duration(value, path)
 
 
 _PARSERS: Final = {
