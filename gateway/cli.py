@@ -83,5 +83,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {path}")
         print("for development only: anyone with ca.key can mint certificates these trust")
         return 0
-    print("gateway token: not supported yet (arrives with idempotency)", file=sys.stderr)
-    return 2
+    # token: the secret comes from the environment, never from the command line (shell history)
+    from gateway.idempotency import mint_token
+
+    secret = os.environ.get(args.secret_env, "")
+    if not secret:
+        print(f"gateway token: set the secret in ${args.secret_env}", file=sys.stderr)
+        return 2
+    print(mint_token(secret, args.client_id))
+    return 0

@@ -18,6 +18,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from gateway.idempotency import verify_token
 from gateway.tls import check_certificate
 from tests.support.certs import ensure_dev_certificates
 from tests.support.process import (
@@ -369,3 +370,23 @@ def test_run_reloads_on_a_saved_edit_unless_told_not_to(tmp_path: Path, watch: b
             wait_until(lambda: http_get(f"http://127.0.0.1:{http}/added")[0] == 200, what="reload")
     finally:
         gateway.stop()
+
+
+def test_token_command_mints_a_verifiable_token() -> None:
+    secret = "a-secret-for-this-test-only-0123456789"
+    env = dict(os.environ, IDEMPOTENCY_SECRET=secret)
+    command = [sys.executable, "-m", "gateway", "token", "--client-id", "user_7"]
+    result = subprocess.run(
+        command, capture_output=True, text=True, env=env, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    token = result.stdout.strip()
+    assert token.startswith("v1.")
+    assert verify_token(token, secret, "user_7", window=60)
+    assert secret not in result.stdout
+    env.pop("IDEMPOTENCY_SECRET")
+    missing = subprocess.run(
+        command, capture_output=True, text=True, env=env, timeout=60, check=False
+    )
+    assert missing.returncode == 2
+    assert "IDEMPOTENCY_SECRET" in missing.stderr
