@@ -8,6 +8,10 @@ spends tokens from a lease held locally — a share of the bucket reserved with 
 per batch.  Across replicas the admitted count may then exceed the limit by at most the tokens
 leased and not yet spent.  A store that cannot answer raises `StoreError`; the stage decides
 (`on_store_error`) whether that fails open or closed.
+
+Idempotency records need atomicity, not speed: `IdempotencyRecords.begin` is one
+compare-and-set (in Redis, one Lua script: read the record, create the lock if there is none),
+so two replicas can never both believe they hold the first request.
 """
 
 from __future__ import annotations
@@ -45,11 +49,63 @@ class RateLimiter(Protocol):
     def close(self) -> None: ...
 
 
+@final
+class StoredResponse:
+    """What a duplicate is answered with: the first response, as the upstream gave it."""
+
+    __slots__ = ("body", "headers", "status")
+
+    def __init__(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+
+#: `Begin.outcome` values
+NEW = "new"  # no record: the caller holds the lock and goes upstream
+IN_USE = "in_use"  # the first request is running (or its outcome is unknown): 409
+REUSED = "reused"  # the key was used for a different request: 422
+REPLAY = "replay"  # completed: answer with `Begin.response`
+
+
+@final
+class Begin:
+    __slots__ = ("outcome", "response", "retry_after")
+
+    def __init__(
+        self, outcome: str, response: StoredResponse | None = None, retry_after: float = 0.0
+    ) -> None:
+        self.outcome = outcome
+        self.response = response
+        #: for IN_USE: seconds until the lock expires at the latest
+        self.retry_after = retry_after
+
+
+class IdempotencyRecords(Protocol):
+    """Records of one idempotency stage, by scoped key."""
+
+    async def begin(self, key: str, fingerprint: str, lock_ttl: float) -> Begin:
+        """Atomically: the record's state, or a new in-flight lock held for `lock_ttl`."""
+        ...
+
+    async def complete(self, key: str, response: StoredResponse, ttl: float) -> None:
+        """The first request ended with `response`: keep it for duplicates for `ttl`."""
+        ...
+
+    async def release(self, key: str) -> None:
+        """No response was received: forget the key, so the client may try again."""
+        ...
+
+    async def close(self) -> None: ...
+
+
 class Store(Protocol):
     name: str
 
     def rate_limiter(
         self, *, namespace: str, rate: float, per: float, burst: int, max_keys: int
     ) -> RateLimiter: ...
+
+    def idempotency(self, *, namespace: str) -> IdempotencyRecords: ...
 
     async def aclose(self) -> None: ...

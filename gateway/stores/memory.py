@@ -11,12 +11,23 @@ what makes the limit exact however many clients hammer one key at once.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable
 from typing import final
 
 from gateway.core.token_bucket import Bucket, BucketPolicy
-from gateway.stores.base import RateLimiter, Verdict
+from gateway.stores.base import (
+    IN_USE,
+    NEW,
+    REPLAY,
+    REUSED,
+    Begin,
+    IdempotencyRecords,
+    RateLimiter,
+    StoredResponse,
+    Verdict,
+)
 
 
 @final
@@ -58,6 +69,80 @@ class MemoryRateLimiter:
 
 
 @final
+class _Record:
+    __slots__ = ("expires", "fingerprint", "response")
+
+    def __init__(self, fingerprint: str, expires: float) -> None:
+        self.fingerprint = fingerprint
+        #: the lock's end while in flight, the record's end once complete
+        self.expires = expires
+        #: None while the first request runs (or its outcome is unknown)
+        self.response: StoredResponse | None = None
+
+
+@final
+class MemoryIdempotencyRecords:
+    """Records in this worker's memory: lost on restart, not shared between workers.
+
+    No await inside `begin`: checking for a record and taking the lock happen in one step of
+    the event loop, so concurrent duplicates cannot both see "no record".
+    """
+
+    __slots__ = ("_clock", "_records")
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self._records: dict[str, _Record] = {}
+
+    def begin_now(self, key: str, fingerprint: str, lock_ttl: float) -> Begin:
+        now = self._clock()
+        record = self._records.get(key)
+        if record is not None and record.expires <= now:
+            del self._records[key]
+            record = None
+        if record is None:
+            self._records[key] = _Record(fingerprint, now + lock_ttl)
+            self._sweep(now)
+            return Begin(NEW)
+        if record.fingerprint != fingerprint:
+            return Begin(REUSED)
+        if record.response is None:
+            return Begin(IN_USE, retry_after=record.expires - now)
+        return Begin(REPLAY, record.response)
+
+    async def begin(self, key: str, fingerprint: str, lock_ttl: float) -> Begin:
+        return self.begin_now(key, fingerprint, lock_ttl)
+
+    async def complete(self, key: str, response: StoredResponse, ttl: float) -> None:
+        record = self._records.get(key)
+        if record is None:
+            return  # it expired meanwhile: nothing to keep the answer against
+        record.response = response
+        record.expires = self._clock() + ttl
+        # re-inserted last: the dict stays (roughly) in order of expiry for the sweep
+        del self._records[key]
+        self._records[key] = record
+
+    async def release(self, key: str) -> None:
+        record = self._records.get(key)
+        if record is not None and record.response is None:
+            del self._records[key]
+
+    def _sweep(self, now: float, budget: int = 8) -> None:
+        """Drop a few expired records from the front (oldest first): O(1) amortised."""
+        records = self._records
+        for key in list(itertools.islice(records, budget)):
+            if records[key].expires <= now:
+                del records[key]
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    async def close(self) -> None:
+        self._records.clear()
+
+
+@final
 class MemoryStore:
     __slots__ = ("_clock",)
 
@@ -71,6 +156,9 @@ class MemoryStore:
     ) -> RateLimiter:
         # each limiter has its own dict: the namespace matters only to shared stores
         return MemoryRateLimiter(BucketPolicy(rate, per, burst), max_keys, self._clock)
+
+    def idempotency(self, *, namespace: str) -> IdempotencyRecords:
+        return MemoryIdempotencyRecords(self._clock)
 
     async def aclose(self) -> None:
         return None
