@@ -71,6 +71,22 @@ class InternalError(GatewayError):
     status, code, title = 500, "internal_error", "Internal Server Error"
 
 
+class IdempotencyKeyMissing(GatewayError):
+    status, code, title = 400, "idempotency_key_missing", "Bad Request"
+
+
+class IdempotencyKeyInvalid(GatewayError):
+    status, code, title = 400, "idempotency_key_invalid", "Bad Request"
+
+
+class IdempotencyKeyInUse(GatewayError):
+    status, code, title = 409, "idempotency_key_in_use", "Conflict"
+
+
+class IdempotencyKeyReused(GatewayError):
+    status, code, title = 422, "idempotency_key_reused", "Unprocessable Content"
+
+
 class Unauthenticated(GatewayError):
     status, code, title = 401, "unauthenticated", "Unauthorized"
 

@@ -222,6 +222,31 @@ class JwtConfig:
         return f"JwtConfig(issuer={self.issuer!r}, algorithms={self.algorithms!r}, secret={shown})"
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class IdempotencyTokenConfig:
+    secret: str
+    #: a token is valid this many seconds either side of its minting time
+    window: float = 300.0
+    #: whose token it is: "jwt:<claim>", "mtls:san" or "header:<name>"
+    client_id: str
+
+    def __repr__(self) -> str:
+        # the secret must never reach a log line or an error message
+        return f"IdempotencyTokenConfig(secret=***, client_id={self.client_id!r})"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class IdempotencyConfig:
+    header: str = "Idempotency-Key"
+    methods: tuple[str, ...] = ("POST", "PATCH")
+    required: bool = True
+    ttl: float = 86400.0
+    store: str = "memory"
+    on_store_error: Literal["allow", "deny"] = "deny"
+    max_response_bytes: int = 1024 * 1024
+    token: IdempotencyTokenConfig | None = None
+
+
 #: what a rate limit is keyed on: one of these, or several (a composite key)
 RateLimitKey = str  # "client_ip" | "route" | "header:<name>" | "jwt:<claim>" | "mtls:san"
 
@@ -290,7 +315,13 @@ class RetryConfig:
 
 #: the config of one stage kind
 StageConfig = (
-    HeadersConfig | RateLimitConfig | CircuitBreakerConfig | RetryConfig | MtlsConfig | JwtConfig
+    HeadersConfig
+    | RateLimitConfig
+    | CircuitBreakerConfig
+    | RetryConfig
+    | MtlsConfig
+    | JwtConfig
+    | IdempotencyConfig
 )
 
 

@@ -19,6 +19,8 @@ from gateway.config.model import (
     FallbackConfig,
     HeaderEdits,
     HeadersConfig,
+    IdempotencyConfig,
+    IdempotencyTokenConfig,
     JwtConfig,
     MtlsConfig,
     RateLimitConfig,
@@ -36,15 +38,15 @@ from gateway.config.reader import (
     positive_int,
     status,
 )
-from gateway.config.units import parse_duration
+from gateway.config.units import parse_duration, parse_size
 from gateway.errors import ConfigError
 from gateway.http.headers import REQUEST_DROP, RESPONSE_DROP
 from gateway.jwt import ALGORITHMS, HMAC_ALGORITHMS, JwksProblem, hmac_key, keys_from_jwks
 
-_LATER_KINDS: Final = {
-    "idempotency": "idempotency",
-}
-KINDS: Final = frozenset({"headers", "rate_limit", "circuit_breaker", "retry", "mtls", "jwt"})
+_LATER_KINDS: Final[dict[str, str]] = {}
+KINDS: Final = frozenset(
+    {"headers", "rate_limit", "circuit_breaker", "retry", "mtls", "jwt", "idempotency"}
+)
 
 _TOKEN: Final = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _VALUE: Final = re.compile(r"^[\t\x20-\x7e]*$")
@@ -499,7 +501,85 @@ def _str_list(value: object, path: str) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _client_id(value: object, path: str) -> str:
+    if isinstance(value, str):
+        kind, sep, arg = value.partition(":")
+        if value == "mtls:san" or (kind == "jwt" and sep and arg):
+            return value
+        if kind == "header" and sep and _TOKEN.match(arg):
+            return f"header:{arg.lower()}"
+    raise ConfigError(path, "must be jwt:CLAIM, mtls:san or header:NAME")
+
+
+def _idempotency(r: Reader, raw: object, path: str) -> StageConfig | None:
+    keys = {
+        "header",
+        "methods",
+        "required",
+        "ttl",
+        "store",
+        "on_store_error",
+        "max_response_bytes",
+        "token",
+    }
+    m = r.mapping({} if raw is None else raw, path, keys)
+    if m is None:
+        return None
+    errors = len(r.errors)
+    d = IdempotencyConfig()
+    header = r.get(m, "header", path, as_str, d.header)
+    if not _TOKEN.match(header):
+        r.error(f"{path}.header", "must be a header name")
+    methods = d.methods
+    if m.get("methods") is not None:
+        given = m["methods"]
+        if not isinstance(given, list) or not given or not all(isinstance(x, str) for x in given):
+            r.error(f"{path}.methods", "must be a non-empty list of methods")
+        else:
+            methods = tuple(str(x).upper() for x in given)
+    store = r.get(m, "store", path, as_str, "memory")
+    if store != "memory":
+        r.error(f"{path}.store", f"unknown store {store!r}; stores: memory")
+    on_error = r.get(m, "on_store_error", path, as_str, "deny")
+    if on_error not in ("allow", "deny"):
+        r.error(f"{path}.on_store_error", "must be allow or deny")
+    token = None
+    if m.get("token") is not None:
+        where = f"{path}.token"
+        t = r.mapping(
+            m["token"], where, {"secret", "window", "client_id"}, required=("secret", "client_id")
+        )
+        if t is not None and "secret" in t and "client_id" in t:
+            secret = r.get(t, "secret", where, as_str, "")
+            if len(secret.encode()) < 32:
+                r.error(f"{where}.secret", "must be at least 32 bytes (use ${ENV})")
+            token = IdempotencyTokenConfig(
+                secret=secret,
+                window=r.get(t, "window", where, positive_duration, 300.0),
+                client_id=r.get(t, "client_id", where, _client_id, "header:x-client-id"),
+            )
+    config = IdempotencyConfig(
+        header=header,
+        methods=methods,
+        required=r.get(m, "required", path, as_bool, True),
+        ttl=r.get(m, "ttl", path, positive_duration, d.ttl),
+        store=store,
+        on_store_error="allow" if on_error == "allow" else "deny",
+        max_response_bytes=r.get(m, "max_response_bytes", path, _size, d.max_response_bytes),
+        token=token,
+    )
+    return None if len(r.errors) > errors else config
+
+
+def _size(value: object, path: str) -> int:
+    size = parse_size(value, path)
+    if size <= 0:
+        raise ConfigError(path, "must be > 0")
+    return size
+
+
 _PARSERS: Final = {
+    "idempotency": _idempotency,
     "jwt": _jwt,
     "mtls": _mtls,
     "headers": _headers,
@@ -519,4 +599,9 @@ def check_pipeline(r: Reader, specs: list[tuple[str, StageSpec]]) -> None:
                 needs = "jwt" if key.startswith("jwt:") else "mtls" if key == "mtls:san" else ""
                 if needs and needs not in before:
                     r.error(path, f"rate-limit key {key} needs a {needs} stage before it")
+        if isinstance(config, IdempotencyConfig) and config.token is not None:
+            key = config.token.client_id
+            needs = "jwt" if key.startswith("jwt:") else "mtls" if key == "mtls:san" else ""
+            if needs and needs not in before:
+                r.error(path, f"token client_id {key} needs a {needs} stage before it")
         before.add(spec.kind)

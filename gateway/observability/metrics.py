@@ -503,6 +503,11 @@ class GatewayMetrics:
             "Rate-limit store failures (the request fell back or was refused).",
             ("route",),
         )
+        self.idempotency_total = r.counter(
+            "gateway_idempotency_total",
+            "Requests with idempotency keys, by what became of them.",
+            ("route", "outcome"),
+        )
         self.jwt_total = r.counter(
             "gateway_jwt_total", "Bearer tokens checked, by result.", ("route", "result")
         )

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from gateway.config.model import (
     CircuitBreakerConfig,
     HeadersConfig,
+    IdempotencyConfig,
     JwtConfig,
     MtlsConfig,
     RateLimitConfig,
@@ -24,6 +25,7 @@ from gateway.observability.metrics import GatewayMetrics
 from gateway.pipeline import Stage
 from gateway.stages.circuit_breaker import CircuitBreakerStage
 from gateway.stages.headers import HeadersStage
+from gateway.stages.idempotency import IdempotencyStage
 from gateway.stages.jwt import JwtStage
 from gateway.stages.mtls import MtlsStage
 from gateway.stages.rate_limit import RateLimitStage
@@ -44,6 +46,10 @@ def build_stage(spec: StageSpec, env: BuildContext) -> Stage:
     config = spec.config
     if isinstance(config, HeadersConfig):
         return HeadersStage(config)
+    if isinstance(config, IdempotencyConfig):
+        return IdempotencyStage(
+            config, spec.owner, env.stores[config.store], env.metrics.idempotency_total, env.loop
+        )
     if isinstance(config, JwtConfig):
         return JwtStage(config, env.metrics.jwt_total, env.loop)
     if isinstance(config, MtlsConfig):

@@ -53,12 +53,22 @@ class RateLimiter(Protocol):
 class StoredResponse:
     """What a duplicate is answered with: the first response, as the upstream gave it."""
 
-    __slots__ = ("body", "headers", "status")
+    __slots__ = ("body", "headers", "replayable", "status")
 
-    def __init__(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+    def __init__(
+        self,
+        status: int,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+        *,
+        replayable: bool = True,
+    ) -> None:
         self.status = status
         self.headers = headers
         self.body = body
+        #: False when the body was over max_response_bytes: the request is done (never run
+        #: again for this key) but cannot be answered again
+        self.replayable = replayable
 
 
 #: `Begin.outcome` values

@@ -144,12 +144,15 @@ class MemoryIdempotencyRecords:
 
 @final
 class MemoryStore:
-    __slots__ = ("_clock",)
+    __slots__ = ("_clock", "_records")
 
     name = "memory"
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
+        #: idempotency records by namespace: they outlive a stage whose settings changed, so a
+        #: reload never lets a duplicate through
+        self._records: dict[str, MemoryIdempotencyRecords] = {}
 
     def rate_limiter(
         self, *, namespace: str, rate: float, per: float, burst: int, max_keys: int
@@ -158,7 +161,10 @@ class MemoryStore:
         return MemoryRateLimiter(BucketPolicy(rate, per, burst), max_keys, self._clock)
 
     def idempotency(self, *, namespace: str) -> IdempotencyRecords:
-        return MemoryIdempotencyRecords(self._clock)
+        records = self._records.get(namespace)
+        if records is None:
+            records = self._records[namespace] = MemoryIdempotencyRecords(self._clock)
+        return records
 
     async def aclose(self) -> None:
         return None

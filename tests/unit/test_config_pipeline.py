@@ -65,7 +65,31 @@ routes:
     ("pipeline", "path", "message"),
     [
         ("[secur]", "routes[0].pipeline[0]", "unknown middleware 'secur' (did you mean 'secure'?)"),
-        ("[{idempotency: {}}]", "routes[0].pipeline[0].idempotency", "not supported yet"),
+        (
+            "[{idempotency: {token: {secret: short, client_id: 'header:X-C'}}}]",
+            "routes[0].pipeline[0].idempotency.token.secret",
+            "at least 32 bytes",
+        ),
+        (
+            "[{idempotency: {token: {secret: " + "s" * 32 + ", client_id: cookie}}}]",
+            "routes[0].pipeline[0].idempotency.token.client_id",
+            "must be jwt:CLAIM, mtls:san or header:NAME",
+        ),
+        (
+            "[{idempotency: {token: {secret: " + "s" * 32 + ", client_id: 'jwt:sub'}}}]",
+            "routes[0].pipeline[0]",
+            "token client_id jwt:sub needs a jwt stage before it",
+        ),
+        (
+            "[{idempotency: {on_store_error: maybe}}]",
+            "routes[0].pipeline[0].idempotency.on_store_error",
+            "allow or deny",
+        ),
+        (
+            "[{idempotency: {max_response_bytes: 0}}]",
+            "routes[0].pipeline[0].idempotency.max_response_bytes",
+            "must be > 0",
+        ),
         (
             "[{jwt: {algorithms: [none], secret: " + "s" * 32 + "}}]",
             "routes[0].pipeline[0].jwt.algorithms[0]",

@@ -1,0 +1,282 @@
+"""The `idempotency` stage (SPEC §5.5): a repeated request is answered, not executed again.
+
+For the configured methods, the key header is required (400 `idempotency_key_missing`) and
+checked: a signed token bound to the client when `token:` is set, else an opaque 1-255 visible
+ASCII characters (400 `idempotency_key_invalid`).  The request's fingerprint — method, path,
+query and a digest of its body (buffered, within the route's body limit) — goes with the key
+into the store's `begin`, one atomic step:
+- first use: the lock is ours; `ctx.idempotent_key` lets a later `retry` stage repeat the
+  request; the upstream's response, whatever its status, is stored as it streams to the client
+  (`_Recorder`), and completes the record when its body ends;
+- the first request still running, or its outcome unknown: 409 `idempotency_key_in_use` with
+  `Retry-After`;
+- the same key for a different request: 422 `idempotency_key_reused`;
+- completed: the stored status, headers and body, with `Idempotent-Replayed: true`.
+With no upstream response (the gateway's own 502/503/504, a later stage's refusal) the key is
+released — except after a response timeout once the request was sent, or a client that left
+mid-request: the upstream may be acting on it, so the lock stays until it expires and a
+duplicate cannot run it twice.  A response over `max_response_bytes` completes the record
+without its body: duplicates get 409 for the whole `ttl` rather than a second execution.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import math
+from typing import Final, final
+
+from gateway.config.model import IdempotencyConfig
+from gateway.errors import (
+    GatewayError,
+    IdempotencyKeyInUse,
+    IdempotencyKeyInvalid,
+    IdempotencyKeyMissing,
+    IdempotencyKeyReused,
+    StoreUnavailable,
+)
+from gateway.http.messages import BodySink, BodyStream, Response
+from gateway.idempotency import TokenInvalid, verify_token
+from gateway.observability.metrics import Counter
+from gateway.pipeline import Next, RequestContext
+from gateway.stores.base import (
+    IN_USE,
+    REPLAY,
+    REUSED,
+    IdempotencyRecords,
+    Store,
+    StoredResponse,
+    StoreError,
+)
+
+log = logging.getLogger("gateway.idempotency")
+
+_REPLAYED: Final = (b"Idempotent-Replayed", b"true")
+#: how much longer than the route's timeout an in-flight lock lasts (the body may still stream)
+_LOCK_MARGIN: Final = 30.0
+
+
+def _opaque_key_ok(key: str) -> bool:
+    return 1 <= len(key) <= 255 and all("!" <= c <= "~" for c in key)
+
+
+@final
+class _Recorder:
+    """Streams a response body to the client and keeps a copy for the record."""
+
+    __slots__ = ("_cap", "_chunks", "_inner", "_on_end", "_sink", "_size", "length")
+
+    def __init__(
+        self, inner: BodyStream, cap: int, on_end: asyncio.Future[bytes | None] | None
+    ) -> None:
+        self._inner = inner
+        self.length = inner.length
+        self._cap = cap
+        self._chunks: list[bytes] | None = (
+            [] if inner.length is None or inner.length <= cap else None
+        )
+        self._size = 0
+        self._sink: BodySink | None = None
+        self._on_end = on_end
+
+    def pipe(self, sink: BodySink) -> asyncio.Future[None]:
+        self._sink = sink
+        done = self._inner.pipe(self)
+        future = asyncio.ensure_future(done)
+        future.add_done_callback(self._ended)
+        return future
+
+    def write(self, data: bytes) -> None:
+        assert self._sink is not None
+        self._sink.write(data)
+        chunks = self._chunks
+        if chunks is not None:
+            self._size += len(data)
+            if self._size > self._cap:
+                self._chunks = None  # too large to keep: stream on, store the head only
+            else:
+                chunks.append(data)
+
+    def _ended(self, future: asyncio.Future[None]) -> None:
+        waiter = self._on_end
+        if waiter is None or waiter.done():
+            return
+        if future.cancelled() or future.exception() is not None:
+            waiter.set_exception(ConnectionError("the response body did not arrive whole"))
+        else:
+            waiter.set_result(b"".join(self._chunks) if self._chunks is not None else None)
+
+    def pause(self) -> None:
+        self._inner.pause()
+
+    def resume(self) -> None:
+        self._inner.resume()
+
+    def abort(self) -> None:
+        self._inner.abort()
+        waiter = self._on_end
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(ConnectionError("the client went away"))
+
+
+@final
+class IdempotencyStage:
+    __slots__ = (
+        "_config",
+        "_header",
+        "_loop",
+        "_methods",
+        "_records",
+        "_total",
+    )
+
+    def __init__(
+        self,
+        config: IdempotencyConfig,
+        namespace: str,
+        store: Store,
+        total: Counter,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self._config = config
+        self._header = config.header.lower()
+        self._methods = frozenset(config.methods)
+        self._records: IdempotencyRecords = store.idempotency(namespace=namespace)
+        self._total = total
+        self._loop = loop
+
+    def _count(self, ctx: RequestContext, outcome: str) -> None:
+        ctx.outcome("idempotency", outcome)
+        self._total.labels(ctx.route.name, outcome).inc()
+
+    def _client_id(self, ctx: RequestContext, source: str) -> str:
+        kind, _, arg = source.partition(":")
+        if kind == "jwt":
+            value = (ctx.claims or {}).get(arg)
+            return "" if value is None else str(value)
+        if kind == "mtls":
+            return ",".join(ctx.peer.client_sans or ())
+        return ctx.head.get_header(arg) or ""
+
+    async def __call__(self, ctx: RequestContext, call_next: Next) -> Response:
+        head = ctx.head
+        if head.method not in self._methods:
+            return await call_next(ctx)
+        config = self._config
+        key = head.get_header(self._header)
+        if key is None:
+            if config.required:
+                self._count(ctx, "missing")
+                raise IdempotencyKeyMissing(f"this request needs an {config.header} header")
+            return await call_next(ctx)
+        client = ""
+        token = config.token
+        if token is not None:
+            client = self._client_id(ctx, token.client_id)
+            try:
+                verify_token(key, token.secret, client, window=token.window)
+            except TokenInvalid as exc:
+                self._count(ctx, "invalid")
+                raise IdempotencyKeyInvalid(exc.reason) from None
+        elif not _opaque_key_ok(key):
+            self._count(ctx, "invalid")
+            raise IdempotencyKeyInvalid("a key is 1-255 visible ASCII characters")
+        fingerprint = await self._fingerprint(ctx)
+        scoped = f"{client}\x1f{key}"
+        lock_ttl = ctx.route.timeout + _LOCK_MARGIN
+        try:
+            begin = await self._records.begin(scoped, fingerprint, lock_ttl)
+        except StoreError as exc:
+            log.warning("idempotency store failed: %s", exc)
+            if config.on_store_error == "deny":
+                self._count(ctx, "store_error")
+                raise StoreUnavailable("the idempotency store is unavailable") from None
+            self._count(ctx, "store_error")
+            return await call_next(ctx)
+        if begin.outcome == REUSED:
+            self._count(ctx, "reused")
+            raise IdempotencyKeyReused("this key was used for a different request")
+        if begin.outcome == IN_USE:
+            self._count(ctx, "in_use")
+            raise IdempotencyKeyInUse(
+                "a request with this key is still being processed",
+                headers=[("Retry-After", str(max(1, math.ceil(begin.retry_after))))],
+            )
+        if begin.outcome == REPLAY:
+            stored = begin.response
+            assert stored is not None
+            if not stored.replayable:
+                self._count(ctx, "in_use")
+                raise IdempotencyKeyInUse(
+                    "a request with this key completed; its response was too large to keep",
+                    headers=[("Retry-After", str(int(config.ttl)))],
+                )
+            self._count(ctx, "replayed")
+            return Response(stored.status, [*stored.headers, _REPLAYED], stored.body)
+        self._count(ctx, "new")
+        ctx.idempotent_key = True
+        return await self._first(ctx, call_next, scoped)
+
+    async def _fingerprint(self, ctx: RequestContext) -> str:
+        head = ctx.head
+        digest = hashlib.sha256()
+        body = ctx.body
+        if body is not None:
+            limit = ctx.route.max_body_bytes
+            await body.fill(limit if limit is not None else ctx.snapshot.limits.max_body_bytes)
+            digest.update(body.take_all())
+        text = f"{head.method}\n{head.path}\n{head.query}\n{digest.hexdigest()}"
+        return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
+
+    async def _first(self, ctx: RequestContext, call_next: Next, scoped: str) -> Response:
+        records = self._records
+        try:
+            response = await call_next(ctx)
+        except GatewayError as exc:
+            if exc.failure == "timeout":
+                # sent, unanswered: the upstream may still act on it; the lock runs out alone
+                ctx.outcome("idempotency", "unknown")
+            else:
+                await records.release(scoped)
+            raise
+        except BaseException:
+            # the client left (or a bug): whether the upstream acted is unknown; keep the lock
+            ctx.outcome("idempotency", "unknown")
+            raise
+        head = [(n, v) for n, v in response.headers]
+        stream = response.stream
+        if stream is None:
+            body = response.body
+            too_large = len(body) > self._config.max_response_bytes
+            await records.complete(
+                scoped,
+                StoredResponse(
+                    response.status, head, b"" if too_large else body, replayable=not too_large
+                ),
+                self._config.ttl,
+            )
+            return response
+        ended: asyncio.Future[bytes | None] = self._loop.create_future()
+        response.stream = _Recorder(stream, self._config.max_response_bytes, ended)
+        ended.add_done_callback(lambda f: self._stored(f, scoped, response.status, head))
+        return response
+
+    def _stored(
+        self,
+        ended: asyncio.Future[bytes | None],
+        scoped: str,
+        status: int,
+        headers: list[tuple[bytes, bytes]],
+    ) -> None:
+        if ended.cancelled() or ended.exception() is not None:
+            return  # the body broke off: outcome unknown, the lock runs out alone
+        body = ended.result()
+        stored = StoredResponse(status, headers, body or b"", replayable=body is not None)
+        task = self._loop.create_task(self._records.complete(scoped, stored, self._config.ttl))
+        task.add_done_callback(_log_failure)
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("storing an idempotent response failed: %s", task.exception())
