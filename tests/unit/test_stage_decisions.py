@@ -7,14 +7,34 @@ import asyncio
 
 import pytest
 
-from gateway.config.model import RateLimitConfig, RetryConfig
-from gateway.errors import ConnectFailed, RateLimited, StoreUnavailable, UpstreamTimeout
+from gateway.config.model import (
+    IdempotencyConfig,
+    IdempotencyTokenConfig,
+    RateLimitConfig,
+    RetryConfig,
+)
+from gateway.errors import (
+    ConnectFailed,
+    IdempotencyKeyInvalid,
+    RateLimited,
+    StoreUnavailable,
+    UpstreamTimeout,
+)
 from gateway.http.messages import RequestHead, Response
+from gateway.idempotency import mint_token
 from gateway.observability.metrics import GatewayMetrics, Registry
 from gateway.pipeline import RequestContext
+from gateway.stages.idempotency import IdempotencyStage
 from gateway.stages.rate_limit import RateLimitStage
 from gateway.stages.retry import RetryStage
-from gateway.stores.base import RateLimiter, StoreError, Verdict
+from gateway.stores.base import (
+    Begin,
+    IdempotencyRecords,
+    RateLimiter,
+    StoredResponse,
+    StoreError,
+    Verdict,
+)
 from gateway.stores.memory import MemoryStore
 from tests.support.context import make_context, make_snapshot
 
@@ -160,3 +180,74 @@ async def test_store_error_is_a_503_when_denied() -> None:
     stage = RateLimitStage(config, "limit", "route:app:0", FailingStore(), MemoryStore(), metrics)
     with pytest.raises(StoreUnavailable):
         await stage(_ctx("GET"), _ok)
+
+
+class FailingIdempotencyStore(FailingStore):
+    def idempotency(self, *, namespace: str) -> IdempotencyRecords:
+        return FailingRecords()
+
+
+class FailingRecords:
+    async def begin(self, key: str, fingerprint: str, lock_ttl: float) -> Begin:
+        raise StoreError("connection refused")
+
+    async def complete(self, key: str, response: StoredResponse, ttl: float) -> None:
+        raise StoreError("connection refused")
+
+    async def release(self, key: str) -> None:
+        raise StoreError("connection refused")
+
+    async def close(self) -> None:
+        return None
+
+
+def _keyed(method: str = "POST", **headers: str) -> RequestContext:
+    ctx = _ctx(method)
+    ctx.head.headers = [(b"Idempotency-Key", b"k-1")] + [
+        (n.encode(), v.encode()) for n, v in headers.items()
+    ]
+    return ctx
+
+
+@pytest.mark.parametrize(("on_error", "status"), [("deny", 503), ("allow", 200)])
+async def test_idempotency_store_errors(on_error: str, status: int) -> None:
+    config = IdempotencyConfig(on_store_error="deny" if on_error == "deny" else "allow")
+    metrics = GatewayMetrics(Registry())
+    stage = IdempotencyStage(
+        config,
+        "t",
+        FailingIdempotencyStore(),
+        metrics.idempotency_total,
+        asyncio.get_running_loop(),
+    )
+    ctx = _keyed()
+    if status == 503:
+        with pytest.raises(StoreUnavailable):
+            await stage(ctx, _ok)
+    else:
+        assert (await stage(ctx, _ok)).status == 200
+        assert ctx.idempotent_key is False  # not de-duplicated: never retried either
+    assert ctx.outcomes == {"idempotency": "store_error"}
+
+
+async def test_signed_keys_can_be_bound_to_a_claim_or_a_certificate() -> None:
+    secret = "s" * 32
+    metrics = GatewayMetrics(Registry())
+    loop = asyncio.get_running_loop()
+    for source, setup, client in (
+        ("jwt:sub", lambda c: setattr(c, "claims", {"sub": "alice"}), "alice"),
+        ("mtls:san", lambda c: setattr(c.peer, "client_sans", ("spiffe://x/a",)), "spiffe://x/a"),
+    ):
+        token = IdempotencyTokenConfig(secret=secret, client_id=source)
+        stage = IdempotencyStage(
+            IdempotencyConfig(token=token), source, MemoryStore(), metrics.idempotency_total, loop
+        )
+        ctx = _ctx("POST")
+        setup(ctx)
+        ctx.head.headers = [(b"Idempotency-Key", mint_token(secret, client).encode())]
+        assert (await stage(ctx, _ok)).status == 200
+        assert ctx.idempotent_key is True
+        other = _ctx("POST")
+        other.head.headers = list(ctx.head.headers)  # same token, no identity: refused
+        with pytest.raises(IdempotencyKeyInvalid):
+            await stage(other, _ok)
