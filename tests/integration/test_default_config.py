@@ -33,6 +33,14 @@ async def test_quick_tour(tmp_path: Path) -> None:
         assert statuses == [200] * 5 + [429]
         assert response.header("retry-after") is not None
         assert response.header("ratelimit-policy") == '"per-client";q=5;w=60'
+        # the idempotent payments route: one execution, then replays
+        post = b"POST /payments HTTP/1.1\r\nHost: a\r\nIdempotency-Key: pay-0001\r\n"
+        first = await exchange(port, post + b"Content-Length: 9\r\n\r\namount=10")
+        again = await exchange(port, post + b"Content-Length: 9\r\n\r\namount=10")
+        changed = await exchange(port, post + b"Content-Length: 9\r\n\r\namount=99")
+        assert (first.status, again.status, changed.status) == (200, 200, 422)
+        assert again.header("idempotent-replayed") == "true"
+        assert again.body == first.body
         # the HTTPS listener: the mtls route with the development client certificate
         ctx = ssl.create_default_context(cafile=str(certs / "ca.crt"))
         ctx.load_cert_chain(str(certs / "client.crt"), str(certs / "client.key"))
