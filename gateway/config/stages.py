@@ -188,6 +188,20 @@ def _rate_key(value: object, path: str) -> tuple[str, ...]:
     return tuple(keys)
 
 
+def _store_settings(
+    r: Reader, m: dict[str, object], path: str, on_error_default: str
+) -> tuple[str, str]:
+    """`store` and `on_store_error`, shared by the stages that keep state in a store."""
+    store = r.get(m, "store", path, as_str, "memory")
+    if store != "memory":
+        # named stores (`stores:`) arrive with Redis; until then memory is the only one
+        r.error(f"{path}.store", f"unknown store {store!r}; stores: memory")
+    on_error = r.get(m, "on_store_error", path, as_str, on_error_default)
+    if on_error not in ("allow", "deny"):
+        r.error(f"{path}.on_store_error", "must be allow or deny")
+    return store, on_error
+
+
 def _rate_limit(r: Reader, raw: object, path: str) -> StageConfig | None:
     keys = {"rate", "per", "burst", "key", "max_keys", "store", "on_store_error"}
     m = r.mapping(raw, path, keys, required=("rate",))
@@ -200,13 +214,7 @@ def _rate_limit(r: Reader, raw: object, path: str) -> StageConfig | None:
     default_key: tuple[str, ...] = ("client_ip",)
     key = r.get(m, "key", path, _rate_key, default_key)
     max_keys = r.get(m, "max_keys", path, positive_int, 100_000)
-    store = r.get(m, "store", path, as_str, "memory")
-    if store != "memory":
-        # named stores (`stores:`) arrive with Redis; until then memory is the only one
-        r.error(f"{path}.store", f"unknown store {store!r}; stores: memory")
-    on_error = r.get(m, "on_store_error", path, as_str, "allow")
-    if on_error not in ("allow", "deny"):
-        r.error(f"{path}.on_store_error", "must be allow or deny")
+    store, on_error = _store_settings(r, m, path, "allow")
     if len(r.errors) > errors:
         return None
     return RateLimitConfig(
@@ -537,12 +545,7 @@ def _idempotency(r: Reader, raw: object, path: str) -> StageConfig | None:
             r.error(f"{path}.methods", "must be a non-empty list of methods")
         else:
             methods = tuple(str(x).upper() for x in given)
-    store = r.get(m, "store", path, as_str, "memory")
-    if store != "memory":
-        r.error(f"{path}.store", f"unknown store {store!r}; stores: memory")
-    on_error = r.get(m, "on_store_error", path, as_str, "deny")
-    if on_error not in ("allow", "deny"):
-        r.error(f"{path}.on_store_error", "must be allow or deny")
+    store, on_error = _store_settings(r, m, path, "deny")
     token = None
     if m.get("token") is not None:
         where = f"{path}.token"
