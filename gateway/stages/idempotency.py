@@ -11,7 +11,8 @@ into the store's `begin`, one atomic step:
 - the first request still running, or its outcome unknown: 409 `idempotency_key_in_use` with
   `Retry-After`;
 - the same key for a different request: 422 `idempotency_key_reused`;
-- completed: the stored status, headers and body, with `Idempotent-Replayed: true`.
+- completed: the stored status, headers and body, with `Idempotent-Replayed: true` (409 while
+  the first response's body is still streaming).
 With no upstream response (the gateway's own 502/503/504, a later stage's refusal) the key is
 released — except after a response timeout once the request was sent, or a client that left
 mid-request: the upstream may be acting on it, so the lock stays until it expires and a
@@ -206,10 +207,17 @@ class IdempotencyStage:
         if begin.outcome == REPLAY:
             stored = begin.response
             assert stored is not None
+            if stored.pending:
+                self._count(ctx, "in_use")
+                raise IdempotencyKeyInUse(
+                    "the response to a request with this key is still being sent",
+                    headers=[("Retry-After", "1")],
+                )
             if not stored.replayable:
                 self._count(ctx, "in_use")
                 raise IdempotencyKeyInUse(
-                    "a request with this key completed; its response was too large to keep",
+                    "a request with this key completed; its response was too large to keep"
+                    " or was cut off",
                     headers=[("Retry-After", str(int(config.ttl)))],
                 )
             self._count(ctx, "replayed")
@@ -257,6 +265,11 @@ class IdempotencyStage:
                 self._config.ttl,
             )
             return response
+        # the upstream has answered: from now on the request must never run again, however long
+        # its body takes to stream (the in-flight lock would expire with the route's timeout)
+        await records.complete(
+            scoped, StoredResponse(response.status, head, b"", pending=True), self._config.ttl
+        )
         ended: asyncio.Future[bytes | None] = self._loop.create_future()
         response.stream = _Recorder(stream, self._config.max_response_bytes, ended)
         ended.add_done_callback(lambda f: self._stored(f, scoped, response.status, head))
@@ -270,9 +283,11 @@ class IdempotencyStage:
         headers: list[tuple[bytes, bytes]],
     ) -> None:
         if ended.cancelled() or ended.exception() is not None:
-            return  # the body broke off: outcome unknown, the lock runs out alone
-        body = ended.result()
-        stored = StoredResponse(status, headers, body or b"", replayable=body is not None)
+            # the body broke off: the request ran, but its answer cannot be given again
+            stored = StoredResponse(status, headers, b"", replayable=False)
+        else:
+            body = ended.result()
+            stored = StoredResponse(status, headers, body or b"", replayable=body is not None)
         task = self._loop.create_task(self._records.complete(scoped, stored, self._config.ttl))
         task.add_done_callback(_log_failure)
 

@@ -53,7 +53,7 @@ class RateLimiter(Protocol):
 class StoredResponse:
     """What a duplicate is answered with: the first response, as the upstream gave it."""
 
-    __slots__ = ("body", "headers", "replayable", "status")
+    __slots__ = ("body", "headers", "pending", "replayable", "status")
 
     def __init__(
         self,
@@ -62,10 +62,14 @@ class StoredResponse:
         body: bytes,
         *,
         replayable: bool = True,
+        pending: bool = False,
     ) -> None:
         self.status = status
         self.headers = headers
         self.body = body
+        #: the upstream answered and its body is still streaming to the first client: the
+        #: request ran, so repeats must wait (409), even past the in-flight lock's lifetime
+        self.pending = pending
         #: False when the body was over max_response_bytes: the request is done (never run
         #: again for this key) but cannot be answered again
         self.replayable = replayable

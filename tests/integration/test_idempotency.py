@@ -10,7 +10,7 @@ from pathlib import Path
 from gateway.idempotency import mint_token
 from tests.support.faulty import faulty_upstreams
 from tests.support.gateway import port_of, running_gateway
-from tests.support.raw import RawResponse, exchange
+from tests.support.raw import RawResponse, close_writer, exchange, open_raw
 
 SECRET = "idempotency-secret-for-tests-0123456789"
 
@@ -200,3 +200,33 @@ async def test_records_do_not_survive_a_restart_with_the_memory_store(tmp_path: 
                 assert (await _post(port_of(gw), "k")).status == 200
         # documented: the memory store is per process; a restarted gateway runs it again
         assert up.requests["POST"] == 2
+
+
+async def test_a_repeat_while_the_first_body_streams_waits(tmp_path: Path) -> None:
+    async with (
+        faulty_upstreams("up") as [up],
+        running_gateway(tmp_path, _config([up.url])) as gw,
+    ):
+        port = port_of(gw)
+        up.mode = "drip:0.5"
+        reader, writer = await open_raw(port)
+        writer.write(
+            b"POST /pay HTTP/1.1\r\nHost: a\r\nIdempotency-Key: d\r\nContent-Length: 1\r\n\r\nx"
+        )
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200")
+        during = await _post(port, "d", body=b"x")
+        assert (during.status, _code(during)) == (409, "idempotency_key_in_use")
+        assert "still being sent" in json.loads(during.body)["detail"]
+        rest = await asyncio.wait_for(reader.readuntil(b"0\r\n\r\n"), 5)
+        assert b"second half" in rest
+        await close_writer(writer)
+        # the record is completed just after the body's end reaches the client
+        for _ in range(100):
+            after = await _post(port, "d", body=b"x")
+            if after.status != 409:
+                break
+            await asyncio.sleep(0.02)
+        assert after.header("idempotent-replayed") == "true"
+        assert after.body == b"first half;second half"
+        assert up.requests["POST"] == 1

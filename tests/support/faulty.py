@@ -5,7 +5,8 @@
 - "status:N": an empty response with status N;
 - "hang": never answers (until the server closes);
 - "reset": closes the connection without answering;
-- "slow:S": answers 200 after S seconds.
+- "slow:S": answers 200 after S seconds;
+- "drip:S": sends the head and half the body (chunked) at once, the rest S seconds later.
 `/healthz` answers by `health` ("ok", "fail" → 503, or "hang") independently.  Every request is
 counted, by method, so tests can prove how many reached the upstream.
 """
@@ -73,6 +74,14 @@ class FaultyUpstream:
                 return web.Response()
             if mode.startswith("status:"):
                 return web.Response(status=int(mode.split(":")[1]), text=self.name)
+            if mode.startswith("drip:"):
+                drip = web.StreamResponse(headers={"X-Endpoint": self.name})
+                await drip.prepare(request)
+                await drip.write(b"first half;")
+                await asyncio.sleep(float(mode.split(":")[1]))
+                await drip.write(b"second half")
+                await drip.write_eof()
+                return drip
             if mode.startswith("slow:"):
                 await asyncio.sleep(float(mode.split(":")[1]))
             return web.Response(body=body or self.name.encode(), headers={"X-Endpoint": self.name})
