@@ -1,8 +1,9 @@
-"""Active health of one endpoint: thresholds of consecutive check results, nothing else.
+"""Active health of one endpoint: the thresholds over consecutive check results, nothing else.
 
-An endpoint starts healthy — a start or a reload must not turn traffic away before the first
-check, which runs at once.  `unhealthy` failures in a row make it unhealthy; `healthy` passes in
-a row make it healthy again; a result of the other kind restarts the streak.
+Invariants: an endpoint starts healthy (a start or a reload must not turn traffic away before the
+first check, which runs at once); `unhealthy` failures in a row make a healthy endpoint unhealthy,
+`healthy` passes in a row make an unhealthy one healthy again; a result that agrees with the
+current state restarts the streak.  Pure: no I/O, no clock.
 """
 
 from __future__ import annotations
@@ -14,23 +15,24 @@ from gateway.config.model import HealthCheckConfig
 
 @final
 class HealthState:
-    __slots__ = ("_config", "_streak", "healthy")
+    __slots__ = ("_to_healthy", "_to_unhealthy", "healthy", "streak")
 
     def __init__(self, config: HealthCheckConfig) -> None:
-        self._config = config
+        # a threshold below one would flip on nothing; treat it as one
+        self._to_healthy = max(1, config.healthy)
+        self._to_unhealthy = max(1, config.unhealthy)
         self.healthy = True
-        #: consecutive results that disagree with the current state
-        self._streak = 0
+        #: consecutive results that disagree with `healthy`
+        self.streak = 0
 
     def record(self, passed: bool) -> bool:
-        """Count one check result; True when it changed the state."""
+        """Count one check result; True when it flipped `healthy`."""
         if passed == self.healthy:
-            self._streak = 0
+            self.streak = 0
             return False
-        self._streak += 1
-        needed = self._config.healthy if passed else self._config.unhealthy
-        if self._streak < needed:
+        self.streak += 1
+        if self.streak < (self._to_healthy if passed else self._to_unhealthy):
             return False
         self.healthy = passed
-        self._streak = 0
+        self.streak = 0
         return True
