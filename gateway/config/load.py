@@ -15,25 +15,28 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Final, TypeVar
+from typing import Final, Literal, TypeVar
 from urllib.parse import urlsplit
 
 import yaml
 
 from gateway.config.model import (
     INTERNAL_ECHO,
+    PATH_ESCAPES,
     AccessLogConfig,
     AdminConfig,
     CertificateConfig,
     EndpointConfig,
     GatewayConfig,
     HealthCheckConfig,
+    HttpRulesConfig,
     JwtConfig,
     LimitsConfig,
     ListenerConfig,
     ListenerTLSConfig,
     MatchConfig,
     OutlierDetectionConfig,
+    PathEscape,
     RouteConfig,
     ShutdownConfig,
     StageSpec,
@@ -184,10 +187,11 @@ def _host(value: object, path: str) -> str:
         text = text.split(":")[0]
     candidate = text[2:] if text.startswith("*.") else text
     try:
-        ipaddress.ip_address(candidate)
+        address = ipaddress.ip_address(candidate)
         if text.startswith("*."):
             raise ConfigError(path, "a wildcard cannot apply to an IP address")
-        return text
+        # the compressed form, as gateway.http.host spells a request's IPv6 host
+        return address.compressed
     except ValueError:
         pass
     if not _HOSTNAME.match(candidate) or "*" in candidate:
@@ -231,6 +235,30 @@ def _headers(value: object, path: str) -> tuple[tuple[str, str], ...]:
     return tuple(result)
 
 
+def _underscore_action(value: object, path: str) -> Literal["drop", "reject", "allow"]:
+    if value == "drop" or value == "reject" or value == "allow":
+        return value
+    raise ConfigError(path, "must be drop, reject or allow")
+
+
+def _semicolon_action(value: object, path: str) -> Literal["reject", "allow"]:
+    if value == "reject" or value == "allow":
+        return value
+    raise ConfigError(path, "must be reject or allow")
+
+
+def _path_escapes(value: object, path: str) -> tuple[PathEscape, ...]:
+    if not isinstance(value, list):
+        raise ConfigError(path, f"must be a list of {', '.join(PATH_ESCAPES)}")
+    result: list[PathEscape] = []
+    for i, item in enumerate(value):
+        escape = next((e for e in PATH_ESCAPES if e == item), None)
+        if escape is None:
+            raise ConfigError(f"{path}[{i}]", f"must be one of {', '.join(PATH_ESCAPES)}")
+        result.append(escape)
+    return tuple(result)
+
+
 def _cidrs(value: object, path: str) -> tuple[str, ...]:
     if not isinstance(value, list):
         raise ConfigError(path, "must be a list of CIDRs")
@@ -263,6 +291,7 @@ class _Loader:
                 "listeners",
                 "admin",
                 "limits",
+                "http",
                 "trusted_proxies",
                 "shutdown",
                 "access_log",
@@ -277,6 +306,7 @@ class _Loader:
         listeners = self.listeners(top.get("listeners"))
         admin = self.admin(top.get("admin"))
         limits = self.limits(top.get("limits"))
+        http = self.http_rules(top.get("http"), "http", HttpRulesConfig())
         trusted: tuple[str, ...] = r.get(top, "trusted_proxies", "", _cidrs, ())
         shutdown = self.shutdown(top.get("shutdown"))
         access_log = self.access_log(top.get("access_log"))
@@ -286,7 +316,7 @@ class _Loader:
         declared = top.get("upstreams")
         names = {str(k) for k in declared} if isinstance(declared, dict) else set()
         middlewares = self.middlewares(top.get("middlewares"))
-        routes = self.routes(top.get("routes"), names, middlewares)
+        routes = self.routes(top.get("routes"), names, middlewares, http)
         if r.errors:
             raise ConfigErrors(r.errors)
         digest = hashlib.sha256(normalized.encode())
@@ -296,6 +326,7 @@ class _Loader:
             listeners=listeners,
             admin=admin,
             limits=limits,
+            http=http,
             trusted_proxies=trusted,
             shutdown=shutdown,
             access_log=access_log,
@@ -666,7 +697,11 @@ class _Loader:
         return tuple(result)
 
     def routes(
-        self, raw: object, upstreams: set[str], middlewares: dict[str, StageSpec]
+        self,
+        raw: object,
+        upstreams: set[str],
+        middlewares: dict[str, StageSpec],
+        http: HttpRulesConfig,
     ) -> tuple[RouteConfig, ...]:
         r = self.r
         if raw is None:
@@ -687,6 +722,7 @@ class _Loader:
                 "timeout",
                 "max_body_bytes",
                 "websocket",
+                "http",
                 "pipeline",
             }
             m = r.mapping(item, path, keys, later=_LATER_ROUTE, required=("name", "upstream"))
@@ -702,6 +738,7 @@ class _Loader:
             timeout = r.get(m, "timeout", path, _positive_duration, 30.0)
             max_body = r.get(m, "max_body_bytes", path, parse_size, None)
             websocket = r.get(m, "websocket", path, _bool, False)
+            rules = self.http_rules(m.get("http"), f"{path}.http", http)
             pipeline = self.pipeline(m.get("pipeline"), f"{path}.pipeline", name, middlewares)
             if name and targets:
                 result.append(
@@ -714,6 +751,7 @@ class _Loader:
                         timeout=timeout,
                         max_body_bytes=max_body,
                         websocket=websocket,
+                        http=rules,
                         pipeline=pipeline,
                     )
                 )
@@ -771,7 +809,15 @@ class _Loader:
         r = self.r
         if raw is None:
             return MatchConfig()
-        keys = {"host", "path", "path_prefix", "path_regex", "methods", "headers"}
+        keys = {
+            "host",
+            "path",
+            "path_prefix",
+            "path_regex",
+            "methods",
+            "headers",
+            "case_insensitive",
+        }
         m = r.mapping(raw, path, keys)
         if m is None:
             return MatchConfig()
@@ -789,6 +835,26 @@ class _Loader:
             path_regex=r.get(m, "path_regex", path, _regex, None),
             methods=r.get(m, "methods", path, _methods, None),
             headers=r.get(m, "headers", path, _headers, ()),
+            case_insensitive=r.get(m, "case_insensitive", path, _bool, False),
+        )
+
+    def http_rules(self, raw: object, path: str, base: HttpRulesConfig) -> HttpRulesConfig:
+        """The `http:` rules at `path`; keys not given keep `base`'s values."""
+        r = self.r
+        if raw is None:
+            return base
+        keys = {"underscores_in_headers", "path_semicolons", "path_escapes"}
+        m = r.mapping(raw, path, keys)
+        if m is None:
+            return base
+        return HttpRulesConfig(
+            underscores_in_headers=r.get(
+                m, "underscores_in_headers", path, _underscore_action, base.underscores_in_headers
+            ),
+            path_semicolons=r.get(
+                m, "path_semicolons", path, _semicolon_action, base.path_semicolons
+            ),
+            path_escapes=r.get(m, "path_escapes", path, _path_escapes, base.path_escapes),
         )
 
     def targets(self, raw: object, path: str, known: set[str]) -> tuple[WeightedUpstream, ...]:

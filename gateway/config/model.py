@@ -72,6 +72,24 @@ class LimitsConfig:
     max_connections: int = 10_000
 
 
+UnderscoreAction = Literal["drop", "reject", "allow"]
+PathEscape = Literal["percent", "semicolon", "question_mark", "hash"]
+PATH_ESCAPES: tuple[PathEscape, ...] = ("percent", "semicolon", "question_mark", "hash")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HttpRulesConfig:
+    """How request heads that upstreams may read differently are treated (README, "Request
+    rules"); top-level `http:`, and a route's `http:` overrides it key by key."""
+
+    #: request header names containing "_" (CGI/WSGI upstreams read X_User_Id as X-User-Id)
+    underscores_in_headers: UnderscoreAction = "drop"
+    #: ";" in the path (Tomcat and Spring strip ";params", so "/..;/admin" is "/../admin")
+    path_semicolons: Literal["reject", "allow"] = "reject"
+    #: which of the ambiguous escapes %25, %3B, %3F, %23 the path may contain
+    path_escapes: tuple[PathEscape, ...] = ()
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ShutdownConfig:
     drain_delay: float = 5.0
@@ -162,6 +180,8 @@ class MatchConfig:
     methods: tuple[str, ...] | None = None
     #: lower-case header name -> exact value; all must match
     headers: tuple[tuple[str, str], ...] = ()
+    #: path, prefix and regex compared ignoring ASCII case (for upstreams that do the same)
+    case_insensitive: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -357,6 +377,8 @@ class RouteConfig:
     #: None = the listener-wide `limits.max_body_bytes`
     max_body_bytes: int | None = None
     websocket: bool = False
+    #: the top-level `http:` rules with this route's overrides applied
+    http: HttpRulesConfig = field(default_factory=HttpRulesConfig)
     #: in order; request side runs first to last, response side last to first
     pipeline: tuple[StageSpec, ...] = ()
 
@@ -366,6 +388,7 @@ class GatewayConfig:
     listeners: tuple[ListenerConfig, ...]
     admin: AdminConfig = field(default_factory=AdminConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    http: HttpRulesConfig = field(default_factory=HttpRulesConfig)
     #: CIDR strings, validated by the loader
     trusted_proxies: tuple[str, ...] = ()
     shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)

@@ -1,16 +1,25 @@
 """The request head as it goes upstream (SPEC §3).
 
-Client headers are forwarded byte for byte, less hop-by-hop headers, the headers the client's
-Connection header names (except Host and Content-Length, which stay the gateway's), client
-certificate headers, and the headers the gateway sets itself — X-Forwarded-For/-Proto/-Host and
-X-Request-Id — which are then added from what the gateway knows, so naming them in Connection
-can neither remove nor spoof them.  The body is re-framed: Content-Length when the whole body is
-known, else chunked; trailers never pass.
+Client headers are forwarded byte for byte, less hop-by-hop headers and every "Proxy-*", the
+headers the client's Connection header names (except Host and Content-Length, which stay the
+gateway's), client certificate headers, names containing "_" (unless the route allows them: a
+CGI/WSGI upstream reads X_User_Id as X-User-Id), the client-address and URL/method-override
+headers of `CLIENT_CLAIMS` from a peer not in `trusted_proxies`, and the headers the gateway
+sets itself — X-Forwarded-For/-Proto/-Host, X-Request-Id, Forwarded (only when the client sent
+one: from a trusted peer our hop is appended, from anyone else it is replaced) — which are then
+added from what the gateway knows, so naming them in Connection can neither remove nor spoof
+them.  Host is the normalized one (gateway.http.host).  The body is re-framed: Content-Length
+when the whole body is known, else chunked; trailers never pass.
 """
 
 from __future__ import annotations
 
-from gateway.http.headers import CONNECTION_PROTECTED, REQUEST_DROP
+from gateway.http.headers import (
+    CONNECTION_PROTECTED,
+    REQUEST_DROP,
+    REQUEST_DROP_UNTRUSTED,
+    is_proxy_header,
+)
 from gateway.http.messages import RequestHead
 
 
@@ -47,15 +56,22 @@ def build_request_head(
     upgrade: bool = False,
     default_host: bytes = b"",
     extra: list[tuple[bytes, bytes]] | None = None,
+    forward_underscores: bool = False,
 ) -> bytes:
     # bytes %-formatting with %b/%d compiles to one sized copy: cheaper than joining a list
     named = head.connection_tokens
     if named:
         named = named - CONNECTION_PROTECTED
+    drop = REQUEST_DROP if trusted_peer else REQUEST_DROP_UNTRUSTED
     lines: list[bytes] = []
     for name, value in head.headers:
         low = name.lower()
-        if low in REQUEST_DROP or (named and low in named):
+        if (
+            low in drop
+            or (named and low in named)
+            or (b"_" in low and not forward_underscores)
+            or is_proxy_header(low)
+        ):
             continue
         lines.append(b"%b: %b\r\n" % (name, value))
     if extra:
@@ -75,6 +91,9 @@ def build_request_head(
         forwarded_for = b"%b, %b" % (previous, client)
     else:
         forwarded_for = client
+    forwarded = head.forwarded
+    if forwarded is not None:
+        hosts += _forwarded(forwarded if trusted_peer else None, client, head.host, scheme)
     if upgrade and head.upgrade is not None:
         hosts += b"Connection: Upgrade\r\nUpgrade: %b\r\n" % head.upgrade
     if content_length is not None:
@@ -88,3 +107,15 @@ def build_request_head(
         b"X-Request-Id: %b\r\n%b\r\n"
         % (head.raw_method, target, block, hosts, forwarded_for, scheme, request_id, framing)
     )
+
+
+def _forwarded(previous: bytes | None, client: bytes, host: bytes | None, scheme: bytes) -> bytes:
+    """The Forwarded header line (RFC 7239) with this hop appended to what a trusted peer sent."""
+    # an IPv6 address and a host with a port are not tokens: they go in a quoted-string
+    node = b'"[%b]"' % client if b":" in client else client
+    element = b"for=%b;proto=%b" % (node, scheme)
+    if host:
+        element += b';host="%b"' % host if b":" in host else b";host=%b" % host
+    if previous:
+        return b"Forwarded: %b, %b\r\n" % (previous, element)
+    return b"Forwarded: %b\r\n" % element

@@ -39,16 +39,59 @@ GATEWAY_SET_REQUEST: Final = frozenset(
 #: names the client's Connection header may not remove: framing and routing belong to the gateway
 CONNECTION_PROTECTED: Final = frozenset({b"host", b"content-length"})
 
-#: dropped from requests before they go upstream (framing is re-done, Expect is answered here)
+#: headers some framework or proxy believes about the client's address, scheme, port, host,
+#: URL or method (X-Original-URL re-routes in IIS and Symfony, X-HTTP-Method-Override turns a
+#: POST into a DELETE in Rails and Express): kept from `trusted_proxies`, dropped from anyone
+#: else, so a client cannot claim another address or reach a path or method routing refused
+CLIENT_CLAIMS: Final = frozenset(
+    {
+        b"x-real-ip",
+        b"true-client-ip",
+        b"x-client-ip",
+        b"x-cluster-client-ip",
+        b"cf-connecting-ip",
+        b"fastly-client-ip",
+        b"x-original-forwarded-for",
+        b"x-forwarded-port",
+        b"x-forwarded-prefix",
+        b"x-forwarded-server",
+        b"x-forwarded-scheme",
+        b"x-forwarded-ssl",
+        b"x-url-scheme",
+        b"front-end-https",
+        b"x-original-url",
+        b"x-original-uri",
+        b"x-rewrite-url",
+        b"x-original-host",
+        b"x-host",
+        b"x-http-method-override",
+        b"x-http-method",
+        b"x-method-override",
+    }
+)
+
+#: dropped from requests before they go upstream (framing is re-done, Expect is answered here;
+#: Forwarded is re-written like X-Forwarded-For; "Proxy" is httpoxy: CGI turns it into
+#: HTTP_PROXY, the variable HTTP clients read their proxy from)
 REQUEST_DROP: Final = (
     HOP_BY_HOP
     | CLIENT_CERT_HEADERS
     | GATEWAY_SET_REQUEST
-    | frozenset({b"content-length", b"expect", b"host"})
+    | frozenset({b"content-length", b"expect", b"host", b"forwarded", b"proxy"})
 )
+
+#: the same for a peer not in `trusted_proxies`
+REQUEST_DROP_UNTRUSTED: Final = REQUEST_DROP | CLIENT_CLAIMS
 
 #: dropped from responses before they go downstream (framing is re-done by the server protocol)
 RESPONSE_DROP: Final = HOP_BY_HOP | frozenset({b"content-length"})
+
+
+def is_proxy_header(low: bytes) -> bool:
+    """A lower-case name starting "proxy-" (SPEC §3: never forwarded), without a slice: every
+    such name sorts between "proxy-" and "proxy." ("-" is 0x2D, "." 0x2E)."""
+    return b"proxy-" <= low < b"proxy."
+
 
 _TOKEN_CHARS: Final = frozenset(
     b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"

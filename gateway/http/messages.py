@@ -13,7 +13,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Protocol, final
 
-from gateway.errors import GatewayError, PayloadTooLarge, RequestTimeout
+from gateway.errors import BadRequest, GatewayError, PayloadTooLarge, RequestTimeout
 
 #: request-body bytes buffered before the client socket stops being read
 BODY_HIGH_WATER = 256 * 1024
@@ -29,11 +29,15 @@ class RequestHead:
         "connection_tokens",
         "content_length",
         "expect_continue",
+        "forwarded",
+        "has_authorization",
         "headers",
         "host",
+        "host_name",
         "keep_alive",
         "method",
         "path",
+        "path_flags",
         "plain_target",
         "query",
         "raw_method",
@@ -54,23 +58,48 @@ class RequestHead:
         self.query = ""
         self.version = "1.1"
         self.headers: list[tuple[bytes, bytes]] = []
+        #: the Host header as received while parsing; normalized once the head is complete
+        #: (gateway.http.host): trimmed, lower case, the port kept — what goes upstream
         self.host: bytes | None = None
+        #: the normalized host name routing compares: no port, no trailing dot, IPv6 unbracketed
+        self.host_name: str | None = None
+        #: PATH_* flags of the normalized path (gateway.http.path)
+        self.path_flags = 0
+        self.has_authorization = False
+        #: Forwarded header values, joined; re-written on the way upstream
+        self.forwarded: bytes | None = None
         self.content_length: int | None = None
         self.chunked = False
         self.keep_alive = True
         self.expect_continue = False
+        #: the Upgrade protocol while parsing; once the head is complete, set only when the
+        #: request is to be tunnelled (a websocket route, Connection: upgrade, no body)
         self.upgrade: bytes | None = None
         self.connection_tokens: set[bytes] | None = None
         self.request_id: bytes | None = None
         self.x_forwarded_for: bytes | None = None
 
     def get_header(self, name: str) -> str | None:
-        """First value of a header (name in lower case), decoded as latin-1."""
+        """First value of a header (name in lower case), decoded as latin-1, without the
+        optional whitespace around it (llhttp keeps trailing spaces and tabs: "k" and "k "
+        must be one value wherever the gateway compares or keys on it)."""
         key = name.encode("latin-1")
         for n, v in self.headers:
             if n.lower() == key:
-                return v.decode("latin-1")
+                return v.decode("latin-1").strip(" \t")
         return None
+
+    def get_single_header(self, name: str) -> str | None:
+        """`get_header` for a header the gateway decides on: a second copy is refused with 400,
+        since the upstream might read the other one."""
+        key = name.encode("latin-1")
+        found: bytes | None = None
+        for n, v in self.headers:
+            if n.lower() == key:
+                if found is not None:
+                    raise BadRequest(f"more than one {name} header")
+                found = v
+        return None if found is None else found.decode("latin-1").strip(" \t")
 
     @property
     def has_body(self) -> bool:

@@ -19,6 +19,21 @@ import string
 
 from gateway.errors import BadRequest
 
+#: `split_target`'s flags: path spellings that upstreams may read differently from the gateway;
+#: each route refuses those its `http` rules do not allow (README, "Request rules")
+PATH_SEMICOLON = 1  # ";": Tomcat and Spring strip ";params" from segments, so "/..;/" is ".."
+PATH_ESCAPED_PERCENT = 2  # "%25": an upstream that decodes twice sees the next escape decoded
+PATH_ESCAPED_SEMICOLON = 4  # "%3B": decoded, then stripped as a path parameter
+PATH_ESCAPED_QUESTION = 8  # "%3F": decoded, it starts a query the gateway never saw
+PATH_ESCAPED_HASH = 16  # "%23": decoded, it cuts the path
+
+_ESCAPE_FLAGS = (
+    ("%25", PATH_ESCAPED_PERCENT),
+    ("%3B", PATH_ESCAPED_SEMICOLON),
+    ("%3F", PATH_ESCAPED_QUESTION),
+    ("%23", PATH_ESCAPED_HASH),
+)
+
 _UNRESERVED = frozenset(string.ascii_letters + string.digits + "-._~")
 _HEX = "0123456789abcdefABCDEF"
 #: percent-escapes refused outright: "/" and "\\" would re-split the path upstream, NUL
@@ -49,13 +64,13 @@ _ESCAPES = _escape_table()
 
 def normalize_target(target: bytes) -> tuple[str, str]:
     """Split and normalize a request-target into (path, query); query has no leading "?"."""
-    path, query, _ = split_target(target)
+    path, query, _, _ = split_target(target)
     return path, query
 
 
-def split_target(target: bytes) -> tuple[str, str, bool]:
-    """`normalize_target`, and whether `target` was already normal (so it can be forwarded as
-    received, without re-encoding)."""
+def split_target(target: bytes) -> tuple[str, str, bool, int]:
+    """`normalize_target`, whether `target` was already normal (so it can be forwarded as
+    received, without re-encoding), and the PATH_* flags of the normalized path."""
     # latin-1 maps bytes to code points one to one, so nothing is lost before validation
     path, _, query = target.decode("latin-1").partition("?")
     if (
@@ -69,11 +84,22 @@ def split_target(target: bytes) -> tuple[str, str, bool]:
         and "#" not in path
         and "//" not in path
         and "/." not in path
+        and ";" not in path
         and (not query or (query.isascii() and query.isprintable() and " " not in query))
     ):
-        return path, query, True
+        return path, query, True, 0
     path, query = _normalize_slow(path, query)
-    return path, query, False
+    return path, query, False, _path_flags(path)
+
+
+def _path_flags(path: str) -> int:
+    """The PATH_* flags of a normalized path (escapes are upper-case by then)."""
+    flags = PATH_SEMICOLON if ";" in path else 0
+    if "%" in path:
+        for escape, flag in _ESCAPE_FLAGS:
+            if escape in path:
+                flags |= flag
+    return flags
 
 
 def _normalize_slow(path: str, query: str) -> tuple[str, str]:

@@ -29,8 +29,9 @@ from gateway.errors import (
     RequestTimeout,
 )
 from gateway.http.headers import connection_tokens, status_line
+from gateway.http.host import normalize_host
 from gateway.http.messages import BodyStream, RequestBody, RequestHead, Response
-from gateway.http.path import split_target
+from gateway.http.path import PATH_SEMICOLON, split_target
 from gateway.http.problem import problem_response
 from gateway.pipeline import Peer, RequestContext
 from gateway.stages.proxy import is_tunnel
@@ -62,6 +63,8 @@ _SPECIAL: Final = frozenset(
         b"upgrade",
         b"x-request-id",
         b"x-forwarded-for",
+        b"forwarded",
+        b"authorization",
     }
 )
 _NO_BODY_STATUS: Final = frozenset({204, 304})
@@ -117,6 +120,7 @@ class HttpConnection(asyncio.Protocol):
         "_stream",
         "_task",
         "_tunnel",
+        "_upgrading",
         "_wakeup",
         "_write_paused",
         "_write_paused_at",
@@ -155,6 +159,8 @@ class HttpConnection(asyncio.Protocol):
         self._bytes_out = 0
         self._ended_at = 0.0
         self._tunnel: UpstreamConnection | None = None
+        #: an upgrade request between its head and llhttp's HttpParserUpgrade
+        self._upgrading: _Exchange | None = None
 
     # -- connection life ---------------------------------------------------------------------
 
@@ -258,6 +264,9 @@ class HttpConnection(asyncio.Protocol):
             self._on_upgrade(data[exc.args[0] :])
         except httptools.HttpParserCallbackError as exc:
             error = exc.__context__
+            if isinstance(error, _BodyRead):
+                self._stopped = True  # the declared body ended: nothing after it is a request
+                return
             self._parse_failed(
                 error if isinstance(error, GatewayError) else BadRequest("malformed request")
             )
@@ -335,6 +344,14 @@ class HttpConnection(asyncio.Protocol):
         elif low == b"x-forwarded-for":
             previous = head.x_forwarded_for
             head.x_forwarded_for = value if previous is None else previous + b", " + value
+        elif low == b"forwarded":
+            previous = head.forwarded
+            head.forwarded = value if previous is None else previous + b", " + value
+        elif low == b"authorization":
+            # the jwt stage and the upstream could each believe a different copy
+            if head.has_authorization:
+                raise BadRequest("more than one Authorization header")
+            head.has_authorization = True
 
     def on_headers_complete(self) -> None:
         head = self._head
@@ -363,21 +380,27 @@ class HttpConnection(asyncio.Protocol):
         elif head.chunked:
             raise BadRequest("Transfer-Encoding is not allowed in HTTP/1.0")
         head.keep_alive = parser.should_keep_alive()
-        head.path, head.query, head.plain_target = split_target(head.target)
+        head.path, head.query, head.plain_target, head.path_flags = split_target(head.target)
+        if head.host is not None:
+            # once, before routing, forwarding and anything else that looks at the host
+            head.host, head.host_name = normalize_host(head.host)
         now = self._loop.time()
         error: GatewayError | None = None
         route: Route | None = None
         try:
-            route = snapshot.router.match(
-                None if head.host is None else head.host.decode("latin-1"),
-                head.path,
-                method,
-                head,
-            )
+            route = snapshot.router.match(head.host_name, head.path, method, head)
         except GatewayError as exc:
             error = exc
+        if route is not None:
+            error = _refused_by_route(head, route)
+        has_body = head.chunked or bool(head.content_length)
+        upgrade = head.upgrade is not None and parser.should_upgrade()
+        if upgrade:
+            error = self._decide_upgrade(head, route, error, has_body)
+        elif head.upgrade is not None:
+            head.upgrade = None  # no "Connection: upgrade": an ordinary request
         body: RequestBody | None = None
-        if head.chunked or head.content_length:
+        if has_body:
             limit = limits.max_body_bytes
             if route is not None and route.max_body_bytes is not None:
                 limit = route.max_body_bytes
@@ -394,6 +417,38 @@ class HttpConnection(asyncio.Protocol):
             # answered without reading the body: nothing after this head is parsed
             self._stopped = True
             self._current = None
+        elif upgrade:
+            # llhttp ends the message at the head of any upgrade request and raises
+            # HttpParserUpgrade: `_on_upgrade` takes it from there
+            self._upgrading = exchange
+            if body is not None:
+                self._current = None  # the "message complete" llhttp reports is not the body's
+
+    def _decide_upgrade(
+        self, head: RequestHead, route: Route | None, error: GatewayError | None, has_body: bool
+    ) -> GatewayError | None:
+        """An upgrade request (llhttp saw Upgrade and Connection: upgrade): tunnel it, or make
+        it an ordinary request whose body is read as declared.  Returns the request's error."""
+        protocol = head.upgrade
+        assert protocol is not None
+        tunnel = (
+            error is None
+            and route is not None
+            and route.websocket
+            and protocol.strip(b" \t").lower() == b"websocket"
+        )
+        if not tunnel:
+            head.upgrade = None  # never forwarded; the connection stays HTTP/1.1
+            if has_body:
+                # its body is framed by a parser of its own, then the connection closes
+                head.keep_alive = False
+            return error
+        if has_body:
+            # RFC 6455 §4.1: the handshake is a GET without a body; bytes after the head
+            # would be either a body or the new protocol, and the peers could disagree
+            head.upgrade = None
+            return BadRequest("a WebSocket handshake cannot have a body")
+        return None
 
     def on_body(self, data: bytes) -> None:
         exchange = self._current
@@ -428,20 +483,36 @@ class HttpConnection(asyncio.Protocol):
         self._enqueue(exchange)
 
     def _on_upgrade(self, rest: bytes) -> None:
-        """llhttp stopped at an upgrade request; `rest` is what followed its head."""
-        queue = self._queue
-        exchange = queue[-1] if queue else None
-        route = exchange.route if exchange is not None else None
-        if exchange is None or exchange.error is not None or route is None or not route.websocket:
-            # not tunnelled: Upgrade is dropped and the connection stays plain HTTP/1.1
-            self.parser = httptools.HttpRequestParser(self)
-            if rest:
-                self.data_received(rest)
+        """llhttp stopped at the head of an upgrade request; `rest` is what followed it.
+
+        Whatever follows is never parsed as a request of its own unless the head declared no
+        body: it is the tunnel's first bytes, or the body as declared, or (after a body-less
+        request whose upgrade was ignored) the next pipelined request.
+        """
+        exchange = self._upgrading
+        self._upgrading = None
+        if exchange is None:
+            # on_headers_complete always records it; anything else is a parser we do not know
+            self._parse_failed(BadRequest("malformed request"))
             return
-        # tunnelled: nothing more is parsed; bytes that came early wait for the 101
-        self._stopped = True
+        if exchange.head.upgrade is not None:
+            # tunnelled: nothing more is parsed; bytes that came early wait for the 101
+            self._stopped = True
+            if rest:
+                exchange.head.headers.append((b"", rest))  # carried to the tunnel only
+            return
+        if self._stopped:
+            return  # refused without reading its body: the connection closes after the answer
+        if exchange.body is not None:
+            # not tunnelled, with a body: llhttp skipped it, so a parser that knows only this
+            # body's framing reads it, and stops there (the connection then closes)
+            self._current = exchange
+            self.parser = _body_parser(self, exchange.head)
+        else:
+            # not tunnelled, no body: Upgrade was ignored and the connection stays HTTP/1.1
+            self.parser = httptools.HttpRequestParser(self)
         if rest:
-            exchange.head.headers.append((b"", rest))  # carried to the tunnel, never forwarded
+            self.data_received(rest)
 
     # -- the request queue -------------------------------------------------------------------
 
@@ -754,6 +825,62 @@ class HttpConnection(asyncio.Protocol):
             self._parse_failed(RequestTimeout("the request head did not arrive in time"))
         else:
             self._close_transport()
+
+
+def _refused_by_route(head: RequestHead, route: Route) -> GatewayError | None:
+    """The route's `http` rules: path spellings upstreams may read differently, and header
+    names with "_" where the route rejects them."""
+    refused = head.path_flags & route.refused_path_flags
+    if refused:
+        what = "';' in the path" if refused & PATH_SEMICOLON else "an ambiguous escape in the path"
+        return BadRequest(f"{what} is refused on this route (http.path_* settings)")
+    if route.reject_underscores:
+        for name, _ in head.headers:
+            if b"_" in name:
+                return BadRequest("header names with '_' are refused on this route")
+    return None
+
+
+class _BodyRead(Exception):
+    """Raised by `_DeclaredBody` to stop llhttp at the end of the body it was made for."""
+
+
+@final
+class _DeclaredBody:
+    """llhttp callbacks for the body of an upgrade request that is not tunnelled.
+
+    llhttp stops at the head of every upgrade request, so the body such a request declares
+    would otherwise be parsed as the next request (request smuggling).  A fresh parser is fed
+    a synthetic head carrying only the original framing, so llhttp — strict about chunk sizes
+    and lengths — reads exactly the declared body; its head callbacks are absent here, and at
+    the body's end `_BodyRead` stops the parser for good.
+    """
+
+    __slots__ = ("_connection", "_done")
+
+    def __init__(self, connection: HttpConnection) -> None:
+        self._connection = connection
+        self._done = False
+
+    def on_body(self, data: bytes) -> None:
+        if not self._done:
+            self._connection.on_body(data)
+
+    def on_message_complete(self) -> None:
+        if not self._done:
+            self._done = True
+            self._connection.on_message_complete()
+        raise _BodyRead()
+
+
+def _body_parser(connection: HttpConnection, head: RequestHead) -> httptools.HttpRequestParser:
+    parser = httptools.HttpRequestParser(_DeclaredBody(connection))
+    if head.chunked:
+        framing = b"Transfer-Encoding: chunked\r\n"
+    else:
+        framing = b"Content-Length: %d\r\n" % (head.content_length or 0)
+    parser.feed_data(b"POST / HTTP/1.1\r\nHost: body\r\n%b\r\n" % framing)
+    return parser
 
 
 def _release_stream(stream: BodyStream) -> None:

@@ -15,9 +15,17 @@ from typing import Any, final
 from gateway.config.model import (
     INTERNAL_ECHO,
     GatewayConfig,
+    HttpRulesConfig,
     LimitsConfig,
     RouteConfig,
     StageSpec,
+)
+from gateway.http.path import (
+    PATH_ESCAPED_HASH,
+    PATH_ESCAPED_PERCENT,
+    PATH_ESCAPED_QUESTION,
+    PATH_ESCAPED_SEMICOLON,
+    PATH_SEMICOLON,
 )
 from gateway.observability.access_log import AccessLog
 from gateway.observability.metrics import CounterChild, GatewayMetrics
@@ -37,10 +45,13 @@ class Route:
         "_requests",
         "config",
         "duration",
+        "forward_underscores",
         "handler",
         "max_body_bytes",
         "name",
         "proxy",
+        "refused_path_flags",
+        "reject_underscores",
         "timeout",
         "websocket",
     )
@@ -60,6 +71,12 @@ class Route:
         self.timeout = config.timeout
         self.max_body_bytes = config.max_body_bytes
         self.websocket = config.websocket
+        rules = config.http
+        #: PATH_* flags (gateway.http.path) that get 400 on this route
+        self.refused_path_flags = refused_path_flags(rules)
+        #: request headers named with "_": 400, or forwarded (else dropped on the way upstream)
+        self.reject_underscores = rules.underscores_in_headers == "reject"
+        self.forward_underscores = rules.underscores_in_headers == "allow"
         self._requests = metrics.requests_total
         #: method -> status -> child; nested so the lookup builds no tuple key
         self._children: dict[str, dict[int, CounterChild]] = {}
@@ -93,6 +110,7 @@ class Route:
                     "path_regex": m.path_regex,
                     "methods": list(m.methods) if m.methods else None,
                     "headers": dict(m.headers) or None,
+                    "case_insensitive": m.case_insensitive or None,
                 }.items()
                 if v is not None
             },
@@ -101,11 +119,33 @@ class Route:
             "timeout_seconds": c.timeout,
             "max_body_bytes": c.max_body_bytes,
             "websocket": c.websocket,
+            "http": {
+                "underscores_in_headers": c.http.underscores_in_headers,
+                "path_semicolons": c.http.path_semicolons,
+                "path_escapes": list(c.http.path_escapes),
+            },
             "pipeline": [
                 s.owner.removeprefix("middleware:") if s.owner.startswith("middleware:") else s.kind
                 for s in c.pipeline
             ],
         }
+
+
+_ESCAPE_FLAGS = {
+    "percent": PATH_ESCAPED_PERCENT,
+    "semicolon": PATH_ESCAPED_SEMICOLON,
+    "question_mark": PATH_ESCAPED_QUESTION,
+    "hash": PATH_ESCAPED_HASH,
+}
+
+
+def refused_path_flags(rules: HttpRulesConfig) -> int:
+    """The PATH_* flags a route with these rules refuses."""
+    refused = 0 if rules.path_semicolons == "allow" else PATH_SEMICOLON
+    for name, flag in _ESCAPE_FLAGS.items():
+        if name not in rules.path_escapes:
+            refused |= flag
+    return refused
 
 
 @final

@@ -47,6 +47,7 @@ class EchoHandler:
             content_length=size if ctx.body is not None else None,
             chunked=False,
             extra=ctx.upstream_headers,
+            forward_underscores=ctx.route.forward_underscores,
         )
         lines = raw.decode("latin-1").split("\r\n")
         headers: dict[str, str] = {}

@@ -110,6 +110,7 @@ class ProxyHandler:
                 upgrade=upgrade,
                 default_host=upstream.default_host,
                 extra=ctx.upstream_headers,
+                forward_underscores=ctx.route.forward_underscores,
             )
             ctx.upstream_head = request
         loop = self._loop

@@ -111,5 +111,5 @@ def test_missing_host_uses_the_default() -> None:
 def test_upstream_target(target: bytes, strip: str | None, expected: bytes) -> None:
     head = RequestHead()
     head.target = target
-    head.path, head.query, head.plain_target = split_target(target)
+    head.path, head.query, head.plain_target, head.path_flags = split_target(target)
     assert upstream_target(head, strip) == expected

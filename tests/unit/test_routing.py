@@ -6,6 +6,7 @@ import pytest
 
 from gateway.config.model import MatchConfig
 from gateway.errors import ConfigError, MethodNotAllowed, NoRoute
+from gateway.http.host import normalize_host
 from gateway.routing import Router
 
 
@@ -37,7 +38,9 @@ def pick(
     method: str = "GET",
     headers: Headers = NO_HEADERS,
 ) -> str:
-    return r.match(host, path, method, headers)
+    """The route for a raw Host value, normalized first as the server protocol does."""
+    name = None if host is None else normalize_host(host.encode("latin-1"))[1]
+    return r.match(name, path, method, headers)
 
 
 # -- host ------------------------------------------------------------------------------------
@@ -133,7 +136,7 @@ def test_ipv4_host_with_port() -> None:
     assert pick(r, "/", host="127.0.0.2:8080") == "r0"
 
 
-@pytest.mark.parametrize("host", [None, "", ":8080"])
+@pytest.mark.parametrize("host", [None, "", " "])
 def test_missing_host_matches_only_any_host_routes(host: str | None) -> None:
     r = router(MatchConfig(host="api.example.com"), MatchConfig(path_prefix="/public"))
     assert pick(r, "/public/x", host=host) == "r1"
@@ -459,3 +462,63 @@ def test_ten_thousand_routes_pick_the_right_route() -> None:
     assert info.value.headers == (("Allow", "GET, POST"),)
     with pytest.raises(NoRoute):
         pick(without_fallback, "/svc4", host="h8.example.com")
+
+
+# -- case-insensitive routes ------------------------------------------------------------------
+
+
+def test_case_insensitive_prefix_exact_and_regex() -> None:
+    r = router(
+        MatchConfig(path_prefix="/"),
+        MatchConfig(path_prefix="/api", case_insensitive=True),
+        MatchConfig(path="/Login", case_insensitive=True),
+    )
+    assert pick(r, "/API/users") == "r1"
+    assert pick(r, "/api") == "r1"
+    assert pick(r, "/Apix") == "r0"  # still on segment boundaries
+    assert pick(r, "/LOGIN") == "r2"
+    r = router(
+        MatchConfig(path_regex="/v[0-9]+/x", case_insensitive=True),
+        MatchConfig(path_regex="/w[0-9]+/x"),
+    )
+    assert pick(r, "/V2/X") == "r0"
+    with pytest.raises(NoRoute):
+        pick(r, "/W2/X")
+
+
+def test_case_sensitive_routes_keep_their_case() -> None:
+    r = router(MatchConfig(path_prefix="/"), MatchConfig(path_prefix="/api"))
+    assert pick(r, "/api/x") == "r1"
+    assert pick(r, "/API/x") == "r0"
+
+
+def test_longer_prefix_wins_across_case_kinds() -> None:
+    r = router(
+        MatchConfig(path_prefix="/api", case_insensitive=True),
+        MatchConfig(path_prefix="/api/admin"),
+        MatchConfig(path_prefix="/API/ADMIN/keys", case_insensitive=True),
+    )
+    assert pick(r, "/api/admin/x") == "r1"
+    assert pick(r, "/API/admin/x") == "r0"  # the sensitive /api/admin does not match /API
+    assert pick(r, "/api/Admin/Keys/1") == "r2"
+
+
+def test_same_prefix_in_both_kinds_goes_by_file_order() -> None:
+    r = router(
+        MatchConfig(path_prefix="/api", case_insensitive=True),
+        MatchConfig(path_prefix="/api"),
+    )
+    assert pick(r, "/api/x") == "r0"
+    r = router(
+        MatchConfig(path_prefix="/api"),
+        MatchConfig(path_prefix="/api", case_insensitive=True),
+    )
+    assert pick(r, "/api/x") == "r0"
+    assert pick(r, "/API/x") == "r1"
+
+
+def test_405_counts_case_insensitive_routes() -> None:
+    r = router(MatchConfig(path_prefix="/api", methods=("GET",), case_insensitive=True))
+    with pytest.raises(MethodNotAllowed) as caught:
+        pick(r, "/API/x", method="POST")
+    assert dict(caught.value.headers)["Allow"] == "GET"
