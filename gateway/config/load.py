@@ -149,6 +149,23 @@ def _interpolate_tree(
     return value
 
 
+def _string_keys(value: object) -> object:
+    """`value` with every mapping key a string, so the version's JSON can sort them.
+
+    A key YAML typed (`1:`, `yes:`, a date) gets its type as a prefix: sorting never compares an
+    int with a str (a TypeError), and `1` stays apart from `"1"`.  String keys are unchanged,
+    so the version of a config with only string keys is what it always was.
+    """
+    if isinstance(value, dict):
+        return {
+            k if isinstance(k, str) else f"!!{type(k).__name__} {k}": _string_keys(v)
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [_string_keys(v) for v in value]
+    return value
+
+
 def _bind(value: object, path: str) -> tuple[str, int]:
     text = _str(value, path)
     host, sep, port_text = text.rpartition(":")
@@ -854,7 +871,7 @@ def parse_config(
     raw = _interpolate_tree(raw, os.environ if env is None else env, "", errors)
     if errors:
         raise ConfigErrors(errors)
-    normalized = json.dumps(raw, sort_keys=True, default=str)
+    normalized = json.dumps(_string_keys(raw), sort_keys=True, default=str)
     loader = _Loader(base_dir or Path.cwd())
     return loader.load(raw, source, normalized)
 

@@ -20,6 +20,7 @@ upstreams:
 routes:
   - {name: users, match: {path_prefix: /users}, upstream: users}
 """
+LISTENER = 'listeners: [{name: http, bind: "127.0.0.1:8080"}]\n'
 
 
 def errors_of(text: str, env: dict[str, str] | None = None) -> list[str]:
@@ -249,6 +250,25 @@ def test_load_config_reads_files_and_reports_missing(tmp_path: Path) -> None:
     with pytest.raises(ConfigErrors) as info:
         load_config(tmp_path / "missing.yaml", env={})
     assert "cannot read" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("snippet", "error"),
+    [
+        ("yes: 1\n", "True: unknown key (did you mean 'routes'?)"),
+        ("1: x\n", "1: unknown key"),
+        ("2024-01-01: x\n", "2024-01-01: unknown key"),
+        (
+            "upstreams:\n  a: {endpoints: [{url: 'http://127.0.0.1:9'}]}\n"
+            "  7: {endpoints: [{url: 'http://127.0.0.1:9'}]}\n",
+            "upstreams.7: an upstream name must be letters, digits, '_', '-' or '.'",
+        ),
+    ],
+    ids=["boolean", "integer", "date", "integer-upstream-name"],
+)
+def test_keys_yaml_typed_are_errors_not_a_crash(snippet: str, error: str) -> None:
+    # next to string keys, a typed key once made the version's sorted JSON raise TypeError
+    assert error in errors_of(LISTENER + snippet)
 
 
 @pytest.mark.parametrize(
