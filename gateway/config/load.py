@@ -52,6 +52,9 @@ from gateway.config.reader import (
     as_str as _str,
 )
 from gateway.config.reader import (
+    join_path,
+)
+from gateway.config.reader import (
     positive_duration as _positive_duration,
 )
 from gateway.config.reader import (
@@ -70,6 +73,7 @@ from gateway.config.reader import (
     str_list as _str_list,
 )
 from gateway.config.stages import check_pipeline, parse_entry
+from gateway.config.strict_yaml import load_yaml
 from gateway.config.units import parse_duration, parse_size
 from gateway.errors import ConfigError, ConfigErrors
 from gateway.jwt import HMAC_ALGORITHMS
@@ -140,10 +144,7 @@ def _interpolate_tree(
                 return typed
         return expanded
     if isinstance(value, dict):
-        return {
-            k: _interpolate_tree(v, env, f"{path}.{k}" if path else str(k), errors)
-            for k, v in value.items()
-        }
+        return {k: _interpolate_tree(v, env, join_path(path, k), errors) for k, v in value.items()}
     if isinstance(value, list):
         return [_interpolate_tree(v, env, f"{path}[{i}]", errors) for i, v in enumerate(value)]
     return value
@@ -859,7 +860,7 @@ def parse_config(
 ) -> GatewayConfig:
     """Parse and validate a config; raises ConfigErrors listing every problem."""
     try:
-        raw = yaml.safe_load(text)
+        raw, duplicates = load_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -870,10 +871,17 @@ def parse_config(
     errors: list[ConfigError] = []
     raw = _interpolate_tree(raw, os.environ if env is None else env, "", errors)
     if errors:
-        raise ConfigErrors(errors)
+        raise ConfigErrors([*duplicates, *errors])
     normalized = json.dumps(_string_keys(raw), sort_keys=True, default=str)
     loader = _Loader(base_dir or Path.cwd())
-    return loader.load(raw, source, normalized)
+    try:
+        config = loader.load(raw, source, normalized)
+    except ConfigErrors as exc:
+        # a duplicate key is reported with the rest: the value kept is validated like any other
+        raise ConfigErrors([*duplicates, *exc.errors]) from None
+    if duplicates:
+        raise ConfigErrors(duplicates)
+    return config
 
 
 def load_config(

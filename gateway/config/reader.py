@@ -18,6 +18,11 @@ from gateway.errors import ConfigError
 T = TypeVar("T")
 
 
+def join_path(path: str, key: object) -> str:
+    """The YAML path of `key` in the mapping at `path` (`routes[0].match` + `host`)."""
+    return f"{path}.{key}" if path else str(key)
+
+
 class Reader:
     """Walks raw YAML, collecting errors with their paths."""
 
@@ -42,7 +47,7 @@ class Reader:
             self.error(path, "must be a mapping")
             return None
         for key in value:
-            where = f"{path}.{key}" if path else str(key)
+            where = join_path(path, key)
             if later and key in later:
                 self.error(where, f"not supported yet (arrives with {later[key]})")
             elif key not in keys:
@@ -50,7 +55,7 @@ class Reader:
                 self.error(where, "unknown key" + (f" (did you mean '{hint[0]}'?)" if hint else ""))
         for key in required:
             if key not in value:
-                self.error(f"{path}.{key}" if path else key, "is required")
+                self.error(join_path(path, key), "is required")
         return {k: v for k, v in value.items() if k in keys}
 
     def get(
@@ -63,7 +68,7 @@ class Reader:
     ) -> T:
         if key not in raw or raw[key] is None:
             return default
-        where = f"{path}.{key}" if path else key
+        where = join_path(path, key)
         try:
             return convert(raw[key], where)
         except ConfigError as exc:

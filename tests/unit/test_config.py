@@ -280,3 +280,145 @@ def test_shipped_configs_load(path: Path) -> None:
     ensure_dev_certificates()
     config = load_config(path, env={})
     assert config.routes
+
+
+# -- duplicate keys ----------------------------------------------------------------------------
+
+
+def duplicates_of(text: str) -> list[str]:
+    return [e for e in errors_of(text) if "duplicate key" in e]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        pytest.param(
+            LISTENER
+            + """\
+routes:
+  - name: r
+    upstream: internal:echo
+    pipeline:
+      - headers: {request: {set: {x-a: "1"}}}
+      - rate_limit:
+          rate: 5
+          rate: 500
+          per: 1s
+""",
+            [
+                "routes[0].pipeline[1].rate_limit.rate: "
+                "duplicate key (line 9; first defined on line 8)"
+            ],
+            id="nested-in-a-pipeline",
+        ),
+        pytest.param(
+            LISTENER + "routes: []\nroutes:\n  - {name: r, upstream: internal:echo}\n",
+            ["routes: duplicate key (line 3; first defined on line 2)"],
+            id="top-level",
+        ),
+        pytest.param(
+            LISTENER
+            + "limits:\n  max_connections: 1\n  max_connections: 2\n  max_connections: 3\n",
+            [
+                "limits.max_connections: duplicate key (line 4; first defined on line 3)",
+                "limits.max_connections: duplicate key (line 5; first defined on line 3)",
+            ],
+            id="every-repeat",
+        ),
+        pytest.param(
+            """\
+listeners:
+  - name: https
+    bind: "127.0.0.1:8443"
+    tls:
+      certificates:
+        - {cert: a.crt, key: a.key}
+        - {cert: b.crt, key: b.key, cert: c.crt}
+""",
+            [
+                "listeners[0].tls.certificates[1].cert: "
+                "duplicate key (line 7; first defined on line 7)"
+            ],
+            id="in-a-list-of-flow-mappings",
+        ),
+        pytest.param(
+            # the first, discarded `routes:` is checked too
+            LISTENER + "routes:\n  - {name: a, name: b}\nroutes: []\n",
+            [
+                "routes[0].name: duplicate key (line 3; first defined on line 3)",
+                "routes: duplicate key (line 4; first defined on line 2)",
+            ],
+            id="inside-a-discarded-duplicate",
+        ),
+        pytest.param(
+            LISTENER + "1: a\n0x1: b\n",
+            ["1: duplicate key (line 3; first defined on line 2)"],
+            id="equal-integers",
+        ),
+        pytest.param(
+            LISTENER + "true: a\nyes: b\n",
+            ["True: duplicate key (line 3; first defined on line 2)"],
+            id="equal-booleans",
+        ),
+        pytest.param(LISTENER + "'1': a\n1: b\n", [], id="a-string-is-not-an-integer"),
+    ],
+)
+def test_duplicate_keys_are_errors_with_path_and_lines(text: str, expected: list[str]) -> None:
+    assert duplicates_of(text) == expected
+
+
+MERGED = """\
+listeners: [{name: http, bind: "127.0.0.1:8080"}]
+upstreams:
+  base: &base
+    endpoints: [{url: "http://127.0.0.1:9001"}]
+    balance: round_robin
+  slow: &slow
+    endpoints: [{url: "http://127.0.0.1:9002"}]
+    balance: least_request
+  overridden:
+    <<: *base
+    balance: least_request
+  first-merge-wins:
+    <<: [*slow, *base]
+"""
+
+
+def test_merge_keys_override_without_being_duplicates() -> None:
+    config = parse_config(MERGED, env={})
+    balance = {u.name: u.balance for u in config.upstreams}
+    assert balance == {
+        "base": "round_robin",
+        "slow": "least_request",
+        "overridden": "least_request",
+        "first-merge-wins": "least_request",
+    }
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        pytest.param(
+            MERGED + "  twice:\n    <<: *base\n    <<: *slow\n",
+            ["upstreams.twice.<<: duplicate key (line 16; first defined on line 15)"],
+            id="two-merge-keys",
+        ),
+        pytest.param(
+            MERGED.replace("balance: round_robin", "balance: round_robin\n    balance: x"),
+            ["upstreams.base.balance: duplicate key (line 6; first defined on line 5)"],
+            id="in-an-anchor-reported-once",
+        ),
+        pytest.param(
+            MERGED + "  inline:\n    <<: {balance: a, balance: b}\n",
+            ["upstreams.inline.balance: duplicate key (line 15; first defined on line 15)"],
+            id="in-an-inline-merge",
+        ),
+        pytest.param(
+            MERGED.replace("    <<: *base\n", "    balance: x\n    <<: *base\n"),
+            ["upstreams.overridden.balance: duplicate key (line 12; first defined on line 10)"],
+            id="explicit-twice-around-a-merge",
+        ),
+    ],
+)
+def test_duplicate_keys_with_merges(text: str, expected: list[str]) -> None:
+    assert duplicates_of(text) == expected
