@@ -13,7 +13,7 @@ import ipaddress
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Final, TypeVar
 from urllib.parse import urlsplit
@@ -262,8 +262,8 @@ def _cidrs(value: object, path: str) -> tuple[str, ...]:
 
 
 class _Loader:
-    def __init__(self, base_dir: Path) -> None:
-        self.r = _Reader()
+    def __init__(self, base_dir: Path, unset: Collection[str] = ()) -> None:
+        self.r = _Reader(unset)
         self.r.resolve_file = self.file
         self.base_dir = base_dir
         #: files the config references (certificates, JWKS …): part of its version
@@ -350,7 +350,10 @@ class _Loader:
             names.add(name)
             binds.add(bind)
             tls = self.listener_tls(m.get("tls"), f"{path}.tls") if "tls" in m else None
-            if tls is not None and tls.client_ca is not None:
+            # a declared client_ca counts even when it, or the listener's TLS, has an error of
+            # its own (reported there): an mtls stage is not wrong because of it
+            declared = m.get("tls")
+            if isinstance(declared, dict) and declared.get("client_ca") is not None:
                 self.client_ca_listeners.append(name)
             if name and bind[1] >= 0:
                 result.append(ListenerConfig(name=name, host=bind[0], port=bind[1], tls=tls))
@@ -868,19 +871,20 @@ def parse_config(
         raise ConfigErrors([ConfigError("", f"invalid YAML{where}: {problem}")]) from None
     if raw is None:
         raw = {}
-    errors: list[ConfigError] = []
-    raw = _interpolate_tree(raw, os.environ if env is None else env, "", errors)
-    if errors:
-        raise ConfigErrors([*duplicates, *errors])
+    # an unset variable stops nothing: the rest of the file is validated, and its own errors
+    # reported with it (the Reader leaves out those that follow from the missing value)
+    unset: list[ConfigError] = []
+    raw = _interpolate_tree(raw, os.environ if env is None else env, "", unset)
     normalized = json.dumps(_string_keys(raw), sort_keys=True, default=str)
-    loader = _Loader(base_dir or Path.cwd())
+    loader = _Loader(base_dir or Path.cwd(), unset=[e.path for e in unset])
+    first = [*duplicates, *unset]
     try:
         config = loader.load(raw, source, normalized)
     except ConfigErrors as exc:
         # a duplicate key is reported with the rest: the value kept is validated like any other
-        raise ConfigErrors([*duplicates, *exc.errors]) from None
-    if duplicates:
-        raise ConfigErrors(duplicates)
+        raise ConfigErrors([*first, *exc.errors]) from None
+    if first:
+        raise ConfigErrors(first)
     return config
 
 

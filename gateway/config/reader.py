@@ -8,7 +8,7 @@ never stops the rest of the file from being checked.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -26,14 +26,22 @@ def join_path(path: str, key: object) -> str:
 class Reader:
     """Walks raw YAML, collecting errors with their paths."""
 
-    def __init__(self) -> None:
+    def __init__(self, unset: Collection[str] = ()) -> None:
         self.errors: list[ConfigError] = []
         #: resolves a file the config references (relative to it) and records it, or reports
         #: the error and returns None; the loader provides it
         self.resolve_file: Callable[[object, str], Path | None] = _no_files
+        #: paths whose value names an unset environment variable (reported as such): what the
+        #: value should have been is unknown, so an error at or under one is not reported —
+        #: and, not being counted, does not drop a stage that later checks would miss
+        self._unset = tuple(unset)
 
     def error(self, path: str, message: str) -> None:
-        self.errors.append(ConfigError(path, message))
+        self.add(ConfigError(path, message))
+
+    def add(self, error: ConfigError) -> None:
+        if not any(_within(error.path, path) for path in self._unset):
+            self.errors.append(error)
 
     def mapping(
         self,
@@ -72,8 +80,13 @@ class Reader:
         try:
             return convert(raw[key], where)
         except ConfigError as exc:
-            self.errors.append(exc)
+            self.add(exc)
             return default
+
+
+def _within(path: str, parent: str) -> bool:
+    """Whether `path` is `parent` or inside it."""
+    return path == parent or path.startswith((f"{parent}.", f"{parent}["))
 
 
 def _no_files(raw: object, path: str) -> Path | None:

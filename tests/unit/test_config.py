@@ -23,9 +23,11 @@ routes:
 LISTENER = 'listeners: [{name: http, bind: "127.0.0.1:8080"}]\n'
 
 
-def errors_of(text: str, env: dict[str, str] | None = None) -> list[str]:
+def errors_of(
+    text: str, env: dict[str, str] | None = None, base_dir: Path | None = None
+) -> list[str]:
     with pytest.raises(ConfigErrors) as info:
-        parse_config(text, env=env or {})
+        parse_config(text, env=env or {}, base_dir=base_dir)
     return [str(e) for e in info.value.errors]
 
 
@@ -155,6 +157,72 @@ def test_env_in_config_keeps_types_and_ignores_comments() -> None:
     assert config.admin.token == "s3cret"
     errors = errors_of(text, env={})
     assert errors == ["limits.max_connections: environment variable MAXC is not set"]
+
+
+def test_an_unset_variable_does_not_hide_the_other_errors() -> None:
+    text = (
+        MINIMAL.replace("upstream: users}", "upstream: userz}")
+        + "admin: {token: '${GATEWAY_ADMIN_TOKEN}'}\nlimits: {max_conections: 5}\n"
+    )
+    assert errors_of(text) == [
+        "admin.token: environment variable GATEWAY_ADMIN_TOKEN is not set",
+        "limits.max_conections: unknown key (did you mean 'max_connections'?)",
+        "routes[0].upstream: unknown upstream 'userz' (did you mean 'users'?)",
+    ]
+
+
+TLS_EDGE = """
+listeners:
+  - name: https
+    bind: "127.0.0.1:8443"
+    tls: {certificates: [{cert: server.crt, key: server.key}], client_ca: "${CLIENT_CA}"}
+middlewares:
+  idp: {jwt: {algorithms: [HS256], secret: "${JWT_SECRET}"}}
+routes:
+  - name: r
+    upstream: internal:echo
+    pipeline:
+      - mtls: {}
+      - idp
+      - rate_limit: {rate: 10, per: 1s, key: "jwt:sub"}
+"""
+TLS_EDGE_ENV = {"CLIENT_CA": "ca.crt", "JWT_SECRET": "s" * 32}
+
+
+@pytest.mark.parametrize(
+    ("written", "reference", "value", "path"),
+    [
+        ('"${CLIENT_CA}"', '"${CLIENT_CA}"', "ca.crt", "listeners[0].tls.client_ca"),
+        ('"${JWT_SECRET}"', '"${JWT_SECRET}"', "s" * 32, "middlewares.idp.jwt.secret"),
+        ('"127.0.0.1:8443"', '"${HOST}:8443"', "127.0.0.1", "listeners[0].bind"),
+        ("rate: 10", 'rate: "${RATE}"', "10", "routes[0].pipeline[2].rate_limit.rate"),
+        ("upstream: internal:echo", "upstream: ${UP}", "internal:echo", "routes[0].upstream"),
+        ("key: server.key", 'key: "${KEY}"', "server.key", "listeners[0].tls.certificates[0].key"),
+    ],
+    ids=[
+        "a-ca-file-an-mtls-stage-needs",
+        "a-secret-a-later-stage-needs",
+        "part-of-a-value",
+        "a-typed-value",
+        "a-cross-reference",
+        "a-key-file",
+    ],
+)
+def test_an_unset_variable_causes_no_follow_on_error(
+    written: str, reference: str, value: str, path: str
+) -> None:
+    # the value the operator meant is unknown: only the variable is reported, at its path, next
+    # to the file's own typo — no error of the empty or unexpanded value, there or elsewhere
+    certs = ensure_dev_certificates()
+    text = TLS_EDGE.replace(written, reference)
+    name = reference.split("${")[1].split("}")[0]
+    env = {**TLS_EDGE_ENV, name: value}
+    assert parse_config(text, env=env, base_dir=certs).routes  # valid once the variable is set
+    del env[name]
+    assert errors_of(text + "limit: {}\n", env, certs) == [
+        f"{path}: environment variable {name} is not set",
+        "limit: unknown key (did you mean 'limits'?)",
+    ]
 
 
 def test_invalid_yaml_reports_line() -> None:
