@@ -359,6 +359,7 @@ def test_certs_init_writes_a_working_set(tmp_path: Path) -> None:
         check=False,
     )
     assert result.returncode == 0, result.stderr
+    assert "anyone with ca.key can mint certificates these trust" in result.stdout
     out = tmp_path / "c"
     assert {p.name for p in out.iterdir()} == {
         f"{n}.{e}" for n in ("ca", "server", "client") for e in ("crt", "key")
