@@ -38,6 +38,8 @@ except ImportError:  # PyYAML built without libyaml: the same results, in pure P
     from yaml import SafeLoader as _SafeLoader  # type: ignore[assignment]
 
 _MERGE: Final = "tag:yaml.org,2002:merge"
+_VALUE: Final = "tag:yaml.org,2002:value"
+_STR: Final = "tag:yaml.org,2002:str"
 #: stands for `<<` among a mapping's keys, so a quoted "<<" string key stays a different key
 _MERGE_KEY: Final = object()
 
@@ -59,24 +61,33 @@ class StrictLoader(_SafeLoader):
         """Resolve `<<` as the YAML merge spec says: explicit keys win, then earlier mappings.
 
         PyYAML 6.0.4's own version lets the *last* merged mapping win for keys longer than one
-        character (it tells keys apart by string identity; yaml/pyyaml#953), so it is replaced.
-        Each merged mapping contributes each key once, so nested merges cannot blow up.
+        character (it tells keys apart by string identity; yaml/pyyaml#953), and a mapping
+        merged into another brings its merged values rather than its own overrides; so it is
+        replaced.  A flattened mapping holds each key once, so nested merges cannot blow up.
         """
-        merged: dict[object, tuple[Node, Node]] = {}
+        pairs: dict[object, tuple[Node, Node]] = {}
         explicit: list[tuple[Node, Node]] = []
+        merges = False
         for key_node, value_node in node.value:
             if key_node.tag != _MERGE:
                 explicit.append((key_node, value_node))
                 continue
+            merges = True
             for source in _merge_sources(node, value_node):
                 self.flatten_mapping(source)
-                for pair in source.value:
-                    merged.setdefault(self._identity(pair[0]), pair)
-        if merged:
-            # the constructor keeps the last of equal keys: explicit ones come after
-            node.value = [*merged.values(), *explicit]
+                # within one mapping the last of equal keys wins, as in the dict it makes
+                own = {self._identity(key): (key, value) for key, value in source.value}
+                for identity, pair in own.items():
+                    pairs.setdefault(identity, pair)
+        if merges:
+            for key_node, value_node in explicit:
+                pairs[self._identity(key_node)] = (key_node, value_node)
+            node.value = list(pairs.values())
 
     def _key(self, node: ScalarNode) -> Hashable:
+        if node.tag == _VALUE:
+            # a plain `=` key (YAML 1.1's value key) is the string "=", as PyYAML reads it
+            node.tag = _STR
         key: Hashable = self.construct_object(node)
         return key
 

@@ -57,6 +57,14 @@ def test_shipped_configs_load_as_safe_load_reads_them(path: Path) -> None:
             [],
             id="nested-merges",
         ),
+        pytest.param(
+            "a: &a {<<: {k: 1}, k: 2}\nb: {<<: *a}\n",
+            {"a": {"k": 2}, "b": {"k": 2}},
+            [],
+            id="a-merged-mapping-brings-its-own-overrides",
+        ),
+        pytest.param("a: {<<: {}, b: 1}\n", {"a": {"b": 1}}, [], id="an-empty-merge"),
+        pytest.param("{=: 1, a: {<<: {=: 2}}}\n", {"=": 1, "a": {"=": 2}}, [], id="value-keys"),
     ],
 )
 def test_loads(text: str, data: object, duplicates: list[str]) -> None:
