@@ -331,15 +331,58 @@ def issue(
         .serial_number(x509.random_serial_number())
         .not_valid_before(start)
         .not_valid_after(start + datetime.timedelta(days=days))
-        .add_extension(x509.BasicConstraints(ca=is_ca, path_length=None), critical=True)
     )
-    if alt_names:
-        builder = builder.add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
-    if not is_ca:
-        usage = ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH
-        builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+    for extension, critical in _extensions(key, issuer, alt_names, is_ca=is_ca, client=client):
+        builder = builder.add_extension(extension, critical=critical)
     signer = issuer_key or key
     return key, builder.sign(signer, hashes.SHA256())
+
+
+def _extensions(
+    key: ec.EllipticCurvePrivateKey,
+    issuer: x509.Certificate | None,
+    alt_names: Sequence[x509.GeneralName],
+    *,
+    is_ca: bool,
+    client: bool,
+) -> list[tuple[x509.ExtensionType, bool]]:
+    """(extension, critical) pairs that strict RFC 5280 validators ask for.
+
+    `openssl verify -x509_strict` and cryptography's verifier refuse a leaf without an Authority
+    Key Identifier, and a CA without a Subject Key Identifier or a key usage; both key
+    identifiers let a validator pick the issuing key when a store holds several.
+    """
+    result: list[tuple[x509.ExtensionType, bool]] = [
+        (x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False),
+        (x509.BasicConstraints(ca=is_ca, path_length=None), True),
+        (_key_usage(is_ca), True),
+    ]
+    if issuer is not None:
+        issuer_id = issuer.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        identifier = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(issuer_id)
+        result.append((identifier, False))
+    if alt_names:
+        result.append((x509.SubjectAlternativeName(alt_names), False))
+    if not is_ca:
+        usage = ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH
+        result.append((x509.ExtendedKeyUsage([usage]), False))
+    return result
+
+
+def _key_usage(is_ca: bool) -> x509.KeyUsage:
+    # P-256 keys only sign (ECDHE does the key exchange): keyEncipherment, RSA key transport,
+    # would be wrong on them
+    return x509.KeyUsage(
+        digital_signature=not is_ca,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=is_ca,
+        crl_sign=is_ca,
+        encipher_only=False,
+        decipher_only=False,
+    )
 
 
 def write_pem(path: Path, cert: x509.Certificate) -> None:

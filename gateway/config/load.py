@@ -13,7 +13,7 @@ import ipaddress
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Final, Literal, TypeVar
 from urllib.parse import urlsplit
@@ -55,6 +55,9 @@ from gateway.config.reader import (
     as_str as _str,
 )
 from gateway.config.reader import (
+    join_path,
+)
+from gateway.config.reader import (
     positive_duration as _positive_duration,
 )
 from gateway.config.reader import (
@@ -73,6 +76,7 @@ from gateway.config.reader import (
     str_list as _str_list,
 )
 from gateway.config.stages import check_pipeline, parse_entry
+from gateway.config.strict_yaml import load_yaml
 from gateway.config.units import parse_duration, parse_size
 from gateway.errors import ConfigError, ConfigErrors
 from gateway.jwt import HMAC_ALGORITHMS
@@ -143,12 +147,26 @@ def _interpolate_tree(
                 return typed
         return expanded
     if isinstance(value, dict):
+        return {k: _interpolate_tree(v, env, join_path(path, k), errors) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interpolate_tree(v, env, f"{path}[{i}]", errors) for i, v in enumerate(value)]
+    return value
+
+
+def _string_keys(value: object) -> object:
+    """`value` with every mapping key a string, so the version's JSON can sort them.
+
+    A key YAML typed (`1:`, `yes:`, a date) gets its type as a prefix: sorting never compares an
+    int with a str (a TypeError), and `1` stays apart from `"1"`.  String keys are unchanged,
+    so the version of a config with only string keys is what it always was.
+    """
+    if isinstance(value, dict):
         return {
-            k: _interpolate_tree(v, env, f"{path}.{k}" if path else str(k), errors)
+            k if isinstance(k, str) else f"!!{type(k).__name__} {k}": _string_keys(v)
             for k, v in value.items()
         }
     if isinstance(value, list):
-        return [_interpolate_tree(v, env, f"{path}[{i}]", errors) for i, v in enumerate(value)]
+        return [_string_keys(v) for v in value]
     return value
 
 
@@ -272,8 +290,8 @@ def _cidrs(value: object, path: str) -> tuple[str, ...]:
 
 
 class _Loader:
-    def __init__(self, base_dir: Path) -> None:
-        self.r = _Reader()
+    def __init__(self, base_dir: Path, unset: Collection[str] = ()) -> None:
+        self.r = _Reader(unset)
         self.r.resolve_file = self.file
         self.base_dir = base_dir
         #: files the config references (certificates, JWKS …): part of its version
@@ -363,7 +381,10 @@ class _Loader:
             names.add(name)
             binds.add(bind)
             tls = self.listener_tls(m.get("tls"), f"{path}.tls") if "tls" in m else None
-            if tls is not None and tls.client_ca is not None:
+            # a declared client_ca counts even when it, or the listener's TLS, has an error of
+            # its own (reported there): an mtls stage is not wrong because of it
+            declared = m.get("tls")
+            if isinstance(declared, dict) and declared.get("client_ca") is not None:
                 self.client_ca_listeners.append(name)
             if name and bind[1] >= 0:
                 result.append(ListenerConfig(name=name, host=bind[0], port=bind[1], tls=tls))
@@ -908,7 +929,7 @@ def parse_config(
 ) -> GatewayConfig:
     """Parse and validate a config; raises ConfigErrors listing every problem."""
     try:
-        raw = yaml.safe_load(text)
+        raw, duplicates = load_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -916,13 +937,21 @@ def parse_config(
         raise ConfigErrors([ConfigError("", f"invalid YAML{where}: {problem}")]) from None
     if raw is None:
         raw = {}
-    errors: list[ConfigError] = []
-    raw = _interpolate_tree(raw, os.environ if env is None else env, "", errors)
-    if errors:
-        raise ConfigErrors(errors)
-    normalized = json.dumps(raw, sort_keys=True, default=str)
-    loader = _Loader(base_dir or Path.cwd())
-    return loader.load(raw, source, normalized)
+    # an unset variable stops nothing: the rest of the file is validated, and its own errors
+    # reported with it (the Reader leaves out those that follow from the missing value)
+    unset: list[ConfigError] = []
+    raw = _interpolate_tree(raw, os.environ if env is None else env, "", unset)
+    normalized = json.dumps(_string_keys(raw), sort_keys=True, default=str)
+    loader = _Loader(base_dir or Path.cwd(), unset=[e.path for e in unset])
+    first = [*duplicates, *unset]
+    try:
+        config = loader.load(raw, source, normalized)
+    except ConfigErrors as exc:
+        # a duplicate key is reported with the rest: the value kept is validated like any other
+        raise ConfigErrors([*first, *exc.errors]) from None
+    if first:
+        raise ConfigErrors(first)
+    return config
 
 
 def load_config(

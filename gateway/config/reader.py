@@ -8,7 +8,7 @@ never stops the rest of the file from being checked.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -18,17 +18,30 @@ from gateway.errors import ConfigError
 T = TypeVar("T")
 
 
+def join_path(path: str, key: object) -> str:
+    """The YAML path of `key` in the mapping at `path` (`routes[0].match` + `host`)."""
+    return f"{path}.{key}" if path else str(key)
+
+
 class Reader:
     """Walks raw YAML, collecting errors with their paths."""
 
-    def __init__(self) -> None:
+    def __init__(self, unset: Collection[str] = ()) -> None:
         self.errors: list[ConfigError] = []
         #: resolves a file the config references (relative to it) and records it, or reports
         #: the error and returns None; the loader provides it
         self.resolve_file: Callable[[object, str], Path | None] = _no_files
+        #: paths whose value names an unset environment variable (reported as such): what the
+        #: value should have been is unknown, so an error at or under one is not reported —
+        #: and, not being counted, does not drop a stage that later checks would miss
+        self._unset = tuple(unset)
 
     def error(self, path: str, message: str) -> None:
-        self.errors.append(ConfigError(path, message))
+        self.add(ConfigError(path, message))
+
+    def add(self, error: ConfigError) -> None:
+        if not any(_within(error.path, path) for path in self._unset):
+            self.errors.append(error)
 
     def mapping(
         self,
@@ -42,7 +55,7 @@ class Reader:
             self.error(path, "must be a mapping")
             return None
         for key in value:
-            where = f"{path}.{key}" if path else str(key)
+            where = join_path(path, key)
             if later and key in later:
                 self.error(where, f"not supported yet (arrives with {later[key]})")
             elif key not in keys:
@@ -50,7 +63,7 @@ class Reader:
                 self.error(where, "unknown key" + (f" (did you mean '{hint[0]}'?)" if hint else ""))
         for key in required:
             if key not in value:
-                self.error(f"{path}.{key}" if path else key, "is required")
+                self.error(join_path(path, key), "is required")
         return {k: v for k, v in value.items() if k in keys}
 
     def get(
@@ -63,12 +76,17 @@ class Reader:
     ) -> T:
         if key not in raw or raw[key] is None:
             return default
-        where = f"{path}.{key}" if path else key
+        where = join_path(path, key)
         try:
             return convert(raw[key], where)
         except ConfigError as exc:
-            self.errors.append(exc)
+            self.add(exc)
             return default
+
+
+def _within(path: str, parent: str) -> bool:
+    """Whether `path` is `parent` or inside it."""
+    return path == parent or path.startswith((f"{parent}.", f"{parent}["))
 
 
 def _no_files(raw: object, path: str) -> Path | None:

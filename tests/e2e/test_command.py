@@ -58,11 +58,12 @@ routes:
 """
 
 
-def run_check(path: Path) -> subprocess.CompletedProcess[str]:
+def run_check(path: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "gateway", "check", "-c", str(path)],
         capture_output=True,
         text=True,
+        env=env,
         timeout=60,
         check=False,
     )
@@ -97,6 +98,33 @@ routes:
     output = result.stdout + result.stderr
     assert "limits.max_conections" in output
     assert "routes[0].upstream" in output
+
+
+def test_check_reports_an_unset_variable_a_duplicate_key_and_the_rest_at_once(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(
+        """\
+listeners: [{name: http, bind: "127.0.0.1:8080"}]
+admin: {token: "${GATEWAY_ADMIN_TOKEN}"}
+limits:
+  max_connections: 100
+  max_connections: 10
+  header_timeout: 10
+routes:
+  - {name: r, match: {path_prefix: /x}, upstream: nowhere}
+"""
+    )
+    env = {k: v for k, v in os.environ.items() if k != "GATEWAY_ADMIN_TOKEN"}
+    result = run_check(path, env)
+    assert result.returncode == 1, result.stderr
+    assert result.stdout.splitlines() == [
+        "limits.max_connections: duplicate key (line 5; first defined on line 4)",
+        "admin.token: environment variable GATEWAY_ADMIN_TOKEN is not set",
+        "limits.header_timeout: must be a duration with a unit like 250ms, 5s, 1m or 24h, not 10",
+        "routes[0].upstream: unknown upstream 'nowhere'",
+    ]
 
 
 def test_version_command() -> None:
@@ -331,6 +359,7 @@ def test_certs_init_writes_a_working_set(tmp_path: Path) -> None:
         check=False,
     )
     assert result.returncode == 0, result.stderr
+    assert "anyone with ca.key can mint certificates these trust" in result.stdout
     out = tmp_path / "c"
     assert {p.name for p in out.iterdir()} == {
         f"{n}.{e}" for n in ("ca", "server", "client") for e in ("crt", "key")

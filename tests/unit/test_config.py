@@ -20,11 +20,14 @@ upstreams:
 routes:
   - {name: users, match: {path_prefix: /users}, upstream: users}
 """
+LISTENER = 'listeners: [{name: http, bind: "127.0.0.1:8080"}]\n'
 
 
-def errors_of(text: str, env: dict[str, str] | None = None) -> list[str]:
+def errors_of(
+    text: str, env: dict[str, str] | None = None, base_dir: Path | None = None
+) -> list[str]:
     with pytest.raises(ConfigErrors) as info:
-        parse_config(text, env=env or {})
+        parse_config(text, env=env or {}, base_dir=base_dir)
     return [str(e) for e in info.value.errors]
 
 
@@ -156,6 +159,72 @@ def test_env_in_config_keeps_types_and_ignores_comments() -> None:
     assert errors == ["limits.max_connections: environment variable MAXC is not set"]
 
 
+def test_an_unset_variable_does_not_hide_the_other_errors() -> None:
+    text = (
+        MINIMAL.replace("upstream: users}", "upstream: userz}")
+        + "admin: {token: '${GATEWAY_ADMIN_TOKEN}'}\nlimits: {max_conections: 5}\n"
+    )
+    assert errors_of(text) == [
+        "admin.token: environment variable GATEWAY_ADMIN_TOKEN is not set",
+        "limits.max_conections: unknown key (did you mean 'max_connections'?)",
+        "routes[0].upstream: unknown upstream 'userz' (did you mean 'users'?)",
+    ]
+
+
+TLS_EDGE = """
+listeners:
+  - name: https
+    bind: "127.0.0.1:8443"
+    tls: {certificates: [{cert: server.crt, key: server.key}], client_ca: "${CLIENT_CA}"}
+middlewares:
+  idp: {jwt: {algorithms: [HS256], secret: "${JWT_SECRET}"}}
+routes:
+  - name: r
+    upstream: internal:echo
+    pipeline:
+      - mtls: {}
+      - idp
+      - rate_limit: {rate: 10, per: 1s, key: "jwt:sub"}
+"""
+TLS_EDGE_ENV = {"CLIENT_CA": "ca.crt", "JWT_SECRET": "s" * 32}
+
+
+@pytest.mark.parametrize(
+    ("written", "reference", "value", "path"),
+    [
+        ('"${CLIENT_CA}"', '"${CLIENT_CA}"', "ca.crt", "listeners[0].tls.client_ca"),
+        ('"${JWT_SECRET}"', '"${JWT_SECRET}"', "s" * 32, "middlewares.idp.jwt.secret"),
+        ('"127.0.0.1:8443"', '"${HOST}:8443"', "127.0.0.1", "listeners[0].bind"),
+        ("rate: 10", 'rate: "${RATE}"', "10", "routes[0].pipeline[2].rate_limit.rate"),
+        ("upstream: internal:echo", "upstream: ${UP}", "internal:echo", "routes[0].upstream"),
+        ("key: server.key", 'key: "${KEY}"', "server.key", "listeners[0].tls.certificates[0].key"),
+    ],
+    ids=[
+        "a-ca-file-an-mtls-stage-needs",
+        "a-secret-a-later-stage-needs",
+        "part-of-a-value",
+        "a-typed-value",
+        "a-cross-reference",
+        "a-key-file",
+    ],
+)
+def test_an_unset_variable_causes_no_follow_on_error(
+    written: str, reference: str, value: str, path: str
+) -> None:
+    # the value the operator meant is unknown: only the variable is reported, at its path, next
+    # to the file's own typo — no error of the empty or unexpanded value, there or elsewhere
+    certs = ensure_dev_certificates()
+    text = TLS_EDGE.replace(written, reference)
+    name = reference.split("${")[1].split("}")[0]
+    env = {**TLS_EDGE_ENV, name: value}
+    assert parse_config(text, env=env, base_dir=certs).routes  # valid once the variable is set
+    del env[name]
+    assert errors_of(text + "limit: {}\n", env, certs) == [
+        f"{path}: environment variable {name} is not set",
+        "limit: unknown key (did you mean 'limits'?)",
+    ]
+
+
 def test_invalid_yaml_reports_line() -> None:
     errors = errors_of("listeners: [\n  - {name: x\n")
     assert len(errors) == 1
@@ -252,6 +321,25 @@ def test_load_config_reads_files_and_reports_missing(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    ("snippet", "error"),
+    [
+        ("yes: 1\n", "True: unknown key (did you mean 'routes'?)"),
+        ("1: x\n", "1: unknown key"),
+        ("2024-01-01: x\n", "2024-01-01: unknown key"),
+        (
+            "upstreams:\n  a: {endpoints: [{url: 'http://127.0.0.1:9'}]}\n"
+            "  7: {endpoints: [{url: 'http://127.0.0.1:9'}]}\n",
+            "upstreams.7: an upstream name must be letters, digits, '_', '-' or '.'",
+        ),
+    ],
+    ids=["boolean", "integer", "date", "integer-upstream-name"],
+)
+def test_keys_yaml_typed_are_errors_not_a_crash(snippet: str, error: str) -> None:
+    # next to string keys, a typed key once made the version's sorted JSON raise TypeError
+    assert error in errors_of(LISTENER + snippet)
+
+
+@pytest.mark.parametrize(
     "path",
     [REPO / "config" / "gateway.yaml", *sorted((REPO / "config" / "examples").glob("*.yaml"))],
     ids=lambda p: p.name,
@@ -260,3 +348,145 @@ def test_shipped_configs_load(path: Path) -> None:
     ensure_dev_certificates()
     config = load_config(path, env={})
     assert config.routes
+
+
+# -- duplicate keys ----------------------------------------------------------------------------
+
+
+def duplicates_of(text: str) -> list[str]:
+    return [e for e in errors_of(text) if "duplicate key" in e]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        pytest.param(
+            LISTENER
+            + """\
+routes:
+  - name: r
+    upstream: internal:echo
+    pipeline:
+      - headers: {request: {set: {x-a: "1"}}}
+      - rate_limit:
+          rate: 5
+          rate: 500
+          per: 1s
+""",
+            [
+                "routes[0].pipeline[1].rate_limit.rate: "
+                "duplicate key (line 9; first defined on line 8)"
+            ],
+            id="nested-in-a-pipeline",
+        ),
+        pytest.param(
+            LISTENER + "routes: []\nroutes:\n  - {name: r, upstream: internal:echo}\n",
+            ["routes: duplicate key (line 3; first defined on line 2)"],
+            id="top-level",
+        ),
+        pytest.param(
+            LISTENER
+            + "limits:\n  max_connections: 1\n  max_connections: 2\n  max_connections: 3\n",
+            [
+                "limits.max_connections: duplicate key (line 4; first defined on line 3)",
+                "limits.max_connections: duplicate key (line 5; first defined on line 3)",
+            ],
+            id="every-repeat",
+        ),
+        pytest.param(
+            """\
+listeners:
+  - name: https
+    bind: "127.0.0.1:8443"
+    tls:
+      certificates:
+        - {cert: a.crt, key: a.key}
+        - {cert: b.crt, key: b.key, cert: c.crt}
+""",
+            [
+                "listeners[0].tls.certificates[1].cert: "
+                "duplicate key (line 7; first defined on line 7)"
+            ],
+            id="in-a-list-of-flow-mappings",
+        ),
+        pytest.param(
+            # the first, discarded `routes:` is checked too
+            LISTENER + "routes:\n  - {name: a, name: b}\nroutes: []\n",
+            [
+                "routes[0].name: duplicate key (line 3; first defined on line 3)",
+                "routes: duplicate key (line 4; first defined on line 2)",
+            ],
+            id="inside-a-discarded-duplicate",
+        ),
+        pytest.param(
+            LISTENER + "1: a\n0x1: b\n",
+            ["1: duplicate key (line 3; first defined on line 2)"],
+            id="equal-integers",
+        ),
+        pytest.param(
+            LISTENER + "true: a\nyes: b\n",
+            ["True: duplicate key (line 3; first defined on line 2)"],
+            id="equal-booleans",
+        ),
+        pytest.param(LISTENER + "'1': a\n1: b\n", [], id="a-string-is-not-an-integer"),
+    ],
+)
+def test_duplicate_keys_are_errors_with_path_and_lines(text: str, expected: list[str]) -> None:
+    assert duplicates_of(text) == expected
+
+
+MERGED = """\
+listeners: [{name: http, bind: "127.0.0.1:8080"}]
+upstreams:
+  base: &base
+    endpoints: [{url: "http://127.0.0.1:9001"}]
+    balance: round_robin
+  slow: &slow
+    endpoints: [{url: "http://127.0.0.1:9002"}]
+    balance: least_request
+  overridden:
+    <<: *base
+    balance: least_request
+  first-merge-wins:
+    <<: [*slow, *base]
+"""
+
+
+def test_merge_keys_override_without_being_duplicates() -> None:
+    config = parse_config(MERGED, env={})
+    balance = {u.name: u.balance for u in config.upstreams}
+    assert balance == {
+        "base": "round_robin",
+        "slow": "least_request",
+        "overridden": "least_request",
+        "first-merge-wins": "least_request",
+    }
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        pytest.param(
+            MERGED + "  twice:\n    <<: *base\n    <<: *slow\n",
+            ["upstreams.twice.<<: duplicate key (line 16; first defined on line 15)"],
+            id="two-merge-keys",
+        ),
+        pytest.param(
+            MERGED.replace("balance: round_robin", "balance: round_robin\n    balance: x"),
+            ["upstreams.base.balance: duplicate key (line 6; first defined on line 5)"],
+            id="in-an-anchor-reported-once",
+        ),
+        pytest.param(
+            MERGED + "  inline:\n    <<: {balance: a, balance: b}\n",
+            ["upstreams.inline.balance: duplicate key (line 15; first defined on line 15)"],
+            id="in-an-inline-merge",
+        ),
+        pytest.param(
+            MERGED.replace("    <<: *base\n", "    balance: x\n    <<: *base\n"),
+            ["upstreams.overridden.balance: duplicate key (line 12; first defined on line 10)"],
+            id="explicit-twice-around-a-merge",
+        ),
+    ],
+)
+def test_duplicate_keys_with_merges(text: str, expected: list[str]) -> None:
+    assert duplicates_of(text) == expected
