@@ -36,9 +36,10 @@ from gateway.config.reader import (
     as_str,
     positive_duration,
     positive_int,
+    positive_size,
     status,
 )
-from gateway.config.units import parse_duration, parse_size
+from gateway.config.units import parse_duration
 from gateway.errors import ConfigError
 from gateway.http.headers import REQUEST_DROP, RESPONSE_DROP
 from gateway.jwt import ALGORITHMS, HMAC_ALGORITHMS, JwksProblem, hmac_key, keys_from_jwks
@@ -528,6 +529,8 @@ def _idempotency(r: Reader, raw: object, path: str) -> StageConfig | None:
         "store",
         "on_store_error",
         "max_response_bytes",
+        "max_keys",
+        "max_bytes",
         "token",
     }
     m = r.mapping({} if raw is None else raw, path, keys)
@@ -568,17 +571,20 @@ def _idempotency(r: Reader, raw: object, path: str) -> StageConfig | None:
         ttl=r.get(m, "ttl", path, positive_duration, d.ttl),
         store=store,
         on_store_error="allow" if on_error == "allow" else "deny",
-        max_response_bytes=r.get(m, "max_response_bytes", path, _size, d.max_response_bytes),
+        max_response_bytes=r.get(
+            m, "max_response_bytes", path, positive_size, d.max_response_bytes
+        ),
+        max_keys=r.get(m, "max_keys", path, positive_int, d.max_keys),
+        max_bytes=r.get(m, "max_bytes", path, positive_size, d.max_bytes),
         token=token,
     )
+    if config.max_bytes < config.max_response_bytes:
+        r.error(
+            f"{path}.max_bytes",
+            f"must be at least max_response_bytes ({config.max_response_bytes}), or responses"
+            " that size could never be kept",
+        )
     return None if len(r.errors) > errors else config
-
-
-def _size(value: object, path: str) -> int:
-    size = parse_size(value, path)
-    if size <= 0:
-        raise ConfigError(path, "must be > 0")
-    return size
 
 
 _PARSERS: Final = {

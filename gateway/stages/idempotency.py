@@ -18,6 +18,9 @@ released — except after a response timeout once the request was sent, or a cli
 mid-request: the upstream may be acting on it, so the lock stays until it expires and a
 duplicate cannot run it twice.  A response over `max_response_bytes` completes the record
 without its body: duplicates get 409 for the whole `ttl` rather than a second execution.
+The store keeps the stage's records within `max_keys` and `max_bytes` by evicting completed
+ones (counted); a new key it cannot admit because only locks are left is a store failure,
+answered by `on_store_error` (503 `store_unavailable` by default).
 """
 
 from __future__ import annotations
@@ -39,13 +42,14 @@ from gateway.errors import (
 )
 from gateway.http.messages import BodySink, BodyStream, Response
 from gateway.idempotency import TokenInvalid, verify_token
-from gateway.observability.metrics import Counter
+from gateway.observability.metrics import Counter, GatewayMetrics
 from gateway.pipeline import Next, RequestContext
 from gateway.stores.base import (
     IN_USE,
     REPLAY,
     REUSED,
     IdempotencyRecords,
+    RecordsMeter,
     Store,
     StoredResponse,
     StoreError,
@@ -135,16 +139,24 @@ class IdempotencyStage:
     def __init__(
         self,
         config: IdempotencyConfig,
+        label: str,
         namespace: str,
         store: Store,
-        total: Counter,
+        metrics: GatewayMetrics,
         loop: asyncio.AbstractEventLoop,
     ) -> None:
         self._config = config
         self._header = config.header.lower()
         self._methods = frozenset(config.methods)
-        self._records: IdempotencyRecords = store.idempotency(namespace=namespace)
-        self._total = total
+        meter = RecordsMeter(
+            metrics.idempotency_records.labels(label),
+            metrics.idempotency_records_bytes.labels(label),
+            metrics.idempotency_evictions_total.labels(label),
+        )
+        self._records: IdempotencyRecords = store.idempotency(
+            namespace=namespace, max_keys=config.max_keys, max_bytes=config.max_bytes, meter=meter
+        )
+        self._total: Counter = metrics.idempotency_total
         self._loop = loop
 
     def _count(self, ctx: RequestContext, outcome: str) -> None:

@@ -91,6 +91,21 @@ routes:
             "must be > 0",
         ),
         (
+            "[{idempotency: {max_keys: 0}}]",
+            "routes[0].pipeline[0].idempotency.max_keys",
+            "must be > 0",
+        ),
+        (
+            "[{idempotency: {max_bytes: 0}}]",
+            "routes[0].pipeline[0].idempotency.max_bytes",
+            "must be > 0",
+        ),
+        (
+            "[{idempotency: {max_bytes: 512KiB}}]",
+            "routes[0].pipeline[0].idempotency.max_bytes",
+            "at least max_response_bytes (1048576)",
+        ),
+        (
             "[{jwt: {algorithms: [none], secret: " + "s" * 32 + "}}]",
             "routes[0].pipeline[0].jwt.algorithms[0]",
             "'none' is never accepted",

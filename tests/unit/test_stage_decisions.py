@@ -31,6 +31,7 @@ from gateway.stores.base import (
     Begin,
     IdempotencyRecords,
     RateLimiter,
+    RecordsMeter,
     StoredResponse,
     StoreError,
     Verdict,
@@ -183,7 +184,9 @@ async def test_store_error_is_a_503_when_denied() -> None:
 
 
 class FailingIdempotencyStore(FailingStore):
-    def idempotency(self, *, namespace: str) -> IdempotencyRecords:
+    def idempotency(
+        self, *, namespace: str, max_keys: int, max_bytes: int, meter: RecordsMeter
+    ) -> IdempotencyRecords:
         return FailingRecords()
 
 
@@ -214,11 +217,7 @@ async def test_idempotency_store_errors(on_error: str, status: int) -> None:
     config = IdempotencyConfig(on_store_error="deny" if on_error == "deny" else "allow")
     metrics = GatewayMetrics(Registry())
     stage = IdempotencyStage(
-        config,
-        "t",
-        FailingIdempotencyStore(),
-        metrics.idempotency_total,
-        asyncio.get_running_loop(),
+        config, "app", "t", FailingIdempotencyStore(), metrics, asyncio.get_running_loop()
     )
     ctx = _keyed()
     if status == 503:
@@ -240,7 +239,7 @@ async def test_signed_keys_can_be_bound_to_a_claim_or_a_certificate() -> None:
     ):
         token = IdempotencyTokenConfig(secret=secret, client_id=source)
         stage = IdempotencyStage(
-            IdempotencyConfig(token=token), source, MemoryStore(), metrics.idempotency_total, loop
+            IdempotencyConfig(token=token), "app", source, MemoryStore(), metrics, loop
         )
         ctx = _ctx("POST")
         setup(ctx)
