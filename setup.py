@@ -20,6 +20,7 @@ HOT_MODULES = [
     "gateway/http/headers.py",
     "gateway/routing.py",
     "gateway/pipeline.py",
+    "gateway/identity.py",
     "gateway/stages/proxy.py",
     "gateway/stages/headers.py",
     "gateway/stages/rate_limit.py",

@@ -31,7 +31,7 @@ import logging
 import math
 from typing import Final, final
 
-from gateway.config.model import IdempotencyConfig
+from gateway.config.model import IdempotencyConfig, IdempotencyTokenConfig
 from gateway.errors import (
     GatewayError,
     IdempotencyKeyInUse,
@@ -42,6 +42,7 @@ from gateway.errors import (
 )
 from gateway.http.messages import BodySink, BodyStream, Response
 from gateway.idempotency import TokenInvalid, verify_token
+from gateway.identity import Part, identity_part
 from gateway.observability.metrics import Counter, GatewayMetrics
 from gateway.pipeline import Next, RequestContext
 from gateway.stores.base import (
@@ -133,6 +134,7 @@ class IdempotencyStage:
         "_loop",
         "_methods",
         "_records",
+        "_signed",
         "_total",
     )
 
@@ -148,6 +150,11 @@ class IdempotencyStage:
         self._config = config
         self._header = config.header.lower()
         self._methods = frozenset(config.methods)
+        token = config.token
+        #: with `token:`, its settings and where the client id it is bound to comes from
+        self._signed: tuple[IdempotencyTokenConfig, Part] | None = (
+            None if token is None else (token, identity_part(token.client_id))
+        )
         meter = RecordsMeter(
             metrics.idempotency_records.labels(label),
             metrics.idempotency_records_bytes.labels(label),
@@ -163,15 +170,6 @@ class IdempotencyStage:
         ctx.outcome("idempotency", outcome)
         self._total.labels(ctx.route.name, outcome).inc()
 
-    def _client_id(self, ctx: RequestContext, source: str) -> str:
-        kind, _, arg = source.partition(":")
-        if kind == "jwt":
-            value = (ctx.claims or {}).get(arg)
-            return "" if value is None else str(value)
-        if kind == "mtls":
-            return ",".join(ctx.peer.client_sans or ())
-        return ctx.head.get_header(arg) or ""
-
     async def __call__(self, ctx: RequestContext, call_next: Next) -> Response:
         head = ctx.head
         if head.method not in self._methods:
@@ -184,9 +182,10 @@ class IdempotencyStage:
                 raise IdempotencyKeyMissing(f"this request needs an {config.header} header")
             return await call_next(ctx)
         client = ""
-        token = config.token
-        if token is not None:
-            client = self._client_id(ctx, token.client_id)
+        signed = self._signed
+        if signed is not None:
+            token, token_client = signed
+            client = token_client(ctx) or ""
             try:
                 verify_token(key, token.secret, client, window=token.window)
             except TokenInvalid as exc:
