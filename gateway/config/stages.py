@@ -11,6 +11,7 @@ import difflib
 import hashlib
 import math
 import re
+from dataclasses import replace
 from typing import Final
 
 from gateway.config.model import (
@@ -520,6 +521,19 @@ def _client_id(value: object, path: str) -> str:
     raise ConfigError(path, "must be jwt:CLAIM, mtls:san or header:NAME")
 
 
+#: idempotency scopes, the ones with a value after the colon listed with it
+_SCOPES: Final = ("auto", "none", "client_ip", "header:NAME", "jwt:CLAIM", "mtls:san")
+
+
+def _scope(value: object, path: str) -> str:
+    if value in ("auto", "none", "client_ip"):
+        return str(value)
+    try:
+        return _client_id(value, path)
+    except ConfigError:
+        raise ConfigError(path, f"must be {', '.join(_SCOPES[:-1])} or {_SCOPES[-1]}") from None
+
+
 def _idempotency(r: Reader, raw: object, path: str) -> StageConfig | None:
     keys = {
         "header",
@@ -531,6 +545,7 @@ def _idempotency(r: Reader, raw: object, path: str) -> StageConfig | None:
         "max_response_bytes",
         "max_keys",
         "max_bytes",
+        "scope",
         "token",
     }
     m = r.mapping({} if raw is None else raw, path, keys)
@@ -576,6 +591,7 @@ def _idempotency(r: Reader, raw: object, path: str) -> StageConfig | None:
         ),
         max_keys=r.get(m, "max_keys", path, positive_int, d.max_keys),
         max_bytes=r.get(m, "max_bytes", path, positive_size, d.max_bytes),
+        scope=r.get(m, "scope", path, _scope, d.scope),
         token=token,
     )
     if config.max_bytes < config.max_response_bytes:
@@ -598,19 +614,62 @@ _PARSERS: Final = {
 }
 
 
-def check_pipeline(r: Reader, specs: list[tuple[str, StageSpec]]) -> None:
-    """Rules between the stages of one route's pipeline (each given with its YAML path)."""
+def _needs(key: str) -> str:
+    """The stage kind an identity key reads from, if any (a jwt claim, certificate SANs)."""
+    return "jwt" if key.startswith("jwt:") else "mtls" if key == "mtls:san" else ""
+
+
+def _require_before(r: Reader, path: str, before: set[str], key: str, what: str) -> None:
+    needs = _needs(key)
+    if needs and needs not in before:
+        r.error(path, f"{what} {key} needs a {needs} stage before it")
+
+
+def check_pipeline(
+    r: Reader, specs: list[tuple[str, StageSpec]], auto_scopes: dict[str, tuple[str, str]]
+) -> list[StageSpec]:
+    """Rules between the stages of one route's pipeline (each given with its YAML path); the
+    pipeline with what depends on earlier stages resolved: an idempotency `scope: auto`.
+
+    `auto_scopes` remembers, across routes, what each named middleware's `auto` became and
+    where: one instance serves every route that names it, so it must become the same.
+    """
     before: set[str] = set()
+    result: list[StageSpec] = []
     for path, spec in specs:
         config = spec.config
         if isinstance(config, RateLimitConfig):
             for key in config.key:
-                needs = "jwt" if key.startswith("jwt:") else "mtls" if key == "mtls:san" else ""
-                if needs and needs not in before:
-                    r.error(path, f"rate-limit key {key} needs a {needs} stage before it")
-        if isinstance(config, IdempotencyConfig) and config.token is not None:
-            key = config.token.client_id
-            needs = "jwt" if key.startswith("jwt:") else "mtls" if key == "mtls:san" else ""
-            if needs and needs not in before:
-                r.error(path, f"token client_id {key} needs a {needs} stage before it")
+                _require_before(r, path, before, key, "rate-limit key")
+        if isinstance(config, IdempotencyConfig):
+            if config.token is not None:
+                _require_before(r, path, before, config.token.client_id, "token client_id")
+            _require_before(r, path, before, config.scope, "idempotency scope")
+            if config.scope == "auto":
+                spec = _resolve_auto_scope(r, path, spec, config, before, auto_scopes)
         before.add(spec.kind)
+        result.append(spec)
+    return result
+
+
+def _resolve_auto_scope(
+    r: Reader,
+    path: str,
+    spec: StageSpec,
+    config: IdempotencyConfig,
+    before: set[str],
+    auto_scopes: dict[str, tuple[str, str]],
+) -> StageSpec:
+    """The client an earlier stage authenticated — a JWT's subject, else a certificate's SANs
+    — or, with neither, the key alone."""
+    scope = "jwt:sub" if "jwt" in before else "mtls:san" if "mtls" in before else "none"
+    if spec.owner.startswith("middleware:"):
+        first, where = auto_scopes.setdefault(spec.owner, (scope, path))
+        if first != scope:
+            name = spec.owner.removeprefix("middleware:")
+            r.error(
+                path,
+                f"middleware {name!r} has scope: auto, which is {first} in {where} but {scope}"
+                " here (one instance serves both): set its scope",
+            )
+    return replace(spec, config=replace(config, scope=scope))

@@ -15,6 +15,7 @@ from typing import Any, final
 from gateway.config.model import (
     INTERNAL_ECHO,
     GatewayConfig,
+    IdempotencyConfig,
     LimitsConfig,
     RouteConfig,
     StageSpec,
@@ -82,6 +83,7 @@ class Route:
     def describe(self) -> dict[str, Any]:
         c = self.config
         m = c.match
+        stages = [_describe_stage(spec) for spec in c.pipeline]
         return {
             "name": c.name,
             "match": {
@@ -101,11 +103,22 @@ class Route:
             "timeout_seconds": c.timeout,
             "max_body_bytes": c.max_body_bytes,
             "websocket": c.websocket,
-            "pipeline": [
-                s.owner.removeprefix("middleware:") if s.owner.startswith("middleware:") else s.kind
-                for s in c.pipeline
-            ],
+            "pipeline": [stage["name"] for stage in stages],
+            "stages": stages,
         }
+
+
+def _describe_stage(spec: StageSpec) -> dict[str, Any]:
+    """A pipeline entry for /admin/routes: its name (the middleware's, or the kind), its kind,
+    and settings that were resolved for the route, such as an idempotency scope of auto."""
+    owner, _, name = spec.owner.partition(":")
+    described: dict[str, Any] = {
+        "name": name if owner == "middleware" else spec.kind,
+        "kind": spec.kind,
+    }
+    if isinstance(spec.config, IdempotencyConfig):
+        described["scope"] = spec.config.scope
+    return described
 
 
 @final
