@@ -77,6 +77,13 @@ def length_prefixed(*parts: str) -> str:
     return "".join([f"{len(part)}:{part}" for part in parts])
 
 
+def record_key(scope_prefix: str, scope: str, client: str, key: str) -> str:
+    """A record's key: `scope_prefix` (the scope's kind, length-prefixed) then the scope's
+    value, the token's client id and the key as `length_prefixed` writes them — spelled out,
+    since a call per keyed request with varargs costs twice as much."""
+    return f"{scope_prefix}{len(scope)}:{scope}{len(client)}:{client}{len(key)}:{key}"
+
+
 def _certificate_scope(ctx: RequestContext) -> str | None:
     sans = ctx.peer.client_sans
     # each SAN length-prefixed, not comma-joined: a URI SAN may hold a comma, and two
@@ -299,7 +306,7 @@ class IdempotencyStage:
                 self._count(ctx, "invalid")
                 raise IdempotencyKeyInvalid(self._scope_missing)
             scope = value
-        return self._scope_prefix + length_prefixed(scope, client, key)
+        return record_key(self._scope_prefix, scope, client, key)
 
     async def _fingerprint(self, ctx: RequestContext) -> str:
         head = ctx.head
