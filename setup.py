@@ -21,6 +21,7 @@ HOT_MODULES = [
     "gateway/http/host.py",
     "gateway/routing.py",
     "gateway/pipeline.py",
+    "gateway/identity.py",
     "gateway/stages/proxy.py",
     "gateway/stages/headers.py",
     "gateway/stages/rate_limit.py",

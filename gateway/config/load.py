@@ -297,6 +297,8 @@ class _Loader:
         #: files the config references (certificates, JWKS …): part of its version
         self.referenced_files: list[Path] = []
         self.declared_middlewares: set[str] = set()
+        #: what each idempotency middleware's `scope: auto` became, and in which route first
+        self.auto_scopes: dict[str, tuple[str, str]] = {}
         #: listeners that ask clients for certificates (an mtls stage needs one)
         self.client_ca_listeners: list[str] = []
 
@@ -813,7 +815,7 @@ class _Loader:
             spec = parse_entry(self.r, item, f"{path}[{i}]", f"route:{route}:{i}", middlewares)
             if spec is not None:
                 result.append((f"{path}[{i}]", spec))
-        check_pipeline(self.r, result)
+        resolved = check_pipeline(self.r, result, self.auto_scopes)
         jwt_kinds = {
             "hmac" if set(s.config.algorithms) <= HMAC_ALGORITHMS else "public"
             for _, s in result
@@ -824,7 +826,7 @@ class _Loader:
         for where, spec in result:
             if spec.kind == "mtls" and not self.client_ca_listeners:
                 self.r.error(where, "mtls needs a listener with tls.client_ca to verify clients")
-        return tuple(spec for _, spec in result)
+        return tuple(resolved)
 
     def match(self, raw: object, path: str) -> MatchConfig:
         r = self.r

@@ -264,6 +264,15 @@ class IdempotencyConfig:
     store: str = "memory"
     on_store_error: Literal["allow", "deny"] = "deny"
     max_response_bytes: int = 1024 * 1024
+    #: records kept per stage (per worker with the memory store), in-flight locks included
+    max_keys: int = 100_000
+    #: bytes of keys and stored responses kept per stage: 64 responses of the largest size
+    #: kept, or 100000 of ~670 bytes; beyond it completed records are evicted oldest first
+    max_bytes: int = 64 * 1024 * 1024
+    #: whose records these are: "none" (the key alone), "client_ip", "header:<lower-case
+    #: name>", "jwt:<claim>" or "mtls:san"; "auto" as written, which the loader resolves per
+    #: route to "jwt:sub" after a jwt stage, else "mtls:san" after an mtls stage, else "none"
+    scope: str = "auto"
     token: IdempotencyTokenConfig | None = None
 
 

@@ -11,6 +11,7 @@ import difflib
 import hashlib
 import math
 import re
+from dataclasses import replace
 from typing import Final
 
 from gateway.config.model import (
@@ -36,9 +37,10 @@ from gateway.config.reader import (
     as_str,
     positive_duration,
     positive_int,
+    positive_size,
     status,
 )
-from gateway.config.units import parse_duration, parse_size
+from gateway.config.units import parse_duration
 from gateway.errors import ConfigError
 from gateway.http.headers import REQUEST_DROP, RESPONSE_DROP
 from gateway.jwt import ALGORITHMS, HMAC_ALGORITHMS, JwksProblem, hmac_key, keys_from_jwks
@@ -519,6 +521,19 @@ def _client_id(value: object, path: str) -> str:
     raise ConfigError(path, "must be jwt:CLAIM, mtls:san or header:NAME")
 
 
+#: idempotency scopes, the ones with a value after the colon listed with it
+_SCOPES: Final = ("auto", "none", "client_ip", "header:NAME", "jwt:CLAIM", "mtls:san")
+
+
+def _scope(value: object, path: str) -> str:
+    if value in ("auto", "none", "client_ip"):
+        return str(value)
+    try:
+        return _client_id(value, path)
+    except ConfigError:
+        raise ConfigError(path, f"must be {', '.join(_SCOPES[:-1])} or {_SCOPES[-1]}") from None
+
+
 def _idempotency(r: Reader, raw: object, path: str) -> StageConfig | None:
     keys = {
         "header",
@@ -528,6 +543,9 @@ def _idempotency(r: Reader, raw: object, path: str) -> StageConfig | None:
         "store",
         "on_store_error",
         "max_response_bytes",
+        "max_keys",
+        "max_bytes",
+        "scope",
         "token",
     }
     m = r.mapping({} if raw is None else raw, path, keys)
@@ -568,17 +586,21 @@ def _idempotency(r: Reader, raw: object, path: str) -> StageConfig | None:
         ttl=r.get(m, "ttl", path, positive_duration, d.ttl),
         store=store,
         on_store_error="allow" if on_error == "allow" else "deny",
-        max_response_bytes=r.get(m, "max_response_bytes", path, _size, d.max_response_bytes),
+        max_response_bytes=r.get(
+            m, "max_response_bytes", path, positive_size, d.max_response_bytes
+        ),
+        max_keys=r.get(m, "max_keys", path, positive_int, d.max_keys),
+        max_bytes=r.get(m, "max_bytes", path, positive_size, d.max_bytes),
+        scope=r.get(m, "scope", path, _scope, d.scope),
         token=token,
     )
+    if config.max_bytes < config.max_response_bytes:
+        r.error(
+            f"{path}.max_bytes",
+            f"must be at least max_response_bytes ({config.max_response_bytes}), or responses"
+            " that size could never be kept",
+        )
     return None if len(r.errors) > errors else config
-
-
-def _size(value: object, path: str) -> int:
-    size = parse_size(value, path)
-    if size <= 0:
-        raise ConfigError(path, "must be > 0")
-    return size
 
 
 _PARSERS: Final = {
@@ -592,19 +614,62 @@ _PARSERS: Final = {
 }
 
 
-def check_pipeline(r: Reader, specs: list[tuple[str, StageSpec]]) -> None:
-    """Rules between the stages of one route's pipeline (each given with its YAML path)."""
+def _needs(key: str) -> str:
+    """The stage kind an identity key reads from, if any (a jwt claim, certificate SANs)."""
+    return "jwt" if key.startswith("jwt:") else "mtls" if key == "mtls:san" else ""
+
+
+def _require_before(r: Reader, path: str, before: set[str], key: str, what: str) -> None:
+    needs = _needs(key)
+    if needs and needs not in before:
+        r.error(path, f"{what} {key} needs a {needs} stage before it")
+
+
+def check_pipeline(
+    r: Reader, specs: list[tuple[str, StageSpec]], auto_scopes: dict[str, tuple[str, str]]
+) -> list[StageSpec]:
+    """Rules between the stages of one route's pipeline (each given with its YAML path); the
+    pipeline with what depends on earlier stages resolved: an idempotency `scope: auto`.
+
+    `auto_scopes` remembers, across routes, what each named middleware's `auto` became and
+    where: one instance serves every route that names it, so it must become the same.
+    """
     before: set[str] = set()
+    result: list[StageSpec] = []
     for path, spec in specs:
         config = spec.config
         if isinstance(config, RateLimitConfig):
             for key in config.key:
-                needs = "jwt" if key.startswith("jwt:") else "mtls" if key == "mtls:san" else ""
-                if needs and needs not in before:
-                    r.error(path, f"rate-limit key {key} needs a {needs} stage before it")
-        if isinstance(config, IdempotencyConfig) and config.token is not None:
-            key = config.token.client_id
-            needs = "jwt" if key.startswith("jwt:") else "mtls" if key == "mtls:san" else ""
-            if needs and needs not in before:
-                r.error(path, f"token client_id {key} needs a {needs} stage before it")
+                _require_before(r, path, before, key, "rate-limit key")
+        if isinstance(config, IdempotencyConfig):
+            if config.token is not None:
+                _require_before(r, path, before, config.token.client_id, "token client_id")
+            _require_before(r, path, before, config.scope, "idempotency scope")
+            if config.scope == "auto":
+                spec = _resolve_auto_scope(r, path, spec, config, before, auto_scopes)
         before.add(spec.kind)
+        result.append(spec)
+    return result
+
+
+def _resolve_auto_scope(
+    r: Reader,
+    path: str,
+    spec: StageSpec,
+    config: IdempotencyConfig,
+    before: set[str],
+    auto_scopes: dict[str, tuple[str, str]],
+) -> StageSpec:
+    """The client an earlier stage authenticated — a JWT's subject, else a certificate's SANs
+    — or, with neither, the key alone."""
+    scope = "jwt:sub" if "jwt" in before else "mtls:san" if "mtls" in before else "none"
+    if spec.owner.startswith("middleware:"):
+        first, where = auto_scopes.setdefault(spec.owner, (scope, path))
+        if first != scope:
+            name = spec.owner.removeprefix("middleware:")
+            r.error(
+                path,
+                f"middleware {name!r} has scope: auto, which is {first} in {where} but {scope}"
+                " here (one instance serves both): set its scope",
+            )
+    return replace(spec, config=replace(config, scope=scope))

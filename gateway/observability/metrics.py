@@ -508,6 +508,23 @@ class GatewayMetrics:
             "Requests with idempotency keys, by what became of them.",
             ("route", "outcome"),
         )
+        # the route label is the stage's: a named middleware's records are one set
+        self.idempotency_evictions_total = r.counter(
+            "gateway_idempotency_evictions_total",
+            "Completed idempotency records dropped before their ttl to stay within max_keys or"
+            " max_bytes (a repeat of one runs again).",
+            ("route",),
+        )
+        self.idempotency_records = r.gauge(
+            "gateway_idempotency_records",
+            "Idempotency records held in memory, in-flight locks included.",
+            ("route",),
+        )
+        self.idempotency_records_bytes = r.gauge(
+            "gateway_idempotency_records_bytes",
+            "Bytes of idempotency records counted against max_bytes (keys, stored responses).",
+            ("route",),
+        )
         self.jwt_total = r.counter(
             "gateway_jwt_total", "Bearer tokens checked, by result.", ("route", "result")
         )

@@ -16,6 +16,7 @@ from gateway.config.model import (
     INTERNAL_ECHO,
     GatewayConfig,
     HttpRulesConfig,
+    IdempotencyConfig,
     LimitsConfig,
     RouteConfig,
     StageSpec,
@@ -99,6 +100,7 @@ class Route:
     def describe(self) -> dict[str, Any]:
         c = self.config
         m = c.match
+        stages = [_describe_stage(spec) for spec in c.pipeline]
         return {
             "name": c.name,
             "match": {
@@ -124,10 +126,8 @@ class Route:
                 "path_semicolons": c.http.path_semicolons,
                 "path_escapes": list(c.http.path_escapes),
             },
-            "pipeline": [
-                s.owner.removeprefix("middleware:") if s.owner.startswith("middleware:") else s.kind
-                for s in c.pipeline
-            ],
+            "pipeline": [stage["name"] for stage in stages],
+            "stages": stages,
         }
 
 
@@ -146,6 +146,19 @@ def refused_path_flags(rules: HttpRulesConfig) -> int:
         if name not in rules.path_escapes:
             refused |= flag
     return refused
+
+
+def _describe_stage(spec: StageSpec) -> dict[str, Any]:
+    """A pipeline entry for /admin/routes: its name (the middleware's, or the kind), its kind,
+    and settings that were resolved for the route, such as an idempotency scope of auto."""
+    owner, _, name = spec.owner.partition(":")
+    described: dict[str, Any] = {
+        "name": name if owner == "middleware" else spec.kind,
+        "kind": spec.kind,
+    }
+    if isinstance(spec.config, IdempotencyConfig):
+        described["scope"] = spec.config.scope
+    return described
 
 
 @final

@@ -48,7 +48,7 @@ def build_stage(spec: StageSpec, env: BuildContext) -> Stage:
         return HeadersStage(config)
     if isinstance(config, IdempotencyConfig):
         return IdempotencyStage(
-            config, spec.owner, env.stores[config.store], env.metrics.idempotency_total, env.loop
+            config, spec.label, spec.owner, env.stores[config.store], env.metrics, env.loop
         )
     if isinstance(config, JwtConfig):
         return JwtStage(config, env.metrics.jwt_total, env.loop)

@@ -2,9 +2,14 @@
 
 For the configured methods, the key header is required (400 `idempotency_key_missing`) and
 checked: a signed token bound to the client when `token:` is set, else an opaque 1-255 visible
-ASCII characters (400 `idempotency_key_invalid`).  The request's fingerprint — method, path,
-query and a digest of its body (buffered, within the route's body limit) — goes with the key
-into the store's `begin`, one atomic step:
+ASCII characters (400 `idempotency_key_invalid`).  Records belong to a client, by `scope`
+(resolved by the loader: by default the subject of an earlier jwt stage, else the SANs of an
+earlier mtls stage, else none): a key names a record only together with the scope's value and
+the token's client id, so one client can neither replay nor probe (422) another's.  A request
+lacking its scope value is refused (400 `idempotency_key_invalid`) rather than sharing an empty
+scope with every other such request.  The request's fingerprint — method, path, query and a
+digest of its body (buffered, within the route's body limit) — goes with the record's key into
+the store's `begin`, one atomic step:
 - first use: the lock is ours; `ctx.idempotent_key` lets a later `retry` stage repeat the
   request; the upstream's response, whatever its status, is stored as it streams to the client
   (`_Recorder`), and completes the record when its body ends;
@@ -18,6 +23,9 @@ released — except after a response timeout once the request was sent, or a cli
 mid-request: the upstream may be acting on it, so the lock stays until it expires and a
 duplicate cannot run it twice.  A response over `max_response_bytes` completes the record
 without its body: duplicates get 409 for the whole `ttl` rather than a second execution.
+The store keeps the stage's records within `max_keys` and `max_bytes` by evicting completed
+ones (counted); a new key it cannot admit because only locks are left is a store failure,
+answered by `on_store_error` (503 `store_unavailable` by default).
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ import logging
 import math
 from typing import Final, final
 
-from gateway.config.model import IdempotencyConfig
+from gateway.config.model import IdempotencyConfig, IdempotencyTokenConfig
 from gateway.errors import (
     GatewayError,
     IdempotencyKeyInUse,
@@ -39,13 +47,15 @@ from gateway.errors import (
 )
 from gateway.http.messages import BodySink, BodyStream, Response
 from gateway.idempotency import TokenInvalid, verify_token
-from gateway.observability.metrics import Counter
+from gateway.identity import Part, identity_part
+from gateway.observability.metrics import Counter, GatewayMetrics
 from gateway.pipeline import Next, RequestContext
 from gateway.stores.base import (
     IN_USE,
     REPLAY,
     REUSED,
     IdempotencyRecords,
+    RecordsMeter,
     Store,
     StoredResponse,
     StoreError,
@@ -60,6 +70,46 @@ _LOCK_MARGIN: Final = 30.0
 
 def _opaque_key_ok(key: str) -> bool:
     return 1 <= len(key) <= 255 and all("!" <= c <= "~" for c in key)
+
+
+def length_prefixed(*parts: str) -> str:
+    """`parts` as one string no other parts give: each written as <length>:<text>."""
+    return "".join([f"{len(part)}:{part}" for part in parts])
+
+
+def record_key(scope_prefix: str, scope: str, client: str, key: str) -> str:
+    """A record's key: `scope_prefix` (the scope's kind, length-prefixed) then the scope's
+    value, the token's client id and the key as `length_prefixed` writes them — spelled out,
+    since a call per keyed request with varargs costs twice as much."""
+    return f"{scope_prefix}{len(scope)}:{scope}{len(client)}:{client}{len(key)}:{key}"
+
+
+def _certificate_scope(ctx: RequestContext) -> str | None:
+    sans = ctx.peer.client_sans
+    # each SAN length-prefixed, not comma-joined: a URI SAN may hold a comma, and two
+    # certificates must never share a scope
+    return length_prefixed(*sans) if sans else None
+
+
+def _scope_part(scope: str) -> Part | None:
+    """What reads a request's scope value; None for `none`."""
+    if scope == "none":
+        return None
+    if scope == "auto":
+        raise AssertionError("scope: auto is resolved by the loader")
+    return _certificate_scope if scope == "mtls:san" else identity_part(scope)
+
+
+def _scope_source(scope: str) -> str:
+    """Where a scope comes from, as the 400 for a request without it says."""
+    kind, _, name = scope.partition(":")
+    if kind == "header":
+        return f"the {name} header"
+    if kind == "jwt":
+        return f"the {name} claim of its token"
+    if kind == "mtls":
+        return "the SANs of its client certificate"
+    return "the client's address"
 
 
 @final
@@ -129,36 +179,52 @@ class IdempotencyStage:
         "_loop",
         "_methods",
         "_records",
+        "_scope_missing",
+        "_scope_part",
+        "_scope_prefix",
+        "_signed",
         "_total",
     )
 
     def __init__(
         self,
         config: IdempotencyConfig,
+        label: str,
         namespace: str,
         store: Store,
-        total: Counter,
+        metrics: GatewayMetrics,
         loop: asyncio.AbstractEventLoop,
     ) -> None:
         self._config = config
         self._header = config.header.lower()
         self._methods = frozenset(config.methods)
-        self._records: IdempotencyRecords = store.idempotency(namespace=namespace)
-        self._total = total
+        token = config.token
+        #: with `token:`, its settings and where the client id it is bound to comes from
+        self._signed: tuple[IdempotencyTokenConfig, Part] | None = (
+            None if token is None else (token, identity_part(token.client_id))
+        )
+        #: None for `scope: none` (the key alone)
+        self._scope_part = _scope_part(config.scope)
+        #: records written under another scope (before a reload) never match
+        self._scope_prefix = length_prefixed(config.scope)
+        self._scope_missing = (
+            f"this route keeps idempotency keys per client, by {_scope_source(config.scope)},"
+            " and the request has none"
+        )
+        meter = RecordsMeter(
+            metrics.idempotency_records.labels(label),
+            metrics.idempotency_records_bytes.labels(label),
+            metrics.idempotency_evictions_total.labels(label),
+        )
+        self._records: IdempotencyRecords = store.idempotency(
+            namespace=namespace, max_keys=config.max_keys, max_bytes=config.max_bytes, meter=meter
+        )
+        self._total: Counter = metrics.idempotency_total
         self._loop = loop
 
     def _count(self, ctx: RequestContext, outcome: str) -> None:
         ctx.outcome("idempotency", outcome)
         self._total.labels(ctx.route.name, outcome).inc()
-
-    def _client_id(self, ctx: RequestContext, source: str) -> str:
-        kind, _, arg = source.partition(":")
-        if kind == "jwt":
-            value = (ctx.claims or {}).get(arg)
-            return "" if value is None else str(value)
-        if kind == "mtls":
-            return ",".join(ctx.peer.client_sans or ())
-        return ctx.head.get_header(arg) or ""
 
     async def __call__(self, ctx: RequestContext, call_next: Next) -> Response:
         head = ctx.head
@@ -171,20 +237,8 @@ class IdempotencyStage:
                 self._count(ctx, "missing")
                 raise IdempotencyKeyMissing(f"this request needs an {config.header} header")
             return await call_next(ctx)
-        client = ""
-        token = config.token
-        if token is not None:
-            client = self._client_id(ctx, token.client_id)
-            try:
-                verify_token(key, token.secret, client, window=token.window)
-            except TokenInvalid as exc:
-                self._count(ctx, "invalid")
-                raise IdempotencyKeyInvalid(exc.reason) from None
-        elif not _opaque_key_ok(key):
-            self._count(ctx, "invalid")
-            raise IdempotencyKeyInvalid("a key is 1-255 visible ASCII characters")
+        scoped = self._scoped_key(ctx, key)
         fingerprint = await self._fingerprint(ctx)
-        scoped = f"{client}\x1f{key}"
         lock_ttl = ctx.route.timeout + _LOCK_MARGIN
         try:
             begin = await self._records.begin(scoped, fingerprint, lock_ttl)
@@ -225,6 +279,34 @@ class IdempotencyStage:
         self._count(ctx, "new")
         ctx.idempotent_key = True
         return await self._first(ctx, call_next, scoped)
+
+    def _scoped_key(self, ctx: RequestContext, key: str) -> str:
+        """The record's key, or a 400 for a key that is not valid here or a request that lacks
+        its scope: the scope's kind and value, the token's client id and the key, each
+        length-prefixed, so no two different combinations can share a record."""
+        client = ""
+        signed = self._signed
+        if signed is not None:
+            token, token_client = signed
+            client = token_client(ctx) or ""
+            try:
+                verify_token(key, token.secret, client, window=token.window)
+            except TokenInvalid as exc:
+                self._count(ctx, "invalid")
+                raise IdempotencyKeyInvalid(exc.reason) from None
+        elif not _opaque_key_ok(key):
+            self._count(ctx, "invalid")
+            raise IdempotencyKeyInvalid("a key is 1-255 visible ASCII characters")
+        scope = ""
+        scope_part = self._scope_part
+        if scope_part is not None:
+            value = scope_part(ctx)
+            if value is None:
+                # never the empty scope: every client without one would share it
+                self._count(ctx, "invalid")
+                raise IdempotencyKeyInvalid(self._scope_missing)
+            scope = value
+        return record_key(self._scope_prefix, scope, client, key)
 
     async def _fingerprint(self, ctx: RequestContext) -> str:
         head = ctx.head

@@ -13,7 +13,6 @@ bucket of the same policy (logged and counted) and `deny` answers 503 `store_una
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -22,6 +21,7 @@ from typing import Final, final
 from gateway.config.model import RateLimitConfig
 from gateway.errors import GatewayError, RateLimited, StoreUnavailable
 from gateway.http.messages import Response
+from gateway.identity import Part, client_ip, identity_part
 from gateway.observability.metrics import Counter, CounterChild, GatewayMetrics
 from gateway.pipeline import Next, RequestContext
 from gateway.stores.base import RateLimiter, Store, StoreError, Verdict
@@ -35,67 +35,28 @@ _SEPARATOR: Final = "\x1f"
 KeyPart = Callable[[RequestContext], str]
 
 
-def client_ip(ctx: RequestContext) -> str:
-    """The client's address: behind trusted proxies, the nearest untrusted X-Forwarded-For hop."""
-    peer = ctx.peer
-    forwarded = ctx.head.x_forwarded_for
-    if not peer.trusted or not forwarded:
-        return peer.ip
-    snapshot = ctx.snapshot
-    hops = forwarded.decode("latin-1").split(",")
-    for hop in reversed(hops):
-        address = hop.strip()
-        try:
-            ipaddress.ip_address(address)
-        except ValueError:
-            # a malformed hop was written by whoever came before it: the last trusted one
-            return peer.ip
-        if not snapshot.is_trusted(address):
-            return address
-    return hops[0].strip()
-
-
 def _route(ctx: RequestContext) -> str:
     return ctx.route.name
 
 
-def _header(name: str) -> KeyPart:
-    def part(ctx: RequestContext) -> str:
-        return ctx.head.get_header(name) or ""
+def _or_empty(part: Part) -> KeyPart:
+    def key(ctx: RequestContext) -> str:
+        return part(ctx) or ""
 
-    return part
-
-
-def _claim(name: str) -> KeyPart:
-    def part(ctx: RequestContext) -> str:
-        claims = ctx.claims
-        value = claims.get(name) if claims is not None else None
-        return "" if value is None else str(value)
-
-    return part
-
-
-def _mtls_san(ctx: RequestContext) -> str:
-    sans = ctx.peer.client_sans
-    return ",".join(sans) if sans else ""
+    return key
 
 
 def key_function(kinds: Sequence[str]) -> KeyPart:
     """The function building a request's key from the configured key kinds."""
     parts: list[KeyPart] = []
     for kind in kinds:
-        if kind == "client_ip":
-            parts.append(client_ip)
-        elif kind == "route":
+        if kind == "route":
             parts.append(_route)
-        elif kind == "mtls:san":
-            parts.append(_mtls_san)
-        elif kind.startswith("header:"):
-            parts.append(_header(kind.removeprefix("header:")))
-        elif kind.startswith("jwt:"):
-            parts.append(_claim(kind.removeprefix("jwt:")))
+        elif kind == "client_ip":
+            parts.append(client_ip)
         else:
-            raise AssertionError(f"unknown key kind {kind!r}")  # the loader refuses it
+            # a missing header, claim or certificate is a key of its own: the empty part
+            parts.append(_or_empty(identity_part(kind)))
     if len(parts) == 1:
         return parts[0]
 

@@ -11,12 +11,17 @@ leased and not yet spent.  A store that cannot answer raises `StoreError`; the s
 
 Idempotency records need atomicity, not speed: `IdempotencyRecords.begin` is one
 compare-and-set (in Redis, one Lua script: read the record, create the lock if there is none),
-so two replicas can never both believe they hold the first request.
+so two replicas can never both believe they hold the first request.  They are bounded
+(`max_keys`, `max_bytes`): a store makes room by dropping completed records, oldest first, and
+never a lock — a request in flight, or one whose outcome is unknown — so when only locks are
+left, `begin` of a new key raises `StoreError` rather than letting it run unprotected.
 """
 
 from __future__ import annotations
 
 from typing import Protocol, final
+
+from gateway.observability.metrics import CounterChild, GaugeChild
 
 
 class StoreError(Exception):
@@ -95,15 +100,37 @@ class Begin:
         self.retry_after = retry_after
 
 
+@final
+class RecordsMeter:
+    """Where a store reports one stage's records: how many, their bytes, and evictions (the
+    metric children of the stage's label; fresh ones that no registry renders by default)."""
+
+    __slots__ = ("evictions", "records", "size")
+
+    def __init__(
+        self,
+        records: GaugeChild | None = None,
+        size: GaugeChild | None = None,
+        evictions: CounterChild | None = None,
+    ) -> None:
+        self.records = records or GaugeChild()
+        #: bytes counted against max_bytes
+        self.size = size or GaugeChild()
+        #: completed records dropped before their ttl to stay within the bounds
+        self.evictions = evictions or CounterChild()
+
+
 class IdempotencyRecords(Protocol):
     """Records of one idempotency stage, by scoped key."""
 
     async def begin(self, key: str, fingerprint: str, lock_ttl: float) -> Begin:
-        """Atomically: the record's state, or a new in-flight lock held for `lock_ttl`."""
+        """Atomically: the record's state, or a new in-flight lock held for `lock_ttl`;
+        `StoreError` when a new lock cannot be admitted (the bounds are full of locks)."""
         ...
 
     async def complete(self, key: str, response: StoredResponse, ttl: float) -> None:
-        """The first request ended with `response`: keep it for duplicates for `ttl`."""
+        """The first request ended with `response`: keep it for duplicates for `ttl` (at least
+        that it ran, when its answer cannot fit)."""
         ...
 
     async def release(self, key: str) -> None:
@@ -120,6 +147,8 @@ class Store(Protocol):
         self, *, namespace: str, rate: float, per: float, burst: int, max_keys: int
     ) -> RateLimiter: ...
 
-    def idempotency(self, *, namespace: str) -> IdempotencyRecords: ...
+    def idempotency(
+        self, *, namespace: str, max_keys: int, max_bytes: int, meter: RecordsMeter
+    ) -> IdempotencyRecords: ...
 
     async def aclose(self) -> None: ...

@@ -10,61 +10,30 @@ from pathlib import Path
 from gateway.idempotency import mint_token
 from tests.support.faulty import faulty_upstreams
 from tests.support.gateway import port_of, running_gateway
-from tests.support.raw import RawResponse, close_writer, exchange, open_raw
+from tests.support.idempotency import code, idempotency_config, post
+from tests.support.raw import close_writer, exchange, open_raw
 
 SECRET = "idempotency-secret-for-tests-0123456789"
-
-
-def _config(urls: list[str], stage: str = "{}", extra: str = "") -> str:
-    endpoints = ", ".join(f'{{url: "{u}"}}' for u in urls)
-    return f"""
-listeners: [{{name: http, bind: "127.0.0.1:0"}}]
-admin: {{bind: "127.0.0.1:0"}}
-access_log: {{enabled: false}}
-upstreams:
-  app: {{endpoints: [{endpoints}], timeouts: {{response_header: 500ms}}}}
-routes:
-  - name: pay
-    match: {{path_prefix: /}}
-    upstream: app
-    pipeline:
-      - idempotency: {stage}{extra}
-"""
-
-
-async def _post(
-    port: int, key: str | None, body: bytes = b"amount=10", path: str = "/pay", headers: str = ""
-) -> RawResponse:
-    key_header = f"Idempotency-Key: {key}\r\n" if key is not None else ""
-    head = (
-        f"POST {path} HTTP/1.1\r\nHost: a\r\nContent-Length: {len(body)}\r\n"
-        f"{key_header}{headers}\r\n"
-    )
-    return await exchange(port, head.encode() + body)
-
-
-def _code(response: RawResponse) -> str:
-    return str(json.loads(response.body)["code"])
 
 
 async def test_replay_byte_for_byte_and_one_execution(tmp_path: Path) -> None:
     async with (
         faulty_upstreams("up") as [up],
-        running_gateway(tmp_path, _config([up.url])) as gw,
+        running_gateway(tmp_path, idempotency_config([up.url])) as gw,
     ):
         port = port_of(gw)
-        first = await _post(port, "order-1")
+        first = await post(port, "order-1")
         assert first.status == 200
         assert first.header("idempotent-replayed") is None
-        second = await _post(port, "order-1")
+        second = await post(port, "order-1")
         assert second.status == 200
         assert second.body == first.body
         assert second.header("x-endpoint") == "up"
         assert second.header("idempotent-replayed") == "true"
         assert up.requests["POST"] == 1
-        reused = await _post(port, "order-1", body=b"amount=99")
-        assert (reused.status, _code(reused)) == (422, "idempotency_key_reused")
-        other_path = await _post(port, "order-1", path="/refund")
+        reused = await post(port, "order-1", body=b"amount=99")
+        assert (reused.status, code(reused)) == (422, "idempotency_key_reused")
+        other_path = await post(port, "order-1", path="/refund")
         assert other_path.status == 422
         assert (await exchange(port, b"GET /pay HTTP/1.1\r\nHost: a\r\n\r\n")).status == 200
         assert up.requests["POST"] == 1
@@ -77,35 +46,35 @@ async def test_replay_byte_for_byte_and_one_execution(tmp_path: Path) -> None:
 async def test_missing_and_invalid_keys(tmp_path: Path) -> None:
     async with (
         faulty_upstreams("up") as [up],
-        running_gateway(tmp_path, _config([up.url])) as gw,
+        running_gateway(tmp_path, idempotency_config([up.url])) as gw,
     ):
         port = port_of(gw)
-        missing = await _post(port, None)
-        assert (missing.status, _code(missing)) == (400, "idempotency_key_missing")
+        missing = await post(port, None)
+        assert (missing.status, code(missing)) == (400, "idempotency_key_missing")
         for bad in ("x" * 256, "has space", "ünïcode"):
-            response = await _post(port, bad)
-            assert (response.status, _code(response)) == (400, "idempotency_key_invalid")
+            response = await post(port, bad)
+            assert (response.status, code(response)) == (400, "idempotency_key_invalid")
         assert up.total == 0
 
 
 async def test_fifty_concurrent_duplicates_execute_once(tmp_path: Path) -> None:
     async with (
         faulty_upstreams("up") as [up],
-        running_gateway(tmp_path, _config([up.url])) as gw,
+        running_gateway(tmp_path, idempotency_config([up.url])) as gw,
     ):
         port = port_of(gw)
         up.mode = "slow:0.3"
-        results = await asyncio.gather(*(_post(port, "same") for _ in range(50)))
+        results = await asyncio.gather(*(post(port, "same") for _ in range(50)))
         statuses = [r.status for r in results]
         assert up.requests["POST"] == 1
         assert statuses.count(200) >= 1
         assert set(statuses) <= {200, 409}
         for r in results:
             if r.status == 409:
-                assert _code(r) == "idempotency_key_in_use"
+                assert code(r) == "idempotency_key_in_use"
                 assert int(r.header("retry-after") or 0) >= 1
         # after completion every duplicate is a replay
-        again = await _post(port, "same")
+        again = await post(port, "same")
         assert again.header("idempotent-replayed") == "true"
         assert up.requests["POST"] == 1
 
@@ -113,45 +82,45 @@ async def test_fifty_concurrent_duplicates_execute_once(tmp_path: Path) -> None:
 async def test_upstream_errors_are_stored_gateway_errors_release(tmp_path: Path) -> None:
     async with (
         faulty_upstreams("up") as [up],
-        running_gateway(tmp_path, _config([up.url])) as gw,
+        running_gateway(tmp_path, idempotency_config([up.url])) as gw,
     ):
         port = port_of(gw)
         up.mode = "status:503"  # the upstream's own answer: stored, whatever its status
-        assert (await _post(port, "a")).status == 503
+        assert (await post(port, "a")).status == 503
         up.mode = "ok"
-        replay = await _post(port, "a")
+        replay = await post(port, "a")
         assert (replay.status, replay.header("idempotent-replayed")) == (503, "true")
         up.mode = "reset"  # no upstream response: the key is released
-        assert (await _post(port, "b")).status == 502
+        assert (await post(port, "b")).status == 502
         up.mode = "ok"
-        assert (await _post(port, "b")).status == 200
+        assert (await post(port, "b")).status == 200
         assert up.requests["POST"] == 3
 
 
 async def test_a_timeout_leaves_the_outcome_unknown(tmp_path: Path) -> None:
     async with (
         faulty_upstreams("up") as [up],
-        running_gateway(tmp_path, _config([up.url])) as gw,
+        running_gateway(tmp_path, idempotency_config([up.url])) as gw,
     ):
         port = port_of(gw)
         up.mode = "hang"
-        assert (await _post(port, "t")).status == 504
+        assert (await post(port, "t")).status == 504
         up.mode = "ok"
-        duplicate = await _post(port, "t")
-        assert (duplicate.status, _code(duplicate)) == (409, "idempotency_key_in_use")
+        duplicate = await post(port, "t")
+        assert (duplicate.status, code(duplicate)) == (409, "idempotency_key_in_use")
         assert up.requests["POST"] == 1
 
 
 async def test_large_responses_are_not_stored_but_never_run_twice(tmp_path: Path) -> None:
     async with faulty_upstreams("up") as [up]:
         stage = "{max_response_bytes: 1KiB}"
-        async with running_gateway(tmp_path, _config([up.url], stage)) as gw:
+        async with running_gateway(tmp_path, idempotency_config([up.url], stage)) as gw:
             port = port_of(gw)
             big = b"x" * 4096  # the upstream echoes the body back: over the limit
-            first = await _post(port, "big", body=big)
+            first = await post(port, "big", body=big)
             assert (first.status, first.body) == (200, big)
-            duplicate = await _post(port, "big", body=big)
-            assert (duplicate.status, _code(duplicate)) == (409, "idempotency_key_in_use")
+            duplicate = await post(port, "big", body=big)
+            assert (duplicate.status, code(duplicate)) == (409, "idempotency_key_in_use")
             assert "too large" in json.loads(duplicate.body)["detail"]
             assert up.requests["POST"] == 1
 
@@ -160,21 +129,21 @@ async def test_signed_tokens_bound_to_the_client(tmp_path: Path) -> None:
     stage = f"{{token: {{secret: {SECRET}, window: 5m, client_id: 'header:X-Client'}}}}"
     async with (
         faulty_upstreams("up") as [up],
-        running_gateway(tmp_path, _config([up.url], stage)) as gw,
+        running_gateway(tmp_path, idempotency_config([up.url], stage)) as gw,
     ):
         port = port_of(gw)
         token = mint_token(SECRET, "client-a")
-        ok = await _post(port, token, headers="X-Client: client-a\r\n")
+        ok = await post(port, token, headers="X-Client: client-a\r\n")
         assert ok.status == 200
-        stolen = await _post(port, token, headers="X-Client: client-b\r\n")
-        assert (stolen.status, _code(stolen)) == (400, "idempotency_key_invalid")
+        stolen = await post(port, token, headers="X-Client: client-b\r\n")
+        assert (stolen.status, code(stolen)) == (400, "idempotency_key_invalid")
         old = mint_token(SECRET, "client-a", unix_ms=1_000_000)
-        expired = await _post(port, old, headers="X-Client: client-a\r\n")
+        expired = await post(port, old, headers="X-Client: client-a\r\n")
         assert expired.status == 400
         assert "expired" in json.loads(expired.body)["detail"]
-        opaque = await _post(port, "plain-key", headers="X-Client: client-a\r\n")
+        opaque = await post(port, "plain-key", headers="X-Client: client-a\r\n")
         assert opaque.status == 400
-        replay = await _post(port, token, headers="X-Client: client-a\r\n")
+        replay = await post(port, token, headers="X-Client: client-a\r\n")
         assert replay.header("idempotent-replayed") == "true"
         assert up.requests["POST"] == 1
 
@@ -182,12 +151,12 @@ async def test_signed_tokens_bound_to_the_client(tmp_path: Path) -> None:
 async def test_a_keyed_post_is_retried_by_a_later_retry_stage(tmp_path: Path) -> None:
     extra = "\n      - retry: {attempts: 2, backoff: {base: 1ms, max: 2ms}}"
     async with faulty_upstreams("bad", "good") as [bad, good]:
-        config = _config([bad.url, good.url], "{}", extra)
+        config = idempotency_config([bad.url, good.url], "{}", extra)
         async with running_gateway(tmp_path, config) as gw:
             port = port_of(gw)
             bad.mode = "reset"
             for i in range(4):
-                response = await _post(port, f"k{i}")
+                response = await post(port, f"k{i}")
                 assert response.status == 200
                 assert response.header("x-endpoint") == "good"
             assert good.requests["POST"] == 4
@@ -196,8 +165,8 @@ async def test_a_keyed_post_is_retried_by_a_later_retry_stage(tmp_path: Path) ->
 async def test_records_do_not_survive_a_restart_with_the_memory_store(tmp_path: Path) -> None:
     async with faulty_upstreams("up") as [up]:
         for _ in range(2):
-            async with running_gateway(tmp_path, _config([up.url])) as gw:
-                assert (await _post(port_of(gw), "k")).status == 200
+            async with running_gateway(tmp_path, idempotency_config([up.url])) as gw:
+                assert (await post(port_of(gw), "k")).status == 200
         # documented: the memory store is per process; a restarted gateway runs it again
         assert up.requests["POST"] == 2
 
@@ -205,7 +174,7 @@ async def test_records_do_not_survive_a_restart_with_the_memory_store(tmp_path: 
 async def test_a_repeat_while_the_first_body_streams_waits(tmp_path: Path) -> None:
     async with (
         faulty_upstreams("up") as [up],
-        running_gateway(tmp_path, _config([up.url])) as gw,
+        running_gateway(tmp_path, idempotency_config([up.url])) as gw,
     ):
         port = port_of(gw)
         up.mode = "drip:0.5"
@@ -215,15 +184,15 @@ async def test_a_repeat_while_the_first_body_streams_waits(tmp_path: Path) -> No
         )
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
         assert head.startswith(b"HTTP/1.1 200")
-        during = await _post(port, "d", body=b"x")
-        assert (during.status, _code(during)) == (409, "idempotency_key_in_use")
+        during = await post(port, "d", body=b"x")
+        assert (during.status, code(during)) == (409, "idempotency_key_in_use")
         assert "still being sent" in json.loads(during.body)["detail"]
         rest = await asyncio.wait_for(reader.readuntil(b"0\r\n\r\n"), 5)
         assert b"second half" in rest
         await close_writer(writer)
         # the record is completed just after the body's end reaches the client
         for _ in range(100):
-            after = await _post(port, "d", body=b"x")
+            after = await post(port, "d", body=b"x")
             if after.status != 409:
                 break
             await asyncio.sleep(0.02)

@@ -8,7 +8,10 @@
 - "slow:S": answers 200 after S seconds;
 - "drip:S": sends the head and half the body (chunked) at once, the rest S seconds later.
 `/healthz` answers by `health` ("ok", "fail" → 503, or "hang") independently.  Every request is
-counted, by method, so tests can prove how many reached the upstream.
+counted, by method, so tests can prove how many reached the upstream; a request that names an id
+in `X-Test-Id` is also counted by that id (`executions`), and an "ok" answer to it says whose it
+was (`X-Executed-For` and a `session` cookie), so a test sees whose response a client got.  A
+request whose id is in `held` waits, once counted, until the test sets that event.
 """
 
 from __future__ import annotations
@@ -31,6 +34,10 @@ class FaultyUpstream:
         self.mode = "ok"
         self.health = "ok"
         self.requests: Counter[str] = Counter()
+        #: requests by their X-Test-Id: how often the upstream executed each operation
+        self.executions: Counter[str] = Counter()
+        #: X-Test-Id -> the event a request with that id waits for before it is answered
+        self.held: dict[str, asyncio.Event] = {}
         self.health_checks = 0
         self.in_flight = 0
         self.max_in_flight = 0
@@ -61,10 +68,16 @@ class FaultyUpstream:
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         self.requests[request.method] += 1
+        test_id = request.headers.get("X-Test-Id")
+        if test_id is not None:
+            self.executions[test_id] += 1
         self.arrived.set()
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
+            gate = self.held.get(test_id) if test_id is not None else None
+            if gate is not None:
+                await gate.wait()
             mode = self.mode
             if mode == "hang":
                 await asyncio.Event().wait()
@@ -84,7 +97,11 @@ class FaultyUpstream:
                 return drip
             if mode.startswith("slow:"):
                 await asyncio.sleep(float(mode.split(":")[1]))
-            return web.Response(body=body or self.name.encode(), headers={"X-Endpoint": self.name})
+            headers = {"X-Endpoint": self.name}
+            if test_id is not None:
+                headers["X-Executed-For"] = test_id
+                headers["Set-Cookie"] = f"session={test_id}"
+            return web.Response(body=body or self.name.encode(), headers=headers)
         finally:
             self.in_flight -= 1
 

@@ -13,6 +13,7 @@ from gateway.config.model import (
     HeaderEdits,
     HeadersConfig,
     HealthCheckConfig,
+    IdempotencyConfig,
     OutlierDetectionConfig,
     RateLimitConfig,
     RetryConfig,
@@ -89,6 +90,36 @@ routes:
             "[{idempotency: {max_response_bytes: 0}}]",
             "routes[0].pipeline[0].idempotency.max_response_bytes",
             "must be > 0",
+        ),
+        (
+            "[{idempotency: {max_keys: 0}}]",
+            "routes[0].pipeline[0].idempotency.max_keys",
+            "must be > 0",
+        ),
+        (
+            "[{idempotency: {max_bytes: 0}}]",
+            "routes[0].pipeline[0].idempotency.max_bytes",
+            "must be > 0",
+        ),
+        (
+            "[{idempotency: {max_bytes: 512KiB}}]",
+            "routes[0].pipeline[0].idempotency.max_bytes",
+            "at least max_response_bytes (1048576)",
+        ),
+        (
+            "[{idempotency: {scope: cookie}}]",
+            "routes[0].pipeline[0].idempotency.scope",
+            "must be auto, none, client_ip, header:NAME, jwt:CLAIM or mtls:san",
+        ),
+        (
+            "[{idempotency: {scope: 'jwt:sub'}}]",
+            "routes[0].pipeline[0]",
+            "idempotency scope jwt:sub needs a jwt stage before it",
+        ),
+        (
+            "[{idempotency: {scope: 'mtls:san'}}]",
+            "routes[0].pipeline[0]",
+            "idempotency scope mtls:san needs a mtls stage before it",
         ),
         (
             "[{jwt: {algorithms: [none], secret: " + "s" * 32 + "}}]",
@@ -366,3 +397,60 @@ routes:
     spec = config.routes[0].pipeline[0]
     assert secret not in repr(spec)
     assert secret not in repr(config)
+
+
+JWT = "{jwt: {algorithms: [HS256], secret: " + "s" * 32 + "}}"
+
+
+@pytest.mark.parametrize(
+    ("pipeline", "scope"),
+    [
+        ("[{idempotency: {}}]", "none"),
+        (f"[{JWT}, {{idempotency: {{}}}}]", "jwt:sub"),
+        (f"[{{idempotency: {{}}}}, {JWT}]", "none"),
+        (f"[{JWT}, {{idempotency: {{scope: client_ip}}}}]", "client_ip"),
+        ("[{idempotency: {scope: 'header:X-Tenant'}}]", "header:x-tenant"),
+    ],
+    ids=["alone", "after-jwt", "before-jwt", "explicit", "header"],
+)
+def test_idempotency_scope_auto_follows_the_earlier_stages(pipeline: str, scope: str) -> None:
+    config = parse_config(BASE + f"routes: [{{name: r, upstream: u, pipeline: {pipeline}}}]")
+    [idempotency] = [s.config for s in config.routes[0].pipeline if s.kind == "idempotency"]
+    assert idempotency == IdempotencyConfig(scope=scope)
+
+
+def test_an_idempotency_middleware_must_scope_alike_in_every_route() -> None:
+    middlewares = f"""
+middlewares:
+  auth: {JWT}
+  once: {{idempotency: {{}}}}
+  pinned: {{idempotency: {{scope: none}}}}
+"""
+    config = parse_config(
+        BASE
+        + middlewares
+        + """
+routes:
+  - {name: a, upstream: u, pipeline: [auth, once]}
+  - {name: b, upstream: u, pipeline: [auth, once, pinned]}
+  - {name: c, upstream: u, pipeline: [pinned]}
+""",
+        env={},
+    )
+    scopes = {
+        r.name: [s.config.scope for s in r.pipeline if isinstance(s.config, IdempotencyConfig)]
+        for r in config.routes
+    }
+    assert scopes == {"a": ["jwt:sub"], "b": ["jwt:sub", "none"], "c": ["none"]}
+    errors = errors_of(
+        middlewares
+        + """
+routes:
+  - {name: a, upstream: u, pipeline: [auth, once]}
+  - {name: b, upstream: u, pipeline: [once]}
+"""
+    )
+    assert errors == [
+        "routes[1].pipeline[0]: middleware 'once' has scope: auto, which is jwt:sub in"
+        " routes[0].pipeline[1] but none here (one instance serves both): set its scope"
+    ]

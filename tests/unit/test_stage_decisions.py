@@ -1,5 +1,6 @@
-"""Stage decisions with a fake `call_next`: what the retry stage repeats, and how a rate limit
-behaves when its store fails (a fault the memory store cannot produce)."""
+"""Stage decisions with a fake `call_next`: what the retry stage repeats, how a rate limit
+behaves when its store fails (a fault the memory store cannot produce), and how idempotency
+records are keyed by scope."""
 
 from __future__ import annotations
 
@@ -24,13 +25,14 @@ from gateway.http.messages import RequestHead, Response
 from gateway.idempotency import mint_token
 from gateway.observability.metrics import GatewayMetrics, Registry
 from gateway.pipeline import RequestContext
-from gateway.stages.idempotency import IdempotencyStage
+from gateway.stages.idempotency import IdempotencyStage, length_prefixed, record_key
 from gateway.stages.rate_limit import RateLimitStage
 from gateway.stages.retry import RetryStage
 from gateway.stores.base import (
     Begin,
     IdempotencyRecords,
     RateLimiter,
+    RecordsMeter,
     StoredResponse,
     StoreError,
     Verdict,
@@ -183,7 +185,9 @@ async def test_store_error_is_a_503_when_denied() -> None:
 
 
 class FailingIdempotencyStore(FailingStore):
-    def idempotency(self, *, namespace: str) -> IdempotencyRecords:
+    def idempotency(
+        self, *, namespace: str, max_keys: int, max_bytes: int, meter: RecordsMeter
+    ) -> IdempotencyRecords:
         return FailingRecords()
 
 
@@ -211,14 +215,12 @@ def _keyed(method: str = "POST", **headers: str) -> RequestContext:
 
 @pytest.mark.parametrize(("on_error", "status"), [("deny", 503), ("allow", 200)])
 async def test_idempotency_store_errors(on_error: str, status: int) -> None:
-    config = IdempotencyConfig(on_store_error="deny" if on_error == "deny" else "allow")
+    config = IdempotencyConfig(
+        scope="none", on_store_error="deny" if on_error == "deny" else "allow"
+    )
     metrics = GatewayMetrics(Registry())
     stage = IdempotencyStage(
-        config,
-        "t",
-        FailingIdempotencyStore(),
-        metrics.idempotency_total,
-        asyncio.get_running_loop(),
+        config, "app", "t", FailingIdempotencyStore(), metrics, asyncio.get_running_loop()
     )
     ctx = _keyed()
     if status == 503:
@@ -240,7 +242,12 @@ async def test_signed_keys_can_be_bound_to_a_claim_or_a_certificate() -> None:
     ):
         token = IdempotencyTokenConfig(secret=secret, client_id=source)
         stage = IdempotencyStage(
-            IdempotencyConfig(token=token), source, MemoryStore(), metrics.idempotency_total, loop
+            IdempotencyConfig(scope="none", token=token),
+            "app",
+            source,
+            MemoryStore(),
+            metrics,
+            loop,
         )
         ctx = _ctx("POST")
         setup(ctx)
@@ -251,3 +258,60 @@ async def test_signed_keys_can_be_bound_to_a_claim_or_a_certificate() -> None:
         other.head.headers = list(ctx.head.headers)  # same token, no identity: refused
         with pytest.raises(IdempotencyKeyInvalid):
             await stage(other, _ok)
+
+
+def _unprefix(text: str) -> list[str]:
+    """The parts `length_prefixed` joined, read back."""
+    parts = []
+    while text:
+        length, _, rest = text.partition(":")
+        parts.append(rest[: int(length)])
+        text = rest[int(length) :]
+    return parts
+
+
+@pytest.mark.parametrize(
+    "parts",
+    [
+        ("header:x-tenant", "a\x1fb", "", "c"),
+        ("header:x-tenant", "a", "", "b\x1fc"),
+        ("jwt:sub", "3:abc", "1:", "key"),
+        ("jwt:sub", "", "3:abc1:", "key"),
+        ("none", "", "", "12:x"),
+        ("mtls:san", "8:a,b.corp", "", ":"),
+    ],
+    ids=[
+        "separator-left",
+        "separator-right",
+        "prefix-like-scope",
+        "prefix-like-client",
+        "digits",
+        "colon",
+    ],
+)
+def test_record_keys_are_read_back_unambiguously(parts: tuple[str, str, str, str]) -> None:
+    # a record key decodes to exactly its parts, so two different scopes/clients/keys never meet
+    kind, scope, client, key = parts
+    assert _unprefix(record_key(length_prefixed(kind), scope, client, key)) == list(parts)
+    assert _unprefix(length_prefixed(*parts)) == list(parts)
+
+
+async def test_a_certificate_scope_keeps_san_lists_apart() -> None:
+    metrics = GatewayMetrics(Registry())
+    config = IdempotencyConfig(scope="mtls:san")
+    stage = IdempotencyStage(config, "app", "t", MemoryStore(), metrics, asyncio.get_running_loop())
+    executed: list[tuple[str, ...] | None] = []
+
+    async def upstream(ctx: RequestContext) -> Response:
+        executed.append(ctx.peer.client_sans)
+        return Response(200, [])
+
+    # comma-joined, these two certificates would be one client
+    for sans in (("spiffe://corp/a,b",), ("spiffe://corp/a", "b"), ("spiffe://corp/a,b",)):
+        ctx = _keyed()
+        ctx.peer.client_sans = sans
+        await stage(ctx, upstream)
+    assert executed == [("spiffe://corp/a,b",), ("spiffe://corp/a", "b")]
+    without = _keyed()
+    with pytest.raises(IdempotencyKeyInvalid, match="SANs of its client certificate"):
+        await stage(without, upstream)
