@@ -22,6 +22,7 @@ from typing import Any, Final, final
 
 import aiohttp
 
+from gateway.bearer import bearer_token, names_bearer
 from gateway.config.model import JwtConfig
 from gateway.errors import Unauthenticated
 from gateway.http.messages import Response
@@ -184,14 +185,17 @@ class JwtStage:
             head.headers = [(n, v) for n, v in head.headers if n.lower() not in drop]
         authorization = head.get_header("authorization")
         route = ctx.route.name
-        if authorization is None or authorization[:7].lower() != "bearer ":
+        token = bearer_token(authorization)
+        if token is None and (authorization is None or not names_bearer(authorization)):
             self._count(route, "missing")
             ctx.outcome("jwt", "missing")
             raise Unauthenticated(
                 "a bearer token is required", headers=[("WWW-Authenticate", _CHALLENGE)]
             )
         try:
-            claims = await self._claims(authorization[7:].strip())
+            if token is None:  # "Bearer" with garbled credentials
+                raise TokenRejected("malformed token")
+            claims = await self._claims(token)
         except TokenRejected as exc:
             result = "expired" if exc.expired else "invalid"
             self._count(route, result)

@@ -102,3 +102,32 @@ def token(
     else:
         signature = key.sign(signed.encode())
     return f"{signed}.{b64(signature)}"
+
+
+def jwt_config(source: str, *, upstream_port: int | None = None, extra: str = "") -> str:
+    """A gateway config with one route, `api`, behind a jwt stage keyed by `source` (e.g.
+    "jwks_file: /abs/jwks.json"); to an upstream on 127.0.0.1 or, without one, the echo handler.
+    `extra` is appended to the route's pipeline."""
+    upstreams = ""
+    upstream = "internal:echo"
+    if upstream_port is not None:
+        upstreams = (
+            f'upstreams:\n  app: {{endpoints: [{{url: "http://127.0.0.1:{upstream_port}"}}]}}\n'
+        )
+        upstream = "app"
+    return f"""\
+listeners: [{{name: http, bind: "127.0.0.1:0"}}]
+admin: {{bind: "127.0.0.1:0"}}
+access_log: {{enabled: false}}
+{upstreams}routes:
+  - name: api
+    match: {{path_prefix: /}}
+    upstream: {upstream}
+    pipeline:
+      - jwt:
+          issuer: https://idp.test
+          audiences: [api]
+          algorithms: [RS256, ES256]
+          {source}
+          forward_claims: {{sub: X-User-Id, scope: X-Scope}}{extra}
+"""
