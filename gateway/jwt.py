@@ -70,6 +70,34 @@ def b64url_decode(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
+_B64URL_ALPHABET: Final = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+_B64URL: Final = frozenset(_B64URL_ALPHABET)
+#: the last character of a segment 4k+2 long carries 2 bits and 4 unused ones, which canonical
+#: base64url leaves zero: only every 16th character of the alphabet ends such a segment
+_LAST_OF_2: Final = frozenset(_B64URL_ALPHABET[::16])
+#: ... and of a segment 4k+3 long, 4 bits and 2 unused: every 4th character
+_LAST_OF_3: Final = frozenset(_B64URL_ALPHABET[::4])
+
+
+def _is_canonical_b64url(segment: str) -> bool:
+    rest = len(segment) % 4
+    if rest == 1 or not _B64URL.issuperset(segment):
+        return False
+    return rest == 0 or segment[-1] in (_LAST_OF_2 if rest == 2 else _LAST_OF_3)
+
+
+def is_compact_jws(token: str) -> bool:
+    """Whether `token` is three segments of canonical unpadded base64url (RFC 7515 §7.1).
+
+    Lenient decoders (the standard library's, pyjwt's) translate `+`/`/`, drop whitespace and
+    padding and ignore a last character's unused bits, so many strings decode to one token.  We
+    accept only the one spelling an encoder writes: the token string is then the token, which is
+    what lets the cache of verified tokens be keyed by it.
+    """
+    parts = token.split(".")
+    return len(parts) == 3 and all(map(_is_canonical_b64url, parts))
+
+
 @dataclass(frozen=True, slots=True)
 class VerifyingKey:
     kid: str | None
@@ -183,9 +211,9 @@ class Policy:
 
 def verify(token: str, keys: Sequence[VerifyingKey], policy: Policy, now: float) -> dict[str, Any]:
     """The token's claims when it is authentic and valid now, else `TokenRejected`."""
-    parts = token.split(".")
-    if len(parts) != 3:
+    if not is_compact_jws(token):
         raise TokenRejected("malformed token")
+    parts = token.split(".")
     try:
         header = json.loads(b64url_decode(parts[0]))
         claims = json.loads(b64url_decode(parts[1]))

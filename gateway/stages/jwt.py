@@ -155,6 +155,10 @@ class JwtStage:
 
     async def _claims(self, token: str) -> dict[str, Any]:
         now = time.time()
+        # Keyed by the exact string: `verify` refuses every spelling but the canonical one
+        # (is_compact_jws) and only what it accepted is stored, so a misspelled token cannot be
+        # found here and goes on to be refused below.  Checking the spelling first instead
+        # would give the same answers and cost a cached request more than the lookup itself.
         cached = self._cache.get(token)
         if cached is not None:
             if now < cached[1]:

@@ -1,41 +1,35 @@
 """The jwt stage over real sockets: JWKS from a file and from a URL (with key rotation),
-401 answers, claims forwarded, spoofed claim headers dropped, rate limits keyed by a claim."""
+401 answers, misspelled tokens refused, claims forwarded, spoofed claim headers dropped, rate
+limits keyed by a claim."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from tests.integration.conftest import Seen
 from tests.support.gateway import port_of, running_gateway
 from tests.support.raw import RawResponse, exchange
-from tests.support.tokens import EcKey, RsaKey, claims, jwks, token
+from tests.support.tokens import (
+    MISSPELLINGS,
+    URL_SAFE_FILLER,
+    EcKey,
+    RsaKey,
+    claims,
+    jwks,
+    jwt_config,
+    token,
+)
 
 
 def _config(port: int, source: str, extra: str = "") -> str:
-    return f"""
-listeners: [{{name: http, bind: "127.0.0.1:0"}}]
-admin: {{bind: "127.0.0.1:0"}}
-access_log: {{enabled: false}}
-upstreams:
-  app: {{endpoints: [{{url: "http://127.0.0.1:{port}"}}]}}
-routes:
-  - name: api
-    match: {{path_prefix: /}}
-    upstream: app
-    pipeline:
-      - jwt:
-          issuer: https://idp.test
-          audiences: [api]
-          algorithms: [RS256, ES256]
-          {source}
-          forward_claims: {{sub: X-User-Id, scope: X-Scope}}{extra}
-"""
+    return jwt_config(source, upstream_port=port, extra=extra)
 
 
 async def _get(port: int, tok: str | None = None, headers: str = "") -> RawResponse:
@@ -134,3 +128,24 @@ async def test_rate_limit_keyed_by_a_claim(
         assert (await _get(port, alice)).status == 200
         assert (await _get(port, alice)).status == 429
         assert (await _get(port, bob)).status == 200
+
+
+#: a newline cannot be sent inside a header value: the request would not parse
+SENDABLE = [m for m in MISSPELLINGS if m[0] != "newline-inside"]
+
+
+@pytest.mark.parametrize("misspell", [m[1] for m in SENDABLE], ids=[m[0] for m in SENDABLE])
+async def test_a_misspelled_token_is_malformed(
+    tmp_path: Path, upstream: tuple[TestServer, Seen], misspell: Callable[[str], str]
+) -> None:
+    server, seen = upstream
+    key = RsaKey("k1")
+    (tmp_path / "jwks.json").write_bytes(jwks(key))
+    async with running_gateway(tmp_path, _config(server.port or 0, "jwks_file: jwks.json")) as gw:
+        port = port_of(gw)
+        canonical = token(key, claims(note=URL_SAFE_FILLER))
+        assert (await _get(port, canonical)).status == 200
+        refused = await _get(port, misspell(canonical))
+        assert refused.status == 401
+        assert 'error_description="malformed token"' in (refused.header("www-authenticate") or "")
+        assert len(seen.requests) == 1

@@ -7,6 +7,8 @@ import hashlib
 import hmac
 import json
 import time
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from cryptography.hazmat.primitives import hashes, serialization
@@ -23,9 +25,11 @@ def _int(value: int) -> str:
 
 
 class RsaKey:
-    def __init__(self, kid: str) -> None:
+    alg = "RS256"
+
+    def __init__(self, kid: str, bits: int = 2048) -> None:
         self.kid = kid
-        self.private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self.private = rsa.generate_private_key(public_exponent=65537, key_size=bits)
 
     def jwk(self) -> dict[str, str]:
         n = self.private.public_key().public_numbers()
@@ -40,23 +44,36 @@ class RsaKey:
         return self.private.sign(signed, padding.PKCS1v15(), hashes.SHA256())
 
 
+#: JWK curve name -> (curve, coordinate bytes, hash, JWS alg)
+_CURVES: dict[str, tuple[type[ec.EllipticCurve], int, type[hashes.HashAlgorithm], str]] = {
+    "P-256": (ec.SECP256R1, 32, hashes.SHA256, "ES256"),
+    "P-384": (ec.SECP384R1, 48, hashes.SHA384, "ES384"),
+    "P-521": (ec.SECP521R1, 66, hashes.SHA512, "ES512"),
+    "secp256k1": (ec.SECP256K1, 32, hashes.SHA256, "ES256K"),
+}
+
+
 class EcKey:
-    def __init__(self, kid: str) -> None:
+    def __init__(self, kid: str, curve: str = "P-256") -> None:
         self.kid = kid
-        self.private = ec.generate_private_key(ec.SECP256R1())
+        self.curve = curve
+        cls, self._size, self._hash, self.alg = _CURVES[curve]
+        self.private = ec.generate_private_key(cls())
 
     def jwk(self) -> dict[str, str]:
         n = self.private.public_key().public_numbers()
-        x, y = n.x.to_bytes(32, "big"), n.y.to_bytes(32, "big")
-        return {"kty": "EC", "kid": self.kid, "crv": "P-256", "x": b64(x), "y": b64(y)}
+        x, y = n.x.to_bytes(self._size, "big"), n.y.to_bytes(self._size, "big")
+        return {"kty": "EC", "kid": self.kid, "crv": self.curve, "x": b64(x), "y": b64(y)}
 
     def sign(self, signed: bytes) -> bytes:
-        r, s = decode_dss_signature(self.private.sign(signed, ec.ECDSA(hashes.SHA256())))
-        return r.to_bytes(32, "big") + s.to_bytes(32, "big")
+        r, s = decode_dss_signature(self.private.sign(signed, ec.ECDSA(self._hash())))
+        return r.to_bytes(self._size, "big") + s.to_bytes(self._size, "big")
 
 
-def jwks(*keys: RsaKey | EcKey) -> bytes:
-    return json.dumps({"keys": [k.jwk() for k in keys]}).encode()
+def jwks(*keys: RsaKey | EcKey | dict[str, Any] | object) -> bytes:
+    """A JWKS document; anything that is not one of our keys goes in as written (junk)."""
+    entries = [k.jwk() if isinstance(k, RsaKey | EcKey) else k for k in keys]
+    return json.dumps({"keys": entries}).encode()
 
 
 def claims(**extra: Any) -> dict[str, Any]:
@@ -79,22 +96,19 @@ def token(
     alg: str | None = None,
     kid: str | None = "default",
     secret: bytes | None = None,
+    header: dict[str, Any] | None = None,
 ) -> str:
-    """A compact JWT; `secret` signs with HMAC (alg HS256), `key` None with alg none."""
+    """A compact JWT; `secret` signs with HMAC (alg HS256), `key` None with alg none;
+    `header` adds (or overrides) header parameters."""
     if alg is None:
-        alg = (
-            "HS256"
-            if secret is not None
-            else "none"
-            if key is None
-            else ("RS256" if isinstance(key, RsaKey) else "ES256")
-        )
-    header: dict[str, Any] = {"alg": alg, "typ": "JWT"}
+        alg = "HS256" if secret is not None else "none" if key is None else key.alg
+    head: dict[str, Any] = {"alg": alg, "typ": "JWT"}
     if kid == "default" and key is not None:
-        header["kid"] = key.kid
+        head["kid"] = key.kid
     elif kid not in (None, "default"):
-        header["kid"] = kid
-    signed = f"{b64(json.dumps(header).encode())}.{b64(json.dumps(payload).encode())}"
+        head["kid"] = kid
+    head.update(header or {})
+    signed = f"{b64(json.dumps(head).encode())}.{b64(json.dumps(payload).encode())}"
     if secret is not None:
         signature = hmac.new(secret, signed.encode(), hashlib.sha256).digest()
     elif key is None:
@@ -102,6 +116,59 @@ def token(
     else:
         signature = key.sign(signed.encode())
     return f"{signed}.{b64(signature)}"
+
+
+# -- spellings of a token that decode to the same bytes ---------------------------------------
+# Each returns a variant of a canonical compact JWS that a lenient base64url decoder reads as
+# the same header, payload and signature.
+
+#: a claim value whose base64url always holds "-" and "_" ("?>?" -> "Pz4_", ">?>" -> "Pj8-")
+URL_SAFE_FILLER = "?>" * 12
+
+
+def with_std_alphabet(tok: str) -> str:
+    """'-' and '_' spelled as the standard alphabet's '+' and '/'."""
+    variant = tok.translate(str.maketrans("-_", "+/"))
+    assert variant != tok, "the token holds no '-' or '_': add URL_SAFE_FILLER to a claim"
+    return variant
+
+
+def with_padding(tok: str) -> str:
+    """Each segment padded with '=' to a multiple of 4, as standard base64 writes it."""
+    return ".".join(s + "=" * (-len(s) % 4) for s in tok.split("."))
+
+
+def with_inner_space(tok: str, space: str = " ") -> str:
+    """Four `space`s inserted in the middle of the signature (four, so that a decoder that drops
+    whitespace finds the length, and so the padding, it expects)."""
+    head, body, sig = tok.split(".")
+    return f"{head}.{body}.{sig[:10]}{space * 4}{sig[10:]}"
+
+
+_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+
+
+def with_noncanonical_tail(tok: str) -> str:
+    """The signature's last character with an unused low bit set: the same bytes decode."""
+    head, body, sig = tok.split(".")
+    assert len(sig) % 4 in (2, 3), "the signature has no unused bits"
+    last = _ALPHABET.index(sig[-1])
+    assert last % 4 == 0  # canonical: the unused bits are zero
+    return f"{head}.{body}.{sig[:-1]}{_ALPHABET[last | 1]}"
+
+
+#: (id, misspell): spellings of a canonical token that a lenient decoder reads as the same
+#: header, payload and signature, or that are not three segments at all; none may verify
+MISSPELLINGS: list[tuple[str, Callable[[str], str]]] = [
+    ("std-alphabet", with_std_alphabet),
+    ("padded", with_padding),
+    ("space-inside", with_inner_space),
+    ("tab-inside", partial(with_inner_space, space="\t")),
+    ("newline-inside", partial(with_inner_space, space="\n")),
+    ("noncanonical-last-char", with_noncanonical_tail),
+    ("four-segments", lambda tok: tok + ".e30"),
+    ("two-segments", lambda tok: tok.rsplit(".", 1)[0]),
+]
 
 
 def jwt_config(source: str, *, upstream_port: int | None = None, extra: str = "") -> str:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -13,10 +15,20 @@ from gateway.jwt import (
     TokenRejected,
     VerifyingKey,
     hmac_key,
+    is_compact_jws,
     keys_from_jwks,
     verify,
 )
-from tests.support.tokens import EcKey, RsaKey, b64, claims, jwks, token
+from tests.support.tokens import (
+    MISSPELLINGS,
+    URL_SAFE_FILLER,
+    EcKey,
+    RsaKey,
+    b64,
+    claims,
+    jwks,
+    token,
+)
 
 POLICY = Policy(
     issuer="https://idp.test",
@@ -106,3 +118,32 @@ def test_jwks_problems() -> None:
     with pytest.raises(JwksProblem, match="not JSON"):
         keys_from_jwks(b"{")
     assert "none" not in ALGORITHMS
+
+
+_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+
+
+def _reencodes_to_itself(segment: str) -> bool:
+    """What canonical means: a lenient decode, encoded again, gives the segment back."""
+    if len(segment) % 4 == 1:
+        return False
+    return b64(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))) == segment
+
+
+def test_canonical_base64url_against_a_round_trip() -> None:
+    # every 1- and 2-character segment, every last character after 2 and after 5 characters
+    segments = [""] + list(_ALPHABET) + [a + b for a in _ALPHABET for b in _ALPHABET]
+    segments += [f"{p}{c}" for p in ("Zm", "QUJDRE") for c in _ALPHABET]
+    for segment in segments:
+        expected = _reencodes_to_itself(segment)
+        assert is_compact_jws(f"e30.{segment}.e30") is expected, segment
+        assert is_compact_jws(f"{segment}.e30.{segment}") is expected, segment
+    for junk in ("e30+", "e30/", "e30=", "e3 0", "e30\n", "é30", "e30."):
+        assert not is_compact_jws(f"e30.{junk}.e30"), junk
+
+
+@pytest.mark.parametrize("misspell", [m[1] for m in MISSPELLINGS], ids=[m[0] for m in MISSPELLINGS])
+def test_a_misspelled_token_is_malformed(misspell: Callable[[str], str]) -> None:
+    canonical = token(RSA, claims(note=URL_SAFE_FILLER))
+    assert verify(canonical, KEYS, POLICY, time.time())["note"] == URL_SAFE_FILLER
+    _reject(misspell(canonical), "malformed token")

@@ -1,7 +1,9 @@
-"""The jwt stage with a fake `call_next`: the Authorization forms it takes."""
+"""The jwt stage with a fake `call_next`: token spellings that must never verify (nor find the
+cache of the canonical one), and the Authorization forms it takes."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,15 @@ from gateway.pipeline import RequestContext
 from gateway.runtime.snapshot import Snapshot
 from gateway.stages.jwt import JwtStage
 from tests.support.context import make_context, make_snapshot
-from tests.support.tokens import RsaKey, claims, jwks, jwt_config, token
+from tests.support.tokens import (
+    MISSPELLINGS,
+    URL_SAFE_FILLER,
+    RsaKey,
+    claims,
+    jwks,
+    jwt_config,
+    token,
+)
 
 GOOD = RsaKey("good")
 
@@ -34,6 +44,19 @@ async def _call(stage: JwtStage, snapshot: Snapshot, authorization: str | None) 
     if authorization is not None:
         head.headers.append((b"Authorization", authorization.encode("latin-1")))
     return await stage(make_context(head, snapshot=snapshot, route="api"), _ok)
+
+
+@pytest.mark.parametrize("misspell", [m[1] for m in MISSPELLINGS], ids=[m[0] for m in MISSPELLINGS])
+async def test_a_misspelled_token_is_malformed_even_when_its_canonical_form_is_cached(
+    tmp_path: Path, misspell: Callable[[str], str]
+) -> None:
+    stage, snapshot = _build(tmp_path, jwks(GOOD))
+    canonical = token(GOOD, claims(note=URL_SAFE_FILLER))
+    assert (await _call(stage, snapshot, f"Bearer {canonical}")).status == 200  # now cached
+    with pytest.raises(Unauthenticated) as info:
+        await _call(stage, snapshot, f"Bearer {misspell(canonical)}")
+    assert info.value.detail == "malformed token"
+    assert 'error_description="malformed token"' in dict(info.value.headers)["WWW-Authenticate"]
 
 
 AUTHORIZATION_FORMS = [
