@@ -5,6 +5,10 @@ in any case (RFC 9110 §11.1); the token is taken exactly as sent — never trim
 otherwise normalized — so the string a caller compares or caches is the one on the wire.
 Anything that is not exactly this form, including any byte outside ASCII, gives None: a caller
 answers 401, never an encoding error.
+
+`bearer_credentials` is the cheap half (no pass over the token's characters) for a caller that
+checks them more strictly itself: the jwt stage, whose tokens must be canonical base64url, a
+subset of token68.  Everything else takes `bearer_token`.
 """
 
 from __future__ import annotations
@@ -12,20 +16,32 @@ from __future__ import annotations
 import re
 from typing import Final
 
-# re.ASCII: a case-insensitive match must not fold non-ASCII look-alikes into the scheme
-_BEARER: Final = re.compile(r"(?i:bearer) +([A-Za-z0-9\-._~+/]+=*)", re.ASCII)
-_SCHEME: Final = re.compile(r"(?i:bearer)(?:[ \t]|\Z)", re.ASCII)
+_TOKEN68: Final = re.compile(r"[A-Za-z0-9\-._~+/]+=*", re.ASCII)
+_SCHEME: Final = "bearer"
+
+
+def bearer_credentials(authorization: str | None) -> str | None:
+    """What follows `Bearer` (any case) and its spaces, characters not checked; None when the
+    value is not of that form or nothing follows."""
+    if authorization is None:
+        return None
+    scheme = authorization[:6]
+    # isascii: lower() must not fold a non-ASCII look-alike into the scheme
+    if not (scheme.isascii() and scheme.lower() == _SCHEME and authorization[6:7] == " "):
+        return None
+    return authorization[7:].lstrip(" ") or None
 
 
 def bearer_token(authorization: str | None) -> str | None:
     """The token68 of a `Bearer` credential, or None for anything else."""
-    if authorization is None:
+    credentials = bearer_credentials(authorization)
+    if credentials is None or _TOKEN68.fullmatch(credentials) is None:
         return None
-    match = _BEARER.fullmatch(authorization)
-    return match.group(1) if match is not None else None
+    return credentials
 
 
 def names_bearer(authorization: str) -> bool:
-    """Whether the value uses the Bearer scheme at all, so that when `bearer_token` finds no
-    token the credentials are garbled rather than absent (RFC 6750 §3.1 tells them apart)."""
-    return _SCHEME.match(authorization) is not None
+    """Whether the value uses the Bearer scheme at all, so that when no token comes out of it
+    the credentials are garbled rather than absent (RFC 6750 §3.1 tells them apart)."""
+    scheme = authorization[:6]
+    return scheme.isascii() and scheme.lower() == _SCHEME and authorization[6:7] in ("", " ", "\t")
