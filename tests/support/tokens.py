@@ -12,7 +12,7 @@ from functools import partial
 from typing import Any
 
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 
@@ -74,6 +74,49 @@ def jwks(*keys: RsaKey | EcKey | dict[str, Any] | object) -> bytes:
     """A JWKS document; anything that is not one of our keys goes in as written (junk)."""
     entries = [k.jwk() if isinstance(k, RsaKey | EcKey) else k for k in keys]
     return json.dumps({"keys": entries}).encode()
+
+
+def _unusable_keys() -> list[tuple[str, object, str]]:
+    p256 = EcKey("p256").jwk()
+    d = EcKey("priv").private.private_numbers().private_value.to_bytes(32, "big")
+    ed = ed448.Ed448PrivateKey.generate().public_key()
+    raw = ed.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return [
+        ("rsa-1024", RsaKey("weak", bits=1024).jwk(), "weak"),
+        ("ec-secp256k1", EcKey("k1", "secp256k1").jwk(), "unsupported"),
+        ("oct", {"kty": "oct", "kid": "shared", "k": b64(b"x" * 32)}, "symmetric"),
+        ("unknown-kty", {"kty": "PQC", "kid": "pq", "pub": "AAAA"}, "unsupported"),
+        ("unknown-crv", {**p256, "kid": "p192", "crv": "P-192"}, "unsupported"),
+        ("okp-ed448", {"kty": "OKP", "crv": "Ed448", "kid": "ed448", "x": b64(raw)}, "unsupported"),
+        ("use-enc", {**p256, "kid": "enc", "use": "enc"}, "not_for_signing"),
+        ("key-ops-encrypt", {**p256, "kid": "ops", "key_ops": ["encrypt"]}, "not_for_signing"),
+        ("alg-of-another-family", {**p256, "kid": "fam", "alg": "RS256"}, "unsupported"),
+        ("alg-none", {**p256, "kid": "nil", "alg": "none"}, "unsupported"),
+        ("alg-not-a-string", {**p256, "kid": "list", "alg": ["ES256"]}, "unsupported"),
+        ("crv-not-a-string", {**p256, "kid": "crv", "crv": ["P-256"]}, "unsupported"),
+        ("private-key", {**p256, "kid": "priv", "d": b64(d)}, "private"),
+        ("bad-base64", {"kty": "RSA", "kid": "b64", "n": "n+/=!", "e": "AQAB"}, "malformed"),
+        ("n-not-a-string", {"kty": "RSA", "kid": "num", "n": 12345, "e": "AQAB"}, "malformed"),
+        ("missing-n", {"kty": "RSA", "kid": "non", "e": "AQAB"}, "malformed"),
+        ("missing-y", {k: v for k, v in p256.items() if k != "y"} | {"kid": "noy"}, "malformed"),
+        ("point-off-curve", {**p256, "kid": "off", "y": b64(bytes(31) + b"\x01")}, "malformed"),
+        ("short-coordinate", {**p256, "kid": "x31", "x": b64(bytes(31))}, "malformed"),
+        ("kid-not-a-string", {**p256, "kid": 7}, "malformed"),
+        ("not-an-object", "junk", "malformed"),
+        ("null", None, "malformed"),
+        ("array", [p256], "malformed"),
+    ]
+
+
+def key_material(entry: object) -> list[str]:
+    """The long string members of a JWK (n, x, y, d, k …): what must never reach a log line."""
+    values = entry.values() if isinstance(entry, dict) else []
+    return [v for v in values if isinstance(v, str) and len(v) >= 16]
+
+
+#: (id, JWKS entry, the reason it is skipped) — one of every kind of key a JWKS may hold that
+#: cannot verify our tokens; none of them has the kid "good"
+UNUSABLE_KEYS: list[tuple[str, object, str]] = _unusable_keys()
 
 
 def claims(**extra: Any) -> dict[str, Any]:

@@ -1,8 +1,9 @@
-"""The jwt stage with a fake `call_next`: token spellings that must never verify (nor find the
-cache of the canonical one), and the Authorization forms it takes."""
+"""The jwt stage with a fake `call_next`: key sets holding unusable keys, token spellings that
+must never verify (nor find the cache of the canonical one), and the Authorization forms taken."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,11 +17,13 @@ from gateway.stages.jwt import JwtStage
 from tests.support.context import make_context, make_snapshot
 from tests.support.tokens import (
     MISSPELLINGS,
+    UNUSABLE_KEYS,
     URL_SAFE_FILLER,
     RsaKey,
     claims,
     jwks,
     jwt_config,
+    key_material,
     token,
 )
 
@@ -44,6 +47,22 @@ async def _call(stage: JwtStage, snapshot: Snapshot, authorization: str | None) 
     if authorization is not None:
         head.headers.append((b"Authorization", authorization.encode("latin-1")))
     return await stage(make_context(head, snapshot=snapshot, route="api"), _ok)
+
+
+@pytest.mark.parametrize(
+    ("entry", "reason"),
+    [pytest.param(e, r, id=i) for i, e, r in UNUSABLE_KEYS],
+)
+async def test_an_unusable_key_leaves_the_rest_of_a_jwks_file_working(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, entry: object, reason: str
+) -> None:
+    with caplog.at_level(logging.WARNING, "gateway.jwt"):
+        stage, snapshot = _build(tmp_path, jwks(entry, GOOD))
+    response = await _call(stage, snapshot, f"Bearer {token(GOOD, claims())}")
+    assert response.status == 200
+    [line] = caplog.messages
+    assert f"({reason}: " in line
+    assert not [m for m in key_material(entry) if m in line]
 
 
 @pytest.mark.parametrize("misspell", [m[1] for m in MISSPELLINGS], ids=[m[0] for m in MISSPELLINGS])
