@@ -2,7 +2,8 @@
 
 /healthz, /readyz and /metrics are open (probes and scrapers); /admin/* needs the bearer token
 when one is configured.  The token is read from the backend on every call, so a reload that
-changes it applies at once; it is compared in constant time and never logged.
+changes it applies at once; it is compared in constant time, as bytes, and never logged.  Any
+credential that is not exactly `Bearer <token68>` (scheme in any case) is a 401, never a 500.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import uuid
 from typing import Any, Protocol
 
 from aiohttp import web
+
+from gateway.bearer import bearer_token
 
 
 class AdminBackend(Protocol):
@@ -52,21 +55,26 @@ def _json(data: object, status: int = 200) -> web.Response:
     )
 
 
+def _is_authorized(request: web.Request, token: str) -> bool:
+    given = bearer_token(request.headers.get("Authorization"))
+    if given is None:
+        return False
+    # the given token is ASCII (token68); the configured one may be anything YAML can hold
+    return hmac.compare_digest(given.encode("ascii"), token.encode("utf-8", "surrogatepass"))
+
+
 @web.middleware
 async def _guard(request: web.Request, handler: Any) -> web.StreamResponse:
     if request.path.startswith("/admin/"):
         token = request.app[_BACKEND].admin_token()
-        if token:
-            given = request.headers.get("Authorization", "")
-            expected = f"Bearer {token}"
-            if not hmac.compare_digest(given.encode(), expected.encode()):
-                return _problem(
-                    401,
-                    "unauthenticated",
-                    "Unauthorized",
-                    "the admin API needs a bearer token",
-                    **{"WWW-Authenticate": 'Bearer realm="gateway-admin"'},
-                )
+        if token and not _is_authorized(request, token):
+            return _problem(
+                401,
+                "unauthenticated",
+                "Unauthorized",
+                "the admin API needs a bearer token",
+                **{"WWW-Authenticate": 'Bearer realm="gateway-admin"'},
+            )
     try:
         response: web.StreamResponse = await handler(request)
     except web.HTTPMethodNotAllowed as exc:

@@ -1,32 +1,52 @@
 """JSON Web Tokens: keys from a JWKS or a secret, and verification with explicit algorithms.
 
 Pure and synchronous: a token, the keys and `now` in, claims or a `TokenRejected` out.  The
-defences are structural rather than checks bolted on:
-- the algorithm list is the configuration's, never the token's: `alg` must be one of them, and
-  `none` can never be configured;
-- each key knows its family (RSA, EC curve, OKP, or an HMAC secret) and verifies only
-  algorithms of that family, so a public key can never be used as an HMAC secret
-  (the RS256/HS256 "key confusion" attack) and an HMAC route never holds public keys;
-- a `kid` in the token selects the key; without one, only a key set of exactly one usable key is
-  tried;
-- `exp`, `nbf`, `iss`, `aud` and required claims are checked after the signature, with `leeway`.
+cryptography is pyjwt's — the library our users check their own tokens with: `jwt.PyJWK` builds
+each key from its JWK, and `PyJWS.decode_complete` checks a signature under one key and an
+explicit algorithm list.  Our policy sits on top, and wins wherever pyjwt would decide
+differently:
+
+- Spelling: a token must be three segments of canonical unpadded base64url (`is_compact_jws`).
+  pyjwt accepts `=` padding (and older releases translate `+`/`/` and drop stray characters), so
+  one token could be spelled many ways; we accept only the one spelling an encoder writes.
+- Algorithms come from the configuration, never the token: `alg` must be one of them, `none` can
+  never be configured (nor is it registered with our `PyJWS`), and pyjwt is handed only the
+  token's `alg` after our checks.
+- Key families: each key verifies only algorithms of its own family — RSA, one EC curve
+  (ES256 needs P-256, never P-384), Ed25519, or an HMAC secret — narrowed to the JWK's own `alg`
+  when it names one.  So a public key can never be an HMAC secret (the RS256/HS256 confusion)
+  and an HMAC stage never holds public keys.  pyjwt 2.15 also matches an EC key's curve to `alg`;
+  we do not rely on it.
+- Keys: a `kid` selects the key; without one, only a set of exactly one key for that `alg` is
+  tried.  Keys embedded in a token (`jwk`, `jku`, `x5u`, `x5c`) are never used.
+- Unusable JWKs are skipped one by one with a bounded reason, and the rest of the set works.
+  `PyJWKSet` would drop some silently and keep others we refuse: RSA under 2048 bits, secp256k1,
+  private keys, `use: enc` keys, symmetric keys published in a JWKS.
+- Key length: pyjwt only warns about short keys unless told to refuse them.  We refuse them when
+  the keys are read (RSA under 2048 bits, an HMAC secret shorter than its hash, RFC 7518 §3.2) and
+  still run pyjwt with `enforce_minimum_key_length`, so a warning can never reach the request path.
+- `crit`: refused whatever it lists (pyjwt accepts RFC 7797's `b64`, a detached payload).
+- Claims are ours, not pyjwt's: pyjwt refuses a future `iat`, refuses any `aud` when no audience
+  is configured, reads `exp`/`nbf` with `int()` (strings, booleans, truncated floats), takes an
+  issuer from a list, wants `sub`/`jti` to be strings and calls a null claim missing.  We check,
+  after the signature: `exp` and `nbf` as finite JSON numbers with `leeway`, `iss` equal to the
+  one configured, `aud` (a string or a list) holding one of the configured audiences when any
+  are, and each required claim present.
 """
 
 from __future__ import annotations
 
 import base64
-import binascii
-import hashlib
-import hmac
 import json
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Literal
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
-from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from cryptography.hazmat.primitives.asymmetric import rsa
+from jwt import PyJWK
+from jwt.api_jws import PyJWS
+from jwt.exceptions import InvalidKeyError, InvalidSignatureError, InvalidTokenError
 
 HMAC_ALGORITHMS: Final = frozenset({"HS256", "HS384", "HS512"})
 PUBLIC_KEY_ALGORITHMS: Final = frozenset(
@@ -34,21 +54,38 @@ PUBLIC_KEY_ALGORITHMS: Final = frozenset(
 )
 ALGORITHMS: Final = HMAC_ALGORITHMS | PUBLIC_KEY_ALGORITHMS
 
-
-def _hash(bits: str) -> hashes.HashAlgorithm:
-    if bits == "256":
-        return hashes.SHA256()
-    return hashes.SHA384() if bits == "384" else hashes.SHA512()
-
-
-_HMAC_HASHES: Final = {"HS256": hashlib.sha256, "HS384": hashlib.sha384, "HS512": hashlib.sha512}
-_EC_CURVES: Final = {"ES256": "P-256", "ES384": "P-384", "ES512": "P-521"}
-_CURVE_SIZES: Final = {"P-256": 32, "P-384": 48, "P-521": 66}
-_CURVE_CLASSES: Final[dict[str, type[ec.EllipticCurve]]] = {
-    "P-256": ec.SECP256R1,
-    "P-384": ec.SECP384R1,
-    "P-521": ec.SECP521R1,
+#: what a key of each family may verify
+_FAMILY_ALGORITHMS: Final[Mapping[str, frozenset[str]]] = {
+    "RSA": frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"}),
+    "EC:P-256": frozenset({"ES256"}),
+    "EC:P-384": frozenset({"ES384"}),
+    "EC:P-521": frozenset({"ES512"}),
+    "OKP:Ed25519": frozenset({"EdDSA"}),
+    "HMAC": HMAC_ALGORITHMS,
 }
+#: the algorithm pyjwt is told to read a JWK of each family with (any of the family's would do)
+_READER_ALGORITHM: Final = {
+    "RSA": "RS256",
+    "EC:P-256": "ES256",
+    "EC:P-384": "ES384",
+    "EC:P-521": "ES512",
+    "OKP:Ed25519": "EdDSA",
+}
+#: the public members each key type needs, all base64url
+_PUBLIC_MEMBERS: Final = {"RSA": ("n", "e"), "EC": ("x", "y"), "OKP": ("x",)}
+_PRIVATE_MEMBERS: Final = ("d", "p", "q", "dp", "dq", "qi", "oth")
+_MIN_RSA_BITS: Final = 2048
+#: RFC 7518 §3.2: an HMAC key at least as long as the hash output
+_HMAC_MIN_BYTES: Final = {"HS256": 32, "HS384": 48, "HS512": 64}
+
+#: pyjwt, with only our algorithms registered ("none" is not), refusing short keys outright
+_JWS: Final = PyJWS(
+    algorithms=sorted(ALGORITHMS),
+    options={"verify_signature": True, "enforce_minimum_key_length": True},
+)
+
+#: why a JWK was left out; a bounded set, used as a metric label
+SkipReason = Literal["malformed", "unsupported", "weak", "symmetric", "private", "not_for_signing"]
 
 
 class TokenRejected(Exception):
@@ -64,10 +101,46 @@ class JwksProblem(Exception):
     """A JWKS or secret that cannot be used (a configuration problem)."""
 
 
-def b64url_decode(text: str) -> bytes:
-    if not text or "=" in text:
-        raise ValueError("not unpadded base64url")
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+# -- spelling --------------------------------------------------------------------------------
+
+_B64URL_ALPHABET: Final = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+_B64URL: Final = frozenset(_B64URL_ALPHABET)
+#: the last character of a segment 4k+2 long carries 2 bits and 4 unused ones, which canonical
+#: base64url leaves zero: only every 16th character of the alphabet ends such a segment
+_LAST_OF_2: Final = frozenset(_B64URL_ALPHABET[::16])
+#: ... and of a segment 4k+3 long, 4 bits and 2 unused: every 4th character
+_LAST_OF_3: Final = frozenset(_B64URL_ALPHABET[::4])
+
+
+def _is_canonical_b64url(segment: str) -> bool:
+    rest = len(segment) % 4
+    if rest == 1 or not _B64URL.issuperset(segment):
+        return False
+    return rest == 0 or segment[-1] in (_LAST_OF_2 if rest == 2 else _LAST_OF_3)
+
+
+def is_compact_jws(token: str) -> bool:
+    """Whether `token` is three segments of canonical unpadded base64url (RFC 7515 §7.1).
+
+    Lenient decoders (the standard library's, pyjwt's) translate `+`/`/`, drop whitespace and
+    padding and ignore a last character's unused bits, so many strings decode to one token.  We
+    accept only the one spelling an encoder writes: the token string is then the token, which is
+    what lets the cache of verified tokens be keyed by it.
+    """
+    parts = token.split(".")
+    return len(parts) == 3 and all(map(_is_canonical_b64url, parts))
+
+
+def _is_b64url_member(value: object) -> bool:
+    """A JWK member fit to decode: base64url, padding tolerated (it is our issuer's key, not a
+    token, so only garbage matters here, not its spelling)."""
+    if not isinstance(value, str):
+        return False
+    text = value.rstrip("=")
+    return bool(text) and len(value) - len(text) <= 2 and _B64URL.issuperset(text)
+
+
+# -- keys ------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,101 +148,164 @@ class VerifyingKey:
     kid: str | None
     #: "RSA", "EC:P-256" …, "OKP:Ed25519" or "HMAC"
     family: str
+    #: a cryptography public key, or an HMAC secret's bytes
     key: Any
+    #: what it may verify: its family's algorithms, narrowed to its JWK's `alg` if that names one
+    algorithms: frozenset[str]
 
     def accepts(self, alg: str) -> bool:
-        if self.family == "HMAC":
-            return alg in HMAC_ALGORITHMS
-        if self.family == "RSA":
-            return alg[:2] in ("RS", "PS")
-        if self.family.startswith("EC:"):
-            return _EC_CURVES.get(alg) == self.family[3:]
-        return self.family == "OKP:Ed25519" and alg == "EdDSA"
-
-    def verify(self, alg: str, signed: bytes, signature: bytes) -> bool:
-        try:
-            if self.family == "HMAC":
-                expected = hmac.new(self.key, signed, _HMAC_HASHES[alg]).digest()
-                return hmac.compare_digest(expected, signature)
-            if self.family == "RSA":
-                digest = _hash(alg[2:])
-                pad: padding.AsymmetricPadding = (
-                    padding.PKCS1v15()
-                    if alg.startswith("RS")
-                    else padding.PSS(padding.MGF1(digest), padding.PSS.DIGEST_LENGTH)
-                )
-                self.key.verify(signature, signed, pad, digest)
-                return True
-            if self.family.startswith("EC:"):
-                size = _CURVE_SIZES[self.family[3:]]
-                if len(signature) != 2 * size:
-                    return False
-                r = int.from_bytes(signature[:size], "big")
-                s = int.from_bytes(signature[size:], "big")
-                der = encode_dss_signature(r, s)
-                self.key.verify(der, signed, ec.ECDSA(_hash(alg[2:])))
-                return True
-            self.key.verify(signature, signed)
-            return True
-        except InvalidSignature:
-            return False
+        return alg in self.algorithms
 
 
-def _int(value: object) -> int:
-    if not isinstance(value, str):
-        raise JwksProblem("a key parameter is not a string")
-    return int.from_bytes(b64url_decode(value), "big")
+@dataclass(frozen=True, slots=True)
+class SkippedKey:
+    """A JWK that cannot verify tokens.  `detail` is our own wording: never key material."""
+
+    kid: str | None
+    reason: SkipReason
+    detail: str
+
+    def __str__(self) -> str:
+        named = "a key without kid" if self.kid is None else _shown(self.kid)
+        return f"{named} ({self.reason}: {self.detail})"
 
 
-def key_from_jwk(jwk: Mapping[str, Any]) -> VerifyingKey | None:
-    """A verifying key from one JWK; None for keys not meant for signatures."""
-    if jwk.get("use") not in (None, "sig"):
-        return None
-    kid = jwk.get("kid")
-    kid = str(kid) if kid is not None else None
-    kty = jwk.get("kty")
-    try:
-        if kty == "RSA":
-            public = rsa.RSAPublicNumbers(_int(jwk.get("e")), _int(jwk.get("n"))).public_key()
-            if public.key_size < 2048:
-                raise JwksProblem(f"RSA key {kid!r} is shorter than 2048 bits")
-            return VerifyingKey(kid, "RSA", public)
-        if kty == "EC":
-            curve = str(jwk.get("crv"))
-            if curve not in _CURVE_CLASSES:
-                raise JwksProblem(f"EC key {kid!r} has an unsupported curve {curve!r}")
-            numbers = ec.EllipticCurvePublicNumbers(
-                _int(jwk.get("x")), _int(jwk.get("y")), _CURVE_CLASSES[curve]()
-            )
-            return VerifyingKey(kid, f"EC:{curve}", numbers.public_key())
-        if kty == "OKP" and jwk.get("crv") == "Ed25519":
-            raw = b64url_decode(str(jwk.get("x")))
-            return VerifyingKey(kid, "OKP:Ed25519", ed25519.Ed25519PublicKey.from_public_bytes(raw))
-    except (ValueError, binascii.Error) as exc:
-        raise JwksProblem(f"key {kid!r} is malformed: {exc}") from None
-    if kty == "oct":
-        # a JWKS is for public keys: a shared secret published there is a mistake
-        raise JwksProblem("symmetric (oct) keys do not belong in a JWKS; use `secret`")
+@dataclass(frozen=True, slots=True)
+class KeySet:
+    """What a JWKS holds: the keys that can verify, and the entries left out."""
+
+    keys: tuple[VerifyingKey, ...]
+    skipped: tuple[SkippedKey, ...]
+
+    def usable_for(self, algorithms: Collection[str]) -> tuple[VerifyingKey, ...]:
+        return tuple(k for k in self.keys if not k.algorithms.isdisjoint(algorithms))
+
+    def no_key_problem(self, algorithms: Collection[str]) -> str:
+        """Why the set has nothing for `algorithms`, for an error message or `last_error`."""
+        text = f"the JWKS holds no usable signature key for {', '.join(sorted(algorithms))}"
+        if self.keys:
+            text += f" ({len(self.keys)} for other algorithms)"
+        if self.skipped:
+            text += "; skipped: " + "; ".join(map(str, self.skipped))
+        return text
+
+
+def _shown(value: object) -> str:
+    """A value from a JWKS in a message: its repr, cut short."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _family(jwk: Mapping[str, Any]) -> str | None:
+    kty, crv = jwk.get("kty"), jwk.get("crv")
+    if kty == "RSA":
+        return "RSA"
+    if kty == "EC" and crv in ("P-256", "P-384", "P-521"):
+        return f"EC:{crv}"
+    if kty == "OKP" and crv == "Ed25519":
+        return "OKP:Ed25519"
     return None
 
 
-def keys_from_jwks(document: bytes) -> list[VerifyingKey]:
+def _unwanted(jwk: Mapping[str, Any]) -> tuple[SkipReason, str] | None:
+    """Why a JWK is not meant for verifying our signatures at all; None if it may be."""
+    use, ops = jwk.get("use"), jwk.get("key_ops")
+    if use not in (None, "sig") or (
+        ops is not None and (not isinstance(ops, list) or "verify" not in ops)
+    ):
+        return "not_for_signing", "its use/key_ops do not include verifying signatures"
+    if jwk.get("kty") == "oct":
+        return "symmetric", "a symmetric (oct) key does not belong in a JWKS; use `secret`"
+    return None
+
+
+def _unfit(jwk: Mapping[str, Any], family: str) -> tuple[SkipReason, str] | None:
+    """Why a JWK of a family we verify with is still no key for us; None if it is one."""
+    if any(name in jwk for name in _PRIVATE_MEMBERS):
+        return "private", "it holds private key material; a JWKS publishes public keys"
+    alg = jwk.get("alg")
+    if alg is not None and (not isinstance(alg, str) or alg not in _FAMILY_ALGORITHMS[family]):
+        return "unsupported", f"alg {_shown(alg)} is not one a {family} key verifies"
+    for name in _PUBLIC_MEMBERS[family.partition(":")[0]]:
+        if not _is_b64url_member(jwk.get(name)):
+            return "malformed", f"member {name!r} is missing or not base64url"
+    return None
+
+
+def _read_key(entry: object) -> VerifyingKey | SkippedKey:
+    if not isinstance(entry, dict):
+        return SkippedKey(None, "malformed", "not a JSON object")
+    kid = entry.get("kid")
+    if kid is not None and not isinstance(kid, str):
+        return SkippedKey(None, "malformed", "its kid is not a string")
+    why = _unwanted(entry)
+    if why is not None:
+        return SkippedKey(kid, *why)
+    family = _family(entry)
+    if family is None:
+        curve = f" on curve {_shown(entry.get('crv'))}" if "crv" in entry else ""
+        detail = f"key type {_shown(entry.get('kty'))}{curve} is not one we verify with"
+        return SkippedKey(kid, "unsupported", detail)
+    why = _unfit(entry, family)
+    if why is not None:
+        return SkippedKey(kid, *why)
+    named = entry.get("alg")
+    try:
+        # pyjwt picks its JWK reader by algorithm; every algorithm of a family reads the same key
+        key = PyJWK(entry, algorithm=named or _READER_ALGORITHM[family]).key
+    except Exception:
+        # whatever pyjwt or cryptography make of a hostile entry, it costs that entry only (a
+        # fetch task that died here would never refresh again); their messages quote the whole
+        # JWK, so they are never passed on
+        return SkippedKey(kid, "malformed", f"not a valid {family} public key")
+    if isinstance(key, rsa.RSAPublicKey) and key.key_size < _MIN_RSA_BITS:
+        detail = f"an RSA key of {key.key_size} bits, under {_MIN_RSA_BITS}"
+        return SkippedKey(kid, "weak", detail)
+    allowed = _FAMILY_ALGORITHMS[family] if named is None else frozenset({named})
+    return VerifyingKey(kid, family, key, allowed)
+
+
+def read_jwks(document: bytes) -> KeySet:
+    """The keys of a JWKS document, each unusable entry skipped with its reason.
+
+    Raises `JwksProblem` only when the document is not a JWKS at all; a set whose every key was
+    skipped is an empty `KeySet`, for the caller to judge (`usable_for`, `no_key_problem`).
+    """
     try:
         data = json.loads(document)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise JwksProblem(f"not JSON: {exc}") from None
     if not isinstance(data, dict) or not isinstance(data.get("keys"), list):
         raise JwksProblem('a JWKS is {"keys": [...]}')
-    keys = [k for k in (key_from_jwk(j) for j in data["keys"] if isinstance(j, dict)) if k]
-    if not keys:
-        raise JwksProblem("the JWKS holds no signature key")
-    return keys
+    keys: list[VerifyingKey] = []
+    skipped: list[SkippedKey] = []
+    for entry in data["keys"]:
+        read = _read_key(entry)
+        if isinstance(read, VerifyingKey):
+            keys.append(read)
+        else:
+            skipped.append(read)
+    return KeySet(tuple(keys), tuple(skipped))
 
 
-def hmac_key(secret: str) -> VerifyingKey:
-    if len(secret.encode()) < 32:
-        raise JwksProblem("an HMAC secret must be at least 32 bytes")
-    return VerifyingKey(None, "HMAC", secret.encode())
+def hmac_key(secret: str, algorithms: Collection[str]) -> VerifyingKey:
+    """The key for a `secret`, for the HS* algorithms among `algorithms`."""
+    raw = secret.encode()
+    hs = sorted(a for a in algorithms if a in HMAC_ALGORITHMS) or ["HS256"]
+    strongest = max(hs, key=_HMAC_MIN_BYTES.__getitem__)
+    if len(raw) < _HMAC_MIN_BYTES[strongest]:
+        need = _HMAC_MIN_BYTES[strongest]
+        raise JwksProblem(f"an HMAC secret must be at least {need} bytes for {strongest}")
+    try:
+        # pyjwt refuses, on every verification, a secret that looks like a PEM/DER key or a
+        # JWK; say so once, at load
+        _JWS.get_algorithm_by_name(strongest).prepare_key(raw)
+    except InvalidKeyError:
+        raise JwksProblem("the secret looks like a public key or a JWK, not a secret") from None
+    return VerifyingKey(None, "HMAC", raw, frozenset(hs))
+
+
+# -- tokens ----------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,45 +319,69 @@ class Policy:
 
 def verify(token: str, keys: Sequence[VerifyingKey], policy: Policy, now: float) -> dict[str, Any]:
     """The token's claims when it is authentic and valid now, else `TokenRejected`."""
-    parts = token.split(".")
-    if len(parts) != 3:
+    if not is_compact_jws(token):
         raise TokenRejected("malformed token")
-    try:
-        header = json.loads(b64url_decode(parts[0]))
-        claims = json.loads(b64url_decode(parts[1]))
-    except (ValueError, binascii.Error):
-        raise TokenRejected("malformed token") from None
-    if not isinstance(header, dict) or not isinstance(claims, dict):
-        raise TokenRejected("malformed token")
+    header = _header(token)
     alg = header.get("alg")
     if not isinstance(alg, str) or alg not in policy.algorithms:
         raise TokenRejected("algorithm not allowed")
     if "crit" in header:
         raise TokenRejected("unsupported critical header")
-    kid = header.get("kid")
-    candidates = [k for k in keys if k.accepts(alg)]
-    if kid is not None:
-        candidates = [k for k in candidates if k.kid == str(kid)]
-        if not candidates:
-            raise TokenRejected("unknown key id")
-    elif len(candidates) != 1:
-        raise TokenRejected("token names no key id")
-    try:
-        signature = b64url_decode(parts[2])
-    except (ValueError, binascii.Error):
-        raise TokenRejected("malformed token") from None
-    signed = f"{parts[0]}.{parts[1]}".encode("ascii")
-    if not candidates[0].verify(alg, signed, signature):
-        raise TokenRejected("invalid signature")
+    key = _select_key(keys, alg, header.get("kid"))
+    claims = _signed_claims(token, key, alg)
     _check_claims(claims, policy, now)
     return claims
+
+
+def _header(token: str) -> dict[str, Any]:
+    segment = token[: token.index(".")]
+    # canonical base64url already (is_compact_jws): only its JSON can be wrong
+    return _json_object(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
+
+
+def _json_object(raw: bytes) -> dict[str, Any]:
+    try:
+        value = json.loads(raw)
+    except (ValueError, RecursionError):  # JSON and UTF-8 errors are ValueErrors
+        raise TokenRejected("malformed token") from None
+    if not isinstance(value, dict):
+        raise TokenRejected("malformed token")
+    return value
+
+
+def _select_key(keys: Sequence[VerifyingKey], alg: str, kid: object) -> VerifyingKey:
+    candidates = [k for k in keys if k.accepts(alg)]
+    if kid is None:
+        if len(candidates) != 1:
+            raise TokenRejected("token names no key id")
+        return candidates[0]
+    if not isinstance(kid, str):
+        raise TokenRejected("malformed token")
+    for key in candidates:
+        if key.kid == kid:
+            return key
+    raise TokenRejected("unknown key id")
+
+
+def _signed_claims(token: str, key: VerifyingKey, alg: str) -> dict[str, Any]:
+    try:
+        decoded = _JWS.decode_complete(token, key.key, algorithms=[alg])
+    except InvalidSignatureError:
+        raise TokenRejected("invalid signature") from None
+    except InvalidKeyError:
+        # unreachable by construction (families and lengths are checked when keys are read);
+        # if pyjwt ever disagrees with them, the token is refused, never let through
+        raise TokenRejected("invalid signature") from None
+    except InvalidTokenError:
+        raise TokenRejected("malformed token") from None
+    return _json_object(decoded["payload"])
 
 
 def _number(claims: Mapping[str, Any], name: str) -> float | None:
     value = claims.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise TokenRejected(f"claim {name} is not a number")
     return float(value)
 

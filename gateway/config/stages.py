@@ -43,7 +43,7 @@ from gateway.config.reader import (
 from gateway.config.units import parse_duration
 from gateway.errors import ConfigError
 from gateway.http.headers import REQUEST_DROP, RESPONSE_DROP
-from gateway.jwt import ALGORITHMS, HMAC_ALGORITHMS, JwksProblem, hmac_key, keys_from_jwks
+from gateway.jwt import ALGORITHMS, HMAC_ALGORITHMS, JwksProblem, hmac_key, read_jwks
 
 _LATER_KINDS: Final[dict[str, str]] = {}
 KINDS: Final = frozenset(
@@ -440,7 +440,7 @@ def _jwt(r: Reader, raw: object, path: str) -> StageConfig | None:
     secret = r.get(m, "secret", path, as_str, None)
     if secret is not None:
         try:
-            hmac_key(secret)
+            hmac_key(secret, algorithms)
         except JwksProblem as exc:
             r.error(f"{path}.secret", str(exc))
     digest = ""
@@ -452,9 +452,10 @@ def _jwt(r: Reader, raw: object, path: str) -> StageConfig | None:
             content = found.read_bytes()
             digest = hashlib.sha256(content).hexdigest()
             try:
-                usable = [k for k in keys_from_jwks(content) if any(map(k.accepts, algorithms))]
-                if not usable:
-                    r.error(f"{path}.jwks_file", "holds no key for the configured algorithms")
+                # unusable keys are skipped (the stage logs and counts them); none left is an error
+                keyset = read_jwks(content)
+                if not keyset.usable_for(algorithms):
+                    r.error(f"{path}.jwks_file", keyset.no_key_problem(algorithms))
             except JwksProblem as exc:
                 r.error(f"{path}.jwks_file", str(exc))
     url = r.get(m, "jwks_url", path, as_str, None)

@@ -528,6 +528,12 @@ class GatewayMetrics:
         self.jwt_total = r.counter(
             "gateway_jwt_total", "Bearer tokens checked, by result.", ("route", "result")
         )
+        # reasons are gateway.jwt.SkipReason, a fixed set
+        self.jwt_keys_skipped_total = r.counter(
+            "gateway_jwt_keys_skipped_total",
+            "JWKS entries left out because they cannot verify tokens, each time a set is read.",
+            ("reason",),
+        )
         self.retries_total = r.counter(
             "gateway_retries_total", "Upstream attempts after the first.", ("route", "upstream")
         )

@@ -51,7 +51,8 @@ def build_stage(spec: StageSpec, env: BuildContext) -> Stage:
             config, spec.label, spec.owner, env.stores[config.store], env.metrics, env.loop
         )
     if isinstance(config, JwtConfig):
-        return JwtStage(config, env.metrics.jwt_total, env.loop)
+        metrics = env.metrics
+        return JwtStage(config, metrics.jwt_total, metrics.jwt_keys_skipped_total, env.loop)
     if isinstance(config, MtlsConfig):
         return MtlsStage(config)
     if isinstance(config, RateLimitConfig):

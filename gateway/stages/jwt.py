@@ -3,11 +3,17 @@
 Keys come from a JWKS file (read when the stage is built; a changed file is a changed stage), a
 JWKS URL (fetched with aiohttp off the request path, refreshed every `jwks_refresh`, and at
 once — at most every `_MIN_REFETCH` seconds — when a token names a key id it does not know, which
-is how key rotation reaches us), or an HMAC `secret`.  Verified tokens are remembered in a
-bounded LRU until their `exp` (never longer), so a repeated token costs a dict lookup, not a
-signature check.  Claims go into `ctx.claims` (rate-limit keys use them) and, per
-`forward_claims`, into headers for the upstream; a client's own copies of those headers are
-always removed first, so they cannot be spoofed.
+is how key rotation reaches us), or an HMAC `secret`.  A JWKS entry that cannot verify tokens is
+skipped, logged (kid and reason, never key material) and counted in
+`gateway_jwt_keys_skipped_total{reason}` each time a set is read; the rest of the set works.  A
+fetched set with no usable key leaves the keys we had in place, with `last_error` saying why, as
+a failed fetch does: an issuer's bad publication must not log everyone out.
+
+Verified tokens are remembered in a bounded LRU until their `exp` (never longer), keyed by the
+exact token string, so a repeated token costs a dict lookup, not a signature check.  Claims go
+into `ctx.claims` (rate-limit keys use them) and, per `forward_claims`, into headers for the
+upstream; a client's own copies of those headers are always removed first, so they cannot be
+spoofed.
 """
 
 from __future__ import annotations
@@ -22,16 +28,19 @@ from typing import Any, Final, final
 
 import aiohttp
 
+from gateway.bearer import bearer_credentials, names_bearer
 from gateway.config.model import JwtConfig
 from gateway.errors import Unauthenticated
 from gateway.http.messages import Response
 from gateway.jwt import (
     JwksProblem,
+    KeySet,
     Policy,
+    SkippedKey,
     TokenRejected,
     VerifyingKey,
     hmac_key,
-    keys_from_jwks,
+    read_jwks,
     verify,
 )
 from gateway.observability.metrics import Counter
@@ -48,14 +57,51 @@ _FETCH_WAIT: Final = 2.0
 _CHALLENGE: Final = 'Bearer realm="gateway"'
 
 
+def _count_skipped(skipped: tuple[SkippedKey, ...], counter: Counter) -> None:
+    for key in skipped:
+        counter.labels(key.reason).inc()
+
+
+def _log_skipped(source: str, skipped: tuple[SkippedKey, ...]) -> None:
+    for key in skipped:
+        # kid, reason and our own words (SkippedKey.__str__): never the key's members
+        log.warning("JWKS %s: skipped %s", source, key)
+
+
+def _usable(keyset: KeySet, algorithms: frozenset[str]) -> tuple[VerifyingKey, ...]:
+    keys = keyset.usable_for(algorithms)
+    if not keys:
+        raise JwksProblem(keyset.no_key_problem(algorithms))
+    return keys
+
+
+def _keys_from_file(path: str, algorithms: frozenset[str], skipped: Counter) -> list[VerifyingKey]:
+    with open(path, "rb") as f:
+        keyset = read_jwks(f.read())
+    _log_skipped(path, keyset.skipped)
+    _count_skipped(keyset.skipped, skipped)
+    return list(_usable(keyset, algorithms))
+
+
 class JwksFetcher:
     """Keys from a JWKS URL, refreshed in the background."""
 
-    def __init__(self, url: str, refresh: float, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        url: str,
+        refresh: float,
+        algorithms: frozenset[str],
+        skipped: Counter,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
         self.url = url
         self.refresh = refresh
         self.keys: list[VerifyingKey] = []
         self.last_error: str | None = None
+        self._algorithms = algorithms
+        self._skipped = skipped
+        #: what the last set read skipped, so an unchanged set is not logged at every refresh
+        self._skipped_before: tuple[SkippedKey, ...] = ()
         self._loop = loop
         #: when a token last made us fetch for an unknown key id (bounded, against floods of
         #: made-up key ids)
@@ -63,9 +109,16 @@ class JwksFetcher:
         self._pending: asyncio.Task[None] | None = None
         self._task: asyncio.Task[None] | None = loop.create_task(self._run())
 
+    def _fetching(self) -> asyncio.Task[None]:
+        """The fetch in flight, or a new one: the refresh loop and requests share it, so there
+        is never more than one at a time."""
+        if self._pending is None or self._pending.done():
+            self._pending = self._loop.create_task(self.fetch())
+        return self._pending
+
     async def _run(self) -> None:
         while True:
-            await self.fetch()
+            await asyncio.shield(self._fetching())
             await asyncio.sleep(self.refresh)
 
     async def fetch(self) -> None:
@@ -77,14 +130,22 @@ class JwksFetcher:
             ):
                 if response.status != 200:
                     raise JwksProblem(f"status {response.status}")
-                keys = keys_from_jwks(await response.read())
+                keyset = read_jwks(await response.read())
+            self._report(keyset.skipped)
+            keys = _usable(keyset, self._algorithms)
         except (aiohttp.ClientError, TimeoutError, JwksProblem) as exc:
             # keep the keys we had: a JWKS endpoint down must not log everyone out
             self.last_error = f"{type(exc).__name__}: {exc}"
             log.warning("JWKS fetch from %s failed: %s", self.url, self.last_error)
             return
-        self.keys = keys
+        self.keys = list(keys)
         self.last_error = None
+
+    def _report(self, skipped: tuple[SkippedKey, ...]) -> None:
+        _count_skipped(skipped, self._skipped)
+        if skipped != self._skipped_before:
+            _log_skipped(self.url, skipped)
+            self._skipped_before = skipped
 
     async def current(self, *, unknown_kid: bool = False) -> list[VerifyingKey]:
         """The keys; fetched now when there are none yet, or a token named an unknown key."""
@@ -93,10 +154,8 @@ class JwksFetcher:
         if due:
             if unknown_kid:
                 self._kid_fetch_at = now
-            if self._pending is None or self._pending.done():
-                self._pending = self._loop.create_task(self.fetch())
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._pending), _FETCH_WAIT)
+                await asyncio.wait_for(asyncio.shield(self._fetching()), _FETCH_WAIT)
         return self.keys
 
     def close(self) -> None:
@@ -119,23 +178,31 @@ class JwtStage:
         "_total",
     )
 
-    def __init__(self, config: JwtConfig, total: Counter, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        config: JwtConfig,
+        total: Counter,
+        skipped: Counter,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        algorithms = frozenset(config.algorithms)
         self._policy = Policy(
             issuer=config.issuer,
             audiences=config.audiences,
-            algorithms=frozenset(config.algorithms),
+            algorithms=algorithms,
             leeway=config.leeway,
             required_claims=config.required_claims,
         )
         self._keys: list[VerifyingKey] = []
         self._fetcher: JwksFetcher | None = None
         if config.secret is not None:
-            self._keys = [hmac_key(config.secret)]
+            self._keys = [hmac_key(config.secret, algorithms)]
         elif config.jwks_file is not None:
-            with open(config.jwks_file, "rb") as f:
-                self._keys = keys_from_jwks(f.read())
+            self._keys = _keys_from_file(config.jwks_file, algorithms, skipped)
         elif config.jwks_url is not None:
-            self._fetcher = JwksFetcher(config.jwks_url, config.jwks_refresh, loop)
+            self._fetcher = JwksFetcher(
+                config.jwks_url, config.jwks_refresh, algorithms, skipped, loop
+            )
         self._forward = [(c, h.encode("latin-1")) for c, h in config.forward_claims]
         self._forward_names = frozenset(
             h.lower().encode("latin-1") for _, h in config.forward_claims
@@ -154,6 +221,10 @@ class JwtStage:
 
     async def _claims(self, token: str) -> dict[str, Any]:
         now = time.time()
+        # Keyed by the exact string: `verify` refuses every spelling but the canonical one
+        # (is_compact_jws) and only what it accepted is stored, so a misspelled token cannot be
+        # found here and goes on to be refused below.  Checking the spelling first instead
+        # would give the same answers and cost a cached request more than the lookup itself.
         cached = self._cache.get(token)
         if cached is not None:
             if now < cached[1]:
@@ -184,14 +255,19 @@ class JwtStage:
             head.headers = [(n, v) for n, v in head.headers if n.lower() not in drop]
         authorization = head.get_header("authorization")
         route = ctx.route.name
-        if authorization is None or authorization[:7].lower() != "bearer ":
+        # not bearer_token: its pass over the characters would cost a cached request more than
+        # the lookup; `verify` holds a token to canonical base64url, stricter than token68
+        token = bearer_credentials(authorization)
+        if token is None and (authorization is None or not names_bearer(authorization)):
             self._count(route, "missing")
             ctx.outcome("jwt", "missing")
             raise Unauthenticated(
                 "a bearer token is required", headers=[("WWW-Authenticate", _CHALLENGE)]
             )
         try:
-            claims = await self._claims(authorization[7:].strip())
+            if token is None:  # "Bearer" with garbled credentials
+                raise TokenRejected("malformed token")
+            claims = await self._claims(token)
         except TokenRejected as exc:
             result = "expired" if exc.expired else "invalid"
             self._count(route, result)
@@ -218,6 +294,11 @@ class JwtStage:
         if self._fetcher is not None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._fetcher.current(), limit)
+
+    @property
+    def jwks_error(self) -> str | None:
+        """Why the last JWKS fetch was not taken (None when it was, or keys are not fetched)."""
+        return None if self._fetcher is None else self._fetcher.last_error
 
     def close(self) -> None:
         if self._fetcher is not None:

@@ -82,6 +82,34 @@ async def test_admin_endpoints_and_token(edge: Gateway) -> None:
             assert (await r.json())["ok"] is True
 
 
+ADMIN_CREDENTIALS = [
+    ("right-token", b"Authorization: Bearer s3cret\r\n", 200),
+    ("lower-case-scheme", b"Authorization: bearer s3cret\r\n", 200),
+    ("upper-case-scheme", b"Authorization: BEARER s3cret\r\n", 200),
+    ("two-spaces", b"Authorization: Bearer  s3cret\r\n", 200),
+    ("not-utf8", b"Authorization: Bearer \xff\r\n", 401),
+    ("not-ascii-after-token", b"Authorization: Bearer s3cret\xc3\xa9\r\n", 401),
+    ("wrong-token", b"Authorization: Bearer s3cre7\r\n", 401),
+    ("token-prefix", b"Authorization: Bearer s3c\r\n", 401),
+    ("other-scheme", b"Authorization: Basic czNjcmV0\r\n", 401),
+    ("scheme-only", b"Authorization: Bearer\r\n", 401),
+    ("missing", b"", 401),
+]
+
+
+@pytest.mark.parametrize(
+    ("header", "status"), [c[1:] for c in ADMIN_CREDENTIALS], ids=[c[0] for c in ADMIN_CREDENTIALS]
+)
+async def test_admin_credentials_as_raw_bytes(edge: Gateway, header: bytes, status: int) -> None:
+    assert edge.admin is not None
+    request = b"GET /admin/config HTTP/1.1\r\nHost: a\r\n" + header + b"Connection: close\r\n\r\n"
+    response = await exchange(edge.admin.port, request)
+    assert response.status == status
+    if status == 401:
+        assert (response.header("www-authenticate") or "").startswith("Bearer")
+        assert json.loads(response.body)["code"] == "unauthenticated"
+
+
 async def test_metrics_count_requests_and_reuse(edge: Gateway) -> None:
     port = port_of(edge)
     for _ in range(3):

@@ -1,41 +1,41 @@
-"""The jwt stage over real sockets: JWKS from a file and from a URL (with key rotation),
-401 answers, claims forwarded, spoofed claim headers dropped, rate limits keyed by a claim."""
+"""The jwt stage over real sockets: JWKS from a file and from a URL (with key rotation, and
+unusable keys skipped), 401 answers, misspelled tokens refused, claims forwarded, spoofed claim
+headers dropped, rate limits keyed by a claim."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from gateway.app import Gateway
+from gateway.stages.jwt import JwtStage
 from tests.integration.conftest import Seen
 from tests.support.gateway import port_of, running_gateway
 from tests.support.raw import RawResponse, exchange
-from tests.support.tokens import EcKey, RsaKey, claims, jwks, token
+from tests.support.tokens import (
+    MISSPELLINGS,
+    UNUSABLE_KEYS,
+    URL_SAFE_FILLER,
+    EcKey,
+    RsaKey,
+    claims,
+    jwks,
+    jwt_config,
+    token,
+)
+
+#: every kind of key that cannot verify our tokens, in one JWKS beside the good ones
+JUNK = [entry for _, entry, _ in UNUSABLE_KEYS]
 
 
 def _config(port: int, source: str, extra: str = "") -> str:
-    return f"""
-listeners: [{{name: http, bind: "127.0.0.1:0"}}]
-admin: {{bind: "127.0.0.1:0"}}
-access_log: {{enabled: false}}
-upstreams:
-  app: {{endpoints: [{{url: "http://127.0.0.1:{port}"}}]}}
-routes:
-  - name: api
-    match: {{path_prefix: /}}
-    upstream: app
-    pipeline:
-      - jwt:
-          issuer: https://idp.test
-          audiences: [api]
-          algorithms: [RS256, ES256]
-          {source}
-          forward_claims: {{sub: X-User-Id, scope: X-Scope}}{extra}
-"""
+    return jwt_config(source, upstream_port=port, extra=extra)
 
 
 async def _get(port: int, tok: str | None = None, headers: str = "") -> RawResponse:
@@ -134,3 +134,91 @@ async def test_rate_limit_keyed_by_a_claim(
         assert (await _get(port, alice)).status == 200
         assert (await _get(port, alice)).status == 429
         assert (await _get(port, bob)).status == 200
+
+
+def _skipped(gw: Gateway) -> dict[str, float]:
+    """gateway_jwt_keys_skipped_total by reason."""
+    family = gw.metrics.jwt_keys_skipped_total
+    return {labels[0]: child.value for labels, child in family.children.items()}
+
+
+def _expected_skips() -> dict[str, float]:
+    counts: dict[str, float] = {}
+    for _, _, reason in UNUSABLE_KEYS:
+        counts[reason] = counts.get(reason, 0) + 1
+    return counts
+
+
+async def test_jwks_file_with_unusable_keys_loads_and_counts_them(
+    tmp_path: Path, upstream: tuple[TestServer, Seen]
+) -> None:
+    server, _ = upstream
+    good = RsaKey("good")
+    (tmp_path / "jwks.json").write_bytes(jwks(*JUNK, good))
+    async with running_gateway(tmp_path, _config(server.port or 0, "jwks_file: jwks.json")) as gw:
+        assert (await _get(port_of(gw), token(good, claims()))).status == 200
+        assert _skipped(gw) == _expected_skips()
+        assert 'gateway_jwt_keys_skipped_total{reason="weak"} 1' in gw.metrics_text()
+
+
+async def test_jwks_url_with_unusable_keys_and_a_rotation(
+    tmp_path: Path, upstream: tuple[TestServer, Seen]
+) -> None:
+    server, _ = upstream
+    old, new = RsaKey("2025"), EcKey("2026")
+    document = [jwks(JUNK[0], old, *JUNK[1:])]
+    async with (
+        jwks_server(document) as (url, fetches),
+        running_gateway(tmp_path, _config(server.port or 0, f"jwks_url: {url}")) as gw,
+    ):
+        port = port_of(gw)
+        assert (await _get(port, token(old, claims()))).status == 200
+        assert _skipped(gw) == _expected_skips()
+        before = len(fetches)
+        document[0] = jwks(new, *JUNK)  # rotated: the old key gone, the junk still there
+        assert (await _get(port, token(new, claims()))).status == 200
+        assert len(fetches) == before + 1
+        assert _skipped(gw) == {r: 2 * n for r, n in _expected_skips().items()}
+
+
+async def test_jwks_url_with_no_usable_key_keeps_the_keys_it_had(
+    tmp_path: Path, upstream: tuple[TestServer, Seen]
+) -> None:
+    server, _ = upstream
+    key = RsaKey("k1")
+    document = [jwks(key)]
+    async with (
+        jwks_server(document) as (url, fetches),
+        running_gateway(tmp_path, _config(server.port or 0, f"jwks_url: {url}")) as gw,
+    ):
+        port = port_of(gw)
+        assert (await _get(port, token(key, claims()))).status == 200
+        before = len(fetches)
+        document[0] = jwks(*JUNK)
+        # an unknown kid makes the stage fetch again: the set it gets has nothing usable
+        assert (await _get(port, token(key, claims(), kid="k2"))).status == 401
+        assert len(fetches) == before + 1
+        stage = next(s for _, s in gw.snapshot.stages.values() if isinstance(s, JwtStage))
+        assert "no usable" in (stage.jwks_error or "")
+        assert (await _get(port, token(key, claims(sub="bob")))).status == 200
+
+
+#: a newline cannot be sent inside a header value: the request would not parse
+SENDABLE = [m for m in MISSPELLINGS if m[0] != "newline-inside"]
+
+
+@pytest.mark.parametrize("misspell", [m[1] for m in SENDABLE], ids=[m[0] for m in SENDABLE])
+async def test_a_misspelled_token_is_malformed(
+    tmp_path: Path, upstream: tuple[TestServer, Seen], misspell: Callable[[str], str]
+) -> None:
+    server, seen = upstream
+    key = RsaKey("k1")
+    (tmp_path / "jwks.json").write_bytes(jwks(key))
+    async with running_gateway(tmp_path, _config(server.port or 0, "jwks_file: jwks.json")) as gw:
+        port = port_of(gw)
+        canonical = token(key, claims(note=URL_SAFE_FILLER))
+        assert (await _get(port, canonical)).status == 200
+        refused = await _get(port, misspell(canonical))
+        assert refused.status == 401
+        assert 'error_description="malformed token"' in (refused.header("www-authenticate") or "")
+        assert len(seen.requests) == 1

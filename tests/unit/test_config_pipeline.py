@@ -20,6 +20,7 @@ from gateway.config.model import (
     SlowCallConfig,
 )
 from gateway.errors import ConfigErrors
+from tests.support.tokens import UNUSABLE_KEYS, EcKey, jwks
 
 BASE = """
 listeners: [{name: http, bind: "127.0.0.1:8080"}]
@@ -384,7 +385,13 @@ routes:
     with pytest.raises(ConfigErrors) as info:
         load_config(str(tmp_path / "gateway.yaml"))
     [error] = [str(e) for e in info.value.errors]
-    assert error.startswith("routes[0].pipeline[0].jwt.jwks_file: symmetric (oct) keys")
+    assert error.startswith(
+        "routes[0].pipeline[0].jwt.jwks_file: the JWKS holds no usable signature key for ES256"
+    )
+    assert "a key without kid (symmetric: a symmetric (oct) key does not belong" in error
+    # unusable keys beside a good one: skipped, and the config loads
+    (tmp_path / "bad.json").write_bytes(jwks(*[e for _, e, _ in UNUSABLE_KEYS], EcKey("good")))
+    assert load_config(str(tmp_path / "gateway.yaml")).routes[0].name == "r"
     secret = "correct-horse-battery-staple-0123456789"
     config = parse_config(
         BASE

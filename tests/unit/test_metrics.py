@@ -238,6 +238,7 @@ def test_gateway_metrics_declares_the_spec_names() -> None:
         "gateway_rate_limit_store_errors": "counter",
         "gateway_retries": "counter",
         "gateway_jwt": "counter",
+        "gateway_jwt_keys_skipped": "counter",
         "gateway_idempotency": "counter",
         "gateway_idempotency_evictions": "counter",
         "gateway_idempotency_records": "gauge",
