@@ -46,7 +46,9 @@ def _address(ctx: RequestContext) -> str | None:
 
 def _header(name: str) -> Part:
     def part(ctx: RequestContext) -> str | None:
-        return ctx.head.get_header(name) or None
+        # two copies are 400: a limit keyed on the first while the upstream reads the last
+        # would give an attacker a fresh bucket per request
+        return ctx.head.get_single_header(name) or None
 
     return part
 

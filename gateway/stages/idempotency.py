@@ -231,7 +231,8 @@ class IdempotencyStage:
         if head.method not in self._methods:
             return await call_next(ctx)
         config = self._config
-        key = head.get_header(self._header)
+        # a second copy is refused: the upstream (upstream_deduplicates) could read the other
+        key = head.get_single_header(self._header)
         if key is None:
             if config.required:
                 self._count(ctx, "missing")
@@ -288,7 +289,16 @@ class IdempotencyStage:
         signed = self._signed
         if signed is not None:
             token, token_client = signed
-            client = token_client(ctx) or ""
+            found = token_client(ctx)
+            if found is None:
+                # never the empty client id: a token minted for "" would pass for every client
+                # that lacks one
+                self._count(ctx, "invalid")
+                raise IdempotencyKeyInvalid(
+                    f"the signed key is bound to {_scope_source(token.client_id)},"
+                    " and the request has none"
+                )
+            client = found
             try:
                 verify_token(key, token.secret, client, window=token.window)
             except TokenInvalid as exc:

@@ -58,6 +58,11 @@ routes:
     upstream: app
     pipeline:
       - rate_limit: {{rate: 1, per: 1m, burst: 1, key: "header:X-Api-Key"}}
+  - name: keyed
+    match: {{path_prefix: /keyed}}
+    upstream: app
+    pipeline:
+      - idempotency: {{methods: [POST]}}
   - name: public
     match: {{path_prefix: /}}
     upstream: app
@@ -235,6 +240,27 @@ async def test_header_values_are_compared_without_surrounding_whitespace(
         statuses.append(response.status)
     assert statuses == [200, 429, 429, 429]
     assert len(seen.requests) == 1
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"GET /limited HTTP/1.1\r\nHost: a\r\nX-Api-Key: k1\r\nX-Api-Key: k2\r\n\r\n",
+        b"POST /keyed HTTP/1.1\r\nHost: a\r\nIdempotency-Key: k1\r\n"
+        b"idempotency-key: k2\r\nContent-Length: 0\r\n\r\n",
+    ],
+    ids=["rate_limit_key", "idempotency_key"],
+)
+async def test_two_copies_of_a_header_a_stage_decides_on_are_400(
+    request_bytes: bytes, edge: tuple[Gateway, Seen]
+) -> None:
+    """The stage would read the first copy, an upstream perhaps the last: a fresh rate-limit
+    bucket per request, or a key the gateway and an upstream that deduplicates disagree on."""
+    gateway, seen = edge
+    response = await exchange(port_of(gateway), request_bytes)
+    assert response.status == 400
+    assert "more than one" in json.loads(response.body)["detail"]
+    assert seen.requests == []
 
 
 # -- names with underscores (defect 7) -------------------------------------------------------

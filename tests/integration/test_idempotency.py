@@ -145,6 +145,11 @@ async def test_signed_tokens_bound_to_the_client(tmp_path: Path) -> None:
         assert opaque.status == 400
         replay = await post(port, token, headers="X-Client: client-a\r\n")
         assert replay.header("idempotent-replayed") == "true"
+        # a token minted for the empty client id never passes for clients that lack one
+        anonymous = mint_token(SECRET, "")
+        missing = await post(port, anonymous)
+        assert (missing.status, code(missing)) == (400, "idempotency_key_invalid")
+        assert "x-client header" in json.loads(missing.body)["detail"]
         assert up.requests["POST"] == 1
 
 
