@@ -5,7 +5,9 @@ What may be retried, and when:
   earlier `idempotency` stage accepted (`ctx.idempotent_key`);
 - only when the body can be sent again: no body, or one of at most 64 KiB, which is buffered
   before the first try (a larger one streams through once, unbuffered);
-- only failures named in `retry_on` (connect_error, reset, timeout, statuses);
+- only failures named in `retry_on` (connect_error, reset, timeout, statuses); a timeout is the
+  gateway's own 504, so `504` in `retry_on` (the default) retries it too, as in Envoy, where a
+  per-try timeout counts as a gateway error;
 - only while the upstream's retry budget allows: retries in flight at most `budget_ratio` of the
   upstream's requests in flight, or `budget_min_concurrent`, whichever is more — so a failing
   upstream sees at most that many extra requests instead of `attempts` times its load;
@@ -43,8 +45,11 @@ class RetryStage:
         self, config: RetryConfig, retries: Counter, loop: asyncio.AbstractEventLoop
     ) -> None:
         self._config = config
-        self._failures = frozenset(config.retry_on)
         self._statuses = frozenset(config.retry_statuses)
+        failures = set(config.retry_on)
+        if 504 in self._statuses:
+            failures.add("timeout")  # the gateway answers a timeout with 504
+        self._failures = frozenset(failures)
         self._retries = retries
         self._counters: dict[tuple[str, str], CounterChild] = {}
         self._loop = loop

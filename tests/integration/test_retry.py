@@ -130,9 +130,22 @@ async def test_per_try_timeout_moves_on_within_the_route_timeout(tmp_path: Path)
             assert good.total == 2
 
 
-async def test_timeouts_are_not_retried_unless_asked(tmp_path: Path) -> None:
+async def test_a_per_try_timeout_is_a_504_and_retried_by_default(tmp_path: Path) -> None:
+    """As in Envoy: the default retry_on (… 504) makes `per_try_timeout` useful as written."""
     async with faulty_upstreams("slow", "good") as [slow, good]:
         config = _config([slow.url, good.url], "{attempts: 2, per_try_timeout: 200ms}")
+        async with running_gateway(tmp_path, config) as gw:
+            slow.mode = "hang"
+            results = [(await _request(port_of(gw)))[0] for _ in range(2)]
+            assert results == [200, 200]
+            assert slow.total >= 1  # a first try hung there and was given up on
+            assert good.total == 2
+
+
+async def test_timeouts_are_not_retried_unless_asked(tmp_path: Path) -> None:
+    async with faulty_upstreams("slow", "good") as [slow, good]:
+        retry = "{attempts: 2, per_try_timeout: 200ms, retry_on: [connect_error, reset, 503]}"
+        config = _config([slow.url, good.url], retry)
         async with running_gateway(tmp_path, config) as gw:
             slow.mode = "hang"
             results = [(await _request(port_of(gw)))[0] for _ in range(2)]

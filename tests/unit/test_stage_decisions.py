@@ -5,6 +5,7 @@ records are keyed by scope."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
 
@@ -98,10 +99,17 @@ async def test_post_only_with_a_key_the_idempotency_stage_accepted() -> None:
 
 
 async def test_failures_not_listed_are_not_retried() -> None:
+    no_504 = dataclasses.replace(FAST, retry_statuses=(502, 503))
     attempts = Attempts(1, UpstreamTimeout("slow"))
     with pytest.raises(UpstreamTimeout):
-        await _stage()(_ctx("GET"), attempts)
+        await _stage(no_504)(_ctx("GET"), attempts)
     assert attempts.calls == 1
+
+
+async def test_a_timeout_counts_as_504() -> None:
+    attempts = Attempts(1, UpstreamTimeout("slow"))
+    response = await _stage()(_ctx("GET"), attempts)
+    assert (response.status, attempts.calls) == (200, 2)
 
 
 async def test_the_last_error_is_raised_when_attempts_run_out() -> None:
