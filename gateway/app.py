@@ -70,6 +70,7 @@ class Gateway:
         self._state = "starting"
         self.draining = False
         self.connections: set[HttpConnection] = set()
+        self.client_connections: dict[str, int] = {}
         #: each listener's view of `snapshot` and `draining`, kept in step by _install and drain
         self._states: list[ServerState] = []
         self.bound: dict[str, tuple[str, int]] = {}

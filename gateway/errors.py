@@ -20,7 +20,8 @@ class GatewayError(Exception):
     #: whether the downstream connection must be closed after the response
     close: bool = False
     #: for upstream failures, what went wrong, as `retry_on` names it: "connect_error" (the
-    #: request was never sent), "reset", "timeout"; "overflow" for a full connection pool
+    #: request was never sent), "reset", "timeout"; "overflow" for a full connection pool (never
+    #: sent either, and not the upstream's fault: breakers and outlier detection ignore it)
     failure: str = ""
 
     def __init__(
@@ -116,7 +117,14 @@ class ConnectFailed(UpstreamUnavailable):
     failure = "connect_error"
 
 
-class PoolFull(UpstreamUnavailable):
+class UpstreamBusy(GatewayError):
+    """Every pooled connection stayed busy for `pool.queue_timeout`: the request was never sent.
+
+    A 503 with Retry-After rather than a 502: nothing is wrong with the upstream, the gateway is
+    holding back so that it is not flooded (and so that clients who hold connections slowly
+    cannot make everyone else wait without bound)."""
+
+    status, code, title = 503, "upstream_busy", "Service Unavailable"
     failure = "overflow"
 
 

@@ -253,6 +253,24 @@ def _headers(value: object, path: str) -> tuple[tuple[str, str], ...]:
     return tuple(result)
 
 
+#: request_buffering's ceiling: every connection may hold this much, so it stays small
+_MAX_BUFFERING: Final = 1024 * 1024
+
+
+def _buffering_size(value: object, path: str) -> int:
+    size = parse_size(value, path)
+    if size > _MAX_BUFFERING:
+        raise ConfigError(path, "must be at most 1MiB (larger bodies stream once this arrived)")
+    return size
+
+
+def _non_negative_int(value: object, path: str) -> int:
+    result = _int(value, path)
+    if result < 0:
+        raise ConfigError(path, "must be >= 0 (0: no limit)")
+    return result
+
+
 def _underscore_action(value: object, path: str) -> Literal["drop", "reject", "allow"]:
     if value == "drop" or value == "reject" or value == "allow":
         return value
@@ -481,12 +499,30 @@ class _Loader:
             "body_timeout",
             "idle_timeout",
             "max_connections",
+            "max_connections_per_client",
+            "request_buffering",
+            "min_data_rate",
         }
         m = self.r.mapping(raw, "limits", keys)
         if m is None:
             return d
         g = self.r.get
+        rate, grace = d.min_data_rate, d.min_data_rate_grace
+        if "min_data_rate" in m:
+            where = "limits.min_data_rate"
+            rm = self.r.mapping(m["min_data_rate"], where, {"bytes_per_second", "grace"})
+            if rm is not None:
+                rate = g(rm, "bytes_per_second", where, parse_size, rate)
+                grace = g(rm, "grace", where, _positive_duration, grace)
         return LimitsConfig(
+            max_connections_per_client=g(
+                m, "max_connections_per_client", "limits", _non_negative_int, 0
+            ),
+            request_buffering=g(
+                m, "request_buffering", "limits", _buffering_size, d.request_buffering
+            ),
+            min_data_rate=rate,
+            min_data_rate_grace=grace,
             max_header_bytes=g(m, "max_header_bytes", "limits", _positive_size, d.max_header_bytes),
             max_body_bytes=g(m, "max_body_bytes", "limits", parse_size, d.max_body_bytes),
             header_timeout=g(m, "header_timeout", "limits", _positive_duration, d.header_timeout),
@@ -571,13 +607,17 @@ class _Loader:
                         response_header,
                     )
             max_conns, idle = d.pool_max_connections, d.pool_idle_timeout
+            queue = d.pool_queue_timeout
             if "pool" in m:
-                p = r.mapping(m["pool"], f"{path}.pool", {"max_connections", "idle_timeout"})
+                p = r.mapping(
+                    m["pool"], f"{path}.pool", {"max_connections", "idle_timeout", "queue_timeout"}
+                )
                 if p is not None:
                     max_conns = r.get(
                         p, "max_connections", f"{path}.pool", _positive_int, max_conns
                     )
                     idle = r.get(p, "idle_timeout", f"{path}.pool", _positive_duration, idle)
+                    queue = r.get(p, "queue_timeout", f"{path}.pool", parse_duration, queue)
             tls = self.upstream_tls(m.get("tls"), f"{path}.tls") if "tls" in m else None
             schemes = {e.scheme for e in endpoints}
             if len(schemes) > 1:
@@ -594,6 +634,7 @@ class _Loader:
                         response_header_timeout=response_header,
                         pool_max_connections=max_conns,
                         pool_idle_timeout=idle,
+                        pool_queue_timeout=queue,
                         health_check=self.health_check(m.get("health_check"), path),
                         outlier_detection=self.outlier_detection(m.get("outlier_detection"), path),
                         tls=tls,
@@ -744,6 +785,7 @@ class _Loader:
                 "strip_prefix",
                 "timeout",
                 "max_body_bytes",
+                "request_buffering",
                 "websocket",
                 "http",
                 "pipeline",
@@ -760,6 +802,7 @@ class _Loader:
             strip = r.get(m, "strip_prefix", path, _prefix, None)
             timeout = r.get(m, "timeout", path, _positive_duration, 30.0)
             max_body = r.get(m, "max_body_bytes", path, parse_size, None)
+            buffering = r.get(m, "request_buffering", path, _buffering_size, None)
             websocket = r.get(m, "websocket", path, _bool, False)
             rules = self.http_rules(m.get("http"), f"{path}.http", http)
             pipeline = self.pipeline(m.get("pipeline"), f"{path}.pipeline", name, middlewares)
@@ -773,6 +816,7 @@ class _Loader:
                         strip_prefix=strip,
                         timeout=timeout,
                         max_body_bytes=max_body,
+                        request_buffering=buffering,
                         websocket=websocket,
                         http=rules,
                         pipeline=pipeline,

@@ -70,6 +70,16 @@ class LimitsConfig:
     body_timeout: float = 30.0
     idle_timeout: float = 60.0
     max_connections: int = 10_000
+    #: connections one client address may hold at once (per worker); 0 = no limit; peers in
+    #: `trusted_proxies` are not counted (they carry many clients)
+    max_connections_per_client: int = 0
+    #: request bodies up to this size are read whole before an upstream connection is taken
+    #: (a larger one streams once this much has arrived); 0 = stream at once
+    request_buffering: int = 64 * 1024
+    #: the slowest a client may send a request body or read a response, in bytes per second,
+    #: measured after `min_data_rate_grace`; 0 = no minimum (only the body_timeout gap)
+    min_data_rate: int = 1024
+    min_data_rate_grace: float = 5.0
 
 
 UnderscoreAction = Literal["drop", "reject", "allow"]
@@ -163,6 +173,8 @@ class UpstreamConfig:
     response_header_timeout: float = 15.0
     pool_max_connections: int = 256
     pool_idle_timeout: float = 60.0
+    #: how long a request waits for a pooled connection when all are busy (then 503)
+    pool_queue_timeout: float = 1.0
     health_check: HealthCheckConfig | None = None
     outlier_detection: OutlierDetectionConfig | None = None
     #: for https endpoints (all of an upstream's endpoints share one scheme)
@@ -385,6 +397,8 @@ class RouteConfig:
     timeout: float = 30.0
     #: None = the listener-wide `limits.max_body_bytes`
     max_body_bytes: int | None = None
+    #: None = `limits.request_buffering`
+    request_buffering: int | None = None
     websocket: bool = False
     #: the top-level `http:` rules with this route's overrides applied
     http: HttpRulesConfig = field(default_factory=HttpRulesConfig)

@@ -117,17 +117,25 @@ class BodyProducer(Protocol):
 class RequestBody:
     """The request body as a stream: the parser feeds it, the proxy reads it.
 
-    Memory stays bounded: above BODY_HIGH_WATER buffered bytes the client socket is paused, below
-    BODY_LOW_WATER it is resumed.  A read waits at most `timeout` seconds for the next chunk.
+    Memory stays bounded: above `high_water` buffered bytes (BODY_HIGH_WATER, or more when the
+    route buffers larger bodies whole) the client socket is paused, below BODY_LOW_WATER it is
+    resumed.  A read waits at most `timeout` seconds for the next chunk, and `check_rate` (called
+    by the connection's sweeper) fails a body that arrives slower than the minimum data rate —
+    measured from the first time someone waited for it, and never over time the gateway itself
+    kept the socket paused.
     """
 
     __slots__ = (
         "_buffered",
         "_chunks",
         "_error",
+        "_high_water",
         "_loop",
         "_paused",
+        "_paused_since",
+        "_paused_total",
         "_producer",
+        "_rate_start",
         "_replay",
         "_timer",
         "_waiter",
@@ -144,12 +152,19 @@ class RequestBody:
         producer: BodyProducer,
         limit: int,
         timeout: float,
+        high_water: int = BODY_HIGH_WATER,
     ) -> None:
         self._loop = loop
         self._producer = producer
         self._chunks: deque[bytes] = deque()
         self._buffered = 0
+        self._high_water = high_water
         self._paused = False
+        #: when a reader first waited for data (0: nobody has yet); the rate is measured from it
+        self._rate_start = 0.0
+        #: time the gateway kept the client paused (its own back-pressure: not the client's fault)
+        self._paused_since = 0.0
+        self._paused_total = 0.0
         self._waiter: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._error: GatewayError | None = None
@@ -172,8 +187,10 @@ class RequestBody:
             return
         self._chunks.append(data)
         self._buffered += len(data)
-        if self._buffered > BODY_HIGH_WATER and not self._paused:
+        if self._buffered > self._high_water and not self._paused:
             self._paused = True
+            if self._rate_start:
+                self._paused_since = self._loop.time()
             self._producer.pause_reading()
         self._wake()
 
@@ -239,6 +256,9 @@ class RequestBody:
                 self._buffered -= len(data)
                 if self._paused and self._buffered < BODY_LOW_WATER:
                     self._paused = False
+                    if self._paused_since:
+                        self._paused_total += self._loop.time() - self._paused_since
+                        self._paused_since = 0.0
                     self._producer.resume_reading()
                 return data
             if self.eof:
@@ -251,10 +271,29 @@ class RequestBody:
         if first is not None:
             self.on_first_read = None
             first()
-        waiter = self._loop.create_future()
+        loop = self._loop
+        if not self._rate_start:
+            self._rate_start = loop.time()
+            if self._paused:
+                self._paused_since = self._rate_start
+        waiter = loop.create_future()
         self._waiter = waiter
-        self._timer = self._loop.call_later(self.timeout, self._on_timeout)
+        self._timer = loop.call_later(self.timeout, self._on_timeout)
         await waiter
+
+    def check_rate(self, now: float, min_rate: int, grace: float) -> bool:
+        """Fail the body (408) if, `grace` seconds into it, fewer than `min_rate` bytes a second
+        arrived on average while the gateway was waiting for them; True when it did so now."""
+        start = self._rate_start
+        if not start or self.eof or self._error is not None:
+            return False
+        waited = now - start - self._paused_total
+        if self._paused_since:
+            waited -= now - self._paused_since
+        if waited <= grace or self.received >= min_rate * waited:
+            return False
+        self.fail(RequestTimeout(f"the request body arrived slower than {min_rate} bytes a second"))
+        return True
 
     def _on_timeout(self) -> None:
         self._timer = None

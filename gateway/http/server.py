@@ -7,8 +7,14 @@ body byte — and queue an `_Exchange`.  One task per connection works through t
 the client socket, and every `GatewayError` becomes one problem+json response here.  Metrics and
 the access log are emitted here too, once per request.
 
-Timeouts cost nothing per request: a connection only records a deadline, and the listener's
-sweeper (`ConnectionSweeper`) looks at every connection a few times a second.
+Timeouts cost nothing per request: a connection only records a deadline, and the app's
+sweeper looks at every connection a few times a second.  The same look enforces the minimum
+data rate both ways (slow clients must not hold upstream connections): a request body arriving
+slower than `limits.min_data_rate` fails with 408 (RequestBody.check_rate), and a client that
+keeps the gateway waiting with response bytes it does not read — paused longer than the grace
+period while taking less than the minimum rate, or taking nothing for `body_timeout` — is cut.
+A client's progress is what left the gateway's write buffer for the kernel's: while writes are
+paused the kernel buffer is full, so that is what the client read.
 """
 
 from __future__ import annotations
@@ -30,7 +36,13 @@ from gateway.errors import (
 )
 from gateway.http.headers import connection_tokens, status_line
 from gateway.http.host import normalize_host
-from gateway.http.messages import BodyStream, RequestBody, RequestHead, Response
+from gateway.http.messages import (
+    BODY_HIGH_WATER,
+    BodyStream,
+    RequestBody,
+    RequestHead,
+    Response,
+)
 from gateway.http.path import PATH_SEMICOLON, split_target
 from gateway.http.problem import problem_response
 from gateway.pipeline import Peer, RequestContext
@@ -38,6 +50,7 @@ from gateway.stages.proxy import is_tunnel
 from gateway.tls import ClientCertificate
 
 if TYPE_CHECKING:
+    from gateway.config.model import LimitsConfig as Limits
     from gateway.http.serving import ServerState
     from gateway.runtime.snapshot import Route, Snapshot
     from gateway.upstream.connection import UpstreamConnection
@@ -103,9 +116,12 @@ class _Exchange:
 @final
 class HttpConnection(asyncio.Protocol):
     __slots__ = (
+        "_acked_at_pause",
+        "_acked_seen",
         "_bytes_out",
         "_chunked_out",
         "_closing",
+        "_counted_client",
         "_current",
         "_drain",
         "_ended_at",
@@ -113,9 +129,11 @@ class HttpConnection(asyncio.Protocol):
         "_head_bytes",
         "_in_head",
         "_loop",
+        "_progress_at",
         "_queue",
         "_raw_head",
         "_reading_paused",
+        "_sent_before",
         "_stopped",
         "_stream",
         "_task",
@@ -157,6 +175,14 @@ class HttpConnection(asyncio.Protocol):
         self._stream: BodyStream | None = None
         self._chunked_out = False
         self._bytes_out = 0
+        #: bytes written on this connection before the current response (plus `_bytes_out`:
+        #: everything written), and the marks that measure a slow reader while writes are paused
+        self._sent_before = 0
+        self._acked_at_pause = 0
+        self._acked_seen = 0
+        self._progress_at = 0.0
+        #: counted in `client_connections` (an untrusted peer while a per-client limit is set)
+        self._counted_client = False
         self._ended_at = 0.0
         self._tunnel: UpstreamConnection | None = None
         #: an upgrade request between its head and llhttp's HttpParserUpgrade
@@ -168,17 +194,33 @@ class HttpConnection(asyncio.Protocol):
         # uvloop's transports are not asyncio.Transport subclasses, but have its interface
         self.transport = cast(asyncio.Transport, transport)
         server = self.server
-        if server.draining or len(server.connections) >= server.snapshot.limits.max_connections:
+        snapshot = server.snapshot
+        limits = snapshot.limits
+        if server.draining or len(server.connections) >= limits.max_connections:
             self.transport.abort()
             self._closing = True
+            if not server.draining:
+                server.refused_full.inc()
             return
-        server.connections.add(self)
-        server.connections_gauge.inc()
         address = transport.get_extra_info("peername")
         ip = address[0] if address else ""
+        trusted = snapshot.is_trusted(ip)
+        per_client = limits.max_connections_per_client
+        if per_client and not trusted:
+            # one address must not take every connection (and through them the upstream pools)
+            held = server.client_connections.get(ip, 0)
+            if held >= per_client:
+                self.transport.abort()
+                self._closing = True
+                server.refused_per_client.inc()
+                return
+            server.client_connections[ip] = held + 1
+            self._counted_client = True
+        server.connections.add(self)
+        server.connections_gauge.inc()
         self.peer = peer = Peer(
             ip,
-            trusted=server.snapshot.is_trusted(ip),
+            trusted=trusted,
             scheme=server.scheme,
             listener=server.listener,
         )
@@ -200,6 +242,14 @@ class HttpConnection(asyncio.Protocol):
         if self in server.connections:
             server.connections.discard(self)
             server.connections_gauge.dec()
+        if self._counted_client:
+            self._counted_client = False
+            clients = server.client_connections
+            left = clients.get(self.peer.ip, 1) - 1
+            if left > 0:
+                clients[self.peer.ip] = left
+            else:
+                clients.pop(self.peer.ip, None)
         self._closing = True
         self._stopped = True
         if self._stream is not None:
@@ -220,7 +270,12 @@ class HttpConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._write_paused = True
-        self._write_paused_at = self._loop.time()
+        self._write_paused_at = now = self._loop.time()
+        transport = self.transport
+        if transport is not None:
+            acked = self._sent_before + self._bytes_out - transport.get_write_buffer_size()
+            self._acked_at_pause = self._acked_seen = acked
+        self._progress_at = now
         if self._stream is not None:
             self._stream.pause()
         elif self._tunnel is not None:
@@ -406,7 +461,10 @@ class HttpConnection(asyncio.Protocol):
                 limit = route.max_body_bytes
             if head.content_length is not None and head.content_length > limit:
                 error = PayloadTooLarge(f"request body exceeds {limit} bytes")
-            body = RequestBody(self._loop, self, limit, limits.body_timeout)
+            high_water = BODY_HIGH_WATER
+            if route is not None and route.request_buffering >= high_water:
+                high_water = route.request_buffering + 1  # a body buffered whole fits
+            body = RequestBody(self._loop, self, limit, limits.body_timeout, high_water)
             if head.expect_continue and error is None:
                 body.on_first_read = self._send_continue
         exchange = _Exchange(head, snapshot, now, route, error, body)
@@ -629,6 +687,7 @@ class HttpConnection(asyncio.Protocol):
             end = self._loop.time()
             self._ended_at = end
             server.record(exchange, ctx, status or 499, request_id, self._bytes_out, peer.ip, end)
+            self._sent_before += self._bytes_out
             self._bytes_out = 0
 
     async def _respond(self, exchange: _Exchange, response: Response, request_id: bytes) -> None:
@@ -799,6 +858,26 @@ class HttpConnection(asyncio.Protocol):
             task.cancel()
         return task
 
+    def _is_slow_reader(self, now: float, transport: asyncio.Transport, limits: Limits) -> bool:
+        """Writes are paused: has the client taken nothing for `body_timeout`, or less than the
+        minimum rate since the pause began, past the grace period?"""
+        if self._tunnel is not None:
+            # tunnel bytes are not counted in `_bytes_out`: only the gap applies
+            return now - self._write_paused_at > limits.body_timeout
+        acked = self._sent_before + self._bytes_out - transport.get_write_buffer_size()
+        if acked > self._acked_seen:
+            self._acked_seen = acked
+            self._progress_at = now
+        elif now - self._progress_at > limits.body_timeout:
+            return True
+        rate = limits.min_data_rate
+        paused_for = now - self._write_paused_at
+        return (
+            rate > 0
+            and paused_for > limits.min_data_rate_grace
+            and acked - self._acked_at_pause < rate * paused_for
+        )
+
     def close_if_idle(self) -> None:
         """Draining: an idle keep-alive connection closes now; a busy one after its response."""
         if not self._queue and not self._in_head and self._tunnel is None:
@@ -809,14 +888,20 @@ class HttpConnection(asyncio.Protocol):
         transport = self.transport
         if transport is None or self._closing:
             return
-        if (
-            self._write_paused
-            and now - self._write_paused_at > self.server.snapshot.limits.body_timeout
-        ):
+        limits = self.server.snapshot.limits
+        if self._write_paused and self._is_slow_reader(now, transport, limits):
             # a client that does not read its response holds buffers and an upstream: drop it
             self._closing = True
             transport.abort()
+            self.server.slow_downloads.inc()
             return
+        current = self._current
+        if current is not None and limits.min_data_rate:
+            body = current.body
+            if body is not None and body.check_rate(
+                now, limits.min_data_rate, limits.min_data_rate_grace
+            ):
+                self.server.slow_uploads.inc()
         kind = self.deadline_kind
         if not kind or now < self.deadline:
             return

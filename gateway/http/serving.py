@@ -23,6 +23,8 @@ class ServingApp(Protocol):
     snapshot: Snapshot
     draining: bool
     connections: set[HttpConnection]
+    #: open connections per client address (untrusted peers only), for max_connections_per_client
+    client_connections: dict[str, int]
     metrics: GatewayMetrics
 
     def on_connection_closed(self) -> None: ...
@@ -35,13 +37,18 @@ class ServerState:
         "_id_prefix",
         "_unrouted",
         "app",
+        "client_connections",
         "connections",
         "connections_gauge",
         "draining",
         "in_flight_gauge",
         "listener",
         "loop",
+        "refused_full",
+        "refused_per_client",
         "scheme",
+        "slow_downloads",
+        "slow_uploads",
         "snapshot",
         "tls",
     )
@@ -56,11 +63,18 @@ class ServerState:
         self.snapshot: Snapshot = app.snapshot
         self.draining = app.draining
         self.connections = app.connections
+        self.client_connections = app.client_connections
         self.loop = loop
         self.listener = listener
         self.scheme = scheme
         self.connections_gauge = app.metrics.connections_active.labels(listener)
         self.in_flight_gauge = app.metrics.requests_in_flight
+        refused = app.metrics.connections_refused_total
+        self.refused_full = refused.labels(listener, "max_connections")
+        self.refused_per_client = refused.labels(listener, "per_client")
+        slow = app.metrics.slow_clients_total
+        self.slow_uploads = slow.labels(listener, "upload")
+        self.slow_downloads = slow.labels(listener, "download")
         # ids are unique per process (random prefix) and cheap (a counter): no uuid per request
         self._id_prefix = os.urandom(6).hex().encode("ascii") + b"-"
         self._id_counter = 0

@@ -458,6 +458,18 @@ class GatewayMetrics:
         self.connections_active = r.gauge(
             "gateway_connections_active", "Open client connections.", ("listener",)
         )
+        self.connections_refused_total = r.counter(
+            "gateway_connections_refused_total",
+            "Client connections closed at once: over limits.max_connections (reason"
+            ' "max_connections") or limits.max_connections_per_client ("per_client").',
+            ("listener", "reason"),
+        )
+        self.slow_clients_total = r.counter(
+            "gateway_slow_clients_total",
+            "Connections cut for sending a request body (direction \"upload\") or reading a"
+            ' response ("download") slower than limits.min_data_rate.',
+            ("listener", "direction"),
+        )
         self.upstream_request_duration_seconds = r.histogram(
             "gateway_upstream_request_duration_seconds",
             "Request sent upstream to response head received.",

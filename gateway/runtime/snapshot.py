@@ -53,6 +53,7 @@ class Route:
         "proxy",
         "refused_path_flags",
         "reject_underscores",
+        "request_buffering",
         "timeout",
         "websocket",
     )
@@ -63,6 +64,7 @@ class Route:
         handler: Next,
         metrics: GatewayMetrics,
         proxy: ProxyHandler | None = None,
+        request_buffering: int = 0,
     ) -> None:
         self.config = config
         #: the terminal proxy stage (None for the built-in echo)
@@ -71,6 +73,8 @@ class Route:
         self.handler = handler
         self.timeout = config.timeout
         self.max_body_bytes = config.max_body_bytes
+        #: request bodies up to this size are read whole before an upstream connection is taken
+        self.request_buffering = request_buffering
         self.websocket = config.websocket
         rules = config.http
         #: PATH_* flags (gateway.http.path) that get 400 on this route
@@ -120,6 +124,7 @@ class Route:
             "strip_prefix": c.strip_prefix,
             "timeout_seconds": c.timeout,
             "max_body_bytes": c.max_body_bytes,
+            "request_buffering": self.request_buffering,
             "websocket": c.websocket,
             "http": {
                 "underscores_in_headers": c.http.underscores_in_headers,
@@ -222,6 +227,9 @@ def build_snapshot(config: GatewayConfig, shared: SharedState) -> Snapshot:
     for rc in config.routes:
         terminal: Next
         proxy: ProxyHandler | None = None
+        buffering = config.limits.request_buffering
+        if rc.request_buffering is not None:
+            buffering = rc.request_buffering
         if len(rc.upstreams) == 1 and rc.upstreams[0].name == INTERNAL_ECHO:
             terminal = EchoHandler(strip_prefix=rc.strip_prefix)
         else:
@@ -231,10 +239,14 @@ def build_snapshot(config: GatewayConfig, shared: SharedState) -> Snapshot:
                 used[wu.name] = upstream
                 picks.append((upstream, wu.weight))
             terminal = proxy = ProxyHandler(
-                picks, strip_prefix=rc.strip_prefix, websocket=rc.websocket, loop=shared.loop
+                picks,
+                strip_prefix=rc.strip_prefix,
+                websocket=rc.websocket,
+                request_buffering=buffering,
+                loop=shared.loop,
             )
         pipeline = [shared.stage(spec, stages) for spec in rc.pipeline]
-        routes.append(Route(rc, compose(pipeline, terminal), metrics, proxy))
+        routes.append(Route(rc, compose(pipeline, terminal), metrics, proxy, buffering))
     router = Router.build([(r.config.match, r.config.index, r) for r in routes])
     snapshot = Snapshot(config, router, routes, upstreams, AccessLog(config.access_log))
     snapshot.stages = stages

@@ -4,11 +4,12 @@ One `Breaker` (core/breaker.py: the state machine, pure) per upstream the stage'
 to, so a weighted split keeps one circuit per side.  The upstream is chosen here, before the rest
 of the pipeline runs, and kept in `ctx.target` so the proxy (and retries) use the same one.
 
-A failure is an upstream failure (connect error, reset, timeout, a full pool), a response or
-gateway error whose status is in `failure_statuses`, or — with `slow_call` — a response head
-slower than its duration.  Anything else that ends the request early (a later stage's 429, a
-client's body that never came) is neither success nor failure: its ticket is released, so a
-half-open probe slot is not lost.
+A failure is an upstream failure (connect error, reset, timeout), a response or gateway error
+whose status is in `failure_statuses`, or — with `slow_call` — a response head slower than its
+duration.  Anything else that ends the request early (a later stage's 429, a client's body that
+never came, no pooled connection free in time — local congestion, which slow clients can cause
+and which must not open the circuit for everyone) is neither success nor failure: its ticket is
+released, so a half-open probe slot is not lost.
 """
 
 from __future__ import annotations
@@ -110,7 +111,9 @@ class CircuitBreakerStage:
         try:
             response = await call_next(ctx)
         except GatewayError as exc:
-            if exc.failure or exc.status in self._failure_statuses:
+            if exc.failure == "overflow":
+                breaker.release(ticket)
+            elif exc.failure or exc.status in self._failure_statuses:
                 breaker.record(ticket, loop.time(), failure=True, duration=loop.time() - started)
             else:
                 breaker.release(ticket)

@@ -1,5 +1,10 @@
 """The terminal stage: send the request to an upstream endpoint and return its response.
 
+A request body up to the route's `request_buffering` is read whole before a pooled connection is
+taken, and a larger one until that much has arrived: a client that trickles its body holds its
+own connection, never an upstream one (nginx's request buffering).  While every pooled
+connection is busy a request waits at most `pool.queue_timeout`, then gets 503 `upstream_busy`.
+
 The response comes back with its head read and its body still on the upstream connection (or,
 when it has already arrived whole, as bytes with the connection back in its pool), so outer
 stages can still change headers before the server protocol writes anything.
@@ -36,6 +41,7 @@ class ProxyHandler:
         "_single",
         "_total",
         "_upstreams",
+        "request_buffering",
         "strip_prefix",
         "websocket",
     )
@@ -47,6 +53,7 @@ class ProxyHandler:
         strip_prefix: str | None,
         websocket: bool,
         loop: asyncio.AbstractEventLoop,
+        request_buffering: int = 0,
     ) -> None:
         live = [(u, w) for u, w in upstreams if w > 0]
         self._upstreams = [u for u, _ in live]
@@ -59,6 +66,7 @@ class ProxyHandler:
         self._total = total
         self.strip_prefix = strip_prefix
         self.websocket = websocket
+        self.request_buffering = request_buffering
         self._loop = loop
 
     def choose(self, ctx: RequestContext) -> Upstream:
@@ -86,6 +94,10 @@ class ProxyHandler:
         upgrade = (
             self.websocket and head.upgrade is not None and head.upgrade.lower() == b"websocket"
         )
+        if body is not None and not body.eof and self.request_buffering:
+            # before any upstream connection is taken: the whole body, or the first part of a
+            # larger one (a slow client waits on its own, and the minimum rate cuts it)
+            await body.fill(self.request_buffering)
         if body is not None and body.is_complete:
             content_length: int | None = body.received
             chunked = False
@@ -134,7 +146,10 @@ class ProxyHandler:
                 conn = pool.take_idle()
                 try:
                     if conn is None:
-                        conn = await pool.acquire(min(upstream.connect_timeout, remaining))
+                        conn = await pool.acquire(
+                            min(upstream.connect_timeout, remaining),
+                            min(upstream.queue_timeout, remaining),
+                        )
                         now = loop.time()
                     endpoint.in_flight += 1
                     try:

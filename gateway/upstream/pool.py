@@ -3,8 +3,9 @@
 Bookkeeping only — the I/O lives in `UpstreamConnection`.  Idle connections are reused last in,
 first out (the warmest first) and closed after `idle_timeout`; at most `max_connections` are
 open or opening at once, and a request that finds the pool full waits for one to be released
-until the connect timeout.  A connection comes back through `release()`; one that is not
-`reusable` is closed there and never handed out again.
+for at most `queue_timeout`, then gets 503 `upstream_busy` (never sent: safe to try again).  A
+connection comes back through `release()`; one that is not `reusable` is closed there and never
+handed out again.
 
 Response-head timeouts cost no timer per request: a connection in use records a deadline, and
 while any connection is in use the pool looks at them every `WATCH_INTERVAL` seconds.
@@ -17,7 +18,7 @@ import ssl
 from collections import deque
 from typing import Protocol, final
 
-from gateway.errors import ConnectFailed, ConnectTimeout, PoolFull
+from gateway.errors import ConnectFailed, ConnectTimeout, UpstreamBusy
 from gateway.upstream.connection import UpstreamConnection
 
 #: how often in-use connections' deadlines are checked (the precision of header timeouts)
@@ -49,6 +50,7 @@ class EndpointPool:
         "observer",
         "opened",
         "port",
+        "queue_timeout",
         "server_name",
         "tls",
     )
@@ -63,6 +65,7 @@ class EndpointPool:
         idle_timeout: float,
         connect_timeout: float,
         observer: PoolObserver,
+        queue_timeout: float = 1.0,
         tls: ssl.SSLContext | None = None,
         server_name: str | None = None,
     ) -> None:
@@ -75,6 +78,7 @@ class EndpointPool:
         self.max_connections = max_connections
         self.idle_timeout = idle_timeout
         self.connect_timeout = connect_timeout
+        self.queue_timeout = queue_timeout
         self.observer = observer
         self._idle: deque[UpstreamConnection] = deque()
         #: connections handed out and not yet released
@@ -104,9 +108,12 @@ class EndpointPool:
             return conn
         return None
 
-    async def acquire(self, connect_timeout: float | None = None) -> UpstreamConnection:
+    async def acquire(
+        self, connect_timeout: float | None = None, queue_timeout: float | None = None
+    ) -> UpstreamConnection:
         """A connection ready for one exchange; raises a GatewayError when none can be had."""
         timeout = self.connect_timeout if connect_timeout is None else connect_timeout
+        wait = self.queue_timeout if queue_timeout is None else queue_timeout
         conn = self.take_idle()
         if conn is not None:
             return conn
@@ -116,10 +123,11 @@ class EndpointPool:
             waiter: asyncio.Future[UpstreamConnection | None] = self._loop.create_future()
             self._waiters.append(waiter)
             try:
-                conn_or_none = await asyncio.wait_for(waiter, timeout)
+                conn_or_none = await asyncio.wait_for(waiter, max(wait, 0.0))
             except TimeoutError:
-                raise PoolFull(
-                    f"upstream connection pool is full ({self.max_connections} connections)"
+                raise UpstreamBusy(
+                    f"all {self.max_connections} connections to the upstream stayed busy",
+                    headers=[("Retry-After", "1")],
                 ) from None
             finally:
                 if not waiter.done():

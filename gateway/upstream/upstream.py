@@ -111,6 +111,7 @@ class Upstream:
         "endpoints",
         "in_flight",
         "name",
+        "queue_timeout",
         "request_duration",
         "response_header_timeout",
         "retrying",
@@ -124,6 +125,7 @@ class Upstream:
         # copied out of the (uncompiled) config: read on every request
         self.connect_timeout = config.connect_timeout
         self.response_header_timeout = config.response_header_timeout
+        self.queue_timeout = config.pool_queue_timeout
         observer = _PoolMetrics(
             metrics.upstream_connect_duration_seconds.labels(config.name),
             metrics.upstream_tls_handshake_duration_seconds.labels(config.name),
@@ -147,6 +149,7 @@ class Upstream:
                     idle_timeout=config.pool_idle_timeout,
                     connect_timeout=config.connect_timeout,
                     observer=observer,
+                    queue_timeout=config.pool_queue_timeout,
                     tls=tls,
                     server_name=server_name,
                 ),

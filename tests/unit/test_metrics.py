@@ -227,6 +227,8 @@ def test_gateway_metrics_declares_the_spec_names() -> None:
         "gateway_request_duration_seconds": "histogram",
         "gateway_requests_in_flight": "gauge",
         "gateway_connections_active": "gauge",
+        "gateway_connections_refused": "counter",
+        "gateway_slow_clients": "counter",
         "gateway_upstream_request_duration_seconds": "histogram",
         "gateway_upstream_connect_duration_seconds": "histogram",
         "gateway_upstream_connections": "counter",
