@@ -322,6 +322,11 @@ class BodyStream(Protocol):
 
     def resume(self) -> None: ...
 
+    def progressing(self) -> None:
+        """Still paused, but the reader keeps up with the minimum rate: not stalled (a stalled
+        reader's upstream connection may be taken back for a waiting request)."""
+        ...
+
     def abort(self) -> None:
         """The client went away or the body is not wanted: release the source."""
         ...

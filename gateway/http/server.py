@@ -12,15 +12,21 @@ sweeper looks at every connection a few times a second.  The same look enforces 
 data rate both ways (slow clients must not hold upstream connections): a request body arriving
 slower than `limits.min_data_rate` fails with 408 (RequestBody.check_rate), and a client that
 keeps the gateway waiting with response bytes it does not read — paused longer than the grace
-period while taking less than the minimum rate, or taking nothing for `body_timeout` — is cut.
-A client's progress is what left the gateway's write buffer for the kernel's: while writes are
-paused the kernel buffer is full, so that is what the client read.
+period while having taken less than the minimum rate on average since its request arrived, or
+taking nothing for `body_timeout` — is cut.  What a client took is what its kernel acknowledged:
+bytes written, less what is still in the transport's buffer and in the socket's send queue
+(TIOCOUTQ).  Counting only what left the transport's buffer would not do: the kernel queues
+megabytes and frees room in big steps, so a client reading steadily would look stalled for
+seconds; and the average runs over the whole response, since TCP windows open in bursts.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
+import struct
+import termios
 from collections import deque
 from typing import TYPE_CHECKING, Final, cast, final
 
@@ -116,7 +122,6 @@ class _Exchange:
 @final
 class HttpConnection(asyncio.Protocol):
     __slots__ = (
-        "_acked_at_pause",
         "_acked_seen",
         "_bytes_out",
         "_chunked_out",
@@ -131,6 +136,8 @@ class HttpConnection(asyncio.Protocol):
         "_loop",
         "_progress_at",
         "_queue",
+        "_rate_base",
+        "_rate_since",
         "_raw_head",
         "_reading_paused",
         "_sent_before",
@@ -178,7 +185,10 @@ class HttpConnection(asyncio.Protocol):
         #: bytes written on this connection before the current response (plus `_bytes_out`:
         #: everything written), and the marks that measure a slow reader while writes are paused
         self._sent_before = 0
-        self._acked_at_pause = 0
+        #: where the current (or last) response began: bytes written before it, and when its
+        #: request arrived — a slow reader's average rate is measured from there
+        self._rate_base = 0
+        self._rate_since = 0.0
         self._acked_seen = 0
         self._progress_at = 0.0
         #: counted in `client_connections` (an untrusted peer while a per-client limit is set)
@@ -273,8 +283,7 @@ class HttpConnection(asyncio.Protocol):
         self._write_paused_at = now = self._loop.time()
         transport = self.transport
         if transport is not None:
-            acked = self._sent_before + self._bytes_out - transport.get_write_buffer_size()
-            self._acked_at_pause = self._acked_seen = acked
+            self._acked_seen = self._acked(transport)
         self._progress_at = now
         if self._stream is not None:
             self._stream.pause()
@@ -693,6 +702,8 @@ class HttpConnection(asyncio.Protocol):
     async def _respond(self, exchange: _Exchange, response: Response, request_id: bytes) -> None:
         transport = self.transport
         assert transport is not None
+        self._rate_base = self._sent_before
+        self._rate_since = exchange.start
         head = exchange.head
         body = exchange.body
         status = response.status
@@ -768,10 +779,12 @@ class HttpConnection(asyncio.Protocol):
             try:
                 await stream.pipe(self)
             except GatewayError:
-                # the head is out: the only honest signal left is to cut the connection
+                # the head is out: the only honest signal left is to cut the connection — with
+                # a reset, so that even a close-delimited body is seen as broken, and so that
+                # what is still buffered for a client that reads slowly is freed now
                 self._stream = None
                 self._closing = True
-                transport.close()
+                transport.abort()
                 raise ClientClosed() from None
             finally:
                 self._stream = None
@@ -858,24 +871,37 @@ class HttpConnection(asyncio.Protocol):
             task.cancel()
         return task
 
+    def _acked(self, transport: asyncio.Transport) -> int:
+        """Bytes of this connection's responses the client's kernel has acknowledged."""
+        written = self._sent_before + self._bytes_out - transport.get_write_buffer_size()
+        sock = transport.get_extra_info("socket")
+        if sock is None:
+            return written
+        try:
+            queued = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+        except OSError:
+            return written
+        return written - int(struct.unpack("i", queued)[0])
+
     def _is_slow_reader(self, now: float, transport: asyncio.Transport, limits: Limits) -> bool:
         """Writes are paused: has the client taken nothing for `body_timeout`, or less than the
-        minimum rate since the pause began, past the grace period?"""
+        minimum rate since the pause began, past the grace period?  A client that keeps up is
+        reported to the stream as progressing, so its upstream connection is not taken back."""
         if self._tunnel is not None:
             # tunnel bytes are not counted in `_bytes_out`: only the gap applies
             return now - self._write_paused_at > limits.body_timeout
-        acked = self._sent_before + self._bytes_out - transport.get_write_buffer_size()
+        acked = self._acked(transport)
+        rate = limits.min_data_rate
+        keeping_up = acked - self._rate_base >= rate * (now - self._rate_since)
         if acked > self._acked_seen:
             self._acked_seen = acked
             self._progress_at = now
+            if keeping_up and self._stream is not None:
+                self._stream.progressing()
         elif now - self._progress_at > limits.body_timeout:
             return True
-        rate = limits.min_data_rate
-        paused_for = now - self._write_paused_at
         return (
-            rate > 0
-            and paused_for > limits.min_data_rate_grace
-            and acked - self._acked_at_pause < rate * paused_for
+            rate > 0 and not keeping_up and now - self._write_paused_at > limits.min_data_rate_grace
         )
 
     def close_if_idle(self) -> None:

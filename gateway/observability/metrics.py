@@ -464,6 +464,12 @@ class GatewayMetrics:
             ' "max_connections") or limits.max_connections_per_client ("per_client").',
             ("listener", "reason"),
         )
+        self.upstream_evictions_total = r.counter(
+            "gateway_upstream_evictions_total",
+            "Pooled upstream connections taken back from clients that had stopped reading their"
+            " response while other requests waited for a connection.",
+            ("upstream",),
+        )
         self.slow_clients_total = r.counter(
             "gateway_slow_clients_total",
             "Connections cut for sending a request body (direction \"upload\") or reading a"

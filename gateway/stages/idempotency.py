@@ -164,6 +164,9 @@ class _Recorder:
     def resume(self) -> None:
         self._inner.resume()
 
+    def progressing(self) -> None:
+        self._inner.progressing()
+
     def abort(self) -> None:
         self._inner.abort()
         waiter = self._on_end

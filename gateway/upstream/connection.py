@@ -90,6 +90,7 @@ class UpstreamConnection(asyncio.Protocol):
         "pool",
         "reusable",
         "reused",
+        "stalled_since",
         "transport",
         "tunnel_peer",
     )
@@ -107,6 +108,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._write_paused = False
         self._read_paused = False
         self._drain: asyncio.Future[None] | None = None
+        #: when the client stopped reading the response this connection carries (0: it reads)
+        self.stalled_since = 0.0
         self._reset_exchange()
         self._body_timeout = 30.0
         self.on_upgrade_data: Callable[[bytes], None] | None = None
@@ -416,11 +419,22 @@ class UpstreamConnection(asyncio.Protocol):
 
     def pause(self) -> None:
         self._paused_by_sink = True
+        self.stalled_since = self._loop.time()
         self._set_reading(False)
 
     def resume(self) -> None:
         self._paused_by_sink = False
+        self.stalled_since = 0.0
         self._set_reading(True)
+
+    def progressing(self) -> None:
+        if self._paused_by_sink:
+            self.stalled_since = self._loop.time()
+
+    def evict(self) -> None:
+        """Take the connection back from a client that stopped reading its response (the pool
+        is full and others wait): the client's response ends there, cut."""
+        self._fail(UpstreamUnavailable("the client stopped reading while others waited"))
 
     def _set_reading(self, on: bool) -> None:
         transport = self.transport
@@ -444,6 +458,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._active = False
         self._sink = None
         self._paused_by_sink = False
+        self.stalled_since = 0.0
         self._set_reading(True)
         self.reusable = self._keep_alive and not self._closed
         self._release()

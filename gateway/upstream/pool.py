@@ -3,7 +3,10 @@
 Bookkeeping only — the I/O lives in `UpstreamConnection`.  Idle connections are reused last in,
 first out (the warmest first) and closed after `idle_timeout`; at most `max_connections` are
 open or opening at once, and a request that finds the pool full waits for one to be released
-for at most `queue_timeout`, then gets 503 `upstream_busy` (never sent: safe to try again).  A
+for at most `queue_timeout`, then gets 503 `upstream_busy` (never sent: safe to try again).
+Before it waits, the connection whose client has read its response slower than the minimum data
+rate for the longest — at least `STALL_EVICTION` seconds — is taken back (`evict`): clients that
+stop reading give way to requests that wait, so slow readers can never hold a whole pool.  A
 connection comes back through `release()`; one that is not `reusable` is closed there and never
 handed out again.
 
@@ -23,6 +26,10 @@ from gateway.upstream.connection import UpstreamConnection
 
 #: how often in-use connections' deadlines are checked (the precision of header timeouts)
 WATCH_INTERVAL = 0.1
+#: how long a client must have read its response slower than the minimum rate (the server
+#: protocol refreshes `stalled_since` while it keeps up) before a waiting request may take its
+#: pooled connection
+STALL_EVICTION = 1.0
 
 
 class PoolObserver(Protocol):
@@ -31,6 +38,7 @@ class PoolObserver(Protocol):
     def on_connect(self, seconds: float) -> None: ...
     def on_handshake(self, seconds: float) -> None: ...
     def on_acquire(self, reused: bool) -> None: ...
+    def on_evict(self) -> None: ...
 
 
 @final
@@ -123,15 +131,11 @@ class EndpointPool:
             waiter: asyncio.Future[UpstreamConnection | None] = self._loop.create_future()
             self._waiters.append(waiter)
             try:
-                conn_or_none = await asyncio.wait_for(waiter, max(wait, 0.0))
-            except TimeoutError:
-                raise UpstreamBusy(
-                    f"all {self.max_connections} connections to the upstream stayed busy",
-                    headers=[("Retry-After", "1")],
-                ) from None
+                await self._wait_for_slot(waiter, max(wait, 0.0))
             finally:
                 if not waiter.done():
                     waiter.cancel()
+            conn_or_none = waiter.result()
             if conn_or_none is not None:
                 conn_or_none.in_use = True
                 conn_or_none.reused = True
@@ -200,6 +204,40 @@ class EndpointPool:
             conn.close()
             raise ConnectFailed(f"TLS handshake with {where} failed: connection closed")
         conn.transport = secure
+
+    async def _wait_for_slot(
+        self, waiter: asyncio.Future[UpstreamConnection | None], wait: float
+    ) -> None:
+        """Wait at most `wait` seconds for `waiter`, meanwhile taking slots back from clients
+        that have stalled long enough (the first waiter looks, a few times a second)."""
+        loop = self._loop
+        deadline = loop.time() + wait
+        while not waiter.done():
+            if self._waiters and self._waiters[0] is waiter:
+                self._evict_stalled(len(self._waiters))
+            left = deadline - loop.time()
+            if left <= 0:
+                raise UpstreamBusy(
+                    f"all {self.max_connections} connections to the upstream stayed busy",
+                    headers=[("Retry-After", "1")],
+                )
+            await asyncio.wait((waiter,), timeout=min(left, STALL_EVICTION / 4))
+
+    def _evict_stalled(self, wanted: int) -> None:
+        """Free up to `wanted` slots, from the clients stalled longest (at least STALL_EVICTION)."""
+        since = self._loop.time() - STALL_EVICTION
+        stalled = [
+            conn
+            for conn in self._busy
+            if conn.stalled_since and conn.stalled_since <= since and not conn.is_closed
+        ]
+        if not stalled:
+            return
+        stalled.sort(key=_stalled_since)
+        for conn in stalled[:wanted]:
+            # its connection_lost frees the slot, which goes to the first waiter
+            conn.evict()
+            self.observer.on_evict()
 
     def release(self, conn: UpstreamConnection) -> None:
         """Take a connection back after one exchange; closes it unless it is reusable."""
@@ -274,3 +312,7 @@ class EndpointPool:
             waiter = self._waiters.popleft()
             if not waiter.done():
                 waiter.set_exception(ConnectFailed("upstream is being removed"))
+
+
+def _stalled_since(conn: UpstreamConnection) -> float:
+    return conn.stalled_since

@@ -36,7 +36,7 @@ log = logging.getLogger("gateway.upstream")
 
 @final
 class _PoolMetrics:
-    __slots__ = ("_connect", "_fresh", "_handshake", "_reused")
+    __slots__ = ("_connect", "_evicted", "_fresh", "_handshake", "_reused")
 
     def __init__(
         self,
@@ -44,11 +44,13 @@ class _PoolMetrics:
         handshake: HistogramChild,
         reused: CounterChild,
         fresh: CounterChild,
+        evicted: CounterChild,
     ) -> None:
         self._connect = connect
         self._handshake = handshake
         self._reused = reused
         self._fresh = fresh
+        self._evicted = evicted
 
     def on_connect(self, seconds: float) -> None:
         self._connect.observe(seconds)
@@ -58,6 +60,9 @@ class _PoolMetrics:
 
     def on_acquire(self, reused: bool) -> None:
         (self._reused if reused else self._fresh).inc()
+
+    def on_evict(self) -> None:
+        self._evicted.inc()
 
 
 @final
@@ -131,6 +136,7 @@ class Upstream:
             metrics.upstream_tls_handshake_duration_seconds.labels(config.name),
             metrics.upstream_connections_total.labels(config.name, "true"),
             metrics.upstream_connections_total.labels(config.name, "false"),
+            metrics.upstream_evictions_total.labels(config.name),
         )
         self._loop = loop
         tls = client_context(config.tls) if config.endpoints[0].scheme == "https" else None

@@ -1,0 +1,317 @@
+"""Slow clients cannot hold upstream connections (issue 11, defect 3), over real sockets.
+
+Each defence on its own: request buffering (a body trickling in takes no upstream connection),
+the minimum data rate both ways (slow uploads get 408, slow readers are cut), a bounded wait for
+a pool slot (503 `upstream_busy`), stalled readers giving their pooled connection to a waiting
+request, and a per-client connection limit.  `tests/e2e/test_slow_attacks.py` runs the real
+attack tools against a gateway process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from gateway.app import Gateway
+from tests.support.faulty import faulty_upstreams
+from tests.support.gateway import port_of, running_gateway
+from tests.support.process import async_wait_until
+from tests.support.raw import close_writer, exchange, is_closed, open_raw, read_response
+
+BIG = 8 * 1024 * 1024
+
+
+class BigUpstream:
+    """Answers /big with BIG bytes as fast as it may, anything else with a small body; counts
+    the request heads it received (the gateway pre-opens pooled connections while warming, so
+    connections say nothing about when a request took one)."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                self.requests += 1
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                body = await reader.readexactly(length)
+                if head.startswith(b"GET /big"):
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % BIG)
+                    chunk = b"b" * 65536
+                    for _ in range(BIG // len(chunk)):
+                        writer.write(chunk)
+                        await writer.drain()
+                else:
+                    answer = b"got %d" % len(body)
+                    writer.write(
+                        b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%b" % (len(answer), answer)
+                    )
+                    await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+def _config(upstream_port: int, limits: str = "", pool: str = "") -> str:
+    return f"""
+listeners: [{{name: http, bind: "127.0.0.1:0"}}]
+admin: {{bind: "127.0.0.1:0"}}
+access_log: {{enabled: false}}
+limits: {{body_timeout: 10s, {limits}}}
+trusted_proxies: [127.0.0.2/32]
+upstreams:
+  app: {{endpoints: [{{url: "http://127.0.0.1:{upstream_port}"}}], pool: {{{pool}}}}}
+routes:
+  - {{name: app, match: {{path_prefix: /}}, upstream: app}}
+"""
+
+
+@pytest.fixture
+async def big() -> AsyncIterator[tuple[BigUpstream, int]]:
+    upstream = BigUpstream()
+    server = await asyncio.start_server(upstream.handle, "127.0.0.1", 0)
+    try:
+        yield upstream, server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+
+
+async def _read_to_the_end(reader: asyncio.StreamReader) -> int:
+    """Bytes read until the connection ends, by EOF or by a reset."""
+    received = 0
+    try:
+        while data := await asyncio.wait_for(reader.read(1 << 20), 5):
+            received += len(data)
+    except ConnectionResetError:
+        pass
+    return received
+
+
+def _counter(gateway: Gateway, family: str, *labels: str) -> float:
+    metric = getattr(gateway.metrics, family)
+    return float(metric.labels(*labels).value)
+
+
+async def test_a_buffered_body_takes_no_upstream_connection_until_complete(
+    tmp_path: Path, big: tuple[BigUpstream, int]
+) -> None:
+    upstream, port = big
+    async with running_gateway(tmp_path, _config(port)) as gateway:
+        reader, writer = await open_raw(port_of(gateway))
+        writer.write(b"POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: 20000\r\n\r\n")
+        for _ in range(5):
+            writer.write(b"x" * 1000)
+            await writer.drain()
+            await asyncio.sleep(0.05)
+        # the gateway is waiting for the rest of the body: it has not touched the upstream
+        assert upstream.requests == 0
+        writer.write(b"x" * 15000)
+        response = await asyncio.wait_for(read_response(reader), 5)
+        await close_writer(writer)
+        assert (response.status, response.body) == (200, b"got 20000")
+        assert upstream.requests == 1
+
+
+async def test_a_larger_body_streams_once_the_buffer_is_full(
+    tmp_path: Path, big: tuple[BigUpstream, int]
+) -> None:
+    upstream, port = big
+    config = _config(port, limits="request_buffering: 4KiB")
+    async with running_gateway(tmp_path, config) as gateway:
+        reader, writer = await open_raw(port_of(gateway))
+        writer.write(b"POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: 20000\r\n\r\n")
+        writer.write(b"x" * 3000)
+        await writer.drain()
+        await asyncio.sleep(0.1)  # time enough to go upstream, were it going to
+        assert upstream.requests == 0  # not even the first 4KiB yet
+        writer.write(b"x" * 2000)
+        await async_wait_until(lambda: upstream.requests == 1, what="the upload streams")
+        writer.write(b"x" * 15000)
+        response = await asyncio.wait_for(read_response(reader), 5)
+        await close_writer(writer)
+        assert (response.status, response.body) == (200, b"got 20000")
+
+
+async def test_a_slow_upload_gets_408_and_never_reaches_the_upstream(
+    tmp_path: Path, big: tuple[BigUpstream, int]
+) -> None:
+    upstream, port = big
+    config = _config(port, limits="min_data_rate: {bytes_per_second: 1KiB, grace: 1s}")
+    async with running_gateway(tmp_path, config) as gateway:
+        loop = asyncio.get_running_loop()
+        reader, writer = await open_raw(port_of(gateway))
+        writer.write(b"POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: 100000\r\n\r\n")
+        started = loop.time()
+        response_task = asyncio.ensure_future(read_response(reader))
+        while not response_task.done() and loop.time() - started < 5:
+            writer.write(b"y" * 10)  # ~100 bytes a second, every write well within body_timeout
+            await writer.drain()
+            await asyncio.wait({response_task}, timeout=0.1)
+        response = await asyncio.wait_for(response_task, 5)
+        assert response.status == 408
+        assert "slower than 1024 bytes a second" in json.loads(response.body)["detail"]
+        assert 1.0 < loop.time() - started < 3.0  # after the grace period, within a sweep or two
+        assert await is_closed(reader)
+        await close_writer(writer)
+        assert upstream.requests == 0
+        assert _counter(gateway, "slow_clients_total", "http", "upload") == 1
+
+
+async def test_an_upload_the_gateway_holds_back_is_not_slow(
+    tmp_path: Path, big: tuple[BigUpstream, int]
+) -> None:
+    """Time the gateway itself kept the client paused never counts against its rate."""
+    _, port = big
+    config = _config(port, limits="min_data_rate: {bytes_per_second: 100MiB, grace: 200ms}")
+    async with running_gateway(tmp_path, config) as gateway:
+        body = b"z" * 50000
+        response = await exchange(
+            port_of(gateway),
+            b"POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body),
+        )
+        assert response.status == 200
+
+
+async def test_a_client_that_stops_reading_is_cut(
+    tmp_path: Path, big: tuple[BigUpstream, int]
+) -> None:
+    _, port = big
+    config = _config(port, limits="min_data_rate: {bytes_per_second: 64KiB, grace: 1s}")
+    async with running_gateway(tmp_path, config) as gateway:
+        loop = asyncio.get_running_loop()
+        reader, writer = await open_raw(port_of(gateway))
+        writer.transport.pause_reading()
+        writer.write(b"GET /big HTTP/1.1\r\nHost: a\r\n\r\n")
+        started = loop.time()
+        await async_wait_until(
+            lambda: _counter(gateway, "slow_clients_total", "http", "download") == 1,
+            within=5,
+            what="the stalled reader is cut",
+        )
+        assert 1.0 < loop.time() - started < 3.0
+        writer.transport.resume_reading()
+        assert await _read_to_the_end(reader) < BIG
+        await close_writer(writer)
+
+
+async def test_a_slow_but_steady_reader_is_not_cut(
+    tmp_path: Path, big: tuple[BigUpstream, int]
+) -> None:
+    """Reading 64 KiB every 0.2 s (~320 KiB/s) is above a 64 KiB/s minimum: never cut."""
+    _, port = big
+    config = _config(port, limits="min_data_rate: {bytes_per_second: 64KiB, grace: 500ms}")
+    async with running_gateway(tmp_path, config) as gateway:
+        reader, writer = await open_raw(port_of(gateway))
+        writer.write(b"GET /big HTTP/1.1\r\nHost: a\r\n\r\n")
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200")
+        received = 0
+        for _ in range(15):  # 3 s: well past the grace period
+            received += len(await asyncio.wait_for(reader.read(65536), 5))
+            await asyncio.sleep(0.2)
+        while received < BIG:
+            data = await asyncio.wait_for(reader.read(1 << 20), 5)
+            assert data, (received, _counter(gateway, "slow_clients_total", "http", "download"))
+            received += len(data)
+        await close_writer(writer)
+        assert _counter(gateway, "slow_clients_total", "http", "download") == 0
+
+
+async def test_a_full_pool_answers_503_upstream_busy_after_queue_timeout(tmp_path: Path) -> None:
+    async with faulty_upstreams("up") as [up]:
+        config = _config(up.port, pool="max_connections: 1, queue_timeout: 300ms")
+        async with running_gateway(tmp_path, config) as gateway:
+            port = port_of(gateway)
+            up.mode = "hang"
+            first = asyncio.ensure_future(exchange(port, b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n"))
+            await async_wait_until(lambda: up.total == 1, what="the first request holds the pool")
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            second = await exchange(port, b"GET /b HTTP/1.1\r\nHost: a\r\n\r\n")
+            waited = loop.time() - started
+            assert second.status == 503
+            assert json.loads(second.body)["code"] == "upstream_busy"
+            assert second.header("retry-after") == "1"
+            assert 0.25 < waited < 1.5
+            assert up.total == 1  # never sent
+            first.cancel()
+
+
+async def test_a_stalled_reader_gives_its_connection_to_a_waiting_request(
+    tmp_path: Path, big: tuple[BigUpstream, int]
+) -> None:
+    upstream, port = big
+    config = _config(port, pool="max_connections: 1, queue_timeout: 5s")
+    async with running_gateway(tmp_path, config) as gateway:
+        reader, writer = await open_raw(port_of(gateway))
+        writer.transport.pause_reading()
+        writer.write(b"GET /big HTTP/1.1\r\nHost: a\r\n\r\n")
+        await async_wait_until(lambda: upstream.requests == 1, what="the pool is taken")
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        response = await exchange(port_of(gateway), b"GET /small HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert response.status == 200
+        # once the reader had stalled for STALL_EVICTION (1 s), not after the 5 s queue timeout
+        assert loop.time() - started < 2.5
+        assert _counter(gateway, "upstream_evictions_total", "app") == 1
+        writer.transport.resume_reading()
+        assert await _read_to_the_end(reader) < BIG
+        await close_writer(writer)
+
+
+async def test_a_reader_that_keeps_up_is_never_evicted(tmp_path: Path) -> None:
+    """A request waiting on a pool held by a busy upstream (not a stalled client) waits."""
+    async with faulty_upstreams("up") as [up]:
+        config = _config(up.port, pool="max_connections: 1, queue_timeout: 3s")
+        async with running_gateway(tmp_path, config) as gateway:
+            port = port_of(gateway)
+            up.mode = "slow:1.5"
+            first = asyncio.ensure_future(exchange(port, b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n"))
+            await async_wait_until(lambda: up.total == 1, what="the first request holds the pool")
+            second = await exchange(port, b"GET /b HTTP/1.1\r\nHost: a\r\n\r\n")
+            assert ((await first).status, second.status) == (200, 200)
+            assert _counter(gateway, "upstream_evictions_total", "app") == 0
+
+
+async def test_connections_per_client_are_limited(
+    tmp_path: Path, big: tuple[BigUpstream, int]
+) -> None:
+    _, port = big
+    config = _config(port, limits="max_connections_per_client: 3")
+    async with running_gateway(tmp_path, config) as gateway:
+        gw_port = port_of(gateway)
+        held = [await open_raw(gw_port) for _ in range(3)]
+        for _, writer in held:
+            writer.write(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+        for reader, _ in held:
+            assert (await asyncio.wait_for(read_response(reader), 5)).status == 200
+        reader, writer = await open_raw(gw_port)
+        assert await is_closed(reader)  # the fourth is closed at once
+        await close_writer(writer)
+        assert _counter(gateway, "connections_refused_total", "http", "per_client") == 1
+        # another address, and a trusted proxy (which carries many clients), are not limited
+        for source in ("127.0.0.3", "127.0.0.2", "127.0.0.2", "127.0.0.2", "127.0.0.2"):
+            r, w = await asyncio.open_connection("127.0.0.1", gw_port, local_addr=(source, 0))
+            w.write(b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            assert (await asyncio.wait_for(read_response(r), 5)).status == 200
+            await close_writer(w)
+        # a closed connection gives its place back
+        _, first = held.pop()
+        await close_writer(first)
+        await async_wait_until(
+            lambda: gateway.client_connections.get("127.0.0.1") == 2, what="the count drops"
+        )
+        reader, writer = await open_raw(gw_port)
+        writer.write(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert (await asyncio.wait_for(read_response(reader), 5)).status == 200
+        for _, w in [*held, (reader, writer)]:
+            await close_writer(w)
