@@ -20,7 +20,7 @@ COMPILED    := build/.compiled
 
 $(COMPILED): $(STAMP) setup.py $(HOT_SOURCES)
 	mkdir -p build
-	$(BIN)/python setup.py build_ext --inplace > build/compile.log 2>&1 || \
+	$(BIN)/python setup.py build_ext --inplace --force > build/compile.log 2>&1 || \
 		{ tail -40 build/compile.log; exit 1; }
 	$(BIN)/python -c "import gateway._compiled as c; c.check_fresh(); assert c.compiled_modules()"
 	touch $(COMPILED)
@@ -49,10 +49,13 @@ lint: setup
 typecheck: setup
 	$(BIN)/mypy --strict gateway
 
-# Debian packages the tests need (wrk drives the bench harness's own test)
+# Debian packages the tests need (wrk drives the bench harness's own test, slowhttptest the
+# slow-client attacks of tests/e2e/test_slow_attacks.py)
 test-deps:
-	@command -v wrk >/dev/null || { apt-get update -qq && \
-		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
+	@missing=""; for tool in wrk:wrk slowhttptest:slowhttptest; do \
+		command -v $${tool%%:*} >/dev/null || missing="$$missing $${tool##*:}"; done; \
+	if [ -n "$$missing" ]; then apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi
 
 test: setup test-deps lint typecheck
 	$(BIN)/pytest

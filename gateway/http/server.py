@@ -136,6 +136,7 @@ class HttpConnection(asyncio.Protocol):
         "_loop",
         "_progress_at",
         "_queue",
+        "_sampled_at",
         "_rate_base",
         "_rate_since",
         "_raw_head",
@@ -191,6 +192,8 @@ class HttpConnection(asyncio.Protocol):
         self._rate_since = 0.0
         self._acked_seen = 0
         self._progress_at = 0.0
+        #: when `_acked_seen` was last compared with what the kernel says
+        self._sampled_at = 0.0
         #: counted in `client_connections` (an untrusted peer while a per-client limit is set)
         self._counted_client = False
         self._ended_at = 0.0
@@ -284,7 +287,7 @@ class HttpConnection(asyncio.Protocol):
         transport = self.transport
         if transport is not None:
             self._acked_seen = self._acked(transport)
-        self._progress_at = now
+        self._progress_at = self._sampled_at = now
         if self._stream is not None:
             self._stream.pause()
         elif self._tunnel is not None:
@@ -885,8 +888,10 @@ class HttpConnection(asyncio.Protocol):
 
     def _is_slow_reader(self, now: float, transport: asyncio.Transport, limits: Limits) -> bool:
         """Writes are paused: has the client taken nothing for `body_timeout`, or less than the
-        minimum rate since the pause began, past the grace period?  A client that keeps up is
-        reported to the stream as progressing, so its upstream connection is not taken back."""
+        minimum rate on average since its request arrived, past the grace period?  A client
+        that took at least the minimum rate since the last look is reported to the stream as
+        progressing, so its upstream connection is not taken back for a waiting request (the
+        average would let a large first TCP window hide a stall for seconds)."""
         if self._tunnel is not None:
             # tunnel bytes are not counted in `_bytes_out`: only the gap applies
             return now - self._write_paused_at > limits.body_timeout
@@ -894,12 +899,14 @@ class HttpConnection(asyncio.Protocol):
         rate = limits.min_data_rate
         keeping_up = acked - self._rate_base >= rate * (now - self._rate_since)
         if acked > self._acked_seen:
+            recent = acked - self._acked_seen >= rate * (now - self._sampled_at)
+            if recent and self._stream is not None:
+                self._stream.progressing()
             self._acked_seen = acked
             self._progress_at = now
-            if keeping_up and self._stream is not None:
-                self._stream.progressing()
         elif now - self._progress_at > limits.body_timeout:
             return True
+        self._sampled_at = now
         return (
             rate > 0 and not keeping_up and now - self._write_paused_at > limits.min_data_rate_grace
         )

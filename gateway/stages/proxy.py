@@ -24,6 +24,7 @@ from typing import Final, final
 from gateway.errors import GatewayError, UpstreamTimeout, UpstreamUnavailable
 from gateway.http.forwarding import build_request_head, upstream_target
 from gateway.http.messages import Response
+from gateway.identity import client_ip
 from gateway.pipeline import RequestContext
 from gateway.upstream.connection import StaleConnection, UpstreamConnection
 from gateway.upstream.upstream import Upstream
@@ -149,6 +150,7 @@ class ProxyHandler:
                         conn = await pool.acquire(
                             min(upstream.connect_timeout, remaining),
                             min(upstream.queue_timeout, remaining),
+                            client_ip(ctx),
                         )
                         now = loop.time()
                     endpoint.in_flight += 1

@@ -4,6 +4,8 @@ Bookkeeping only — the I/O lives in `UpstreamConnection`.  Idle connections ar
 first out (the warmest first) and closed after `idle_timeout`; at most `max_connections` are
 open or opening at once, and a request that finds the pool full waits for one to be released
 for at most `queue_timeout`, then gets 503 `upstream_busy` (never sent: safe to try again).
+Waiting requests are served client address by client address in turn (`WaitQueue`), so one
+client with hundreds of requests queued cannot make another wait behind all of them.
 Before it waits, the connection whose client has read its response slower than the minimum data
 rate for the longest — at least `STALL_EVICTION` seconds — is taken back (`evict`): clients that
 stop reading give way to requests that wait, so slow readers can never hold a whole pool.  A
@@ -29,7 +31,7 @@ WATCH_INTERVAL = 0.1
 #: how long a client must have read its response slower than the minimum rate (the server
 #: protocol refreshes `stalled_since` while it keeps up) before a waiting request may take its
 #: pooled connection
-STALL_EVICTION = 1.0
+STALL_EVICTION = 0.5
 
 
 class PoolObserver(Protocol):
@@ -48,6 +50,7 @@ class EndpointPool:
         "_closing",
         "_idle",
         "_loop",
+        "_next_eviction_scan",
         "_sweeper",
         "_waiters",
         "_watcher",
@@ -92,7 +95,8 @@ class EndpointPool:
         #: connections handed out and not yet released
         self._busy: set[UpstreamConnection] = set()
         self._watcher: asyncio.TimerHandle | None = None
-        self._waiters: deque[asyncio.Future[UpstreamConnection | None]] = deque()
+        self._waiters = WaitQueue()
+        self._next_eviction_scan = 0.0
         #: connections open or being opened (idle ones included)
         self.opened = 0
         self._closing = False
@@ -117,9 +121,14 @@ class EndpointPool:
         return None
 
     async def acquire(
-        self, connect_timeout: float | None = None, queue_timeout: float | None = None
+        self,
+        connect_timeout: float | None = None,
+        queue_timeout: float | None = None,
+        client: str = "",
     ) -> UpstreamConnection:
-        """A connection ready for one exchange; raises a GatewayError when none can be had."""
+        """A connection ready for one exchange; raises a GatewayError when none can be had.
+
+        `client` (the client's address) decides whose turn it is when requests must wait."""
         timeout = self.connect_timeout if connect_timeout is None else connect_timeout
         wait = self.queue_timeout if queue_timeout is None else queue_timeout
         conn = self.take_idle()
@@ -129,7 +138,7 @@ class EndpointPool:
             raise ConnectFailed("upstream is being removed")
         if self.opened >= self.max_connections:
             waiter: asyncio.Future[UpstreamConnection | None] = self._loop.create_future()
-            self._waiters.append(waiter)
+            self._waiters.add(client, waiter)
             try:
                 await self._wait_for_slot(waiter, max(wait, 0.0))
             finally:
@@ -209,13 +218,15 @@ class EndpointPool:
         self, waiter: asyncio.Future[UpstreamConnection | None], wait: float
     ) -> None:
         """Wait at most `wait` seconds for `waiter`, meanwhile taking slots back from clients
-        that have stalled long enough (the first waiter looks, a few times a second)."""
+        that have stalled long enough (looked for a few times a second, by whichever waiter)."""
         loop = self._loop
         deadline = loop.time() + wait
         while not waiter.done():
-            if self._waiters and self._waiters[0] is waiter:
-                self._evict_stalled(len(self._waiters))
-            left = deadline - loop.time()
+            now = loop.time()
+            if now >= self._next_eviction_scan:
+                self._next_eviction_scan = now + STALL_EVICTION / 4
+                self._evict_stalled(self._waiters.count)
+            left = deadline - now
             if left <= 0:
                 raise UpstreamBusy(
                     f"all {self.max_connections} connections to the upstream stayed busy",
@@ -246,9 +257,9 @@ class EndpointPool:
             self._busy.discard(conn)
             conn.close()
             return  # on_connection_lost frees the slot
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
+        if self._waiters.count:
+            waiter = self._waiters.pop()
+            if waiter is not None:
                 waiter.set_result(conn)  # handed over: still busy
                 return
         self._busy.discard(conn)
@@ -281,12 +292,10 @@ class EndpointPool:
 
     def _slot_freed(self) -> None:
         self.opened -= 1
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                self.opened += 1
-                waiter.set_result(None)
-                return
+        waiter = self._waiters.pop()
+        if waiter is not None:
+            self.opened += 1
+            waiter.set_result(None)
 
     def _sweep(self) -> None:
         self._sweeper = None
@@ -308,10 +317,53 @@ class EndpointPool:
         # busy connections keep being watched until they are released
         while self._idle:
             self._idle.pop().close()
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_exception(ConnectFailed("upstream is being removed"))
+        while (waiter := self._waiters.pop()) is not None:
+            waiter.set_exception(ConnectFailed("upstream is being removed"))
+
+
+@final
+class WaitQueue:
+    """Requests waiting for a pooled connection, served one client address after another.
+
+    Each client has its own first-in-first-out queue, and the clients take turns: a freed slot
+    goes to the first waiter of the client whose turn it is.  Futures that are done (their
+    request gave up) are skipped when they come up; only the waiting path pays for any of it.
+    """
+
+    __slots__ = ("_by_client", "_turns", "count")
+
+    def __init__(self) -> None:
+        self._by_client: dict[str, deque[asyncio.Future[UpstreamConnection | None]]] = {}
+        #: clients with waiters, in the order of their turns
+        self._turns: deque[str] = deque()
+        #: waiters added and not yet taken out (a few may be done already)
+        self.count = 0
+
+    def add(self, client: str, waiter: asyncio.Future[UpstreamConnection | None]) -> None:
+        queue = self._by_client.get(client)
+        if queue is None:
+            queue = self._by_client[client] = deque()
+            self._turns.append(client)
+        queue.append(waiter)
+        self.count += 1
+
+    def pop(self) -> asyncio.Future[UpstreamConnection | None] | None:
+        """The next waiter still waiting, in turn; None when there is none."""
+        turns = self._turns
+        while turns:
+            client = turns.popleft()
+            queue = self._by_client[client]
+            while queue:
+                waiter = queue.popleft()
+                self.count -= 1
+                if not waiter.done():
+                    if queue:
+                        turns.append(client)  # its next waiter comes after the others'
+                    else:
+                        del self._by_client[client]
+                    return waiter
+            del self._by_client[client]
+        return None
 
 
 def _stalled_since(conn: UpstreamConnection) -> float:
