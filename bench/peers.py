@@ -6,6 +6,7 @@ runner pins it to the proxy core and measures the process it names.
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import textwrap
@@ -28,6 +29,8 @@ class Peer:
     build: Callable[[Path, int, int, int], Launch]
 
     def available(self) -> bool:
+        if self.needs == "BENCH_BASELINE":
+            return bool(os.environ.get("BENCH_BASELINE"))
         return self.needs is None or shutil.which(self.needs) is not None
 
 
@@ -63,6 +66,16 @@ def _gateway(scratch: Path, port: int, upstream: int, routes: int) -> Launch:
     config = scratch / "gateway.yaml"
     config.write_text(gateway_config(port, upstream, routes))
     return Launch([sys.executable, "-m", "gateway", "run", "-c", str(config)], {})
+
+
+def _gateway_baseline(scratch: Path, port: int, upstream: int, routes: int) -> Launch:
+    """The gateway of another checkout (`BENCH_BASELINE=DIR`, set up with `make setup`), the
+    same config: a change measured against the code before it, in one interleaved run."""
+    config = scratch / "gateway.yaml"
+    config.write_text(gateway_config(port, upstream, routes))
+    python = Path(os.environ["BENCH_BASELINE"]) / ".venv" / "bin" / "python"
+    # -P: the baseline's own package, not the one in the current directory
+    return Launch([str(python), "-P", "-m", "gateway", "run", "-c", str(config)], {})
 
 
 def _gateway_pipeline(scratch: Path, port: int, upstream: int, routes: int) -> Launch:
@@ -160,6 +173,7 @@ def _aiohttp(scratch: Path, port: int, upstream: int, routes: int) -> Launch:
 PEERS: dict[str, Peer] = {
     "gateway": Peer("gateway", None, _gateway),
     "gateway+pipeline": Peer("gateway+pipeline", None, _gateway_pipeline),
+    "gateway@baseline": Peer("gateway@baseline", "BENCH_BASELINE", _gateway_baseline),
     "nginx": Peer("nginx", "nginx", _nginx),
     "haproxy": Peer("haproxy", "haproxy", _haproxy),
     "caddy": Peer("caddy", "caddy", _caddy),

@@ -58,7 +58,8 @@ def started(
     """The peer running on core 0 and answering: (pid, port); None when it is not installed."""
     peer = PEERS[peer_name]
     if not peer.available():
-        result.note = f"{peer.needs} not installed"
+        missing = "not set" if peer.needs == "BENCH_BASELINE" else "not installed"
+        result.note = f"{peer.needs} {missing}"
         yield None
         return
     port = free_port()
@@ -254,7 +255,7 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario(
             name="bare",
             description="bare route, 50 keep-alive connections, small body",
-            peers=("gateway", "nginx", "haproxy", "caddy", "aiohttp"),
+            peers=("gateway", "gateway@baseline", "nginx", "haproxy", "caddy", "aiohttp"),
             run=wrk_scenario,
         ),
         Scenario(

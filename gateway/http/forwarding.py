@@ -14,6 +14,8 @@ when the whole body is known, else chunked; trailers never pass.
 
 from __future__ import annotations
 
+from typing import Final
+
 from gateway.http.headers import (
     CONNECTION_PROTECTED,
     REQUEST_DROP,
@@ -21,6 +23,9 @@ from gateway.http.headers import (
     is_proxy_header,
 )
 from gateway.http.messages import RequestHead
+
+_UNDERSCORE: Final = 0x5F
+_COLON: Final = 0x3A
 
 
 def upstream_path(path: str, strip_prefix: str | None) -> str:
@@ -63,15 +68,16 @@ def build_request_head(
     if named:
         named = named - CONNECTION_PROTECTED
     drop = REQUEST_DROP if trusted_peer else REQUEST_DROP_UNTRUSTED
+    drop_underscores = not forward_underscores
     lines: list[bytes] = []
     for name, value in head.headers:
         low = name.lower()
-        if (
-            low in drop
-            or (named and low in named)
-            or (b"_" in low and not forward_underscores)
-            or is_proxy_header(low)
-        ):
+        # "_" as an int: `b"_" in low` first tries the bytes as an integer, raising and clearing
+        # a TypeError each time (~2,000 instructions); an int is a plain memchr
+        if low in drop or (named and low in named) or (drop_underscores and _UNDERSCORE in low):
+            continue
+        # names are tokens, never empty; only a "p" needs the "proxy-" prefix compared
+        if low[0] == 0x70 and is_proxy_header(low):
             continue
         lines.append(b"%b: %b\r\n" % (name, value))
     if extra:
@@ -112,10 +118,10 @@ def build_request_head(
 def _forwarded(previous: bytes | None, client: bytes, host: bytes | None, scheme: bytes) -> bytes:
     """The Forwarded header line (RFC 7239) with this hop appended to what a trusted peer sent."""
     # an IPv6 address and a host with a port are not tokens: they go in a quoted-string
-    node = b'"[%b]"' % client if b":" in client else client
+    node = b'"[%b]"' % client if _COLON in client else client
     element = b"for=%b;proto=%b" % (node, scheme)
     if host:
-        element += b';host="%b"' % host if b":" in host else b";host=%b" % host
+        element += b';host="%b"' % host if _COLON in host else b";host=%b" % host
     if previous:
         return b"Forwarded: %b, %b\r\n" % (previous, element)
     return b"Forwarded: %b\r\n" % element

@@ -28,6 +28,7 @@ class RequestHead:
         "chunked",
         "connection_tokens",
         "content_length",
+        "early_data",
         "expect_continue",
         "forwarded",
         "has_authorization",
@@ -72,6 +73,9 @@ class RequestHead:
         self.chunked = False
         self.keep_alive = True
         self.expect_continue = False
+        #: bytes a client sent after the head of a request to be tunnelled, before the 101:
+        #: the tunnel's first bytes, written upstream once it switched protocols
+        self.early_data = b""
         #: the Upgrade protocol while parsing; once the head is complete, set only when the
         #: request is to be tunnelled (a websocket route, Connection: upgrade, no body)
         self.upgrade: bytes | None = None

@@ -132,15 +132,18 @@ class HttpConnection(asyncio.Protocol):
         "_ended_at",
         "_head",
         "_head_bytes",
+        "_host_forwarded",
+        "_host_name",
+        "_host_raw",
         "_in_head",
         "_loop",
         "_progress_at",
         "_queue",
-        "_sampled_at",
         "_rate_base",
         "_rate_since",
         "_raw_head",
         "_reading_paused",
+        "_sampled_at",
         "_sent_before",
         "_stopped",
         "_stream",
@@ -168,6 +171,11 @@ class HttpConnection(asyncio.Protocol):
         self.deadline_kind = 0
         self._head: RequestHead | None = None
         self._head_bytes = 0
+        #: the last Host this connection sent, and its normalized forms: a keep-alive client
+        #: repeats it, and comparing bytes costs less than the normalizer's cache lookup
+        self._host_raw = b""
+        self._host_forwarded = b""
+        self._host_name = ""
         self._raw_head = 0
         self._in_head = False
         self._current: _Exchange | None = None
@@ -448,9 +456,17 @@ class HttpConnection(asyncio.Protocol):
             raise BadRequest("Transfer-Encoding is not allowed in HTTP/1.0")
         head.keep_alive = parser.should_keep_alive()
         head.path, head.query, head.plain_target, head.path_flags = split_target(head.target)
-        if head.host is not None:
+        raw_host = head.host
+        if raw_host is not None:
             # once, before routing, forwarding and anything else that looks at the host
-            head.host, head.host_name = normalize_host(head.host)
+            if raw_host == self._host_raw:
+                head.host = self._host_forwarded
+                head.host_name = self._host_name
+            else:
+                head.host, head.host_name = forwarded, name = normalize_host(raw_host)
+                self._host_raw = raw_host
+                self._host_forwarded = forwarded
+                self._host_name = name
         now = self._loop.time()
         error: GatewayError | None = None
         route: Route | None = None
@@ -458,7 +474,7 @@ class HttpConnection(asyncio.Protocol):
             route = snapshot.router.match(head.host_name, head.path, method, head)
         except GatewayError as exc:
             error = exc
-        if route is not None:
+        if route is not None and (head.path_flags or route.reject_underscores):
             error = _refused_by_route(head, route)
         has_body = head.chunked or bool(head.content_length)
         upgrade = head.upgrade is not None and parser.should_upgrade()
@@ -569,7 +585,8 @@ class HttpConnection(asyncio.Protocol):
             # tunnelled: nothing more is parsed; bytes that came early wait for the 101
             self._stopped = True
             if rest:
-                exchange.head.headers.append((b"", rest))  # carried to the tunnel only
+                # never among the headers: it would be written into the upstream request head
+                exchange.head.early_data += rest
             return
         if self._stopped:
             return  # refused without reading its body: the connection closes after the answer
@@ -822,9 +839,9 @@ class HttpConnection(asyncio.Protocol):
         transport = self.transport
         assert transport is not None
         self._tunnel = upstream
-        early = [v for n, v in exchange.head.headers if n == b""]
+        early = exchange.head.early_data
         if early and upstream.transport is not None:
-            upstream.transport.write(b"".join(early))
+            upstream.transport.write(early)
         self.deadline_kind = 0
 
         def to_client(data: bytes) -> None:
@@ -954,7 +971,7 @@ def _refused_by_route(head: RequestHead, route: Route) -> GatewayError | None:
         return BadRequest(f"{what} is refused on this route (http.path_* settings)")
     if route.reject_underscores:
         for name, _ in head.headers:
-            if b"_" in name:
+            if 0x5F in name:  # "_", as an int: a plain memchr
                 return BadRequest("header names with '_' are refused on this route")
     return None
 

@@ -218,3 +218,51 @@ async def test_malformed_chunked_body_of_an_upgrade_request_is_400(
     assert await is_closed(reader)
     await close_writer(writer)
     assert seen.requests == []
+
+
+async def test_bytes_after_a_tunnelled_head_never_enter_the_upstream_head(
+    tmp_path: Path,
+) -> None:
+    """A client that sends data right behind its handshake (before the 101): those bytes are
+    the tunnel's, written upstream after the switch, never part of the forwarded head (where
+    "EVIL\\r\\nX-Injected: 1" would have become a header line)."""
+    heads: list[bytes] = []
+    tunnelled = asyncio.get_running_loop().create_future()
+
+    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        heads.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+        )
+        data = await reader.read(100)
+        if not tunnelled.done():
+            tunnelled.set_result(data)
+        writer.close()
+
+    server = await asyncio.start_server(upstream, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    config = f"""
+listeners: [{{name: http, bind: "127.0.0.1:0"}}]
+admin: {{bind: "127.0.0.1:0"}}
+access_log: {{enabled: false}}
+upstreams:
+  ws: {{endpoints: [{{url: "http://127.0.0.1:{port}"}}]}}
+routes:
+  - {{name: ws, match: {{path_prefix: /ws}}, upstream: ws, websocket: true}}
+"""
+    try:
+        async with running_gateway(tmp_path, config) as gateway:
+            reader, writer = await open_raw(port_of(gateway))
+            writer.write(
+                b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+                b"EVIL\r\nX-Injected: 1\r\n"
+            )
+            response = await asyncio.wait_for(read_response(reader, head_request=True), 5)
+            assert response.status == 101
+            assert await asyncio.wait_for(tunnelled, 5) == b"EVIL\r\nX-Injected: 1\r\n"
+            await close_writer(writer)
+    finally:
+        server.close()
+    assert len(heads) == 1
+    assert b"EVIL" not in heads[0]
+    assert b"X-Injected" not in heads[0]

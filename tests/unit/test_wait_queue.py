@@ -1,4 +1,5 @@
-"""gateway.upstream.pool.WaitQueue: requests waiting for a pooled connection take turns by client."""
+"""gateway.upstream.pool.WaitQueue: requests waiting for a pooled connection take turns, by
+client."""
 
 from __future__ import annotations
 
