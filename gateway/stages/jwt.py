@@ -25,6 +25,7 @@ import logging
 import time
 from collections import OrderedDict
 from typing import Any, Final, final
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 
@@ -52,9 +53,21 @@ log = logging.getLogger("gateway.jwt")
 _NO_EXP_TTL: Final = 60.0
 #: unknown key ids trigger a JWKS fetch at most this often
 _MIN_REFETCH: Final = 10.0
+#: while there are no keys at all, requests trigger a fetch at most this often (a JWKS endpoint
+#: that fails fast must not be fetched in a loop for as long as requests keep coming)
+_EMPTY_REFETCH: Final = 1.0
 #: how long a request waits for a JWKS fetch it needs
 _FETCH_WAIT: Final = 2.0
 _CHALLENGE: Final = 'Bearer realm="gateway"'
+
+
+def shown_url(url: str) -> str:
+    """A URL as logs may show it: no user, password or query (they may hold credentials)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, "…" if parts.query else "", ""))
 
 
 def _count_skipped(skipped: tuple[SkippedKey, ...], counter: Counter) -> None:
@@ -106,6 +119,9 @@ class JwksFetcher:
         #: when a token last made us fetch for an unknown key id (bounded, against floods of
         #: made-up key ids)
         self._kid_fetch_at = -_MIN_REFETCH
+        self._empty_fetch_at = -_EMPTY_REFETCH
+        #: the URL as logs show it (shown_url)
+        self._shown = shown_url(url)
         self._pending: asyncio.Task[None] | None = None
         self._task: asyncio.Task[None] | None = loop.create_task(self._run())
 
@@ -136,7 +152,7 @@ class JwksFetcher:
         except (aiohttp.ClientError, TimeoutError, JwksProblem) as exc:
             # keep the keys we had: a JWKS endpoint down must not log everyone out
             self.last_error = f"{type(exc).__name__}: {exc}"
-            log.warning("JWKS fetch from %s failed: %s", self.url, self.last_error)
+            log.warning("JWKS fetch from %s failed: %s", self._shown, self.last_error)
             return
         self.keys = list(keys)
         self.last_error = None
@@ -144,16 +160,25 @@ class JwksFetcher:
     def _report(self, skipped: tuple[SkippedKey, ...]) -> None:
         _count_skipped(skipped, self._skipped)
         if skipped != self._skipped_before:
-            _log_skipped(self.url, skipped)
+            _log_skipped(self._shown, skipped)
             self._skipped_before = skipped
 
     async def current(self, *, unknown_kid: bool = False) -> list[VerifyingKey]:
         """The keys; fetched now when there are none yet, or a token named an unknown key."""
         now = self._loop.time()
-        due = not self.keys or (unknown_kid and now - self._kid_fetch_at >= _MIN_REFETCH)
-        if due:
-            if unknown_kid:
+        if not self.keys:
+            pending = self._pending
+            # wait for a fetch in flight; start one at most every _EMPTY_REFETCH
+            due = (pending is not None and not pending.done()) or (
+                now - self._empty_fetch_at >= _EMPTY_REFETCH
+            )
+            if due:
+                self._empty_fetch_at = now
+        else:
+            due = unknown_kid and now - self._kid_fetch_at >= _MIN_REFETCH
+            if due:
                 self._kid_fetch_at = now
+        if due:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self._fetching()), _FETCH_WAIT)
         return self.keys

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Sequence
-from typing import Final, final
+from typing import final
 
 from gateway.config.model import RateLimitConfig
 from gateway.errors import GatewayError, RateLimited, StoreUnavailable
@@ -28,9 +28,6 @@ from gateway.stores.base import RateLimiter, Store, StoreError, Verdict
 from gateway.stores.memory import MemoryRateLimiter
 
 log = logging.getLogger("gateway.rate_limit")
-
-#: joins the parts of a composite key; cannot occur in a header value, a claim or an address
-_SEPARATOR: Final = "\x1f"
 
 KeyPart = Callable[[RequestContext], str]
 
@@ -61,7 +58,9 @@ def key_function(kinds: Sequence[str]) -> KeyPart:
         return parts[0]
 
     def composite(ctx: RequestContext) -> str:
-        return _SEPARATOR.join([part(ctx) for part in parts])
+        # each part length-prefixed: a claim may hold any character, so no separator is safe
+        # ("a|b" + "c" must never be the bucket of "a" + "b|c")
+        return "".join([f"{len(value)}:{value}" for value in [part(ctx) for part in parts]])
 
     return composite
 

@@ -4,6 +4,7 @@ headers dropped, rate limits keyed by a claim."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -117,6 +118,27 @@ async def test_jwks_url_with_key_rotation(
             # an unknown kid does not refetch again within the minimum interval
             assert (await _get(port, token(new, claims(), kid="nope"))).status == 401
             assert len(fetches) == before + 1
+
+
+async def test_a_jwks_url_without_keys_is_not_fetched_per_request(
+    tmp_path: Path, upstream: tuple[TestServer, Seen]
+) -> None:
+    """While the JWKS endpoint serves no usable key, a flood of requests must not become a
+    flood of fetches: a new one starts at most once a second."""
+    server, _ = upstream
+    key = RsaKey("k1")
+    document = [b'{"keys": []}']
+    async with jwks_server(document) as (url, fetches):
+        config = _config(server.port or 0, f"jwks_url: {url}")
+        async with running_gateway(tmp_path, config) as gw:
+            port = port_of(gw)
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            before = len(fetches)
+            statuses = [(await _get(port, token(key, claims()))).status for _ in range(30)]
+            elapsed = loop.time() - started
+            assert statuses == [401] * 30
+            assert len(fetches) - before <= 2 + int(elapsed)
 
 
 async def test_rate_limit_keyed_by_a_claim(

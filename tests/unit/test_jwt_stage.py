@@ -13,7 +13,7 @@ from gateway.errors import Unauthenticated
 from gateway.http.messages import RequestHead, Response
 from gateway.pipeline import RequestContext
 from gateway.runtime.snapshot import Snapshot
-from gateway.stages.jwt import JwtStage
+from gateway.stages.jwt import JwtStage, shown_url
 from tests.support.context import make_context, make_snapshot
 from tests.support.tokens import (
     MISSPELLINGS,
@@ -108,3 +108,16 @@ async def test_authorization_forms(tmp_path: Path, value: str | None, refused: s
     with pytest.raises(Unauthenticated) as info:
         await _call(stage, snapshot, authorization)
     assert info.value.detail == refused
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("https://idp.example/jwks.json", "https://idp.example/jwks.json"),
+        ("https://user:secret@idp.example:8443/jwks", "https://idp.example:8443/jwks"),
+        ("https://idp.example/jwks?api_key=secret", "https://idp.example/jwks?…"),
+    ],
+    ids=["plain", "credentials", "query"],
+)
+def test_jwks_urls_are_logged_without_credentials(url: str, shown: str) -> None:
+    assert shown_url(url) == shown

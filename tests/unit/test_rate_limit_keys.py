@@ -37,9 +37,19 @@ async def test_single_kinds() -> None:
 async def test_missing_parts_are_empty_and_composites_keep_them_apart() -> None:
     ctx = make_context(_head(), ip="192.0.2.7")
     both = key_function(["client_ip", "header:x-api-key", "jwt:sub", "mtls:san"])
-    assert both(ctx) == "192.0.2.7\x1f\x1f\x1f"
+    assert both(ctx) == "9:192.0.2.70:0:0:"
     with_key = make_context(_head((b"x-api-key", b"k")), ip="192.0.2.7")
-    assert both(with_key) == "192.0.2.7\x1fk\x1f\x1f"
+    assert both(with_key) == "9:192.0.2.71:k0:0:"
+
+
+async def test_composite_parts_cannot_run_into_each_other() -> None:
+    """A claim may hold any character: no separator keeps two composites apart, lengths do."""
+    key = key_function(["jwt:a", "jwt:b"])
+    one = make_context(_head(), ip="192.0.2.7")
+    one.claims = {"a": "x\x1fy", "b": "z"}
+    two = make_context(_head(), ip="192.0.2.7")
+    two.claims = {"a": "x", "b": "y\x1fz"}
+    assert key(one) != key(two)
 
 
 async def test_client_ip_behind_trusted_proxies_is_the_nearest_untrusted_hop() -> None:
