@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from gateway.bearer import bearer_token
 from gateway.config.model import (
     INTERNAL_ECHO,
     PATH_ESCAPES,
@@ -271,6 +272,15 @@ def _non_negative_int(value: object, path: str) -> int:
     return result
 
 
+def _admin_token(value: object, path: str) -> str:
+    text = _str(value, path)
+    # what a client can send after "Bearer ": anything else could never match (the message
+    # never shows the value, a secret)
+    if text and bearer_token("Bearer " + text) != text:
+        raise ConfigError(path, "must be a token68 (letters, digits and -._~+/, then any =)")
+    return text
+
+
 def _underscore_action(value: object, path: str) -> Literal["drop", "reject", "allow"]:
     if value == "drop" or value == "reject" or value == "allow":
         return value
@@ -485,7 +495,7 @@ class _Loader:
         if m is None:
             return AdminConfig()
         host, port = self.r.get(m, "bind", "admin", _bind, ("127.0.0.1", 9901))
-        token = self.r.get(m, "token", "admin", _str, "")
+        token = self.r.get(m, "token", "admin", _admin_token, "")
         return AdminConfig(host=host, port=port, token=token or None)
 
     def limits(self, raw: object) -> LimitsConfig:

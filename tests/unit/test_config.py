@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -490,3 +491,14 @@ def test_merge_keys_override_without_being_duplicates() -> None:
 )
 def test_duplicate_keys_with_merges(text: str, expected: list[str]) -> None:
     assert duplicates_of(text) == expected
+
+
+@pytest.mark.parametrize("token", ["has space", "quote\"d", "tab\there", "é"])
+def test_an_admin_token_no_client_could_send_is_refused(token: str) -> None:
+    quoted = json.dumps(token)
+    text = f'listeners: [{{name: http, bind: "127.0.0.1:0"}}]\nadmin: {{token: {quoted}}}\n'
+    with pytest.raises(ConfigErrors) as caught:
+        parse_config(text)
+    [error] = caught.value.errors
+    assert error.path == "admin.token"
+    assert token not in error.message
