@@ -62,10 +62,11 @@ def _normalize(raw: bytes) -> tuple[bytes, str]:
             port = None
         if 0x5B in name or 0x5D in name:  # "[" or "]" (ints: a plain memchr)
             raise BadRequest("invalid Host header")
-        if name.endswith(b"."):
-            name = name[:-1]
+        # empty labels are refused before the one trailing dot goes: "a.." must not become "a."
         if not name or name[0] == 0x2E or name.find(b"..") >= 0:
             raise BadRequest("invalid Host header: empty label")
+        if name.endswith(b"."):
+            name = name[:-1]
     if port and (len(port) > 5 or not port.isdigit() or int(port) > 65535):
         raise BadRequest("invalid Host header: bad port")
     text = name.decode("ascii")

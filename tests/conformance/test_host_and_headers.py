@@ -142,6 +142,7 @@ INVALID_HOSTS = {
     "semicolon": b"api.example.com;x",
     "slash": b"api.example.com/x",
     "empty_label": b"api..example.com",
+    "two_trailing_dots": b"api.example.com..",
     "leading_dot": b".api.example.com",
     "only_port": b":8080",
     "bad_port": b"api.example.com:80a",
