@@ -1,8 +1,9 @@
 """The request head as it goes upstream (SPEC §3).
 
-Client headers are forwarded byte for byte, less hop-by-hop headers and every "Proxy-*", the
-headers the client's Connection header names (except Host and Content-Length, which stay the
-gateway's), client certificate headers, names containing "_" (unless the route allows them: a
+Client headers are forwarded byte for byte, less hop-by-hop headers and every "Proxy-*" (the
+headers the client's Connection header names are gone already: the server protocol removes them
+on arrival, before any stage, so a header a stage sets is never one a client can remove), client
+certificate headers, names containing "_" (unless the route allows them: a
 CGI/WSGI upstream reads X_User_Id as X-User-Id), the client-address and URL/method-override
 headers of `CLIENT_CLAIMS` from a peer not in `trusted_proxies`, and the headers the gateway
 sets itself — X-Forwarded-For/-Proto/-Host, X-Request-Id, Forwarded (only when the client sent
@@ -17,7 +18,6 @@ from __future__ import annotations
 from typing import Final
 
 from gateway.http.headers import (
-    CONNECTION_PROTECTED,
     REQUEST_DROP,
     REQUEST_DROP_UNTRUSTED,
     is_proxy_header,
@@ -64,9 +64,6 @@ def build_request_head(
     forward_underscores: bool = False,
 ) -> bytes:
     # bytes %-formatting with %b/%d compiles to one sized copy: cheaper than joining a list
-    named = head.connection_tokens
-    if named:
-        named = named - CONNECTION_PROTECTED
     drop = REQUEST_DROP if trusted_peer else REQUEST_DROP_UNTRUSTED
     drop_underscores = not forward_underscores
     lines: list[bytes] = []
@@ -74,7 +71,7 @@ def build_request_head(
         low = name.lower()
         # "_" as an int: `b"_" in low` first tries the bytes as an integer, raising and clearing
         # a TypeError each time (~2,000 instructions); an int is a plain memchr
-        if low in drop or (named and low in named) or (drop_underscores and _UNDERSCORE in low):
+        if low in drop or (drop_underscores and _UNDERSCORE in low):
             continue
         # names are tokens, never empty; only a "p" needs the "proxy-" prefix compared
         if low[0] == 0x70 and is_proxy_header(low):

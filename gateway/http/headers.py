@@ -36,8 +36,11 @@ GATEWAY_SET_REQUEST: Final = frozenset(
     {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-request-id"}
 )
 
-#: names the client's Connection header may not remove: framing and routing belong to the gateway
-CONNECTION_PROTECTED: Final = frozenset({b"host", b"content-length"})
+#: Connection tokens that name no header to remove on arrival: options, hop-by-hop names that are
+#: dropped anyway, and names the client may not remove (framing and routing are the gateway's)
+NOT_NAMED_BY_CONNECTION: Final = HOP_BY_HOP | frozenset(
+    {b"close", b"keep-alive", b"host", b"content-length"}
+)
 
 #: headers some framework or proxy believes about the client's address, scheme, port, host,
 #: URL or method (X-Original-URL re-routes in IIS and Symfony, X-HTTP-Method-Override turns a

@@ -40,7 +40,7 @@ from gateway.errors import (
     PayloadTooLarge,
     RequestTimeout,
 )
-from gateway.http.headers import connection_tokens, status_line
+from gateway.http.headers import NOT_NAMED_BY_CONNECTION, connection_tokens, status_line
 from gateway.http.host import normalize_host
 from gateway.http.messages import (
     BODY_HIGH_WATER,
@@ -130,6 +130,7 @@ class HttpConnection(asyncio.Protocol):
         "_current",
         "_drain",
         "_ended_at",
+        "_final_sent",
         "_head",
         "_head_bytes",
         "_host_forwarded",
@@ -205,6 +206,8 @@ class HttpConnection(asyncio.Protocol):
         #: counted in `client_connections` (an untrusted peer while a per-client limit is set)
         self._counted_client = False
         self._ended_at = 0.0
+        #: a response with Connection: close went out: no request after it is answered
+        self._final_sent = False
         self._tunnel: UpstreamConnection | None = None
         #: an upgrade request between its head and llhttp's HttpParserUpgrade
         self._upgrading: _Exchange | None = None
@@ -339,8 +342,8 @@ class HttpConnection(asyncio.Protocol):
             self._on_upgrade(data[exc.args[0] :])
         except httptools.HttpParserCallbackError as exc:
             error = exc.__context__
-            if isinstance(error, _BodyRead):
-                self._stopped = True  # the declared body ended: nothing after it is a request
+            if isinstance(error, _StopParsing):
+                self._stopped = True  # nothing after this point is a request
                 return
             self._parse_failed(
                 error if isinstance(error, GatewayError) else BadRequest("malformed request")
@@ -371,6 +374,11 @@ class HttpConnection(asyncio.Protocol):
     # -- llhttp callbacks --------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        if self._stopped:
+            # llhttp goes on through the rest of a buffer after a request that ends the
+            # connection (an error answered without reading its body, Connection: close):
+            # nothing after it is a request (RFC 9112 §9.6), however it arrived
+            raise _StopParsing()
         self._head = RequestHead()
         self._head_bytes = 0
         self._raw_head = 0
@@ -455,6 +463,13 @@ class HttpConnection(asyncio.Protocol):
         elif head.chunked:
             raise BadRequest("Transfer-Encoding is not allowed in HTTP/1.0")
         head.keep_alive = parser.should_keep_alive()
+        tokens = head.connection_tokens
+        if tokens is not None:
+            named = tokens - NOT_NAMED_BY_CONNECTION
+            if named:
+                # hop-by-hop by the client's word: gone on arrival, before any stage runs, so
+                # that naming a header can never remove one a stage sets for the upstream
+                head.headers = [(n, v) for n, v in head.headers if n.lower() not in named]
         head.path, head.query, head.plain_target, head.path_flags = split_target(head.target)
         raw_host = head.host
         if raw_host is not None:
@@ -578,7 +593,10 @@ class HttpConnection(asyncio.Protocol):
         exchange = self._upgrading
         self._upgrading = None
         if exchange is None:
-            # on_headers_complete always records it; anything else is a parser we do not know
+            if self._stopped:
+                return  # refused on its head (and answered without its body): nothing more
+            # on_headers_complete records every other one; anything else is a parser we do not
+            # know
             self._parse_failed(BadRequest("malformed request"))
             return
         if exchange.head.upgrade is not None:
@@ -627,10 +645,14 @@ class HttpConnection(asyncio.Protocol):
         try:
             while True:
                 while queue:
-                    exchange = queue[0]
-                    await self._run(exchange)
-                    queue.popleft()
-                    if self._closing:
+                    try:
+                        await self._run(queue[0])
+                    finally:
+                        # answered or abandoned: `_run` counted it out of the gauge either way
+                        queue.popleft()
+                    if self._closing or self._final_sent:
+                        # requests pipelined behind one answered with Connection: close are
+                        # never run: the client may send them again elsewhere (RFC 9112 §9.6)
                         return
                     if self._reading_paused and len(queue) <= _MAX_QUEUED // 2:
                         self.resume_reading()
@@ -813,6 +835,7 @@ class HttpConnection(asyncio.Protocol):
                 self._bytes_out += 5
         if not keep_alive:
             self._stopped = True
+            self._final_sent = True
             if body is not None and not body.eof:
                 self._linger()
             else:
@@ -976,8 +999,9 @@ def _refused_by_route(head: RequestHead, route: Route) -> GatewayError | None:
     return None
 
 
-class _BodyRead(Exception):
-    """Raised by `_DeclaredBody` to stop llhttp at the end of the body it was made for."""
+class _StopParsing(Exception):
+    """Raised from a callback to stop llhttp where the connection's last request ended: after
+    a request that closes the connection, or at the end of the body `_DeclaredBody` reads."""
 
 
 @final
@@ -988,7 +1012,7 @@ class _DeclaredBody:
     would otherwise be parsed as the next request (request smuggling).  A fresh parser is fed
     a synthetic head carrying only the original framing, so llhttp — strict about chunk sizes
     and lengths — reads exactly the declared body; its head callbacks are absent here, and at
-    the body's end `_BodyRead` stops the parser for good.
+    the body's end `_StopParsing` stops the parser for good.
     """
 
     __slots__ = ("_connection", "_done")
@@ -1005,7 +1029,7 @@ class _DeclaredBody:
         if not self._done:
             self._done = True
             self._connection.on_message_complete()
-        raise _BodyRead()
+        raise _StopParsing()
 
 
 def _body_parser(connection: HttpConnection, head: RequestHead) -> httptools.HttpRequestParser:

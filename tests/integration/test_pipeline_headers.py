@@ -67,6 +67,25 @@ async def test_request_and_response_edits_in_onion_order(
         assert response.header("x-upstream") is None
 
 
+async def test_connection_removes_client_headers_never_the_ones_stages_set(
+    tmp_path: Path, upstream: tuple[TestServer, Seen]
+) -> None:
+    """Found by probing: `Connection: x-env` used to strip the X-Env the headers stage set."""
+    server, seen = upstream
+    async with running_gateway(tmp_path, _config(server.port)) as gw:
+        response = await exchange(
+            port_of(gw),
+            b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: X-Env, x-tag, X-Mine, keep-alive\r\n"
+            b"X-Mine: 1\r\nX-Other: 2\r\n\r\n",
+        )
+        assert response.status == 200
+        sent = _sent(seen)
+        assert sent["x-env"] == ["prod"]  # set by the route's headers stage
+        assert sent["x-tag"] == ["v1"]  # set by the named middleware
+        assert "x-mine" not in sent  # the client's own hop-by-hop header
+        assert sent["x-other"] == ["2"]
+
+
 async def test_a_middleware_is_shared_and_an_unchanged_stage_survives_reload(
     tmp_path: Path, upstream: tuple[TestServer, Seen]
 ) -> None:
