@@ -124,6 +124,7 @@ class HttpConnection(asyncio.Protocol):
     __slots__ = (
         "_acked_seen",
         "_bytes_out",
+        "_chunk_raw",
         "_chunked_out",
         "_closing",
         "_counted_client",
@@ -192,6 +193,8 @@ class HttpConnection(asyncio.Protocol):
         self._stream: BodyStream | None = None
         self._chunked_out = False
         self._bytes_out = 0
+        #: raw bytes read inside the current chunked body (see `_count_framing`)
+        self._chunk_raw = 0
         #: bytes written on this connection before the current response (plus `_bytes_out`:
         #: everything written), and the marks that measure a slow reader while writes are paused
         self._sent_before = 0
@@ -336,6 +339,7 @@ class HttpConnection(asyncio.Protocol):
         if self._stopped:
             return  # after a fatal error or while lingering: discard
         was_in_head = self._in_head
+        current = self._current
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -361,6 +365,25 @@ class HttpConnection(asyncio.Protocol):
                 self._raw_head = self._raw_head + len(data) if was_in_head else len(data)
                 if self._raw_head > limits.max_header_bytes + 65536:
                     self._parse_failed(HeadersTooLarge("request head too large"))
+            elif current is not None and current is self._current and current.head.chunked:
+                self._count_framing(current, len(data))
+
+    def _count_framing(self, current: _Exchange, size: int) -> None:
+        """Bound what a chunked body costs beyond its bytes: chunk framing and trailers.
+
+        llhttp buffers a trailer until it ends (httptools grows it by concatenation: quadratic
+        time), and a body in one-byte chunks costs a callback per byte; so what is not body may
+        be at most `max_header_bytes` more than the body itself.  Counted only for reads that
+        began and ended inside this body, so the figure never includes another request.
+        """
+        body = current.body
+        if body is None:
+            return
+        self._chunk_raw += size
+        if self._chunk_raw - 2 * body.received > self.server.snapshot.limits.max_header_bytes:
+            self._parse_failed(
+                BadRequest("chunk framing and trailers outweigh the body (max_header_bytes)")
+            )
 
     def eof_received(self) -> bool | None:
         if self.deadline_kind == _LINGER:
@@ -498,6 +521,7 @@ class HttpConnection(asyncio.Protocol):
         elif head.upgrade is not None:
             head.upgrade = None  # no "Connection: upgrade": an ordinary request
         body: RequestBody | None = None
+        self._chunk_raw = 0
         if has_body:
             limit = limits.max_body_bytes
             if route is not None and route.max_body_bytes is not None:

@@ -35,6 +35,8 @@ _UPGRADE: Final = 4
 _DROPPED: Final = 5
 _RESPONSE_SPECIAL: Final[dict[bytes, int]] = {
     **dict.fromkeys(HOP_BY_HOP, _DROPPED),
+    # the gateway answers with the id the upstream was sent; a second one would be noise
+    b"x-request-id": _DROPPED,
     b"connection": _CONNECTION,
     b"content-length": _CONTENT_LENGTH,
     b"transfer-encoding": _TRANSFER_ENCODING,
@@ -43,6 +45,10 @@ _RESPONSE_SPECIAL: Final[dict[bytes, int]] = {
 
 #: response-body bytes buffered before the sink is attached (then the upstream socket pauses)
 _EARLY_BODY_LIMIT = 256 * 1024
+#: the longest response head read from an upstream (1xx heads included), and how much chunk
+#: framing and trailers may exceed the body: llhttp buffers a header until it ends, so an
+#: upstream sending one forever would otherwise grow memory without bound
+MAX_RESPONSE_HEAD = 64 * 1024
 
 
 class StaleConnection(UpstreamUnavailable):
@@ -54,6 +60,7 @@ class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
         "_active",
         "_body_chunks",
+        "_body_received",
         "_body_timeout",
         "_chunked",
         "_chunks_len",
@@ -72,6 +79,7 @@ class UpstreamConnection(asyncio.Protocol):
         "_message_done",
         "_named",
         "_paused_by_sink",
+        "_raw_read",
         "_read_paused",
         "_reset_parser",
         "_sink",
@@ -143,6 +151,9 @@ class UpstreamConnection(asyncio.Protocol):
         self._upgraded = False
         self._reset_parser = False
         self._last_activity = 0.0
+        #: raw bytes read for this exchange, and the body's bytes among them (MAX_RESPONSE_HEAD)
+        self._raw_read = 0
+        self._body_received = 0
         self.length: int | None = None
         self.close_delimited = False
 
@@ -164,6 +175,11 @@ class UpstreamConnection(asyncio.Protocol):
         self._got_bytes = True
         if self._timer is not None:
             self._last_activity = self._loop.time()  # only the body timer reads it
+        counted = not self._status or self._chunked
+        if counted:
+            # a head still arriving, or a chunked body: what is not body is bounded (the rest
+            # of a body is bounded by back-pressure)
+            self._raw_read += len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -172,7 +188,18 @@ class UpstreamConnection(asyncio.Protocol):
             if rest:
                 self._tunnel_data(rest)
         except httptools.HttpParserError as exc:
-            self._fail(UpstreamUnavailable(f"invalid response from upstream: {exc}"))
+            cause = exc.__context__
+            self._fail(
+                cause
+                if isinstance(cause, UpstreamUnavailable)
+                else UpstreamUnavailable(f"invalid response from upstream: {exc}")
+            )
+        else:
+            if counted and not self._message_done and (
+                (not self._status and self._raw_read > MAX_RESPONSE_HEAD)
+                or (self._chunked and self._raw_read - 2 * self._body_received > MAX_RESPONSE_HEAD)
+            ):
+                self._fail(UpstreamUnavailable("upstream response head or framing too large"))
 
     def eof_received(self) -> bool | None:
         return None  # let the transport close; connection_lost does the bookkeeping
@@ -232,8 +259,14 @@ class UpstreamConnection(asyncio.Protocol):
             self._upgrade_header = (name, value)
 
     def on_headers_complete(self) -> None:
+        if self._status:
+            # a second final response in one exchange: the upstream is out of step (whatever
+            # follows a response it sent unasked must never reach a client)
+            raise UpstreamUnavailable("upstream sent more than one response")
         self.deadline = 0.0
         status = self.parser.get_status_code()
+        if not 100 <= status <= 599:
+            raise UpstreamUnavailable(f"upstream answered with status {status}")
         if 100 <= status < 200 and status != 101:
             # interim response (100 Continue, 103 Early Hints): the final one follows
             self._headers = []
@@ -285,6 +318,7 @@ class UpstreamConnection(asyncio.Protocol):
             self._upgraded = True
 
     def on_body(self, data: bytes) -> None:
+        self._body_received += len(data)
         sink = self._sink
         if sink is not None:
             sink.write(data)

@@ -58,7 +58,57 @@ async def healthy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
         await writer.drain()
 
 
+async def endless_header(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await _read_head(reader)
+    writer.write(b"HTTP/1.1 200 OK\r\nX-Endless: ")
+    for _ in range(4096):  # 64 MiB, were it all read
+        writer.write(b"e" * 16384)
+        await writer.drain()
+
+
+async def endless_trailer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await _read_head(reader)
+    writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nX-T: ")
+    for _ in range(4096):
+        writer.write(b"t" * 16384)
+        await writer.drain()
+
+
+async def two_responses(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Answers each request twice in one write: the second must never reach a client."""
+    while True:
+        await _read_head(reader)
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+            b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nevil"
+        )
+        await writer.drain()
+
+
+def _status(code: bytes) -> Behaviour:
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_head(reader)
+        writer.write(b"HTTP/1.1 %b Odd\r\nContent-Length: 2\r\n\r\nok" % code)
+        await writer.drain()
+        await reader.read()
+
+    return answer
+
+
+async def own_request_id(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await _read_head(reader)
+    writer.write(b"HTTP/1.1 200 OK\r\nX-Request-Id: upstream-id\r\nContent-Length: 2\r\n\r\nok")
+    await writer.drain()
+    await reader.read()
+
+
 BEHAVIOURS: dict[str, Behaviour] = {
+    "endless_header": endless_header,
+    "endless_trailer": endless_trailer,
+    "two_responses": two_responses,
+    "status000": _status(b"000"),
+    "status999": _status(b"999"),
+    "request_id": own_request_id,
     "reset": reset_mid_body,
     "garbage": garbage,
     "silent": never_answers,
@@ -150,6 +200,46 @@ async def test_broken_upstreams_get_documented_errors(
     response = await pending
     assert response.status == status
     assert json.loads(response.body)["code"] == code
+
+
+@pytest.mark.parametrize("path", ["/endless_header", "/status000", "/status999"])
+async def test_an_upstream_head_we_cannot_take_is_502_at_once(broken: Gateway, path: str) -> None:
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    response = await exchange(port_of(broken), f"GET {path} HTTP/1.1\r\nHost: a\r\n\r\n".encode())
+    assert response.status == 502
+    assert json.loads(response.body)["code"] == "upstream_unavailable"
+    assert loop.time() - started < 1.0  # not the 1 s response-head timeout
+
+
+async def test_an_endless_upstream_trailer_cuts_that_response_only(broken: Gateway) -> None:
+    reader, writer = await open_raw(port_of(broken))
+    writer.write(b"GET /endless_trailer HTTP/1.1\r\nHost: a\r\n\r\n")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 200")
+    assert await is_closed(reader, within=5)  # cut, with a bounded trailer read
+    await close_writer(writer)
+    assert (
+        await exchange(port_of(broken), b"GET /healthy HTTP/1.1\r\nHost: a\r\n\r\n")
+    ).status == 200
+
+
+async def test_a_second_response_the_upstream_sends_unasked_never_reaches_a_client(
+    broken: Gateway,
+) -> None:
+    reader, writer = await open_raw(port_of(broken))
+    for _ in range(3):
+        writer.write(b"GET /two_responses HTTP/1.1\r\nHost: a\r\n\r\n")
+        response = await asyncio.wait_for(read_response(reader), 5)
+        assert (response.status, response.body) == (200, b"ok")
+    await close_writer(writer)
+
+
+async def test_the_client_gets_one_request_id(broken: Gateway) -> None:
+    response = await exchange(port_of(broken), b"GET /request_id HTTP/1.1\r\nHost: a\r\n\r\n")
+    ids = [v for n, v in response.headers if n.lower() == "x-request-id"]
+    assert len(ids) == 1
+    assert ids[0] != "upstream-id"
 
 
 async def test_refused_connection_is_502(tmp_path: Path) -> None:
