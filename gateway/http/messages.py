@@ -124,9 +124,11 @@ class RequestBody:
     Memory stays bounded: above `high_water` buffered bytes (BODY_HIGH_WATER, or more when the
     route buffers larger bodies whole) the client socket is paused, below BODY_LOW_WATER it is
     resumed.  A read waits at most `timeout` seconds for the next chunk, and `check_rate` (called
-    by the connection's sweeper) fails a body that arrives slower than the minimum data rate —
-    measured from the first time someone waited for it, and never over time the gateway itself
-    kept the socket paused.
+    by the connection's sweeper) fails a body that arrives slower than the minimum data rate:
+    every `grace`-long window of waiting, from the first time someone waited for it, must bring
+    that rate — never counting time the gateway itself kept the socket paused, and never
+    averaging over the whole body (a client that sent 70 kB at once then one byte every four
+    seconds would otherwise hold its upstream connection for over a minute).
     """
 
     __slots__ = (
@@ -143,6 +145,8 @@ class RequestBody:
         "_replay",
         "_timer",
         "_waiter",
+        "_window_received",
+        "_window_waited",
         "eof",
         "limit",
         "on_first_read",
@@ -169,6 +173,9 @@ class RequestBody:
         #: time the gateway kept the client paused (its own back-pressure: not the client's fault)
         self._paused_since = 0.0
         self._paused_total = 0.0
+        #: where the current rate window began: seconds waited, and bytes received, by then
+        self._window_waited = 0.0
+        self._window_received = 0
         self._waiter: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._error: GatewayError | None = None
@@ -286,15 +293,20 @@ class RequestBody:
         await waiter
 
     def check_rate(self, now: float, min_rate: int, grace: float) -> bool:
-        """Fail the body (408) if, `grace` seconds into it, fewer than `min_rate` bytes a second
-        arrived on average while the gateway was waiting for them; True when it did so now."""
+        """Fail the body (408) if, over the last `grace` seconds or more of waiting for it, fewer
+        than `min_rate` bytes a second arrived; True when it did so now."""
         start = self._rate_start
         if not start or self.eof or self._error is not None:
             return False
         waited = now - start - self._paused_total
         if self._paused_since:
             waited -= now - self._paused_since
-        if waited <= grace or self.received >= min_rate * waited:
+        window = waited - self._window_waited
+        if window < grace:
+            return False
+        if self.received - self._window_received >= min_rate * window:
+            self._window_waited = waited  # a new window begins
+            self._window_received = self.received
             return False
         self.fail(RequestTimeout(f"the request body arrived slower than {min_rate} bytes a second"))
         return True

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Final, cast, final
 
 import httptools
 
-from gateway.errors import GatewayError, UpstreamTimeout, UpstreamUnavailable
+from gateway.errors import GatewayError, RequestTimeout, UpstreamTimeout, UpstreamUnavailable
 from gateway.http.headers import HOP_BY_HOP, connection_tokens
 from gateway.http.messages import BodyProducer, BodySink, RequestBody, Response
 
@@ -392,8 +392,15 @@ class UpstreamConnection(asyncio.Protocol):
         transport = self.transport
         assert transport is not None
         try:
+            loop = self._loop
             while True:
-                data = await body.read()
+                # waiting on the client: a stalled upload may lose this connection to a request
+                # waiting for one (the pool's eviction), as a stalled reader does
+                self.stalled_since = loop.time()
+                try:
+                    data = await body.read()
+                finally:
+                    self.stalled_since = 0.0
                 if not data:
                     break
                 if chunked:
@@ -466,9 +473,12 @@ class UpstreamConnection(asyncio.Protocol):
             self.stalled_since = self._loop.time()
 
     def evict(self) -> None:
-        """Take the connection back from a client that stopped reading its response (the pool
-        is full and others wait): the client's response ends there, cut."""
-        self._fail(UpstreamUnavailable("the client stopped reading while others waited"))
+        """Take the connection back from a client that stalled (the pool is full and others
+        wait): an upload ends with 408, a response being read is cut."""
+        if self._status:
+            self._fail(UpstreamUnavailable("the client stopped reading while others waited"))
+        else:
+            self._fail(RequestTimeout("the request body stalled while others waited"))
 
     def _set_reading(self, on: bool) -> None:
         transport = self.transport

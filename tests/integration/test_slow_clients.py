@@ -343,3 +343,57 @@ async def test_waiting_requests_take_turns_by_client(tmp_path: Path) -> None:
             await asyncio.gather(*busy)
             # b0 came after a0 and a1 were queued, but went right after the one in flight
             assert order.index("b0") <= 2, order
+
+
+async def _trickle_upload(
+    port: int, first: int
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A 1 MB upload: `first` bytes at once, then nothing until the caller sends more."""
+    reader, writer = await open_raw(port)
+    writer.write(b"POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: 1000000\r\n\r\n")
+    writer.write(b"u" * first)
+    await writer.drain()
+    return reader, writer
+
+
+async def test_a_burst_then_a_trickle_is_slow_in_its_next_window(
+    tmp_path: Path, big: tuple[BigUpstream, int]
+) -> None:
+    """Found by probing: 70 kB at once bought over a minute of near silence when the rate was
+    an average since the start; each window of `grace` must bring the minimum rate."""
+    upstream, port = big
+    config = _config(port, limits="min_data_rate: {bytes_per_second: 1KiB, grace: 1s}")
+    async with running_gateway(tmp_path, config) as gateway:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        reader, writer = await _trickle_upload(port_of(gateway), 70_000)
+        answer = asyncio.ensure_future(read_response(reader))
+        while not answer.done() and loop.time() - started < 6:
+            writer.write(b"u")  # a byte every 0.4 s: well inside body_timeout
+            await asyncio.wait({answer}, timeout=0.4)
+        response = await asyncio.wait_for(answer, 5)
+        assert response.status == 408
+        assert loop.time() - started < 3.5  # the second window, not 70 s later
+        await close_writer(writer)
+        assert upstream.requests == 1  # it had started streaming: 70 kB > request_buffering
+        assert _counter(gateway, "slow_clients_total", "http", "upload") == 1
+
+
+async def test_a_stalled_upload_gives_its_connection_to_a_waiting_request(
+    tmp_path: Path, big: tuple[BigUpstream, int]
+) -> None:
+    upstream, port = big
+    config = _config(port, pool="max_connections: 1, queue_timeout: 5s")
+    async with running_gateway(tmp_path, config) as gateway:
+        reader, writer = await _trickle_upload(port_of(gateway), 70_000)
+        await async_wait_until(lambda: upstream.requests == 1, what="the upload holds the pool")
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        response = await exchange(port_of(gateway), b"GET /small HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert response.status == 200
+        assert loop.time() - started < 2.0  # not the 5 s queue timeout
+        stalled = await asyncio.wait_for(read_response(reader), 5)
+        assert stalled.status == 408
+        assert "stalled while others waited" in json.loads(stalled.body)["detail"]
+        await close_writer(writer)
+        assert _counter(gateway, "upstream_evictions_total", "app") == 1

@@ -73,3 +73,51 @@ async def test_first_read_triggers_continue_once() -> None:
     body.feed_eof()
     assert await body.read() == b""
     assert sent == [True]
+
+
+async def _waited_body() -> tuple[RequestBody, float, asyncio.Future[bytes]]:
+    """A body someone started waiting for (its rate clock starts then): (body, start, read)."""
+    loop = asyncio.get_running_loop()
+    body = RequestBody(loop, Producer(), limit=10**9, timeout=60)
+    start = loop.time()
+    reading = asyncio.ensure_future(body.read())
+    await asyncio.sleep(0)  # the read is waiting now
+    return body, start, reading
+
+
+async def test_rate_is_judged_window_by_window() -> None:
+    """1 KiB/s over 5 s windows: a burst pays for its own window only."""
+    body, start, reading = await _waited_body()
+    body.feed(b"b" * 70_000)
+    await reading
+    reading = asyncio.ensure_future(body.read())
+    await asyncio.sleep(0)
+    assert not body.check_rate(start + 4.9, 1024, 5.0)  # inside the grace period
+    assert not body.check_rate(start + 5.1, 1024, 5.0)  # 70 kB in the first window: fine
+    body.feed(b"b" * 100)
+    assert body.check_rate(start + 10.3, 1024, 5.0)  # 100 bytes in the second: too slow
+    with pytest.raises(RequestTimeout):
+        await reading
+
+
+async def test_a_steady_body_is_never_judged_slow() -> None:
+    body, start, reading = await _waited_body()
+    for second in range(1, 30):
+        body.feed(b"s" * 2048)
+        assert not body.check_rate(start + second, 1024, 5.0)
+    reading.cancel()
+
+
+async def test_time_the_gateway_held_the_client_back_does_not_count() -> None:
+    loop = asyncio.get_running_loop()
+    producer = Producer()
+    body = RequestBody(loop, producer, limit=10**9, timeout=60)
+    start = loop.time()
+    reading = asyncio.ensure_future(body.read())
+    await asyncio.sleep(0)
+    body.feed(b"first")
+    await reading  # nobody reads on: the next bytes stay buffered
+    body.feed(b"p" * (BODY_HIGH_WATER + 1))  # paused by the gateway from here
+    assert producer.paused
+    # a minute later, still paused: the client was not the one waiting
+    assert not body.check_rate(start + 60, 1024, 5.0)
