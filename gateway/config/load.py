@@ -512,6 +512,7 @@ class _Loader:
             "max_connections_per_client",
             "request_buffering",
             "min_data_rate",
+            "tunnel_idle_timeout",
         }
         m = self.r.mapping(raw, "limits", keys)
         if m is None:
@@ -533,6 +534,9 @@ class _Loader:
             ),
             min_data_rate=rate,
             min_data_rate_grace=grace,
+            tunnel_idle_timeout=g(
+                m, "tunnel_idle_timeout", "limits", _positive_duration, d.tunnel_idle_timeout
+            ),
             max_header_bytes=g(m, "max_header_bytes", "limits", _positive_size, d.max_header_bytes),
             max_body_bytes=g(m, "max_body_bytes", "limits", parse_size, d.max_body_bytes),
             header_timeout=g(m, "header_timeout", "limits", _positive_duration, d.header_timeout),

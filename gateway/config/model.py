@@ -80,6 +80,8 @@ class LimitsConfig:
     #: measured after `min_data_rate_grace`; 0 = no minimum (only the body_timeout gap)
     min_data_rate: int = 1024
     min_data_rate_grace: float = 5.0
+    #: a tunnel (WebSocket) through which nothing moved either way for this long is closed
+    tunnel_idle_timeout: float = 300.0
 
 
 UnderscoreAction = Literal["drop", "reject", "allow"]

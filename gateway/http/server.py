@@ -151,6 +151,9 @@ class HttpConnection(asyncio.Protocol):
         "_stream",
         "_task",
         "_tunnel",
+        "_tunnel_active_at",
+        "_tunnel_bytes",
+        "_tunnel_seen",
         "_upgrading",
         "_wakeup",
         "_write_paused",
@@ -212,6 +215,11 @@ class HttpConnection(asyncio.Protocol):
         #: a response with Connection: close went out: no request after it is answered
         self._final_sent = False
         self._tunnel: UpstreamConnection | None = None
+        #: bytes through the tunnel either way, the count at the sweeper's last look, and when
+        #: it last moved (tunnel_idle_timeout)
+        self._tunnel_bytes = 0
+        self._tunnel_seen = 0
+        self._tunnel_active_at = 0.0
         #: an upgrade request between its head and llhttp's HttpParserUpgrade
         self._upgrading: _Exchange | None = None
 
@@ -333,6 +341,7 @@ class HttpConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         tunnel = self._tunnel
         if tunnel is not None:
+            self._tunnel_bytes += len(data)
             if tunnel.transport is not None:
                 tunnel.transport.write(data)
             return
@@ -891,8 +900,11 @@ class HttpConnection(asyncio.Protocol):
             upstream.transport.write(early)
         self.deadline_kind = 0
 
+        self._tunnel_active_at = self._loop.time()
+
         def to_client(data: bytes) -> None:
             if data:
+                self._tunnel_bytes += len(data)
                 transport.write(data)
             else:
                 self._close_transport()
@@ -991,6 +1003,15 @@ class HttpConnection(asyncio.Protocol):
             self._closing = True
             transport.abort()
             self.server.slow_downloads.inc()
+            return
+        tunnel = self._tunnel
+        if tunnel is not None:
+            if self._tunnel_bytes != self._tunnel_seen:
+                self._tunnel_seen = self._tunnel_bytes
+                self._tunnel_active_at = now
+            elif now - self._tunnel_active_at > limits.tunnel_idle_timeout:
+                tunnel.close()
+                self._close_transport()
             return
         current = self._current
         if current is not None and limits.min_data_rate:

@@ -90,6 +90,7 @@ class UpstreamConnection(asyncio.Protocol):
         "_write_paused",
         "close_delimited",
         "deadline",
+        "detached",
         "idle_since",
         "in_use",
         "length",
@@ -118,6 +119,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._drain: asyncio.Future[None] | None = None
         #: when the client stopped reading the response this connection carries (0: it reads)
         self.stalled_since = 0.0
+        #: a tunnel now, no longer counted in the pool
+        self.detached = False
         self._reset_exchange()
         self._body_timeout = 30.0
         self.on_upgrade_data: Callable[[bytes], None] | None = None
@@ -218,7 +221,8 @@ class UpstreamConnection(asyncio.Protocol):
                 self._fail(StaleConnection("upstream closed a kept-alive connection"))
             else:
                 self._fail(UpstreamUnavailable("upstream closed the connection"))
-        self.pool.on_connection_lost(self)
+        if not self.detached:
+            self.pool.on_connection_lost(self)
         if self._drain is not None and not self._drain.done():
             self._drain.set_result(None)
 
@@ -585,6 +589,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.on_upgrade_data = on_data
         self.tunnel_peer = peer
         self.reusable = False
+        if not self._closed:
+            self.pool.detach(self)
+            self.detached = True
         rest = b"".join(self._body_chunks)
         self._body_chunks = []
         self._chunks_len = 0

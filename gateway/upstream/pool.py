@@ -268,6 +268,13 @@ class EndpointPool:
         if self._sweeper is None:
             self._sweeper = self._loop.call_later(self.idle_timeout, self._sweep)
 
+    def detach(self, conn: UpstreamConnection) -> None:
+        """A connection that became a tunnel (a 101) leaves the pool and frees its slot: a
+        WebSocket may live for hours, and silent ones must not hold a pool's requests back."""
+        conn.in_use = False
+        self._busy.discard(conn)
+        self._slot_freed()
+
     def on_connection_lost(self, conn: UpstreamConnection) -> None:
         if conn in self._idle:
             self._idle.remove(conn)

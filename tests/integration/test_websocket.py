@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -64,3 +65,73 @@ async def test_websocket_refused_on_route_without_it(ws_gateway: Gateway) -> Non
             await session.ws_connect(f"http://127.0.0.1:{port}/plain")
         async with session.get(f"http://127.0.0.1:{port}/plain") as response:
             assert await response.text() == "plain"
+
+
+@pytest.fixture
+async def ws_small_pool(tmp_path: Path) -> AsyncIterator[Gateway]:
+    """A one-connection pool and a 1 s tunnel idle timeout, in front of the echo upstream."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        if request.headers.get("Upgrade", "").lower() != "websocket":
+            return web.Response(text="plain")
+        socket = web.WebSocketResponse()
+        await socket.prepare(request)
+        async for message in socket:
+            if message.type == WSMsgType.TEXT:
+                await socket.send_str("echo:" + message.data)
+        return socket
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", handler)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    config = f"""
+listeners: [{{name: http, bind: "127.0.0.1:0"}}]
+admin: {{bind: "127.0.0.1:0"}}
+access_log: {{enabled: false}}
+limits: {{tunnel_idle_timeout: 1s, idle_timeout: 30s}}
+upstreams:
+  ws:
+    endpoints: [{{url: "http://127.0.0.1:{server.port}"}}]
+    pool: {{max_connections: 1, queue_timeout: 2s}}
+routes:
+  - {{name: ws, match: {{path_prefix: /ws}}, upstream: ws, websocket: true}}
+  - {{name: plain, match: {{path_prefix: /plain}}, upstream: ws}}
+"""
+    try:
+        async with running_gateway(tmp_path, config) as gateway:
+            yield gateway
+    finally:
+        await server.close()
+
+
+async def test_tunnels_do_not_hold_pool_slots(ws_small_pool: Gateway) -> None:
+    """Found by probing: eight silent WebSockets held every pooled connection of their upstream."""
+    port = port_of(ws_small_pool)
+    async with aiohttp.ClientSession() as session:
+        sockets = [await session.ws_connect(f"http://127.0.0.1:{port}/ws") for _ in range(3)]
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        async with session.get(f"http://127.0.0.1:{port}/plain") as response:
+            assert await response.text() == "plain"
+        assert loop.time() - started < 1.0  # a free slot at once, not the queue timeout
+        for socket in sockets:
+            await socket.close()
+
+
+async def test_an_idle_tunnel_is_closed_and_a_busy_one_is_not(ws_small_pool: Gateway) -> None:
+    port = port_of(ws_small_pool)
+    async with aiohttp.ClientSession() as session:
+        idle = await session.ws_connect(f"http://127.0.0.1:{port}/ws")
+        busy = await session.ws_connect(f"http://127.0.0.1:{port}/ws")
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        while loop.time() - started < 2.5:  # busy: a message every 0.3 s, past the 1 s timeout
+            await busy.send_str("ping")
+            assert (await busy.receive(timeout=5)).data == "echo:ping"
+            await asyncio.sleep(0.3)
+        closed = await idle.receive(timeout=5)
+        assert closed.type in (WSMsgType.CLOSE, WSMsgType.CLOSED, WSMsgType.CLOSING)
+        await busy.send_str("still")
+        assert (await busy.receive(timeout=5)).data == "echo:still"
+        await busy.close()
