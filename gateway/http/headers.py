@@ -43,9 +43,10 @@ NOT_NAMED_BY_CONNECTION: Final = HOP_BY_HOP | frozenset(
 )
 
 #: headers some framework or proxy believes about the client's address, scheme, port, host,
-#: URL or method (X-Original-URL re-routes in IIS and Symfony, X-HTTP-Method-Override turns a
-#: POST into a DELETE in Rails and Express): kept from `trusted_proxies`, dropped from anyone
-#: else, so a client cannot claim another address or reach a path or method routing refused
+#: URL, method or authenticated identity (X-Original-URL re-routes in IIS and Symfony,
+#: X-HTTP-Method-Override turns a POST into a DELETE in Rails and Express, X-Forwarded-User is
+#: who oauth2-proxy logged in): kept from `trusted_proxies`, dropped from anyone else, so a
+#: client cannot claim another address or identity, or reach a path or method routing refused
 CLIENT_CLAIMS: Final = frozenset(
     {
         b"x-real-ip",
@@ -70,6 +71,36 @@ CLIENT_CLAIMS: Final = frozenset(
         b"x-http-method-override",
         b"x-http-method",
         b"x-method-override",
+        b"x-original-method",
+        b"client-ip",
+        b"x-forwarded",
+        b"forwarded-for",
+        b"x-proxyuser-ip",
+        b"x-remote-ip",
+        b"x-remote-addr",
+        b"x-originating-ip",
+        b"x-forwarded-protocol",
+        b"x-scheme",
+        b"x-forwarded-uri",
+        b"x-envoy-original-path",
+        b"x-envoy-external-address",
+        b"x-arr-ssl",
+        # identities an authenticating proxy asserts (oauth2-proxy, IIS ARR, TLS terminators)
+        b"remote-user",
+        b"x-remote-user",
+        b"x-forwarded-user",
+        b"x-forwarded-email",
+        b"x-auth-request-user",
+        b"x-auth-request-email",
+        b"x-authenticated-user",
+        b"x-arr-clientcert",
+        b"ssl-client-cert",
+        b"x-ssl-client-cert",
+        b"x-ssl-client-verify",
+        b"x-ssl-client-s-dn",
+        b"x-client-cert",
+        b"x-forwarded-tls-client-cert",
+        b"x-forwarded-tls-client-cert-info",
     }
 )
 

@@ -228,6 +228,11 @@ class RequestBody:
 
     # -- the reader's side -------------------------------------------------------------------
 
+    def check(self) -> None:
+        """Raise the body's error, if it has one."""
+        if self._error is not None:
+            raise self._error
+
     @property
     def is_complete(self) -> bool:
         """True when the whole body is buffered (it can be replayed without waiting)."""

@@ -109,7 +109,17 @@ def _normalize_slow(path: str, query: str) -> tuple[str, str]:
     _check_printable(query, "query string", forbidden=" ")
     if "%" in path:
         path = _decode_unreserved(path)
+    if ";" in path:
+        _refuse_dot_parameters(path)
     return _remove_dot_segments(path), query
+
+
+def _refuse_dot_parameters(path: str) -> None:
+    """`..;x` is `..` to Tomcat and Spring, which strip `;params` before resolving dot segments:
+    refused always, even on a route that allows `;` (it names no resource of its own)."""
+    for segment in path.split("/"):
+        if segment.partition(";")[0] in (".", ".."):
+            raise BadRequest("a dot segment with ';' parameters in the request path")
 
 
 def _path_of_absolute_form(target: str) -> str:

@@ -453,6 +453,9 @@ class HttpConnection(asyncio.Protocol):
             if value.strip().lower() == b"100-continue":
                 head.expect_continue = True
         elif low == b"upgrade":
+            if head.upgrade is not None:
+                # which one would be tunnelled? the first here, perhaps the last upstream
+                raise BadRequest("more than one Upgrade header")
             head.upgrade = value
         elif low == b"x-request-id":
             head.request_id = value
@@ -565,11 +568,16 @@ class HttpConnection(asyncio.Protocol):
         it an ordinary request whose body is read as declared.  Returns the request's error."""
         protocol = head.upgrade
         assert protocol is not None
+        protocol = protocol.strip(b" \t")
+        # a WebSocket handshake is an HTTP/1.1 GET (RFC 6455 §4.1), and Upgrade means nothing
+        # in HTTP/1.0 (RFC 9110 §7.8): anything else is an ordinary request
         tunnel = (
             error is None
             and route is not None
             and route.websocket
-            and protocol.strip(b" \t").lower() == b"websocket"
+            and head.version == "1.1"
+            and head.method == "GET"
+            and protocol.lower() == b"websocket"
         )
         if not tunnel:
             head.upgrade = None  # never forwarded; the connection stays HTTP/1.1
@@ -582,6 +590,7 @@ class HttpConnection(asyncio.Protocol):
             # would be either a body or the new protocol, and the peers could disagree
             head.upgrade = None
             return BadRequest("a WebSocket handshake cannot have a body")
+        head.upgrade = protocol  # what the upstream is asked for, spelled one way
         return None
 
     def on_body(self, data: bytes) -> None:

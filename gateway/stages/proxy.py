@@ -92,13 +92,15 @@ class ProxyHandler:
         ctx.upstream = upstream.name
         head = ctx.head
         body = ctx.body
-        upgrade = (
-            self.websocket and head.upgrade is not None and head.upgrade.lower() == b"websocket"
-        )
-        if body is not None and not body.eof and self.request_buffering:
-            # before any upstream connection is taken: the whole body, or the first part of a
-            # larger one (a slow client waits on its own, and the minimum rate cuts it)
-            await body.fill(self.request_buffering)
+        # the server protocol decided (head.upgrade is set only for a tunnel on a websocket route)
+        upgrade = self.websocket and head.upgrade is not None
+        if body is not None:
+            if not body.eof and self.request_buffering:
+                # before any upstream connection is taken: the whole body, or the first part of
+                # a larger one (a slow client waits on its own, and the minimum rate cuts it)
+                await body.fill(self.request_buffering)
+            # a body that already failed (too large, cut off) never opens an upstream exchange
+            body.check()
         if body is not None and body.is_complete:
             content_length: int | None = body.received
             chunked = False

@@ -64,8 +64,6 @@ async def test_ordinary_chunk_sizes_pass(
         b"%x\r\n%b\r\n" % (len(part), part)
         for part in (b"c" * min(chunk, total - i) for i in range(0, total, chunk))
     )
-    response = await exchange(
-        port_of(gw), HEAD + body + b"0\r\nX-Checksum: 1\r\n\r\n", within=10
-    )
+    response = await exchange(port_of(gw), HEAD + body + b"0\r\nX-Checksum: 1\r\n\r\n", within=10)
     assert response.status == 200
     assert response.body == str(total).encode()

@@ -334,6 +334,19 @@ CLAIMS = [
     b"X-HTTP-Method-Override: DELETE",
     b"X-HTTP-Method: DELETE",
     b"X-Method-Override: DELETE",
+    b"X-Original-Method: DELETE",
+    b"Client-IP: 6.6.6.6",
+    b"X-Forwarded: for=6.6.6.6",
+    b"Forwarded-For: 6.6.6.6",
+    b"X-Originating-IP: 6.6.6.6",
+    b"X-Envoy-Original-Path: /admin",
+    b"X-Forwarded-Uri: /admin",
+    b"X-Forwarded-User: admin",
+    b"X-Auth-Request-User: admin",
+    b"Remote-User: admin",
+    b"Ssl-Client-Cert: forged",
+    b"X-SSL-Client-Cert: forged",
+    b"X-Forwarded-Tls-Client-Cert: forged",
 ]
 ALWAYS_DROPPED = [b"Proxy: http://evil.test:3128", b"Proxy-Foo: 1", b"Proxy-Authorization: x"]
 

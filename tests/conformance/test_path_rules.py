@@ -103,6 +103,22 @@ async def test_a_route_may_allow_them(
     assert seen.requests[-1]["path"].encode() == forwarded
 
 
+@pytest.mark.parametrize(
+    "target",
+    [b"/legacy/..;/admin", b"/legacy/%2e%2e;/admin", b"/legacy/x/.;/y", b"/legacy/..;x=1/admin"],
+    ids=["dotdot", "encoded_dotdot", "dot", "dotdot_with_param"],
+)
+async def test_dot_segments_with_parameters_are_refused_even_where_semicolons_pass(
+    target: bytes, paths_gw: tuple[Gateway, Seen]
+) -> None:
+    """Found by probing: Tomcat and Spring read `/legacy/..;/admin` as `/admin`."""
+    gateway, seen = paths_gw
+    response = await exchange(port_of(gateway), b"GET %b HTTP/1.1\r\nHost: a\r\n\r\n" % target)
+    assert response.status == 400
+    assert "dot segment" in json.loads(response.body)["detail"]
+    assert seen.requests == []
+
+
 async def test_allowed_escapes_are_only_those_listed(paths_gw: tuple[Gateway, Seen]) -> None:
     gateway, seen = paths_gw
     response = await exchange(port_of(gateway), b"GET /legacy/a%3F HTTP/1.1\r\nHost: a\r\n\r\n")

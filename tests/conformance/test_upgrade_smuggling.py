@@ -202,6 +202,48 @@ async def test_websocket_handshake_with_a_body_is_refused(
     assert seen.requests == []
 
 
+@pytest.mark.parametrize(
+    ("head", "reason"),
+    [
+        (
+            b"GET /ws HTTP/1.0\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
+            "1.0",
+        ),
+        (
+            b"POST /ws HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: websocket\r\n"
+            b"Content-Length: 5\r\n\r\nhello",
+            "post",
+        ),
+    ],
+    ids=["http10", "post"],
+)
+async def test_only_an_http11_get_is_a_websocket_handshake(
+    head: bytes, reason: str, upgrade_gw: tuple[Gateway, Seen]
+) -> None:
+    """Found by probing: an HTTP/1.0 or POST handshake was tunnelled (and rewritten as 1.1)."""
+    gateway, seen = upgrade_gw
+    reader, writer = await open_raw(port_of(gateway))
+    writer.write(head)
+    response = await asyncio.wait_for(read_response(reader), 5)
+    await close_writer(writer)
+    assert response.status == 200, reason  # answered as an ordinary request
+    assert b"upgrade" not in _headers(seen.requests[-1])
+
+
+async def test_two_upgrade_headers_are_400(upgrade_gw: tuple[Gateway, Seen]) -> None:
+    gateway, seen = upgrade_gw
+    reader, writer = await open_raw(port_of(gateway))
+    writer.write(
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: foo\r\n"
+        b"Upgrade: websocket\r\n\r\n"
+    )
+    response = await asyncio.wait_for(read_response(reader), 5)
+    assert response.status == 400
+    assert "Upgrade" in json.loads(response.body)["detail"]
+    await close_writer(writer)
+    assert seen.requests == []
+
+
 async def test_malformed_chunked_body_of_an_upgrade_request_is_400(
     upgrade_gw: tuple[Gateway, Seen],
 ) -> None:

@@ -397,3 +397,20 @@ async def test_a_stalled_upload_gives_its_connection_to_a_waiting_request(
         assert "stalled while others waited" in json.loads(stalled.body)["detail"]
         await close_writer(writer)
         assert _counter(gateway, "upstream_evictions_total", "app") == 1
+
+
+async def test_a_body_that_already_failed_opens_no_upstream_exchange(
+    tmp_path: Path, big: tuple[BigUpstream, int]
+) -> None:
+    """Found by probing: a chunked body over the limit that arrived whole got its 413 only
+    after its head had gone upstream."""
+    upstream, port = big
+    config = _config(port, limits="max_body_bytes: 100")
+    async with running_gateway(tmp_path, config) as gateway:
+        response = await exchange(
+            port_of(gateway),
+            b"POST /upload HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"65\r\n" + b"x" * 101 + b"\r\n0\r\n\r\n",
+        )
+        assert response.status == 413
+        assert upstream.requests == 0
