@@ -637,20 +637,49 @@ def check_pipeline(
     """
     before: set[str] = set()
     result: list[StageSpec] = []
-    for path, spec in specs:
+    # headers a jwt stage sets for the upstream: a client's copies are dropped, so a key or a
+    # scope read from one would always be empty (every client in one bucket, or every request
+    # refused)
+    forwarded = {
+        header.lower()
+        for _, spec in specs
+        if isinstance(spec.config, JwtConfig)
+        for _, header in spec.config.forward_claims
+    }
+    for i, (path, spec) in enumerate(specs):
         config = spec.config
         if isinstance(config, RateLimitConfig):
             for key in config.key:
                 _require_before(r, path, before, key, "rate-limit key")
+                _refuse_forwarded(r, path, key, forwarded, "rate-limit key")
         if isinstance(config, IdempotencyConfig):
+            later = [(p, s.kind) for p, s in specs[i + 1 :] if s.kind in ("jwt", "mtls")]
+            if later:
+                where, kind = later[0]
+                r.error(
+                    path,
+                    f"idempotency must come after the {kind} stage ({where}): a replayed answer"
+                    " would skip authentication, and records could not belong to the client",
+                )
             if config.token is not None:
                 _require_before(r, path, before, config.token.client_id, "token client_id")
+                _refuse_forwarded(r, path, config.token.client_id, forwarded, "token client_id")
             _require_before(r, path, before, config.scope, "idempotency scope")
+            _refuse_forwarded(r, path, config.scope, forwarded, "idempotency scope")
             if config.scope == "auto":
                 spec = _resolve_auto_scope(r, path, spec, config, before, auto_scopes)
         before.add(spec.kind)
         result.append(spec)
     return result
+
+
+def _refuse_forwarded(r: Reader, path: str, key: str, forwarded: set[str], what: str) -> None:
+    if key.startswith("header:") and key[len("header:") :].lower() in forwarded:
+        r.error(
+            path,
+            f"{what} {key} names a header the jwt stage sets for the upstream (clients' copies"
+            " are dropped): key on the claim instead (jwt:CLAIM)",
+        )
 
 
 def _resolve_auto_scope(

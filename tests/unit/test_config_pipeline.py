@@ -414,11 +414,10 @@ JWT = "{jwt: {algorithms: [HS256], secret: " + "s" * 32 + "}}"
     [
         ("[{idempotency: {}}]", "none"),
         (f"[{JWT}, {{idempotency: {{}}}}]", "jwt:sub"),
-        (f"[{{idempotency: {{}}}}, {JWT}]", "none"),
         (f"[{JWT}, {{idempotency: {{scope: client_ip}}}}]", "client_ip"),
         ("[{idempotency: {scope: 'header:X-Tenant'}}]", "header:x-tenant"),
     ],
-    ids=["alone", "after-jwt", "before-jwt", "explicit", "header"],
+    ids=["alone", "after-jwt", "explicit", "header"],
 )
 def test_idempotency_scope_auto_follows_the_earlier_stages(pipeline: str, scope: str) -> None:
     config = parse_config(BASE + f"routes: [{{name: r, upstream: u, pipeline: {pipeline}}}]")
@@ -461,3 +460,43 @@ routes:
         "routes[1].pipeline[0]: middleware 'once' has scope: auto, which is jwt:sub in"
         " routes[0].pipeline[1] but none here (one instance serves both): set its scope"
     ]
+
+
+JWT_FORWARDING = (
+    "{jwt: {algorithms: [HS256], secret: " + "s" * 32 + ", forward_claims: {sub: X-User}}}"
+)
+
+
+@pytest.mark.parametrize(
+    ("pipeline", "message"),
+    [
+        (
+            f"[{{idempotency: {{}}}}, {JWT}]",
+            "routes[0].pipeline[0]: idempotency must come after the jwt stage "
+            "(routes[0].pipeline[1])",
+        ),
+        (
+            f"[{{idempotency: {{scope: 'header:X-Tenant'}}}}, {JWT}]",
+            "routes[0].pipeline[0]: idempotency must come after the jwt stage",
+        ),
+        (
+            f"[{JWT_FORWARDING}, {{idempotency: {{scope: 'header:x-user'}}}}]",
+            "routes[0].pipeline[1]: idempotency scope header:x-user names a header the jwt stage"
+            " sets",
+        ),
+        (
+            f"[{JWT_FORWARDING}, {{rate_limit: {{rate: 5, key: 'header:X-User'}}}}]",
+            "routes[0].pipeline[1]: rate-limit key header:x-user names a header the jwt stage sets",
+        ),
+    ],
+    ids=[
+        "idempotency-before-jwt",
+        "header-scope-before-jwt",
+        "scope-on-forwarded",
+        "key-on-forwarded",
+    ],
+)
+def test_orders_and_keys_that_could_never_work_are_refused(pipeline: str, message: str) -> None:
+    """Found by probing: idempotency before jwt replayed an authenticated answer to anyone."""
+    errors = errors_of(f"routes: [{{name: r, upstream: u, pipeline: {pipeline}}}]")
+    assert any(e.startswith(message) for e in errors), errors
