@@ -345,12 +345,21 @@ def _header(token: str) -> dict[str, Any]:
 
 def _json_object(raw: bytes) -> dict[str, Any]:
     try:
-        value = json.loads(raw)
+        value = json.loads(raw, object_pairs_hook=_unique_keys)
     except (ValueError, RecursionError):  # JSON and UTF-8 errors are ValueErrors
         raise TokenRejected("malformed token") from None
     if not isinstance(value, dict):
         raise TokenRejected("malformed token")
     return value
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object with each name once: `{"sub":"alice","sub":"admin"}` is refused, since we
+    would read the last and an upstream re-parsing the token perhaps the first."""
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        raise ValueError("duplicate member name")
+    return result
 
 
 def _select_key(keys: Sequence[VerifyingKey], alg: str, kid: object) -> VerifyingKey:
@@ -392,9 +401,15 @@ def _number(claims: Mapping[str, Any], name: str) -> float | None:
     value = claims.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, int | float):
         raise TokenRejected(f"claim {name} is not a number")
-    return float(value)
+    try:
+        number = float(value)  # a JSON integer of 400 digits is no float: OverflowError
+    except OverflowError:
+        raise TokenRejected(f"claim {name} is not a number") from None
+    if not math.isfinite(number):
+        raise TokenRejected(f"claim {name} is not a number")
+    return number
 
 
 def _check_claims(claims: Mapping[str, Any], policy: Policy, now: float) -> None:

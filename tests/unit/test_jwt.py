@@ -4,6 +4,9 @@ policy decides instead of pyjwt's defaults."""
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
+import json
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -275,3 +278,43 @@ def test_a_misspelled_token_is_malformed(misspell: Callable[[str], str]) -> None
     canonical = token(RSA, claims(note=URL_SAFE_FILLER))
     assert verify(canonical, KEYS, POLICY, time.time())["note"] == URL_SAFE_FILLER
     _reject(misspell(canonical), "malformed token")
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b'{"sub":"a","exp":1' + b"0" * 400 + b"}",
+        b'{"sub":"a","exp":-1' + b"0" * 400 + b"}",
+        b'{"sub":"a","nbf":1' + b"0" * 400 + b"}",
+    ],
+    ids=["huge-exp", "huge-negative-exp", "huge-nbf"],
+)
+def test_an_integer_no_float_can_hold_is_not_a_number(payload: bytes) -> None:
+    """Found by probing: math.isfinite raised OverflowError on it (a 500)."""
+    secret = b"s" * 32
+    key = hmac_key(secret.decode(), ["HS256"])
+    signed = f"{b64(json.dumps({'alg': 'HS256'}).encode())}.{b64(payload)}"
+    sig = b64(hmac.new(secret, signed.encode(), hashlib.sha256).digest())
+    policy = Policy(None, (), frozenset({"HS256"}), 30.0, ())
+    with pytest.raises(TokenRejected, match="is not a number"):
+        verify(f"{signed}.{sig}", [key], policy, time.time())
+
+
+@pytest.mark.parametrize(
+    ("header", "payload"),
+    [
+        (b'{"alg":"HS256","alg":"HS256"}', b'{"sub":"a"}'),
+        (b'{"alg":"HS256"}', b'{"sub":"alice","sub":"admin"}'),
+        (b'{"alg":"HS256"}', b'{"sub":"a","ctx":{"role":"u","role":"admin"}}'),
+    ],
+    ids=["header", "payload", "nested"],
+)
+def test_duplicate_member_names_are_malformed(header: bytes, payload: bytes) -> None:
+    """We would read the last, an upstream re-parsing the token perhaps the first."""
+    secret = b"s" * 32
+    key = hmac_key(secret.decode(), ["HS256"])
+    signed = f"{b64(header)}.{b64(payload)}"
+    sig = b64(hmac.new(secret, signed.encode(), hashlib.sha256).digest())
+    policy = Policy(None, (), frozenset({"HS256"}), 30.0, ())
+    with pytest.raises(TokenRejected, match="malformed token"):
+        verify(f"{signed}.{sig}", [key], policy, time.time())
