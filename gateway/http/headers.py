@@ -114,17 +114,65 @@ REQUEST_DROP: Final = (
     | frozenset({b"content-length", b"expect", b"host", b"forwarded", b"proxy"})
 )
 
-#: the same for a peer not in `trusted_proxies`
-REQUEST_DROP_UNTRUSTED: Final = REQUEST_DROP | CLIENT_CLAIMS
-
 #: dropped from responses before they go downstream (framing is re-done by the server protocol)
 RESPONSE_DROP: Final = HOP_BY_HOP | frozenset({b"content-length"})
 
 
-def is_proxy_header(low: bytes) -> bool:
-    """A lower-case name starting "proxy-" (SPEC §3: never forwarded), without a slice: every
-    such name sorts between "proxy-" and "proxy." ("-" is 0x2D, "." 0x2E)."""
-    return b"proxy-" <= low < b"proxy."
+#: whole families of CLIENT_CLAIMS, by prefix: the identity and address headers of
+#: authenticating proxies (oauth2-proxy, Kubernetes' front proxy, cloud load balancers, TLS
+#: terminators) come in sets, and any member may be believed; X-Forwarded-* except the three the
+#: gateway sets (those are always replaced)
+CLAIM_PREFIXES: Final = (
+    b"x-forwarded-",
+    b"x-auth-request-",
+    b"x-remote-",
+    b"impersonate-",
+    b"x-ssl-",
+    b"ssl-client-",
+    b"x-client-cert",
+    b"x-client-dn",
+    b"x-client-verify",
+    b"x-tls-client-",
+    b"x-amzn-oidc-",
+    b"x-ms-client-principal",
+    b"x-goog-authenticated-",
+    b"x-goog-iap-",
+    b"cf-access-",
+    b"cf-connecting-",
+    b"wl-proxy-",
+    b"x-consumer-",
+    b"x-webauth-",
+)
+
+#: `name_class` bits: how a request header is treated on the way upstream
+DROP: Final = 1  # always: hop-by-hop, framing, set by the gateway, client certificates, Proxy-*
+DROP_UNTRUSTED: Final = 2  # from a peer not in trusted_proxies: CLIENT_CLAIMS and their families
+UNDERSCORE: Final = 4  # a "_" in the name (dropped unless the route allows them)
+
+#: names classified so far; clients choose names, so it is emptied when it grows past this
+_CLASS_CACHE_SIZE: Final = 4096
+#: name -> its `name_class` bits (Final: compiled code reads it without a module lookup)
+NAME_CLASSES: Final[dict[bytes, int]] = {}
+
+
+def name_class(low: bytes) -> int:
+    """The DROP/DROP_UNTRUSTED/UNDERSCORE bits of a lower-case header name, remembered per name
+    (a keep-alive client repeats its names, and the lookup reuses the hash the name's set
+    lookups already computed).  A name is judged with "_" read as "-", as CGI/WSGI upstreams
+    read it: X_Forwarded_For is dropped like X-Forwarded-For, whatever the route allows."""
+    cached = NAME_CLASSES.get(low)
+    if cached is not None:
+        return cached
+    folded = low.replace(b"_", b"-")
+    flags = UNDERSCORE if folded != low else 0
+    if folded in REQUEST_DROP or folded.startswith(b"proxy-"):
+        flags |= DROP
+    elif folded in CLIENT_CLAIMS or folded.startswith(CLAIM_PREFIXES):
+        flags |= DROP_UNTRUSTED
+    if len(NAME_CLASSES) >= _CLASS_CACHE_SIZE:
+        NAME_CLASSES.clear()
+    NAME_CLASSES[low] = flags
+    return flags
 
 
 _TOKEN_CHARS: Final = frozenset(

@@ -230,7 +230,7 @@ class JwtStage:
             )
         self._forward = [(c, h.encode("latin-1")) for c, h in config.forward_claims]
         self._forward_names = frozenset(
-            h.lower().encode("latin-1") for _, h in config.forward_claims
+            h.lower().replace("_", "-").encode("latin-1") for _, h in config.forward_claims
         )
         self._cache: OrderedDict[str, tuple[dict[str, Any], float]] = OrderedDict()
         self._cache_size = config.cache_size
@@ -277,7 +277,11 @@ class JwtStage:
         head = ctx.head
         if self._forward_names:
             drop = self._forward_names
-            head.headers = [(n, v) for n, v in head.headers if n.lower() not in drop]
+            # "_" read as "-": X_User_Id is X-User-Id to a CGI/WSGI upstream, whatever the
+            # route's underscores_in_headers says
+            head.headers = [
+                (n, v) for n, v in head.headers if n.lower().replace(b"_", b"-") not in drop
+            ]
         authorization = head.get_header("authorization")
         route = ctx.route.name
         # not bearer_token: its pass over the characters would cost a cached request more than

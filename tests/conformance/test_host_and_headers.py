@@ -49,6 +49,12 @@ routes:
     match: {{path_prefix: /legacy}}
     upstream: app
     http: {{underscores_in_headers: allow}}
+  - name: underscores-allowed-with-jwt
+    match: {{path_prefix: /legacy-auth}}
+    upstream: app
+    http: {{underscores_in_headers: allow}}
+    pipeline:
+      - jwt: {{secret: "{SECRET}", algorithms: [HS256], forward_claims: {{sub: X-User-Id}}}}
   - name: underscores-rejected
     match: {{path_prefix: /strict}}
     upstream: app
@@ -297,6 +303,27 @@ async def test_a_route_may_allow_underscored_names(edge: tuple[Gateway, Seen]) -
     assert _headers(seen)[b"my_header"] == [b"1"]
 
 
+async def test_allowed_underscores_never_spell_a_header_the_gateway_owns(
+    edge: tuple[Gateway, Seen],
+) -> None:
+    """Found by probing: on a route that allows "_", X_User_Id reached the upstream beside the
+    jwt stage's X-User-Id — or alone, when the claim could not be forwarded."""
+    gateway, seen = edge
+    good = token(None, claims(sub="bob"), secret=SECRET.encode())
+    response = await exchange(
+        port_of(gateway),
+        b"GET /legacy-auth HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer %b\r\n"
+        b"X_User_Id: admin\r\nX-User_Id: admin2\r\nX_Forwarded_For: 6.6.6.6\r\n"
+        b"X_Real_IP: 6.6.6.6\r\nClient_Cert: :Zm9v:\r\nMy_Header: 1\r\n\r\n" % good.encode(),
+    )
+    assert response.status == 200
+    headers = _headers(seen)
+    assert headers[b"x-user-id"] == [b"bob"]
+    for name in (b"x_user_id", b"x-user_id", b"x_forwarded_for", b"x_real_ip", b"client_cert"):
+        assert name not in headers, name
+    assert headers[b"my_header"] == [b"1"]
+
+
 async def test_a_route_may_reject_underscored_names(edge: tuple[Gateway, Seen]) -> None:
     gateway, seen = edge
     response = await exchange(
@@ -347,6 +374,26 @@ CLAIMS = [
     b"Ssl-Client-Cert: forged",
     b"X-SSL-Client-Cert: forged",
     b"X-Forwarded-Tls-Client-Cert: forged",
+    # whole families, by prefix
+    b"X-Forwarded-Groups: admins",
+    b"X-Forwarded-Access-Token: t",
+    b"X-Auth-Request-Preferred-Username: admin",
+    b"X-Remote-Group: system:masters",
+    b"X-Remote-Extra-Scopes: all",
+    b"Impersonate-User: admin",
+    b"Impersonate-Group: system:masters",
+    b"X-Ssl-Client-Dn: CN=admin",
+    b"Ssl-Client-Verify: SUCCESS",
+    b"X-Client-Verify: SUCCESS",
+    b"X-Tls-Client-Cert: forged",
+    b"X-Amzn-Oidc-Identity: admin",
+    b"X-Ms-Client-Principal-Name: admin",
+    b"X-Goog-Authenticated-User-Email: admin@example.com",
+    b"Cf-Access-Authenticated-User-Email: admin@example.com",
+    b"Cf-Connecting-Ipv6: ::6",
+    b"WL-Proxy-Client-IP: 6.6.6.6",
+    b"X-Consumer-Username: admin",
+    b"X-Webauth-User: admin",
 ]
 ALWAYS_DROPPED = [b"Proxy: http://evil.test:3128", b"Proxy-Foo: 1", b"Proxy-Authorization: x"]
 

@@ -6,7 +6,9 @@ from typing import Any
 
 import pytest
 
+from gateway.http import headers
 from gateway.http.forwarding import build_request_head, upstream_path, upstream_target
+from gateway.http.headers import DROP, DROP_UNTRUSTED, UNDERSCORE, name_class
 from gateway.http.messages import RequestHead
 from gateway.http.path import split_target
 
@@ -114,3 +116,19 @@ def test_upstream_target(target: bytes, strip: str | None, expected: bytes) -> N
     head.target = target
     head.path, head.query, head.plain_target, head.path_flags = split_target(target)
     assert upstream_target(head, strip) == expected
+
+
+def test_header_names_are_classified_once_and_by_their_dash_spelling() -> None:
+    """name_class: "_" read as "-" (how CGI/WSGI upstreams read it), families by prefix."""
+    assert name_class(b"x_forwarded_for") == DROP | UNDERSCORE
+    assert name_class(b"x-forwarded-groups") == DROP_UNTRUSTED
+    assert name_class(b"x_auth_request_user") == DROP_UNTRUSTED | UNDERSCORE
+    assert name_class(b"proxy-anything") == DROP
+    assert name_class(b"accept") == 0
+    assert name_class(b"my_header") == UNDERSCORE
+
+
+def test_the_name_cache_is_bounded() -> None:
+    for i in range(10_000):
+        name_class(b"x-random-%d" % i)
+    assert len(headers.NAME_CLASSES) <= 4096
