@@ -10,12 +10,34 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
 import uuid
 from typing import Any, Protocol
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway.bearer import bearer_token
+
+
+class _MalformedRequestFilter(logging.Filter):
+    """aiohttp logs a request it cannot parse as an ERROR with a traceback that quotes the
+    offending bytes — an Authorization value, say — and any client that reaches the admin port
+    can send such requests as often as it likes.  Those become one line: what was wrong, from
+    where, no bytes of the request."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, HttpProcessingError):
+            record.msg = "admin listener: malformed request (%s)"
+            record.args = (type(error).__name__,)
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+_SERVER_LOG_FILTER = _MalformedRequestFilter()
 
 
 class AdminBackend(Protocol):
@@ -56,7 +78,10 @@ def _json(data: object, status: int = 200) -> web.Response:
 
 
 def _is_authorized(request: web.Request, token: str) -> bool:
-    given = bearer_token(request.headers.get("Authorization"))
+    values = request.headers.getall("Authorization", [])
+    if len(values) != 1:
+        return False  # none, or two (which one would count?): the data plane's rule too
+    given = bearer_token(values[0])
     if given is None:
         return False
     # the given token is ASCII (token68); the configured one may be anything YAML can hold
@@ -142,6 +167,9 @@ class AdminServer:
         self._bound = port
 
     async def start(self) -> None:
+        server_log = logging.getLogger("aiohttp.server")
+        if _SERVER_LOG_FILTER not in server_log.filters:
+            server_log.addFilter(_SERVER_LOG_FILTER)
         runner = web.AppRunner(self._app, access_log=None, handle_signals=False)
         await runner.setup()
         site = web.TCPSite(runner, self._host, self._port)

@@ -13,6 +13,7 @@ together, an idempotency scope refuses them.
 from __future__ import annotations
 
 import ipaddress
+import json
 from collections.abc import Callable
 
 from gateway.pipeline import RequestContext
@@ -57,7 +58,12 @@ def _claim(name: str) -> Part:
     def part(ctx: RequestContext) -> str | None:
         claims = ctx.claims
         value = claims.get(name) if claims is not None else None
-        return None if value is None else str(value) or None
+        if value is None:
+            return None
+        if isinstance(value, str):
+            return value or None
+        # compact JSON, as forwarded claims are spelled (true, not Python's True)
+        return json.dumps(value, separators=(",", ":"), sort_keys=True)
 
     return part
 

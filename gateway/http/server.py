@@ -397,6 +397,12 @@ class HttpConnection(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         if self.deadline_kind == _LINGER:
             return None  # the client is done: close now
+        current = self._current
+        if current is not None and current.body is not None:
+            # the body being read can never end now: fail it at once, rather than holding an
+            # upstream connection until body_timeout
+            current.body.fail(BadRequest("the client closed its side before the body ended"))
+            self._current = None
         if self._queue:
             # half-close: the client may still read what it asked for
             self._stopped = True

@@ -8,7 +8,7 @@ import os
 import time
 from typing import TYPE_CHECKING, Protocol, final
 
-from gateway.observability.access_log import AccessEntry
+from gateway.observability.access_log import AccessEntry, loggable_path
 from gateway.observability.metrics import CounterChild, GatewayMetrics, bounded_method
 
 if TYPE_CHECKING:
@@ -122,7 +122,7 @@ class ServerState:
                 trace_id=None,
                 route=route.name if route is not None else None,
                 method=head.method,
-                path=head.path,
+                path=loggable_path(head.path),
                 status=status,
                 duration_ms=round(elapsed * 1000, 3),
                 upstream=ctx.upstream if ctx is not None else None,
@@ -134,3 +134,4 @@ class ServerState:
                 stages=(ctx.outcomes or {}) if ctx is not None else {},
             )
         )
+

@@ -226,3 +226,14 @@ class AccessLog:
     def flush(self) -> None:
         """Write out buffered lines; the app calls this on a timer and at shutdown."""
         self._flush()
+
+
+def loggable_path(path: str) -> str:
+    """The path as the access log shows it: each segment's ";params" — which may carry a session
+    id (;jsessionid=…) — replaced by ";…" (the query is never in `path` at all)."""
+    if ";" not in path:
+        return path
+    return "/".join(
+        segment.partition(";")[0] + ";…" if ";" in segment else segment
+        for segment in path.split("/")
+    )

@@ -320,3 +320,19 @@ async def test_head_then_get_on_one_kept_alive_upstream_connection(broken: Gatew
     pool = broken.snapshot.upstreams["healthy"].endpoints[0].pool
     assert pool.opened == 1  # the same upstream connection served all four
     await close_writer(writer)
+
+
+async def test_a_body_the_client_stopped_sending_fails_at_once(gw: Gateway) -> None:
+    """Found by probing: a client that half-closed mid-body held its request (and possibly an
+    upstream connection) until body_timeout; it can never finish, so it is answered now."""
+    loop = asyncio.get_running_loop()
+    reader, writer = await open_raw(port_of(gw))
+    writer.write(b"POST /count HTTP/1.1\r\nHost: a\r\nContent-Length: 100000\r\n\r\n" + b"h" * 1000)
+    await writer.drain()
+    started = loop.time()
+    writer.write_eof()
+    response = await asyncio.wait_for(read_response(reader), 5)
+    assert response.status == 400
+    assert "closed its side" in json.loads(response.body)["detail"]
+    assert loop.time() - started < 1.0  # not the 2 s body_timeout
+    await close_writer(writer)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -94,6 +95,8 @@ ADMIN_CREDENTIALS = [
     ("other-scheme", b"Authorization: Basic czNjcmV0\r\n", 401),
     ("scheme-only", b"Authorization: Bearer\r\n", 401),
     ("missing", b"", 401),
+    # which one would count? the data plane answers 400; the admin API, 401
+    ("two-headers", b"Authorization: Bearer s3cret\r\nAuthorization: Bearer x\r\n", 401),
 ]
 
 
@@ -219,3 +222,23 @@ async def test_drain_finishes_in_flight_and_reports_not_ready(edge: Gateway) -> 
     await asyncio.wait_for(draining, 10)
     with pytest.raises(ConnectionRefusedError):
         await open_raw(port)
+
+
+async def test_a_malformed_admin_request_is_logged_without_its_bytes(
+    edge: Gateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found by probing: aiohttp logged a traceback quoting the Authorization value."""
+    assert edge.admin is not None
+    secret = b"Z" * 9000
+    with caplog.at_level(logging.INFO, logger="aiohttp.server"):
+        response = await exchange(
+            edge.admin.port,
+            b"GET /admin/config HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer "
+            + secret
+            + b"\r\n\r\n",
+        )
+    assert response.status == 400
+    records = [r for r in caplog.records if r.name == "aiohttp.server"]
+    assert [r.getMessage() for r in records] == ["admin listener: malformed request (LineTooLong)"]
+    assert all(r.levelno == logging.WARNING and r.exc_info is None for r in records)
+    assert "ZZZZ" not in caplog.text

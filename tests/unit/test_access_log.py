@@ -16,6 +16,7 @@ from gateway.observability.access_log import (
     AccessEntry,
     AccessLog,
     StdoutLines,
+    loggable_path,
 )
 
 
@@ -284,3 +285,16 @@ def test_flush_with_a_plain_callable_is_harmless() -> None:
     log.record(entry())
     log.flush()
     assert len(lines) == 1
+
+
+@pytest.mark.parametrize(
+    ("path", "logged"),
+    [
+        ("/a/b", "/a/b"),
+        ("/shop;jsessionid=SECRET/cart", "/shop;…/cart"),
+        ("/a;x=1/b;y=2", "/a;…/b;…"),
+    ],
+    ids=["plain", "session-id", "several"],
+)
+def test_path_parameters_are_never_logged(path: str, logged: str) -> None:
+    assert loggable_path(path) == logged

@@ -493,7 +493,7 @@ def test_duplicate_keys_with_merges(text: str, expected: list[str]) -> None:
     assert duplicates_of(text) == expected
 
 
-@pytest.mark.parametrize("token", ["has space", "quote\"d", "tab\there", "é"])
+@pytest.mark.parametrize("token", ["has space", 'quote"d', "tab\there", "é"])
 def test_an_admin_token_no_client_could_send_is_refused(token: str) -> None:
     quoted = json.dumps(token)
     text = f'listeners: [{{name: http, bind: "127.0.0.1:0"}}]\nadmin: {{token: {quoted}}}\n'

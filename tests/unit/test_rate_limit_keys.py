@@ -73,3 +73,12 @@ def test_policy_window_in_whole_seconds() -> None:
     assert policy_window(RateLimitConfig(rate=100, per=1.0, burst=1)) == (100, 1)
     assert policy_window(RateLimitConfig(rate=5, per=60.0, burst=1)) == (5, 60)
     assert policy_window(RateLimitConfig(rate=10, per=0.5, burst=1)) == (20, 1)
+
+
+async def test_non_string_claims_are_spelled_as_json() -> None:
+    """As forwarded claims are: `true`, not Python's `True` (found by probing)."""
+    ctx = make_context(_head(), ip="192.0.2.7")
+    ctx.claims = {"flag": True, "roles": ["b", "a"], "n": 7}
+    assert key_function(["jwt:flag"])(ctx) == "true"
+    assert key_function(["jwt:roles"])(ctx) == '["b","a"]'
+    assert key_function(["jwt:n"])(ctx) == "7"
