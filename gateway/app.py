@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 import signal
@@ -167,6 +168,13 @@ class Gateway:
             if self.worker_index == 0:
                 self.admin = AdminServer(self, config.admin.host, config.admin.port)
                 await self.admin.start()
+                if not config.admin.token and not _is_loopback(config.admin.host):
+                    # e.g. ${GATEWAY_ADMIN_TOKEN:-} with the variable unset
+                    log.warning(
+                        "the admin API listens on %s without a token: anyone who reaches it may"
+                        " reload the gateway and read its configuration (set admin.token)",
+                        config.admin.host,
+                    )
         except BaseException:
             await self._close_servers()
             raise
@@ -465,3 +473,12 @@ def serve(config_path: str, *, worker_index: int = 0, workers: int = 1, watch: b
         await gateway._reload()
 
     return uvloop.run(main())
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

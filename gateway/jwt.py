@@ -126,8 +126,10 @@ def is_compact_jws(token: str) -> bool:
 
     Lenient decoders (the standard library's, pyjwt's) translate `+`/`/`, drop whitespace and
     padding and ignore a last character's unused bits, so many strings decode to one token.  We
-    accept only the one spelling an encoder writes: the token string is then the token, which is
-    what lets the cache of verified tokens be keyed by it.
+    accept only the one spelling an encoder writes, so a misspelling can never find the cache of
+    verified tokens (keyed by the string).  The encoding is canonical, not the signature: an
+    ECDSA signature (r, s) also verifies as (r, n - s), so one set of ES* claims has two token
+    strings — which matters only to a list keyed by token string, and we keep none.
     """
     parts = token.split(".")
     return len(parts) == 3 and all(map(_is_canonical_b64url, parts))

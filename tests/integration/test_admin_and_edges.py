@@ -242,3 +242,4 @@ async def test_a_malformed_admin_request_is_logged_without_its_bytes(
     assert [r.getMessage() for r in records] == ["admin listener: malformed request (LineTooLong)"]
     assert all(r.levelno == logging.WARNING and r.exc_info is None for r in records)
     assert "ZZZZ" not in caplog.text
+
