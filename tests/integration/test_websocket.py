@@ -15,22 +15,29 @@ from gateway.app import Gateway
 from tests.support.gateway import port_of, running_gateway
 
 
-@pytest.fixture
-async def ws_gateway(tmp_path: Path) -> AsyncIterator[Gateway]:
-    async def ws(request: web.Request) -> web.StreamResponse:
-        if request.headers.get("Upgrade", "").lower() != "websocket":
-            return web.Response(text="plain")
-        socket = web.WebSocketResponse()
-        await socket.prepare(request)
-        async for message in socket:
-            if message.type == WSMsgType.TEXT:
-                await socket.send_str("echo:" + message.data)
-        return socket
+async def _echo(request: web.Request) -> web.StreamResponse:
+    """A WebSocket echo ("echo:" + each text message), or "plain" without an upgrade."""
+    if request.headers.get("Upgrade", "").lower() != "websocket":
+        return web.Response(text="plain")
+    socket = web.WebSocketResponse()
+    await socket.prepare(request)
+    async for message in socket:
+        if message.type == WSMsgType.TEXT:
+            await socket.send_str("echo:" + message.data)
+    return socket
 
+
+async def _echo_server() -> TestServer:
     app = web.Application()
-    app.router.add_get("/{tail:.*}", ws)
+    app.router.add_get("/{tail:.*}", _echo)
     server = TestServer(app, host="127.0.0.1")
     await server.start_server()
+    return server
+
+
+@pytest.fixture
+async def ws_gateway(tmp_path: Path) -> AsyncIterator[Gateway]:
+    server = await _echo_server()
     config = f"""
 listeners: [{{name: http, bind: "127.0.0.1:0"}}]
 admin: {{bind: "127.0.0.1:0"}}
@@ -70,21 +77,7 @@ async def test_websocket_refused_on_route_without_it(ws_gateway: Gateway) -> Non
 @pytest.fixture
 async def ws_small_pool(tmp_path: Path) -> AsyncIterator[Gateway]:
     """A one-connection pool and a 1 s tunnel idle timeout, in front of the echo upstream."""
-
-    async def handler(request: web.Request) -> web.StreamResponse:
-        if request.headers.get("Upgrade", "").lower() != "websocket":
-            return web.Response(text="plain")
-        socket = web.WebSocketResponse()
-        await socket.prepare(request)
-        async for message in socket:
-            if message.type == WSMsgType.TEXT:
-                await socket.send_str("echo:" + message.data)
-        return socket
-
-    app = web.Application()
-    app.router.add_get("/{tail:.*}", handler)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
+    server = await _echo_server()
     config = f"""
 listeners: [{{name: http, bind: "127.0.0.1:0"}}]
 admin: {{bind: "127.0.0.1:0"}}

@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import json
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -291,13 +290,17 @@ def test_a_misspelled_token_is_malformed(misspell: Callable[[str], str]) -> None
 )
 def test_an_integer_no_float_can_hold_is_not_a_number(payload: bytes) -> None:
     """Found by probing: math.isfinite raised OverflowError on it (a 500)."""
+    with pytest.raises(TokenRejected, match="is not a number"):
+        _verify_hs256(b'{"alg":"HS256"}', payload)
+
+
+def _verify_hs256(header: bytes, payload: bytes) -> dict[str, Any]:
+    """`verify` of a token with exactly these header and payload bytes, HMAC-signed."""
     secret = b"s" * 32
-    key = hmac_key(secret.decode(), ["HS256"])
-    signed = f"{b64(json.dumps({'alg': 'HS256'}).encode())}.{b64(payload)}"
+    signed = f"{b64(header)}.{b64(payload)}"
     sig = b64(hmac.new(secret, signed.encode(), hashlib.sha256).digest())
     policy = Policy(None, (), frozenset({"HS256"}), 30.0, ())
-    with pytest.raises(TokenRejected, match="is not a number"):
-        verify(f"{signed}.{sig}", [key], policy, time.time())
+    return verify(f"{signed}.{sig}", [hmac_key(secret.decode(), ["HS256"])], policy, time.time())
 
 
 @pytest.mark.parametrize(
@@ -311,10 +314,5 @@ def test_an_integer_no_float_can_hold_is_not_a_number(payload: bytes) -> None:
 )
 def test_duplicate_member_names_are_malformed(header: bytes, payload: bytes) -> None:
     """We would read the last, an upstream re-parsing the token perhaps the first."""
-    secret = b"s" * 32
-    key = hmac_key(secret.decode(), ["HS256"])
-    signed = f"{b64(header)}.{b64(payload)}"
-    sig = b64(hmac.new(secret, signed.encode(), hashlib.sha256).digest())
-    policy = Policy(None, (), frozenset({"HS256"}), 30.0, ())
     with pytest.raises(TokenRejected, match="malformed token"):
-        verify(f"{signed}.{sig}", [key], policy, time.time())
+        _verify_hs256(header, payload)
