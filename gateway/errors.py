@@ -84,6 +84,13 @@ class IdempotencyKeyInUse(GatewayError):
     status, code, title = 409, "idempotency_key_in_use", "Conflict"
 
 
+class IdempotencyOutcomeUnknown(GatewayError):
+    """The first request with this key may have run — it reached an upstream and no complete
+    answer came back — so it is never run again for this key (SPEC §5.5)."""
+
+    status, code, title = 409, "idempotency_outcome_unknown", "Conflict"
+
+
 class IdempotencyKeyReused(GatewayError):
     status, code, title = 422, "idempotency_key_reused", "Unprocessable Content"
 

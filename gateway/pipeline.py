@@ -67,10 +67,10 @@ class RequestContext:
         "deadline",
         "endpoint",
         "head",
-        "idempotent_key",
         "outcomes",
         "peer",
         "request_id",
+        "resend_keyed",
         "route",
         "snapshot",
         "start",
@@ -79,6 +79,7 @@ class RequestContext:
         "upstream",
         "upstream_head",
         "upstream_headers",
+        "upstream_writes",
     )
 
     def __init__(
@@ -118,9 +119,12 @@ class RequestContext:
         self.avoid: Endpoint | None = None
         #: the verified JWT's claims, set by the jwt stage
         self.claims: dict[str, object] | None = None
-        #: set by the idempotency stage when it accepted the request's key: a POST or PATCH
-        #: carrying one may then be retried
-        self.idempotent_key = False
+        #: set by an idempotency stage whose upstream de-duplicates by the key it accepted: a
+        #: POST or PATCH carrying it may be sent again after it was written
+        self.resend_keyed = False
+        #: tries written to an upstream so far (any byte of the request may have reached it);
+        #: the proxy is its only writer, retry and idempotency stages read it
+        self.upstream_writes = 0
 
     def outcome(self, stage: str, decision: str) -> None:
         """Record what a stage decided, for the access log."""

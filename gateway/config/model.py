@@ -288,6 +288,9 @@ class IdempotencyConfig:
     #: route to "jwt:sub" after a jwt stage, else "mtls:san" after an mtls stage, else "none"
     scope: str = "auto"
     token: IdempotencyTokenConfig | None = None
+    #: the upstream honours the forwarded key itself: a request whose outcome is unknown may
+    #: be sent again (its key is released, and a later retry stage may re-send it)
+    upstream_deduplicates: bool = False
 
 
 #: what a rate limit is keyed on: one of these, or several (a composite key)

@@ -548,6 +548,7 @@ def _idempotency(r: Reader, raw: object, path: str) -> StageConfig | None:
         "max_bytes",
         "scope",
         "token",
+        "upstream_deduplicates",
     }
     m = r.mapping({} if raw is None else raw, path, keys)
     if m is None:
@@ -594,6 +595,7 @@ def _idempotency(r: Reader, raw: object, path: str) -> StageConfig | None:
         max_bytes=r.get(m, "max_bytes", path, positive_size, d.max_bytes),
         scope=r.get(m, "scope", path, _scope, d.scope),
         token=token,
+        upstream_deduplicates=r.get(m, "upstream_deduplicates", path, as_bool, False),
     )
     if config.max_bytes < config.max_response_bytes:
         r.error(

@@ -10,19 +10,22 @@ lacking its scope value is refused (400 `idempotency_key_invalid`) rather than s
 scope with every other such request.  The request's fingerprint — method, path, query and a
 digest of its body (buffered, within the route's body limit) — goes with the record's key into
 the store's `begin`, one atomic step:
-- first use: the lock is ours; `ctx.idempotent_key` lets a later `retry` stage repeat the
-  request; the upstream's response, whatever its status, is stored as it streams to the client
-  (`_Recorder`), and completes the record when its body ends;
-- the first request still running, or its outcome unknown: 409 `idempotency_key_in_use` with
-  `Retry-After`;
+- first use: the lock is ours; the upstream's response, whatever its status, is stored as it
+  streams to the client (`_Recorder`), and completes the record when its body ends;
+- the first request still running: 409 `idempotency_key_in_use` with `Retry-After`;
+- its outcome unknown: 409 `idempotency_outcome_unknown`, for the whole `ttl`;
 - the same key for a different request: 422 `idempotency_key_reused`;
 - completed: the stored status, headers and body, with `Idempotent-Replayed: true` (409 while
   the first response's body is still streaming).
-With no upstream response (the gateway's own 502/503/504, a later stage's refusal) the key is
-released — except after a response timeout once the request was sent, or a client that left
-mid-request: the upstream may be acting on it, so the lock stays until it expires and a
-duplicate cannot run it twice.  A response over `max_response_bytes` completes the record
-without its body: duplicates get 409 for the whole `ttl` rather than a second execution.
+Without a complete answer (SPEC §5.5): if nothing of the request was ever written to an
+upstream (`ctx.upstream_writes` is 0: a connect error, a full pool, a later stage's refusal, a
+client gone before), the key is released; once any try was written — a timeout, a reset, a
+closed connection, a truncated or garbled response, the client gone — the upstream may have
+run it, so the outcome is kept as unknown for the `ttl` and no repeat runs it again.  With
+`upstream_deduplicates: true` the upstream honours the forwarded key itself: the key is
+released instead, and a later `retry` stage may re-send a written try (`ctx.resend_keyed`).  A
+response over `max_response_bytes` completes the record without its body: duplicates get 409
+for the whole `ttl` rather than a second execution.
 The store keeps the stage's records within `max_keys` and `max_bytes` by evicting completed
 ones (counted); a new key it cannot admit because only locks are left is a store failure,
 answered by `on_store_error` (503 `store_unavailable` by default).
@@ -43,6 +46,7 @@ from gateway.errors import (
     IdempotencyKeyInvalid,
     IdempotencyKeyMissing,
     IdempotencyKeyReused,
+    IdempotencyOutcomeUnknown,
     StoreUnavailable,
 )
 from gateway.http.messages import BodySink, BodyStream, Response
@@ -54,6 +58,7 @@ from gateway.stores.base import (
     IN_USE,
     REPLAY,
     REUSED,
+    UNKNOWN,
     IdempotencyRecords,
     RecordsMeter,
     Store,
@@ -262,6 +267,13 @@ class IdempotencyStage:
                 "a request with this key is still being processed",
                 headers=[("Retry-After", str(max(1, math.ceil(begin.retry_after))))],
             )
+        if begin.outcome == UNKNOWN:
+            self._count(ctx, "unknown")
+            raise IdempotencyOutcomeUnknown(
+                "a request with this key reached the upstream and no complete answer came back:"
+                " it may have run, and will not run again for this key (reconcile, then use a"
+                " new key)"
+            )
         if begin.outcome == REPLAY:
             stored = begin.response
             assert stored is not None
@@ -274,15 +286,16 @@ class IdempotencyStage:
             if not stored.replayable:
                 self._count(ctx, "in_use")
                 raise IdempotencyKeyInUse(
-                    "a request with this key completed; its response was too large to keep"
-                    " or was cut off",
+                    "a request with this key completed; its response was too large to keep",
                     headers=[("Retry-After", str(int(config.ttl)))],
                 )
             self._count(ctx, "replayed")
             return Response(stored.status, [*stored.headers, _REPLAYED], stored.body)
         self._count(ctx, "new")
-        ctx.idempotent_key = True
-        return await self._first(ctx, call_next, scoped)
+        # a later retry stage may re-send a written request only if the upstream itself
+        # de-duplicates by this key (SPEC §5.6); an unwritten try is always safe to repeat
+        ctx.resend_keyed = config.upstream_deduplicates
+        return await self._first(ctx, call_next, scoped, fingerprint)
 
     def _scoped_key(self, ctx: RequestContext, key: str) -> str:
         """The record's key, or a 400 for a key that is not valid here or a request that lacks
@@ -332,20 +345,21 @@ class IdempotencyStage:
         text = f"{head.method}\n{head.path}\n{head.query}\n{digest.hexdigest()}"
         return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
 
-    async def _first(self, ctx: RequestContext, call_next: Next, scoped: str) -> Response:
+    async def _first(
+        self, ctx: RequestContext, call_next: Next, scoped: str, fingerprint: str
+    ) -> Response:
         records = self._records
         try:
             response = await call_next(ctx)
-        except GatewayError as exc:
-            if exc.failure == "timeout":
-                # sent, unanswered: the upstream may still act on it; the lock runs out alone
-                ctx.outcome("idempotency", "unknown")
-            else:
-                await records.release(scoped)
+        except GatewayError:
+            # no answer from the upstream (the gateway's own 502/503/504, a later stage's
+            # refusal): unknown if any try was written, else the key is free again
+            await self._unanswered(ctx, scoped, fingerprint)
             raise
         except BaseException:
-            # the client left (or a bug): whether the upstream acted is unknown; keep the lock
-            ctx.outcome("idempotency", "unknown")
+            # the client left (or a bug): the same rule, without awaiting in a cancelled task
+            task = self._loop.create_task(self._unanswered(ctx, scoped, fingerprint))
+            task.add_done_callback(_log_failure)
             raise
         head = [(n, v) for n, v in response.headers]
         stream = response.stream
@@ -367,23 +381,42 @@ class IdempotencyStage:
         )
         ended: asyncio.Future[bytes | None] = self._loop.create_future()
         response.stream = _Recorder(stream, self._config.max_response_bytes, ended)
-        ended.add_done_callback(lambda f: self._stored(f, scoped, response.status, head))
+        ended.add_done_callback(
+            lambda f: self._stored(f, scoped, fingerprint, response.status, head)
+        )
         return response
+
+    async def _unanswered(self, ctx: RequestContext, scoped: str, fingerprint: str) -> None:
+        """No complete answer came back.  Never written anywhere: the key is released.  Written
+        (any byte may have reached an upstream): the outcome is unknown — kept as such for the
+        `ttl`, so no repeat runs it twice — unless the upstream de-duplicates by the key itself,
+        when the client may simply send it again."""
+        if ctx.upstream_writes and not self._config.upstream_deduplicates:
+            ctx.outcome("idempotency", "unknown")
+            await self._records.mark_unknown(scoped, fingerprint, self._config.ttl)
+        else:
+            await self._records.release(scoped)
 
     def _stored(
         self,
         ended: asyncio.Future[bytes | None],
         scoped: str,
+        fingerprint: str,
         status: int,
         headers: list[tuple[bytes, bytes]],
     ) -> None:
         if ended.cancelled() or ended.exception() is not None:
-            # the body broke off: the request ran, but its answer cannot be given again
-            stored = StoredResponse(status, headers, b"", replayable=False)
+            # the body broke off: the client got no complete answer, so it cannot know what ran
+            # (SPEC §5.5: a truncated response leaves the outcome unknown)
+            task = self._loop.create_task(
+                self._records.mark_unknown(scoped, fingerprint, self._config.ttl)
+            )
         else:
             body = ended.result()
             stored = StoredResponse(status, headers, body or b"", replayable=body is not None)
-        task = self._loop.create_task(self._records.complete(scoped, stored, self._config.ttl))
+            task = self._loop.create_task(
+                self._records.complete(scoped, stored, self._config.ttl)
+            )
         task.add_done_callback(_log_failure)
 
 

@@ -156,6 +156,8 @@ class ProxyHandler:
                         )
                         now = loop.time()
                     endpoint.in_flight += 1
+                    # from here any byte of the request may reach the upstream (SPEC §5.5-5.6)
+                    ctx.upstream_writes += 1
                     try:
                         response = await conn.send(
                             request,

@@ -1,10 +1,13 @@
 """The `retry` stage (SPEC §5.6): try the rest of the pipeline again when an attempt fails.
 
-What may be retried, and when:
-- only requests that are safe to repeat: idempotent methods, and a POST or PATCH whose key an
-  earlier `idempotency` stage accepted (`ctx.idempotent_key`);
-- only when the body can be sent again: no body, or one of at most 64 KiB, which is buffered
-  before the first try (a larger one streams through once, unbuffered);
+What may be retried, and when (SPEC §5.6):
+- a try that was never written to an upstream (a connect error, a pool that stayed full): for
+  any method, and whatever its body — nothing of it was sent or consumed;
+- a try that was written (`ctx.upstream_writes` grew: any byte may have reached the upstream):
+  only when repeating it is harmless — an idempotent method, or a POST or PATCH whose key an
+  earlier `idempotency` stage accepted for an upstream that de-duplicates by it
+  (`ctx.resend_keyed`) — and only when its body can be sent again: none, or one of at most
+  64 KiB, buffered before the first try;
 - only failures named in `retry_on` (connect_error, reset, timeout, statuses); a timeout is the
   gateway's own 504, so `504` in `retry_on` (the default) retries it too, as in Envoy, where a
   per-try timeout counts as a gateway error;
@@ -61,20 +64,19 @@ class RetryStage:
             child = self._counters[key] = self._retries.labels(route, upstream)
         return child
 
-    def _may_repeat(self, ctx: RequestContext) -> bool:
-        method = ctx.head.method
-        return method in _IDEMPOTENT or (method in _KEYED and ctx.idempotent_key)
-
     async def __call__(self, ctx: RequestContext, call_next: Next) -> Response:
         config = self._config
-        if config.attempts < 2 or not self._may_repeat(ctx):
+        if config.attempts < 2:
             return await call_next(ctx)
+        method = ctx.head.method
+        # whether a try that was written may be sent again (one that was not always may)
+        resend = method in _IDEMPOTENT or (method in _KEYED and ctx.resend_keyed)
         body = ctx.body
-        if body is not None:
+        if body is not None and resend:
             length = ctx.head.content_length
             if (length is not None and length > REPLAY_LIMIT) or not await body.fill(REPLAY_LIMIT):
+                resend = False  # streamed once: consumed by a written try
                 ctx.outcome("retry", "body_too_large")
-                return await call_next(ctx)
         loop = self._loop
         per_try = config.per_try_timeout
         tries = 0
@@ -86,6 +88,7 @@ class RetryStage:
                     ctx.try_deadline = min(ctx.deadline, loop.time() + per_try)
                 failure: GatewayError | None = None
                 response: Response | None = None
+                writes = ctx.upstream_writes
                 try:
                     response = await call_next(ctx)
                 except GatewayError as exc:
@@ -95,6 +98,11 @@ class RetryStage:
                 else:
                     if response.status not in self._statuses:
                         return response
+                if ctx.upstream_writes > writes and not resend:
+                    # it reached the upstream (an answer came, or bytes went): repeating could
+                    # run it twice
+                    ctx.outcome("retry", "written")
+                    return _give_up(failure, response)
                 # a retryable failure: is there a try, time and budget left for another?
                 upstream = ctx.target
                 if tries >= config.attempts or upstream is None:

@@ -85,6 +85,7 @@ NEW = "new"  # no record: the caller holds the lock and goes upstream
 IN_USE = "in_use"  # the first request is running (or its outcome is unknown): 409
 REUSED = "reused"  # the key was used for a different request: 422
 REPLAY = "replay"  # completed: answer with `Begin.response`
+UNKNOWN = "unknown"  # the first request may have run and no answer was had: 409 for the ttl
 
 
 @final
@@ -134,7 +135,13 @@ class IdempotencyRecords(Protocol):
         ...
 
     async def release(self, key: str) -> None:
-        """No response was received: forget the key, so the client may try again."""
+        """No response was received and nothing reached an upstream: forget the key, so the
+        client may try again."""
+        ...
+
+    async def mark_unknown(self, key: str, fingerprint: str, ttl: float) -> None:
+        """The request may have run and no complete answer came back: keep the key as unknown
+        for `ttl` (a lock, never evicted), so that no repeat runs it again."""
         ...
 
     async def close(self) -> None: ...

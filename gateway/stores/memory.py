@@ -27,6 +27,7 @@ from gateway.stores.base import (
     NEW,
     REPLAY,
     REUSED,
+    UNKNOWN,
     Begin,
     IdempotencyRecords,
     RateLimiter,
@@ -77,10 +78,13 @@ class MemoryRateLimiter:
 
 @final
 class _Record:
-    __slots__ = ("expires", "fingerprint", "response", "size")
+    __slots__ = ("expires", "fingerprint", "response", "size", "unknown")
 
     def __init__(self, fingerprint: str, expires: float, size: int) -> None:
         self.fingerprint = fingerprint
+        #: the request may have run and no complete answer came back: repeats get 409 for the
+        #: ttl (a lock, never evicted)
+        self.unknown = False
         #: the lock's end while in flight, the record's end once complete
         self.expires = expires
         #: None while the first request runs (or its outcome is unknown); pending while the
@@ -201,6 +205,8 @@ class MemoryIdempotencyRecords:
             return Begin(NEW)
         if record.fingerprint != fingerprint:
             return Begin(REUSED)
+        if record.unknown:
+            return Begin(UNKNOWN)
         if record.response is None:
             return Begin(IN_USE, retry_after=record.expires - now)
         return Begin(REPLAY, record.response)
@@ -231,9 +237,24 @@ class MemoryIdempotencyRecords:
     async def release(self, key: str) -> None:
         table = self._table
         record = table.locks.get(key)
-        if record is not None and record.response is None:
+        if record is not None and record.response is None and not record.unknown:
             table.remove(key, record)
             table.report()
+
+    async def mark_unknown(self, key: str, fingerprint: str, ttl: float) -> None:
+        table = self._table
+        record = table.find(key)
+        if record is None:
+            # it expired meanwhile (a lock outlived by its request): keep the key unknown anyway
+            record = _Record(fingerprint, 0.0, len(key))
+        else:
+            table.remove(key, record)
+        record.response = None
+        record.unknown = True
+        record.expires = self._clock() + ttl
+        record.size = len(key)
+        table.add(key, record)  # a lock: never evicted
+        table.report()
 
     def _make_room(self, now: float, size: int, *, new_keys: int) -> bool:
         """Evict completed records, oldest first, until `size` more bytes (and `new_keys` more

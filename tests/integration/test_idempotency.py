@@ -7,8 +7,10 @@ import asyncio
 import json
 from pathlib import Path
 
+import pytest
+
 from gateway.idempotency import mint_token
-from tests.support.faulty import faulty_upstreams
+from tests.support.faulty import closed_port, faulty_upstreams
 from tests.support.gateway import port_of, running_gateway
 from tests.support.idempotency import code, idempotency_config, post
 from tests.support.raw import close_writer, exchange, open_raw
@@ -79,7 +81,9 @@ async def test_fifty_concurrent_duplicates_execute_once(tmp_path: Path) -> None:
         assert up.requests["POST"] == 1
 
 
-async def test_upstream_errors_are_stored_gateway_errors_release(tmp_path: Path) -> None:
+async def test_upstream_answers_are_stored_an_unanswered_write_is_unknown(
+    tmp_path: Path,
+) -> None:
     async with (
         faulty_upstreams("up") as [up],
         running_gateway(tmp_path, idempotency_config([up.url])) as gw,
@@ -90,11 +94,26 @@ async def test_upstream_errors_are_stored_gateway_errors_release(tmp_path: Path)
         up.mode = "ok"
         replay = await post(port, "a")
         assert (replay.status, replay.header("idempotent-replayed")) == (503, "true")
-        up.mode = "reset"  # no upstream response: the key is released
+        # the request was written and no answer came: it may have run, so it never runs again
+        up.mode = "reset"
         assert (await post(port, "b")).status == 502
         up.mode = "ok"
-        assert (await post(port, "b")).status == 200
-        assert up.requests["POST"] == 3
+        repeat = await post(port, "b")
+        assert (repeat.status, code(repeat)) == (409, "idempotency_outcome_unknown")
+        assert up.requests["POST"] == 2  # "a" once, "b" once
+
+
+async def test_a_request_never_sent_releases_its_key(tmp_path: Path) -> None:
+    """Refused by the upstream's port: nothing was written, so the client may simply retry."""
+    async with faulty_upstreams("up") as [up]:
+        config = idempotency_config([f"http://127.0.0.1:{closed_port()}"])
+        async with running_gateway(tmp_path, config) as gw:
+            port = port_of(gw)
+            assert (await post(port, "c")).status == 502
+            again = await post(port, "c")
+            assert again.status == 502  # went to the (still refusing) upstream again, not 409
+            assert code(again) == "upstream_unavailable"
+        assert up.total == 0
 
 
 async def test_a_timeout_leaves_the_outcome_unknown(tmp_path: Path) -> None:
@@ -107,7 +126,7 @@ async def test_a_timeout_leaves_the_outcome_unknown(tmp_path: Path) -> None:
         assert (await post(port, "t")).status == 504
         up.mode = "ok"
         duplicate = await post(port, "t")
-        assert (duplicate.status, code(duplicate)) == (409, "idempotency_key_in_use")
+        assert (duplicate.status, code(duplicate)) == (409, "idempotency_outcome_unknown")
         assert up.requests["POST"] == 1
 
 
@@ -153,18 +172,30 @@ async def test_signed_tokens_bound_to_the_client(tmp_path: Path) -> None:
         assert up.requests["POST"] == 1
 
 
-async def test_a_keyed_post_is_retried_by_a_later_retry_stage(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("stage", "resent"),
+    [("{}", False), ("{upstream_deduplicates: true}", True)],
+    ids=["plain", "upstream-deduplicates"],
+)
+async def test_a_written_keyed_post_is_resent_only_to_an_upstream_that_deduplicates(
+    tmp_path: Path, stage: str, resent: bool
+) -> None:
     extra = "\n      - retry: {attempts: 2, backoff: {base: 1ms, max: 2ms}}"
     async with faulty_upstreams("bad", "good") as [bad, good]:
-        config = idempotency_config([bad.url, good.url], "{}", extra)
+        config = idempotency_config([bad.url, good.url], stage, extra)
         async with running_gateway(tmp_path, config) as gw:
             port = port_of(gw)
-            bad.mode = "reset"
-            for i in range(4):
-                response = await post(port, f"k{i}")
-                assert response.status == 200
-                assert response.header("x-endpoint") == "good"
-            assert good.requests["POST"] == 4
+            bad.mode = "reset"  # reads the request, then resets: it may have run
+            statuses = [(await post(port, f"k{i}")).status for i in range(4)]
+            assert bad.requests["POST"] >= 1  # round robin: some went to "bad" first
+            if resent:
+                assert statuses == [200] * 4  # re-sent to "good", which runs each once
+                assert good.requests["POST"] == 4
+            else:
+                # never re-sent: each request ran on one upstream only
+                assert statuses.count(502) == bad.requests["POST"]
+                assert statuses.count(200) == good.requests["POST"]
+                assert bad.requests["POST"] + good.requests["POST"] == 4
 
 
 async def test_records_do_not_survive_a_restart_with_the_memory_store(tmp_path: Path) -> None:

@@ -17,10 +17,13 @@ from gateway.config.model import (
 )
 from gateway.errors import (
     ConnectFailed,
+    GatewayError,
     IdempotencyKeyInvalid,
     RateLimited,
     StoreUnavailable,
+    UpstreamBusy,
     UpstreamTimeout,
+    UpstreamUnavailable,
 )
 from gateway.http.messages import RequestHead, Response
 from gateway.idempotency import mint_token
@@ -60,7 +63,9 @@ def _ctx(method: str) -> RequestContext:
 
 
 class Attempts:
-    """A call_next that fails `failures` times, then answers 200."""
+    """A call_next that fails `failures` times, then answers 200.  Like the proxy, it counts a
+    try as written (`ctx.upstream_writes`) unless it failed before sending (a connect error, a
+    full pool)."""
 
     def __init__(self, failures: int, error: Exception | None = None, status: int = 0) -> None:
         self.calls = 0
@@ -70,9 +75,13 @@ class Attempts:
 
     async def __call__(self, ctx: RequestContext) -> Response:
         self.calls += 1
+        error = self.error if self.calls <= self.failures else None
+        unsent = isinstance(error, GatewayError) and error.failure in ("connect_error", "overflow")
+        if not unsent:
+            ctx.upstream_writes += 1
         if self.calls <= self.failures:
-            if self.error is not None:
-                raise self.error
+            if error is not None:
+                raise error
             return Response(self.status, [])
         return Response(200, [])
 
@@ -87,12 +96,34 @@ async def test_get_is_retried_until_it_succeeds() -> None:
     assert (response.status, attempts.calls) == (200, 3)
 
 
+@pytest.mark.parametrize(
+    ("error", "calls"),
+    [
+        (ConnectFailed("refused"), 2),  # never sent: safe to repeat, whatever the method
+        (UpstreamBusy("pool full"), 1),  # never sent, but "overflow" is not in retry_on
+        (UpstreamUnavailable("reset"), 1),  # written: a POST could run twice
+        (UpstreamTimeout("slow"), 1),
+    ],
+    ids=["connect-error", "pool-full", "reset", "timeout"],
+)
+async def test_a_post_is_repeated_only_when_nothing_of_it_was_sent(
+    error: GatewayError, calls: int
+) -> None:
+    attempts = Attempts(1, error)
+    if calls == 2:
+        assert (await _stage()(_ctx("POST"), attempts)).status == 200
+    else:
+        with pytest.raises(type(error)):
+            await _stage()(_ctx("POST"), attempts)
+    assert attempts.calls == calls
+
+
 async def test_post_only_with_a_key_the_idempotency_stage_accepted() -> None:
     attempts = Attempts(1, status=503)
     response = await _stage()(_ctx("POST"), attempts)
     assert (response.status, attempts.calls) == (503, 1)
     keyed = _ctx("POST")
-    keyed.idempotent_key = True
+    keyed.resend_keyed = True
     attempts = Attempts(1, status=503)
     response = await _stage()(keyed, attempts)
     assert (response.status, attempts.calls) == (200, 2)
@@ -236,7 +267,7 @@ async def test_idempotency_store_errors(on_error: str, status: int) -> None:
             await stage(ctx, _ok)
     else:
         assert (await stage(ctx, _ok)).status == 200
-        assert ctx.idempotent_key is False  # not de-duplicated: never retried either
+        assert ctx.resend_keyed is False  # not de-duplicated: a written try is never re-sent
     assert ctx.outcomes == {"idempotency": "store_error"}
 
 
@@ -261,7 +292,7 @@ async def test_signed_keys_can_be_bound_to_a_claim_or_a_certificate() -> None:
         setup(ctx)
         ctx.head.headers = [(b"Idempotency-Key", mint_token(secret, client).encode())]
         assert (await stage(ctx, _ok)).status == 200
-        assert ctx.idempotent_key is True
+        assert ctx.resend_keyed is False  # the upstream does not de-duplicate
         other = _ctx("POST")
         other.head.headers = list(ctx.head.headers)  # same token, no identity: refused
         with pytest.raises(IdempotencyKeyInvalid):
