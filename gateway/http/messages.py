@@ -353,15 +353,52 @@ class BodyStream(Protocol):
         ...
 
 
+#: how an exchange ended, for `Completion` observers: the whole body arrived (True), the upstream
+#: cut it short — a reset, a close, a body timeout, garbage (False), or the client abandoned it,
+#: which says nothing about the upstream (None)
+Outcome = bool | None
+Observer = Callable[[Outcome], None]
+
+
+@final
+class Completion:
+    """The end of a streamed response, for those who judge the upstream by it.
+
+    A response is a success only when its whole body arrived (SPEC §5.4, issue 12): the circuit
+    breaker and outlier detection record an exchange whose head arrived when its body ends, not
+    when the head does.  The upstream connection finishes it exactly once.
+    """
+
+    __slots__ = ("_observers", "outcome")
+
+    def __init__(self) -> None:
+        self._observers: list[Observer] = []
+        #: how it ended, once it has (observers added later are not told: add them first)
+        self.outcome: Outcome = None
+
+    def add(self, observer: Observer) -> None:
+        self._observers.append(observer)
+
+    def finish(self, outcome: Outcome) -> None:
+        observers = self._observers
+        if not observers:
+            return
+        self._observers = []
+        self.outcome = outcome
+        for observer in observers:
+            observer(outcome)
+
+
 @final
 class Response:
     """A response on its way downstream.
 
     `headers` exclude framing (Content-Length, Transfer-Encoding): the server protocol frames the
-    body itself from `body` / `stream`.  Exactly one of them carries the body.
+    body itself from `body` / `stream`.  Exactly one of them carries the body.  A streamed one
+    from an upstream has a `completion`: how its body ended (None when the body is here whole).
     """
 
-    __slots__ = ("body", "headers", "reason", "status", "stream")
+    __slots__ = ("body", "completion", "headers", "reason", "status", "stream")
 
     def __init__(
         self,
@@ -376,3 +413,4 @@ class Response:
         self.body = body
         self.stream = stream
         self.reason = reason
+        self.completion: Completion | None = None

@@ -5,11 +5,12 @@ to, so a weighted split keeps one circuit per side.  The upstream is chosen here
 of the pipeline runs, and kept in `ctx.target` so the proxy (and retries) use the same one.
 
 A failure is an upstream failure (connect error, reset, timeout), a response or gateway error
-whose status is in `failure_statuses`, or — with `slow_call` — a response head slower than its
-duration.  Anything else that ends the request early (a later stage's 429, a client's body that
-never came, no pooled connection free in time — local congestion, which slow clients can cause
-and which must not open the circuit for everyone) is neither success nor failure: its ticket is
-released, so a half-open probe slot is not lost.
+whose status is in `failure_statuses`, a response whose body was cut short (a streamed
+response is judged when its body ends, through its `Completion`), or — with `slow_call` — a
+response head slower than its duration.  Anything else that ends the request early (a later
+stage's 429, a client's body that never came, no pooled connection free in time — local
+congestion, which slow clients can cause and which must not open the circuit for everyone) is
+neither success nor failure: its ticket is released, so a half-open probe slot is not lost.
 """
 
 from __future__ import annotations
@@ -122,12 +123,13 @@ class CircuitBreakerStage:
             breaker.release(ticket)
             raise
         now = loop.time()
-        breaker.record(
-            ticket,
-            now,
-            failure=response.status in self._failure_statuses,
-            duration=now - started,
-        )
+        failure = response.status in self._failure_statuses
+        completion = response.completion
+        if completion is None:
+            breaker.record(ticket, now, failure=failure, duration=now - started)
+        else:
+            # judged when the body ends: a body cut short is a failure (issue 12)
+            completion.add(_BodyOutcome(breaker, ticket, failure, now - started, loop))
         return response
 
     def _refuse(self, retry_after: float) -> Response:
@@ -149,3 +151,37 @@ class CircuitBreakerStage:
     @property
     def name(self) -> str:
         return self._name
+
+
+@final
+class _BodyOutcome:
+    """Records a streamed exchange with the breaker once its body has ended: the head's status
+    and duration (slow calls are about the head), failed as well if the body was cut short, and
+    nothing — the probe ticket released — if the client abandoned it."""
+
+    __slots__ = ("_breaker", "_duration", "_failure", "_loop", "_ticket")
+
+    def __init__(
+        self,
+        breaker: Breaker,
+        ticket: int,
+        failure: bool,
+        duration: float,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self._breaker = breaker
+        self._ticket = ticket
+        self._failure = failure
+        self._duration = duration
+        self._loop = loop
+
+    def __call__(self, outcome: bool | None) -> None:
+        if outcome is None:
+            self._breaker.release(self._ticket)
+        else:
+            self._breaker.record(
+                self._ticket,
+                self._loop.time(),
+                failure=self._failure or not outcome,
+                duration=self._duration,
+            )

@@ -23,11 +23,11 @@ from typing import Final, final
 
 from gateway.errors import GatewayError, UpstreamTimeout, UpstreamUnavailable
 from gateway.http.forwarding import build_request_head, upstream_target
-from gateway.http.messages import Response
+from gateway.http.messages import Completion, Response
 from gateway.identity import client_ip
 from gateway.pipeline import RequestContext
 from gateway.upstream.connection import StaleConnection, UpstreamConnection
-from gateway.upstream.upstream import Upstream
+from gateway.upstream.upstream import Endpoint, Upstream
 
 _REPLAYABLE_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 #: statuses that count as a failure of the endpoint for outlier detection
@@ -187,18 +187,49 @@ class ProxyHandler:
         finally:
             upstream.in_flight -= 1
         upstream.request_duration.observe(loop.time() - started)
-        upstream.record(endpoint, response.status in _OUTLIER_STATUSES)
         ctx.avoid = endpoint
+        failed = response.status in _OUTLIER_STATUSES
         if response.status == 101:
+            upstream.record(endpoint, failed)
             if not upgrade:
                 conn.abort()
                 raise UpstreamUnavailable("upstream switched protocols without being asked to")
             return response
         complete = conn.take_complete_body()
         if complete is not None:
+            upstream.record(endpoint, failed)
             response.body = complete
             response.stream = None
+            return response
+        # the body is still to come: the exchange is judged when it ends (a body cut short is a
+        # failure), by outlier detection here and by outer stages through the same completion
+        completion = Completion()
+        completion.add(_EndpointOutcome(upstream, endpoint, failed, ctx))
+        conn.completion = completion
+        response.completion = completion
         return response
+
+
+@final
+class _EndpointOutcome:
+    """Records a streamed exchange with outlier detection once its body has ended."""
+
+    __slots__ = ("ctx", "endpoint", "failed", "upstream")
+
+    def __init__(
+        self, upstream: Upstream, endpoint: Endpoint, failed: bool, ctx: RequestContext
+    ) -> None:
+        self.upstream = upstream
+        self.endpoint = endpoint
+        self.failed = failed
+        self.ctx = ctx
+
+    def __call__(self, outcome: bool | None) -> None:
+        if outcome is None:
+            return  # abandoned by the client: nothing learned about the endpoint
+        if not outcome:
+            self.ctx.outcome("upstream", "body_cut")
+        self.upstream.record(self.endpoint, self.failed or not outcome)
 
 
 def discard(response: Response) -> None:

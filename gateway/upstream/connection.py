@@ -19,7 +19,7 @@ import httptools
 
 from gateway.errors import GatewayError, RequestTimeout, UpstreamTimeout, UpstreamUnavailable
 from gateway.http.headers import HOP_BY_HOP, connection_tokens
-from gateway.http.messages import BodyProducer, BodySink, RequestBody, Response
+from gateway.http.messages import BodyProducer, BodySink, Completion, RequestBody, Response
 
 if TYPE_CHECKING:
     from gateway.upstream.pool import EndpointPool
@@ -89,6 +89,7 @@ class UpstreamConnection(asyncio.Protocol):
         "_upgraded",
         "_write_paused",
         "close_delimited",
+        "completion",
         "deadline",
         "detached",
         "idle_since",
@@ -159,6 +160,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._body_received = 0
         self.length: int | None = None
         self.close_delimited = False
+        #: set by the proxy when it hands the response on with its body still to come
+        self.completion: Completion | None = None
 
     # -- asyncio.Protocol --------------------------------------------------------------------
 
@@ -497,12 +500,20 @@ class UpstreamConnection(asyncio.Protocol):
     def abort(self) -> None:
         self.reusable = False
         self._sink = None
+        self._complete(None)  # the client's choice: nothing learned about the upstream
         self.close()
         self._release()
+
+    def _complete(self, outcome: bool | None) -> None:
+        completion = self.completion
+        if completion is not None:
+            self.completion = None
+            completion.finish(outcome)
 
     # -- endings -----------------------------------------------------------------------------
 
     def _finish(self) -> None:
+        self._complete(True)
         self._active = False
         self._sink = None
         self._paused_by_sink = False
@@ -524,6 +535,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.abort()
 
     def _fail(self, error: GatewayError) -> None:
+        self._complete(False)  # a body cut short: a failure of the upstream's
         self._failure = error
         self.deadline = 0.0
         self.reusable = False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from pathlib import Path
@@ -11,7 +12,7 @@ import aiohttp
 from gateway.app import Gateway
 from tests.support.faulty import faulty_upstreams
 from tests.support.gateway import port_of, running_gateway, write_config
-from tests.support.raw import exchange
+from tests.support.raw import close_writer, exchange, open_raw
 
 OPEN_FOR = 0.3
 
@@ -192,4 +193,26 @@ async def test_an_open_circuit_survives_an_unrelated_reload(tmp_path: Path) -> N
             assert (await gw.reload())["ok"]
             up.mode = "ok"
             assert (await _get(port))[0] == 200  # a changed breaker starts closed
+            assert up.total == 3
+
+
+async def test_a_body_cut_short_is_a_failure(tmp_path: Path) -> None:
+    """Issue 12: an endpoint cutting every body after 1,000 bytes failed every request while
+    the breaker stayed closed — it judged each exchange by its head."""
+    breaker = f"{{min_requests: 3, failure_ratio: 0.5, window: 10s, open_for: {OPEN_FOR}s}}"
+    async with faulty_upstreams("cutting") as [up]:
+        up.mode = "cut:1000"
+        async with running_gateway(tmp_path, _config(up.url, breaker)) as gw:
+            port = port_of(gw)
+            for _ in range(3):
+                reader, writer = await open_raw(port)
+                writer.write(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+                assert head.startswith(b"HTTP/1.1 200")  # the head was fine
+                body = await asyncio.wait_for(reader.read(), 5)
+                assert len(body) < 100_000  # the body was not
+                await close_writer(writer)
+            status, _, body = await _get(port)
+            assert status == 503
+            assert json.loads(body)["code"] == "circuit_open"
             assert up.total == 3

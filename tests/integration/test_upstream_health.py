@@ -3,6 +3,7 @@ rotation and bring them back; with none left, 503 no_healthy_upstream."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from gateway.app import Gateway
 from tests.support.faulty import faulty_upstreams
 from tests.support.gateway import port_of, running_gateway
 from tests.support.process import async_wait_until
-from tests.support.raw import exchange
+from tests.support.raw import close_writer, exchange, open_raw
 
 
 def _config(urls: list[str], health: str) -> str:
@@ -148,3 +149,27 @@ async def test_ejection_never_exceeds_max_ejected_percent(tmp_path: Path) -> Non
             assert (await _get(port_of(gw)))[0] == 502
         ejected = [e.ejected for e in gw.snapshot.upstreams["app"].endpoints]
         assert ejected.count(True) == 1
+
+
+async def test_an_endpoint_that_cuts_bodies_is_ejected(tmp_path: Path) -> None:
+    """Issue 12: outlier detection judged exchanges by their head, so an endpoint cutting every
+    body was never ejected."""
+    outliers = (
+        "outlier_detection: {consecutive_failures: 2, ejection: 10s, max_ejected_percent: 50}"
+    )
+    async with (
+        faulty_upstreams("a", "b") as [a, b],
+        running_gateway(tmp_path, _config([a.url, b.url], outliers)) as gw,
+    ):
+        port = port_of(gw)
+        a.mode = "cut:1000"
+        for _ in range(4):  # round robin: two go to `a`, each cut short
+            reader, writer = await open_raw(port)
+            writer.write(b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            await asyncio.wait_for(reader.read(), 5)  # to the end, cut short or not
+            await close_writer(writer)
+        upstream = gw.snapshot.upstreams["app"]
+        assert upstream.endpoints[0].ejected
+        for _ in range(4):
+            assert (await _get(port))[1]["x-endpoint"] == "b"
+        assert a.total == 2

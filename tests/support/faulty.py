@@ -6,7 +6,8 @@
 - "hang": never answers (until the server closes);
 - "reset": closes the connection without answering;
 - "slow:S": answers 200 after S seconds;
-- "drip:S": sends the head and half the body (chunked) at once, the rest S seconds later.
+- "drip:S": sends the head and half the body (chunked) at once, the rest S seconds later;
+- "cut:N": announces a 100 kB body, sends N bytes of it, then closes the connection.
 `/healthz` answers by `health` ("ok", "fail" → 503, or "hang") independently.  Every request is
 counted, by method, so tests can prove how many reached the upstream; a request that names an id
 in `X-Test-Id` is also counted by that id (`executions`), and an "ok" answer to it says whose it
@@ -95,6 +96,14 @@ class FaultyUpstream:
                 await drip.write(b"second half")
                 await drip.write_eof()
                 return drip
+            if mode.startswith("cut:"):
+                cut = web.StreamResponse(headers={"X-Endpoint": self.name})
+                cut.content_length = 100_000
+                await cut.prepare(request)
+                await cut.write(b"c" * int(mode.split(":")[1]))
+                assert request.transport is not None
+                request.transport.close()
+                return cut
             if mode.startswith("slow:"):
                 await asyncio.sleep(float(mode.split(":")[1]))
             headers = {"X-Endpoint": self.name}
