@@ -494,6 +494,13 @@ class GatewayMetrics:
             "Upstream connections taken, by whether a pooled one was reused.",
             ("upstream", "reused"),
         )
+        self.upstream_attempts_total = r.counter(
+            "gateway_upstream_attempts_total",
+            "Exchanges with an endpoint, by result: a failure is a connect error, reset,"
+            " timeout, invalid response, 502/503/504, or a response body cut short (judged when"
+            " the body ends) — what outlier detection counts.",
+            ("upstream", "endpoint", "result"),
+        )
         # min over workers: each runs its own checks; one that cannot reach it says 0
         self.upstream_endpoint_up = r.gauge(
             "gateway_upstream_endpoint_up",

@@ -407,9 +407,13 @@ class IdempotencyStage:
     ) -> None:
         if ended.cancelled() or ended.exception() is not None:
             # the body broke off: the client got no complete answer, so it cannot know what ran
-            # (SPEC §5.5: a truncated response leaves the outcome unknown)
+            # (SPEC §5.5: a truncated response leaves the outcome unknown) — unless the
+            # upstream de-duplicates by the key, when the client may simply send it again
+            records = self._records
             task = self._loop.create_task(
-                self._records.mark_unknown(scoped, fingerprint, self._config.ttl)
+                records.release(scoped)
+                if self._config.upstream_deduplicates
+                else records.mark_unknown(scoped, fingerprint, self._config.ttl)
             )
         else:
             body = ended.result()

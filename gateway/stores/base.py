@@ -135,8 +135,9 @@ class IdempotencyRecords(Protocol):
         ...
 
     async def release(self, key: str) -> None:
-        """No response was received and nothing reached an upstream: forget the key, so the
-        client may try again."""
+        """Forget an in-flight or streaming key, so the client may try again: nothing reached an
+        upstream, or the upstream de-duplicates by the key itself.  A key of unknown outcome
+        or with a complete response is kept."""
         ...
 
     async def mark_unknown(self, key: str, fingerprint: str, ttl: float) -> None:

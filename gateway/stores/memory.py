@@ -237,7 +237,8 @@ class MemoryIdempotencyRecords:
     async def release(self, key: str) -> None:
         table = self._table
         record = table.locks.get(key)
-        if record is not None and record.response is None and not record.unknown:
+        # a lock, or a response whose body broke off (never an unknown outcome)
+        if record is not None and not record.unknown:
             table.remove(key, record)
             table.report()
 

@@ -69,6 +69,8 @@ class _PoolMetrics:
 class Endpoint:
     __slots__ = (
         "address",
+        "attempts_failed",
+        "attempts_succeeded",
         "ejected",
         "healthy",
         "host",
@@ -94,6 +96,9 @@ class Endpoint:
         self.ejected = False
         #: the gateway_upstream_endpoint_up child
         self.up: GaugeChild | None = None
+        #: the gateway_upstream_attempts_total children (set by the upstream)
+        self.attempts_succeeded: CounterChild | None = None
+        self.attempts_failed: CounterChild | None = None
 
     @property
     def available(self) -> bool:
@@ -162,9 +167,12 @@ class Upstream:
             )
             for i, e in enumerate(config.endpoints)
         ]
+        attempts = metrics.upstream_attempts_total
         for endpoint in self.endpoints:
             endpoint.up = metrics.upstream_endpoint_up.labels(config.name, endpoint.address)
             endpoint.up.set(1)
+            endpoint.attempts_succeeded = attempts.labels(config.name, endpoint.address, "success")
+            endpoint.attempts_failed = attempts.labels(config.name, endpoint.address, "failure")
         #: the Host sent upstream when an HTTP/1.0 client sent none
         self.default_host = self.endpoints[0].address.encode("ascii")
         #: the endpoints in rotation, and a balancer over exactly them
@@ -251,7 +259,10 @@ class Upstream:
         self._set_state(endpoint, healthy=healthy, ejected=endpoint.ejected)
 
     def record(self, endpoint: Endpoint, failure: bool) -> None:
-        """The outcome of one attempt on `endpoint`, for outlier detection."""
+        """The outcome of one attempt on `endpoint`: counted, and judged by outlier detection."""
+        counter = endpoint.attempts_failed if failure else endpoint.attempts_succeeded
+        if counter is not None:
+            counter.inc()
         outliers = self._outliers
         if outliers is None:
             return

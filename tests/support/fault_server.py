@@ -1,0 +1,164 @@
+"""An upstream that fails at the TCP level on command and counts what it executed, by id.
+
+Each request names its operation in `X-Test-Id` and the fault its *first* delivery meets in
+`X-Fault` (later deliveries of the same id are answered normally: a transient fault, so a
+retry or a repeat shows what it would do to a recovered upstream).  The faults, in the order
+a request meets them:
+
+- `reset_before_read`: the head is peeked, the request is not executed, the connection is reset;
+- `reset_after_read`: executed, then reset before any byte of the response;
+- `fin_before_head`: executed, then closed (FIN) before any byte of the response;
+- `truncated_head`: executed, then half a status line and header, then FIN;
+- `truncated_body`: executed, a 200 head announcing 1,000 bytes, 100 of them, then FIN;
+- `reset_mid_body`: the same, then a reset;
+- `blackhole`: executed, never answered (until the gateway gives up and closes);
+- `garbage`: executed, answered with bytes that are not HTTP;
+- `status_502`, `status_503`, `status_504`: executed, answered with that status;
+- anything else (or none): executed, 200 with `X-Executed-For`.
+
+A refused connection is not a fault this server makes: point the gateway at a closed port.
+Requests are read with their `Content-Length` body (the gateway sends small bodies framed that
+way); `executions[id]` counts how many times the upstream ran the operation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+FAULTS = (
+    "reset_before_read",
+    "reset_after_read",
+    "fin_before_head",
+    "truncated_head",
+    "truncated_body",
+    "reset_mid_body",
+    "blackhole",
+    "garbage",
+    "status_502",
+    "status_503",
+    "status_504",
+)
+
+_CUT_HEAD = b"HTTP/1.1 200 OK\r\nContent-Le"
+_CUT_BODY = b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"b" * 100
+_GARBAGE = b"\x16\x03\x01 this is not HTTP\r\n\r\n"
+
+
+class FaultServer:
+    def __init__(self) -> None:
+        #: deliveries of each id (a reset before the read is a delivery, not an execution)
+        self.deliveries: Counter[str] = Counter()
+        #: how many times the upstream ran each operation
+        self.executions: Counter[str] = Counter()
+        self._server: asyncio.Server | None = None
+        self._connections: set[asyncio.StreamWriter] = set()
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for writer in list(self._connections):
+            writer.transport.abort()
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._connections.add(writer)
+        try:
+            while await self._exchange(reader, writer):
+                pass
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            pass
+        finally:
+            self._connections.discard(writer)
+            writer.transport.abort()
+
+    async def _exchange(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        """Serve one request; False when the connection is done."""
+        head = await reader.readuntil(b"\r\n\r\n")
+        headers = _headers(head)
+        test_id = headers.get("x-test-id", "")
+        self.deliveries[test_id] += 1
+        fault = headers.get("x-fault", "") if self.deliveries[test_id] == 1 else ""
+        if fault == "reset_before_read":
+            _reset(writer)
+            return False
+        length = int(headers.get("content-length", "0"))
+        if length:
+            await reader.readexactly(length)
+        self.executions[test_id] += 1
+        if fault == "reset_after_read":
+            _reset(writer)
+            return False
+        if fault == "fin_before_head":
+            return False
+        if fault == "blackhole":
+            await reader.read()  # until the gateway closes its side
+            return False
+        if fault in ("truncated_head", "truncated_body", "reset_mid_body", "garbage"):
+            writer.write(
+                {
+                    "truncated_head": _CUT_HEAD,
+                    "truncated_body": _CUT_BODY,
+                    "reset_mid_body": _CUT_BODY,
+                    "garbage": _GARBAGE,
+                }[fault]
+            )
+            await writer.drain()
+            if fault == "reset_mid_body":
+                _reset(writer)
+            elif writer.can_write_eof():
+                writer.write_eof()  # FIN after what was sent; read on, so nothing resets it
+                await reader.read()
+            return False
+        status = int(fault.removeprefix("status_")) if fault.startswith("status_") else 200
+        body = f"ran {test_id}".encode()
+        writer.write(
+            b"HTTP/1.1 %d X\r\nContent-Length: %d\r\nX-Executed-For: %s\r\n\r\n%s"
+            % (status, len(body), test_id.encode(), body)
+        )
+        await writer.drain()
+        return True
+
+
+def _headers(head: bytes) -> dict[str, str]:
+    found: dict[str, str] = {}
+    for line in head.decode("latin-1").split("\r\n")[1:]:
+        name, sep, value = line.partition(":")
+        if sep:
+            found[name.strip().lower()] = value.strip()
+    return found
+
+
+def _reset(writer: asyncio.StreamWriter) -> None:
+    """Close with an RST: SO_LINGER on, zero seconds."""
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+
+
+@asynccontextmanager
+async def fault_server() -> AsyncIterator[FaultServer]:
+    server = FaultServer()
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.close()
