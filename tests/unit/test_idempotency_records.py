@@ -12,6 +12,7 @@ from gateway.stores.base import (
     NEW,
     REPLAY,
     REUSED,
+    UNKNOWN,
     RecordsMeter,
     StoredResponse,
     StoreError,
@@ -228,3 +229,29 @@ async def test_bounds_come_with_the_stage_and_the_records_with_the_namespace() -
     assert (await narrow.begin("f", "fp", 30)).outcome == NEW
     assert meter.records.value == 3
     assert (await wide.begin("a", "fp", 30)).outcome == NEW  # evicted by the narrow one
+
+
+async def test_an_unknown_outcome_is_kept_for_the_ttl_and_never_released() -> None:
+    clock = Clock()
+    records = _records(clock)
+    await records.begin("k", "fp", lock_ttl=30)
+    await records.mark_unknown("k", "fp", ttl=3600)
+    await records.release("k")  # a late release never frees an unknown outcome
+    clock.now += 3599
+    assert (await records.begin("k", "fp", 30)).outcome == UNKNOWN
+    assert (await records.begin("k", "other", 30)).outcome == REUSED
+    clock.now += 2
+    assert (await records.begin("k", "fp", 30)).outcome == NEW
+
+
+async def test_a_streaming_response_can_be_released_a_complete_one_cannot() -> None:
+    """A body that broke off, for an upstream that de-duplicates by the key: released."""
+    records = _records(Clock())
+    await records.begin("k", "fp", lock_ttl=30)
+    await records.complete("k", StoredResponse(200, [], b"", pending=True), ttl=60)
+    assert (await records.begin("k", "fp", 30)).outcome == REPLAY  # pending: the stage says 409
+    await records.release("k")
+    assert (await records.begin("k", "fp", 30)).outcome == NEW
+    await records.complete("k", StoredResponse(200, [], b"done"), ttl=60)
+    await records.release("k")
+    assert (await records.begin("k", "fp", 30)).outcome == REPLAY

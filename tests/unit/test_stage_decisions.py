@@ -19,6 +19,7 @@ from gateway.errors import (
     ConnectFailed,
     GatewayError,
     IdempotencyKeyInvalid,
+    IdempotencyOutcomeUnknown,
     RateLimited,
     StoreUnavailable,
     UpstreamBusy,
@@ -240,6 +241,9 @@ class FailingRecords:
     async def release(self, key: str) -> None:
         raise StoreError("connection refused")
 
+    async def mark_unknown(self, key: str, fingerprint: str, ttl: float) -> None:
+        raise StoreError("connection refused")
+
     async def close(self) -> None:
         return None
 
@@ -354,3 +358,40 @@ async def test_a_certificate_scope_keeps_san_lists_apart() -> None:
     without = _keyed()
     with pytest.raises(IdempotencyKeyInvalid, match="SANs of its client certificate"):
         await stage(without, upstream)
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_an_unknown_outcome_outlives_the_lock_for_the_whole_ttl() -> None:
+    """Issue 12, defect 2: after a 504 the key's lock expired at the route's timeout + 30 s and
+    a repeat ran the request again; an unknown outcome stays unknown for the record's ttl."""
+    clock = _Clock()
+    store = MemoryStore(clock)
+    config = IdempotencyConfig(scope="none", ttl=3600.0)
+    metrics = GatewayMetrics(Registry())
+    stage = IdempotencyStage(config, "app", "t", store, metrics, asyncio.get_running_loop())
+    executions = 0
+
+    async def written_then_timed_out(ctx: RequestContext) -> Response:
+        nonlocal executions
+        executions += 1
+        ctx.upstream_writes += 1
+        raise UpstreamTimeout("no answer")
+
+    with pytest.raises(UpstreamTimeout):
+        await stage(_keyed(), written_then_timed_out)
+    for later in (1.0, 60.0, 3599.0):  # past the lock (the route's timeout + 30 s), within ttl
+        clock.now = 1000.0 + later
+        with pytest.raises(IdempotencyOutcomeUnknown):
+            await stage(_keyed(), written_then_timed_out)
+    assert executions == 1
+    clock.now = 1000.0 + 3601.0  # the record expired: the key is a new one
+    with pytest.raises(UpstreamTimeout):
+        await stage(_keyed(), written_then_timed_out)
+    assert executions == 2
