@@ -8,9 +8,10 @@ import json
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from gateway.app import Gateway
-from tests.support.faulty import faulty_upstreams
+from tests.support.faulty import FaultyUpstream, faulty_upstreams
 from tests.support.gateway import port_of, running_gateway
 from tests.support.process import async_wait_until
 from tests.support.raw import close_writer, exchange, open_raw
@@ -151,25 +152,39 @@ async def test_ejection_never_exceeds_max_ejected_percent(tmp_path: Path) -> Non
         assert ejected.count(True) == 1
 
 
-async def test_an_endpoint_that_cuts_bodies_is_ejected(tmp_path: Path) -> None:
+async def test_an_endpoint_that_cuts_bodies_is_ejected(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
     """Issue 12: outlier detection judged exchanges by their head, so an endpoint cutting every
-    body was never ejected."""
+    body was never ejected (and the access log and metrics said nothing of the cut)."""
     outliers = (
         "outlier_detection: {consecutive_failures: 2, ejection: 10s, max_ejected_percent: 50}"
     )
-    async with (
-        faulty_upstreams("a", "b") as [a, b],
-        running_gateway(tmp_path, _config([a.url, b.url], outliers)) as gw,
-    ):
-        port = port_of(gw)
-        a.mode = "cut:1000"
-        for _ in range(4):  # round robin: two go to `a`, each cut short
-            reader, writer = await open_raw(port)
-            writer.write(b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
-            await asyncio.wait_for(reader.read(), 5)  # to the end, cut short or not
-            await close_writer(writer)
-        upstream = gw.snapshot.upstreams["app"]
-        assert upstream.endpoints[0].ejected
-        for _ in range(4):
-            assert (await _get(port))[1]["x-endpoint"] == "b"
-        assert a.total == 2
+    async with faulty_upstreams("a", "b") as [a, b]:
+        config = _config([a.url, b.url], outliers).replace(
+            "access_log: {enabled: false}", "access_log: {enabled: true}"
+        )
+        async with running_gateway(tmp_path, config) as gw:
+            await _cut_bodies_are_failures(gw, a)
+            gw.snapshot.access_log.flush()
+        cutting = f"127.0.0.1:{a.port}"
+    lines = [json.loads(x) for x in capfd.readouterr().out.splitlines() if x.startswith("{")]
+    cut = [x for x in lines if x.get("endpoint") == cutting]
+    assert [x.get("stages", {}).get("upstream") for x in cut] == ["body_cut", "body_cut"]
+
+
+async def _cut_bodies_are_failures(gw: Gateway, a: FaultyUpstream) -> None:
+    port = port_of(gw)
+    a.mode = "cut:1000"
+    for _ in range(4):  # round robin: two go to `a`, each cut short
+        reader, writer = await open_raw(port)
+        writer.write(b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        await asyncio.wait_for(reader.read(), 5)  # to the end, cut short or not
+        await close_writer(writer)
+    upstream = gw.snapshot.upstreams["app"]
+    assert upstream.endpoints[0].ejected
+    attempts = gw.metrics.upstream_attempts_total
+    assert attempts.labels("app", f"127.0.0.1:{a.port}", "failure").value == 2
+    for _ in range(4):
+        assert (await _get(port))[1]["x-endpoint"] == "b"
+    assert a.total == 2
