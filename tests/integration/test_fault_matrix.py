@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -217,3 +219,67 @@ async def test_fault_matrix(tmp_path: Path, fault: str, shape: str) -> None:
         assert server.executions[test_id] <= 1, "a POST ran twice"
     seen = Outcome(first, executions, repeat, attempts, breaker)
     assert seen == expected(fault, shape)
+
+
+# -- the soak: random faults on every delivery, duplicates at once and after ------------------
+
+SOAK_KEYS = 240
+SOAK_CLIENTS = 8
+
+
+async def test_a_fault_soak_never_runs_a_keyed_post_twice(tmp_path: Path) -> None:
+    """Keyed POSTs through idempotency + circuit_breaker + retry to two endpoints where a third
+    of all deliveries meet a random fault; each key is sent twice at once, then once more after
+    both answered.  No key may run twice, and a key whose answer a client saw is replayed."""
+    rng = random.Random(12)
+    faults = [f for f in FAULTS if f != "blackhole"]  # the timeouts alone would take a minute
+
+    def chaos() -> str:
+        return rng.choice(faults) if rng.random() < 0.35 else ""
+
+    pipeline = (
+        "[{idempotency: {}}, {circuit_breaker: {min_requests: 50, open_for: 100ms}},"
+        f" {_RETRY.replace('attempts: 2', 'attempts: 3')}]"
+    )
+    async with fault_server() as one, fault_server() as two:
+        one.chaos = two.chaos = chaos
+        config = _config(one.url, pipeline).replace(
+            f'[{{url: "{one.url}"}}]', f'[{{url: "{one.url}"}}, {{url: "{two.url}"}}]'
+        )
+        async with running_gateway(tmp_path, config) as gw:
+            port = port_of(gw)
+            queue = list(range(SOAK_KEYS))
+            seen: dict[str, list[str]] = {}
+            bodies: dict[str, set[bytes]] = {}
+
+            async def client() -> None:
+                while queue:
+                    test_id = f"soak-{queue.pop()}"
+                    request = _request("POST", "", test_id)
+                    pair = await asyncio.gather(_send(port, request), _send(port, request))
+                    last = await _repeat(port, request)
+                    answers = [*pair, last]
+                    seen[test_id] = [_seen(r) for r in answers]
+                    bodies[test_id] = {r.body for r in answers if r is not None and r.status == 200}
+
+            await asyncio.gather(*(client() for _ in range(SOAK_CLIENTS)))
+    executions = one.executions + two.executions
+    twice = {k: n for k, n in executions.items() if n > 1}
+    assert not twice, f"keys executed more than once: {twice}"
+    outcomes = Counter(s for answers in seen.values() for s in answers)
+    # the soak did what it is for: faults left outcomes unknown, answers were replayed
+    assert outcomes["409 idempotency_outcome_unknown"] > 0, outcomes
+    assert outcomes["200 replayed"] > 0, outcomes
+    unknown = {"502 upstream_unavailable", "504 upstream_timeout", "200 cut"}
+    for test_id, answers in seen.items():
+        # of the pair sent at once, one ran and the other was told the key is in use
+        [first] = [a for a in answers[:2] if a != "409 idempotency_key_in_use"]
+        if first in unknown:
+            assert answers[2] == "409 idempotency_outcome_unknown", (test_id, answers)
+        elif first == "503 circuit_open":
+            pass  # never written: the key was released, and the repeat ran it
+        else:
+            # the upstream's answer, whatever its status, is what every repeat gets
+            assert answers[2] == f"{first} replayed", (test_id, answers)
+            assert executions[test_id] == 1, (test_id, answers)
+        assert len(bodies[test_id]) <= 1, (test_id, answers)

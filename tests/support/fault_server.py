@@ -18,7 +18,8 @@ a request meets them:
 
 A refused connection is not a fault this server makes: point the gateway at a closed port.
 Requests are read with their `Content-Length` body (the gateway sends small bodies framed that
-way); `executions[id]` counts how many times the upstream ran the operation.
+way); `executions[id]` counts how many times the upstream ran the operation.  With `chaos`
+set, a function picks the fault of every delivery instead (a soak).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import asyncio
 import socket
 import struct
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 FAULTS = (
@@ -55,6 +56,8 @@ class FaultServer:
         self.deliveries: Counter[str] = Counter()
         #: how many times the upstream ran each operation
         self.executions: Counter[str] = Counter()
+        #: when set, picks the fault of *every* delivery (a soak), whatever the request says
+        self.chaos: Callable[[], str] | None = None
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.StreamWriter] = set()
 
@@ -96,7 +99,10 @@ class FaultServer:
         headers = _headers(head)
         test_id = headers.get("x-test-id", "")
         self.deliveries[test_id] += 1
-        fault = headers.get("x-fault", "") if self.deliveries[test_id] == 1 else ""
+        if self.chaos is not None:
+            fault = self.chaos()
+        else:
+            fault = headers.get("x-fault", "") if self.deliveries[test_id] == 1 else ""
         if fault == "reset_before_read":
             _reset(writer)
             return False
