@@ -494,6 +494,12 @@ class GatewayMetrics:
             "Upstream connections taken, by whether a pooled one was reused.",
             ("upstream", "reused"),
         )
+        self.upstream_busy_total = r.counter(
+            "gateway_upstream_busy_total",
+            "Requests answered 503 upstream_busy: no pooled connection to the upstream freed"
+            " within pool.queue_timeout (never sent).",
+            ("upstream",),
+        )
         self.upstream_attempts_total = r.counter(
             "gateway_upstream_attempts_total",
             "Exchanges with an endpoint, by result: a failure is a connect error, reset,"

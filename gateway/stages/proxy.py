@@ -175,7 +175,9 @@ class ProxyHandler:
                     if isinstance(exc, StaleConnection) and replayable and ctx.attempts < 2:
                         now = loop.time()
                         continue
-                    if exc.failure and exc.failure != "overflow":
+                    if exc.failure == "overflow":
+                        upstream.busy.inc()  # local congestion: not the endpoint's failure
+                    elif exc.failure:
                         upstream.record(endpoint, True)
                     ctx.avoid = endpoint
                     raise

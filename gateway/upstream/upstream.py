@@ -115,6 +115,7 @@ class Upstream:
         "_readmit_timer",
         "_rotation",
         "budget_exhausted",
+        "busy",
         "config",
         "connect_timeout",
         "default_host",
@@ -188,6 +189,8 @@ class Upstream:
         self.budget_exhausted: CounterChild = metrics.retry_budget_exhausted_total.labels(
             config.name
         )
+        #: requests that waited for a pooled connection in vain (503 upstream_busy)
+        self.busy: CounterChild = metrics.upstream_busy_total.labels(config.name)
         od = config.outlier_detection
         self._outliers = Outliers(od, len(self.endpoints)) if od is not None else None
         self._readmit_timer: asyncio.TimerHandle | None = None

@@ -243,6 +243,7 @@ async def test_a_full_pool_answers_503_upstream_busy_after_queue_timeout(tmp_pat
             assert second.header("retry-after") == "1"
             assert 0.25 < waited < 1.5
             assert up.total == 1  # never sent
+            assert gateway.metrics.upstream_busy_total.labels("app").value == 1
             first.cancel()
 
 

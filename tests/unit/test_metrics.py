@@ -231,6 +231,7 @@ def test_gateway_metrics_declares_the_spec_names() -> None:
         "gateway_slow_clients": "counter",
         "gateway_upstream_evictions": "counter",
         "gateway_upstream_attempts": "counter",
+        "gateway_upstream_busy": "counter",
         "gateway_upstream_request_duration_seconds": "histogram",
         "gateway_upstream_connect_duration_seconds": "histogram",
         "gateway_upstream_connections": "counter",
