@@ -87,6 +87,12 @@ class Gateway:
         self._shared: SharedState | None = None
         self.snapshot: Snapshot
 
+    @property
+    def shared(self) -> SharedState:
+        """What outlives reloads: live upstreams and stages, and retired upstreams draining."""
+        assert self._shared is not None, "not started"
+        return self._shared
+
     # -- AdminBackend ------------------------------------------------------------------------
 
     @property

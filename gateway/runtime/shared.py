@@ -2,8 +2,10 @@
 
 A new snapshot asks for each upstream by its config; an unchanged one gets the live object back,
 a changed or new one gets a fresh object that becomes live only when the snapshot is committed.
-Committing closes what only the old snapshot used: idle connections at once, busy ones as their
-exchanges end, so requests in flight finish on the pools they started with.
+Committing retires the upstreams only the old snapshot used: requests that began on it (and
+their retries) still finish on their pools, which keep no idle connection and close each busy
+one as its exchange ends.  A retired upstream is held in `retiring` until it holds no
+connection; shutdown closes whatever is still there.
 
 Stages are kept the same way, keyed by their owner (a named middleware, or a route's position)
 and kind: an unchanged stage config gets the live instance back, with its state (buckets,
@@ -13,6 +15,7 @@ breaker), and a changed one starts afresh.
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import final
 
 from gateway.config.model import StageSpec, UpstreamConfig
@@ -25,16 +28,20 @@ from gateway.upstream.upstream import Upstream
 
 StageKey = tuple[str, str]
 
+log = logging.getLogger("gateway.upstream")
+
 
 @final
 class SharedState:
-    __slots__ = ("_env", "_live", "_live_stages", "loop", "metrics", "stores")
+    __slots__ = ("_env", "_live", "_live_stages", "_retiring", "loop", "metrics", "stores")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, metrics: GatewayMetrics) -> None:
         self.loop = loop
         self.metrics = metrics
         self._live: dict[str, Upstream] = {}
         self._live_stages: dict[StageKey, tuple[StageSpec, Stage]] = {}
+        #: retired upstreams whose pools still hold connections
+        self._retiring: set[Upstream] = set()
         #: "memory" always exists (per worker); named shared stores join it later
         self.stores: dict[str, Store] = {"memory": MemoryStore(clock=loop.time)}
         self._env = BuildContext(loop, metrics, self.stores)
@@ -68,7 +75,8 @@ class SharedState:
         upstreams: dict[str, Upstream],
         stages: dict[StageKey, tuple[StageSpec, Stage]] | None = None,
     ) -> None:
-        """Make `upstreams` and `stages` live; close every previously live one not kept."""
+        """Make `upstreams` and `stages` live; close every stage and retire every upstream that
+        was live and is not kept."""
         if stages is not None:
             kept = {id(stage) for _, stage in stages.values()}
             for _, old_stage in self._live_stages.values():
@@ -79,13 +87,25 @@ class SharedState:
         addresses = {(u.name, e.address) for u in upstreams.values() for e in u.endpoints}
         for old in self._live.values():
             if id(old) not in keep:
-                old.close()
+                self._retiring.add(old)
+                old.retire(self._drained)
                 for endpoint in old.endpoints:
                     if (old.name, endpoint.address) not in addresses:
                         self.metrics.upstream_endpoint_up.remove(old.name, endpoint.address)
         self._live = dict(upstreams)
         for upstream in upstreams.values():
             upstream.start()
+
+    @property
+    def retiring(self) -> tuple[Upstream, ...]:
+        """Upstreams a reload retired whose pools still hold connections."""
+        return tuple(self._retiring)
+
+    def _drained(self, upstream: Upstream) -> None:
+        # may be called again if a late request opened one more connection: discard, not remove
+        if upstream in self._retiring:
+            self._retiring.discard(upstream)
+            log.debug("retired upstream %s closed its last connection", upstream.name)
 
     def discard(self, upstreams: dict[str, Upstream]) -> None:
         """A snapshot that was never committed: close what it created."""
@@ -96,9 +116,10 @@ class SharedState:
         # stages it built are simply dropped: nothing of theirs is running yet
 
     def close(self) -> None:
-        for upstream in self._live.values():
+        for upstream in (*self._live.values(), *self._retiring):
             upstream.close()
         self._live = {}
+        self._retiring = set()
         for _, stage in self._live_stages.values():
             close_stage(stage)
         self._live_stages = {}

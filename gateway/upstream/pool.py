@@ -12,6 +12,12 @@ stop reading give way to requests that wait, so slow readers can never hold a wh
 connection comes back through `release()`; one that is not `reusable` is closed there and never
 handed out again.
 
+A pool whose upstream a reload removed or changed is `retire`d, not closed: requests routed to it
+on the old snapshot (and their retries) are still served — waiters keep their turn, a connection
+is opened when there is no other — but it keeps no idle connection: each one is closed when its
+exchange ends, and once it holds none the pool calls `on_drained` (again, should a late request
+open one more).  Only `close()`, at shutdown, turns requests away.
+
 Response-head timeouts cost no timer per request: a connection in use records a deadline, and
 while any connection is in use the pool looks at them every `WATCH_INTERVAL` seconds.
 """
@@ -21,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections import deque
+from collections.abc import Callable
 from typing import Protocol, final
 
 from gateway.errors import ConnectFailed, ConnectTimeout, UpstreamBusy
@@ -47,10 +54,11 @@ class PoolObserver(Protocol):
 class EndpointPool:
     __slots__ = (
         "_busy",
-        "_closing",
         "_idle",
         "_loop",
         "_next_eviction_scan",
+        "_on_drained",
+        "_retired",
         "_sweeper",
         "_waiters",
         "_watcher",
@@ -99,12 +107,25 @@ class EndpointPool:
         self._next_eviction_scan = 0.0
         #: connections open or being opened (idle ones included)
         self.opened = 0
-        self._closing = False
+        #: retired or closed: no connection is kept idle
+        self._retired = False
+        #: told whenever a retired pool holds no connection any more
+        self._on_drained: Callable[[], None] | None = None
         self._sweeper: asyncio.TimerHandle | None = None
 
     @property
     def idle_count(self) -> int:
         return len(self._idle)
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for a connection (a few may have given up already)."""
+        return self._waiters.count
+
+    @property
+    def is_drained(self) -> bool:
+        """Retired (or closed) and holding no connection: nothing of it is left to close."""
+        return self._retired and self.opened == 0
 
     def take_idle(self) -> UpstreamConnection | None:
         """A warm connection at once, or None: the hot path, without a coroutine."""
@@ -134,8 +155,7 @@ class EndpointPool:
         conn = self.take_idle()
         if conn is not None:
             return conn
-        if self._closing:
-            raise ConnectFailed("upstream is being removed")
+        # a retired pool still gets here (requests routed to it before a reload): it serves them
         if self.opened >= self.max_connections:
             waiter: asyncio.Future[UpstreamConnection | None] = self._loop.create_future()
             self._waiters.add(client, waiter)
@@ -253,15 +273,20 @@ class EndpointPool:
     def release(self, conn: UpstreamConnection) -> None:
         """Take a connection back after one exchange; closes it unless it is reusable."""
         conn.deadline = 0.0
-        if not conn.reusable or conn.is_closed or self._closing:
+        if not conn.reusable or conn.is_closed:
             self._busy.discard(conn)
             conn.close()
             return  # on_connection_lost frees the slot
         if self._waiters.count:
             waiter = self._waiters.pop()
             if waiter is not None:
-                waiter.set_result(conn)  # handed over: still busy
+                waiter.set_result(conn)  # handed over: still busy (a retired pool too)
                 return
+        if self._retired:
+            # keeps nothing idle: on_connection_lost frees the slot and may find it drained
+            self._busy.discard(conn)
+            conn.close()
+            return
         self._busy.discard(conn)
         conn.idle_since = self._loop.time()
         self._idle.append(conn)
@@ -303,6 +328,8 @@ class EndpointPool:
         if waiter is not None:
             self.opened += 1
             waiter.set_result(None)
+        elif self.opened == 0 and self._on_drained is not None:
+            self._on_drained()
 
     def _sweep(self) -> None:
         self._sweeper = None
@@ -315,17 +342,32 @@ class EndpointPool:
             wait = idle[0].idle_since + self.idle_timeout - self._loop.time()
             self._sweeper = self._loop.call_later(max(wait, 0.01), self._sweep)
 
+    def retire(self, on_drained: Callable[[], None]) -> None:
+        """No longer in the live config: close idle connections now, keep serving the requests
+        routed here, close each connection as its exchange ends, and call `on_drained` whenever
+        no connection is left (at once if there is none now)."""
+        self._on_drained = on_drained
+        self._stop_keeping()
+        if self.opened == 0:
+            on_drained()
+        # else the idle ones just closed, and the busy ones, free their slots in
+        # on_connection_lost, and the last one calls on_drained
+
     def close(self) -> None:
-        """Close idle connections now; busy ones close when they are released."""
-        self._closing = True
+        """At shutdown: close idle connections now, busy ones when they are released, and fail
+        the requests still waiting."""
+        self._stop_keeping()
+        while (waiter := self._waiters.pop()) is not None:
+            waiter.set_exception(ConnectFailed("the gateway is shutting down"))
+
+    def _stop_keeping(self) -> None:
+        self._retired = True
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
         # busy connections keep being watched until they are released
         while self._idle:
             self._idle.pop().close()
-        while (waiter := self._waiters.pop()) is not None:
-            waiter.set_exception(ConnectFailed("upstream is being removed"))
 
 
 @final

@@ -8,6 +8,12 @@ Endpoints leave and rejoin the rotation when active health checks or passive out
 say so.  Those are rare events: each rebuilds the balancer over the endpoints still available,
 so a pick costs the same whether or not some endpoint is down, and raises `NoHealthyUpstream`
 when none is left.  The retry budget's counters live here too, since it is per upstream.
+
+A reload that removes or changes an upstream `retire`s the old object: the requests routed to it
+before the swap, and their retries, finish on its pools, which close each connection after its
+exchange.  From then on it stops checking and ejecting — its endpoints stay as they were at the
+swap — and it never writes the endpoint gauges again (their labels may be the live upstream's
+now).  It reports once its pools hold no connection.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import Any, final
 
 from gateway.config.model import UpstreamConfig
@@ -111,6 +118,7 @@ class Upstream:
         "_balancer",
         "_checker",
         "_loop",
+        "_on_drained",
         "_outliers",
         "_readmit_timer",
         "_rotation",
@@ -192,6 +200,7 @@ class Upstream:
         #: requests that waited for a pooled connection in vain (503 upstream_busy)
         self.busy: CounterChild = metrics.upstream_busy_total.labels(config.name)
         od = config.outlier_detection
+        #: None when outlier detection is off, or stopped (the upstream was retired)
         self._outliers = Outliers(od, len(self.endpoints)) if od is not None else None
         self._readmit_timer: asyncio.TimerHandle | None = None
         hc = config.health_check
@@ -207,6 +216,7 @@ class Upstream:
             if hc is not None
             else None
         )
+        self._on_drained: Callable[[Upstream], None] | None = None
 
     # -- picking -----------------------------------------------------------------------------
 
@@ -311,14 +321,40 @@ class Upstream:
         if self._checker is not None:
             self._checker.start()
 
+    def retire(self, on_drained: Callable[[Upstream], None]) -> None:
+        """No longer live: serve on for the requests routed here before the swap, then call
+        `on_drained(self)` when no pool holds a connection (at once if none does)."""
+        self._stop_watching()
+        self._on_drained = on_drained
+        for endpoint in self.endpoints:
+            endpoint.up = None  # the live upstream may have an endpoint by that address
+        for endpoint in self.endpoints:
+            endpoint.pool.retire(self._pool_drained)
+
+    @property
+    def is_drained(self) -> bool:
+        """Retired, and none of its pools holds a connection."""
+        return all(endpoint.pool.is_drained for endpoint in self.endpoints)
+
+    def _pool_drained(self) -> None:
+        on_drained = self._on_drained
+        if on_drained is not None and self.is_drained:
+            on_drained(self)
+
     def close(self) -> None:
+        """At shutdown (or for a snapshot never committed): stop, and close every pool."""
+        self._stop_watching()
+        for endpoint in self.endpoints:
+            endpoint.pool.close()
+
+    def _stop_watching(self) -> None:
+        """No more health checks or outlier decisions: what runs on timers ends here."""
         if self._checker is not None:
             self._checker.close()
+        self._outliers = None
         if self._readmit_timer is not None:
             self._readmit_timer.cancel()
             self._readmit_timer = None
-        for endpoint in self.endpoints:
-            endpoint.pool.close()
 
     def describe(self) -> dict[str, Any]:
         """What /admin/upstreams shows of this upstream."""

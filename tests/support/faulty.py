@@ -13,6 +13,8 @@ counted, by method, so tests can prove how many reached the upstream; a request 
 in `X-Test-Id` is also counted by that id (`executions`), and an "ok" answer to it says whose it
 was (`X-Executed-For` and a `session` cookie), so a test sees whose response a client got.  A
 request whose id is in `held` waits, once counted, until the test sets that event.
+`open_connections` is how many connections are open to the server now (its own count), so a test
+can prove that a pool closed what it opened.
 """
 
 from __future__ import annotations
@@ -57,8 +59,19 @@ class FaultyUpstream:
         return f"http://127.0.0.1:{self.port}"
 
     @property
+    def address(self) -> str:
+        """host:port, as the gateway names the endpoint."""
+        return f"127.0.0.1:{self.port}"
+
+    @property
     def total(self) -> int:
         return sum(self.requests.values())
+
+    @property
+    def open_connections(self) -> int:
+        """Connections open to this upstream now, as its server counts them."""
+        assert self.server is not None
+        return len(self.server.handler.connections)
 
     async def _health(self, request: web.Request) -> web.StreamResponse:
         self.health_checks += 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import textwrap
+from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -18,12 +19,19 @@ def write_config(directory: Path, text: str, name: str = "gateway.yaml") -> Path
 
 
 @contextlib.asynccontextmanager
-async def running_gateway(directory: Path, text: str) -> AsyncIterator[Gateway]:
-    """Start a gateway on `text` (use port 0 for listeners and admin); drain it afterwards."""
+async def running_gateway(
+    directory: Path, text: str, *, watch: bool = False
+) -> AsyncIterator[Gateway]:
+    """Start a gateway on `text` (use port 0 for listeners and admin); drain it afterwards.
+
+    With `watch`, it reloads when the file changes, as `gateway run` does (ready once the watch
+    is in place)."""
     path = write_config(directory, text)
-    gateway = Gateway(str(path))
+    gateway = Gateway(str(path), watch=watch)
     await gateway.start()
     try:
+        if gateway.watcher is not None:
+            await asyncio.wait_for(gateway.watcher.ready.wait(), 5)
         yield gateway
     finally:
         await gateway.stop()
@@ -38,3 +46,12 @@ def in_flight_requests(gateway: Gateway) -> float:
 
 def port_of(gateway: Gateway, listener: str = "http") -> int:
     return gateway.bound[listener][1]
+
+
+def pooled_connections(gateway: Gateway) -> Counter[str]:
+    """Connections the live upstreams' pools hold open (idle or busy), by endpoint address."""
+    counts: Counter[str] = Counter()
+    for upstream in gateway.snapshot.upstreams.values():
+        for endpoint in upstream.endpoints:
+            counts[endpoint.address] += endpoint.pool.opened
+    return counts
