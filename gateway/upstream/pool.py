@@ -161,9 +161,9 @@ class EndpointPool:
             self._waiters.add(client, waiter)
             try:
                 await self._wait_for_slot(waiter, max(wait, 0.0))
-            finally:
-                if not waiter.done():
-                    waiter.cancel()
+            except BaseException:
+                self._give_back(waiter)
+                raise
             conn_or_none = waiter.result()
             if conn_or_none is not None:
                 conn_or_none.in_use = True
@@ -173,6 +173,21 @@ class EndpointPool:
             # a slot was freed: open a connection in it (opened was already counted for us)
             return await self._connect(timeout, counted=True)
         return await self._connect(timeout, counted=False)
+
+    def _give_back(self, waiter: asyncio.Future[UpstreamConnection | None]) -> None:
+        """A request stopped waiting (timed out, or cancelled when its client left).  Its
+        waiter may have been served in the same turn of the loop, before the request could run
+        again: what it was handed must go on, or that connection or slot is lost for good."""
+        if not waiter.done():
+            waiter.cancel()  # WaitQueue skips it
+            return
+        if waiter.cancelled() or waiter.exception() is not None:
+            return
+        conn = waiter.result()
+        if conn is None:
+            self._slot_freed()  # the slot counted for it: to the next waiter, or free
+        else:
+            self.release(conn)  # unused: to the next waiter, or idle
 
     async def _connect(self, limit: float, *, counted: bool) -> UpstreamConnection:
         if not counted:
