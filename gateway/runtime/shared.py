@@ -9,7 +9,8 @@ connection; shutdown closes whatever is still there.
 
 Stages are kept the same way, keyed by their owner (a named middleware, or a route's position)
 and kind: an unchanged stage config gets the live instance back, with its state (buckets,
-breaker), and a changed one starts afresh.
+breaker), and a changed one starts afresh.  A replaced stage is retired, not closed: requests of
+the old snapshot may still be running through it (waiting for a JWKS fetch, say).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import final
 from gateway.config.model import StageSpec, UpstreamConfig
 from gateway.observability.metrics import GatewayMetrics
 from gateway.pipeline import Stage
-from gateway.stages import BuildContext, build_stage, close_stage
+from gateway.stages import BuildContext, build_stage, close_stage, retire_stage
 from gateway.stores.base import Store
 from gateway.stores.memory import MemoryStore
 from gateway.upstream.upstream import Upstream
@@ -75,13 +76,12 @@ class SharedState:
         upstreams: dict[str, Upstream],
         stages: dict[StageKey, tuple[StageSpec, Stage]] | None = None,
     ) -> None:
-        """Make `upstreams` and `stages` live; close every stage and retire every upstream that
-        was live and is not kept."""
+        """Make `upstreams` and `stages` live; retire every previously live one not kept."""
         if stages is not None:
             kept = {id(stage) for _, stage in stages.values()}
             for _, old_stage in self._live_stages.values():
                 if id(old_stage) not in kept:
-                    close_stage(old_stage)
+                    retire_stage(old_stage)
             self._live_stages = dict(stages)
         keep = {id(u) for u in upstreams.values()}
         addresses = {(u.name, e.address) for u in upstreams.values() for e in u.endpoints}

@@ -71,7 +71,16 @@ def build_stage(spec: StageSpec, env: BuildContext) -> Stage:
     raise AssertionError(f"no builder for stage kind {spec.kind!r}")  # the loader refuses it
 
 
+def retire_stage(stage: Stage) -> None:
+    """A reload replaced `stage`: release what it holds (buckets, a JWKS refresh task) without
+    failing the requests that began on the old snapshot and still run through it."""
+    if isinstance(stage, JwtStage):
+        stage.retire()
+    elif isinstance(stage, RateLimitStage):
+        stage.close()  # a request still here starts a fresh bucket: never refused for it
+
+
 def close_stage(stage: Stage) -> None:
-    """Release what a stage that is no longer live holds (buckets, a JWKS refresh task)."""
+    """At shutdown: release everything a stage holds."""
     if isinstance(stage, RateLimitStage | JwtStage):
         stage.close()

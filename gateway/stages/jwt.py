@@ -183,10 +183,18 @@ class JwksFetcher:
                 await asyncio.wait_for(asyncio.shield(self._fetching()), _FETCH_WAIT)
         return self.keys
 
+    def retire(self) -> None:
+        """Stop refreshing.  A fetch in flight is left to end (within its 5 s timeout): requests
+        that began before a reload replaced the stage may be waiting for it, and cancelling it
+        would cancel them."""
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+
     def close(self) -> None:
-        for task in (self._task, self._pending):
-            if task is not None and not task.done():
-                task.cancel()
+        """Stop everything, the fetch in flight too (at shutdown: no request waits any more)."""
+        self.retire()
+        if self._pending is not None and not self._pending.done():
+            self._pending.cancel()
 
 
 @final
@@ -328,6 +336,12 @@ class JwtStage:
     def jwks_error(self) -> str | None:
         """Why the last JWKS fetch was not taken (None when it was, or keys are not fetched)."""
         return None if self._fetcher is None else self._fetcher.last_error
+
+    def retire(self) -> None:
+        """A reload replaced this stage: stop refreshing keys, without failing the requests
+        still running through it (see JwksFetcher.retire)."""
+        if self._fetcher is not None:
+            self._fetcher.retire()
 
     def close(self) -> None:
         if self._fetcher is not None:

@@ -17,7 +17,8 @@ from aiohttp.test_utils import TestServer
 from gateway.app import Gateway
 from gateway.stages.jwt import JwtStage
 from tests.integration.conftest import Seen
-from tests.support.gateway import port_of, running_gateway
+from tests.support.gateway import port_of, running_gateway, write_config
+from tests.support.process import async_wait_until
 from tests.support.raw import RawResponse, exchange
 from tests.support.tokens import (
     MISSPELLINGS,
@@ -82,11 +83,16 @@ async def test_jwks_file_claims_forwarded_and_spoofs_dropped(
 
 
 @asynccontextmanager
-async def jwks_server(document: list[bytes]) -> AsyncIterator[tuple[str, list[int]]]:
+async def jwks_server(
+    document: list[bytes], gate: asyncio.Event | None = None
+) -> AsyncIterator[tuple[str, list[int]]]:
+    """Serves `document[0]`; while `gate` is clear, each fetch waits for it once counted."""
     fetches: list[int] = []
 
     async def handle(request: web.Request) -> web.Response:
         fetches.append(1)
+        if gate is not None:
+            await gate.wait()
         return web.Response(body=document[0], content_type="application/json")
 
     app = web.Application()
@@ -118,6 +124,33 @@ async def test_jwks_url_with_key_rotation(
             # an unknown kid does not refetch again within the minimum interval
             assert (await _get(port, token(new, claims(), kid="nope"))).status == 401
             assert len(fetches) == before + 1
+
+
+async def test_a_request_waiting_for_a_jwks_fetch_survives_a_reload_that_replaces_the_stage(
+    tmp_path: Path, upstream: tuple[TestServer, Seen]
+) -> None:
+    """The old stage is closed when the reload commits, but a request that began on the old
+    snapshot is still waiting for the fetch it started: that fetch must end, not be cancelled."""
+    server, _ = upstream
+    old, new = RsaKey("2025"), RsaKey("2026")
+    document = [jwks(old)]
+    gate = asyncio.Event()
+    gate.set()
+    async with jwks_server(document, gate) as (url, fetches):
+        config = _config(server.port or 0, f"jwks_url: {url}")
+        async with running_gateway(tmp_path, config) as gw:
+            port = port_of(gw)
+            gate.clear()
+            document[0] = jwks(old, new)
+            before = len(fetches)
+            waiting = asyncio.ensure_future(_get(port, token(new, claims())))
+            await async_wait_until(lambda: len(fetches) > before, what="a fetch for the new kid")
+            changed = f"jwks_url: {url}\n          leeway: 45s"
+            write_config(tmp_path, _config(server.port or 0, changed))
+            result = await gw.reload()
+            assert result["ok"] is True, result
+            gate.set()
+            assert (await waiting).status == 200
 
 
 async def test_a_jwks_url_without_keys_is_not_fetched_per_request(
