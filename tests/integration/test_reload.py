@@ -8,8 +8,12 @@ then close every connection they opened.
 from __future__ import annotations
 
 import asyncio
+import os
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import aiohttp
 from aiohttp.test_utils import TestServer
 
 from gateway.app import Gateway
@@ -105,20 +109,27 @@ async def test_changed_upstream_gets_a_new_pool(
 # -- a reload that changes or removes the upstream a request is on -------------------------------
 
 
-def _config(app: str, pipeline: str = "[]") -> str:
-    """One route to upstream `app` (its YAML mapping, see `_app`) through `pipeline`."""
+def _config(upstreams: Mapping[str, str], routes: Sequence[str]) -> str:
+    """Upstreams by name (their YAML mappings, see `_app`) and routes (see `_route`)."""
+    upstream_lines = "".join(f"\n  {name}: {body}" for name, body in upstreams.items())
+    route_lines = "".join(f"\n  - {route}" for route in routes)
     return f"""
 listeners: [{{name: http, bind: "127.0.0.1:0"}}]
 admin: {{bind: "127.0.0.1:0"}}
 access_log: {{enabled: false}}
-upstreams:
-  app: {app}
-routes:
-  - name: app
-    match: {{path_prefix: /}}
-    upstream: app
-    pipeline: {pipeline}
+upstreams:{upstream_lines}
+routes:{route_lines}
 """
+
+
+def _route(name: str, prefix: str, upstream: str, pipeline: str = "[]") -> str:
+    match = f"{{path_prefix: {prefix}}}"
+    return f"{{name: {name}, match: {match}, upstream: {upstream}, pipeline: {pipeline}}}"
+
+
+def _one_route(app: str, pipeline: str = "[]") -> str:
+    """Every path to upstream `app` through `pipeline`."""
+    return _config({"app": app}, [_route("app", "/", "app", pipeline)])
 
 
 def _app(*servers: FaultyUpstream, extra: str = "") -> str:
@@ -149,7 +160,7 @@ async def test_a_request_whose_body_arrives_after_the_swap_finishes_on_the_retir
 ) -> None:
     async with (
         faulty_upstreams("a", "b") as [a, b],
-        running_gateway(tmp_path, _config(_app(a))) as gw,
+        running_gateway(tmp_path, _one_route(_app(a))) as gw,
     ):
         reader, writer = await open_raw(port_of(gw))
         try:
@@ -157,7 +168,7 @@ async def test_a_request_whose_body_arrives_after_the_swap_finishes_on_the_retir
             # pooled connection is taken
             writer.write(b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nhello")
             await async_wait_until(lambda: in_flight_requests(gw) == 1, what="request in flight")
-            await _reload(gw, tmp_path, _config(_app(b)))
+            await _reload(gw, tmp_path, _one_route(_app(b)))
             writer.write(b"world")
             response = await asyncio.wait_for(read_response(reader), 5)
         finally:
@@ -177,7 +188,7 @@ async def test_a_request_waiting_for_a_pooled_connection_is_served_by_the_retire
     one_connection = ", pool: {max_connections: 1, queue_timeout: 5s}"
     async with (
         faulty_upstreams("a", "b") as [a, b],
-        running_gateway(tmp_path, _config(_app(a, extra=one_connection))) as gw,
+        running_gateway(tmp_path, _one_route(_app(a, extra=one_connection))) as gw,
     ):
         port = port_of(gw)
         gate = a.held["first"] = asyncio.Event()
@@ -188,7 +199,7 @@ async def test_a_request_waiting_for_a_pooled_connection_is_served_by_the_retire
         second = asyncio.ensure_future(exchange(port, b"GET /2 HTTP/1.1\r\nHost: a\r\n\r\n"))
         pool = gw.snapshot.upstreams["app"].endpoints[0].pool
         await async_wait_until(lambda: pool.waiting == 1, what="second request waiting")
-        await _reload(gw, tmp_path, _config(_app(b, extra=one_connection)))
+        await _reload(gw, tmp_path, _one_route(_app(b, extra=one_connection)))
         gate.set()
         answers = [await first, await second]
         assert [(r.status, r.header("x-endpoint")) for r in answers] == [(200, "a"), (200, "a")]
@@ -204,7 +215,7 @@ async def test_a_retry_after_the_swap_goes_to_another_endpoint_of_the_retired_up
     retry = "[{retry: {attempts: 2}}]"
     async with (
         faulty_upstreams("a", "b") as servers,
-        running_gateway(tmp_path, _config(_app(*servers, extra=ejecting), retry)) as gw,
+        running_gateway(tmp_path, _one_route(_app(*servers, extra=ejecting), retry)) as gw,
     ):
         gate = asyncio.Event()
         for server in servers:
@@ -217,7 +228,7 @@ async def test_a_retry_after_the_swap_goes_to_another_endpoint_of_the_retired_up
         failing.mode = "status:503"
         # the same endpoints, another timeout: a new upstream, and the old one retired
         changed = ejecting + ", timeouts: {response_header: 3s}"
-        await _reload(gw, tmp_path, _config(_app(*servers, extra=changed), retry))
+        await _reload(gw, tmp_path, _one_route(_app(*servers, extra=changed), retry))
         gate.set()
         response = await request
         assert (response.status, response.header("x-endpoint")) == (200, other.name)
@@ -226,4 +237,96 @@ async def test_a_retry_after_the_swap_goes_to_another_endpoint_of_the_retired_up
         assert not any(e.ejected for e in live.endpoints)
         up = gw.metrics.upstream_endpoint_up.labels("app", failing.address).value
         assert up == 1
+        await _retired_pools_closed(gw, *servers)
+
+
+# -- the reload storm --------------------------------------------------------------------------
+
+#: how long the config keeps changing, and how often
+STORM_SECONDS = 10.0
+STORM_PERIOD = 0.3
+#: the pipelines route /a takes in turn: a stage added, changed, removed
+_A_PIPELINES = (
+    '[{{headers: {{response: {{set: {{X-Step: "{step}"}}}}}}}}]',
+    '[{{retry: {{attempts: 2}}}}, {{headers: {{response: {{set: {{X-Step: "{step}"}}}}}}}}]',
+    '[{{rate_limit: {{rate: 100000, burst: 100000}}}}, {{headers: {{response: {{set: {{X-Step: '
+    '"{step}"}}}}}}}}]',
+)
+
+
+def _storm_config(step: int, servers: Sequence[FaultyUpstream]) -> str:
+    """The storm's config number `step`: upstream `alpha` moves between the servers every other
+    step (so it is kept, warm, by the step in between), route /b's upstream is `beta` and
+    `gamma` in turn (the other one removed), route /a's stages change every step, and both
+    routes are renamed every step."""
+    turn = step // 2
+    balance = ", balance: least_request" if turn % 2 else ""
+    alpha = _app(servers[turn % 3], servers[(turn + 1) % 3], extra=balance)
+    b_name = "beta" if step % 2 else "gamma"
+    b_pipeline = "[{circuit_breaker: {}}]" if turn % 2 else "[]"
+    return _config(
+        {"alpha": alpha, b_name: _app(servers[(step + 2) % 3])},
+        [
+            _route(f"a-{step}", "/a", "alpha", _A_PIPELINES[step % 3].format(step=step)),
+            _route(f"b-{step}", "/b", b_name, b_pipeline),
+        ],
+    )
+
+
+def _save(path: Path, text: str) -> None:
+    """Save the way editors do: a temporary file renamed over the original (never half-read)."""
+    temporary = path.with_name(f".{path.name}.swp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+async def test_a_reload_storm_under_load_fails_no_request_and_leaks_no_connection(
+    tmp_path: Path,
+) -> None:
+    """The file watcher's reload path (the gateway in-process, watching its config as `gateway
+    run` does), a new config every 0.3 s for 10 s, 8 clients requesting all along."""
+    async with (
+        faulty_upstreams("s0", "s1", "s2") as servers,
+        running_gateway(tmp_path, _storm_config(0, servers), watch=True) as gw,
+    ):
+        base = f"http://127.0.0.1:{port_of(gw)}"
+        stop = asyncio.Event()
+        outcomes: Counter[int | str] = Counter()
+
+        async def client(index: int) -> None:
+            # a request the gateway never answers counts as a failure, not a hung test
+            timeout = aiohttp.ClientTimeout(total=5)
+            async with aiohttp.ClientSession(timeout=timeout) as session:
+                paths = ("/a", "/b") if index % 2 else ("/b", "/a")
+                while not stop.is_set():
+                    for path in paths:
+                        try:
+                            async with session.get(base + path) as response:
+                                await response.read()
+                                outcomes[response.status] += 1
+                        except (aiohttp.ClientError, TimeoutError) as exc:
+                            outcomes[type(exc).__name__] += 1
+
+        clients = [asyncio.create_task(client(i)) for i in range(8)]
+        loop = asyncio.get_running_loop()
+        try:
+            started = loop.time()
+            step = 0
+            while loop.time() - started < STORM_SECONDS:
+                step += 1
+                _save(tmp_path / "gateway.yaml", _storm_config(step, servers))
+                await asyncio.sleep(STORM_PERIOD)  # the storm's pace: nothing is waited for
+            last = f"a-{step}"
+            await async_wait_until(
+                lambda: gw.snapshot.routes[0].name == last, within=5, what="the last config"
+            )
+        finally:
+            stop.set()
+            await asyncio.gather(*clients)
+        reloads = gw.metrics.config_reloads_total
+        served = outcomes[200]
+        assert outcomes == Counter({200: served}), outcomes
+        assert served >= 500
+        assert reloads.labels("failure").value == 0
+        assert reloads.labels("success").value >= step // 2, f"{step} configs written"
         await _retired_pools_closed(gw, *servers)
