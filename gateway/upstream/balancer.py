@@ -2,8 +2,10 @@
 
 Both are O(1) per pick.  Round robin walks a schedule computed once at build time with the
 "smooth weighted round robin" interleaving (weights 5,1,1 give a a b a c a a, not a a a a a b c).
-Least request compares two endpoints drawn at random by weight ("power of two choices") and
-takes the one with fewer requests in flight per unit of weight.
+Least request compares two distinct endpoints drawn at random by weight ("power of two
+choices") and takes the one with fewer requests in flight per unit of weight.  The second draw is
+made among the others: drawn with replacement, two endpoints would compare one with itself half
+the time, and that pick goes to it however loaded it is (issue 12, defect 7).
 """
 
 from __future__ import annotations
@@ -55,25 +57,41 @@ class RoundRobin:
 
 @final
 class LeastRequest:
-    __slots__ = ("_cumulative", "_total")
+    __slots__ = ("_cumulative", "_random", "_total", "_weights")
 
-    def __init__(self, weights: Sequence[int]) -> None:
+    def __init__(self, weights: Sequence[int], rng: random.Random | None = None) -> None:
         total = 0
         cumulative: list[int] = []
         for w in weights:
             total += w
             cumulative.append(total)
+        self._weights = list(weights)
         self._cumulative = cumulative
         self._total = total
+        # a seeded one in tests; otherwise seeded from the OS, so workers do not draw in step
+        self._random = rng if rng is not None else random.Random()
 
-    def _draw(self) -> int:
-        return bisect_right(self._cumulative, random.randrange(self._total))
+    def candidates(self) -> tuple[int, int]:
+        """Two distinct indices, each drawn by weight: the first among all endpoints, the
+        second among the others (at least two endpoints)."""
+        cumulative = self._cumulative
+        rng = self._random
+        a = bisect_right(cumulative, rng.randrange(self._total))
+        if len(cumulative) == 2:
+            return a, 1 - a  # the other one is the only choice: no second draw
+        # draw in [0, total - weight_a) and skip a's interval [start_a, cumulative[a]): the
+        # others' weights, laid end to end, without building a list per pick
+        weight_a = self._weights[a]
+        r = rng.randrange(self._total - weight_a)
+        if r >= cumulative[a] - weight_a:
+            r += weight_a
+        return a, bisect_right(cumulative, r)
 
     def pick(self, endpoints: Sequence[Weighted]) -> int:
         if len(endpoints) == 1:
             return 0
-        a = self._draw()
-        b = self._draw()
+        a, b = self.candidates()
         ea, eb = endpoints[a], endpoints[b]
-        # fewer in flight per unit of weight wins; compare by cross-multiplying to stay in ints
+        # fewer in flight per unit of weight wins (a, drawn first by weight, on a tie); compare
+        # by cross-multiplying to stay in ints
         return a if ea.in_flight * eb.weight <= eb.in_flight * ea.weight else b
