@@ -66,6 +66,12 @@ class HeadersTooLarge(GatewayError):
     status, code, title, close = 431, "headers_too_large", "Request Header Fields Too Large", True
 
 
+class TooManyConnections(GatewayError):
+    """A connection over limits.max_connections or max_connections_per_client."""
+
+    status, code, title, close = 503, "too_many_connections", "Service Unavailable", True
+
+
 class InternalError(GatewayError):
     """A bug: the traceback goes to the log, never on the wire."""
 

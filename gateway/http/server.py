@@ -39,6 +39,7 @@ from gateway.errors import (
     InternalError,
     PayloadTooLarge,
     RequestTimeout,
+    TooManyConnections,
 )
 from gateway.http.headers import NOT_NAMED_BY_CONNECTION, connection_tokens, status_line
 from gateway.http.host import normalize_host
@@ -58,6 +59,7 @@ from gateway.tls import ClientCertificate
 if TYPE_CHECKING:
     from gateway.config.model import LimitsConfig as Limits
     from gateway.http.serving import ServerState
+    from gateway.observability.metrics import CounterChild
     from gateway.runtime.snapshot import Route, Snapshot
     from gateway.upstream.connection import UpstreamConnection
 
@@ -66,10 +68,18 @@ log = logging.getLogger("gateway.http")
 _IDLE: Final = 1
 _HEAD: Final = 2
 _LINGER: Final = 3
+#: refused over limits.max_connections / max_connections_per_client, not yet answered
+_REFUSED_FULL: Final = 4
+_REFUSED_CLIENT: Final = 5
 
 #: pipelined requests parsed ahead of the one being answered before the socket is paused
 _MAX_QUEUED: Final = 8
 _LINGER_SECONDS: Final = 2.0
+#: refused connections of one listener waiting to send their request and read the 503; past
+#: this many, a refused connection is closed at once (a flood must cost no more than that)
+_MAX_REFUSING: Final = 64
+#: how long a refused connection has to send its request and read the answer
+_REFUSAL_SECONDS: Final = 2.0
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 _SPECIAL: Final = frozenset(
@@ -145,6 +155,7 @@ class HttpConnection(asyncio.Protocol):
         "_rate_since",
         "_raw_head",
         "_reading_paused",
+        "_refusal_timer",
         "_sampled_at",
         "_sent_before",
         "_stopped",
@@ -211,6 +222,9 @@ class HttpConnection(asyncio.Protocol):
         self._sampled_at = 0.0
         #: counted in `client_connections` (an untrusted peer while a per-client limit is set)
         self._counted_client = False
+        #: over a connection limit, being answered 503: the timer that ends it (and while it is
+        #: set, the connection is counted in the listener's `refusing`)
+        self._refusal_timer: asyncio.TimerHandle | None = None
         self._ended_at = 0.0
         #: a response with Connection: close went out: no request after it is answered
         self._final_sent = False
@@ -232,10 +246,11 @@ class HttpConnection(asyncio.Protocol):
         snapshot = server.snapshot
         limits = snapshot.limits
         if server.draining or len(server.connections) >= limits.max_connections:
-            self.transport.abort()
-            self._closing = True
-            if not server.draining:
-                server.refused_full.inc()
+            if server.draining:
+                self.transport.abort()
+                self._closing = True
+            else:
+                self._refuse(server.refused_full)
             return
         address = transport.get_extra_info("peername")
         ip = address[0] if address else ""
@@ -245,9 +260,7 @@ class HttpConnection(asyncio.Protocol):
             # one address must not take every connection (and through them the upstream pools)
             held = server.client_connections.get(ip, 0)
             if held >= per_client:
-                self.transport.abort()
-                self._closing = True
-                server.refused_per_client.inc()
+                self._refuse(server.refused_per_client)
                 return
             server.client_connections[ip] = held + 1
             self._counted_client = True
@@ -274,6 +287,12 @@ class HttpConnection(asyncio.Protocol):
         if self.transport is None:
             return
         server = self.server
+        timer = self._refusal_timer
+        if timer is not None:
+            # cancelled, so that a burst of refusals answered at once holds nothing for seconds
+            self._refusal_timer = None
+            timer.cancel()
+            server.refusing -= 1
         if self in server.connections:
             server.connections.discard(self)
             server.connections_gauge.dec()
@@ -346,7 +365,9 @@ class HttpConnection(asyncio.Protocol):
                 tunnel.transport.write(data)
             return
         if self._stopped:
-            return  # after a fatal error or while lingering: discard
+            if self.deadline_kind >= _REFUSED_FULL:
+                self._answer_refusal()
+            return  # after a fatal error, refused or while lingering: discard
         was_in_head = self._in_head
         current = self._current
         try:
@@ -1007,6 +1028,46 @@ class HttpConnection(asyncio.Protocol):
         if not self._queue and not self._in_head and self._tunnel is None:
             self._close_transport()
 
+    # -- connections over a limit --------------------------------------------------------------
+
+    def _refuse(self, counter: CounterChild) -> None:
+        """Over a connection limit: answer the first bytes with 503 and close.
+
+        The request is never parsed: whatever the client sends first gets the same answer, so a
+        refusal costs one write and a short linger, never a parser or a route.  A response sent
+        before any request arrived could be taken by a client for a stale one and dropped, so
+        the answer waits for the first bytes, at most `_REFUSAL_SECONDS` (then the connection
+        is closed).  Past `_MAX_REFUSING` waiting on the listener (a flood), a refused
+        connection is closed at once, as cheaply as before.
+        """
+        counter.inc()
+        server = self.server
+        transport = self.transport
+        assert transport is not None
+        self._stopped = True  # nothing is parsed on this connection
+        if server.refusing >= _MAX_REFUSING:
+            self._closing = True
+            transport.abort()
+            return
+        server.refusing += 1
+        self.deadline_kind = _REFUSED_FULL if counter is server.refused_full else _REFUSED_CLIENT
+        # the sweeper looks only at served connections: this one has a timer of its own, which
+        # also bounds the linger after the answer
+        self._refusal_timer = self._loop.call_later(_REFUSAL_SECONDS, transport.abort)
+
+    def _answer_refusal(self) -> None:
+        transport = self.transport
+        if transport is None or self._closing:
+            return
+        full = self.deadline_kind == _REFUSED_FULL
+        self.deadline_kind = _LINGER  # what arrives from now on is dropped
+        transport.write(_refusal(self.server.new_request_id(), full))
+        if transport.can_write_eof():
+            # shut our side and read on: closing with unread input would reset the answer
+            transport.write_eof()
+        else:
+            self._close_transport()
+
     def check_deadline(self, now: float) -> None:
         """Called by the sweeper a few times a second."""
         transport = self.transport
@@ -1112,6 +1173,25 @@ def _release_stream(stream: BodyStream) -> None:
 
 def _valid_request_id(value: bytes) -> bool:
     return 0 < len(value) <= 200 and all(0x21 <= c <= 0x7E for c in value)
+
+
+def _refusal(request_id: bytes, full: bool) -> bytes:
+    """The whole answer to a connection over a limit: 503, Retry-After, Connection: close."""
+    detail = (
+        "the gateway holds as many connections as it may (limits.max_connections)"
+        if full
+        else "too many connections from this address (limits.max_connections_per_client)"
+    )
+    error = TooManyConnections(detail, headers=[("Retry-After", "1")])
+    response = problem_response(error, request_id)
+    block = b"".join([b"%b: %b\r\n" % (n, v) for n, v in response.headers])
+    return b"%b%bX-Request-Id: %b\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%b" % (
+        status_line(response.status),
+        block,
+        request_id,
+        len(response.body),
+        response.body,
+    )
 
 
 def _consume(fut: asyncio.Future[None]) -> None:

@@ -46,6 +46,7 @@ class ServerState:
         "loop",
         "refused_full",
         "refused_per_client",
+        "refusing",
         "scheme",
         "slow_downloads",
         "slow_uploads",
@@ -72,6 +73,8 @@ class ServerState:
         refused = app.metrics.connections_refused_total
         self.refused_full = refused.labels(listener, "max_connections")
         self.refused_per_client = refused.labels(listener, "per_client")
+        #: refused connections waiting to send their request and read the 503 (server.py)
+        self.refusing = 0
         slow = app.metrics.slow_clients_total
         self.slow_uploads = slow.labels(listener, "upload")
         self.slow_downloads = slow.labels(listener, "download")

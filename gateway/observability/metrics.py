@@ -460,8 +460,9 @@ class GatewayMetrics:
         )
         self.connections_refused_total = r.counter(
             "gateway_connections_refused_total",
-            "Client connections closed at once: over limits.max_connections (reason"
-            ' "max_connections") or limits.max_connections_per_client ("per_client").',
+            "Client connections refused (answered 503 too_many_connections, or closed at once in"
+            ' a flood): over limits.max_connections (reason "max_connections") or'
+            ' limits.max_connections_per_client ("per_client").',
             ("listener", "reason"),
         )
         self.upstream_evictions_total = r.counter(

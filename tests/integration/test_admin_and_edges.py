@@ -15,9 +15,15 @@ from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.app import Gateway
+from gateway.http import server as server_module
 from gateway.observability import access_log
 from tests.integration.conftest import Seen
-from tests.support.gateway import in_flight_requests, port_of, running_gateway
+from tests.support.gateway import (
+    assert_too_many_connections,
+    in_flight_requests,
+    port_of,
+    running_gateway,
+)
 from tests.support.process import async_wait_until
 from tests.support.raw import close_writer, exchange, is_closed, open_raw, read_response
 
@@ -174,18 +180,84 @@ async def test_trusted_peer_keeps_request_id_and_appends_forwarded_for(
     assert headers[b"x-forwarded-for"] == b"203.0.113.9, 127.0.0.1"
 
 
-async def test_connections_over_the_limit_are_closed(edge: Gateway) -> None:
-    port = port_of(edge)
+def _refused(gateway: Gateway, reason: str = "max_connections") -> float:
+    return float(gateway.metrics.connections_refused_total.labels("http", reason).value)
+
+
+Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+async def _hold_every_connection(port: int) -> list[Connection]:
+    """Open limits.max_connections (3) keep-alive connections, each served once."""
     held = [await open_raw(port) for _ in range(3)]
     for reader, writer in held:
         writer.write(b"GET /h HTTP/1.1\r\nHost: a\r\n\r\n")
         assert (await read_response(reader)).status == 200
+    return held
+
+
+async def test_a_connection_over_the_limit_is_answered_503_and_closed(edge: Gateway) -> None:
+    port = port_of(edge)
+    held = await _hold_every_connection(port)
     reader, writer = await open_raw(port)
+    writer.write(b"GET /over HTTP/1.1\r\nHost: a\r\n\r\n")
+    response = await asyncio.wait_for(read_response(reader), 5)
+    assert_too_many_connections(response, "limits.max_connections")
     assert await is_closed(reader)
     await close_writer(writer)
+    assert _refused(edge) == 1
+    assert len(edge.connections) == 3  # a refused connection never counts as served
     for _, w in held:
         await close_writer(w)
     # once they are gone, new connections are served again
+    assert (await exchange(port, b"GET /again HTTP/1.1\r\nHost: a\r\n\r\n")).status == 200
+
+
+async def test_a_refused_connection_that_sends_nothing_is_closed_after_its_timer(
+    edge: Gateway,
+) -> None:
+    port = port_of(edge)
+    held = await _hold_every_connection(port)
+    loop = asyncio.get_running_loop()
+    reader, writer = await open_raw(port)
+    opened = loop.time()
+    # closed without a byte: nothing was asked
+    assert await asyncio.wait_for(reader.read(1), 5) == b""
+    # the gateway's timer starts after our connect returned; libuv may fire it a few ms early
+    assert loop.time() - opened >= server_module._REFUSAL_SECONDS - 0.1
+    await close_writer(writer)
+    assert _refused(edge) == 1
+    for _, w in held:
+        await close_writer(w)
+
+
+async def test_a_flood_of_refused_connections_is_closed_at_once_and_others_are_served(
+    edge: Gateway,
+) -> None:
+    port = port_of(edge)
+    held = await _hold_every_connection(port)
+    waiting = [await open_raw(port) for _ in range(server_module._MAX_REFUSING)]
+    await async_wait_until(
+        lambda: _refused(edge) == server_module._MAX_REFUSING, what="every refusal counted"
+    )
+    # past that many waiting refusals, more are closed without a byte, and without waiting
+    # for a request (they send none); a reset is as good as an end of stream here
+    flood = [await open_raw(port) for _ in range(16)]
+    for reader, _ in flood:
+        assert await is_closed(reader, within=1.0)
+    # the first ones were still waiting all along: each gets its whole 503
+    for _, writer in waiting:
+        writer.write(b"GET /over HTTP/1.1\r\nHost: a\r\n\r\n")
+    for reader, _ in waiting:
+        response = await asyncio.wait_for(read_response(reader), 5)
+        assert_too_many_connections(response, "limits.max_connections")
+    assert _refused(edge) == server_module._MAX_REFUSING + 16
+    # the connections being served were never disturbed, and serve on
+    for reader, writer in held:
+        writer.write(b"GET /still HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert (await asyncio.wait_for(read_response(reader), 5)).status == 200
+    for _, w in [*held, *waiting, *flood]:
+        await close_writer(w)
     assert (await exchange(port, b"GET /again HTTP/1.1\r\nHost: a\r\n\r\n")).status == 200
 
 

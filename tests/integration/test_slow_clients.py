@@ -18,7 +18,7 @@ import pytest
 
 from gateway.app import Gateway
 from tests.support.faulty import faulty_upstreams
-from tests.support.gateway import port_of, running_gateway
+from tests.support.gateway import assert_too_many_connections, port_of, running_gateway
 from tests.support.process import async_wait_until
 from tests.support.raw import close_writer, exchange, is_closed, open_raw, read_response
 
@@ -295,10 +295,15 @@ async def test_connections_per_client_are_limited(
             writer.write(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
         for reader, _ in held:
             assert (await asyncio.wait_for(read_response(reader), 5)).status == 200
+        # the fourth is answered 503 and closed
         reader, writer = await open_raw(gw_port)
-        assert await is_closed(reader)  # the fourth is closed at once
+        writer.write(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+        response = await asyncio.wait_for(read_response(reader), 5)
+        assert_too_many_connections(response, "limits.max_connections_per_client")
+        assert await is_closed(reader)
         await close_writer(writer)
         assert _counter(gateway, "connections_refused_total", "http", "per_client") == 1
+        assert _counter(gateway, "connections_refused_total", "http", "max_connections") == 0
         # another address, and a trusted proxy (which carries many clients), are not limited
         for source in ("127.0.0.3", "127.0.0.2", "127.0.0.2", "127.0.0.2", "127.0.0.2"):
             r, w = await asyncio.open_connection("127.0.0.1", gw_port, local_addr=(source, 0))

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import textwrap
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 from gateway.app import Gateway
+from tests.support.raw import RawResponse
 
 
 def write_config(directory: Path, text: str, name: str = "gateway.yaml") -> Path:
@@ -55,3 +57,16 @@ def pooled_connections(gateway: Gateway) -> Counter[str]:
         for endpoint in upstream.endpoints:
             counts[endpoint.address] += endpoint.pool.opened
     return counts
+
+
+def assert_too_many_connections(response: RawResponse, limit: str) -> None:
+    """The whole 503 a connection over a limit gets (README "Limits and errors")."""
+    assert response.status == 503
+    assert response.header("content-type") == "application/problem+json"
+    assert response.header("retry-after") == "1"
+    assert response.header("connection") == "close"
+    problem = json.loads(response.body)
+    assert problem["code"] == "too_many_connections"
+    assert problem["status"] == 503
+    assert limit in problem["detail"]
+    assert problem["request_id"] == response.header("x-request-id")
