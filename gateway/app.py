@@ -15,9 +15,12 @@ import ipaddress
 import logging
 import os
 import signal
+import socket
 import ssl
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +28,7 @@ from gateway.admin import AdminServer
 from gateway.config.load import load_config
 from gateway.config.model import GatewayConfig
 from gateway.errors import ConfigErrors
+from gateway.http.listening import accept_pending, refuse_new_handshakes
 from gateway.http.server import HttpConnection
 from gateway.http.serving import ServerState
 from gateway.observability.logs import setup_logging
@@ -44,6 +48,20 @@ _SWEEP_MAX = 0.5
 _METRICS_PUBLISH = 1.0
 #: how long warming waits for one upstream connection before going ready anyway
 _WARM_TIMEOUT = 1.0
+#: draining: how long a listener that drops new SYNs keeps accepting before it closes, so that
+#: handshakes already under way complete and are served (each needs one round trip more)
+_HANDSHAKE_GRACE = 0.25
+
+
+@dataclass(frozen=True, slots=True)
+class _Listener:
+    """A bound listener and what a connection accepted by hand needs to be served like the rest."""
+
+    server: asyncio.Server
+    state: ServerState
+    factory: Callable[[], HttpConnection]
+    ssl: ssl.SSLContext | None
+    handshake_timeout: float | None
 
 
 class Gateway:
@@ -77,7 +95,9 @@ class Gateway:
         self.bound: dict[str, tuple[str, int]] = {}
         self.admin: AdminServer | None = None
         self.last_reload: dict[str, Any] = {"ok": True, "error": None, "at": None}
-        self._servers: list[asyncio.Server] = []
+        self._listeners: list[_Listener] = []
+        #: connections accepted by hand while the listeners closed, until they are served
+        self._handovers: set[asyncio.Task[Any]] = set()
         self._tasks: list[asyncio.Task[None]] = []
         self._stop_requested = asyncio.Event()
         self._stopped = asyncio.Event()
@@ -158,17 +178,22 @@ class Gateway:
                 tls = listener.tls is not None
                 state = ServerState(self, loop, listener.name, "https" if tls else "http")
                 self._states.append(state)
+                factory = _factory(state)
+                context = _front_context(state) if tls else None
+                # a client that never completes its handshake is dropped like a slow head
+                handshake_timeout = config.limits.header_timeout if tls else None
                 server = await loop.create_server(
-                    lambda state=state: HttpConnection(state),
+                    factory,
                     listener.host,
                     listener.port,
                     reuse_port=self.workers > 1 or None,
                     backlog=4096,
-                    ssl=_front_context(state) if tls else None,
-                    # a client that never completes its handshake is dropped like a slow head
-                    ssl_handshake_timeout=config.limits.header_timeout if tls else None,
+                    ssl=context,
+                    ssl_handshake_timeout=handshake_timeout,
                 )
-                self._servers.append(server)
+                self._listeners.append(
+                    _Listener(server, state, factory, context, handshake_timeout)
+                )
                 sockname = server.sockets[0].getsockname()
                 self.bound[listener.name] = (sockname[0], sockname[1])
             if self.worker_index == 0:
@@ -298,7 +323,13 @@ class Gateway:
         await self.drain()
 
     async def drain(self) -> None:
-        """SPEC §7: not ready at once, keep accepting for drain_delay, then finish in-flight."""
+        """SPEC §7: not ready at once, keep accepting for drain_delay, then finish in-flight.
+
+        No connection the kernel accepted is reset (see `_stop_accepting`); a request that
+        reached us is answered, with `Connection: close`; an idle keep-alive connection is
+        half-closed, so a request crossing that close sees a clean end of stream before any
+        byte of an answer, which clients retry (`HttpConnection.close_if_idle`).
+        """
         if self._state == "draining":
             await self._stopped.wait()
             return
@@ -306,25 +337,83 @@ class Gateway:
         shutdown = self.snapshot.config.shutdown
         log.info("draining", extra={"drain_delay": shutdown.drain_delay})
         await asyncio.sleep(shutdown.drain_delay)
-        for server in self._servers:
-            server.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + shutdown.timeout
+        await self._stop_accepting()
+        if not await self._connections_closed(deadline):
+            log.warning(
+                "shutdown timeout: closing %d connections still open", len(self.connections)
+            )
+            for conn in list(self.connections):
+                if conn.transport is not None:
+                    conn.transport.abort()
+        await self.stop()
+
+    async def _stop_accepting(self) -> None:
+        """Stop accepting without resetting a connection the kernel already accepted.
+
+        New SYNs are dropped first, while the loop goes on accepting for `_HANDSHAKE_GRACE`;
+        then what is still queued is accepted by hand and the socket closed in the same step —
+        no await between them, so nothing can join the queue in between (gateway/http/
+        listening.py says why the socket cannot simply be closed).
+        """
+        # every socket of every listener (a host name may bind more than one address)
+        filtered = [
+            refuse_new_handshakes(sock) for x in self._listeners for sock in x.server.sockets
+        ]
         self.draining = True
         for state in self._states:
             state.draining = True
         for conn in list(self.connections):
             conn.close_if_idle()
-        if self.connections:
-            self._all_closed.clear()
-            try:
-                await asyncio.wait_for(self._all_closed.wait(), shutdown.timeout)
-            except TimeoutError:
-                log.warning(
-                    "shutdown timeout: closing %d connections still open", len(self.connections)
-                )
-                for conn in list(self.connections):
-                    if conn.transport is not None:
-                        conn.transport.abort()
-        await self.stop()
+        if any(filtered):
+            # handshakes under way complete meanwhile, and the loop accepts them as usual
+            await asyncio.sleep(_HANDSHAKE_GRACE)
+        loop = asyncio.get_running_loop()
+        for listener in self._listeners:
+            queued = [c for sock in listener.server.sockets for c in accept_pending(sock)]
+            listener.server.close()
+            for accepted in queued:
+                self._hand_over(loop, listener, accepted)
+        self._listeners = []
+
+    def _hand_over(
+        self, loop: asyncio.AbstractEventLoop, listener: _Listener, conn: socket.socket
+    ) -> None:
+        """Serve a connection accepted by hand exactly as the listener would have."""
+        task = loop.create_task(
+            loop.connect_accepted_socket(
+                listener.factory,
+                conn,
+                ssl=listener.ssl,
+                ssl_handshake_timeout=listener.handshake_timeout,
+            )
+        )
+        self._handovers.add(task)
+        task.add_done_callback(self._handed_over)
+
+    def _handed_over(self, task: asyncio.Task[Any]) -> None:
+        self._handovers.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # e.g. a TLS handshake that failed: as with any connection the listener accepts
+            log.debug("a connection accepted while draining failed: %s", task.exception())
+
+    async def _connections_closed(self, deadline: float) -> bool:
+        """Wait until every client connection has closed; False at `deadline`."""
+        loop = asyncio.get_running_loop()
+        if self._handovers:
+            await asyncio.wait(self._handovers, timeout=max(deadline - loop.time(), 0))
+        # connections the loop accepted before its listener closed have their connection_made
+        # queued (call_soon) ahead of this task's next step: let them join `connections`
+        await asyncio.sleep(0)
+        if not self.connections:
+            return True
+        self._all_closed.clear()
+        try:
+            await asyncio.wait_for(self._all_closed.wait(), max(deadline - loop.time(), 0))
+        except TimeoutError:
+            return False
+        return True
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -334,6 +423,9 @@ class Gateway:
                 await task
         self._tasks = []
         await self._close_servers()
+        for handover in list(self._handovers):
+            # a TLS handshake still under way at the shutdown timeout: it ends with the rest
+            handover.cancel()
         pending = [t for t in (c.abort() for c in list(self.connections)) if t is not None]
         if pending:
             # the aborted connections cancel their tasks; let them unwind (closing upstreams)
@@ -347,9 +439,9 @@ class Gateway:
         self._stopped.set()
 
     async def _close_servers(self) -> None:
-        for server in self._servers:
-            server.close()
-        self._servers = []
+        for listener in self._listeners:
+            listener.server.close()
+        self._listeners = []
         if self.admin is not None:
             await self.admin.stop()
             self.admin = None
@@ -385,6 +477,10 @@ class Gateway:
             except OSError as exc:
                 log.warning("cannot publish metrics: %s", exc)
             await asyncio.sleep(_METRICS_PUBLISH)
+
+
+def _factory(state: ServerState) -> Callable[[], HttpConnection]:
+    return lambda: HttpConnection(state)
 
 
 def _front_context(state: ServerState) -> ssl.SSLContext:

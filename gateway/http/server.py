@@ -245,12 +245,10 @@ class HttpConnection(asyncio.Protocol):
         server = self.server
         snapshot = server.snapshot
         limits = snapshot.limits
-        if server.draining or len(server.connections) >= limits.max_connections:
-            if server.draining:
-                self.transport.abort()
-                self._closing = True
-            else:
-                self._refuse(server.refused_full)
+        # while draining too: a connection the kernel accepted before the listener closed is
+        # served (its answer says Connection: close), never reset
+        if len(server.connections) >= limits.max_connections:
+            self._refuse(server.refused_full)
             return
         address = transport.get_extra_info("peername")
         ip = address[0] if address else ""
@@ -758,8 +756,7 @@ class HttpConnection(asyncio.Protocol):
             self.deadline = now + self.server.snapshot.limits.header_timeout
             self.deadline_kind = _HEAD
             return True
-        if self.server.draining:
-            self._close_transport()
+        if self.server.draining and self._close_idle():
             return False
         self.deadline = now + self.server.snapshot.limits.idle_timeout
         self.deadline_kind = _IDLE
@@ -1024,9 +1021,33 @@ class HttpConnection(asyncio.Protocol):
         )
 
     def close_if_idle(self) -> None:
-        """Draining: an idle keep-alive connection closes now; a busy one after its response."""
-        if not self._queue and not self._in_head and self._tunnel is None:
-            self._close_transport()
+        """Draining: an idle keep-alive connection closes now (`_close_idle`).
+
+        A busy one closes after its response, which says Connection: close.  One that has not
+        sent its first request yet keeps its header_timeout: its client connected to send one
+        (perhaps it is a connection the listener accepted as it closed), and it is answered.
+        """
+        if self._queue or self._in_head or self._tunnel is not None or self._ended_at == 0.0:
+            return
+        if self.transport is None or self._closing or self._stopped:
+            return  # closing or lingering already
+        self._close_idle()
+
+    def _close_idle(self) -> bool:
+        """Draining, between requests: half-close unless a request is arriving; True if closed.
+
+        A request already in the socket's receive queue is read and answered (with Connection:
+        close).  Otherwise the write side is shut and whatever arrives later is read and dropped
+        until the client closes or `_LINGER_SECONDS` pass (`_linger`): a request that crosses
+        our FIN meets a clean end of stream before any byte of an answer — never a reset, which
+        could also destroy an answer still on its way — and a client may send it again on a new
+        connection (RFC 9112 §9.3.1; clients do so on their own for idempotent requests).
+        """
+        transport = self.transport
+        if transport is None or _unread(transport):
+            return False
+        self._linger()
+        return True
 
     # -- connections over a limit --------------------------------------------------------------
 
@@ -1173,6 +1194,18 @@ def _release_stream(stream: BodyStream) -> None:
 
 def _valid_request_id(value: bytes) -> bool:
     return 0 < len(value) <= 200 and all(0x21 <= c <= 0x7E for c in value)
+
+
+def _unread(transport: asyncio.Transport) -> int:
+    """Bytes waiting in the socket's receive queue (0 when that cannot be told)."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return 0
+    try:
+        queued = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+    except OSError:
+        return 0
+    return int(struct.unpack("i", queued)[0])
 
 
 def _refusal(request_id: bytes, full: bool) -> bytes:

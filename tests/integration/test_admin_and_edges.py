@@ -6,6 +6,8 @@ import asyncio
 import io
 import json
 import logging
+import select
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -294,6 +296,73 @@ async def test_drain_finishes_in_flight_and_reports_not_ready(edge: Gateway) -> 
     await asyncio.wait_for(draining, 10)
     with pytest.raises(ConnectionRefusedError):
         await open_raw(port)
+
+
+# The three tests below run the drain step that follows drain_delay (`_stop_accepting`) by
+# awaiting it directly: it runs up to its first await without the loop reading a socket, so
+# each test decides what the gateway has read when draining begins.
+
+
+async def test_draining_answers_a_request_already_queued_on_an_idle_connection(
+    edge: Gateway,
+) -> None:
+    port = port_of(edge)
+    reader, writer = await open_raw(port)
+    writer.write(b"GET /first HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert (await read_response(reader)).header("connection") is None  # kept alive: idle now
+    (conn,) = edge.connections
+    assert conn.transport is not None
+    writer.write(b"GET /second HTTP/1.1\r\nHost: a\r\n\r\n")
+    # in the gateway's receive queue, and the loop has not run since: nobody has read it
+    assert select.select([conn.transport.get_extra_info("socket")], [], [], 5)[0]
+    await edge._stop_accepting()
+    response = await asyncio.wait_for(read_response(reader), 5)
+    assert (response.status, response.body) == (200, b"GET /second 0")
+    assert response.header("connection") == "close"
+    assert await is_closed(reader)
+    await close_writer(writer)
+
+
+async def test_draining_serves_a_connection_that_has_not_sent_its_request_yet(
+    edge: Gateway,
+) -> None:
+    """Its client connected to send one: perhaps the listener accepted it as it closed."""
+    port = port_of(edge)
+    reader, writer = await open_raw(port)
+    await async_wait_until(lambda: len(edge.connections) == 1, what="the connection is made")
+    await edge._stop_accepting()
+    writer.write(b"GET /late HTTP/1.1\r\nHost: a\r\n\r\n")
+    response = await asyncio.wait_for(read_response(reader), 5)
+    assert (response.status, response.header("connection")) == (200, "close")
+    await close_writer(writer)
+
+
+async def test_draining_half_closes_an_idle_connection_and_drops_a_crossing_request_quietly(
+    edge: Gateway,
+) -> None:
+    """A request that crosses the gateway's FIN meets a clean end of stream, which a client
+    retries, never a reset (which could also destroy an answer still on its way)."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setblocking(False)
+    try:
+        await loop.sock_connect(sock, ("127.0.0.1", port_of(edge)))
+        await loop.sock_sendall(sock, b"GET /first HTTP/1.1\r\nHost: a\r\n\r\n")
+        received = b""
+        while not received.endswith(b"GET /first 0"):
+            data = await asyncio.wait_for(loop.sock_recv(sock, 65536), 5)
+            assert data, received
+            received += data
+        await edge._stop_accepting()
+        assert await asyncio.wait_for(loop.sock_recv(sock, 1), 5) == b""
+        # the request that was on its way as the gateway shut its side, then our own end
+        await loop.sock_sendall(sock, b"GET /crossing HTTP/1.1\r\nHost: a\r\n\r\n")
+        sock.shutdown(socket.SHUT_WR)
+        await async_wait_until(lambda: not edge.connections, what="the gateway closes too")
+        # a gateway that had closed outright would have answered the request with a reset
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+    finally:
+        sock.close()
 
 
 async def test_a_malformed_admin_request_is_logged_without_its_bytes(
