@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from gateway.idempotency import mint_token
+from gateway.stores.memory import MemoryStore
 from tests.support.faulty import closed_port, faulty_upstreams
-from tests.support.gateway import port_of, running_gateway
+from tests.support.gateway import port_of, running_gateway, write_config
 from tests.support.idempotency import code, idempotency_config, post
 from tests.support.raw import close_writer, exchange, open_raw
 
@@ -128,6 +129,33 @@ async def test_a_timeout_leaves_the_outcome_unknown(tmp_path: Path) -> None:
         duplicate = await post(port, "t")
         assert (duplicate.status, code(duplicate)) == (409, "idempotency_outcome_unknown")
         assert up.requests["POST"] == 1
+
+
+async def test_an_unknown_outcome_outlives_the_lock_time(tmp_path: Path) -> None:
+    """Issue 12, defect 2: after a 504 the key's lock expired at the route's timeout + 30 s and
+    a repeat ran the request again.  The store's clock is moved on instead of waiting: the
+    stage is rebuilt (by a reload changing its ttl) on a memory store whose clock the test
+    sets."""
+    loop = asyncio.get_running_loop()
+    skipped = 0.0
+    async with (
+        faulty_upstreams("up") as [up],
+        running_gateway(tmp_path, idempotency_config([up.url])) as gw,
+    ):
+        gw.shared.stores["memory"] = MemoryStore(clock=lambda: loop.time() + skipped)
+        write_config(tmp_path, idempotency_config([up.url], "{ttl: 1h}"))
+        assert (await gw.reload())["ok"]
+        port = port_of(gw)
+        up.mode = "hang"
+        assert (await post(port, "late")).status == 504
+        up.mode = "ok"
+        skipped = 600.0  # far past the lock: the route's timeout (30 s) + 30 s
+        repeat = await post(port, "late")
+        assert (repeat.status, code(repeat)) == (409, "idempotency_outcome_unknown")
+        assert up.requests["POST"] == 1
+        skipped = 3601.0  # the record's ttl is over: the key is a new one
+        assert (await post(port, "late")).status == 200
+        assert up.requests["POST"] == 2
 
 
 async def test_large_responses_are_not_stored_but_never_run_twice(tmp_path: Path) -> None:
