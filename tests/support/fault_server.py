@@ -11,6 +11,7 @@ a request meets them:
 - `truncated_head`: executed, then half a status line and header, then FIN;
 - `truncated_body`: executed, a 200 head announcing 1,000 bytes, 100 of them, then FIN;
 - `reset_mid_body`: the same, then a reset;
+- `stall_mid_body`: the same, then nothing more (until the gateway's body timeout closes it);
 - `blackhole`: executed, never answered (until the gateway gives up and closes);
 - `garbage`: executed, answered with bytes that are not HTTP;
 - `status_502`, `status_503`, `status_504`: executed, answered with that status;
@@ -38,6 +39,7 @@ FAULTS = (
     "truncated_head",
     "truncated_body",
     "reset_mid_body",
+    "stall_mid_body",
     "blackhole",
     "garbage",
     "status_502",
@@ -118,18 +120,27 @@ class FaultServer:
         if fault == "blackhole":
             await reader.read()  # until the gateway closes its side
             return False
-        if fault in ("truncated_head", "truncated_body", "reset_mid_body", "garbage"):
+        if fault in (
+            "truncated_head",
+            "truncated_body",
+            "reset_mid_body",
+            "stall_mid_body",
+            "garbage",
+        ):
             writer.write(
                 {
                     "truncated_head": _CUT_HEAD,
                     "truncated_body": _CUT_BODY,
                     "reset_mid_body": _CUT_BODY,
+                    "stall_mid_body": _CUT_BODY,
                     "garbage": _GARBAGE,
                 }[fault]
             )
             await writer.drain()
             if fault == "reset_mid_body":
                 _reset(writer)
+            elif fault == "stall_mid_body":
+                await reader.read()  # until the gateway gives up on the body and closes
             elif writer.can_write_eof():
                 writer.write_eof()  # FIN after what was sent; read on, so nothing resets it
                 await reader.read()
