@@ -57,7 +57,23 @@ class Peer:
 
 @final
 class RequestContext:
-    """Everything one request carries through its pipeline."""
+    """Everything one request carries through its pipeline.
+
+    Each field has one writer; what stages tell each other goes through the fields below, named
+    with who writes and who reads them, never through a field one stage writes for another to
+    find by convention:
+    - `head`, `body`, `route`, `snapshot`, `peer`, `request_id`, `start`, `deadline`, `target`:
+      set here, at the start (`target` is the route's draw), read by everyone;
+    - `try_deadline`: the retry stage (each try's `per_try_timeout`), read by the proxy;
+    - `upstream_writes`, `avoid`, `upstream_head`: the proxy (tries written, the endpoint the
+      last try used, the head built once); read by retry and idempotency, and the proxy itself;
+    - `upstream`, `endpoint`, `attempts`: the route's terminal handler (proxy or echo), read
+      by the access log;
+    - `claims`: the jwt stage, read through `gateway.identity` (keys, scopes);
+    - `resend_keyed`: the idempotency stage, read by retry;
+    - `upstream_headers`, `outcomes`: appended to through `add_upstream_header` and `outcome`,
+      each stage adding its own, read by the terminal handler and the access log.
+    """
 
     __slots__ = (
         "attempts",
@@ -113,8 +129,9 @@ class RequestContext:
         #: headers stages add for the upstream that a client can never send itself (they are
         #: in REQUEST_DROP, so the client's copies are gone): Client-Cert, claims …
         self.upstream_headers: list[tuple[bytes, bytes]] | None = None
-        #: the upstream chosen for this request (by the proxy, or earlier by a breaker stage)
-        self.target: Upstream | None = None
+        #: the upstream this request goes to, drawn once by its route (None on the echo); every
+        #: stage and every retry reads the same one
+        self.target: Upstream | None = route.draw_upstream()
         #: an endpoint the next attempt should avoid (the one a retry follows)
         self.avoid: Endpoint | None = None
         #: the verified JWT's claims, set by the jwt stage
@@ -125,6 +142,15 @@ class RequestContext:
         #: tries written to an upstream so far (any byte of the request may have reached it);
         #: the proxy is its only writer, retry and idempotency stages read it
         self.upstream_writes = 0
+
+    def add_upstream_header(self, name: bytes, value: bytes) -> None:
+        """A header for the upstream that the client could not have sent (its name is in
+        REQUEST_DROP): a certificate, a claim."""
+        extra = self.upstream_headers
+        if extra is None:
+            self.upstream_headers = [(name, value)]
+        else:
+            extra.append((name, value))
 
     def outcome(self, stage: str, decision: str) -> None:
         """Record what a stage decided, for the access log."""

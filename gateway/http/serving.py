@@ -60,8 +60,10 @@ class ServerState:
         #: the listener terminates TLS (its connections may carry a client certificate)
         self.tls = scheme == "https"
         self.app = app
-        #: copies the app keeps current (plain attributes: read several times per request)
+        # copies of the app's values, read several times per request as plain attributes:
+        #: mirrors Gateway.snapshot; written only by Gateway._install (a reload swaps both)
         self.snapshot: Snapshot = app.snapshot
+        #: mirrors Gateway.draining; written only by Gateway._stop_accepting (drain sets both)
         self.draining = app.draining
         self.connections = app.connections
         self.client_connections = app.client_connections

@@ -30,7 +30,7 @@ from gateway.http.path import (
 )
 from gateway.observability.access_log import AccessLog
 from gateway.observability.metrics import CounterChild, GatewayMetrics
-from gateway.pipeline import Next, RequestContext, Stage, compose
+from gateway.pipeline import Next, Stage, compose
 from gateway.routing import Router
 from gateway.runtime.shared import SharedState, StageKey
 from gateway.stages.echo import EchoHandler
@@ -69,8 +69,10 @@ class Route:
         self.config = config
         #: the terminal proxy stage (None for the built-in echo)
         self.proxy = proxy
-        self.name = config.name
         self.handler = handler
+        # copies of config values read on every request (a compiled attribute, not a lookup
+        # through the uncompiled config); set once, here — a reload builds a new Route
+        self.name = config.name
         self.timeout = config.timeout
         self.max_body_bytes = config.max_body_bytes
         #: request bodies up to this size are read whole before an upstream connection is taken
@@ -87,10 +89,11 @@ class Route:
         self._children: dict[str, dict[int, CounterChild]] = {}
         self.duration = metrics.request_duration_seconds.labels(config.name)
 
-    def choose_upstream(self, ctx: RequestContext) -> str:
-        """The name of the upstream this request goes to, chosen now if not chosen yet."""
+    def draw_upstream(self) -> Upstream | None:
+        """The upstream a new request goes to (a weighted draw on a split); None on the
+        built-in echo.  Called once per request, by `RequestContext`."""
         proxy = self.proxy
-        return INTERNAL_ECHO if proxy is None else proxy.choose(ctx).name
+        return None if proxy is None else proxy.draw()
 
     def requests_child(self, method: str, status: int) -> CounterChild:
         by_status = self._children.get(method)
@@ -195,7 +198,7 @@ class Snapshot:
         self.version = config.version
         self.loaded_at = time.time()
         self.limits: LimitsConfig = config.limits
-        #: read on every proxied request
+        #: copies config.limits.body_timeout (read on every proxied request); set once, here
         self.body_timeout = config.limits.body_timeout
         self.router = router
         self.routes = routes

@@ -1,8 +1,8 @@
 """The `circuit_breaker` stage (SPEC §5.4): stop sending to an upstream that keeps failing.
 
 One `Breaker` (core/breaker.py: the state machine, pure) per upstream the stage's routes send
-to, so a weighted split keeps one circuit per side.  The upstream is chosen here, before the rest
-of the pipeline runs, and kept in `ctx.target` so the proxy (and retries) use the same one.
+to, so a weighted split keeps one circuit per side: the one the route drew for the request
+(`ctx.target`), which the proxy and any retry use too.
 
 A failure is an upstream failure (connect error, reset, timeout), a response or gateway error
 whose status is in `failure_statuses`, a response whose body was cut short (a streamed
@@ -19,7 +19,7 @@ import asyncio
 import math
 from typing import Any, final
 
-from gateway.config.model import CircuitBreakerConfig
+from gateway.config.model import INTERNAL_ECHO, CircuitBreakerConfig
 from gateway.core.breaker import CLOSED, HALF_OPEN, OPEN, Breaker
 from gateway.errors import CircuitOpen, GatewayError
 from gateway.http.messages import Response
@@ -101,7 +101,8 @@ class CircuitBreakerStage:
         return circuit
 
     async def __call__(self, ctx: RequestContext, call_next: Next) -> Response:
-        chosen = ctx.route.choose_upstream(ctx)
+        target = ctx.target
+        chosen = INTERNAL_ECHO if target is None else target.name
         breaker = self._circuit(chosen).breaker
         loop = self._loop
         started = loop.time()

@@ -320,10 +320,7 @@ class JwtStage:
             text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
             if not text.isprintable() or not text.isascii():
                 continue  # never forward a value that could break the header block
-            extra = ctx.upstream_headers
-            if extra is None:
-                extra = ctx.upstream_headers = []
-            extra.append((header, text.encode("ascii")))
+            ctx.add_upstream_header(header, text.encode("ascii"))
         return await call_next(ctx)
 
     async def warm(self, limit: float) -> None:

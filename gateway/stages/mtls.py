@@ -48,9 +48,5 @@ class MtlsStage:
                 if forward == "rfc9440"
                 else (b"X-Forwarded-Client-Cert", cert.xfcc_value)
             )
-            extra = ctx.upstream_headers
-            if extra is None:
-                ctx.upstream_headers = [header]
-            else:
-                extra.append(header)
+            ctx.add_upstream_header(*header)
         return await call_next(ctx)

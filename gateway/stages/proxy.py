@@ -70,25 +70,21 @@ class ProxyHandler:
         self.request_buffering = request_buffering
         self._loop = loop
 
-    def choose(self, ctx: RequestContext) -> Upstream:
-        """The request's upstream: a weighted draw, made once per request (retries keep it)."""
-        upstream = ctx.target
-        if upstream is not None:
-            return upstream
-        if self._single is not None:
-            upstream = self._single
-        else:
-            upstream = self._upstreams[-1]
-            r = random.randrange(self._total)
-            for candidate, bound in zip(self._upstreams, self._cumulative, strict=True):
-                if r < bound:
-                    upstream = candidate
-                    break
-        ctx.target = upstream
-        return upstream
+    def draw(self) -> Upstream:
+        """A weighted draw among the route's upstreams; the route makes it once per request
+        (`RequestContext.target`), so retries and a circuit breaker see the same one."""
+        single = self._single
+        if single is not None:
+            return single
+        r = random.randrange(self._total)
+        for candidate, bound in zip(self._upstreams, self._cumulative, strict=True):
+            if r < bound:
+                return candidate
+        return self._upstreams[-1]
 
     async def __call__(self, ctx: RequestContext) -> Response:
-        upstream = self.choose(ctx)
+        upstream = ctx.target
+        assert upstream is not None  # a proxied route always draws one
         ctx.upstream = upstream.name
         head = ctx.head
         body = ctx.body
@@ -132,7 +128,7 @@ class ProxyHandler:
         started = now = loop.time()
         replayable = head.method in _REPLAYABLE_METHODS and (body is None or body.is_complete)
         deadline = ctx.try_deadline
-        upstream.in_flight += 1
+        upstream.sending()
         try:
             while True:
                 remaining = deadline - now
@@ -187,7 +183,7 @@ class ProxyHandler:
                     raise
                 break
         finally:
-            upstream.in_flight -= 1
+            upstream.sent()
         upstream.request_duration.observe(loop.time() - started)
         ctx.avoid = endpoint
         failed = response.status in _OUTLIER_STATUSES

@@ -111,12 +111,13 @@ class RetryStage:
                 if loop.time() + delay >= ctx.deadline:
                     return _give_up(failure, response)
                 if retrying is None:
-                    if not upstream.may_retry(config.budget_ratio, config.budget_min_concurrent):
+                    # counted from the first retry's backoff to the end of the request
+                    if not upstream.start_retrying(
+                        config.budget_ratio, config.budget_min_concurrent
+                    ):
                         ctx.outcome("retry", "budget_exhausted")
                         return _give_up(failure, response)
-                    # counted from the first retry's backoff to the end of the request
                     retrying = upstream
-                    upstream.retrying += 1
                 if response is not None:
                     discard(response)
                 self._counter(ctx.route.name, upstream.name).inc()
@@ -125,7 +126,7 @@ class RetryStage:
         finally:
             ctx.try_deadline = ctx.deadline
             if retrying is not None:
-                retrying.retrying -= 1
+                retrying.stop_retrying()
 
 
 def _backoff(config: RetryConfig, tries: int) -> float:

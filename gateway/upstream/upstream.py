@@ -141,7 +141,8 @@ class Upstream:
     ) -> None:
         self.config = config
         self.name = config.name
-        # copied out of the (uncompiled) config: read on every request
+        # copies of config values, read on every request (compiled attributes, not lookups
+        # through the uncompiled config); set once, here — a changed config is a new Upstream
         self.connect_timeout = config.connect_timeout
         self.response_header_timeout = config.response_header_timeout
         self.queue_timeout = config.pool_queue_timeout
@@ -191,7 +192,8 @@ class Upstream:
         self.request_duration: HistogramChild = metrics.upstream_request_duration_seconds.labels(
             config.name
         )
-        #: requests in flight to this upstream, and how many of them are retries (the budget)
+        #: requests in flight to this upstream, and how many of them are retries (the retry
+        #: budget); written only by the methods below
         self.in_flight = 0
         self.retrying = 0
         self.budget_exhausted: CounterChild = metrics.retry_budget_exhausted_total.labels(
@@ -307,12 +309,31 @@ class Upstream:
 
     # -- the retry budget --------------------------------------------------------------------
 
-    def may_retry(self, ratio: float, min_concurrent: int) -> bool:
-        """Whether one more retry fits: retries in flight stay within max(min, ratio * active)."""
-        if self.retrying < min_concurrent or self.retrying < ratio * self.in_flight:
+    # The budget's two counters are written here only: `in_flight` through `sending` /
+    # `sent` (the proxy, around each request's tries), `retrying` through `start_retrying` /
+    # `stop_retrying` (the retry stage, from a request's first retry to its end).
+
+    def sending(self) -> None:
+        """A request starts its tries on this upstream."""
+        self.in_flight += 1
+
+    def sent(self) -> None:
+        """That request is done with this upstream (answered or failed)."""
+        self.in_flight -= 1
+
+    def start_retrying(self, ratio: float, min_concurrent: int) -> bool:
+        """Count a request as retrying if one more fits the budget — retries in flight at most
+        max(min_concurrent, ratio * requests in flight) — else count the refusal; True if so."""
+        retrying = self.retrying
+        if retrying < min_concurrent or retrying < ratio * self.in_flight:
+            self.retrying = retrying + 1
             return True
         self.budget_exhausted.inc()
         return False
+
+    def stop_retrying(self) -> None:
+        """A request counted by `start_retrying` has ended."""
+        self.retrying -= 1
 
     # -- life --------------------------------------------------------------------------------
 
