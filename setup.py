@@ -18,6 +18,7 @@ HOT_MODULES = [
     "gateway/http/forwarding.py",
     "gateway/http/path.py",
     "gateway/http/headers.py",
+    "gateway/http/flow.py",
     "gateway/http/host.py",
     "gateway/routing.py",
     "gateway/pipeline.py",

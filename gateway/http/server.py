@@ -41,6 +41,7 @@ from gateway.errors import (
     RequestTimeout,
     TooManyConnections,
 )
+from gateway.http.flow import Drain
 from gateway.http.headers import NOT_NAMED_BY_CONNECTION, connection_tokens, status_line
 from gateway.http.host import normalize_host
 from gateway.http.messages import (
@@ -203,7 +204,8 @@ class HttpConnection(asyncio.Protocol):
         self._reading_paused = False
         self._write_paused = False
         self._write_paused_at = 0.0
-        self._drain: asyncio.Future[None] | None = None
+        #: a response waiting for the client to read what it was sent (flow control)
+        self._drain = Drain(self._loop)
         self._stream: BodyStream | None = None
         self._chunked_out = False
         self._bytes_out = 0
@@ -314,10 +316,7 @@ class HttpConnection(asyncio.Protocol):
             self._current.body.fail(BadRequest("client closed the connection"))
         if self._task is not None and not self._task.done():
             self._task.cancel()
-        drain = self._drain
-        if drain is not None and not drain.done():
-            drain.set_exception(ClientClosed())
-            drain.add_done_callback(_consume)
+        self._drain.fail(ClientClosed())
         server.on_connection_closed()
 
     def pause_writing(self) -> None:
@@ -338,11 +337,7 @@ class HttpConnection(asyncio.Protocol):
             self._stream.resume()
         elif self._tunnel is not None:
             self._tunnel.resume()
-        drain = self._drain
-        if drain is not None:
-            self._drain = None
-            if not drain.done():
-                drain.set_result(None)
+        self._drain.release()
 
     # RequestBody's producer: flow control of the client socket
     def pause_reading(self) -> None:
@@ -725,8 +720,7 @@ class HttpConnection(asyncio.Protocol):
                         self.resume_reading()
                     if self._write_paused:
                         # the client is not reading: answer nothing more until it does
-                        self._drain = self._loop.create_future()
-                        await self._drain
+                        await self._drain.wait()
                         self._ended_at = self._loop.time()
                 if not self._wait_for_next():
                     return
@@ -1226,7 +1220,3 @@ def _refusal(request_id: bytes, full: bool) -> bytes:
         response.body,
     )
 
-
-def _consume(fut: asyncio.Future[None]) -> None:
-    if not fut.cancelled():
-        fut.exception()

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Final, cast, final
 import httptools
 
 from gateway.errors import GatewayError, RequestTimeout, UpstreamTimeout, UpstreamUnavailable
+from gateway.http.flow import Drain
 from gateway.http.headers import HOP_BY_HOP, connection_tokens
 from gateway.http.messages import BodyProducer, BodySink, Completion, RequestBody, Response
 
@@ -117,7 +118,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._closed = False
         self._write_paused = False
         self._read_paused = False
-        self._drain: asyncio.Future[None] | None = None
+        #: a request body waiting for the upstream to read what it was sent (flow control)
+        self._drain = Drain(loop)
         #: when the client stopped reading the response this connection carries (0: it reads)
         self.stalled_since = 0.0
         #: a tunnel now, no longer counted in the pool
@@ -226,8 +228,7 @@ class UpstreamConnection(asyncio.Protocol):
                 self._fail(UpstreamUnavailable("upstream closed the connection"))
         if not self.detached:
             self.pool.on_connection_lost(self)
-        if self._drain is not None and not self._drain.done():
-            self._drain.set_result(None)
+        self._drain.release()  # the body's writer finds the connection closed
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -239,11 +240,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._write_paused = False
         if self.tunnel_peer is not None:
             self.tunnel_peer.resume_reading()
-        drain = self._drain
-        if drain is not None:
-            self._drain = None
-            if not drain.done():
-                drain.set_result(None)
+        self._drain.release()
 
     # -- llhttp callbacks --------------------------------------------------------------------
 
@@ -330,10 +327,22 @@ class UpstreamConnection(asyncio.Protocol):
         if sink is not None:
             sink.write(data)
             return
+        self._hold(data)
+
+    def _hold(self, data: bytes) -> None:
+        """Keep bytes that arrived before anyone takes them — the body before its sink is
+        attached, or a tunnel's first bytes — pausing the socket past _EARLY_BODY_LIMIT."""
         self._body_chunks.append(data)
         self._chunks_len += len(data)
         if self._chunks_len > _EARLY_BODY_LIMIT:
             self._set_reading(False)
+
+    def _take_held(self) -> list[bytes]:
+        """What `_hold` kept, now the sink (or tunnel) that takes it is there."""
+        chunks = self._body_chunks
+        self._body_chunks = []
+        self._chunks_len = 0
+        return chunks
 
     def on_message_complete(self) -> None:
         if not self._status or self._message_done:
@@ -415,9 +424,8 @@ class UpstreamConnection(asyncio.Protocol):
                 else:
                     transport.write(data)
                 if self._write_paused and not self._closed:
-                    self._drain = self._loop.create_future()
                     try:
-                        await asyncio.wait_for(self._drain, self._body_timeout)
+                        await asyncio.wait_for(self._drain.wait(), self._body_timeout)
                     except TimeoutError:
                         raise UpstreamTimeout("upstream stopped reading the request body") from None
             if chunked:
@@ -440,10 +448,8 @@ class UpstreamConnection(asyncio.Protocol):
             return done
         self._sink = sink
         if self._body_chunks:
-            for chunk in self._body_chunks:
+            for chunk in self._take_held():
                 sink.write(chunk)
-            self._body_chunks = []
-            self._chunks_len = 0
             if not self._paused_by_sink:
                 self._set_reading(True)
         if self._message_done:
@@ -460,8 +466,7 @@ class UpstreamConnection(asyncio.Protocol):
         """The whole body when it has already arrived (then the connection is released)."""
         if not self._message_done:
             return None
-        body = b"".join(self._body_chunks) if self._body_chunks else b""
-        self._body_chunks = []
+        body = b"".join(self._take_held()) if self._body_chunks else b""
         self._finish()
         return body
 
@@ -588,10 +593,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self.on_upgrade_data is not None:
             self.on_upgrade_data(data)
             return
-        self._body_chunks.append(data)
-        self._chunks_len += len(data)
-        if self._chunks_len > _EARLY_BODY_LIMIT:
-            self._set_reading(False)
+        self._hold(data)
 
     def start_tunnel(self, on_data: Callable[[bytes], None], peer: BodyProducer) -> None:
         """After a 101: every byte from the upstream goes to `on_data` (b"" at the end).
@@ -604,9 +606,7 @@ class UpstreamConnection(asyncio.Protocol):
         if not self._closed:
             self.pool.detach(self)
             self.detached = True
-        rest = b"".join(self._body_chunks)
-        self._body_chunks = []
-        self._chunks_len = 0
+        rest = b"".join(self._take_held())
         if rest:
             on_data(rest)
         if self._closed:
