@@ -353,6 +353,28 @@ class BodyStream(Protocol):
         ...
 
 
+class Tunnel(Protocol):
+    """The upstream end of a tunnel (a 101 answer to a WebSocket handshake), as the server
+    protocol drives it: bytes both ways, flow control, and the end."""
+
+    def forward(self, data: bytes) -> None:
+        """Client bytes to the upstream (dropped if it is gone)."""
+        ...
+
+    def start_tunnel(self, on_data: Callable[[bytes], None], peer: BodyProducer) -> None:
+        """Upstream bytes go to `on_data` from now on (b"" at the end); `peer` is paused while
+        the upstream's write buffer is full."""
+        ...
+
+    def pause(self) -> None:
+        """The client reads slowly: stop reading the upstream."""
+        ...
+
+    def resume(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
 #: how an exchange ended, for `Completion` observers: the whole body arrived (True), the upstream
 #: cut it short — a reset, a close, a body timeout, garbage (False), or the client abandoned it,
 #: which says nothing about the upstream (None)
@@ -398,7 +420,7 @@ class Response:
     from an upstream has a `completion`: how its body ended (None when the body is here whole).
     """
 
-    __slots__ = ("body", "completion", "headers", "reason", "status", "stream")
+    __slots__ = ("body", "completion", "headers", "reason", "status", "stream", "tunnel")
 
     def __init__(
         self,
@@ -414,3 +436,5 @@ class Response:
         self.stream = stream
         self.reason = reason
         self.completion: Completion | None = None
+        #: a 101 from an upstream on a WebSocket route: the server protocol tunnels through it
+        self.tunnel: Tunnel | None = None

@@ -50,11 +50,11 @@ from gateway.http.messages import (
     RequestBody,
     RequestHead,
     Response,
+    Tunnel,
 )
 from gateway.http.path import PATH_SEMICOLON, split_target
 from gateway.http.problem import problem_response
 from gateway.pipeline import Peer, RequestContext
-from gateway.stages.proxy import is_tunnel
 from gateway.tls import ClientCertificate
 
 if TYPE_CHECKING:
@@ -62,7 +62,6 @@ if TYPE_CHECKING:
     from gateway.http.serving import ServerState
     from gateway.observability.metrics import CounterChild
     from gateway.runtime.snapshot import Route, Snapshot
-    from gateway.upstream.connection import UpstreamConnection
 
 log = logging.getLogger("gateway.http")
 
@@ -230,7 +229,7 @@ class HttpConnection(asyncio.Protocol):
         self._ended_at = 0.0
         #: a response with Connection: close went out: no request after it is answered
         self._final_sent = False
-        self._tunnel: UpstreamConnection | None = None
+        self._tunnel: Tunnel | None = None
         #: bytes through the tunnel either way, the count at the sweeper's last look, and when
         #: it last moved (tunnel_idle_timeout)
         self._tunnel_bytes = 0
@@ -354,8 +353,7 @@ class HttpConnection(asyncio.Protocol):
         tunnel = self._tunnel
         if tunnel is not None:
             self._tunnel_bytes += len(data)
-            if tunnel.transport is not None:
-                tunnel.transport.write(data)
+            tunnel.forward(data)
             return
         if self._stopped:
             if self.deadline_kind >= _REFUSED_FULL:
@@ -809,7 +807,7 @@ class HttpConnection(asyncio.Protocol):
         head = exchange.head
         body = exchange.body
         status = response.status
-        tunnel = is_tunnel(response) if status == 101 else None
+        tunnel = response.tunnel if status == 101 else None
         keep_alive = (
             head.keep_alive
             and not exchange.close
@@ -918,13 +916,13 @@ class HttpConnection(asyncio.Protocol):
 
     # -- tunnels -----------------------------------------------------------------------------
 
-    def _start_tunnel(self, exchange: _Exchange, upstream: UpstreamConnection) -> None:
+    def _start_tunnel(self, exchange: _Exchange, upstream: Tunnel) -> None:
         transport = self.transport
         assert transport is not None
         self._tunnel = upstream
         early = exchange.head.early_data
-        if early and upstream.transport is not None:
-            upstream.transport.write(early)
+        if early:
+            upstream.forward(early)
         self.deadline_kind = 0
 
         self._tunnel_active_at = self._loop.time()

@@ -26,7 +26,7 @@ from gateway.http.forwarding import build_request_head, upstream_target
 from gateway.http.messages import Completion, Response
 from gateway.identity import client_ip
 from gateway.pipeline import RequestContext
-from gateway.upstream.connection import StaleConnection, UpstreamConnection
+from gateway.upstream.connection import StaleConnection
 from gateway.upstream.upstream import Endpoint, Upstream
 
 _REPLAYABLE_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
@@ -192,6 +192,7 @@ class ProxyHandler:
             if not upgrade:
                 conn.abort()
                 raise UpstreamUnavailable("upstream switched protocols without being asked to")
+            response.tunnel = conn
             return response
         complete = conn.take_complete_body()
         if complete is not None:
@@ -236,11 +237,3 @@ def discard(response: Response) -> None:
     if stream is not None:
         response.stream = None
         stream.abort()
-
-
-def is_tunnel(response: Response) -> UpstreamConnection | None:
-    """The upstream connection of a 101 response, which the server turns into a tunnel."""
-    stream = response.stream
-    if response.status == 101 and isinstance(stream, UpstreamConnection):
-        return stream
-    return None

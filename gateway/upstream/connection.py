@@ -588,6 +588,12 @@ class UpstreamConnection(asyncio.Protocol):
     def is_closed(self) -> bool:
         return self._closed
 
+    def forward(self, data: bytes) -> None:
+        """Tunnel: client bytes to the upstream (dropped once it is gone)."""
+        transport = self.transport
+        if transport is not None:
+            transport.write(data)
+
     def _tunnel_data(self, data: bytes) -> None:
         """Bytes after a 101: to the client, or held (bounded) until the tunnel is set up."""
         if self.on_upgrade_data is not None:
