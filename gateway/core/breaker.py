@@ -26,9 +26,34 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable
-from typing import Any, Final, final
+from typing import Any, Final, Protocol, final
 
-from gateway.config.model import CircuitBreakerConfig
+
+class SlowCallPolicy(Protocol):
+    @property
+    def duration(self) -> float: ...
+    @property
+    def ratio(self) -> float: ...
+
+
+class BreakerPolicy(Protocol):
+    """What the breaker reads of its config (the circuit_breaker stage's CircuitBreakerConfig)."""
+
+    @property
+    def window(self) -> float: ...
+    @property
+    def min_requests(self) -> int: ...
+    @property
+    def failure_ratio(self) -> float: ...
+    @property
+    def slow_call(self) -> SlowCallPolicy | None: ...
+    @property
+    def open_for(self) -> float: ...
+    @property
+    def max_open_for(self) -> float: ...
+    @property
+    def half_open_requests(self) -> int: ...
+
 
 # the states are also the values of the gateway_circuit_breaker_state gauge
 CLOSED: Final = 0
@@ -87,7 +112,7 @@ class Breaker:
 
     def __init__(
         self,
-        config: CircuitBreakerConfig,
+        config: BreakerPolicy,
         now: float,
         rng: Callable[[], float] = random.random,
     ) -> None:
