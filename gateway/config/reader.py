@@ -1,4 +1,5 @@
-"""Reading raw YAML values: the `Reader` that collects errors with their paths, and converters.
+"""Reading raw YAML values: the `Reader` that collects errors with their paths, converters, and
+`Fields`, which reads a frozen config class naming each field once.
 
 A converter takes a raw value and its YAML path and returns the normalized value or raises
 `ConfigError`; `Reader.get` turns that into a collected error and a default, so one bad value
@@ -9,8 +10,9 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Callable, Collection, Mapping
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 from gateway.config.units import parse_duration, parse_size
 from gateway.errors import ConfigError
@@ -151,3 +153,99 @@ def status(value: object, path: str) -> int:
     if not 100 <= result <= 599:
         raise ConfigError(path, "must be an HTTP status between 100 and 599")
     return result
+
+
+def choice(*values: str) -> Callable[[object, str], str]:
+    """A converter to one of `values` ("must be a, b or c")."""
+    listed = f"{', '.join(values[:-1])} or {values[-1]}" if len(values) > 1 else values[0]
+
+    def convert(value: object, path: str) -> str:
+        text = as_str(value, path)
+        if text not in values:
+            raise ConfigError(path, f"must be {listed}")
+        return text
+
+    return convert
+
+
+#: reads the value at a path with the reader, reporting its own errors (possibly several);
+#: returns what the caller goes on with
+Parse = Callable[[Reader, object, str], Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Nested:
+    """A field read by a `Parse` (a nested mapping, or a value with several errors of its own)
+    rather than by a converter; left out or null, it keeps the field's default."""
+
+    parse: Parse
+
+
+def field_defaults(cls: type) -> dict[str, object]:
+    """The defaults a dataclass declares, by field name (fields without one are left out)."""
+    result: dict[str, object] = {}
+    for f in fields(cls):
+        if f.default is not MISSING:
+            result[f.name] = f.default
+        elif f.default_factory is not MISSING:
+            result[f.name] = f.default_factory()
+    return result
+
+
+@dataclass(frozen=True, slots=True)
+class Fields(Generic[T]):
+    """How a frozen config dataclass is read from its YAML mapping, each field named once.
+
+    `convert` maps a YAML key — the field of the same name — to its converter (or `Nested`);
+    a key left out, null or invalid takes the dataclass's default.  Keys that custom code reads
+    are listed in `extra`; `check` runs on the built value (rules between fields).
+    """
+
+    cls: type[T]
+    convert: Mapping[str, Callable[[object, str], object] | Nested]
+    required: tuple[str, ...] = ()
+    extra: tuple[str, ...] = ()
+    check: Callable[[Reader, T, str], None] | None = None
+
+    def mapping(self, r: Reader, raw: object, path: str) -> dict[str, Any] | None:
+        """The mapping at `path`, its keys checked; None when it is not one or lacks a
+        required key (each reported).  Null is an empty mapping when nothing is required."""
+        if raw is None and not self.required:
+            raw = {}
+        m = r.mapping(raw, path, {*self.convert, *self.extra}, required=self.required)
+        if m is None or any(key not in m for key in self.required):
+            return None
+        return m
+
+    def values(
+        self, r: Reader, m: Mapping[str, Any], path: str, **fallback: object
+    ) -> dict[str, Any]:
+        """Every field of `convert`, converted; `fallback` stands in for a required field
+        (one without a default) that was invalid, so later checks can go on."""
+        defaults = field_defaults(self.cls) | fallback
+        result: dict[str, Any] = {}
+        for key, convert in self.convert.items():
+            default = defaults.get(key)
+            if isinstance(convert, Nested):
+                raw = m.get(key)
+                value = None if raw is None else convert.parse(r, raw, join_path(path, key))
+                result[key] = default if value is None else value
+            else:
+                result[key] = r.get(m, key, path, convert, default)
+        return result
+
+    def create(self, r: Reader, values: dict[str, Any], path: str, errors: int) -> T | None:
+        """The config of `values` (from `values`, completed by custom code), checked; None
+        when errors were reported since there were `errors` of them."""
+        config: T = cast(Callable[..., T], self.cls)(**values)
+        if self.check is not None:
+            self.check(r, config, path)
+        return None if len(r.errors) > errors else config
+
+    def parse(self, r: Reader, raw: object, path: str) -> T | None:
+        """The config at `path` when every field is read by `convert`."""
+        m = self.mapping(r, raw, path)
+        if m is None:
+            return None
+        errors = len(r.errors)
+        return self.create(r, self.values(r, m, path), path, errors)
