@@ -35,8 +35,7 @@ from gateway.observability.logs import setup_logging
 from gateway.observability.metrics import GatewayMetrics, Registry, read_snapshots
 from gateway.runtime.shared import SharedState
 from gateway.runtime.snapshot import Snapshot, build_snapshot
-from gateway.stages.circuit_breaker import CircuitBreakerStage
-from gateway.stages.jwt import JwtStage
+from gateway.stages.registry import KINDS
 from gateway.tls import front_context
 from gateway.watch import FileWatcher
 
@@ -136,15 +135,17 @@ class Gateway:
     def upstreams_info(self) -> list[dict[str, Any]]:
         snapshot = self.snapshot
         described = {name: u.describe() for name, u in snapshot.upstreams.items()}
+        # each kind whose stages keep state per upstream has its list there ("circuit_breakers")
+        sections = [f"{kind.name}s" for kind in KINDS.values() if kind.upstreams is not None]
         for name in described:
-            described[name]["circuit_breakers"] = []
-        for _, stage in snapshot.stages.values():
-            if isinstance(stage, CircuitBreakerStage):
-                for upstream, circuit in stage.describe().items():
-                    if upstream in described:
-                        described[upstream]["circuit_breakers"].append(
-                            {"stage": stage.name, **circuit}
-                        )
+            described[name].update({section: [] for section in sections})
+        for spec, stage in snapshot.stages.values():
+            per_upstream = KINDS[spec.kind].upstreams
+            if per_upstream is None:
+                continue
+            for upstream, state in per_upstream(stage).items():
+                if upstream in described:
+                    described[upstream][f"{spec.kind}s"].append({"stage": spec.label, **state})
         return list(described.values())
 
     def metrics_text(self) -> str:
@@ -169,7 +170,7 @@ class Gateway:
         loop = asyncio.get_running_loop()
         self._loop = loop
         self._shared = SharedState(loop, self.metrics)
-        config = await asyncio.to_thread(load_config, self.config_path)
+        config = await asyncio.to_thread(load_config, self.config_path, KINDS)
         snapshot = build_snapshot(config, self._shared)
         self._shared.commit(snapshot.upstreams, snapshot.stages)
         self._install(snapshot)
@@ -241,9 +242,9 @@ class Gateway:
         pools = [e.pool for u in self.snapshot.upstreams.values() for e in u.endpoints]
         # JWKS URLs are fetched before ready, so the first tokens find their keys
         jwks = [
-            stage.warm(_WARM_TIMEOUT)
-            for _, stage in self.snapshot.stages.values()
-            if isinstance(stage, JwtStage)
+            warm(stage, _WARM_TIMEOUT)
+            for spec, stage in self.snapshot.stages.values()
+            if (warm := KINDS[spec.kind].warm) is not None
         ]
         if pools or jwks:
             await asyncio.gather(*(one(p) for p in pools), *jwks)
@@ -276,7 +277,7 @@ class Gateway:
             assert self._shared is not None
             at = _rfc3339(time.time())
             try:
-                config = await asyncio.to_thread(load_config, self.config_path)
+                config = await asyncio.to_thread(load_config, self.config_path, KINDS)
                 _check_restart_needed(self.snapshot.config, config)
                 snapshot = build_snapshot(config, self._shared)
             except ConfigErrors as exc:
@@ -519,7 +520,7 @@ def _rfc3339(epoch: float) -> str:
 def check(config_path: str) -> tuple[str | None, list[str]]:
     """Load and build `config_path` exactly as a reload would; (version, errors)."""
     try:
-        config = load_config(config_path)
+        config = load_config(config_path, KINDS)
     except ConfigErrors as exc:
         return None, [str(e) for e in exc.errors]
 

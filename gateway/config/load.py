@@ -31,7 +31,6 @@ from gateway.config.model import (
     GatewayConfig,
     HealthCheckConfig,
     HttpRulesConfig,
-    JwtConfig,
     LimitsConfig,
     ListenerConfig,
     ListenerTLSConfig,
@@ -76,11 +75,10 @@ from gateway.config.reader import (
 from gateway.config.reader import (
     str_list as _str_list,
 )
-from gateway.config.stages import check_pipeline, parse_entry
+from gateway.config.stages import ConfigKind, check_pipeline, parse_entry
 from gateway.config.strict_yaml import load_yaml
 from gateway.config.units import parse_duration, parse_size
 from gateway.errors import ConfigError, ConfigErrors
-from gateway.jwt import HMAC_ALGORITHMS
 from gateway.tls import CertificateProblem, check_ca_bundle, check_certificate
 
 T = TypeVar("T")
@@ -318,15 +316,18 @@ def _cidrs(value: object, path: str) -> tuple[str, ...]:
 
 
 class _Loader:
-    def __init__(self, base_dir: Path, unset: Collection[str] = ()) -> None:
+    def __init__(
+        self, kinds: Mapping[str, ConfigKind], base_dir: Path, unset: Collection[str] = ()
+    ) -> None:
+        self.kinds = kinds
         self.r = _Reader(unset)
         self.r.resolve_file = self.file
         self.base_dir = base_dir
         #: files the config references (certificates, JWKS …): part of its version
         self.referenced_files: list[Path] = []
         self.declared_middlewares: set[str] = set()
-        #: what each idempotency middleware's `scope: auto` became, and in which route first
-        self.auto_scopes: dict[str, tuple[str, str]] = {}
+        #: what each middleware resolved for its first route (an idempotency `scope: auto`)
+        self.resolved: dict[tuple[str, str], tuple[str, str]] = {}
         #: listeners that ask clients for certificates (an mtls stage needs one)
         self.client_ca_listeners: list[str] = []
 
@@ -852,7 +853,7 @@ class _Loader:
             if not isinstance(name, str) or not _NAME.match(name):
                 r.error(path, "name must be letters, digits, '_', '.' or '-'")
                 continue
-            spec = parse_entry(r, item, path, f"middleware:{name}", None)
+            spec = parse_entry(r, self.kinds, item, path, f"middleware:{name}", None)
             if spec is not None:
                 result[name] = spec
         return result
@@ -870,21 +871,14 @@ class _Loader:
         for i, item in enumerate(raw):
             if isinstance(item, str) and item in self.declared_middlewares - middlewares.keys():
                 continue  # a middleware whose own error is already reported
-            spec = parse_entry(self.r, item, f"{path}[{i}]", f"route:{route}:{i}", middlewares)
+            where = f"{path}[{i}]"
+            spec = parse_entry(self.r, self.kinds, item, where, f"route:{route}:{i}", middlewares)
             if spec is not None:
-                result.append((f"{path}[{i}]", spec))
-        resolved = check_pipeline(self.r, result, self.auto_scopes)
-        jwt_kinds = {
-            "hmac" if set(s.config.algorithms) <= HMAC_ALGORITHMS else "public"
-            for _, s in result
-            if isinstance(s.config, JwtConfig)
-        }
-        if len(jwt_kinds) > 1:
-            self.r.error(path, "HMAC and public-key JWT algorithms cannot share a route")
-        for where, spec in result:
-            if spec.kind == "mtls" and not self.client_ca_listeners:
-                self.r.error(where, "mtls needs a listener with tls.client_ca to verify clients")
-        return tuple(resolved)
+                result.append((where, spec))
+        verifies_clients = bool(self.client_ca_listeners)
+        return tuple(
+            check_pipeline(self.r, self.kinds, path, result, verifies_clients, self.resolved)
+        )
 
     def match(self, raw: object, path: str) -> MatchConfig:
         r = self.r
@@ -982,12 +976,14 @@ class _Loader:
 
 def parse_config(
     text: str,
+    kinds: Mapping[str, ConfigKind],
     *,
     source: str = "",
     base_dir: Path | None = None,
     env: Mapping[str, str] | None = None,
 ) -> GatewayConfig:
-    """Parse and validate a config; raises ConfigErrors listing every problem."""
+    """Parse and validate a config whose stages are of `kinds` (gateway.stages.registry.KINDS);
+    raises ConfigErrors listing every problem."""
     try:
         raw, duplicates = load_yaml(text)
     except yaml.YAMLError as exc:
@@ -1002,7 +998,7 @@ def parse_config(
     unset: list[ConfigError] = []
     raw = _interpolate_tree(raw, os.environ if env is None else env, "", unset)
     normalized = json.dumps(_string_keys(raw), sort_keys=True, default=str)
-    loader = _Loader(base_dir or Path.cwd(), unset=[e.path for e in unset])
+    loader = _Loader(kinds, base_dir or Path.cwd(), unset=[e.path for e in unset])
     first = [*duplicates, *unset]
     try:
         config = loader.load(raw, source, normalized)
@@ -1015,12 +1011,14 @@ def parse_config(
 
 
 def load_config(
-    path: str | os.PathLike[str], env: Mapping[str, str] | None = None
+    path: str | os.PathLike[str],
+    kinds: Mapping[str, ConfigKind],
+    env: Mapping[str, str] | None = None,
 ) -> GatewayConfig:
-    """Read and validate the config file at `path`."""
+    """Read and validate the config file at `path` (stages of `kinds`, as `parse_config`)."""
     file = Path(os.path.abspath(path))
     try:
         text = file.read_text()
     except OSError as exc:
         raise ConfigErrors([ConfigError("", f"cannot read {file}: {exc.strerror}")]) from None
-    return parse_config(text, source=str(file), base_dir=file.parent, env=env)
+    return parse_config(text, kinds, source=str(file), base_dir=file.parent, env=env)

@@ -2,7 +2,9 @@
 
 Values here are already normalized: durations are float seconds, sizes are int bytes, names
 are resolved.  The loader (load.py) builds these from raw YAML and reports errors with their
-YAML path; nothing here touches the file system or the network.
+YAML path; nothing here touches the file system or the network.  A pipeline stage's config is
+not here: each stage kind's module (gateway/stages/<kind>.py) owns its config class, and a
+`StageSpec` carries it as an opaque value.
 """
 
 from __future__ import annotations
@@ -205,173 +207,6 @@ class WeightedUpstream:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class HeaderEdits:
-    """Headers set (replacing any of the same name) and removed, names as written."""
-
-    set: tuple[tuple[str, str], ...] = ()
-    remove: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class HeadersConfig:
-    request: HeaderEdits = field(default_factory=HeaderEdits)
-    response: HeaderEdits = field(default_factory=HeaderEdits)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class MtlsConfig:
-    """Client-certificate authorization for a route (the handshake already verified the chain)."""
-
-    required: bool = True
-    #: globs over the certificate's DNS/URI/e-mail/IP SANs
-    allowed_sans: tuple[str, ...] = ()
-    #: globs over its RFC 4514 subject
-    allowed_subjects: tuple[str, ...] = ()
-    forward: Literal["rfc9440", "xfcc", "none"] = "rfc9440"
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class JwtConfig:
-    issuer: str | None = None
-    audiences: tuple[str, ...] = ()
-    #: explicit, never taken from the token; all HMAC or all public-key
-    algorithms: tuple[str, ...]
-    jwks_file: str | None = None
-    jwks_url: str | None = None
-    secret: str | None = None
-    #: sha256 of the JWKS file's content, so a changed file is a changed stage
-    jwks_digest: str = ""
-    leeway: float = 30.0
-    required_claims: tuple[str, ...] = ()
-    #: claim -> header sent upstream
-    forward_claims: tuple[tuple[str, str], ...] = ()
-    #: how often a jwks_url is fetched again
-    jwks_refresh: float = 300.0
-    #: verified tokens remembered (never past their exp)
-    cache_size: int = 10_000
-
-    def __repr__(self) -> str:
-        # the secret must never reach a log line or an error message
-        shown = "***" if self.secret else None
-        return f"JwtConfig(issuer={self.issuer!r}, algorithms={self.algorithms!r}, secret={shown})"
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class IdempotencyTokenConfig:
-    secret: str
-    #: a token is valid this many seconds either side of its minting time
-    window: float = 300.0
-    #: whose token it is: "jwt:<claim>", "mtls:san" or "header:<name>"
-    client_id: str
-
-    def __repr__(self) -> str:
-        # the secret must never reach a log line or an error message
-        return f"IdempotencyTokenConfig(secret=***, client_id={self.client_id!r})"
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class IdempotencyConfig:
-    header: str = "Idempotency-Key"
-    methods: tuple[str, ...] = ("POST", "PATCH")
-    required: bool = True
-    ttl: float = 86400.0
-    store: str = "memory"
-    on_store_error: Literal["allow", "deny"] = "deny"
-    max_response_bytes: int = 1024 * 1024
-    #: records kept per stage (per worker with the memory store), in-flight locks included
-    max_keys: int = 100_000
-    #: bytes of keys and stored responses kept per stage: 64 responses of the largest size
-    #: kept, or 100000 of ~670 bytes; beyond it completed records are evicted oldest first
-    max_bytes: int = 64 * 1024 * 1024
-    #: whose records these are: "none" (the key alone), "client_ip", "header:<lower-case
-    #: name>", "jwt:<claim>" or "mtls:san"; "auto" as written, which the loader resolves per
-    #: route to "jwt:sub" after a jwt stage, else "mtls:san" after an mtls stage, else "none"
-    scope: str = "auto"
-    token: IdempotencyTokenConfig | None = None
-    #: the upstream honours the forwarded key itself: a request whose outcome is unknown may
-    #: be sent again (its key is released, and a later retry stage may re-send it)
-    upstream_deduplicates: bool = False
-
-
-#: what a rate limit is keyed on: one of these, or several (a composite key)
-RateLimitKey = str  # "client_ip" | "route" | "header:<name>" | "jwt:<claim>" | "mtls:san"
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RateLimitConfig:
-    """A token bucket per key: `rate` tokens every `per` seconds, holding at most `burst`."""
-
-    rate: float
-    per: float = 1.0
-    burst: int
-    key: tuple[RateLimitKey, ...] = ("client_ip",)
-    max_keys: int = 100_000
-    store: str = "memory"
-    on_store_error: Literal["allow", "deny"] = "allow"
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class SlowCallConfig:
-    duration: float
-    ratio: float
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class FallbackConfig:
-    """The response a circuit breaker gives while open, instead of 503 circuit_open."""
-
-    status: int = 503
-    body: str = ""
-    headers: tuple[tuple[str, str], ...] = ()
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class CircuitBreakerConfig:
-    window: float = 10.0
-    min_requests: int = 20
-    failure_ratio: float = 0.5
-    failure_statuses: tuple[int, ...] = (502, 503, 504)
-    slow_call: SlowCallConfig | None = None
-    open_for: float = 5.0
-    max_open_for: float = 60.0
-    half_open_requests: int = 3
-    fallback: FallbackConfig | None = None
-
-
-#: failures a retry may follow, besides response statuses
-RETRY_FAILURES = ("connect_error", "reset", "timeout")
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RetryConfig:
-    #: total tries, the first included
-    attempts: int = 2
-    #: None = each try may use what is left of the route's timeout
-    per_try_timeout: float | None = None
-    backoff_base: float = 0.025
-    backoff_max: float = 0.25
-    #: failure kinds of RETRY_FAILURES
-    retry_on: tuple[str, ...] = ("connect_error", "reset")
-    retry_statuses: tuple[int, ...] = (502, 503, 504)
-    #: retries in flight per upstream may be at most this share of its requests in flight …
-    budget_ratio: float = 0.2
-    #: … or this many, whichever is more
-    budget_min_concurrent: int = 3
-
-
-#: the config of one stage kind
-StageConfig = (
-    HeadersConfig
-    | RateLimitConfig
-    | CircuitBreakerConfig
-    | RetryConfig
-    | MtlsConfig
-    | JwtConfig
-    | IdempotencyConfig
-)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
 class StageSpec:
     """One pipeline entry: its kind, its config and who owns its state.
 
@@ -380,7 +215,8 @@ class StageSpec:
     """
 
     kind: str
-    config: StageConfig
+    #: the kind's frozen config class, parsed by the kind's module (gateway/stages/<kind>.py)
+    config: object
     owner: str
 
     @property

@@ -22,7 +22,8 @@ from typing import final
 from gateway.config.model import StageSpec, UpstreamConfig
 from gateway.observability.metrics import GatewayMetrics
 from gateway.pipeline import Stage
-from gateway.stages import BuildContext, build_stage, close_stage, retire_stage
+from gateway.stages.kind import BuildContext
+from gateway.stages.registry import KINDS
 from gateway.stores.base import Store
 from gateway.stores.memory import MemoryStore
 from gateway.upstream.upstream import Upstream
@@ -66,7 +67,7 @@ class SharedState:
             entry = (
                 live
                 if live is not None and live[0] == spec
-                else (spec, build_stage(spec, self._env))
+                else (spec, KINDS[spec.kind].build(spec.config, spec, self._env))
             )
             built[key] = entry
         return entry[1]
@@ -79,9 +80,10 @@ class SharedState:
         """Make `upstreams` and `stages` live; retire every previously live one not kept."""
         if stages is not None:
             kept = {id(stage) for _, stage in stages.values()}
-            for _, old_stage in self._live_stages.values():
-                if id(old_stage) not in kept:
-                    retire_stage(old_stage)
+            for old_spec, old_stage in self._live_stages.values():
+                retire = KINDS[old_spec.kind].retire
+                if id(old_stage) not in kept and retire is not None:
+                    retire(old_stage)
             self._live_stages = dict(stages)
         keep = {id(u) for u in upstreams.values()}
         addresses = {(u.name, e.address) for u in upstreams.values() for e in u.endpoints}
@@ -120,6 +122,8 @@ class SharedState:
             upstream.close()
         self._live = {}
         self._retiring = set()
-        for _, stage in self._live_stages.values():
-            close_stage(stage)
+        for spec, stage in self._live_stages.values():
+            close = KINDS[spec.kind].close
+            if close is not None:
+                close(stage)
         self._live_stages = {}

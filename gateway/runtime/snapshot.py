@@ -16,7 +16,6 @@ from gateway.config.model import (
     INTERNAL_ECHO,
     GatewayConfig,
     HttpRulesConfig,
-    IdempotencyConfig,
     LimitsConfig,
     RouteConfig,
     StageSpec,
@@ -35,6 +34,7 @@ from gateway.routing import Router
 from gateway.runtime.shared import SharedState, StageKey
 from gateway.stages.echo import EchoHandler
 from gateway.stages.proxy import ProxyHandler
+from gateway.stages.registry import KINDS
 from gateway.tls import ListenerTLS, listener_tls
 from gateway.upstream.upstream import Upstream
 
@@ -164,8 +164,9 @@ def _describe_stage(spec: StageSpec) -> dict[str, Any]:
         "name": name if owner == "middleware" else spec.kind,
         "kind": spec.kind,
     }
-    if isinstance(spec.config, IdempotencyConfig):
-        described["scope"] = spec.config.scope
+    describe = KINDS[spec.kind].describe
+    if describe is not None:
+        described.update(describe(spec.config))
     return described
 
 

@@ -17,14 +17,98 @@ from __future__ import annotations
 
 import asyncio
 import math
-from typing import Any, final
+from dataclasses import dataclass
+from typing import Any, Final, final
 
-from gateway.config.model import INTERNAL_ECHO, CircuitBreakerConfig
+from gateway.config.model import INTERNAL_ECHO, StageSpec
+from gateway.config.reader import (
+    Fields,
+    Nested,
+    Reader,
+    as_str,
+    positive_duration,
+    positive_int,
+    status,
+)
 from gateway.core.breaker import CLOSED, HALF_OPEN, OPEN, Breaker
 from gateway.errors import CircuitOpen, GatewayError
 from gateway.http.messages import Response
 from gateway.observability.metrics import GatewayMetrics
 from gateway.pipeline import Next, RequestContext
+from gateway.stages.converters import OWNED_RESPONSE, header_values, share, statuses
+from gateway.stages.kind import BuildContext, StageKind
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SlowCallConfig:
+    duration: float
+    ratio: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FallbackConfig:
+    """The response a circuit breaker gives while open, instead of 503 circuit_open."""
+
+    status: int = 503
+    body: str = ""
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CircuitBreakerConfig:
+    window: float = 10.0
+    min_requests: int = 20
+    failure_ratio: float = 0.5
+    failure_statuses: tuple[int, ...] = (502, 503, 504)
+    slow_call: SlowCallConfig | None = None
+    open_for: float = 5.0
+    max_open_for: float = 60.0
+    half_open_requests: int = 3
+    fallback: FallbackConfig | None = None
+
+
+EXAMPLE: Final = """\
+window: 30s
+min_requests: 20
+failure_ratio: 0.5
+slow_call: {duration: 2s, ratio: 0.8}
+open_for: 5s
+fallback: {status: 503, body: '{"error": "try later"}', headers: {Content-Type: application/json}}
+"""
+
+
+def _fallback_headers(r: Reader, raw: object, path: str) -> tuple[tuple[str, str], ...]:
+    return header_values(r, raw, path, OWNED_RESPONSE)
+
+
+def _check_open_for(r: Reader, config: CircuitBreakerConfig, path: str) -> None:
+    if config.max_open_for < config.open_for:
+        r.error(f"{path}.max_open_for", "must be at least open_for")
+
+
+_SLOW_CALL: Final = Fields(
+    SlowCallConfig,
+    {"duration": positive_duration, "ratio": share},
+    required=("duration", "ratio"),
+)
+_FALLBACK: Final = Fields(
+    FallbackConfig, {"status": status, "body": as_str, "headers": Nested(_fallback_headers)}
+)
+_FIELDS: Final = Fields(
+    CircuitBreakerConfig,
+    {
+        "window": positive_duration,
+        "min_requests": positive_int,
+        "failure_ratio": share,
+        "failure_statuses": statuses,
+        "slow_call": Nested(_SLOW_CALL.parse),
+        "open_for": positive_duration,
+        "max_open_for": positive_duration,
+        "half_open_requests": positive_int,
+        "fallback": Nested(_FALLBACK.parse),
+    },
+    check=_check_open_for,
+)
 
 _STATE_NAMES = {CLOSED: "closed", OPEN: "open", HALF_OPEN: "half_open"}
 
@@ -186,3 +270,16 @@ class _BodyOutcome:
                 failure=self._failure or not outcome,
                 duration=self._duration,
             )
+
+
+def build(config: CircuitBreakerConfig, spec: StageSpec, env: BuildContext) -> CircuitBreakerStage:
+    return CircuitBreakerStage(config, spec.label, env.metrics, env.loop)
+
+
+KIND: Final[StageKind[CircuitBreakerConfig, CircuitBreakerStage]] = StageKind(
+    name="circuit_breaker",
+    parse=_FIELDS.parse,
+    build=build,
+    example=EXAMPLE,
+    upstreams=CircuitBreakerStage.describe,
+)

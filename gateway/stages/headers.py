@@ -8,11 +8,64 @@ apply to the response the rest of the pipeline returned; an error answered by th
 
 from __future__ import annotations
 
-from typing import final
+from dataclasses import dataclass, field
+from typing import Final, final
 
-from gateway.config.model import HeaderEdits, HeadersConfig
+from gateway.config.model import StageSpec
+from gateway.config.reader import Reader
 from gateway.http.messages import Response
 from gateway.pipeline import Next, RequestContext
+from gateway.stages.converters import OWNED_REQUEST, OWNED_RESPONSE, check_name, header_values
+from gateway.stages.kind import BuildContext, StageKind
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HeaderEdits:
+    """Headers set (replacing any of the same name) and removed, names as written."""
+
+    set: tuple[tuple[str, str], ...] = ()
+    remove: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HeadersConfig:
+    request: HeaderEdits = field(default_factory=HeaderEdits)
+    response: HeaderEdits = field(default_factory=HeaderEdits)
+
+
+EXAMPLE: Final = """\
+request: {set: {X-Env: prod}, remove: [X-Debug]}
+response: {set: {X-Frame-Options: DENY}}
+"""
+
+
+def parse(r: Reader, raw: object, path: str) -> HeadersConfig | None:
+    m = r.mapping({} if raw is None else raw, path, {"request", "response"})
+    if m is None:
+        return None
+    return HeadersConfig(
+        request=_edits(r, m.get("request"), f"{path}.request", OWNED_REQUEST),
+        response=_edits(r, m.get("response"), f"{path}.response", OWNED_RESPONSE),
+    )
+
+
+def _edits(r: Reader, raw: object, path: str, owned: frozenset[str]) -> HeaderEdits:
+    if raw is None:
+        return HeaderEdits()
+    m = r.mapping(raw, path, {"set", "remove"})
+    if m is None:
+        return HeaderEdits()
+    names: list[str] = []
+    pairs = header_values(r, m.get("set"), f"{path}.set", owned)
+    removed = m.get("remove")
+    if removed is not None:
+        if not isinstance(removed, list):
+            r.error(f"{path}.remove", "must be a list of header names")
+        else:
+            for i, name in enumerate(removed):
+                if check_name(r, name, f"{path}.remove[{i}]", owned):
+                    names.append(str(name))
+    return HeaderEdits(set=pairs, remove=tuple(names))
 
 
 @final
@@ -61,3 +114,12 @@ class HeadersStage:
         if self._response is not None:
             response.headers = self._response.apply(response.headers)
         return response
+
+
+def build(config: HeadersConfig, spec: StageSpec, env: BuildContext) -> HeadersStage:
+    return HeadersStage(config)
+
+
+KIND: Final[StageKind[HeadersConfig, HeadersStage]] = StageKind(
+    name="headers", parse=parse, build=build, example=EXAMPLE
+)

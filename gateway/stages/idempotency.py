@@ -37,10 +37,24 @@ import asyncio
 import hashlib
 import logging
 import math
-from typing import Final, final
+from dataclasses import dataclass, replace
+from typing import Final, Literal, final
 
-from gateway.config.model import IdempotencyConfig, IdempotencyTokenConfig
+from gateway.config.model import StageSpec
+from gateway.config.reader import (
+    Fields,
+    Nested,
+    Reader,
+    as_bool,
+    as_str,
+    choice,
+    positive_duration,
+    positive_int,
+    positive_size,
+)
+from gateway.config.stages import PipelineCheck
 from gateway.errors import (
+    ConfigError,
     GatewayError,
     IdempotencyKeyInUse,
     IdempotencyKeyInvalid,
@@ -54,6 +68,8 @@ from gateway.idempotency import TokenInvalid, verify_token
 from gateway.identity import Part, identity_part
 from gateway.observability.metrics import Counter, GatewayMetrics
 from gateway.pipeline import Next, RequestContext
+from gateway.stages.converters import TOKEN, check_identity_key, client_id, store_name
+from gateway.stages.kind import BuildContext, StageKind
 from gateway.stores.base import (
     IN_USE,
     REPLAY,
@@ -67,6 +83,148 @@ from gateway.stores.base import (
 )
 
 log = logging.getLogger("gateway.idempotency")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class IdempotencyTokenConfig:
+    secret: str
+    #: a token is valid this many seconds either side of its minting time
+    window: float = 300.0
+    #: whose token it is: "jwt:<claim>", "mtls:san" or "header:<name>"
+    client_id: str
+
+    def __repr__(self) -> str:
+        # the secret must never reach a log line or an error message
+        return f"IdempotencyTokenConfig(secret=***, client_id={self.client_id!r})"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class IdempotencyConfig:
+    header: str = "Idempotency-Key"
+    methods: tuple[str, ...] = ("POST", "PATCH")
+    required: bool = True
+    ttl: float = 86400.0
+    store: str = "memory"
+    on_store_error: Literal["allow", "deny"] = "deny"
+    max_response_bytes: int = 1024 * 1024
+    #: records kept per stage (per worker with the memory store), in-flight locks included
+    max_keys: int = 100_000
+    #: bytes of keys and stored responses kept per stage: 64 responses of the largest size
+    #: kept, or 100000 of ~670 bytes; beyond it completed records are evicted oldest first
+    max_bytes: int = 64 * 1024 * 1024
+    #: whose records these are: "none" (the key alone), "client_ip", "header:<lower-case
+    #: name>", "jwt:<claim>" or "mtls:san"; "auto" as written, which the loader resolves per
+    #: route to "jwt:sub" after a jwt stage, else "mtls:san" after an mtls stage, else "none"
+    scope: str = "auto"
+    token: IdempotencyTokenConfig | None = None
+    #: the upstream honours the forwarded key itself: a request whose outcome is unknown may
+    #: be sent again (its key is released, and a later retry stage may re-send it)
+    upstream_deduplicates: bool = False
+
+
+EXAMPLE: Final = """\
+methods: [POST, PATCH]
+ttl: 24h
+max_response_bytes: 1MiB
+scope: auto
+"""
+
+
+def _header_name(value: object, path: str) -> str:
+    header = as_str(value, path)
+    if not TOKEN.match(header):
+        raise ConfigError(path, "must be a header name")
+    return header
+
+
+def _methods(value: object, path: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value or not all(isinstance(x, str) for x in value):
+        raise ConfigError(path, "must be a non-empty list of methods")
+    return tuple(str(x).upper() for x in value)
+
+
+def _token_secret(value: object, path: str) -> str:
+    secret = as_str(value, path)
+    if len(secret.encode()) < 32:
+        raise ConfigError(path, "must be at least 32 bytes (use ${ENV})")
+    return secret
+
+
+#: idempotency scopes, the ones with a value after the colon listed with it
+_SCOPES: Final = ("auto", "none", "client_ip", "header:NAME", "jwt:CLAIM", "mtls:san")
+
+
+def _scope(value: object, path: str) -> str:
+    if value in ("auto", "none", "client_ip"):
+        return str(value)
+    try:
+        return client_id(value, path)
+    except ConfigError:
+        raise ConfigError(path, f"must be {', '.join(_SCOPES[:-1])} or {_SCOPES[-1]}") from None
+
+
+def _check_sizes(r: Reader, config: IdempotencyConfig, path: str) -> None:
+    if config.max_bytes < config.max_response_bytes:
+        r.error(
+            f"{path}.max_bytes",
+            f"must be at least max_response_bytes ({config.max_response_bytes}), or responses"
+            " that size could never be kept",
+        )
+
+
+_TOKEN_FIELDS: Final = Fields(
+    IdempotencyTokenConfig,
+    {"secret": _token_secret, "window": positive_duration, "client_id": client_id},
+    required=("secret", "client_id"),
+)
+_FIELDS: Final = Fields(
+    IdempotencyConfig,
+    {
+        "header": _header_name,
+        "methods": _methods,
+        "required": as_bool,
+        "ttl": positive_duration,
+        "store": store_name,
+        "on_store_error": choice("allow", "deny"),
+        "max_response_bytes": positive_size,
+        "max_keys": positive_int,
+        "max_bytes": positive_size,
+        "scope": _scope,
+        "token": Nested(_TOKEN_FIELDS.parse),
+        "upstream_deduplicates": as_bool,
+    },
+    check=_check_sizes,
+)
+
+
+def _check(check: PipelineCheck, config: IdempotencyConfig) -> IdempotencyConfig:
+    """After any authentication, keyed on what it authenticated; `scope: auto` resolved to the
+    client an earlier stage authenticated — a JWT's subject, else a certificate's SANs — or,
+    with neither, the key alone."""
+    later = [(path, spec.kind) for path, spec in check.after if spec.kind in ("jwt", "mtls")]
+    if later:
+        where, kind = later[0]
+        check.error(
+            f"idempotency must come after the {kind} stage ({where}): a replayed answer"
+            " would skip authentication, and records could not belong to the client"
+        )
+    if config.token is not None:
+        check_identity_key(check, config.token.client_id, "token client_id")
+    check_identity_key(check, config.scope, "idempotency scope")
+    if config.scope != "auto":
+        return config
+    before = check.kinds_before
+    scope = "jwt:sub" if "jwt" in before else "mtls:san" if "mtls" in before else "none"
+    clash = check.resolve_once("scope", scope)
+    if clash is not None:
+        first, where = clash
+        name = check.spec.owner.removeprefix("middleware:")
+        check.error(
+            f"middleware {name!r} has scope: auto, which is {first} in {where} but {scope}"
+            " here (one instance serves both): set its scope"
+        )
+    return replace(config, scope=scope)
+
 
 _REPLAYED: Final = (b"Idempotent-Replayed", b"true")
 #: how much longer than the route's timeout an in-flight lock lasts (the body may still stream)
@@ -427,3 +585,22 @@ class IdempotencyStage:
 def _log_failure(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.warning("storing an idempotent response failed: %s", task.exception())
+
+
+def build(config: IdempotencyConfig, spec: StageSpec, env: BuildContext) -> IdempotencyStage:
+    store = env.stores[config.store]
+    return IdempotencyStage(config, spec.label, spec.owner, store, env.metrics, env.loop)
+
+
+def _describe(config: IdempotencyConfig) -> dict[str, object]:
+    return {"scope": config.scope}
+
+
+KIND: Final[StageKind[IdempotencyConfig, IdempotencyStage]] = StageKind(
+    name="idempotency",
+    parse=_FIELDS.parse,
+    build=build,
+    example=EXAMPLE,
+    check=_check,
+    describe=_describe,
+)

@@ -20,20 +20,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
+import re
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any, Final, final
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 
 from gateway.bearer import bearer_credentials, names_bearer
-from gateway.config.model import JwtConfig
-from gateway.errors import Unauthenticated
+from gateway.config.model import StageSpec
+from gateway.config.reader import Fields, Nested, Reader, as_str, positive_duration, positive_int
+from gateway.config.stages import PipelineCheck
+from gateway.config.units import parse_duration
+from gateway.errors import ConfigError, Unauthenticated
 from gateway.http.messages import Response
 from gateway.jwt import (
+    ALGORITHMS,
+    HMAC_ALGORITHMS,
     JwksProblem,
     KeySet,
     Policy,
@@ -46,8 +54,155 @@ from gateway.jwt import (
 )
 from gateway.observability.metrics import Counter
 from gateway.pipeline import Next, RequestContext
+from gateway.stages.converters import OWNED_REQUEST, check_name, str_list
+from gateway.stages.kind import BuildContext, StageKind
 
 log = logging.getLogger("gateway.jwt")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JwtConfig:
+    issuer: str | None = None
+    audiences: tuple[str, ...] = ()
+    #: explicit, never taken from the token; all HMAC or all public-key
+    algorithms: tuple[str, ...]
+    jwks_file: str | None = None
+    jwks_url: str | None = None
+    secret: str | None = None
+    #: sha256 of the JWKS file's content, so a changed file is a changed stage
+    jwks_digest: str = ""
+    leeway: float = 30.0
+    required_claims: tuple[str, ...] = ()
+    #: claim -> header sent upstream
+    forward_claims: tuple[tuple[str, str], ...] = ()
+    #: how often a jwks_url is fetched again
+    jwks_refresh: float = 300.0
+    #: verified tokens remembered (never past their exp)
+    cache_size: int = 10_000
+
+    def __repr__(self) -> str:
+        # the secret must never reach a log line or an error message
+        shown = "***" if self.secret else None
+        return f"JwtConfig(issuer={self.issuer!r}, algorithms={self.algorithms!r}, secret={shown})"
+
+
+EXAMPLE: Final = """\
+issuer: https://idp.example.com/
+audiences: [orders-api]
+algorithms: [ES256]
+jwks_url: https://idp.example.com/.well-known/jwks.json
+forward_claims: {sub: X-User-Id}
+"""
+
+
+def _algorithms(value: object, path: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value:
+        raise ConfigError(path, "must be a non-empty list, e.g. [ES256]")
+    result: list[str] = []
+    for i, item in enumerate(value):
+        where = f"{path}[{i}]"
+        if isinstance(item, str) and item.lower() == "none":
+            raise ConfigError(where, "'none' is never accepted: tokens must be signed")
+        if item not in ALGORITHMS:
+            raise ConfigError(
+                where, f"unknown algorithm {item!r}; use {', '.join(sorted(ALGORITHMS))}"
+            )
+        result.append(str(item))
+    if set(result) & HMAC_ALGORITHMS and set(result) - HMAC_ALGORITHMS:
+        raise ConfigError(path, "HMAC (HS*) and public-key algorithms cannot be mixed")
+    return tuple(result)
+
+
+def _url(value: object, path: str) -> str:
+    url = as_str(value, path)
+    if not re.match(r"^https?://[^/\s]+", url):
+        raise ConfigError(path, "must be an http(s) URL")
+    return url
+
+
+def _forward_claims(r: Reader, raw: object, path: str) -> tuple[tuple[str, str], ...]:
+    if not isinstance(raw, dict):
+        r.error(path, "must be a mapping of claim to header name")
+        return ()
+    return tuple(
+        (str(claim), str(header))
+        for claim, header in raw.items()
+        if check_name(r, header, f"{path}.{claim}", OWNED_REQUEST)
+    )
+
+
+_FIELDS: Final = Fields(
+    JwtConfig,
+    {
+        "algorithms": _algorithms,
+        "issuer": as_str,
+        "audiences": str_list,
+        "jwks_url": _url,
+        "secret": as_str,
+        "leeway": parse_duration,
+        "required_claims": str_list,
+        "forward_claims": Nested(_forward_claims),
+        "jwks_refresh": positive_duration,
+        "cache_size": positive_int,
+    },
+    required=("algorithms",),
+    # read with its file's content, which must hold a key usable for the algorithms
+    extra=("jwks_file",),
+)
+
+
+def parse(r: Reader, raw: object, path: str) -> JwtConfig | None:
+    m = _FIELDS.mapping(r, raw, path)
+    if m is None:
+        return None
+    errors = len(r.errors)
+    values = _FIELDS.values(r, m, path, algorithms=("RS256",))
+    algorithms: tuple[str, ...] = values["algorithms"]
+    sources = [k for k in ("jwks_file", "jwks_url", "secret") if m.get(k) is not None]
+    if len(sources) != 1:
+        r.error(path, "needs exactly one key source: jwks_file, jwks_url or secret")
+    hmac_only = set(algorithms) <= HMAC_ALGORITHMS
+    if sources == ["secret"] and not hmac_only:
+        r.error(f"{path}.algorithms", "a secret verifies HMAC algorithms (HS*) only")
+    if sources and sources[0] != "secret" and hmac_only:
+        r.error(f"{path}.algorithms", "HS* algorithms need a secret, not public keys")
+    if values["secret"] is not None:
+        try:
+            hmac_key(values["secret"], algorithms)
+        except JwksProblem as exc:
+            r.error(f"{path}.secret", str(exc))
+    if m.get("jwks_file") is not None:
+        where = f"{path}.jwks_file"
+        found = r.resolve_file(m["jwks_file"], where)
+        if found is not None:
+            values["jwks_file"] = str(found)
+            content = found.read_bytes()
+            values["jwks_digest"] = hashlib.sha256(content).hexdigest()
+            try:
+                # unusable keys are skipped (the stage logs and counts them); none left is an error
+                keyset = read_jwks(content)
+                if not keyset.usable_for(algorithms):
+                    r.error(where, keyset.no_key_problem(algorithms))
+            except JwksProblem as exc:
+                r.error(where, str(exc))
+    return _FIELDS.create(r, values, path, errors)
+
+
+def _family(config: JwtConfig) -> str:
+    return "hmac" if set(config.algorithms) <= HMAC_ALGORITHMS else "public"
+
+
+def _check(check: PipelineCheck, config: JwtConfig) -> JwtConfig:
+    earlier = {_family(s.config) for s in check.before if isinstance(s.config, JwtConfig)}
+    # reported once per route: at the first jwt stage of the other family
+    if earlier == {"hmac", "public"} - {_family(config)}:
+        check.error("HMAC and public-key JWT algorithms cannot share a route", check.pipeline_path)
+    return config
+
+
+def _forwarded_headers(config: JwtConfig) -> tuple[str, ...]:
+    return tuple(header for _, header in config.forward_claims)
+
 
 #: a token without exp is remembered this long at most
 _NO_EXP_TTL: Final = 60.0
@@ -343,3 +498,21 @@ class JwtStage:
     def close(self) -> None:
         if self._fetcher is not None:
             self._fetcher.close()
+
+
+def build(config: JwtConfig, spec: StageSpec, env: BuildContext) -> JwtStage:
+    metrics = env.metrics
+    return JwtStage(config, metrics.jwt_total, metrics.jwt_keys_skipped_total, env.loop)
+
+
+KIND: Final[StageKind[JwtConfig, JwtStage]] = StageKind(
+    name="jwt",
+    parse=parse,
+    build=build,
+    example=EXAMPLE,
+    check=_check,
+    upstream_headers=_forwarded_headers,
+    retire=JwtStage.retire,
+    close=JwtStage.close,
+    warm=JwtStage.warm,
+)

@@ -10,12 +10,61 @@ certificate then goes upstream as RFC 9440 `Client-Cert` or Envoy-style
 
 from __future__ import annotations
 
-from typing import final
+from dataclasses import dataclass
+from typing import Final, Literal, final
 
-from gateway.config.model import MtlsConfig
-from gateway.errors import ClientCertificateForbidden, ClientCertificateRequired
+from gateway.config.model import StageSpec
+from gateway.config.reader import Fields, as_bool, choice
+from gateway.config.stages import PipelineCheck
+from gateway.errors import ClientCertificateForbidden, ClientCertificateRequired, ConfigError
 from gateway.http.messages import Response
 from gateway.pipeline import Next, RequestContext
+from gateway.stages.kind import BuildContext, StageKind
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MtlsConfig:
+    """Client-certificate authorization for a route (the handshake already verified the chain)."""
+
+    required: bool = True
+    #: globs over the certificate's DNS/URI/e-mail/IP SANs
+    allowed_sans: tuple[str, ...] = ()
+    #: globs over its RFC 4514 subject
+    allowed_subjects: tuple[str, ...] = ()
+    forward: Literal["rfc9440", "xfcc", "none"] = "rfc9440"
+
+
+EXAMPLE: Final = """\
+required: true
+allowed_sans: ["spiffe://example.org/*", "*.internal.example.org"]
+forward: rfc9440
+"""
+
+
+def _globs(value: object, path: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value:
+        raise ConfigError(path, "must be a non-empty list of patterns")
+    for i, item in enumerate(value):
+        if not isinstance(item, str) or not item:
+            raise ConfigError(f"{path}[{i}]", "must be a pattern (text, * and ? as wildcards)")
+    return tuple(value)
+
+
+_FIELDS: Final = Fields(
+    MtlsConfig,
+    {
+        "required": as_bool,
+        "allowed_sans": _globs,
+        "allowed_subjects": _globs,
+        "forward": choice("rfc9440", "xfcc", "none"),
+    },
+)
+
+
+def _check(check: PipelineCheck, config: MtlsConfig) -> MtlsConfig:
+    if not check.verifies_clients:
+        check.error("mtls needs a listener with tls.client_ca to verify clients")
+    return config
 
 
 @final
@@ -50,3 +99,12 @@ class MtlsStage:
             )
             ctx.add_upstream_header(*header)
         return await call_next(ctx)
+
+
+def build(config: MtlsConfig, spec: StageSpec, env: BuildContext) -> MtlsStage:
+    return MtlsStage(config)
+
+
+KIND: Final[StageKind[MtlsConfig, MtlsStage]] = StageKind(
+    name="mtls", parse=_FIELDS.parse, build=build, example=EXAMPLE, check=_check
+)

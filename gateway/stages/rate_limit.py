@@ -13,21 +13,127 @@ bucket of the same policy (logged and counted) and `deny` answers 503 `store_una
 
 from __future__ import annotations
 
+import difflib
 import logging
 import math
 from collections.abc import Callable, Sequence
-from typing import final
+from dataclasses import dataclass
+from typing import Final, Literal, final
 
-from gateway.config.model import RateLimitConfig
-from gateway.errors import GatewayError, RateLimited, StoreUnavailable
+from gateway.config.model import StageSpec
+from gateway.config.reader import Fields, Reader, choice, positive_duration, positive_int
+from gateway.config.stages import PipelineCheck
+from gateway.errors import ConfigError, GatewayError, RateLimited, StoreUnavailable
 from gateway.http.messages import Response
 from gateway.identity import Part, client_ip, identity_part
 from gateway.observability.metrics import Counter, CounterChild, GatewayMetrics
 from gateway.pipeline import Next, RequestContext
+from gateway.stages.converters import TOKEN, check_identity_key, store_name
+from gateway.stages.kind import BuildContext, StageKind
 from gateway.stores.base import RateLimiter, Store, StoreError, Verdict
 from gateway.stores.memory import MemoryRateLimiter
 
 log = logging.getLogger("gateway.rate_limit")
+
+#: what a rate limit is keyed on: one of these, or several (a composite key)
+RateLimitKey = str  # "client_ip" | "route" | "header:<name>" | "jwt:<claim>" | "mtls:san"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RateLimitConfig:
+    """A token bucket per key: `rate` tokens every `per` seconds, holding at most `burst`."""
+
+    rate: float
+    per: float = 1.0
+    #: when left out: the rate, rounded up
+    burst: int
+    key: tuple[RateLimitKey, ...] = ("client_ip",)
+    max_keys: int = 100_000
+    store: str = "memory"
+    on_store_error: Literal["allow", "deny"] = "allow"
+
+
+EXAMPLE: Final = """\
+rate: 100
+per: 1m
+burst: 20
+key: [client_ip, "header:X-Api-Key"]
+"""
+
+
+def _number(value: object, path: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(path, "must be a number")
+    if not math.isfinite(value) or value <= 0:
+        raise ConfigError(path, "must be > 0")
+    return float(value)
+
+
+#: rate-limit key kinds; the ones with a value after the colon are listed with it
+_KEY_KINDS: Final = ("client_ip", "route", "mtls:san", "header:NAME", "jwt:CLAIM")
+
+
+def _rate_key(value: object, path: str) -> tuple[str, ...]:
+    items = value if isinstance(value, list) else [value]
+    if not items:
+        raise ConfigError(path, "must name at least one key")
+    keys: list[str] = []
+    for i, item in enumerate(items):
+        where = f"{path}[{i}]" if isinstance(value, list) else path
+        if not isinstance(item, str):
+            raise ConfigError(where, f"must be one of {', '.join(_KEY_KINDS)}")
+        kind, sep, arg = item.partition(":")
+        if item in ("client_ip", "route", "mtls:san"):
+            key = item
+        elif kind == "header" and sep and TOKEN.match(arg):
+            key = f"header:{arg.lower()}"
+        elif kind == "jwt" and sep and arg:
+            key = item
+        else:
+            hint = difflib.get_close_matches(item, _KEY_KINDS, n=1)
+            raise ConfigError(
+                where,
+                f"unknown key kind {item!r}"
+                + (f" (did you mean '{hint[0]}'?)" if hint else "")
+                + f"; keys: {', '.join(_KEY_KINDS)}",
+            )
+        if key in keys:
+            raise ConfigError(where, f"{item} is listed twice")
+        keys.append(key)
+    return tuple(keys)
+
+
+_FIELDS: Final = Fields(
+    RateLimitConfig,
+    {
+        "rate": _number,
+        "per": positive_duration,
+        "burst": positive_int,
+        "key": _rate_key,
+        "max_keys": positive_int,
+        "store": store_name,
+        "on_store_error": choice("allow", "deny"),
+    },
+    required=("rate",),
+)
+
+
+def parse(r: Reader, raw: object, path: str) -> RateLimitConfig | None:
+    m = _FIELDS.mapping(r, raw, path)
+    if m is None:
+        return None
+    errors = len(r.errors)
+    values = _FIELDS.values(r, m, path, rate=1.0)
+    if values["burst"] is None:
+        values["burst"] = max(1, math.ceil(values["rate"]))
+    return _FIELDS.create(r, values, path, errors)
+
+
+def _check(check: PipelineCheck, config: RateLimitConfig) -> RateLimitConfig:
+    for key in config.key:
+        check_identity_key(check, key, "rate-limit key")
+    return config
+
 
 KeyPart = Callable[[RequestContext], str]
 
@@ -180,3 +286,21 @@ class RateLimitStage:
         self._limiter.close()
         if self._fallback is not None:
             self._fallback.close()
+
+
+def build(config: RateLimitConfig, spec: StageSpec, env: BuildContext) -> RateLimitStage:
+    return RateLimitStage(
+        config, spec.label, spec.owner, env.stores[config.store], env.stores["memory"], env.metrics
+    )
+
+
+KIND: Final[StageKind[RateLimitConfig, RateLimitStage]] = StageKind(
+    name="rate_limit",
+    parse=parse,
+    build=build,
+    example=EXAMPLE,
+    check=_check,
+    # a request still in a retired stage starts a fresh bucket: never refused for it
+    retire=RateLimitStage.close,
+    close=RateLimitStage.close,
+)

@@ -23,16 +23,127 @@ jitter": uniform in [0, min(max, base * 2^(n-1))].
 from __future__ import annotations
 
 import asyncio
+import difflib
 import random
+from dataclasses import dataclass
 from typing import Final, final
 
-from gateway.config.model import RetryConfig
-from gateway.errors import GatewayError
+from gateway.config.model import StageSpec
+from gateway.config.reader import Fields, Reader, positive_duration, positive_int, status
+from gateway.errors import ConfigError, GatewayError
 from gateway.http.messages import Response
 from gateway.observability.metrics import Counter, CounterChild
 from gateway.pipeline import Next, RequestContext
+from gateway.stages.converters import non_negative_int, share
+from gateway.stages.kind import BuildContext, StageKind
 from gateway.stages.proxy import discard
 from gateway.upstream.upstream import Upstream
+
+#: failures a retry may follow, besides response statuses
+RETRY_FAILURES = ("connect_error", "reset", "timeout")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RetryConfig:
+    #: total tries, the first included
+    attempts: int = 2
+    #: None = each try may use what is left of the route's timeout
+    per_try_timeout: float | None = None
+    backoff_base: float = 0.025
+    backoff_max: float = 0.25
+    #: failure kinds of RETRY_FAILURES
+    retry_on: tuple[str, ...] = ("connect_error", "reset")
+    retry_statuses: tuple[int, ...] = (502, 503, 504)
+    #: retries in flight per upstream may be at most this share of its requests in flight …
+    budget_ratio: float = 0.2
+    #: … or this many, whichever is more
+    budget_min_concurrent: int = 3
+
+
+EXAMPLE: Final = """\
+attempts: 3
+per_try_timeout: 2s
+backoff: {base: 25ms, max: 250ms}
+retry_on: [connect_error, reset, 503]
+budget: {ratio: 0.2, min_concurrent: 3}
+"""
+
+
+def _attempts(value: object, path: str) -> int:
+    result = positive_int(value, path)
+    if result > 10:
+        raise ConfigError(path, "must be at most 10")
+    return result
+
+
+def _retry_on(value: object, path: str) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    if not isinstance(value, list) or not value:
+        raise ConfigError(path, "must be a non-empty list of failures and statuses")
+    kinds: list[str] = []
+    codes: list[int] = []
+    for i, item in enumerate(value):
+        where = f"{path}[{i}]"
+        if isinstance(item, str) and item in RETRY_FAILURES:
+            kinds.append(item)
+        elif isinstance(item, int) and not isinstance(item, bool):
+            code = status(item, where)
+            if code < 400:
+                raise ConfigError(where, "only error statuses (400-599) can be retried")
+            codes.append(code)
+        else:
+            hint = difflib.get_close_matches(str(item), RETRY_FAILURES, n=1)
+            raise ConfigError(
+                where,
+                f"unknown failure {item!r}"
+                + (f" (did you mean '{hint[0]}'?)" if hint else "")
+                + f"; use {', '.join(RETRY_FAILURES)} or a status such as 503",
+            )
+    return tuple(dict.fromkeys(kinds)), tuple(dict.fromkeys(codes))
+
+
+#: the YAML groups some fields: `backoff: {base, max}`, `budget: {ratio, min_concurrent}`,
+#: and `retry_on` lists failure kinds and statuses together
+_FIELDS: Final = Fields(
+    RetryConfig,
+    {"attempts": _attempts, "per_try_timeout": positive_duration},
+    extra=("backoff", "retry_on", "budget"),
+)
+
+
+def parse(r: Reader, raw: object, path: str) -> RetryConfig | None:
+    m = _FIELDS.mapping(r, raw, path)
+    if m is None:
+        return None
+    errors = len(r.errors)
+    values = _FIELDS.values(r, m, path)
+    d = RetryConfig()
+    base, cap = d.backoff_base, d.backoff_max
+    if m.get("backoff") is not None:
+        where = f"{path}.backoff"
+        b = r.mapping(m["backoff"], where, {"base", "max"})
+        if b is not None:
+            base = r.get(b, "base", where, positive_duration, base)
+            cap = r.get(b, "max", where, positive_duration, max(cap, base))
+            if cap < base:
+                r.error(f"{where}.max", "must be at least base")
+    kinds, codes = r.get(m, "retry_on", path, _retry_on, (d.retry_on, d.retry_statuses))
+    ratio, minimum = d.budget_ratio, d.budget_min_concurrent
+    if m.get("budget") is not None:
+        where = f"{path}.budget"
+        b = r.mapping(m["budget"], where, {"ratio", "min_concurrent"})
+        if b is not None:
+            ratio = r.get(b, "ratio", where, share, ratio)
+            minimum = r.get(b, "min_concurrent", where, non_negative_int, minimum)
+    values.update(
+        backoff_base=base,
+        backoff_max=cap,
+        retry_on=kinds,
+        retry_statuses=codes,
+        budget_ratio=ratio,
+        budget_min_concurrent=minimum,
+    )
+    return _FIELDS.create(r, values, path, errors)
+
 
 #: bodies up to this size are buffered so that they can be sent again
 REPLAY_LIMIT: Final = 64 * 1024
@@ -140,3 +251,12 @@ def _give_up(failure: GatewayError | None, response: Response | None) -> Respons
         raise failure
     assert response is not None
     return response
+
+
+def build(config: RetryConfig, spec: StageSpec, env: BuildContext) -> RetryStage:
+    return RetryStage(config, env.metrics.retries_total, env.loop)
+
+
+KIND: Final[StageKind[RetryConfig, RetryStage]] = StageKind(
+    name="retry", parse=parse, build=build, example=EXAMPLE
+)

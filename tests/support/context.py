@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 
-from gateway.config.load import parse_config
 from gateway.http.messages import RequestBody, RequestHead
 from gateway.observability.metrics import GatewayMetrics, Registry
 from gateway.pipeline import Peer, RequestContext
 from gateway.runtime.shared import SharedState
 from gateway.runtime.snapshot import Snapshot, build_snapshot
+from tests.support.config import parse_config
 
 ECHO_CONFIG = """
 listeners: [{name: http, bind: "127.0.0.1:0"}]

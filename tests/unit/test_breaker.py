@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.config.model import CircuitBreakerConfig, SlowCallConfig
 from gateway.core.breaker import (
     CLOSED,
     HALF_OPEN,
@@ -17,6 +16,7 @@ from gateway.core.breaker import (
     TRIP,
     Breaker,
 )
+from gateway.stages.circuit_breaker import CircuitBreakerConfig, SlowCallConfig
 
 CONFIG = CircuitBreakerConfig(
     window=10.0, min_requests=4, failure_ratio=0.5, open_for=5.0, max_open_for=60.0,

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config.load import interpolate_env, load_config, parse_config
+from gateway.config.load import interpolate_env
 from gateway.config.units import parse_duration, parse_size
 from gateway.errors import ConfigError, ConfigErrors
 from tests.support.certs import ensure_dev_certificates
+from tests.support.config import load_config, parse_config
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -6,20 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config.load import load_config, parse_config
-from gateway.config.model import (
-    CircuitBreakerConfig,
-    FallbackConfig,
-    HeaderEdits,
-    HeadersConfig,
-    HealthCheckConfig,
-    IdempotencyConfig,
-    OutlierDetectionConfig,
-    RateLimitConfig,
-    RetryConfig,
-    SlowCallConfig,
-)
+from gateway.config.model import HealthCheckConfig, OutlierDetectionConfig
 from gateway.errors import ConfigErrors
+from gateway.stages.circuit_breaker import CircuitBreakerConfig, FallbackConfig, SlowCallConfig
+from gateway.stages.headers import HeaderEdits, HeadersConfig
+from gateway.stages.idempotency import IdempotencyConfig
+from gateway.stages.rate_limit import RateLimitConfig
+from gateway.stages.retry import RetryConfig
+from tests.support.config import load_config, parse_config
 from tests.support.tokens import UNUSABLE_KEYS, EcKey, jwks
 
 BASE = """

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-from gateway.config.load import load_config
+from tests.support.config import load_config
 
 REPO = Path(__file__).resolve().parents[2]
 

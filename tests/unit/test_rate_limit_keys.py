@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from gateway.config.model import RateLimitConfig
 from gateway.http.messages import RequestHead
-from gateway.stages.rate_limit import key_function, policy_window
+from gateway.stages.rate_limit import RateLimitConfig, key_function, policy_window
 from tests.support.context import make_context, make_snapshot
 
 TRUSTING = """

@@ -9,12 +9,6 @@ import dataclasses
 
 import pytest
 
-from gateway.config.model import (
-    IdempotencyConfig,
-    IdempotencyTokenConfig,
-    RateLimitConfig,
-    RetryConfig,
-)
 from gateway.errors import (
     ConnectFailed,
     GatewayError,
@@ -30,9 +24,15 @@ from gateway.http.messages import RequestHead, Response
 from gateway.idempotency import mint_token
 from gateway.observability.metrics import GatewayMetrics, Registry
 from gateway.pipeline import RequestContext
-from gateway.stages.idempotency import IdempotencyStage, length_prefixed, record_key
-from gateway.stages.rate_limit import RateLimitStage
-from gateway.stages.retry import RetryStage
+from gateway.stages.idempotency import (
+    IdempotencyConfig,
+    IdempotencyStage,
+    IdempotencyTokenConfig,
+    length_prefixed,
+    record_key,
+)
+from gateway.stages.rate_limit import RateLimitConfig, RateLimitStage
+from gateway.stages.retry import RetryConfig, RetryStage
 from gateway.stores.base import (
     Begin,
     IdempotencyRecords,

@@ -9,10 +9,10 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from gateway.config.load import load_config
 from gateway.errors import ConfigErrors
 from gateway.tls import ClientCertificate, ListenerTLS, check_certificate
 from tests.support.certs import TestCA, other_key
+from tests.support.config import load_config
 
 
 def _write(tmp_path: Path, tls: str, pipeline: str = "[]") -> Path:

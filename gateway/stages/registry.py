@@ -1,0 +1,27 @@
+"""Every stage kind, by its YAML key: the one list to extend when a stage kind is added.
+
+Each entry is the `KIND` record at the end of the kind's module (`gateway/stages/<kind>.py`,
+see gateway/stages/kind.py).  The config loader is given this mapping by its callers (app.py,
+tests/support/config.py) rather than importing it: the config layer knows no stage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Final
+
+from gateway.stages import circuit_breaker, headers, idempotency, jwt, mtls, rate_limit, retry
+from gateway.stages.kind import StageKind
+
+KINDS: Final[Mapping[str, StageKind[Any, Any]]] = {
+    kind.name: kind
+    for kind in (
+        mtls.KIND,
+        jwt.KIND,
+        rate_limit.KIND,
+        circuit_breaker.KIND,
+        idempotency.KIND,
+        retry.KIND,
+        headers.KIND,
+    )
+}
