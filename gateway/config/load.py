@@ -14,6 +14,7 @@ import json
 import os
 import re
 from collections.abc import Collection, Mapping
+from dataclasses import fields
 from pathlib import Path
 from typing import Final, Literal, TypeVar
 from urllib.parse import urlsplit
@@ -44,6 +45,10 @@ from gateway.config.model import (
     UpstreamTLSConfig,
     WeightedUpstream,
 )
+from gateway.config.reader import (
+    Fields,
+    join_path,
+)
 from gateway.config.reader import Reader as _Reader
 from gateway.config.reader import (
     as_bool as _bool,
@@ -53,9 +58,6 @@ from gateway.config.reader import (
 )
 from gateway.config.reader import (
     as_str as _str,
-)
-from gateway.config.reader import (
-    join_path,
 )
 from gateway.config.reader import (
     positive_duration as _positive_duration,
@@ -315,6 +317,96 @@ def _cidrs(value: object, path: str) -> tuple[str, ...]:
     return tuple(result)
 
 
+def _percent(value: object, path: str) -> int:
+    result = _int(value, path)
+    if not 0 <= result <= 100:
+        raise ConfigError(path, "must be between 0 and 100")
+    return result
+
+
+def _check_health_check(r: _Reader, config: HealthCheckConfig, path: str) -> None:
+    if any(c in config.path for c in " \r\n\t"):
+        r.error(f"{path}.path", "must not contain spaces or line breaks")
+    if config.timeout > config.interval:
+        r.error(f"{path}.timeout", "must not be longer than interval")
+
+
+def _check_outlier_detection(r: _Reader, config: OutlierDetectionConfig, path: str) -> None:
+    if config.max_ejection < config.ejection:
+        r.error(f"{path}.max_ejection", "must be at least ejection")
+
+
+_LIMITS: Final = Fields(
+    LimitsConfig,
+    {
+        "max_header_bytes": _positive_size,
+        "max_body_bytes": parse_size,
+        "header_timeout": _positive_duration,
+        "body_timeout": _positive_duration,
+        "idle_timeout": _positive_duration,
+        "max_connections": _positive_int,
+        "max_connections_per_client": _non_negative_int,
+        "request_buffering": _buffering_size,
+        "tunnel_idle_timeout": _positive_duration,
+    },
+    # {bytes_per_second, grace}: two fields
+    extra=("min_data_rate",),
+)
+_SHUTDOWN: Final = Fields(
+    ShutdownConfig, {"drain_delay": parse_duration, "timeout": parse_duration}
+)
+_ACCESS_LOG: Final = Fields(
+    AccessLogConfig,
+    {
+        "enabled": _bool,
+        "sample_ratio": _ratio,
+        "always_log_status": _status,
+        "exclude_fields": _str_list,
+    },
+)
+_HEALTH_CHECK: Final = Fields(
+    HealthCheckConfig,
+    {
+        "path": _path_value,
+        "interval": _positive_duration,
+        "timeout": _positive_duration,
+        "healthy": _positive_int,
+        "unhealthy": _positive_int,
+    },
+    check=_check_health_check,
+)
+_OUTLIER_DETECTION: Final = Fields(
+    OutlierDetectionConfig,
+    {
+        "max_ejected_percent": _percent,
+        "consecutive_failures": _positive_int,
+        "ejection": _positive_duration,
+        "max_ejection": _positive_duration,
+    },
+    check=_check_outlier_detection,
+)
+_MATCH: Final = Fields(
+    MatchConfig,
+    {
+        "host": _host,
+        "path": _path_value,
+        "path_prefix": _prefix,
+        "path_regex": _regex,
+        "methods": _methods,
+        "headers": _headers,
+        "case_insensitive": _bool,
+    },
+)
+_HTTP_RULES: Final = Fields(
+    HttpRulesConfig,
+    {
+        "underscores_in_headers": _underscore_action,
+        "path_semicolons": _semicolon_action,
+        "path_escapes": _path_escapes,
+    },
+)
+
+
 class _Loader:
     def __init__(
         self, kinds: Mapping[str, ConfigKind], base_dir: Path, unset: Collection[str] = ()
@@ -500,79 +592,29 @@ class _Loader:
         return AdminConfig(host=host, port=port, token=token or None)
 
     def limits(self, raw: object) -> LimitsConfig:
-        d = LimitsConfig()
-        if raw is None:
-            return d
-        keys = {
-            "max_header_bytes",
-            "max_body_bytes",
-            "header_timeout",
-            "body_timeout",
-            "idle_timeout",
-            "max_connections",
-            "max_connections_per_client",
-            "request_buffering",
-            "min_data_rate",
-            "tunnel_idle_timeout",
-        }
-        m = self.r.mapping(raw, "limits", keys)
+        r = self.r
+        m = _LIMITS.mapping(r, raw, "limits")
         if m is None:
-            return d
-        g = self.r.get
-        rate, grace = d.min_data_rate, d.min_data_rate_grace
+            return LimitsConfig()
+        values = _LIMITS.values(r, m, "limits")
         if "min_data_rate" in m:
             where = "limits.min_data_rate"
-            rm = self.r.mapping(m["min_data_rate"], where, {"bytes_per_second", "grace"})
+            rm = r.mapping(m["min_data_rate"], where, {"bytes_per_second", "grace"})
             if rm is not None:
-                rate = g(rm, "bytes_per_second", where, parse_size, rate)
-                grace = g(rm, "grace", where, _positive_duration, grace)
-        return LimitsConfig(
-            max_connections_per_client=g(
-                m, "max_connections_per_client", "limits", _non_negative_int, 0
-            ),
-            request_buffering=g(
-                m, "request_buffering", "limits", _buffering_size, d.request_buffering
-            ),
-            min_data_rate=rate,
-            min_data_rate_grace=grace,
-            tunnel_idle_timeout=g(
-                m, "tunnel_idle_timeout", "limits", _positive_duration, d.tunnel_idle_timeout
-            ),
-            max_header_bytes=g(m, "max_header_bytes", "limits", _positive_size, d.max_header_bytes),
-            max_body_bytes=g(m, "max_body_bytes", "limits", parse_size, d.max_body_bytes),
-            header_timeout=g(m, "header_timeout", "limits", _positive_duration, d.header_timeout),
-            body_timeout=g(m, "body_timeout", "limits", _positive_duration, d.body_timeout),
-            idle_timeout=g(m, "idle_timeout", "limits", _positive_duration, d.idle_timeout),
-            max_connections=g(m, "max_connections", "limits", _positive_int, d.max_connections),
-        )
+                d = LimitsConfig()
+                values["min_data_rate"] = r.get(
+                    rm, "bytes_per_second", where, parse_size, d.min_data_rate
+                )
+                values["min_data_rate_grace"] = r.get(
+                    rm, "grace", where, _positive_duration, d.min_data_rate_grace
+                )
+        return LimitsConfig(**values)
 
     def shutdown(self, raw: object) -> ShutdownConfig:
-        d = ShutdownConfig()
-        if raw is None:
-            return d
-        m = self.r.mapping(raw, "shutdown", {"drain_delay", "timeout"})
-        if m is None:
-            return d
-        return ShutdownConfig(
-            drain_delay=self.r.get(m, "drain_delay", "shutdown", parse_duration, d.drain_delay),
-            timeout=self.r.get(m, "timeout", "shutdown", parse_duration, d.timeout),
-        )
+        return _SHUTDOWN.read(self.r, raw, "shutdown") or ShutdownConfig()
 
     def access_log(self, raw: object) -> AccessLogConfig:
-        d = AccessLogConfig()
-        if raw is None:
-            return d
-        keys = {"enabled", "sample_ratio", "always_log_status", "exclude_fields"}
-        m = self.r.mapping(raw, "access_log", keys)
-        if m is None:
-            return d
-        g = self.r.get
-        return AccessLogConfig(
-            enabled=g(m, "enabled", "access_log", _bool, d.enabled),
-            sample_ratio=g(m, "sample_ratio", "access_log", _ratio, d.sample_ratio),
-            always_log_status=g(m, "always_log_status", "access_log", _status, d.always_log_status),
-            exclude_fields=g(m, "exclude_fields", "access_log", _str_list, d.exclude_fields),
-        )
+        return _ACCESS_LOG.read(self.r, raw, "access_log") or AccessLogConfig()
 
     def upstreams(self, raw: object) -> tuple[UpstreamConfig, ...]:
         r = self.r
@@ -691,52 +733,15 @@ class _Loader:
         )
 
     def health_check(self, raw: object, upstream: str) -> HealthCheckConfig | None:
-        r = self.r
-        path = f"{upstream}.health_check"
         if raw is None:
             return None
-        keys = {"path", "interval", "timeout", "healthy", "unhealthy"}
-        m = r.mapping({} if raw is True else raw, path, keys)
-        if m is None:
-            return None
-        d = HealthCheckConfig()
-        config = HealthCheckConfig(
-            path=r.get(m, "path", path, _path_value, d.path),
-            interval=r.get(m, "interval", path, _positive_duration, d.interval),
-            timeout=r.get(m, "timeout", path, _positive_duration, d.timeout),
-            healthy=r.get(m, "healthy", path, _positive_int, d.healthy),
-            unhealthy=r.get(m, "unhealthy", path, _positive_int, d.unhealthy),
-        )
-        if any(c in config.path for c in " \r\n\t"):
-            r.error(f"{path}.path", "must not contain spaces or line breaks")
-        if config.timeout > config.interval:
-            r.error(f"{path}.timeout", "must not be longer than interval")
-        return config
+        return _HEALTH_CHECK.read(self.r, {} if raw is True else raw, f"{upstream}.health_check")
 
     def outlier_detection(self, raw: object, upstream: str) -> OutlierDetectionConfig | None:
-        r = self.r
-        path = f"{upstream}.outlier_detection"
         if raw is None:
             return None
-        keys = {"consecutive_failures", "ejection", "max_ejection", "max_ejected_percent"}
-        m = r.mapping({} if raw is True else raw, path, keys)
-        if m is None:
-            return None
-        d = OutlierDetectionConfig()
-        percent = r.get(m, "max_ejected_percent", path, _int, d.max_ejected_percent)
-        if not 0 <= percent <= 100:
-            r.error(f"{path}.max_ejected_percent", "must be between 0 and 100")
-        config = OutlierDetectionConfig(
-            consecutive_failures=r.get(
-                m, "consecutive_failures", path, _positive_int, d.consecutive_failures
-            ),
-            ejection=r.get(m, "ejection", path, _positive_duration, d.ejection),
-            max_ejection=r.get(m, "max_ejection", path, _positive_duration, d.max_ejection),
-            max_ejected_percent=percent,
-        )
-        if config.max_ejection < config.ejection:
-            r.error(f"{path}.max_ejection", "must be at least ejection")
-        return config
+        path = f"{upstream}.outlier_detection"
+        return _OUTLIER_DETECTION.read(self.r, {} if raw is True else raw, path)
 
     def endpoints(self, raw: object, path: str) -> tuple[EndpointConfig, ...]:
         r = self.r
@@ -884,16 +889,7 @@ class _Loader:
         r = self.r
         if raw is None:
             return MatchConfig()
-        keys = {
-            "host",
-            "path",
-            "path_prefix",
-            "path_regex",
-            "methods",
-            "headers",
-            "case_insensitive",
-        }
-        m = r.mapping(raw, path, keys)
+        m = _MATCH.mapping(r, raw, path)
         if m is None:
             return MatchConfig()
         given = [k for k in ("path", "path_prefix", "path_regex") if k in m]
@@ -903,34 +899,14 @@ class _Loader:
                 "only one of path, path_prefix and path_regex may be given, "
                 f"not {', '.join(given)}",
             )
-        return MatchConfig(
-            host=r.get(m, "host", path, _host, None),
-            path=r.get(m, "path", path, _path_value, None),
-            path_prefix=r.get(m, "path_prefix", path, _prefix, None),
-            path_regex=r.get(m, "path_regex", path, _regex, None),
-            methods=r.get(m, "methods", path, _methods, None),
-            headers=r.get(m, "headers", path, _headers, ()),
-            case_insensitive=r.get(m, "case_insensitive", path, _bool, False),
-        )
+        return MatchConfig(**_MATCH.values(r, m, path))
 
     def http_rules(self, raw: object, path: str, base: HttpRulesConfig) -> HttpRulesConfig:
         """The `http:` rules at `path`; keys not given keep `base`'s values."""
-        r = self.r
         if raw is None:
             return base
-        keys = {"underscores_in_headers", "path_semicolons", "path_escapes"}
-        m = r.mapping(raw, path, keys)
-        if m is None:
-            return base
-        return HttpRulesConfig(
-            underscores_in_headers=r.get(
-                m, "underscores_in_headers", path, _underscore_action, base.underscores_in_headers
-            ),
-            path_semicolons=r.get(
-                m, "path_semicolons", path, _semicolon_action, base.path_semicolons
-            ),
-            path_escapes=r.get(m, "path_escapes", path, _path_escapes, base.path_escapes),
-        )
+        given = {f.name: getattr(base, f.name) for f in fields(base)}
+        return _HTTP_RULES.read(self.r, raw, path, **given) or base
 
     def targets(self, raw: object, path: str, known: set[str]) -> tuple[WeightedUpstream, ...]:
         r = self.r

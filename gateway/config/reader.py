@@ -242,6 +242,19 @@ class Fields(Generic[T]):
             self.check(r, config, path)
         return None if len(r.errors) > errors else config
 
+    def read(self, r: Reader, raw: object, path: str, **fallback: object) -> T | None:
+        """The config at `path` with each invalid value reported and its default kept, for the
+        loader's own sections (any error rejects the file in the end); None when `raw` is not
+        a mapping.  `fallback` replaces the dataclass's defaults (a route's `http:` rules
+        default to the top-level ones)."""
+        m = self.mapping(r, raw, path)
+        if m is None:
+            return None
+        config: T = cast(Callable[..., T], self.cls)(**self.values(r, m, path, **fallback))
+        if self.check is not None:
+            self.check(r, config, path)
+        return config
+
     def parse(self, r: Reader, raw: object, path: str) -> T | None:
         """The config at `path` when every field is read by `convert`."""
         m = self.mapping(r, raw, path)
