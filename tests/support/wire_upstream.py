@@ -1,0 +1,112 @@
+"""An upstream that shows the wire: every request's header lines exactly as they arrived, and
+answers with bytes the test writes.
+
+`WireUpstream.response` is the whole response sent to each request (status line, header lines in
+any case and order, framing, body), so a test can send what aiohttp would normalize or refuse to
+write.  Each request is recorded with its header lines as (name, value) byte pairs, unchanged, its
+de-chunked body and the peer port of the connection it came on (the gateway's pooled connection).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class WireRequest:
+    request_line: bytes
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+    peer_port: int
+
+    def named(self, name: str) -> list[tuple[bytes, bytes]]:
+        """The header lines whose name is `name`, compared ignoring case."""
+        low = name.lower().encode("latin-1")
+        return [(n, v) for n, v in self.headers if n.lower() == low]
+
+
+def parse_head(head: bytes) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+    """The first line and the header lines of a head, names and values as sent (OWS trimmed)."""
+    first, *lines = head.split(b"\r\n")
+    headers = []
+    for line in lines:
+        if line:
+            name, _, value = line.partition(b":")
+            headers.append((name, value.strip(b" \t")))
+    return first, headers
+
+
+class WireUpstream:
+    def __init__(self) -> None:
+        self.requests: list[WireRequest] = []
+        self.response = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.add(writer)
+        peer_port = writer.get_extra_info("peername")[1]
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                first, headers = parse_head(head[:-4])
+                fields = {n.lower(): v for n, v in headers}
+                if fields.get(b"transfer-encoding", b"").lower() == b"chunked":
+                    body = await _read_chunked(reader)
+                else:
+                    body = await reader.readexactly(int(fields.get(b"content-length", b"0")))
+                self.requests.append(WireRequest(first, headers, body, peer_port))
+                writer.write(self.response)
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self._writers.discard(writer)
+            writer.close()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+
+    async def close(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in list(self._writers):
+            writer.transport.abort()
+        with contextlib.suppress(OSError):
+            await self._server.wait_closed()
+
+
+async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
+    body = bytearray()
+    while True:
+        size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+        if size == 0:
+            while await reader.readuntil(b"\r\n") != b"\r\n":
+                pass  # trailer lines
+            return bytes(body)
+        body += await reader.readexactly(size)
+        await reader.readexactly(2)
+
+
+@asynccontextmanager
+async def wire_upstream() -> AsyncIterator[WireUpstream]:
+    upstream = WireUpstream()
+    await upstream.start()
+    try:
+        yield upstream
+    finally:
+        await upstream.close()
