@@ -196,22 +196,38 @@ def _ready(admin: int) -> bool:
         return False
 
 
-@pytest.fixture
-async def slow_upstream() -> AsyncIterator[TestServer]:
-    async def handler(request: web.Request) -> web.Response:
+class SlowUpstream:
+    """An upstream answering every GET after 0.2 s, counting what it received and answered."""
+
+    def __init__(self) -> None:
+        self.received = 0
+        self.answered = 0
+        self.server: TestServer | None = None
+
+    @property
+    def port(self) -> int | None:
+        return None if self.server is None else self.server.port
+
+    async def handler(self, request: web.Request) -> web.Response:
+        self.received += 1
         await asyncio.sleep(0.2)
+        self.answered += 1
         return web.Response(text="done")
 
+
+@pytest.fixture
+async def slow_upstream() -> AsyncIterator[SlowUpstream]:
+    upstream = SlowUpstream()
     app = web.Application()
-    app.router.add_get("/{tail:.*}", handler)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    yield server
-    await server.close()
+    app.router.add_get("/{tail:.*}", upstream.handler)
+    upstream.server = TestServer(app, host="127.0.0.1")
+    await upstream.server.start_server()
+    yield upstream
+    await upstream.server.close()
 
 
 async def test_sigterm_under_load_drops_no_accepted_request(
-    tmp_path: Path, slow_upstream: TestServer
+    tmp_path: Path, slow_upstream: SlowUpstream
 ) -> None:
     http, admin = free_port(), free_port()
     path = tmp_path / "gateway.yaml"
@@ -247,6 +263,8 @@ async def test_sigterm_under_load_drops_no_accepted_request(
         clients = [asyncio.ensure_future(client()) for _ in range(20)]
         await async_wait_until(lambda: ok >= 40, what="load flowing")
         gateway.signal(signal.SIGTERM)
+        # requests the upstream holds as the signal is sent: the drain must see them through
+        in_flight_at_sigterm = slow_upstream.received - slow_upstream.answered
         code = await asyncio.to_thread(gateway.wait, 30)
         stop.set()
         await asyncio.wait_for(asyncio.gather(*clients), 30)
@@ -254,7 +272,11 @@ async def test_sigterm_under_load_drops_no_accepted_request(
         gateway.stop()
     assert code == 0
     assert failures == []
-    assert ok >= 40
+    # over the wire: the drain had requests in flight at the upstream to finish, and every
+    # request that reached the upstream came back to its client as a whole 200 "done"
+    assert in_flight_at_sigterm >= 1
+    assert slow_upstream.answered == slow_upstream.received
+    assert ok == slow_upstream.received
 
 
 async def test_workers_share_the_port_and_a_killed_worker_is_restarted(tmp_path: Path) -> None:

@@ -22,6 +22,8 @@ class Seen:
 
     requests: list[dict[str, Any]] = field(default_factory=list)
     peers: set[tuple[str, int]] = field(default_factory=set)
+    #: the peer port of each /slow request (not in `requests`)
+    slow_peer_ports: list[int] = field(default_factory=list)
 
 
 SEEN = web.AppKey("seen", Seen)
@@ -39,6 +41,8 @@ async def _echo(request: web.Request) -> web.StreamResponse:
             "path": request.raw_path,
             "headers": list(request.raw_headers),
             "body": body,
+            # the gateway's end of the pooled connection the request came on
+            "peer_port": peer[1] if peer else None,
         }
     )
     return web.Response(
@@ -69,6 +73,9 @@ async def _status(request: web.Request) -> web.StreamResponse:
 
 
 async def _slow(request: web.Request) -> web.StreamResponse:
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    if peer:
+        request.app[SEEN].slow_peer_ports.append(peer[1])
     await asyncio.sleep(float(request.query.get("s", "5")))
     return web.Response(text="late")
 

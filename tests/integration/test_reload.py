@@ -87,23 +87,47 @@ async def test_unchanged_upstream_keeps_its_pool_and_in_flight_requests_finish(
     added = await exchange(port, b"GET /added-route HTTP/1.1\r\nHost: a\r\n\r\n")
     assert added.status == 200
     assert b'"route": "added"' in added.body
-    peers_before = set(seen.peers)
     assert (await exchange(port, b"GET /again HTTP/1.1\r\nHost: a\r\n\r\n")).status == 200
-    # every request, before and after the reload, went over the one connection opened warming
-    assert len(peers_before) == 1
-    assert seen.peers == peers_before
+    # over the wire: every request, before, across and after the reload, came on the one TCP
+    # connection the warming request opened (the same peer port), which is still open
+    assert [r["path"] for r in seen.requests] == ["/warm", "/again"]
+    warm, again = (r["peer_port"] for r in seen.requests)
+    [slow] = seen.slow_peer_ports
+    assert slow == warm
+    assert again == warm
+    assert _open_peer_ports(server) == {warm}
 
 
 async def test_changed_upstream_gets_a_new_pool(
     tmp_path: Path, gw: Gateway, upstream: tuple[TestServer, Seen]
 ) -> None:
-    server, _ = upstream
+    server, seen = upstream
+    port = port_of(gw)
+    assert (await exchange(port, b"GET /before HTTP/1.1\r\nHost: a\r\n\r\n")).status == 200
     before = gw.snapshot.upstreams["app"]
     text = basic_config(server.port or 0).replace("response_header: 2s", "response_header: 3s")
     write_config(tmp_path, text)
     assert (await gw.reload())["ok"] is True
     assert gw.snapshot.upstreams["app"] is not before
-    assert (await exchange(port_of(gw), b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")).status == 200
+    assert (await exchange(port, b"GET /after HTTP/1.1\r\nHost: a\r\n\r\n")).status == 200
+    # over the wire: the new pool opened a connection of its own, and the retired pool closed
+    # the idle one it held
+    old_port, new_port = (r["peer_port"] for r in seen.requests)
+    assert new_port != old_port
+    await async_wait_until(
+        lambda: _open_peer_ports(server) == {new_port}, within=5, what="old connection closed"
+    )
+
+
+def _open_peer_ports(server: TestServer) -> set[int]:
+    """The peer ports of the connections open to `server` now, as the server sees them."""
+    assert server.handler is not None
+    ports = set()
+    for protocol in server.handler.connections:
+        transport = protocol.transport
+        if transport is not None:
+            ports.add(transport.get_extra_info("peername")[1])
+    return ports
 
 
 # -- a reload that changes or removes the upstream a request is on -------------------------------
