@@ -12,6 +12,7 @@ import aiohttp
 from gateway.app import Gateway
 from tests.support.faulty import faulty_upstreams
 from tests.support.gateway import port_of, running_gateway, write_config
+from tests.support.process import async_wait_until
 from tests.support.raw import close_writer, exchange, open_raw
 
 OPEN_FOR = 0.3
@@ -216,3 +217,57 @@ async def test_a_body_cut_short_is_a_failure(tmp_path: Path) -> None:
             assert status == 503
             assert json.loads(body)["code"] == "circuit_open"
             assert up.total == 3
+
+
+#: concurrent requests sent once the circuit is half-open, and the probes it may admit
+CONCURRENT = 10
+PROBES = 3
+
+
+async def test_half_open_admits_exactly_its_probes_under_concurrency(tmp_path: Path) -> None:
+    """Ten requests at once on a half-open circuit with half_open_requests: 3: three reach the
+    upstream (held there until every request has been decided), seven get 503 circuit_open;
+    the three succeeding close the circuit."""
+    breaker = f"{{min_requests: 2, open_for: 200ms, half_open_requests: {PROBES}}}"
+    async with (
+        faulty_upstreams("a") as [up],
+        running_gateway(tmp_path, _config(up.url, breaker)) as gw,
+    ):
+        port = port_of(gw)
+        up.mode = "status:503"
+        for _ in range(2):
+            assert (await _get(port))[0] == 503
+        assert _state(gw) == "open"
+        up.mode = "ok"
+        gate = up.held["probe"] = asyncio.Event()
+        await async_wait_until(lambda: _state(gw) == "half_open", within=5, what="half-open")
+        request = b"GET /x HTTP/1.1\r\nHost: a\r\nX-Test-Id: probe\r\n\r\n"
+        tasks = [asyncio.ensure_future(exchange(port, request)) for _ in range(CONCURRENT)]
+        try:
+            # every request decided: the probes at the upstream, the rest answered
+            await async_wait_until(
+                lambda: up.executions["probe"] + sum(t.done() for t in tasks) == CONCURRENT,
+                within=10,
+                what="every request admitted or refused",
+            )
+            refused = [t.result() for t in tasks if t.done()]
+            assert up.executions["probe"] == PROBES
+            assert len(refused) == CONCURRENT - PROBES
+            for response in refused:
+                assert response.status == 503
+                assert json.loads(response.body)["code"] == "circuit_open"
+        finally:
+            gate.set()
+        answers = await asyncio.gather(*tasks)
+        assert sorted(r.status for r in answers) == [200] * PROBES + [503] * (CONCURRENT - PROBES)
+        assert up.executions["probe"] == PROBES
+        assert _state(gw) == "closed"
+
+
+def _state(gw: Gateway) -> str:
+    """The breaker's state as /admin/upstreams describes it (the same call, in-process)."""
+    [upstream] = gw.upstreams_info()
+    [circuit] = upstream["circuit_breakers"]
+    state = circuit["state"]
+    assert isinstance(state, str)
+    return state
