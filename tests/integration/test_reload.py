@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import aiohttp
+import pytest
 from aiohttp.test_utils import TestServer
 
 from gateway.app import Gateway
@@ -128,6 +129,82 @@ def _open_peer_ports(server: TestServer) -> set[int]:
         if transport is not None:
             ports.add(transport.get_extra_info("peername")[1])
     return ports
+
+
+# -- a reload with one invalid route is refused whole ----------------------------------------
+
+#: route /three of the new config, broken three ways, and the YAML path its error names
+_INVALID_THREE = [
+    pytest.param(
+        "{name: three, match: {path_prefix: /three}, upstream: nope}",
+        "routes[2].upstream",
+        id="unknown-upstream",
+    ),
+    pytest.param(
+        "{name: three, match: {path_prefix: /three}, upstream: a, "
+        "pipeline: [{rate_limit: {rate: -1}}]}",
+        "routes[2].pipeline[0].rate_limit.rate",
+        id="invalid-stage",
+    ),
+    pytest.param(
+        "{name: three, match: {pth: /three}, upstream: a}",
+        "routes[2].match.pth",
+        id="unknown-match-key",
+    ),
+]
+
+
+@pytest.mark.parametrize(("invalid_route", "yaml_path"), _INVALID_THREE)
+async def test_a_reload_with_one_invalid_route_changes_nothing(
+    tmp_path: Path, invalid_route: str, yaml_path: str
+) -> None:
+    """SPEC: a reload never half-applies.  The new config moves /one to upstream b, drops /two,
+    adds /four and breaks /three: it is refused whole, every route of the old config answers
+    as before, and /admin/config reports the error at its YAML path."""
+    async with faulty_upstreams("a", "b") as [a, b]:
+        upstreams = {"a": _app(a), "b": _app(b)}
+        old = _config(
+            upstreams,
+            [
+                _route("one", "/one", "a"),
+                _route("two", "/two", "b"),
+                _route("three", "/three", "a"),
+            ],
+        )
+        new = _config(
+            upstreams, [_route("one", "/one", "b"), _route("four", "/four", "a"), invalid_route]
+        )
+        async with running_gateway(tmp_path, old) as gw:
+            port = port_of(gw)
+            before = await _answers(port)
+            assert before == {
+                "/one": (200, "a"),
+                "/two": (200, "b"),
+                "/three": (200, "a"),
+                "/four": (404, None),
+            }
+            write_config(tmp_path, new)
+            assert gw.admin is not None
+            admin = f"http://127.0.0.1:{gw.admin.port}"
+            async with aiohttp.ClientSession() as session:
+                async with session.post(f"{admin}/admin/reload") as r:
+                    assert r.status == 422
+                    result = await r.json()
+                async with session.get(f"{admin}/admin/config") as r:
+                    last = (await r.json())["last_reload"]
+            assert result["ok"] is False
+            assert last["ok"] is False
+            assert f"{yaml_path}:" in last["error"], last["error"]
+            assert await _answers(port) == before
+
+
+async def _answers(port: int) -> dict[str, tuple[int, str | None]]:
+    """(status, the answering endpoint) of a GET to each route's path."""
+    answers = {}
+    for path in ("/one", "/two", "/three", "/four"):
+        response = await exchange(port, f"GET {path} HTTP/1.1\r\nHost: a\r\n\r\n".encode())
+        answers[path] = (response.status, response.header("x-endpoint"))
+    return answers
 
 
 # -- a reload that changes or removes the upstream a request is on -------------------------------
