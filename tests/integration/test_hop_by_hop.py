@@ -40,6 +40,8 @@ GATEWAY_OWN: dict[str, set[tuple[bytes, bytes]]] = {
 }
 
 ARBITRARY = "x-hop-custom"
+#: the same, named by a second Connection line (a header's lines are one comma-joined list)
+ARBITRARY_SECOND_LINE = "x-hop-custom-second-line"
 
 
 def odd_case(name: str) -> bytes:
@@ -52,6 +54,10 @@ def hop_lines(name: str, named: bool) -> list[tuple[bytes, bytes]]:
     if name == ARBITRARY:
         # an end-to-end name, hop-by-hop only because Connection names it
         return [(b"Connection", odd_case(name)), (odd_case(name), b"secret")]
+    if name == ARBITRARY_SECOND_LINE:
+        custom = odd_case(ARBITRARY)
+        first = b"Keep-Alive, X-Not-Sent"
+        return [(b"Connection", first), (b"Connection", custom), (custom, b"secret")]
     if name == "connection":
         value = b"keep-alive, Connection" if named else HOP_VALUES[name]
         return [(odd_case(name), value)]
@@ -65,10 +71,15 @@ CASES = [
     pytest.param(name, named, id=f"{name}-{'named' if named else 'alone'}")
     for name in HOP_VALUES
     for named in (False, True)
-] + [pytest.param(ARBITRARY, True, id=f"{ARBITRARY}-named")]
+] + [
+    pytest.param(ARBITRARY, True, id=f"{ARBITRARY}-named"),
+    pytest.param(ARBITRARY_SECOND_LINE, True, id=f"{ARBITRARY}-named-on-a-second-line"),
+]
 
 
 def assert_removed(name: str, headers: list[tuple[bytes, bytes]]) -> None:
+    if name == ARBITRARY_SECOND_LINE:
+        name = ARBITRARY
     arrived = [(n, v) for n, v in headers if n.lower() == name.encode()]
     allowed = GATEWAY_OWN.get(name, set())
     assert all(line in allowed for line in arrived), arrived
