@@ -50,11 +50,15 @@ async def test_exact_under_concurrency(tmp_path: Path) -> None:
     From the first take t_F to any take t, a bucket that starts full earns burst + rate * (t -
     t_F) tokens, and never holds a negative count, so however the requests interleave:
         admitted <= burst + rate * (last answered - first sent).
-    And a refused take at t left less than one token, so, as long as the bucket never sat full
-    (the clients keep requests in flight; it would take a 1 s stall to fill 100 tokens at 100/s):
-        admitted > burst + rate * (last refused sent - first answered) - 1.
-    The slack is rate * (the first and last requests' round trips): a few tokens at most, while
-    a refill 10 % too fast earns 20 more over the 2 s."""
+    A refused take leaves less than one token.  So at least `burst` were admitted before the
+    first refused take t_1 (tokens only ever left by being taken), and from t_1 to a later
+    refused take t_2 the bucket, below one token at t_1, cannot reach its cap of 100 unless the
+    clients pause for a second, so it is refilled at `rate` all along and more than
+    rate * (t_2 - t_1) - 1 were admitted in between:
+        admitted > burst + rate * (last refused sent - first refused answered) - 1.
+    (Before the first refusal the bucket sits near its cap, where a pause of 10 ms between
+    takes loses a token: the bound starts after it.)  The slack is a few tokens, while a
+    refill 10 % too fast earns 20 more over the 2 s, and one 10 % too slow 20 fewer."""
     rate, burst, clients, seconds = 100, 100, 20, 2.0
     async with running_gateway(tmp_path, _config(f"{{rate: {rate}, burst: {burst}}}")) as gw:
         port = port_of(gw)
@@ -76,11 +80,11 @@ async def test_exact_under_concurrency(tmp_path: Path) -> None:
     assert {status for _, _, status in requests} == {200, 429}
     admitted = sum(1 for _, _, status in requests if status == 200)
     first_sent = min(sent for sent, _, _ in requests)
-    first_answered = min(answered for _, answered, _ in requests)
     last_answered = max(answered for _, answered, _ in requests)
+    first_refused_answered = min(answered for _, answered, status in requests if status == 429)
     last_refused_sent = max(sent for sent, _, status in requests if status == 429)
     most = burst + rate * (last_answered - first_sent)
-    least = burst + rate * (last_refused_sent - first_answered) - 1
+    least = burst + rate * (last_refused_sent - first_refused_answered) - 1
     assert least < admitted <= math.floor(most + 1e-6), (least, admitted, most)
 
 
