@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         print("for development only: anyone with ca.key can mint certificates these trust")
         return 0
     # token: the secret comes from the environment, never from the command line (shell history)
-    from gateway.idempotency import mint_token
+    from gateway.core.idempotency_tokens import mint_token
 
     secret = os.environ.get(args.secret_env, "")
     if not secret:

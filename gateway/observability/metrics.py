@@ -560,7 +560,7 @@ class GatewayMetrics:
         self.jwt_total = r.counter(
             "gateway_jwt_total", "Bearer tokens checked, by result.", ("route", "result")
         )
-        # reasons are gateway.jwt.SkipReason, a fixed set
+        # reasons are gateway.core.jwt_tokens.SkipReason, a fixed set
         self.jwt_keys_skipped_total = r.counter(
             "gateway_jwt_keys_skipped_total",
             "JWKS entries left out because they cannot verify tokens, each time a set is read.",

@@ -53,6 +53,7 @@ from gateway.config.reader import (
     positive_size,
 )
 from gateway.config.stages import PipelineCheck
+from gateway.core.idempotency_tokens import TokenInvalid, verify_token
 from gateway.errors import (
     ConfigError,
     GatewayError,
@@ -64,7 +65,6 @@ from gateway.errors import (
     StoreUnavailable,
 )
 from gateway.http.messages import BodySink, BodyStream, Response
-from gateway.idempotency import TokenInvalid, verify_token
 from gateway.identity import Part, identity_part
 from gateway.observability.metrics import Counter, GatewayMetrics
 from gateway.pipeline import Next, RequestContext

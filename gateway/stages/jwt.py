@@ -37,9 +37,7 @@ from gateway.config.model import StageSpec
 from gateway.config.reader import Fields, Nested, Reader, as_str, positive_duration, positive_int
 from gateway.config.stages import PipelineCheck
 from gateway.config.units import parse_duration
-from gateway.errors import ConfigError, Unauthenticated
-from gateway.http.messages import Response
-from gateway.jwt import (
+from gateway.core.jwt_tokens import (
     ALGORITHMS,
     HMAC_ALGORITHMS,
     JwksProblem,
@@ -52,6 +50,8 @@ from gateway.jwt import (
     read_jwks,
     verify,
 )
+from gateway.errors import ConfigError, Unauthenticated
+from gateway.http.messages import Response
 from gateway.observability.metrics import Counter
 from gateway.pipeline import Next, RequestContext
 from gateway.stages.converters import OWNED_REQUEST, check_name, str_list

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.idempotency import mint_token
+from gateway.core.idempotency_tokens import mint_token
 from gateway.stores.memory import MemoryStore
 from tests.support.faulty import closed_port, faulty_upstreams
 from tests.support.gateway import port_of, running_gateway, write_config

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from gateway.idempotency import TokenInvalid, mint_token, verify_token
+from gateway.core.idempotency_tokens import TokenInvalid, mint_token, verify_token
 
 VECTORS: list[dict[str, Any]] = json.loads(
     (Path(__file__).parents[1] / "vectors" / "idempotency_tokens.json").read_text()

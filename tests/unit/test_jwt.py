@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from gateway.jwt import (
+from gateway.core.jwt_tokens import (
     ALGORITHMS,
     JwksProblem,
     Policy,

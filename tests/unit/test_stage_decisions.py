@@ -9,6 +9,7 @@ import dataclasses
 
 import pytest
 
+from gateway.core.idempotency_tokens import mint_token
 from gateway.errors import (
     ConnectFailed,
     GatewayError,
@@ -21,7 +22,6 @@ from gateway.errors import (
     UpstreamUnavailable,
 )
 from gateway.http.messages import RequestHead, Response
-from gateway.idempotency import mint_token
 from gateway.observability.metrics import GatewayMetrics, Registry
 from gateway.pipeline import RequestContext
 from gateway.stages.idempotency import (
