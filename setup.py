@@ -37,7 +37,11 @@ HOT_MODULES = [
     "gateway/upstream/balancer.py",
     "gateway/upstream/upstream.py",
     "gateway/runtime/snapshot.py",
+    # the children every request updates; the declarations, whose attributes compiled code reads
+    # natively; and /metrics rendering and merging, compiled as before the split
+    "gateway/observability/instruments.py",
     "gateway/observability/metrics.py",
+    "gateway/observability/exposition.py",
     "gateway/observability/access_log.py",
 ]
 

@@ -31,8 +31,9 @@ from gateway.errors import ConfigErrors
 from gateway.http.listening import accept_pending, refuse_new_handshakes
 from gateway.http.server import HttpConnection
 from gateway.http.serving import ServerState
+from gateway.observability.exposition import Registry, read_snapshots
 from gateway.observability.logs import setup_logging
-from gateway.observability.metrics import GatewayMetrics, Registry, read_snapshots
+from gateway.observability.metrics import GatewayMetrics
 from gateway.runtime.shared import SharedState
 from gateway.runtime.snapshot import Snapshot, build_snapshot
 from gateway.stages.registry import KINDS

@@ -60,7 +60,7 @@ from gateway.tls import ClientCertificate
 if TYPE_CHECKING:
     from gateway.config.model import LimitsConfig as Limits
     from gateway.http.serving import ServerState
-    from gateway.observability.metrics import CounterChild
+    from gateway.observability.instruments import CounterChild
     from gateway.runtime.snapshot import Route, Snapshot
 
 log = logging.getLogger("gateway.http")

@@ -9,7 +9,8 @@ import time
 from typing import TYPE_CHECKING, Protocol, final
 
 from gateway.observability.access_log import AccessEntry, loggable_path
-from gateway.observability.metrics import CounterChild, GatewayMetrics, bounded_method
+from gateway.observability.instruments import CounterChild, bounded_method
+from gateway.observability.metrics import GatewayMetrics
 
 if TYPE_CHECKING:
     from gateway.http.server import HttpConnection, _Exchange

@@ -28,7 +28,8 @@ from gateway.http.path import (
     PATH_SEMICOLON,
 )
 from gateway.observability.access_log import AccessLog
-from gateway.observability.metrics import CounterChild, GatewayMetrics
+from gateway.observability.instruments import CounterChild
+from gateway.observability.metrics import GatewayMetrics
 from gateway.pipeline import Next, Stage, compose
 from gateway.routing import Router
 from gateway.runtime.shared import SharedState, StageKey

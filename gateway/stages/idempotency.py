@@ -66,7 +66,8 @@ from gateway.errors import (
 )
 from gateway.http.messages import BodySink, BodyStream, Response
 from gateway.identity import Part, identity_part
-from gateway.observability.metrics import Counter, GatewayMetrics
+from gateway.observability.instruments import Counter
+from gateway.observability.metrics import GatewayMetrics
 from gateway.pipeline import Next, RequestContext
 from gateway.stages.converters import TOKEN, check_identity_key, client_id, store_name
 from gateway.stages.kind import BuildContext, StageKind

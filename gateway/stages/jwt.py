@@ -52,7 +52,7 @@ from gateway.core.jwt_tokens import (
 )
 from gateway.errors import ConfigError, Unauthenticated
 from gateway.http.messages import Response
-from gateway.observability.metrics import Counter
+from gateway.observability.instruments import Counter
 from gateway.pipeline import Next, RequestContext
 from gateway.stages.converters import OWNED_REQUEST, check_name, str_list
 from gateway.stages.kind import BuildContext, StageKind

@@ -26,7 +26,8 @@ from gateway.config.stages import PipelineCheck
 from gateway.errors import ConfigError, GatewayError, RateLimited, StoreUnavailable
 from gateway.http.messages import Response
 from gateway.identity import Part, client_ip, identity_part
-from gateway.observability.metrics import Counter, CounterChild, GatewayMetrics
+from gateway.observability.instruments import Counter, CounterChild
+from gateway.observability.metrics import GatewayMetrics
 from gateway.pipeline import Next, RequestContext
 from gateway.stages.converters import TOKEN, check_identity_key, store_name
 from gateway.stages.kind import BuildContext, StageKind

@@ -32,7 +32,7 @@ from gateway.config.model import StageSpec
 from gateway.config.reader import Fields, Reader, positive_duration, positive_int, status
 from gateway.errors import ConfigError, GatewayError
 from gateway.http.messages import Response
-from gateway.observability.metrics import Counter, CounterChild
+from gateway.observability.instruments import Counter, CounterChild
 from gateway.pipeline import Next, RequestContext
 from gateway.stages.converters import non_negative_int, share
 from gateway.stages.kind import BuildContext, StageKind

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Protocol, final
 
-from gateway.observability.metrics import CounterChild, GaugeChild
+from gateway.observability.instruments import CounterChild, GaugeChild
 
 
 class StoreError(Exception):

@@ -27,12 +27,8 @@ from typing import Any, final
 from gateway.config.model import UpstreamConfig
 from gateway.core.outlier import Outliers
 from gateway.errors import NoHealthyUpstream
-from gateway.observability.metrics import (
-    CounterChild,
-    GatewayMetrics,
-    GaugeChild,
-    HistogramChild,
-)
+from gateway.observability.instruments import CounterChild, GaugeChild, HistogramChild
+from gateway.observability.metrics import GatewayMetrics
 from gateway.upstream.balancer import LeastRequest, RoundRobin
 from gateway.upstream.health import HealthChecker
 from gateway.upstream.pool import EndpointPool

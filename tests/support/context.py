@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 
 from gateway.http.messages import RequestBody, RequestHead
-from gateway.observability.metrics import GatewayMetrics, Registry
+from gateway.observability.exposition import Registry
+from gateway.observability.metrics import GatewayMetrics
 from gateway.pipeline import Peer, RequestContext
 from gateway.runtime.shared import SharedState
 from gateway.runtime.snapshot import Snapshot, build_snapshot

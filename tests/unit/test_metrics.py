@@ -1,4 +1,5 @@
-"""gateway.observability.metrics: children, text rendering, multi-worker merge, snapshot files."""
+"""gateway.observability.instruments, exposition and metrics: children, text rendering, multi-worker
+merge, snapshot files, the declarations."""
 
 from __future__ import annotations
 
@@ -11,13 +12,9 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.observability.metrics import (
-    DEFAULT_BUCKETS,
-    GatewayMetrics,
-    Registry,
-    bounded_method,
-    read_snapshots,
-)
+from gateway.observability.exposition import Registry, read_snapshots
+from gateway.observability.instruments import DEFAULT_BUCKETS, bounded_method
+from gateway.observability.metrics import GatewayMetrics
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 

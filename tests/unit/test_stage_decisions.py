@@ -22,7 +22,8 @@ from gateway.errors import (
     UpstreamUnavailable,
 )
 from gateway.http.messages import RequestHead, Response
-from gateway.observability.metrics import GatewayMetrics, Registry
+from gateway.observability.exposition import Registry
+from gateway.observability.metrics import GatewayMetrics
 from gateway.pipeline import RequestContext
 from gateway.stages.idempotency import (
     IdempotencyConfig,
