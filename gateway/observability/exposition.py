@@ -26,7 +26,8 @@ from gateway.observability.instruments import (
     Merge,
 )
 
-Snapshot = dict[str, Any]
+#: one worker's live values as plain JSON data, {family name: rows}: what it publishes to its file
+MetricsSnapshot = dict[str, Any]
 
 
 # -- text format -----------------------------------------------------------------------------
@@ -199,7 +200,7 @@ class Registry:
         self._add(family)
         return family
 
-    def snapshot(self) -> Snapshot:
+    def snapshot(self) -> MetricsSnapshot:
         """The live values as plain JSON data: {family name: rows}."""
         return {name: _family_snapshot(f) for name, f in self.families.items()}
 
@@ -220,7 +221,7 @@ class Registry:
     def render(self, extra: Iterable[object] = ()) -> str:
         """Prometheus text of the live values merged with other workers' snapshots (anything
         that is not a snapshot, such as a file another worker was still writing, is skipped)."""
-        others: list[Snapshot] = [s for s in extra if isinstance(s, dict)]
+        others: list[MetricsSnapshot] = [s for s in extra if isinstance(s, dict)]
         out: list[str] = []
         for name, family in self.families.items():
             _render_family(family, [s.get(name) for s in others], out)
@@ -228,7 +229,7 @@ class Registry:
         return "\n".join(out)
 
 
-def read_snapshots(directory: str, exclude: str = "") -> list[Snapshot]:
+def read_snapshots(directory: str, exclude: str = "") -> list[MetricsSnapshot]:
     """The snapshots (`*.json`) in `directory` except the file named `exclude` (our own).
 
     Unreadable, partial or non-object files are skipped without raising: /metrics must answer
@@ -238,7 +239,7 @@ def read_snapshots(directory: str, exclude: str = "") -> list[Snapshot]:
         names = sorted(os.listdir(directory))
     except OSError:
         return []
-    result: list[Snapshot] = []
+    result: list[MetricsSnapshot] = []
     for name in names:
         if name == exclude or not name.endswith(".json"):
             continue
