@@ -201,7 +201,7 @@ class Gateway:
             if self.worker_index == 0:
                 self.admin = AdminServer(self, config.admin.host, config.admin.port)
                 await self.admin.start()
-                if not config.admin.token and not _is_loopback(config.admin.host):
+                if not config.admin.token and not is_loopback(config.admin.host):
                     # e.g. ${GATEWAY_ADMIN_TOKEN:-} with the variable unset
                     log.warning(
                         "the admin API listens on %s without a token: anyone who reaches it may"
@@ -579,7 +579,8 @@ def serve(config_path: str, *, worker_index: int = 0, workers: int = 1, watch: b
     return uvloop.run(main())
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """Whether `host` (an admin listener's) is reachable only from this machine."""
     if host == "localhost":
         return True
     try:

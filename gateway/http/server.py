@@ -2,7 +2,7 @@
 
 llhttp (via httptools) parses; the callbacks fill a `RequestHead`, normalize the path and pick
 the route as soon as the head is complete — so the body limit is the route's before the first
-body byte — and queue an `_Exchange`.  One task per connection works through the queue in order
+body byte — and queue an `Exchange`.  One task per connection works through the queue in order
 (pipelining), runs each route's pipeline, and writes the response: only this class writes to
 the client socket, and every `GatewayError` becomes one problem+json response here.  Metrics and
 the access log are emitted here too, once per request.
@@ -106,7 +106,7 @@ class ClientClosed(Exception):
 
 
 @final
-class _Exchange:
+class Exchange:
     """One request on its way through the connection's queue."""
 
     __slots__ = ("body", "close", "error", "head", "route", "snapshot", "start")
@@ -194,8 +194,8 @@ class HttpConnection(asyncio.Protocol):
         self._host_name = ""
         self._raw_head = 0
         self._in_head = False
-        self._current: _Exchange | None = None
-        self._queue: deque[_Exchange] = deque()
+        self._current: Exchange | None = None
+        self._queue: deque[Exchange] = deque()
         self._task: asyncio.Task[None] | None = None
         self._wakeup: asyncio.Future[None] | None = None
         self._closing = False
@@ -236,7 +236,7 @@ class HttpConnection(asyncio.Protocol):
         self._tunnel_seen = 0
         self._tunnel_active_at = 0.0
         #: an upgrade request between its head and llhttp's HttpParserUpgrade
-        self._upgrading: _Exchange | None = None
+        self._upgrading: Exchange | None = None
 
     # -- connection life ---------------------------------------------------------------------
 
@@ -389,7 +389,7 @@ class HttpConnection(asyncio.Protocol):
             elif current is not None and current is self._current and current.head.chunked:
                 self._count_framing(current, len(data))
 
-    def _count_framing(self, current: _Exchange, size: int) -> None:
+    def _count_framing(self, current: Exchange, size: int) -> None:
         """Bound what a chunked body costs beyond its bytes: chunk framing and trailers.
 
         llhttp buffers a trailer until it ends (httptools grows it by concatenation: quadratic
@@ -564,7 +564,7 @@ class HttpConnection(asyncio.Protocol):
             body = RequestBody(self._loop, self, limit, limits.body_timeout, high_water)
             if head.expect_continue and error is None:
                 body.on_first_read = self._send_continue
-        exchange = _Exchange(head, snapshot, now, route, error, body)
+        exchange = Exchange(head, snapshot, now, route, error, body)
         server.in_flight_gauge.inc()
         self._current = exchange
         self._enqueue(exchange)
@@ -638,7 +638,7 @@ class HttpConnection(asyncio.Protocol):
             return
         head = self._head if self._head is not None and self._in_head else RequestHead()
         self._in_head = False
-        exchange = _Exchange(head, self.server.snapshot, self._loop.time(), None, error, None)
+        exchange = Exchange(head, self.server.snapshot, self._loop.time(), None, error, None)
         exchange.close = True
         self.server.in_flight_gauge.inc()
         self._enqueue(exchange)
@@ -681,7 +681,7 @@ class HttpConnection(asyncio.Protocol):
 
     # -- the request queue -------------------------------------------------------------------
 
-    def _enqueue(self, exchange: _Exchange) -> None:
+    def _enqueue(self, exchange: Exchange) -> None:
         self._queue.append(exchange)
         if self._task is None:
             self.deadline_kind = 0
@@ -754,7 +754,7 @@ class HttpConnection(asyncio.Protocol):
         self.deadline_kind = _IDLE
         return True
 
-    async def _run(self, exchange: _Exchange) -> None:
+    async def _run(self, exchange: Exchange) -> None:
         server = self.server
         head = exchange.head
         request_id = head.request_id
@@ -799,7 +799,7 @@ class HttpConnection(asyncio.Protocol):
             self._sent_before += self._bytes_out
             self._bytes_out = 0
 
-    async def _respond(self, exchange: _Exchange, response: Response, request_id: bytes) -> None:
+    async def _respond(self, exchange: Exchange, response: Response, request_id: bytes) -> None:
         transport = self.transport
         assert transport is not None
         self._rate_base = self._sent_before
@@ -916,7 +916,7 @@ class HttpConnection(asyncio.Protocol):
 
     # -- tunnels -----------------------------------------------------------------------------
 
-    def _start_tunnel(self, exchange: _Exchange, upstream: Tunnel) -> None:
+    def _start_tunnel(self, exchange: Exchange, upstream: Tunnel) -> None:
         transport = self.transport
         assert transport is not None
         self._tunnel = upstream

@@ -13,7 +13,7 @@ from gateway.observability.instruments import CounterChild, bounded_method
 from gateway.observability.metrics import GatewayMetrics
 
 if TYPE_CHECKING:
-    from gateway.http.server import HttpConnection, _Exchange
+    from gateway.http.server import Exchange, HttpConnection
     from gateway.pipeline import RequestContext
     from gateway.runtime.snapshot import Snapshot
 
@@ -96,7 +96,7 @@ class ServerState:
 
     def record(
         self,
-        exchange: _Exchange,
+        exchange: Exchange,
         ctx: RequestContext | None,
         status: int,
         request_id: bytes,

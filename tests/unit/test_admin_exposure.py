@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.app import _is_loopback
+from gateway.app import is_loopback
 
 
 @pytest.mark.parametrize(
@@ -22,4 +22,4 @@ from gateway.app import _is_loopback
     ],
 )
 def test_which_admin_binds_are_loopback(host: str, loopback: bool) -> None:
-    assert _is_loopback(host) is loopback
+    assert is_loopback(host) is loopback
