@@ -352,6 +352,11 @@ class BodyStream(Protocol):
         """The client went away or the body is not wanted: release the source."""
         ...
 
+    def release_unused(self) -> None:
+        """The head went out but no body follows (HEAD, 204, 304): give the source back, for
+        reuse where the body already arrived whole, else as `abort` does."""
+        ...
+
 
 class Tunnel(Protocol):
     """The upstream end of a tunnel (a 101 answer to a WebSocket handshake), as the server

@@ -861,7 +861,7 @@ class HttpConnection(asyncio.Protocol):
             transport.write(data)
             if stream is not None:
                 # HEAD / 204 / 304: a body was announced, none follows
-                _release_stream(stream)
+                stream.release_unused()
         else:
             data = b"%b%bX-Request-Id: %b\r\n%b%b\r\n" % (
                 status_bytes,
@@ -1174,14 +1174,6 @@ def _body_parser(connection: HttpConnection, head: RequestHead) -> httptools.Htt
         framing = b"Content-Length: %d\r\n" % (head.content_length or 0)
     parser.feed_data(b"POST / HTTP/1.1\r\nHost: body\r\n%b\r\n" % framing)
     return parser
-
-
-def _release_stream(stream: BodyStream) -> None:
-    release = getattr(stream, "release_unused", None)
-    if release is not None:
-        release()
-    else:
-        stream.abort()
 
 
 def _valid_request_id(value: bytes) -> bool:

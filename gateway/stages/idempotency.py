@@ -337,6 +337,10 @@ class _Recorder:
         if waiter is not None and not waiter.done():
             waiter.set_exception(ConnectionError("the client went away"))
 
+    def release_unused(self) -> None:
+        # no body is sent, so none can be recorded: the record fails as when the client leaves
+        self.abort()
+
 
 @final
 class IdempotencyStage:
