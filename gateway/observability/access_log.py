@@ -190,17 +190,22 @@ class AccessLog:
     def __init__(
         self,
         config: AccessLogConfig,
-        write: Callable[[str], None] = STDOUT,
+        write: Callable[[str], None] | None = None,
         random: Callable[[], float] = _random.random,
+        flush: Callable[[], None] | None = None,
     ) -> None:
+        """Lines go to `write`, by default the shared `STDOUT` buffer, which `flush` writes
+        out; a writer given here writes each line itself unless its `flush` is given too."""
         self.enabled = config.enabled
         self._ratio = config.sample_ratio
         self._always = config.always_log_status
         self._excluded = tuple(name for name in FIELDS if name in config.exclude_fields)
+        if write is None:
+            write = STDOUT
+            if flush is None:
+                flush = STDOUT.flush
         self._write = write
         self._random = random
-        # a writer that buffers (like STDOUT) has a flush(); a plain callable needs none
-        flush: Callable[[], None] | None = getattr(write, "flush", None)
         self._flush = flush if flush is not None else _no_flush
 
     def wants(self, status: int) -> bool:
