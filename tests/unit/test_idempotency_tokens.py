@@ -65,3 +65,13 @@ def test_fresh_tokens_differ_and_verify() -> None:
     assert verify_token(a, SECRET, "c", window=5)
     with pytest.raises(ValueError, match="salt"):
         mint_token(SECRET, "c", salt="bad.salt")
+
+
+def test_the_public_api_backends_import_is_gateway_idempotency() -> None:
+    """SPEC §5.5 names `gateway.idempotency.mint_token()`: backends import it from there."""
+    from gateway import idempotency
+
+    token = idempotency.mint_token("s" * 32, "alice")
+    idempotency.verify_token(token, "s" * 32, "alice", window=300.0)
+    with pytest.raises(idempotency.TokenInvalid):
+        idempotency.verify_token(token, "s" * 32, "bob", window=300.0)
