@@ -3,10 +3,12 @@
 slowhttptest runs each attack — slow body (R-U-Dead-Yet), slow read, slow headers (slowloris) —
 with hundreds of connections from 127.0.0.1 against the gateway on its default limits, in front
 of one upstream whose pool holds 256 connections; meanwhile 75 ordinary requests from another
-client (127.0.0.2) must all get 200, 95 % of them within 100 ms and every one within 3 s, and
-the gateway's memory must stay bounded.  (The 3 s allows for this machine, not the gateway: the
+client (127.0.0.2) must all get 200, 95 % of them within 250 ms and every one within 5 s, and
+the gateway's memory must stay bounded.  (The times allow for this machine, not the gateway: the
 upstream shares two cores with the gateway, the attack tool and the probes, and while the
-attack starts it pushes hundreds of 4 MiB responses; probed directly, it answers as late.)
+attack starts it pushes hundreds of 4 MiB responses; probed directly, it answers as late.  With
+100 ms and 3 s, the slow-read run failed one run in three on an otherwise idle machine — the
+95th percentile at 100-140 ms, on the code before issue 12 as on the code after it.)
 The metrics then show which defence answered the attack, so a test cannot pass by the attack
 silently failing to start.
 """
@@ -207,7 +209,7 @@ def test_ordinary_requests_are_served_during_a_slow_attack(name: str, setup: Set
     statuses = [status for status, _ in results]
     times = sorted(seconds for _, seconds in results)
     assert statuses == [200] * PROBES, statuses
-    assert times[int(PROBES * 0.95) - 1] < 0.1, f"95 % of probes within 100 ms: {times}"
-    assert times[-1] < 3.0, f"every probe within 3 s: {times}"
+    assert times[int(PROBES * 0.95) - 1] < 0.25, f"95 % of probes within 250 ms: {times}"
+    assert times[-1] < 5.0, f"every probe within 5 s: {times}"
     assert peak - baseline < RSS_GROWTH_LIMIT_MIB, f"RSS grew from {baseline} to {peak} MiB"
     assert evidence >= attack.at_least, f"{attack.evidence}: {evidence}"
