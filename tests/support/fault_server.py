@@ -32,6 +32,9 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
+from tests.support.raw_server import RawServer
+from tests.support.wire_upstream import parse_head
+
 FAULTS = (
     "reset_before_read",
     "reset_after_read",
@@ -52,53 +55,24 @@ _CUT_BODY = b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"b" * 100
 _GARBAGE = b"\x16\x03\x01 this is not HTTP\r\n\r\n"
 
 
-class FaultServer:
+class FaultServer(RawServer):
     def __init__(self) -> None:
+        super().__init__()
         #: deliveries of each id (a reset before the read is a delivery, not an execution)
         self.deliveries: Counter[str] = Counter()
         #: how many times the upstream ran each operation
         self.executions: Counter[str] = Counter()
         #: when set, picks the fault of *every* delivery (a soak), whatever the request says
         self.chaos: Callable[[], str] | None = None
-        self._server: asyncio.Server | None = None
-        self._connections: set[asyncio.StreamWriter] = set()
 
-    @property
-    def port(self) -> int:
-        assert self._server is not None
-        port: int = self._server.sockets[0].getsockname()[1]
-        return port
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for writer in list(self._connections):
-            writer.transport.abort()
-        if self._server is not None:
-            await self._server.wait_closed()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._connections.add(writer)
-        try:
-            while await self._exchange(reader, writer):
-                pass
-        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await self._exchange(reader, writer):
             pass
-        finally:
-            self._connections.discard(writer)
-            writer.transport.abort()
 
     async def _exchange(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
         """Serve one request; False when the connection is done."""
-        head = await reader.readuntil(b"\r\n\r\n")
-        headers = _headers(head)
+        _, lines = parse_head((await reader.readuntil(b"\r\n\r\n"))[:-4])
+        headers = {n.decode("latin-1").lower(): v.decode("latin-1") for n, v in lines}
         test_id = headers.get("x-test-id", "")
         self.deliveries[test_id] += 1
         if self.chaos is not None:
@@ -153,15 +127,6 @@ class FaultServer:
         )
         await writer.drain()
         return True
-
-
-def _headers(head: bytes) -> dict[str, str]:
-    found: dict[str, str] = {}
-    for line in head.decode("latin-1").split("\r\n")[1:]:
-        name, sep, value = line.partition(":")
-        if sep:
-            found[name.strip().lower()] = value.strip()
-    return found
 
 
 def _reset(writer: asyncio.StreamWriter) -> None:

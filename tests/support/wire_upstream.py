@@ -10,10 +10,11 @@ de-chunked body and the peer port of the connection it came on (the gateway's po
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+
+from tests.support.raw_server import RawServer
 
 
 @dataclass(frozen=True)
@@ -40,54 +41,25 @@ def parse_head(head: bytes) -> tuple[bytes, list[tuple[bytes, bytes]]]:
     return first, headers
 
 
-class WireUpstream:
+class WireUpstream(RawServer):
     def __init__(self) -> None:
+        super().__init__()
         self.requests: list[WireRequest] = []
         self.response = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
 
-    @property
-    def port(self) -> int:
-        assert self._server is not None
-        port: int = self._server.sockets[0].getsockname()[1]
-        return port
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._writers.add(writer)
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer_port = writer.get_extra_info("peername")[1]
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                first, headers = parse_head(head[:-4])
-                fields = {n.lower(): v for n, v in headers}
-                if fields.get(b"transfer-encoding", b"").lower() == b"chunked":
-                    body = await _read_chunked(reader)
-                else:
-                    body = await reader.readexactly(int(fields.get(b"content-length", b"0")))
-                self.requests.append(WireRequest(first, headers, body, peer_port))
-                writer.write(self.response)
-                await writer.drain()
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            self._writers.discard(writer)
-            writer.close()
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-
-    async def close(self) -> None:
-        assert self._server is not None
-        self._server.close()
-        for writer in list(self._writers):
-            writer.transport.abort()
-        with contextlib.suppress(OSError):
-            await self._server.wait_closed()
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            first, headers = parse_head(head[:-4])
+            fields = {n.lower(): v for n, v in headers}
+            if fields.get(b"transfer-encoding", b"").lower() == b"chunked":
+                body = await _read_chunked(reader)
+            else:
+                body = await reader.readexactly(int(fields.get(b"content-length", b"0")))
+            self.requests.append(WireRequest(first, headers, body, peer_port))
+            writer.write(self.response)
+            await writer.drain()
 
 
 async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
