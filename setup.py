@@ -12,8 +12,8 @@ from setuptools import setup
 
 #: the request path: parsing, routing, forwarding, pooling, metrics updates
 HOT_MODULES = [
-    "gateway/http/server.py",
-    "gateway/http/serving.py",
+    "gateway/downstream/connection.py",
+    "gateway/downstream/serving.py",
     "gateway/http/messages.py",
     "gateway/http/forwarding.py",
     "gateway/http/path.py",

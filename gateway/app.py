@@ -27,10 +27,10 @@ from typing import Any
 from gateway.admin import AdminServer
 from gateway.config.load import load_config
 from gateway.config.model import GatewayConfig
+from gateway.downstream.connection import HttpConnection
+from gateway.downstream.listening import accept_pending, refuse_new_handshakes
+from gateway.downstream.serving import ServerState
 from gateway.errors import ConfigErrors
-from gateway.http.listening import accept_pending, refuse_new_handshakes
-from gateway.http.server import HttpConnection
-from gateway.http.serving import ServerState
 from gateway.observability.exposition import Registry, read_snapshots
 from gateway.observability.logs import setup_logging
 from gateway.observability.metrics import GatewayMetrics

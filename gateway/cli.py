@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "certs":
         from pathlib import Path
 
-        from gateway.tls import init_dev_certificates
+        from gateway.dev_certificates import init_dev_certificates
 
         hosts = [h.strip() for h in args.hosts.split(",") if h.strip()]
         if not hosts:

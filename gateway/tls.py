@@ -1,12 +1,12 @@
-"""TLS: certificates checked before use, server contexts, SNI selection, client certificates,
-and development certificates for `gateway certs init`.
+"""TLS at the listeners: server contexts, SNI selection, and the client certificate a
+connection presented.
 
 A listener's socket keeps one *front* `SSLContext` for its whole life; its SNI callback hands
 each new handshake the context of the current snapshot that matches the requested name (or the
 listener's default, the first certificate).  A reload that changes certificates or the client CA
 therefore reaches new handshakes at once, while established connections keep what they
-negotiated.  Every certificate is validated before a snapshot uses it: it parses, its key
-matches, and it is valid now — a broken one is a config error, never a half-working listener.
+negotiated.  The certificates were checked by the loader (`gateway.certificates`) before a
+snapshot uses them.
 
 Defaults follow Mozilla's "intermediate" profile: TLS 1.2 and 1.3 only, ECDHE with AES-GCM or
 ChaCha20-Poly1305 for TLS 1.2, no compression, no renegotiation, ALPN `http/1.1`.
@@ -18,7 +18,6 @@ import base64
 import datetime
 import fnmatch
 import hashlib
-import ipaddress
 import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -26,10 +25,8 @@ from pathlib import Path
 from typing import Final
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from gateway.certificates import CheckedCertificate
 from gateway.config.model import ListenerTLSConfig
 
 #: TLS 1.2 suites of the intermediate profile we can serve (the DHE ones need DH parameters)
@@ -44,78 +41,6 @@ INTERMEDIATE_CIPHERS: Final = ":".join(
     ]
 )
 _VERSIONS: Final = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
-
-
-class CertificateProblem(Exception):
-    """A certificate, key or CA bundle that cannot be used; the message says why."""
-
-
-@dataclass(frozen=True, slots=True)
-class CheckedCertificate:
-    cert: Path
-    key: Path
-    #: DNS names (and IP addresses) it serves, lower case; "*.example.com" for a wildcard
-    names: tuple[str, ...]
-    not_after: datetime.datetime
-
-
-def _now() -> datetime.datetime:
-    return datetime.datetime.now(datetime.UTC)
-
-
-def check_certificate(
-    cert: Path, key: Path, now: datetime.datetime | None = None
-) -> CheckedCertificate:
-    """Parse `cert` and `key`, check they belong together and the certificate is valid now."""
-    now = now or _now()
-    try:
-        chain = x509.load_pem_x509_certificates(cert.read_bytes())
-    except OSError as exc:
-        raise CertificateProblem(f"cannot read {cert}: {exc.strerror or exc}") from None
-    except ValueError:
-        raise CertificateProblem(f"{cert} is not a PEM certificate") from None
-    leaf = chain[0]
-    try:
-        private = serialization.load_pem_private_key(key.read_bytes(), password=None)
-    except OSError as exc:
-        raise CertificateProblem(f"cannot read {key}: {exc.strerror or exc}") from None
-    except (ValueError, TypeError):
-        raise CertificateProblem(f"{key} is not an unencrypted PEM private key") from None
-    public = serialization.PublicFormat.SubjectPublicKeyInfo
-    der = serialization.Encoding.DER
-    if private.public_key().public_bytes(der, public) != leaf.public_key().public_bytes(
-        der, public
-    ):
-        raise CertificateProblem(f"{key} is not the private key of {cert}")
-    if now > leaf.not_valid_after_utc:
-        raise CertificateProblem(f"{cert} expired on {leaf.not_valid_after_utc:%Y-%m-%d %H:%M} UTC")
-    if now < leaf.not_valid_before_utc:
-        raise CertificateProblem(
-            f"{cert} is not valid before {leaf.not_valid_before_utc:%Y-%m-%d %H:%M} UTC"
-        )
-    return CheckedCertificate(cert, key, _served_names(leaf), leaf.not_valid_after_utc)
-
-
-def check_ca_bundle(path: Path) -> None:
-    try:
-        x509.load_pem_x509_certificates(path.read_bytes())
-    except OSError as exc:
-        raise CertificateProblem(f"cannot read {path}: {exc.strerror or exc}") from None
-    except ValueError:
-        raise CertificateProblem(f"{path} is not a PEM certificate bundle") from None
-
-
-def _served_names(cert: x509.Certificate) -> tuple[str, ...]:
-    try:
-        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        sans = None
-    if sans is not None:
-        names = [n.lower() for n in sans.get_values_for_type(x509.DNSName)]
-        names += [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)]
-        return tuple(names)
-    common = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    return (str(common[0].value).lower(),) if common else ()
 
 
 def server_context(
@@ -274,143 +199,3 @@ class ClientCertificate:
         parts += [f"URI={v}" for k, v in self.sans if k == "URI"]
         parts += [f"DNS={v}" for k, v in self.sans if k == "DNS"]
         return ";".join(parts).encode("latin-1", "replace")
-
-
-# -- development certificates -----------------------------------------------------------------
-
-
-def _name(common: str) -> x509.Name:
-    return x509.Name(
-        [
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "gateway development"),
-            x509.NameAttribute(NameOID.COMMON_NAME, common),
-        ]
-    )
-
-
-def write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
-    path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    path.chmod(0o600)
-
-
-def _alt_names(hosts: Sequence[str]) -> list[x509.GeneralName]:
-    names: list[x509.GeneralName] = []
-    for host in hosts:
-        try:
-            names.append(x509.IPAddress(ipaddress.ip_address(host)))
-        except ValueError:
-            names.append(x509.DNSName(host))
-    return names
-
-
-def issue(
-    issuer_key: ec.EllipticCurvePrivateKey | None,
-    issuer: x509.Certificate | None,
-    common: str,
-    *,
-    alt_names: Sequence[x509.GeneralName] = (),
-    is_ca: bool = False,
-    client: bool = False,
-    not_before: datetime.datetime | None = None,
-    days: int = 365,
-) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    """A new P-256 key and a certificate for it, signed by `issuer` (self-signed when None)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    start = not_before or _now() - datetime.timedelta(minutes=5)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(_name(common))
-        .issuer_name(issuer.subject if issuer is not None else _name(common))
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(start + datetime.timedelta(days=days))
-    )
-    for extension, critical in _extensions(key, issuer, alt_names, is_ca=is_ca, client=client):
-        builder = builder.add_extension(extension, critical=critical)
-    signer = issuer_key or key
-    return key, builder.sign(signer, hashes.SHA256())
-
-
-def _extensions(
-    key: ec.EllipticCurvePrivateKey,
-    issuer: x509.Certificate | None,
-    alt_names: Sequence[x509.GeneralName],
-    *,
-    is_ca: bool,
-    client: bool,
-) -> list[tuple[x509.ExtensionType, bool]]:
-    """(extension, critical) pairs that strict RFC 5280 validators ask for.
-
-    `openssl verify -x509_strict` and cryptography's verifier refuse a leaf without an Authority
-    Key Identifier, and a CA without a Subject Key Identifier or a key usage; both key
-    identifiers let a validator pick the issuing key when a store holds several.
-    """
-    result: list[tuple[x509.ExtensionType, bool]] = [
-        (x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False),
-        (x509.BasicConstraints(ca=is_ca, path_length=None), True),
-        (_key_usage(is_ca), True),
-    ]
-    if issuer is not None:
-        issuer_id = issuer.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-        identifier = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(issuer_id)
-        result.append((identifier, False))
-    if alt_names:
-        result.append((x509.SubjectAlternativeName(alt_names), False))
-    if not is_ca:
-        usage = ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH
-        result.append((x509.ExtendedKeyUsage([usage]), False))
-    return result
-
-
-def _key_usage(is_ca: bool) -> x509.KeyUsage:
-    # P-256 keys only sign (ECDHE does the key exchange): keyEncipherment, RSA key transport,
-    # would be wrong on them
-    return x509.KeyUsage(
-        digital_signature=not is_ca,
-        content_commitment=False,
-        key_encipherment=False,
-        data_encipherment=False,
-        key_agreement=False,
-        key_cert_sign=is_ca,
-        crl_sign=is_ca,
-        encipher_only=False,
-        decipher_only=False,
-    )
-
-
-def write_pem(path: Path, cert: x509.Certificate) -> None:
-    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-
-
-def init_dev_certificates(out: Path, hosts: Sequence[str]) -> list[Path]:
-    """A development CA, a server certificate for `hosts` and a client certificate, in `out`."""
-    out.mkdir(parents=True, exist_ok=True)
-    ca_key, ca = issue(None, None, "gateway development CA", is_ca=True, days=3650)
-    server_key, server = issue(ca_key, ca, hosts[0], alt_names=_alt_names(hosts))
-    client_key, client = issue(
-        ca_key,
-        ca,
-        "gateway development client",
-        alt_names=[
-            x509.UniformResourceIdentifier("spiffe://gateway.dev/client"),
-            x509.DNSName("client.gateway.dev"),
-        ],
-        client=True,
-    )
-    written = []
-    for name, key, cert in (
-        ("ca", ca_key, ca),
-        ("server", server_key, server),
-        ("client", client_key, client),
-    ):
-        write_pem(out / f"{name}.crt", cert)
-        write_key(out / f"{name}.key", key)
-        written += [out / f"{name}.crt", out / f"{name}.key"]
-    return written

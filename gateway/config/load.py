@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from gateway.bearer import bearer_token
+from gateway.certificates import CertificateProblem, check_ca_bundle, check_certificate
 from gateway.config.model import (
     INTERNAL_ECHO,
     PATH_ESCAPES,
@@ -81,7 +82,6 @@ from gateway.config.stages import ConfigKind, check_pipeline, parse_entry
 from gateway.config.strict_yaml import load_yaml
 from gateway.config.units import parse_duration, parse_size
 from gateway.errors import ConfigError, ConfigErrors
-from gateway.tls import CertificateProblem, check_ca_bundle, check_certificate
 
 T = TypeVar("T")
 

@@ -18,8 +18,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from gateway.certificates import check_certificate
 from gateway.core.idempotency_tokens import verify_token
-from gateway.tls import check_certificate
 from tests.support.certs import ensure_dev_certificates
 from tests.support.process import (
     GatewayProcess,

@@ -17,7 +17,7 @@ from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.app import Gateway
-from gateway.http import server as server_module
+from gateway.downstream import connection as server_module
 from gateway.observability import access_log
 from tests.integration.conftest import Seen
 from tests.support.gateway import (

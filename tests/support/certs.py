@@ -10,7 +10,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from gateway.tls import issue, write_key, write_pem
+from gateway.dev_certificates import issue, write_key, write_pem
 
 
 @dataclass
@@ -75,7 +75,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def ensure_dev_certificates() -> Path:
     """The repo's development certificates (`make` writes them; a bare pytest run may not have)."""
-    from gateway.tls import init_dev_certificates
+    from gateway.dev_certificates import init_dev_certificates
 
     certs = REPO / "certs"
     if not (certs / "server.crt").exists():

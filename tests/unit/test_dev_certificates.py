@@ -17,7 +17,7 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from cryptography.x509.verification import PolicyBuilder, Store
 
-from gateway.tls import init_dev_certificates
+from gateway.dev_certificates import init_dev_certificates
 
 HOSTS = ["example.test", "127.0.0.1", "::1"]
 

@@ -1,5 +1,5 @@
 """Stopping a listening socket without resetting what the kernel accepted, on real sockets on
-127.0.0.1 (gateway/http/listening.py)."""
+127.0.0.1 (gateway/downstream/listening.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from gateway.http.listening import accept_pending, refuse_new_handshakes
+from gateway.downstream.listening import accept_pending, refuse_new_handshakes
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="SO_ATTACH_FILTER is Linux's")
 

@@ -9,8 +9,9 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from gateway.certificates import check_certificate
 from gateway.errors import ConfigErrors
-from gateway.tls import ClientCertificate, ListenerTLS, check_certificate
+from gateway.tls import ClientCertificate, ListenerTLS
 from tests.support.certs import TestCA, other_key
 from tests.support.config import load_config
 

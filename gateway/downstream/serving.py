@@ -13,7 +13,7 @@ from gateway.observability.instruments import CounterChild, bounded_method
 from gateway.observability.metrics import GatewayMetrics
 
 if TYPE_CHECKING:
-    from gateway.http.server import Exchange, HttpConnection
+    from gateway.downstream.connection import Exchange, HttpConnection
     from gateway.pipeline import RequestContext
     from gateway.runtime.snapshot import Snapshot
 
@@ -76,7 +76,7 @@ class ServerState:
         refused = app.metrics.connections_refused_total
         self.refused_full = refused.labels(listener, "max_connections")
         self.refused_per_client = refused.labels(listener, "per_client")
-        #: refused connections waiting to send their request and read the 503 (server.py)
+        #: refused connections waiting to send their request and read the 503 (connection.py)
         self.refusing = 0
         slow = app.metrics.slow_clients_total
         self.slow_uploads = slow.labels(listener, "upload")

@@ -59,7 +59,7 @@ from gateway.tls import ClientCertificate
 
 if TYPE_CHECKING:
     from gateway.config.model import LimitsConfig as Limits
-    from gateway.http.serving import ServerState
+    from gateway.downstream.serving import ServerState
     from gateway.observability.instruments import CounterChild
     from gateway.runtime.snapshot import Route, Snapshot
 
