@@ -56,28 +56,50 @@ class Peer:
 
 
 @final
+class UpstreamTries:
+    """What the stages around the upstream tell each other about its tries: the one typed value
+    the retry stage, the idempotency stage and the terminal handler share, each field with one
+    writer.
+
+    - `deadline`: written by the retry stage before each try (its `per_try_timeout`) and put
+      back after; read by the proxy.  The request's deadline when no retry stage sets one.
+    - `written`: tries written to an upstream (any byte of the request may have reached it),
+      counted by the proxy before a try's first byte; read by the retry stage (may it send the
+      request again?) and the idempotency stage (released, or an unknown outcome?).
+    - `last_endpoint`: the endpoint the last try used, written by the proxy; its next try (a
+      retry's) avoids it when there is another one.
+    - `resend_keyed`: written by an idempotency stage whose upstream de-duplicates by the key it
+      accepted; read by the retry stage: a keyed POST or PATCH may be sent again once written.
+    """
+
+    __slots__ = ("deadline", "last_endpoint", "resend_keyed", "written")
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
+        self.written = 0
+        self.last_endpoint: Endpoint | None = None
+        self.resend_keyed = False
+
+
+@final
 class RequestContext:
     """Everything one request carries through its pipeline.
 
-    Each field has one writer; what stages tell each other goes through the fields below, named
-    with who writes and who reads them, never through a field one stage writes for another to
-    find by convention:
+    Each field has one writer, named below with its readers:
     - `head`, `body`, `route`, `snapshot`, `peer`, `request_id`, `start`, `deadline`, `target`:
       set here, at the start (`target` is the route's draw), read by everyone;
-    - `try_deadline`: the retry stage (each try's `per_try_timeout`), read by the proxy;
-    - `upstream_writes`, `avoid`, `upstream_head`: the proxy (tries written, the endpoint the
-      last try used, the head built once); read by retry and idempotency, and the proxy itself;
+    - `tries`: the `UpstreamTries` value through which the retry and idempotency stages and the
+      proxy tell each other about upstream tries (its fields name their writers);
+    - `upstream_head`: the proxy (the head built once, reused by its retries);
     - `upstream`, `endpoint`, `attempts`: the route's terminal handler (proxy or echo), read
       by the access log;
     - `claims`: the jwt stage, read through `gateway.identity` (keys, scopes);
-    - `resend_keyed`: the idempotency stage, read by retry;
     - `upstream_headers`, `outcomes`: appended to through `add_upstream_header` and `outcome`,
       each stage adding its own, read by the terminal handler and the access log.
     """
 
     __slots__ = (
         "attempts",
-        "avoid",
         "body",
         "claims",
         "deadline",
@@ -86,16 +108,14 @@ class RequestContext:
         "outcomes",
         "peer",
         "request_id",
-        "resend_keyed",
         "route",
         "snapshot",
         "start",
         "target",
-        "try_deadline",
+        "tries",
         "upstream",
         "upstream_head",
         "upstream_headers",
-        "upstream_writes",
     )
 
     def __init__(
@@ -115,9 +135,9 @@ class RequestContext:
         self.peer = peer
         self.request_id = request_id
         self.start = start
-        self.deadline = start + route.timeout
-        #: the deadline of the current upstream attempt (the retry stage may set it earlier)
-        self.try_deadline = self.deadline
+        self.deadline = deadline = start + route.timeout
+        #: what the stages around the upstream tell each other about its tries
+        self.tries = UpstreamTries(deadline)
         #: filled by the terminal stage for the access log and metrics
         self.upstream: str | None = None
         self.endpoint: str | None = None
@@ -132,16 +152,8 @@ class RequestContext:
         #: the upstream this request goes to, drawn once by its route (None on the echo); every
         #: stage and every retry reads the same one
         self.target: Upstream | None = route.draw_upstream()
-        #: an endpoint the next attempt should avoid (the one a retry follows)
-        self.avoid: Endpoint | None = None
         #: the verified JWT's claims, set by the jwt stage
         self.claims: dict[str, object] | None = None
-        #: set by an idempotency stage whose upstream de-duplicates by the key it accepted: a
-        #: POST or PATCH carrying it may be sent again after it was written
-        self.resend_keyed = False
-        #: tries written to an upstream so far (any byte of the request may have reached it);
-        #: the proxy is its only writer, retry and idempotency stages read it
-        self.upstream_writes = 0
 
     def add_upstream_header(self, name: bytes, value: bytes) -> None:
         """A header for the upstream that the client could not have sent (its name is in

@@ -18,12 +18,12 @@ the store's `begin`, one atomic step:
 - completed: the stored status, headers and body, with `Idempotent-Replayed: true` (409 while
   the first response's body is still streaming).
 Without a complete answer (SPEC §5.5): if nothing of the request was ever written to an
-upstream (`ctx.upstream_writes` is 0: a connect error, a full pool, a later stage's refusal, a
+upstream (`ctx.tries.written` is 0: a connect error, a full pool, a later stage's refusal, a
 client gone before), the key is released; once any try was written — a timeout, a reset, a
 closed connection, a truncated or garbled response, the client gone — the upstream may have
 run it, so the outcome is kept as unknown for the `ttl` and no repeat runs it again.  With
 `upstream_deduplicates: true` the upstream honours the forwarded key itself: the key is
-released instead, and a later `retry` stage may re-send a written try (`ctx.resend_keyed`).  A
+released instead, and a later `retry` stage may re-send a written try (`ctx.tries.resend_keyed`).  A
 response over `max_response_bytes` completes the record without its body: duplicates get 409
 for the whole `ttl` rather than a second execution.
 The store keeps the stage's records within `max_keys` and `max_bytes` by evicting completed
@@ -457,7 +457,7 @@ class IdempotencyStage:
         self._count(ctx, "new")
         # a later retry stage may re-send a written request only if the upstream itself
         # de-duplicates by this key (SPEC §5.6); an unwritten try is always safe to repeat
-        ctx.resend_keyed = config.upstream_deduplicates
+        ctx.tries.resend_keyed = config.upstream_deduplicates
         return await self._first(ctx, call_next, scoped, fingerprint)
 
     def _scoped_key(self, ctx: RequestContext, key: str) -> str:
@@ -554,7 +554,7 @@ class IdempotencyStage:
         (any byte may have reached an upstream): the outcome is unknown — kept as such for the
         `ttl`, so no repeat runs it twice — unless the upstream de-duplicates by the key itself,
         when the client may simply send it again."""
-        if ctx.upstream_writes and not self._config.upstream_deduplicates:
+        if ctx.tries.written and not self._config.upstream_deduplicates:
             ctx.outcome("idempotency", "unknown")
             await self._records.mark_unknown(scoped, fingerprint, self._config.ttl)
         else:

@@ -127,7 +127,8 @@ class ProxyHandler:
         loop = self._loop
         started = now = loop.time()
         replayable = head.method in _REPLAYABLE_METHODS and (body is None or body.is_complete)
-        deadline = ctx.try_deadline
+        tries = ctx.tries
+        deadline = tries.deadline
         upstream.sending()
         try:
             while True:
@@ -138,7 +139,7 @@ class ProxyHandler:
                         if deadline >= ctx.deadline
                         else "the try's timeout expired"
                     )
-                endpoint = upstream.pick(ctx.avoid)
+                endpoint = upstream.pick(tries.last_endpoint)
                 ctx.endpoint = endpoint.address
                 ctx.attempts += 1
                 pool = endpoint.pool
@@ -153,7 +154,7 @@ class ProxyHandler:
                         now = loop.time()
                     endpoint.in_flight += 1
                     # from here any byte of the request may reach the upstream (SPEC §5.5-5.6)
-                    ctx.upstream_writes += 1
+                    tries.written += 1
                     try:
                         response = await conn.send(
                             request,
@@ -175,7 +176,7 @@ class ProxyHandler:
                         upstream.busy.inc()  # local congestion: not the endpoint's failure
                     elif exc.failure:
                         upstream.record(endpoint, True)
-                    ctx.avoid = endpoint
+                    tries.last_endpoint = endpoint
                     raise
                 except BaseException:
                     if conn is not None:
@@ -185,7 +186,7 @@ class ProxyHandler:
         finally:
             upstream.sent()
         upstream.request_duration.observe(loop.time() - started)
-        ctx.avoid = endpoint
+        tries.last_endpoint = endpoint
         failed = response.status in _OUTLIER_STATUSES
         if response.status == 101:
             upstream.record(endpoint, failed)

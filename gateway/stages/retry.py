@@ -3,10 +3,10 @@
 What may be retried, and when (SPEC §5.6):
 - a try that was never written to an upstream (a connect error, a pool that stayed full): for
   any method, and whatever its body — nothing of it was sent or consumed;
-- a try that was written (`ctx.upstream_writes` grew: any byte may have reached the upstream):
+- a try that was written (`ctx.tries.written` grew: any byte may have reached the upstream):
   only when repeating it is harmless — an idempotent method, or a POST or PATCH whose key an
   earlier `idempotency` stage accepted for an upstream that de-duplicates by it
-  (`ctx.resend_keyed`) — and only when its body can be sent again: none, or one of at most
+  (`ctx.tries.resend_keyed`) — and only when its body can be sent again: none, or one of at most
   64 KiB, buffered before the first try;
 - only failures named in `retry_on` (connect_error, reset, timeout, statuses); a timeout is the
   gateway's own 504, so `504` in `retry_on` (the default) retries it too, as in Envoy, where a
@@ -180,8 +180,9 @@ class RetryStage:
         if config.attempts < 2:
             return await call_next(ctx)
         method = ctx.head.method
+        shared = ctx.tries
         # whether a try that was written may be sent again (one that was not always may)
-        resend = method in _IDEMPOTENT or (method in _KEYED and ctx.resend_keyed)
+        resend = method in _IDEMPOTENT or (method in _KEYED and shared.resend_keyed)
         body = ctx.body
         if body is not None and resend:
             length = ctx.head.content_length
@@ -196,10 +197,10 @@ class RetryStage:
             while True:
                 tries += 1
                 if per_try is not None:
-                    ctx.try_deadline = min(ctx.deadline, loop.time() + per_try)
+                    shared.deadline = min(ctx.deadline, loop.time() + per_try)
                 failure: GatewayError | None = None
                 response: Response | None = None
-                writes = ctx.upstream_writes
+                writes = shared.written
                 try:
                     response = await call_next(ctx)
                 except GatewayError as exc:
@@ -209,7 +210,7 @@ class RetryStage:
                 else:
                     if response.status not in self._statuses:
                         return response
-                if ctx.upstream_writes > writes and not resend:
+                if shared.written > writes and not resend:
                     # it reached the upstream (an answer came, or bytes went): repeating could
                     # run it twice
                     ctx.outcome("retry", "written")
@@ -235,7 +236,7 @@ class RetryStage:
                 ctx.outcome("retry", f"retried:{tries}")
                 await asyncio.sleep(delay)
         finally:
-            ctx.try_deadline = ctx.deadline
+            shared.deadline = ctx.deadline
             if retrying is not None:
                 retrying.stop_retrying()
 

@@ -66,7 +66,7 @@ def _ctx(method: str) -> RequestContext:
 
 class Attempts:
     """A call_next that fails `failures` times, then answers 200.  Like the proxy, it counts a
-    try as written (`ctx.upstream_writes`) unless it failed before sending (a connect error, a
+    try as written (`ctx.tries.written`) unless it failed before sending (a connect error, a
     full pool)."""
 
     def __init__(self, failures: int, error: Exception | None = None, status: int = 0) -> None:
@@ -80,7 +80,7 @@ class Attempts:
         error = self.error if self.calls <= self.failures else None
         unsent = isinstance(error, GatewayError) and error.failure in ("connect_error", "overflow")
         if not unsent:
-            ctx.upstream_writes += 1
+            ctx.tries.written += 1
         if self.calls <= self.failures:
             if error is not None:
                 raise error
@@ -125,7 +125,7 @@ async def test_post_only_with_a_key_the_idempotency_stage_accepted() -> None:
     response = await _stage()(_ctx("POST"), attempts)
     assert (response.status, attempts.calls) == (503, 1)
     keyed = _ctx("POST")
-    keyed.resend_keyed = True
+    keyed.tries.resend_keyed = True
     attempts = Attempts(1, status=503)
     response = await _stage()(keyed, attempts)
     assert (response.status, attempts.calls) == (200, 2)
@@ -177,7 +177,7 @@ async def test_retrying_count_returns_to_zero() -> None:
     await _stage()(ctx, Attempts(2, status=502))
     assert ctx.target is not None
     assert ctx.target.retrying == 0
-    assert ctx.try_deadline == ctx.deadline
+    assert ctx.tries.deadline == ctx.deadline
 
 
 class FailingStore:
@@ -272,7 +272,7 @@ async def test_idempotency_store_errors(on_error: str, status: int) -> None:
             await stage(ctx, _ok)
     else:
         assert (await stage(ctx, _ok)).status == 200
-        assert ctx.resend_keyed is False  # not de-duplicated: a written try is never re-sent
+        assert ctx.tries.resend_keyed is False  # not de-duplicated: a written try is never re-sent
     assert ctx.outcomes == {"idempotency": "store_error"}
 
 
@@ -297,7 +297,7 @@ async def test_signed_keys_can_be_bound_to_a_claim_or_a_certificate() -> None:
         setup(ctx)
         ctx.head.headers = [(b"Idempotency-Key", mint_token(secret, client).encode())]
         assert (await stage(ctx, _ok)).status == 200
-        assert ctx.resend_keyed is False  # the upstream does not de-duplicate
+        assert ctx.tries.resend_keyed is False  # the upstream does not de-duplicate
         other = _ctx("POST")
         other.head.headers = list(ctx.head.headers)  # same token, no identity: refused
         with pytest.raises(IdempotencyKeyInvalid):
@@ -382,7 +382,7 @@ async def test_an_unknown_outcome_outlives_the_lock_for_the_whole_ttl() -> None:
     async def written_then_timed_out(ctx: RequestContext) -> Response:
         nonlocal executions
         executions += 1
-        ctx.upstream_writes += 1
+        ctx.tries.written += 1
         raise UpstreamTimeout("no answer")
 
     with pytest.raises(UpstreamTimeout):
