@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,6 +13,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from gateway.app import Gateway
+from tests.support.config_builder import gateway_yaml, route, upstream_to
 from tests.support.gateway import running_gateway
 
 
@@ -109,37 +110,37 @@ async def upstream() -> AsyncIterator[tuple[TestServer, Seen]]:
         await server.close()
 
 
-def basic_config(upstream_port: int, **route_extra: str) -> str:
-    extra = "".join(f"\n    {k}: {v}" for k, v in route_extra.items())
-    return f"""
-listeners:
-  - name: http
-    bind: "127.0.0.1:0"
-admin:
-  bind: "127.0.0.1:0"
-limits:
-  max_body_bytes: 1MiB
-  header_timeout: 1s
-  body_timeout: 2s
-  idle_timeout: 5s
-access_log:
-  enabled: false
-upstreams:
-  app:
-    endpoints:
-      - url: "http://127.0.0.1:{upstream_port}"
-    timeouts: {{connect: 1s, response_header: 2s}}
-routes:
-  - name: echo
-    match: {{path_prefix: /echo}}
-    upstream: internal:echo
-  - name: only-get
-    match: {{path_prefix: /ro, methods: [GET]}}
-    upstream: app
-  - name: app
-    match: {{path_prefix: /, methods: [GET, HEAD, POST, PUT, PATCH, OPTIONS]}}
-    upstream: app{extra}
-"""
+def basic_config(
+    upstream_port: int,
+    *,
+    response_header: str = "2s",
+    more_routes: Sequence[Mapping[str, Any]] = (),
+    **sections: Any,
+) -> str:
+    """The `gw` fixture's config: an echo route, a GET-only route and a catch-all to the
+    upstream (`response_header` its timeout), then `more_routes`; `sections` replace top-level
+    sections (listeners …)."""
+    return gateway_yaml(
+        limits={
+            "max_body_bytes": "1MiB",
+            "header_timeout": "1s",
+            "body_timeout": "2s",
+            "idle_timeout": "5s",
+        },
+        upstreams={
+            "app": upstream_to(
+                f"http://127.0.0.1:{upstream_port}",
+                timeouts={"connect": "1s", "response_header": response_header},
+            )
+        },
+        routes=[
+            route("echo", "internal:echo", "/echo"),
+            route("only-get", "app", "/ro", methods=["GET"]),
+            route("app", "app", methods=["GET", "HEAD", "POST", "PUT", "PATCH", "OPTIONS"]),
+            *more_routes,
+        ],
+        **sections,
+    )
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ import os
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -19,6 +20,7 @@ from aiohttp.test_utils import TestServer
 
 from gateway.app import Gateway
 from tests.integration.conftest import Seen, basic_config
+from tests.support.config_builder import gateway_yaml, listener, route, upstream_to
 from tests.support.faulty import FaultyUpstream, faulty_upstreams
 from tests.support.gateway import (
     in_flight_requests,
@@ -51,8 +53,7 @@ async def test_listener_change_needs_restart(
     tmp_path: Path, gw: Gateway, upstream: tuple[TestServer, Seen]
 ) -> None:
     server, _ = upstream
-    text = basic_config(server.port or 0).replace('bind: "127.0.0.1:0"', 'bind: "127.0.0.1:1"', 1)
-    write_config(tmp_path, text)
+    write_config(tmp_path, basic_config(server.port or 0, listeners=[listener(1)]))
     result = await gw.reload()
     assert result["ok"] is False
     assert "restart" in result["error"]
@@ -69,15 +70,8 @@ async def test_unchanged_upstream_keeps_its_pool_and_in_flight_requests_finish(
         exchange(port, b"GET /slow?s=0.5 HTTP/1.1\r\nHost: a\r\n\r\n")
     )
     await async_wait_until(lambda: in_flight_requests(gw) == 1, what="request in flight")
-    text = (
-        basic_config(server.port or 0)
-        + """
-  - name: added
-    match: {path: /added-route}
-    upstream: internal:echo
-"""
-    )
-    write_config(tmp_path, text)
+    new_route = route("added", "internal:echo", match={"path": "/added-route"})
+    write_config(tmp_path, basic_config(server.port or 0, more_routes=[new_route]))
     result = await gw.reload()
     assert result["ok"] is True, result
     assert result["changed"] is True
@@ -106,8 +100,7 @@ async def test_changed_upstream_gets_a_new_pool(
     port = port_of(gw)
     assert (await exchange(port, b"GET /before HTTP/1.1\r\nHost: a\r\n\r\n")).status == 200
     before = gw.snapshot.upstreams["app"]
-    text = basic_config(server.port or 0).replace("response_header: 2s", "response_header: 3s")
-    write_config(tmp_path, text)
+    write_config(tmp_path, basic_config(server.port or 0, response_header="3s"))
     assert (await gw.reload())["ok"] is True
     assert gw.snapshot.upstreams["app"] is not before
     assert (await exchange(port, b"GET /after HTTP/1.1\r\nHost: a\r\n\r\n")).status == 200
@@ -135,44 +128,38 @@ def _open_peer_ports(server: TestServer) -> set[int]:
 
 #: route /three of the new config, broken three ways, and the YAML path its error names
 _INVALID_THREE = [
+    pytest.param(route("three", "nope", "/three"), "routes[2].upstream", id="unknown-upstream"),
     pytest.param(
-        "{name: three, match: {path_prefix: /three}, upstream: nope}",
-        "routes[2].upstream",
-        id="unknown-upstream",
-    ),
-    pytest.param(
-        "{name: three, match: {path_prefix: /three}, upstream: a, "
-        "pipeline: [{rate_limit: {rate: -1}}]}",
+        route("three", "a", "/three", pipeline=[{"rate_limit": {"rate": -1}}]),
         "routes[2].pipeline[0].rate_limit.rate",
         id="invalid-stage",
     ),
     pytest.param(
-        "{name: three, match: {pth: /three}, upstream: a}",
-        "routes[2].match.pth",
-        id="unknown-match-key",
+        route("three", "a", match={"pth": "/three"}), "routes[2].match.pth", id="unknown-match-key"
     ),
 ]
 
 
 @pytest.mark.parametrize(("invalid_route", "yaml_path"), _INVALID_THREE)
 async def test_a_reload_with_one_invalid_route_changes_nothing(
-    tmp_path: Path, invalid_route: str, yaml_path: str
+    tmp_path: Path, invalid_route: dict[str, Any], yaml_path: str
 ) -> None:
     """SPEC: a reload never half-applies.  The new config moves /one to upstream b, drops /two,
     adds /four and breaks /three: it is refused whole, every route of the old config answers
     as before, and /admin/config reports the error at its YAML path."""
     async with faulty_upstreams("a", "b") as [a, b]:
-        upstreams = {"a": _app(a), "b": _app(b)}
-        old = _config(
-            upstreams,
-            [
-                _route("one", "/one", "a"),
-                _route("two", "/two", "b"),
-                _route("three", "/three", "a"),
+        upstreams = {"a": upstream_to(a.url), "b": upstream_to(b.url)}
+        old = gateway_yaml(
+            upstreams=upstreams,
+            routes=[
+                route("one", "a", "/one"),
+                route("two", "b", "/two"),
+                route("three", "a", "/three"),
             ],
         )
-        new = _config(
-            upstreams, [_route("one", "/one", "b"), _route("four", "/four", "a"), invalid_route]
+        new = gateway_yaml(
+            upstreams=upstreams,
+            routes=[route("one", "b", "/one"), route("four", "a", "/four"), invalid_route],
         )
         async with running_gateway(tmp_path, old) as gw:
             port = port_of(gw)
@@ -210,32 +197,13 @@ async def _answers(port: int) -> dict[str, tuple[int, str | None]]:
 # -- a reload that changes or removes the upstream a request is on -------------------------------
 
 
-def _config(upstreams: Mapping[str, str], routes: Sequence[str]) -> str:
-    """Upstreams by name (their YAML mappings, see `_app`) and routes (see `_route`)."""
-    upstream_lines = "".join(f"\n  {name}: {body}" for name, body in upstreams.items())
-    route_lines = "".join(f"\n  - {route}" for route in routes)
-    return f"""
-listeners: [{{name: http, bind: "127.0.0.1:0"}}]
-admin: {{bind: "127.0.0.1:0"}}
-access_log: {{enabled: false}}
-upstreams:{upstream_lines}
-routes:{route_lines}
-"""
+def _one_route(app: Mapping[str, Any], pipeline: Sequence[Mapping[str, Any]] = ()) -> str:
+    """Every path to upstream `app` (see `_app`) through `pipeline`."""
+    return gateway_yaml(upstreams={"app": app}, routes=[route("app", "app", pipeline=pipeline)])
 
 
-def _route(name: str, prefix: str, upstream: str, pipeline: str = "[]") -> str:
-    match = f"{{path_prefix: {prefix}}}"
-    return f"{{name: {name}, match: {match}, upstream: {upstream}, pipeline: {pipeline}}}"
-
-
-def _one_route(app: str, pipeline: str = "[]") -> str:
-    """Every path to upstream `app` through `pipeline`."""
-    return _config({"app": app}, [_route("app", "/", "app", pipeline)])
-
-
-def _app(*servers: FaultyUpstream, extra: str = "") -> str:
-    endpoints = ", ".join(f'{{url: "{s.url}"}}' for s in servers)
-    return f"{{endpoints: [{endpoints}]{extra}}}"
+def _app(*servers: FaultyUpstream, **options: Any) -> dict[str, Any]:
+    return upstream_to(*(s.url for s in servers), **options)
 
 
 async def _reload(gw: Gateway, tmp_path: Path, text: str) -> None:
@@ -286,10 +254,10 @@ async def test_a_request_whose_body_arrives_after_the_swap_finishes_on_the_retir
 async def test_a_request_waiting_for_a_pooled_connection_is_served_by_the_retired_pool(
     tmp_path: Path,
 ) -> None:
-    one_connection = ", pool: {max_connections: 1, queue_timeout: 5s}"
+    one_connection = {"pool": {"max_connections": 1, "queue_timeout": "5s"}}
     async with (
         faulty_upstreams("a", "b") as [a, b],
-        running_gateway(tmp_path, _one_route(_app(a, extra=one_connection))) as gw,
+        running_gateway(tmp_path, _one_route(_app(a, **one_connection))) as gw,
     ):
         port = port_of(gw)
         gate = a.held["first"] = asyncio.Event()
@@ -300,7 +268,7 @@ async def test_a_request_waiting_for_a_pooled_connection_is_served_by_the_retire
         second = asyncio.ensure_future(exchange(port, b"GET /2 HTTP/1.1\r\nHost: a\r\n\r\n"))
         pool = gw.snapshot.upstreams["app"].endpoints[0].pool
         await async_wait_until(lambda: pool.waiting == 1, what="second request waiting")
-        await _reload(gw, tmp_path, _one_route(_app(b, extra=one_connection)))
+        await _reload(gw, tmp_path, _one_route(_app(b, **one_connection)))
         gate.set()
         answers = [await first, await second]
         assert [(r.status, r.header("x-endpoint")) for r in answers] == [(200, "a"), (200, "a")]
@@ -312,11 +280,11 @@ async def test_a_request_waiting_for_a_pooled_connection_is_served_by_the_retire
 async def test_a_retry_after_the_swap_goes_to_another_endpoint_of_the_retired_upstream(
     tmp_path: Path,
 ) -> None:
-    ejecting = ", outlier_detection: {consecutive_failures: 1, ejection: 10s}"
-    retry = "[{retry: {attempts: 2}}]"
+    ejecting = {"outlier_detection": {"consecutive_failures": 1, "ejection": "10s"}}
+    retry = [{"retry": {"attempts": 2}}]
     async with (
         faulty_upstreams("a", "b") as servers,
-        running_gateway(tmp_path, _one_route(_app(*servers, extra=ejecting), retry)) as gw,
+        running_gateway(tmp_path, _one_route(_app(*servers, **ejecting), retry)) as gw,
     ):
         gate = asyncio.Event()
         for server in servers:
@@ -328,8 +296,8 @@ async def test_a_retry_after_the_swap_goes_to_another_endpoint_of_the_retired_up
         failing, other = servers if servers[0].total else servers[::-1]
         failing.mode = "status:503"
         # the same endpoints, another timeout: a new upstream, and the old one retired
-        changed = ejecting + ", timeouts: {response_header: 3s}"
-        await _reload(gw, tmp_path, _one_route(_app(*servers, extra=changed), retry))
+        changed = {**ejecting, "timeouts": {"response_header": "3s"}}
+        await _reload(gw, tmp_path, _one_route(_app(*servers, **changed), retry))
         gate.set()
         response = await request
         assert (response.status, response.header("x-endpoint")) == (200, other.name)
@@ -346,13 +314,16 @@ async def test_a_retry_after_the_swap_goes_to_another_endpoint_of_the_retired_up
 #: how long the config keeps changing, and how often
 STORM_SECONDS = 10.0
 STORM_PERIOD = 0.3
-#: the pipelines route /a takes in turn: a stage added, changed, removed
-_A_PIPELINES = (
-    '[{{headers: {{response: {{set: {{X-Step: "{step}"}}}}}}}}]',
-    '[{{retry: {{attempts: 2}}}}, {{headers: {{response: {{set: {{X-Step: "{step}"}}}}}}}}]',
-    '[{{rate_limit: {{rate: 100000, burst: 100000}}}}, {{headers: {{response: {{set: {{X-Step: '
-    '"{step}"}}}}}}}}]',
-)
+
+
+def _a_pipeline(step: int) -> list[dict[str, Any]]:
+    """The pipeline route /a takes at `step`: a stage added, changed, removed, in turn."""
+    before: list[list[dict[str, Any]]] = [
+        [],
+        [{"retry": {"attempts": 2}}],
+        [{"rate_limit": {"rate": 100000, "burst": 100000}}],
+    ]
+    return [*before[step % 3], {"headers": {"response": {"set": {"X-Step": str(step)}}}}]
 
 
 def _storm_config(step: int, servers: Sequence[FaultyUpstream]) -> str:
@@ -361,15 +332,15 @@ def _storm_config(step: int, servers: Sequence[FaultyUpstream]) -> str:
     `gamma` in turn (the other one removed), route /a's stages change every step, and both
     routes are renamed every step."""
     turn = step // 2
-    balance = ", balance: least_request" if turn % 2 else ""
-    alpha = _app(servers[turn % 3], servers[(turn + 1) % 3], extra=balance)
+    balance = {"balance": "least_request"} if turn % 2 else {}
+    alpha = _app(servers[turn % 3], servers[(turn + 1) % 3], **balance)
     b_name = "beta" if step % 2 else "gamma"
-    b_pipeline = "[{circuit_breaker: {}}]" if turn % 2 else "[]"
-    return _config(
-        {"alpha": alpha, b_name: _app(servers[(step + 2) % 3])},
-        [
-            _route(f"a-{step}", "/a", "alpha", _A_PIPELINES[step % 3].format(step=step)),
-            _route(f"b-{step}", "/b", b_name, b_pipeline),
+    b_pipeline: list[dict[str, Any]] = [{"circuit_breaker": {}}] if turn % 2 else []
+    return gateway_yaml(
+        upstreams={"alpha": alpha, b_name: _app(servers[(step + 2) % 3])},
+        routes=[
+            route(f"a-{step}", "alpha", "/a", pipeline=_a_pipeline(step)),
+            route(f"b-{step}", b_name, "/b", pipeline=b_pipeline),
         ],
     )
 
