@@ -7,6 +7,7 @@ from pathlib import Path
 
 import aiohttp
 
+from tests.support.config_builder import gateway_yaml, route, upstream_to
 from tests.support.faulty import faulty_upstreams
 from tests.support.gateway import port_of, running_gateway
 
@@ -33,17 +34,10 @@ async def test_least_request_sends_few_requests_to_a_slow_endpoint(tmp_path: Pat
     machine too loaded for that gives the slow endpoint another round each second."""
     async with faulty_upstreams("slow", "fast") as [slow, fast]:
         slow.mode = f"slow:{SLOW_SECONDS}"
-        config = f"""
-listeners: [{{name: http, bind: "127.0.0.1:0"}}]
-admin: {{bind: "127.0.0.1:0"}}
-access_log: {{enabled: false}}
-upstreams:
-  app:
-    balance: least_request
-    endpoints: [{{url: "{slow.url}"}}, {{url: "{fast.url}"}}]
-routes:
-  - {{name: app, match: {{path_prefix: /}}, upstream: app}}
-"""
+        config = gateway_yaml(
+            upstreams={"app": upstream_to(slow.url, fast.url, balance="least_request")},
+            routes=[route("app", "app")],
+        )
         async with running_gateway(tmp_path, config) as gw:
             url = f"http://127.0.0.1:{port_of(gw)}/x"
             left = REQUESTS

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
 from gateway.app import Gateway
-from tests.support.faulty import faulty_upstreams
+from tests.support.config_builder import gateway_yaml, route, upstream_to
+from tests.support.faulty import FaultyUpstream, faulty_upstreams
 from tests.support.gateway import port_of, running_gateway, write_config
 from tests.support.process import async_wait_until
 from tests.support.raw import close_writer, exchange, open_raw
@@ -18,20 +22,24 @@ from tests.support.raw import close_writer, exchange, open_raw
 OPEN_FOR = 1.0
 
 
-def _config(url: str, breaker: str) -> str:
-    return f"""
-listeners: [{{name: http, bind: "127.0.0.1:0"}}]
-admin: {{bind: "127.0.0.1:0"}}
-access_log: {{enabled: false}}
-upstreams:
-  app: {{endpoints: [{{url: "{url}"}}], timeouts: {{response_header: 1s}}}}
-routes:
-  - name: app
-    match: {{path_prefix: /}}
-    upstream: app
-    pipeline:
-      - circuit_breaker: {breaker}
-"""
+def _config(url: str, breaker: Mapping[str, Any], **sections: Any) -> str:
+    return gateway_yaml(
+        upstreams={"app": upstream_to(url, timeouts={"response_header": "1s"})},
+        routes=[route("app", "app", pipeline=[{"circuit_breaker": breaker}])],
+        **sections,
+    )
+
+
+@asynccontextmanager
+async def _guarded(
+    tmp_path: Path, breaker: Mapping[str, Any]
+) -> AsyncIterator[tuple[FaultyUpstream, Gateway]]:
+    """Upstream `a` behind `breaker`."""
+    async with (
+        faulty_upstreams("a") as [up],
+        running_gateway(tmp_path, _config(up.url, breaker)) as gw,
+    ):
+        yield up, gw
 
 
 async def _get(port: int, path: str = "/x") -> tuple[int, dict[str, str], bytes]:
@@ -59,14 +67,14 @@ async def _metrics(gw: Gateway) -> str:
 
 
 async def test_opens_sheds_probes_and_closes(tmp_path: Path) -> None:
-    breaker = (
-        f"{{min_requests: 4, failure_ratio: 0.5, window: 10s, open_for: {int(OPEN_FOR * 1000)}ms,"
-        " half_open_requests: 2}"
-    )
-    async with (
-        faulty_upstreams("a") as [up],
-        running_gateway(tmp_path, _config(up.url, breaker)) as gw,
-    ):
+    breaker = {
+        "min_requests": 4,
+        "failure_ratio": 0.5,
+        "window": "10s",
+        "open_for": f"{int(OPEN_FOR * 1000)}ms",
+        "half_open_requests": 2,
+    }
+    async with _guarded(tmp_path, breaker) as (up, gw):
         port = port_of(gw)
         # times on the loop clock the breaker reads (the gateway runs on this loop); it only
         # moves forward, so a time read here before a request is no later than any the gateway
@@ -117,11 +125,13 @@ async def test_opens_sheds_probes_and_closes(tmp_path: Path) -> None:
 
 
 async def test_failed_probe_reopens_for_longer(tmp_path: Path) -> None:
-    breaker = "{min_requests: 2, open_for: 200ms, max_open_for: 10s, half_open_requests: 1}"
-    async with (
-        faulty_upstreams("a") as [up],
-        running_gateway(tmp_path, _config(up.url, breaker)) as gw,
-    ):
+    breaker = {
+        "min_requests": 2,
+        "open_for": "200ms",
+        "max_open_for": "10s",
+        "half_open_requests": 1,
+    }
+    async with _guarded(tmp_path, breaker) as (up, gw):
         port = port_of(gw)
         up.mode = "reset"
         for _ in range(2):
@@ -141,14 +151,13 @@ async def test_failed_probe_reopens_for_longer(tmp_path: Path) -> None:
 
 
 async def test_fallback_response_while_open(tmp_path: Path) -> None:
-    breaker = (
-        "{min_requests: 2, open_for: 10s, fallback: {status: 200, body: 'cached answer',"
-        " headers: {Content-Type: text/plain, X-Fallback: 'yes'}}}"
-    )
-    async with (
-        faulty_upstreams("a") as [up],
-        running_gateway(tmp_path, _config(up.url, breaker)) as gw,
-    ):
+    fallback = {
+        "status": 200,
+        "body": "cached answer",
+        "headers": {"Content-Type": "text/plain", "X-Fallback": "yes"},
+    }
+    breaker = {"min_requests": 2, "open_for": "10s", "fallback": fallback}
+    async with _guarded(tmp_path, breaker) as (up, gw):
         port = port_of(gw)
         up.mode = "hang"
         # a hang is a timeout (504): a failure
@@ -163,11 +172,8 @@ async def test_fallback_response_while_open(tmp_path: Path) -> None:
 
 
 async def test_statuses_not_listed_are_successes(tmp_path: Path) -> None:
-    breaker = "{min_requests: 2, failure_statuses: [500]}"
-    async with (
-        faulty_upstreams("a") as [up],
-        running_gateway(tmp_path, _config(up.url, breaker)) as gw,
-    ):
+    breaker = {"min_requests": 2, "failure_statuses": [500]}
+    async with _guarded(tmp_path, breaker) as (up, gw):
         port = port_of(gw)
         up.mode = "status:503"
         for _ in range(2):
@@ -182,7 +188,7 @@ async def test_statuses_not_listed_are_successes(tmp_path: Path) -> None:
 
 
 async def test_an_open_circuit_survives_an_unrelated_reload(tmp_path: Path) -> None:
-    breaker = "{min_requests: 2, open_for: 1m}"
+    breaker = {"min_requests": 2, "open_for": "1m"}
     async with faulty_upstreams("a") as [up]:
         text = _config(up.url, breaker)
         async with running_gateway(tmp_path, text) as gw:
@@ -190,15 +196,13 @@ async def test_an_open_circuit_survives_an_unrelated_reload(tmp_path: Path) -> N
             up.mode = "status:502"
             for _ in range(2):
                 assert (await _get(port))[0] == 502
-            write_config(
-                tmp_path, text.replace("access_log:", "limits: {idle_timeout: 30s}\naccess_log:")
-            )
+            write_config(tmp_path, _config(up.url, breaker, limits={"idle_timeout": "30s"}))
             result = await gw.reload()
             assert result["ok"], result
             assert result["changed"]
             status, _, body = await _get(port)
             assert (status, json.loads(body)["code"]) == (503, "circuit_open")
-            write_config(tmp_path, _config(up.url, "{min_requests: 3, open_for: 1m}"))
+            write_config(tmp_path, _config(up.url, {"min_requests": 3, "open_for": "1m"}))
             assert (await gw.reload())["ok"]
             up.mode = "ok"
             assert (await _get(port))[0] == 200  # a changed breaker starts closed
@@ -208,7 +212,12 @@ async def test_an_open_circuit_survives_an_unrelated_reload(tmp_path: Path) -> N
 async def test_a_body_cut_short_is_a_failure(tmp_path: Path) -> None:
     """Issue 12: an endpoint cutting every body after 1,000 bytes failed every request while
     the breaker stayed closed — it judged each exchange by its head."""
-    breaker = f"{{min_requests: 3, failure_ratio: 0.5, window: 10s, open_for: {OPEN_FOR}s}}"
+    breaker = {
+        "min_requests": 3,
+        "failure_ratio": 0.5,
+        "window": "10s",
+        "open_for": f"{OPEN_FOR}s",
+    }
     async with faulty_upstreams("cutting") as [up]:
         up.mode = "cut:1000"
         async with running_gateway(tmp_path, _config(up.url, breaker)) as gw:
@@ -236,11 +245,8 @@ async def test_half_open_admits_exactly_its_probes_under_concurrency(tmp_path: P
     """Ten requests at once on a half-open circuit with half_open_requests: 3: three reach the
     upstream (held there until every request has been decided), seven get 503 circuit_open;
     the three succeeding close the circuit."""
-    breaker = f"{{min_requests: 2, open_for: 200ms, half_open_requests: {PROBES}}}"
-    async with (
-        faulty_upstreams("a") as [up],
-        running_gateway(tmp_path, _config(up.url, breaker)) as gw,
-    ):
+    breaker = {"min_requests": 2, "open_for": "200ms", "half_open_requests": PROBES}
+    async with _guarded(tmp_path, breaker) as (up, gw):
         port = port_of(gw)
         up.mode = "status:503"
         for _ in range(2):

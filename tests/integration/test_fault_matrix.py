@@ -20,29 +20,32 @@ import random
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
 
 from gateway.app import Gateway
+from tests.support.config_builder import gateway_yaml, route, upstream_to
 from tests.support.fault_server import FAULTS, fault_server
 from tests.support.faulty import closed_port
 from tests.support.gateway import port_of, running_gateway
 from tests.support.raw import RawResponse, close_writer, open_raw, read_response
 
-_RETRY = "{retry: {attempts: 2, backoff: {base: 1ms, max: 1ms}}}"
+_RETRY = {"attempts": 2, "backoff": {"base": "1ms", "max": "1ms"}}
+Pipeline = list[dict[str, Any]]
 #: shape -> (method, pipeline)
-SHAPES: dict[str, tuple[str, str]] = {
-    "none": ("POST", "[]"),
-    "retry": ("POST", f"[{_RETRY}]"),
-    "retry_get": ("GET", f"[{_RETRY}]"),
-    "idempotency": ("POST", "[{idempotency: {}}]"),
-    "idempotency_retry": ("POST", f"[{{idempotency: {{}}}}, {_RETRY}]"),
+SHAPES: dict[str, tuple[str, Pipeline]] = {
+    "none": ("POST", []),
+    "retry": ("POST", [{"retry": _RETRY}]),
+    "retry_get": ("GET", [{"retry": _RETRY}]),
+    "idempotency": ("POST", [{"idempotency": {}}]),
+    "idempotency_retry": ("POST", [{"idempotency": {}}, {"retry": _RETRY}]),
     "deduplicating_retry": (
         "POST",
-        f"[{{idempotency: {{upstream_deduplicates: true}}}}, {_RETRY}]",
+        [{"idempotency": {"upstream_deduplicates": True}}, {"retry": _RETRY}],
     ),
-    "breaker_retry": ("POST", f"[{{circuit_breaker: {{}}}}, {_RETRY}]"),
+    "breaker_retry": ("POST", [{"circuit_breaker": {}}, {"retry": _RETRY}]),
 }
 #: faults that end a reused connection before any byte of the answer
 _KEEP_ALIVE_RACE = frozenset({"reset_before_read", "reset_after_read", "fin_before_head"})
@@ -123,17 +126,12 @@ def expected(fault: str, shape: str) -> Outcome:
     return Outcome(first, ran, repeat, (1, 0), breaker)
 
 
-def _config(upstream: str, pipeline: str) -> str:
-    return f"""
-listeners: [{{name: http, bind: "127.0.0.1:0"}}]
-admin: {{bind: "127.0.0.1:0"}}
-access_log: {{enabled: false}}
-limits: {{body_timeout: {BODY_TIMEOUT}}}
-upstreams:
-  app: {{endpoints: [{{url: "{upstream}"}}], timeouts: {{response_header: {HEADER_TIMEOUT}}}}}
-routes:
-  - {{name: op, match: {{path_prefix: /}}, upstream: app, pipeline: {pipeline}}}
-"""
+def _config(urls: list[str], pipeline: Pipeline) -> str:
+    return gateway_yaml(
+        limits={"body_timeout": BODY_TIMEOUT},
+        upstreams={"app": upstream_to(*urls, timeouts={"response_header": HEADER_TIMEOUT})},
+        routes=[route("op", "app", pipeline=pipeline)],
+    )
 
 
 def _request(method: str, fault: str, test_id: str) -> bytes:
@@ -208,7 +206,7 @@ async def test_fault_matrix(tmp_path: Path, fault: str, shape: str) -> None:
     request = _request(method, fault, test_id)
     async with fault_server() as server:
         url = f"http://127.0.0.1:{closed_port()}" if fault == "refuse" else server.url
-        async with running_gateway(tmp_path, _config(url, pipeline)) as gw:
+        async with running_gateway(tmp_path, _config([url], pipeline)) as gw:
             port = port_of(gw)
             first = _seen(await _send(port, request))
             executions = server.executions[test_id]
@@ -241,16 +239,14 @@ async def test_a_fault_soak_never_runs_a_keyed_post_twice(tmp_path: Path) -> Non
     def chaos() -> str:
         return rng.choice(faults) if rng.random() < 0.35 else ""
 
-    pipeline = (
-        "[{idempotency: {}}, {circuit_breaker: {min_requests: 50, open_for: 100ms}},"
-        f" {_RETRY.replace('attempts: 2', 'attempts: 3')}]"
-    )
+    pipeline: Pipeline = [
+        {"idempotency": {}},
+        {"circuit_breaker": {"min_requests": 50, "open_for": "100ms"}},
+        {"retry": {**_RETRY, "attempts": 3}},
+    ]
     async with fault_server() as one, fault_server() as two:
         one.chaos = two.chaos = chaos
-        config = _config(one.url, pipeline).replace(
-            f'[{{url: "{one.url}"}}]', f'[{{url: "{one.url}"}}, {{url: "{two.url}"}}]'
-        )
-        async with running_gateway(tmp_path, config) as gw:
+        async with running_gateway(tmp_path, _config([one.url, two.url], pipeline)) as gw:
             port = port_of(gw)
             queue = list(range(SOAK_KEYS))
             seen: dict[str, list[str]] = {}

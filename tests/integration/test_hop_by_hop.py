@@ -10,14 +10,17 @@ itself.  The far side is a socket server that records the header lines as they a
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
+from gateway.app import Gateway
 from gateway.http.headers import HOP_BY_HOP
+from tests.support.config_builder import gateway_yaml, route, upstream_to
 from tests.support.gateway import port_of, running_gateway
 from tests.support.raw import exchange
-from tests.support.wire_upstream import parse_head, wire_upstream
+from tests.support.wire_upstream import WireUpstream, parse_head, wire_upstream
 
 #: every hop-by-hop name (SPEC §3) with a value it could carry
 HOP_VALUES: dict[str, bytes] = {
@@ -92,15 +95,15 @@ def _named(headers: list[tuple[bytes, bytes]], low: bytes) -> list[tuple[bytes, 
     return [(n, v) for n, v in headers if n.lower() == low]
 
 
-def _config(upstream_url: str) -> str:
-    return f"""
-listeners: [{{name: http, bind: "127.0.0.1:0"}}]
-access_log: {{enabled: false}}
-upstreams:
-  app: {{endpoints: [{{url: "{upstream_url}"}}]}}
-routes:
-  - {{name: app, match: {{path_prefix: /}}, upstream: app}}
-"""
+@pytest.fixture
+async def proxied(tmp_path: Path) -> AsyncIterator[tuple[WireUpstream, Gateway]]:
+    """A gateway in front of a wire upstream, every path to it."""
+    async with wire_upstream() as wire:
+        config = gateway_yaml(
+            upstreams={"app": upstream_to(wire.url)}, routes=[route("app", "app")]
+        )
+        async with running_gateway(tmp_path, config) as gw:
+            yield wire, gw
 
 
 def test_the_cases_cover_every_name_the_gateway_treats_as_hop_by_hop() -> None:
@@ -109,17 +112,17 @@ def test_the_cases_cover_every_name_the_gateway_treats_as_hop_by_hop() -> None:
 
 @pytest.mark.parametrize(("name", "named"), CASES)
 async def test_client_hop_by_hop_headers_never_reach_the_upstream(
-    tmp_path: Path, name: str, named: bool
+    proxied: tuple[WireUpstream, Gateway], name: str, named: bool
 ) -> None:
+    upstream, gw = proxied
     lines = b"".join(b"%b: %b\r\n" % line for line in hop_lines(name, named))
     if name == "transfer-encoding":
         request = b"POST /hop HTTP/1.1\r\nHost: a\r\n%bX-Kept: yes\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
     else:
         request = b"GET /hop HTTP/1.1\r\nHost: a\r\n%bX-Kept: yes\r\n\r\n"
-    async with wire_upstream() as upstream, running_gateway(tmp_path, _config(upstream.url)) as gw:
-        response = await exchange(port_of(gw), request % lines)
-        assert response.status == 200, response.body
-        [seen] = upstream.requests
+    response = await exchange(port_of(gw), request % lines)
+    assert response.status == 200, response.body
+    [seen] = upstream.requests
     assert seen.named("x-kept") == [(b"X-Kept", b"yes")]  # the end-to-end header next to it
     assert_removed(name, seen.headers)
     if name == "transfer-encoding":
@@ -128,16 +131,16 @@ async def test_client_hop_by_hop_headers_never_reach_the_upstream(
 
 @pytest.mark.parametrize(("name", "named"), CASES)
 async def test_upstream_hop_by_hop_headers_never_reach_the_client(
-    tmp_path: Path, name: str, named: bool
+    proxied: tuple[WireUpstream, Gateway], name: str, named: bool
 ) -> None:
+    upstream, gw = proxied
     lines = b"".join(b"%b: %b\r\n" % line for line in hop_lines(name, named))
     if name == "transfer-encoding":
         framing, body = b"", b"2\r\nok\r\n0\r\n\r\n"
     else:
         framing, body = b"Content-Length: 2\r\n", b"ok"
-    async with wire_upstream() as upstream, running_gateway(tmp_path, _config(upstream.url)) as gw:
-        upstream.response = b"HTTP/1.1 200 OK\r\n%b%bX-Kept: yes\r\n\r\n%b" % (lines, framing, body)
-        response = await exchange(port_of(gw), b"GET /hop HTTP/1.1\r\nHost: a\r\n\r\n")
+    upstream.response = b"HTTP/1.1 200 OK\r\n%b%bX-Kept: yes\r\n\r\n%b" % (lines, framing, body)
+    response = await exchange(port_of(gw), b"GET /hop HTTP/1.1\r\nHost: a\r\n\r\n")
     assert (response.status, response.body) == (200, b"ok")
     _, headers = parse_head(response.raw_head[:-4])
     assert _named(headers, b"x-kept") == [(b"X-Kept", b"yes")]

@@ -4,35 +4,36 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
 
 from gateway.app import Gateway
+from tests.support.config_builder import gateway_yaml, route, upstream_to
 from tests.support.faulty import closed_port, faulty_upstreams
 from tests.support.gateway import port_of, running_gateway
 from tests.support.raw import close_writer, exchange, open_raw, read_response
 
+#: two tries, a millisecond apart
+TWICE = {"attempts": 2, "backoff": {"base": "1ms", "max": "2ms"}}
+THRICE = {**TWICE, "attempts": 3}
 
-def _config(urls: list[str], retry: str, *, timeout: str = "5s") -> str:
-    endpoints = ", ".join(f'{{url: "{u}"}}' for u in urls)
-    return f"""
-listeners: [{{name: http, bind: "127.0.0.1:0"}}]
-admin: {{bind: "127.0.0.1:0"}}
-access_log: {{enabled: false}}
-upstreams:
-  app:
-    endpoints: [{endpoints}]
-    timeouts: {{connect: 1s, response_header: 3s}}
-routes:
-  - name: app
-    match: {{path_prefix: /}}
-    upstream: app
-    timeout: {timeout}
-    pipeline:
-      - retry: {retry}
-"""
+
+def _config(
+    urls: list[str],
+    retry: Mapping[str, Any],
+    *,
+    timeout: str = "5s",
+    access_log: Mapping[str, Any] | None = None,
+) -> str:
+    return gateway_yaml(
+        access_log=access_log,
+        upstreams={"app": upstream_to(*urls, timeouts={"connect": "1s", "response_header": "3s"})},
+        routes=[route("app", "app", timeout=timeout, pipeline=[{"retry": retry}])],
+    )
 
 
 async def _request(
@@ -52,7 +53,7 @@ async def _metrics(gw: Gateway) -> str:
 
 async def test_failed_get_lands_on_the_healthy_endpoint(tmp_path: Path) -> None:
     async with faulty_upstreams("bad", "good") as [bad, good]:
-        config = _config([bad.url, good.url], "{attempts: 2, backoff: {base: 1ms, max: 2ms}}")
+        config = _config([bad.url, good.url], TWICE)
         async with running_gateway(tmp_path, config) as gw:
             port = port_of(gw)
             for failure in ("status:503", "reset"):
@@ -74,7 +75,7 @@ async def test_failed_get_lands_on_the_healthy_endpoint(tmp_path: Path) -> None:
 async def test_connect_error_is_retried_on_another_endpoint(tmp_path: Path) -> None:
     async with faulty_upstreams("good") as [good]:
         dead = f"http://127.0.0.1:{closed_port()}"
-        config = _config([dead, good.url], "{attempts: 2, backoff: {base: 1ms, max: 2ms}}")
+        config = _config([dead, good.url], TWICE)
         async with running_gateway(tmp_path, config) as gw:
             for _ in range(4):
                 status, headers, _ = await _request(port_of(gw))
@@ -84,7 +85,7 @@ async def test_connect_error_is_retried_on_another_endpoint(tmp_path: Path) -> N
 
 async def test_post_without_an_accepted_key_is_never_resent(tmp_path: Path) -> None:
     async with faulty_upstreams("bad", "good") as [bad, good]:
-        config = _config([bad.url, good.url], "{attempts: 3, backoff: {base: 1ms, max: 2ms}}")
+        config = _config([bad.url, good.url], THRICE)
         async with running_gateway(tmp_path, config) as gw:
             port = port_of(gw)
             bad.mode = "reset"
@@ -100,7 +101,7 @@ async def test_post_without_an_accepted_key_is_never_resent(tmp_path: Path) -> N
 
 async def test_retryable_status_returned_when_attempts_run_out(tmp_path: Path) -> None:
     async with faulty_upstreams("a", "b") as ups:
-        config = _config([u.url for u in ups], "{attempts: 3, backoff: {base: 1ms, max: 2ms}}")
+        config = _config([u.url for u in ups], THRICE)
         async with running_gateway(tmp_path, config) as gw:
             for up in ups:
                 up.mode = "status:503"
@@ -114,7 +115,7 @@ async def test_retryable_status_returned_when_attempts_run_out(tmp_path: Path) -
 
 async def test_per_try_timeout_moves_on_within_the_route_timeout(tmp_path: Path) -> None:
     async with faulty_upstreams("slow", "good") as [slow, good]:
-        retry = "{attempts: 2, per_try_timeout: 200ms, retry_on: [timeout, reset]}"
+        retry = {"attempts": 2, "per_try_timeout": "200ms", "retry_on": ["timeout", "reset"]}
         config = _config([slow.url, good.url], retry, timeout="2s")
         async with running_gateway(tmp_path, config) as gw:
             port = port_of(gw)
@@ -133,7 +134,7 @@ async def test_per_try_timeout_moves_on_within_the_route_timeout(tmp_path: Path)
 async def test_a_per_try_timeout_is_a_504_and_retried_by_default(tmp_path: Path) -> None:
     """As in Envoy: the default retry_on (… 504) makes `per_try_timeout` useful as written."""
     async with faulty_upstreams("slow", "good") as [slow, good]:
-        config = _config([slow.url, good.url], "{attempts: 2, per_try_timeout: 200ms}")
+        config = _config([slow.url, good.url], {"attempts": 2, "per_try_timeout": "200ms"})
         async with running_gateway(tmp_path, config) as gw:
             slow.mode = "hang"
             results = [(await _request(port_of(gw)))[0] for _ in range(2)]
@@ -144,7 +145,11 @@ async def test_a_per_try_timeout_is_a_504_and_retried_by_default(tmp_path: Path)
 
 async def test_timeouts_are_not_retried_unless_asked(tmp_path: Path) -> None:
     async with faulty_upstreams("slow", "good") as [slow, good]:
-        retry = "{attempts: 2, per_try_timeout: 200ms, retry_on: [connect_error, reset, 503]}"
+        retry = {
+            "attempts": 2,
+            "per_try_timeout": "200ms",
+            "retry_on": ["connect_error", "reset", 503],
+        }
         config = _config([slow.url, good.url], retry)
         async with running_gateway(tmp_path, config) as gw:
             slow.mode = "hang"
@@ -155,7 +160,7 @@ async def test_timeouts_are_not_retried_unless_asked(tmp_path: Path) -> None:
 
 async def test_large_bodies_are_not_replayed(tmp_path: Path) -> None:
     async with faulty_upstreams("bad") as [bad]:
-        config = _config([bad.url], "{attempts: 2, backoff: {base: 1ms, max: 2ms}}")
+        config = _config([bad.url], TWICE)
         async with running_gateway(tmp_path, config) as gw:
             port = port_of(gw)
             bad.mode = "status:503"
@@ -180,7 +185,7 @@ async def test_retry_budget_caps_a_retry_storm(tmp_path: Path) -> None:
     clients, each = 40, 5
     async with faulty_upstreams("a") as [up]:
         up.mode = "status:503"
-        capped = "{attempts: 3, backoff: {base: 5ms, max: 5ms}}"
+        capped = {"attempts": 3, "backoff": {"base": "5ms", "max": "5ms"}}
         async with running_gateway(tmp_path, _config([up.url], capped)) as gw:
             assert await _storm(port_of(gw), clients, each) == 0
             with_budget = up.total
@@ -194,10 +199,7 @@ async def test_retry_budget_caps_a_retry_storm(tmp_path: Path) -> None:
         assert float(exhausted.split()[-1]) > 0
         # the same storm with a budget too large to matter: every request tries 3 times
         up.requests.clear()
-        unbounded = (
-            "{attempts: 3, backoff: {base: 5ms, max: 5ms},"
-            " budget: {ratio: 1.0, min_concurrent: 1000}}"
-        )
+        unbounded = {**capped, "budget": {"ratio": 1.0, "min_concurrent": 1000}}
         async with running_gateway(tmp_path, _config([up.url], unbounded)) as gw:
             assert await _storm(port_of(gw), clients, each) == 0
             without_budget = up.total
@@ -211,8 +213,7 @@ async def test_retry_outcome_in_the_access_log(
     tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
     async with faulty_upstreams("bad", "good") as [bad, good]:
-        config = _config([bad.url, good.url], "{attempts: 2, backoff: {base: 1ms, max: 2ms}}")
-        config = config.replace("access_log: {enabled: false}", "access_log: {enabled: true}")
+        config = _config([bad.url, good.url], TWICE, access_log={"enabled": True})
         async with running_gateway(tmp_path, config) as gw:
             bad.mode = "status:502"
             for _ in range(2):
@@ -231,7 +232,7 @@ async def test_retry_outcome_in_the_access_log(
 
 async def test_expect_continue_body_is_buffered_then_replayed(tmp_path: Path) -> None:
     async with faulty_upstreams("bad", "good") as [bad, good]:
-        config = _config([bad.url, good.url], "{attempts: 2, backoff: {base: 1ms, max: 2ms}}")
+        config = _config([bad.url, good.url], TWICE)
         async with running_gateway(tmp_path, config) as gw:
             bad.mode = "status:503"
             for _ in range(2):

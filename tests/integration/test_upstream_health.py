@@ -5,34 +5,36 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
 
 from gateway.app import Gateway
+from tests.support.config_builder import gateway_yaml, route, upstream_to
 from tests.support.faulty import FaultyUpstream, faulty_upstreams
 from tests.support.gateway import port_of, running_gateway
 from tests.support.process import async_wait_until
 from tests.support.raw import close_writer, exchange, open_raw
 
+#: two failures in a row eject an endpoint for 10 s, but never both of two
+EJECT_AFTER_TWO = {
+    "outlier_detection": {"consecutive_failures": 2, "ejection": "10s", "max_ejected_percent": 50}
+}
 
-def _config(urls: list[str], health: str) -> str:
-    endpoints = ", ".join(f'{{url: "{u}"}}' for u in urls)
-    return f"""
-listeners: [{{name: http, bind: "127.0.0.1:0"}}]
-admin: {{bind: "127.0.0.1:0"}}
-access_log: {{enabled: false}}
-upstreams:
-  app:
-    endpoints: [{endpoints}]
-    timeouts: {{connect: 1s, response_header: 2s}}
-    {health}
-routes:
-  - name: app
-    match: {{path_prefix: /}}
-    upstream: app
-"""
+
+def _config(
+    urls: list[str], health: Mapping[str, Any], access_log: Mapping[str, Any] | None = None
+) -> str:
+    """An upstream over `urls` with `health` (its health_check or outlier_detection)."""
+    timeouts = {"connect": "1s", "response_header": "2s"}
+    return gateway_yaml(
+        access_log=access_log,
+        upstreams={"app": upstream_to(*urls, timeouts=timeouts, **health)},
+        routes=[route("app", "app")],
+    )
 
 
 async def _get(port: int) -> tuple[int, dict[str, str], bytes]:
@@ -53,9 +55,15 @@ def _endpoint_up(metrics: str, port: int) -> float:
 
 
 async def test_health_checks_take_an_endpoint_out_and_bring_it_back(tmp_path: Path) -> None:
-    health = (
-        "health_check: {path: /healthz, interval: 50ms, timeout: 40ms, healthy: 2, unhealthy: 2}"
-    )
+    health = {
+        "health_check": {
+            "path": "/healthz",
+            "interval": "50ms",
+            "timeout": "40ms",
+            "healthy": 2,
+            "unhealthy": 2,
+        }
+    }
     async with (
         faulty_upstreams("a", "b") as [a, b],
         running_gateway(tmp_path, _config([a.url, b.url], health)) as gw,
@@ -89,7 +97,7 @@ async def test_health_checks_take_an_endpoint_out_and_bring_it_back(tmp_path: Pa
 
 
 async def test_no_healthy_endpoint_is_a_503(tmp_path: Path) -> None:
-    health = "health_check: {interval: 50ms, timeout: 40ms, unhealthy: 1}"
+    health = {"health_check": {"interval": "50ms", "timeout": "40ms", "unhealthy": 1}}
     async with (
         faulty_upstreams("a") as [a],
         running_gateway(tmp_path, _config([a.url], health)) as gw,
@@ -106,10 +114,14 @@ async def test_no_healthy_endpoint_is_a_503(tmp_path: Path) -> None:
 
 
 async def test_outlier_detection_ejects_then_readmits(tmp_path: Path) -> None:
-    outliers = (
-        "outlier_detection: {consecutive_failures: 3, ejection: 300ms, max_ejection: 10s,"
-        " max_ejected_percent: 50}"
-    )
+    outliers = {
+        "outlier_detection": {
+            "consecutive_failures": 3,
+            "ejection": "300ms",
+            "max_ejection": "10s",
+            "max_ejected_percent": 50,
+        }
+    }
     async with (
         faulty_upstreams("a", "b") as [a, b],
         running_gateway(tmp_path, _config([a.url, b.url], outliers)) as gw,
@@ -137,12 +149,9 @@ async def test_outlier_detection_ejects_then_readmits(tmp_path: Path) -> None:
 
 
 async def test_ejection_never_exceeds_max_ejected_percent(tmp_path: Path) -> None:
-    outliers = (
-        "outlier_detection: {consecutive_failures: 2, ejection: 10s, max_ejected_percent: 50}"
-    )
     async with (
         faulty_upstreams("a", "b") as ups,
-        running_gateway(tmp_path, _config([u.url for u in ups], outliers)) as gw,
+        running_gateway(tmp_path, _config([u.url for u in ups], EJECT_AFTER_TWO)) as gw,
     ):
         for up in ups:
             up.mode = "status:502"
@@ -157,13 +166,8 @@ async def test_an_endpoint_that_cuts_bodies_is_ejected(
 ) -> None:
     """Issue 12: outlier detection judged exchanges by their head, so an endpoint cutting every
     body was never ejected (and the access log and metrics said nothing of the cut)."""
-    outliers = (
-        "outlier_detection: {consecutive_failures: 2, ejection: 10s, max_ejected_percent: 50}"
-    )
     async with faulty_upstreams("a", "b") as [a, b]:
-        config = _config([a.url, b.url], outliers).replace(
-            "access_log: {enabled: false}", "access_log: {enabled: true}"
-        )
+        config = _config([a.url, b.url], EJECT_AFTER_TWO, access_log={"enabled": True})
         async with running_gateway(tmp_path, config) as gw:
             await _cut_bodies_are_failures(gw, a)
             gw.snapshot.access_log.flush()

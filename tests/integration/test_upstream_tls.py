@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import json
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 from aiohttp import web
 
 from gateway.app import Gateway
 from tests.support.certs import Issued, TestCA
+from tests.support.config_builder import gateway_yaml, route, upstream_to
 from tests.support.gateway import port_of, running_gateway
 from tests.support.raw import exchange
 
@@ -46,18 +48,11 @@ async def https_upstream(
         await runner.cleanup()
 
 
-def _config(port: int, tls: str) -> str:
-    return f"""
-listeners: [{{name: http, bind: "127.0.0.1:0"}}]
-admin: {{bind: "127.0.0.1:0"}}
-access_log: {{enabled: false}}
-upstreams:
-  app:
-    endpoints: [{{url: "https://127.0.0.1:{port}"}}]
-    tls: {tls}
-routes:
-  - {{name: app, match: {{path_prefix: /}}, upstream: app}}
-"""
+def _config(port: int, tls: Mapping[str, Any]) -> str:
+    return gateway_yaml(
+        upstreams={"app": upstream_to(f"https://127.0.0.1:{port}", tls=tls)},
+        routes=[route("app", "app")],
+    )
 
 
 async def _get(gw: Gateway) -> tuple[int, bytes]:
@@ -78,7 +73,7 @@ async def test_verified_pooled_tls_with_handshake_metrics(tmp_path: Path) -> Non
     ca = TestCA(tmp_path)
     server = ca.issue("upstream", dns=("users.internal",))
     async with https_upstream(server) as (port, seen):
-        tls = f"{{ca: {ca.path}, server_name: users.internal}}"
+        tls = {"ca": ca.path, "server_name": "users.internal"}
         async with running_gateway(tmp_path, _config(port, tls)) as gw:
             for _ in range(3):
                 assert await _get(gw) == (200, b"secure")
@@ -96,8 +91,8 @@ async def test_wrong_name_or_unknown_ca_is_a_502(tmp_path: Path) -> None:
     server = ca.issue("upstream", dns=("users.internal",))
     async with https_upstream(server) as (port, seen):
         for tls in (
-            f"{{ca: {ca.path}, server_name: billing.internal}}",
-            f"{{ca: {other.path}, server_name: users.internal}}",
+            {"ca": ca.path, "server_name": "billing.internal"},
+            {"ca": other.path, "server_name": "users.internal"},
         ):
             async with running_gateway(tmp_path, _config(port, tls)) as gw:
                 status, body = await _get(gw)
@@ -113,14 +108,11 @@ async def test_upstream_mtls_presents_the_configured_certificate(tmp_path: Path)
     server = ca.issue("upstream", dns=("users.internal",))
     client = ca.issue("gateway-client", dns=("gateway.internal",), client=True)
     async with https_upstream(server, client_ca=ca) as (port, seen):
-        with_cert = (
-            f"{{ca: {ca.path}, server_name: users.internal,"
-            f" cert: {client.cert}, key: {client.key}}}"
-        )
+        without = {"ca": ca.path, "server_name": "users.internal"}
+        with_cert = {**without, "cert": client.cert, "key": client.key}
         async with running_gateway(tmp_path, _config(port, with_cert)) as gw:
             assert await _get(gw) == (200, b"secure")
         assert seen == [{"path": "/x", "client_cert": True}]
-        without = f"{{ca: {ca.path}, server_name: users.internal}}"
         async with running_gateway(tmp_path, _config(port, without)) as gw:
             status, _ = await _get(gw)
             assert status == 502

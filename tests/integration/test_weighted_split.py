@@ -4,6 +4,7 @@ within one upstream, counted by the upstreams themselves over 1,000 requests."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from fractions import Fraction
 from math import comb
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from tests.support.config_builder import gateway_yaml, route, upstream_to
 from tests.support.faulty import FaultyUpstream, faulty_upstreams
 from tests.support.gateway import port_of, running_gateway
 
@@ -72,25 +74,15 @@ async def _hammer(port: int) -> list[int]:
 
 
 def _route_split(heavy: FaultyUpstream, light: FaultyUpstream) -> str:
-    return f"""
-upstreams:
-  heavy: {{endpoints: [{{url: "{heavy.url}"}}]}}
-  light: {{endpoints: [{{url: "{light.url}"}}]}}
-routes:
-  - name: app
-    match: {{path_prefix: /}}
-    upstream: [{{name: heavy, weight: 9}}, {{name: light, weight: 1}}]
-"""
+    return gateway_yaml(
+        upstreams={"heavy": upstream_to(heavy.url), "light": upstream_to(light.url)},
+        routes=[route("app", [{"name": "heavy", "weight": 9}, {"name": "light", "weight": 1}])],
+    )
 
 
 def _endpoint_weights(heavy: FaultyUpstream, light: FaultyUpstream) -> str:
-    return f"""
-upstreams:
-  app:
-    endpoints: [{{url: "{heavy.url}", weight: 9}}, {{url: "{light.url}", weight: 1}}]
-routes:
-  - {{name: app, match: {{path_prefix: /}}, upstream: app}}
-"""
+    endpoints = [{"url": heavy.url, "weight": 9}, {"url": light.url, "weight": 1}]
+    return gateway_yaml(upstreams={"app": upstream_to(*endpoints)}, routes=[route("app", "app")])
 
 
 @pytest.mark.parametrize(
@@ -103,16 +95,15 @@ routes:
     ],
 )
 async def test_a_9_to_1_weighting_sends_a_tenth_to_the_light_side(
-    tmp_path: Path, config: object, bounds: tuple[int, int]
+    tmp_path: Path,
+    config: Callable[[FaultyUpstream, FaultyUpstream], str],
+    bounds: tuple[int, int],
 ) -> None:
-    assert callable(config)
-    async with faulty_upstreams("heavy", "light") as [heavy, light]:
-        text = f"""
-listeners: [{{name: http, bind: "127.0.0.1:0"}}]
-access_log: {{enabled: false}}
-{config(heavy, light)}"""
-        async with running_gateway(tmp_path, text) as gw:
-            statuses = await _hammer(port_of(gw))
+    async with (
+        faulty_upstreams("heavy", "light") as [heavy, light],
+        running_gateway(tmp_path, config(heavy, light)) as gw,
+    ):
+        statuses = await _hammer(port_of(gw))
     assert statuses == [200] * REQUESTS
     assert heavy.total + light.total == REQUESTS
     lo, hi = bounds
