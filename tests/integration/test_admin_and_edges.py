@@ -20,6 +20,7 @@ from gateway.app import Gateway
 from gateway.downstream import connection as server_module
 from gateway.observability import access_log
 from tests.integration.conftest import Seen
+from tests.support.config_builder import gateway_yaml, route, upstream_to
 from tests.support.gateway import (
     assert_too_many_connections,
     in_flight_requests,
@@ -30,19 +31,22 @@ from tests.support.process import async_wait_until
 from tests.support.raw import close_writer, exchange, is_closed, open_raw, read_response
 
 
-def _config(upstream_port: int, extra: str = "") -> str:
-    return f"""
-listeners: [{{name: http, bind: "127.0.0.1:0"}}]
-admin: {{bind: "127.0.0.1:0", token: "${{ADMIN_TOKEN_FOR_TEST:-s3cret}}"}}
-limits: {{max_connections: 3, header_timeout: 2s, body_timeout: 1s, idle_timeout: 5s}}
-trusted_proxies: ["127.0.0.1"]
-shutdown: {{drain_delay: 300ms, timeout: 5s}}
-access_log: {{enabled: true, sample_ratio: 1.0, exclude_fields: [bytes_in]}}
-upstreams:
-  app: {{endpoints: [{{url: "http://127.0.0.1:{upstream_port}"}}]}}
-routes:
-  - {{name: app, match: {{path_prefix: /}}, upstream: app}}
-{extra}"""
+def _config(upstream_port: int) -> str:
+    return gateway_yaml(
+        # the token through an environment variable's default, as a deployment may write it
+        admin={"bind": "127.0.0.1:0", "token": "${ADMIN_TOKEN_FOR_TEST:-s3cret}"},
+        limits={
+            "max_connections": 3,
+            "header_timeout": "2s",
+            "body_timeout": "1s",
+            "idle_timeout": "5s",
+        },
+        trusted_proxies=["127.0.0.1"],
+        shutdown={"drain_delay": "300ms", "timeout": "5s"},
+        access_log={"enabled": True, "sample_ratio": 1.0, "exclude_fields": ["bytes_in"]},
+        upstreams={"app": upstream_to(f"http://127.0.0.1:{upstream_port}")},
+        routes=[route("app", "app")],
+    )
 
 
 @pytest.fixture

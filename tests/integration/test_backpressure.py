@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from gateway.app import Gateway
+from tests.support.config_builder import gateway_yaml, route, upstream_to
 from tests.support.gateway import port_of, running_gateway
 from tests.support.process import async_wait_until
 from tests.support.raw import close_writer, open_raw, read_response
@@ -69,20 +70,11 @@ async def pushing(tmp_path: Path) -> AsyncIterator[tuple[Gateway, Pusher]]:
     pusher = Pusher()
     server = await asyncio.start_server(pusher.handle, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    config = f"""
-listeners: [{{name: http, bind: "127.0.0.1:0"}}]
-admin: {{bind: "127.0.0.1:0"}}
-limits: {{body_timeout: 30s}}
-access_log: {{enabled: false}}
-upstreams:
-  push: {{endpoints: [{{url: "http://127.0.0.1:{port}"}}]}}
-routes:
-  - name: push
-    match: {{path_prefix: /}}
-    upstream: push
-    websocket: true
-    max_body_bytes: 64MiB
-"""
+    config = gateway_yaml(
+        limits={"body_timeout": "30s"},
+        upstreams={"push": upstream_to(f"http://127.0.0.1:{port}")},
+        routes=[route("push", "push", websocket=True, max_body_bytes="64MiB")],
+    )
     async with running_gateway(tmp_path, config) as gateway:
         yield gateway, pusher
     server.close()

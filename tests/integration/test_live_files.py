@@ -18,6 +18,7 @@ from cryptography import x509
 
 from gateway.app import Gateway
 from tests.support.certs import Issued, TestCA
+from tests.support.config_builder import gateway_yaml, listener, route
 from tests.support.process import async_wait_until
 from tests.support.raw import exchange, read_response
 from tests.support.tokens import RsaKey, claims, jwks, token
@@ -37,26 +38,15 @@ async def watched_gateway(path: Path) -> AsyncIterator[Gateway]:
 
 
 def _config(tag: str, cert: str = "", key: str = "") -> str:
-    tls = (
-        f"""
-  - name: https
-    bind: "127.0.0.1:0"
-    tls: {{certificates: [{{cert: {cert}, key: {key}}}]}}"""
-        if cert
-        else ""
+    """The echo handler answering with X-Tag: `tag`; with `cert`, a listener https too."""
+    listeners = [listener()]
+    if cert:
+        tls = {"certificates": [{"cert": cert, "key": key}]}
+        listeners.append(listener(name="https", tls=tls))
+    pipeline = [{"headers": {"response": {"set": {"X-Tag": tag}}}}]
+    return gateway_yaml(
+        listeners=listeners, routes=[route("echo", "internal:echo", pipeline=pipeline)]
     )
-    return f"""
-listeners:
-  - name: http
-    bind: "127.0.0.1:0"{tls}
-admin: {{bind: "127.0.0.1:0"}}
-access_log: {{enabled: false}}
-routes:
-  - name: echo
-    match: {{path_prefix: /}}
-    upstream: internal:echo
-    pipeline: [{{headers: {{response: {{set: {{X-Tag: "{tag}"}}}}}}}}]
-"""
 
 
 def _save(path: Path, text: str) -> None:
@@ -207,22 +197,16 @@ async def test_client_ca_and_jwks_files_rotate_live(tmp_path: Path) -> None:
     old_key, new_key = RsaKey("old"), RsaKey("new")
     (tmp_path / "jwks.json").write_bytes(jwks(old_key))
     path = tmp_path / "gateway.yaml"
+    tls = {
+        "certificates": [{"cert": "server.crt", "key": "server.key"}],
+        "client_ca": "clients.crt",
+    }
+    pipeline = [{"mtls": {}}, {"jwt": {"algorithms": ["RS256"], "jwks_file": "jwks.json"}}]
     path.write_text(
-        """
-listeners:
-  - name: https
-    bind: "127.0.0.1:0"
-    tls: {certificates: [{cert: server.crt, key: server.key}], client_ca: clients.crt}
-admin: {bind: "127.0.0.1:0"}
-access_log: {enabled: false}
-routes:
-  - name: secure
-    match: {path_prefix: /}
-    upstream: internal:echo
-    pipeline:
-      - mtls: {}
-      - jwt: {algorithms: [RS256], jwks_file: jwks.json}
-"""
+        gateway_yaml(
+            listeners=[listener(name="https", tls=tls)],
+            routes=[route("secure", "internal:echo", pipeline=pipeline)],
+        )
     )
 
     async def status(client: Issued, key: RsaKey) -> int | str:

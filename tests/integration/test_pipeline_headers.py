@@ -7,36 +7,34 @@ from pathlib import Path
 from aiohttp.test_utils import TestServer
 
 from tests.integration.conftest import Seen
+from tests.support.config_builder import gateway_yaml, route, upstream_to
 from tests.support.gateway import port_of, running_gateway, write_config
 from tests.support.raw import exchange
 
 
 def _config(port: int, tag: str = "v1") -> str:
-    return f"""
-listeners: [{{name: http, bind: "127.0.0.1:0"}}]
-admin: {{bind: "127.0.0.1:0"}}
-access_log: {{enabled: false}}
-upstreams:
-  app: {{endpoints: [{{url: "http://127.0.0.1:{port}"}}]}}
-middlewares:
-  tag:
-    headers:
-      request: {{set: {{X-Tag: {tag}}}}}
-      response: {{set: {{X-Order: outer}}}}
-routes:
-  - name: app
-    match: {{path_prefix: /}}
-    upstream: app
-    pipeline:
-      - tag
-      - headers:
-          request: {{set: {{X-Env: prod}}, remove: [x-debug]}}
-          response: {{set: {{X-Order: inner, X-Frame-Options: DENY}}, remove: [X-Upstream]}}
-  - name: other
-    match: {{path_prefix: /other}}
-    upstream: app
-    pipeline: [tag]
-"""
+    inline = {
+        "request": {"set": {"X-Env": "prod"}, "remove": ["x-debug"]},
+        "response": {
+            "set": {"X-Order": "inner", "X-Frame-Options": "DENY"},
+            "remove": ["X-Upstream"],
+        },
+    }
+    return gateway_yaml(
+        upstreams={"app": upstream_to(f"http://127.0.0.1:{port}")},
+        middlewares={
+            "tag": {
+                "headers": {
+                    "request": {"set": {"X-Tag": tag}},
+                    "response": {"set": {"X-Order": "outer"}},
+                }
+            }
+        },
+        routes=[
+            route("app", "app", pipeline=["tag", {"headers": inline}]),
+            route("other", "app", "/other", pipeline=["tag"]),
+        ],
+    )
 
 
 def _sent(seen: Seen) -> dict[str, list[str]]:

@@ -5,35 +5,31 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
+from tests.support.config_builder import gateway_yaml, route
 from tests.support.gateway import port_of, running_gateway, write_config
 from tests.support.raw import exchange
 
+#: one request, then one a minute
+ONE_A_MINUTE = {"rate": 1, "per": "1m", "burst": 1}
 
-def _config(limit: str, *, extra_route: str = "") -> str:
-    return f"""
-listeners: [{{name: http, bind: "127.0.0.1:0"}}]
-admin: {{bind: "127.0.0.1:0"}}
-access_log: {{enabled: false}}
-middlewares:
-  per-client:
-    rate_limit: {limit}
-routes:
-  - name: app
-    match: {{path_prefix: /}}
-    upstream: internal:echo
-    pipeline: [per-client]
-  - name: other
-    match: {{path_prefix: /other}}
-    upstream: internal:echo
-    pipeline: [per-client]
-  - name: free
-    match: {{path_prefix: /free}}
-    upstream: internal:echo{extra_route}
-"""
+
+def _config(limit: Mapping[str, Any], **free_route: Any) -> str:
+    """Routes / and /other share middleware `per-client` (a rate_limit of `limit`); route /free
+    (with `free_route`'s options) has none."""
+    return gateway_yaml(
+        middlewares={"per-client": {"rate_limit": limit}},
+        routes=[
+            route("app", "internal:echo", pipeline=["per-client"]),
+            route("other", "internal:echo", "/other", pipeline=["per-client"]),
+            route("free", "internal:echo", "/free", **free_route),
+        ],
+    )
 
 
 async def _get(port: int, path: str = "/x", headers: str = "") -> tuple[int, dict[str, str]]:
@@ -60,7 +56,7 @@ async def test_exact_under_concurrency(tmp_path: Path) -> None:
     takes loses a token: the bound starts after it.)  The slack is a few tokens, while a
     refill 10 % too fast earns 20 more over the 2 s, and one 10 % too slow 20 fewer."""
     rate, burst, clients, seconds = 100, 100, 20, 2.0
-    async with running_gateway(tmp_path, _config(f"{{rate: {rate}, burst: {burst}}}")) as gw:
+    async with running_gateway(tmp_path, _config({"rate": rate, "burst": burst})) as gw:
         port = port_of(gw)
         loop = asyncio.get_running_loop()
         #: (sent, answered, status) of every request, on the loop's clock
@@ -89,7 +85,7 @@ async def test_exact_under_concurrency(tmp_path: Path) -> None:
 
 
 async def test_headers_on_every_response_and_429(tmp_path: Path) -> None:
-    async with running_gateway(tmp_path, _config("{rate: 2, per: 1m, burst: 3}")) as gw:
+    async with running_gateway(tmp_path, _config({"rate": 2, "per": "1m", "burst": 3})) as gw:
         port = port_of(gw)
         remaining = []
         for _ in range(3):
@@ -120,7 +116,7 @@ async def test_headers_on_every_response_and_429(tmp_path: Path) -> None:
 
 
 async def test_header_and_composite_keys(tmp_path: Path) -> None:
-    limit = '{rate: 1, per: 1m, burst: 1, key: [client_ip, "header:X-Api-Key"]}'
+    limit = {"rate": 1, "per": "1m", "burst": 1, "key": ["client_ip", "header:X-Api-Key"]}
     async with running_gateway(tmp_path, _config(limit)) as gw:
         port = port_of(gw)
         assert (await _get(port, headers="X-Api-Key: a\r\n"))[0] == 200
@@ -132,34 +128,28 @@ async def test_header_and_composite_keys(tmp_path: Path) -> None:
 
 
 async def test_state_survives_an_unrelated_reload_and_resets_on_change(tmp_path: Path) -> None:
-    async with running_gateway(tmp_path, _config("{rate: 1, per: 1m, burst: 2}")) as gw:
+    limit = {"rate": 1, "per": "1m", "burst": 2}
+    async with running_gateway(tmp_path, _config(limit)) as gw:
         port = port_of(gw)
         assert [(await _get(port))[0] for _ in range(3)] == [200, 200, 429]
-        unrelated = "\n    max_body_bytes: 1KiB"
-        write_config(tmp_path, _config("{rate: 1, per: 1m, burst: 2}", extra_route=unrelated))
+        write_config(tmp_path, _config(limit, max_body_bytes="1KiB"))  # an unrelated change
         result = await gw.reload()
         assert result["ok"], result
         assert result["changed"]
         assert (await _get(port))[0] == 429  # the same bucket, still empty
-        write_config(tmp_path, _config("{rate: 1, per: 1m, burst: 3}"))
+        write_config(tmp_path, _config({**limit, "burst": 3}))
         assert (await gw.reload())["ok"]
         assert [(await _get(port))[0] for _ in range(4)] == [200, 200, 200, 429]
 
 
 async def test_inline_stages_have_their_own_buckets(tmp_path: Path) -> None:
-    config = """
-listeners: [{name: http, bind: "127.0.0.1:0"}]
-access_log: {enabled: false}
-routes:
-  - name: one
-    match: {path_prefix: /one}
-    upstream: internal:echo
-    pipeline: [{rate_limit: {rate: 1, per: 1m, burst: 1}}]
-  - name: two
-    match: {path_prefix: /two}
-    upstream: internal:echo
-    pipeline: [{rate_limit: {rate: 1, per: 1m, burst: 1}}]
-"""
+    pipeline = [{"rate_limit": ONE_A_MINUTE}]
+    config = gateway_yaml(
+        routes=[
+            route("one", "internal:echo", "/one", pipeline=pipeline),
+            route("two", "internal:echo", "/two", pipeline=pipeline),
+        ]
+    )
     async with running_gateway(tmp_path, config) as gw:
         port = port_of(gw)
         assert (await _get(port, "/one"))[0] == 200
@@ -171,7 +161,7 @@ routes:
 
 async def test_refusal_is_a_problem_response(tmp_path: Path) -> None:
     body_seen: list[bytes] = []
-    config = _config("{rate: 1, per: 1m, burst: 1}")
+    config = _config(ONE_A_MINUTE)
     async with running_gateway(tmp_path, config) as gw:
         port = port_of(gw)
         response = await exchange(port, b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")

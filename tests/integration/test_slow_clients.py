@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from gateway.app import Gateway
+from tests.support.config_builder import gateway_yaml, route, upstream_to
 from tests.support.faulty import faulty_upstreams
 from tests.support.gateway import assert_too_many_connections, port_of, running_gateway
 from tests.support.process import async_wait_until
@@ -61,18 +63,28 @@ class BigUpstream:
             writer.close()
 
 
-def _config(upstream_port: int, limits: str = "", pool: str = "") -> str:
-    return f"""
-listeners: [{{name: http, bind: "127.0.0.1:0"}}]
-admin: {{bind: "127.0.0.1:0"}}
-access_log: {{enabled: false}}
-limits: {{body_timeout: 10s, {limits}}}
-trusted_proxies: [127.0.0.2/32]
-upstreams:
-  app: {{endpoints: [{{url: "http://127.0.0.1:{upstream_port}"}}], pool: {{{pool}}}}}
-routes:
-  - {{name: app, match: {{path_prefix: /}}, upstream: app}}
-"""
+def _config(
+    upstream_port: int,
+    *,
+    limits: Mapping[str, Any] | None = None,
+    pool: Mapping[str, Any] | None = None,
+) -> str:
+    """`limits` beside a 10 s body_timeout; `pool` the upstream's."""
+    return gateway_yaml(
+        limits={"body_timeout": "10s", **(limits or {})},
+        trusted_proxies=["127.0.0.2/32"],
+        upstreams={"app": upstream_to(f"http://127.0.0.1:{upstream_port}", pool=pool or {})},
+        routes=[route("app", "app")],
+    )
+
+
+def _min_rate(bytes_per_second: str, grace: str) -> dict[str, Any]:
+    return {"min_data_rate": {"bytes_per_second": bytes_per_second, "grace": grace}}
+
+
+def _one_connection(queue_timeout: str) -> dict[str, Any]:
+    """A pool of one connection, waited for up to `queue_timeout`."""
+    return {"max_connections": 1, "queue_timeout": queue_timeout}
 
 
 @pytest.fixture
@@ -125,7 +137,7 @@ async def test_a_larger_body_streams_once_the_buffer_is_full(
     tmp_path: Path, big: tuple[BigUpstream, int]
 ) -> None:
     upstream, port = big
-    config = _config(port, limits="request_buffering: 4KiB")
+    config = _config(port, limits={"request_buffering": "4KiB"})
     async with running_gateway(tmp_path, config) as gateway:
         reader, writer = await open_raw(port_of(gateway))
         writer.write(b"POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: 20000\r\n\r\n")
@@ -145,7 +157,7 @@ async def test_a_slow_upload_gets_408_and_never_reaches_the_upstream(
     tmp_path: Path, big: tuple[BigUpstream, int]
 ) -> None:
     upstream, port = big
-    config = _config(port, limits="min_data_rate: {bytes_per_second: 1KiB, grace: 1s}")
+    config = _config(port, limits=_min_rate("1KiB", "1s"))
     async with running_gateway(tmp_path, config) as gateway:
         loop = asyncio.get_running_loop()
         reader, writer = await open_raw(port_of(gateway))
@@ -173,7 +185,7 @@ async def test_an_upload_the_gateway_holds_back_is_not_slow(
 ) -> None:
     """Time the gateway itself kept the client paused never counts against its rate."""
     _, port = big
-    config = _config(port, limits="min_data_rate: {bytes_per_second: 100MiB, grace: 200ms}")
+    config = _config(port, limits=_min_rate("100MiB", "200ms"))
     async with running_gateway(tmp_path, config) as gateway:
         body = b"z" * 50000
         response = await exchange(
@@ -187,7 +199,7 @@ async def test_a_client_that_stops_reading_is_cut(
     tmp_path: Path, big: tuple[BigUpstream, int]
 ) -> None:
     _, port = big
-    config = _config(port, limits="min_data_rate: {bytes_per_second: 64KiB, grace: 1s}")
+    config = _config(port, limits=_min_rate("64KiB", "1s"))
     async with running_gateway(tmp_path, config) as gateway:
         loop = asyncio.get_running_loop()
         reader, writer = await open_raw(port_of(gateway))
@@ -210,7 +222,7 @@ async def test_a_slow_but_steady_reader_is_not_cut(
 ) -> None:
     """Reading 64 KiB every 0.2 s (~320 KiB/s) is above a 64 KiB/s minimum: never cut."""
     _, port = big
-    config = _config(port, limits="min_data_rate: {bytes_per_second: 64KiB, grace: 500ms}")
+    config = _config(port, limits=_min_rate("64KiB", "500ms"))
     async with running_gateway(tmp_path, config) as gateway:
         reader, writer = await open_raw(port_of(gateway))
         writer.write(b"GET /big HTTP/1.1\r\nHost: a\r\n\r\n")
@@ -230,7 +242,7 @@ async def test_a_slow_but_steady_reader_is_not_cut(
 
 async def test_a_full_pool_answers_503_upstream_busy_after_queue_timeout(tmp_path: Path) -> None:
     async with faulty_upstreams("up") as [up]:
-        config = _config(up.port, pool="max_connections: 1, queue_timeout: 300ms")
+        config = _config(up.port, pool=_one_connection("300ms"))
         async with running_gateway(tmp_path, config) as gateway:
             port = port_of(gateway)
             up.mode = "hang"
@@ -253,7 +265,7 @@ async def test_a_stalled_reader_gives_its_connection_to_a_waiting_request(
     tmp_path: Path, big: tuple[BigUpstream, int]
 ) -> None:
     upstream, port = big
-    config = _config(port, pool="max_connections: 1, queue_timeout: 5s")
+    config = _config(port, pool=_one_connection("5s"))
     async with running_gateway(tmp_path, config) as gateway:
         reader, writer = await open_raw(port_of(gateway))
         writer.transport.pause_reading()
@@ -274,7 +286,7 @@ async def test_a_stalled_reader_gives_its_connection_to_a_waiting_request(
 async def test_a_reader_that_keeps_up_is_never_evicted(tmp_path: Path) -> None:
     """A request waiting on a pool held by a busy upstream (not a stalled client) waits."""
     async with faulty_upstreams("up") as [up]:
-        config = _config(up.port, pool="max_connections: 1, queue_timeout: 3s")
+        config = _config(up.port, pool=_one_connection("3s"))
         async with running_gateway(tmp_path, config) as gateway:
             port = port_of(gateway)
             up.mode = "slow:1.5"
@@ -289,7 +301,7 @@ async def test_connections_per_client_are_limited(
     tmp_path: Path, big: tuple[BigUpstream, int]
 ) -> None:
     _, port = big
-    config = _config(port, limits="max_connections_per_client: 3")
+    config = _config(port, limits={"max_connections_per_client": 3})
     async with running_gateway(tmp_path, config) as gateway:
         gw_port = port_of(gateway)
         held = [await open_raw(gw_port) for _ in range(3)]
@@ -329,7 +341,7 @@ async def test_waiting_requests_take_turns_by_client(tmp_path: Path) -> None:
     """Five requests of one client queued for a one-connection pool do not make another
     client's request wait behind all five."""
     async with faulty_upstreams("up") as [up]:
-        config = _config(up.port, pool="max_connections: 1, queue_timeout: 10s")
+        config = _config(up.port, pool=_one_connection("10s"))
         async with running_gateway(tmp_path, config) as gateway:
             port = port_of(gateway)
             up.mode = "slow:0.3"
@@ -370,7 +382,7 @@ async def test_a_burst_then_a_trickle_is_slow_in_its_next_window(
     """Found by probing: 70 kB at once bought over a minute of near silence when the rate was
     an average since the start; each window of `grace` must bring the minimum rate."""
     upstream, port = big
-    config = _config(port, limits="min_data_rate: {bytes_per_second: 1KiB, grace: 1s}")
+    config = _config(port, limits=_min_rate("1KiB", "1s"))
     async with running_gateway(tmp_path, config) as gateway:
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -391,7 +403,7 @@ async def test_a_stalled_upload_gives_its_connection_to_a_waiting_request(
     tmp_path: Path, big: tuple[BigUpstream, int]
 ) -> None:
     upstream, port = big
-    config = _config(port, pool="max_connections: 1, queue_timeout: 5s")
+    config = _config(port, pool=_one_connection("5s"))
     async with running_gateway(tmp_path, config) as gateway:
         reader, writer = await _trickle_upload(port_of(gateway), 70_000)
         await async_wait_until(lambda: upstream.requests == 1, what="the upload holds the pool")
@@ -413,7 +425,7 @@ async def test_a_body_that_already_failed_opens_no_upstream_exchange(
     """Found by probing: a chunked body over the limit that arrived whole got its 413 only
     after its head had gone upstream."""
     upstream, port = big
-    config = _config(port, limits="max_body_bytes: 100")
+    config = _config(port, limits={"max_body_bytes": 100})
     async with running_gateway(tmp_path, config) as gateway:
         response = await exchange(
             port_of(gateway),

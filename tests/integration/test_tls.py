@@ -10,6 +10,7 @@ import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestServer
@@ -18,6 +19,7 @@ from cryptography import x509
 from gateway.app import Gateway
 from tests.integration.conftest import Seen
 from tests.support.certs import Issued, TestCA
+from tests.support.config_builder import gateway_yaml, listener, route, upstream_to
 from tests.support.gateway import port_of, running_gateway, write_config
 from tests.support.raw import RawResponse, read_response
 
@@ -45,34 +47,37 @@ def pki(tmp_path: Path) -> Pki:
     )
 
 
-def _config(pki: Pki, port: int, *, min_version: str = "1.2", forward: str = "rfc9440") -> str:
-    return f"""
-listeners:
-  - name: https
-    bind: "127.0.0.1:0"
-    tls:
-      certificates:
-        - {{cert: {pki.server.cert}, key: {pki.server.key}}}
-        - {{cert: {pki.second.cert}, key: {pki.second.key}}}
-      client_ca: {pki.ca.path}
-      min_version: "{min_version}"
-  - name: http
-    bind: "127.0.0.1:0"
-admin: {{bind: "127.0.0.1:0"}}
-access_log: {{enabled: false}}
-limits: {{header_timeout: 1s}}
-upstreams:
-  app: {{endpoints: [{{url: "http://127.0.0.1:{port}"}}]}}
-routes:
-  - name: secure
-    match: {{path_prefix: /secure}}
-    upstream: app
-    pipeline:
-      - mtls: {{allowed_sans: ["spiffe://corp/*"], forward: {forward}}}
-  - name: open
-    match: {{path_prefix: /}}
-    upstream: app
-"""
+def _config(
+    pki: Pki,
+    port: int,
+    *,
+    min_version: str = "1.2",
+    forward: str = "rfc9440",
+    server: Issued | None = None,
+    mtls: bool = True,
+) -> str:
+    """Listeners https (`server`'s certificate by default, then `pki.second`) and http; route
+    /secure behind an mtls stage (without `mtls`: no client CA, and a headers stage instead)."""
+    server = server or pki.server
+    tls: dict[str, Any] = {
+        "certificates": [
+            {"cert": server.cert, "key": server.key},
+            {"cert": pki.second.cert, "key": pki.second.key},
+        ]
+    }
+    if mtls:
+        tls["client_ca"] = pki.ca.path
+    tls["min_version"] = min_version
+    stage = {"mtls": {"allowed_sans": ["spiffe://corp/*"], "forward": forward}}
+    return gateway_yaml(
+        listeners=[listener(name="https", tls=tls), listener()],
+        limits={"header_timeout": "1s"},
+        upstreams={"app": upstream_to(f"http://127.0.0.1:{port}")},
+        routes=[
+            route("secure", "app", "/secure", pipeline=[stage if mtls else {"headers": {}}]),
+            route("open", "app"),
+        ],
+    )
 
 
 @pytest.fixture
@@ -245,8 +250,7 @@ async def test_a_new_certificate_reaches_new_handshakes_only(
     )
     renewed = pki.ca.issue("renewed", dns=("localhost", "renewed.test"), ips=("127.0.0.1",))
     server, _ = upstream
-    text = _config(pki, server.port or 0).replace(str(pki.server.cert), str(renewed.cert))
-    write_config(tmp_path, text.replace(str(pki.server.key), str(renewed.key)))
+    write_config(tmp_path, _config(pki, server.port or 0, server=renewed))
     result = await edge.reload()
     assert result["ok"], result
     _, cert = await _get(port, _client(pki))
@@ -281,12 +285,9 @@ async def test_min_version_or_client_ca_changes_need_a_restart(
     tmp_path: Path, edge: Gateway, pki: Pki, upstream: tuple[TestServer, Seen]
 ) -> None:
     server, _ = upstream
-    text = _config(pki, server.port or 0)
     for changed in (
-        text.replace('min_version: "1.2"', 'min_version: "1.3"'),
-        text.replace(f"client_ca: {pki.ca.path}", "").replace(
-            '- mtls: {allowed_sans: ["spiffe://corp/*"], forward: rfc9440}', "- headers: {}"
-        ),
+        _config(pki, server.port or 0, min_version="1.3"),
+        _config(pki, server.port or 0, mtls=False),
     ):
         write_config(tmp_path, changed)
         result = await edge.reload()

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -12,6 +13,7 @@ from aiohttp import WSMsgType, web
 from aiohttp.test_utils import TestServer
 
 from gateway.app import Gateway
+from tests.support.config_builder import gateway_yaml, route, upstream_to
 from tests.support.gateway import port_of, running_gateway
 
 
@@ -35,20 +37,21 @@ async def _echo_server() -> TestServer:
     return server
 
 
+def _config(server: TestServer, *, pool: Mapping[str, Any] | None = None, **sections: Any) -> str:
+    """Route /ws tunnels WebSockets to the echo `server`, route /plain does not; `pool` is the
+    upstream's."""
+    options = {} if pool is None else {"pool": pool}
+    return gateway_yaml(
+        upstreams={"ws": upstream_to(f"http://127.0.0.1:{server.port}", **options)},
+        routes=[route("ws", "ws", "/ws", websocket=True), route("plain", "ws", "/plain")],
+        **sections,
+    )
+
+
 @pytest.fixture
 async def ws_gateway(tmp_path: Path) -> AsyncIterator[Gateway]:
     server = await _echo_server()
-    config = f"""
-listeners: [{{name: http, bind: "127.0.0.1:0"}}]
-admin: {{bind: "127.0.0.1:0"}}
-access_log: {{enabled: false}}
-upstreams:
-  ws: {{endpoints: [{{url: "http://127.0.0.1:{server.port}"}}]}}
-routes:
-  - {{name: ws, match: {{path_prefix: /ws}}, upstream: ws, websocket: true}}
-  - {{name: plain, match: {{path_prefix: /plain}}, upstream: ws}}
-"""
-    async with running_gateway(tmp_path, config) as gateway:
+    async with running_gateway(tmp_path, _config(server)) as gateway:
         yield gateway
     await server.close()
 
@@ -78,19 +81,11 @@ async def test_websocket_refused_on_route_without_it(ws_gateway: Gateway) -> Non
 async def ws_small_pool(tmp_path: Path) -> AsyncIterator[Gateway]:
     """A one-connection pool and a 1 s tunnel idle timeout, in front of the echo upstream."""
     server = await _echo_server()
-    config = f"""
-listeners: [{{name: http, bind: "127.0.0.1:0"}}]
-admin: {{bind: "127.0.0.1:0"}}
-access_log: {{enabled: false}}
-limits: {{tunnel_idle_timeout: 1s, idle_timeout: 30s}}
-upstreams:
-  ws:
-    endpoints: [{{url: "http://127.0.0.1:{server.port}"}}]
-    pool: {{max_connections: 1, queue_timeout: 2s}}
-routes:
-  - {{name: ws, match: {{path_prefix: /ws}}, upstream: ws, websocket: true}}
-  - {{name: plain, match: {{path_prefix: /plain}}, upstream: ws}}
-"""
+    config = _config(
+        server,
+        pool={"max_connections": 1, "queue_timeout": "2s"},
+        limits={"tunnel_idle_timeout": "1s", "idle_timeout": "30s"},
+    )
     try:
         async with running_gateway(tmp_path, config) as gateway:
             yield gateway
