@@ -27,7 +27,7 @@ def _metric(text: str, name: str) -> float:
 async def test_max_keys_evicts_the_oldest_completed_records(tmp_path: Path) -> None:
     async with (
         faulty_upstreams("up") as [up],
-        running_gateway(tmp_path, idempotency_config([up.url], "{max_keys: 50}")) as gw,
+        running_gateway(tmp_path, idempotency_config([up.url], {"max_keys": 50})) as gw,
     ):
         port = port_of(gw)
         keys = [f"order-{i}" for i in range(500)]
@@ -55,7 +55,7 @@ async def _held(port: int, up: FaultyUpstream, key: str) -> asyncio.Task[RawResp
 
 
 async def test_a_request_in_flight_is_never_evicted(tmp_path: Path) -> None:
-    config = "{max_keys: 50}"
+    config = {"max_keys": 50}
     async with (
         faulty_upstreams("up") as [up],
         running_gateway(tmp_path, idempotency_config([up.url], config, timeout="10s")) as gw,
@@ -80,7 +80,7 @@ async def test_only_locks_left_refuses_a_new_key(tmp_path: Path) -> None:
     async with (
         faulty_upstreams("up") as [up],
         running_gateway(
-            tmp_path, idempotency_config([up.url], "{max_keys: 2}", timeout="10s")
+            tmp_path, idempotency_config([up.url], {"max_keys": 2}, timeout="10s")
         ) as gw,
     ):
         port = port_of(gw)

@@ -13,10 +13,12 @@ import asyncio
 import ssl
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.support.certs import Issued, TestCA
+from tests.support.config_builder import listener
 from tests.support.faulty import faulty_upstreams
 from tests.support.gateway import port_of, running_gateway
 from tests.support.idempotency import code, detail, idempotency_config, keyed_post, post
@@ -24,8 +26,10 @@ from tests.support.raw import RawResponse, close_writer, read_response
 from tests.support.tokens import claims, token
 
 JWT_SECRET = "jwt-secret-for-idempotency-scope-tests-0123"
-JWT = f"\n      - jwt: {{algorithms: [HS256], secret: {JWT_SECRET}}}"
-TRUST_LOOPBACK = "\ntrusted_proxies: [127.0.0.1/32]"
+JWT = [{"jwt": {"algorithms": ["HS256"], "secret": JWT_SECRET}}]
+TRUST_LOOPBACK = ["127.0.0.1/32"]
+#: the stages before the idempotency stage
+Stages = list[dict[str, Any]]
 ADDRESSES = {"alice": "203.0.113.1", "bob": "203.0.113.2"}
 
 
@@ -44,11 +48,11 @@ IDENTIFY: dict[str, Callable[[str], str]] = {
 
 SCOPES = [
     # (pipeline before idempotency, stage, how clients identify, effective scope, shared)
-    (JWT, "{}", "sub", "jwt:sub", False),
-    (JWT, "{scope: 'jwt:tenant'}", "tenant claim", "jwt:tenant", False),
-    ("", "{scope: 'header:X-Tenant'}", "X-Tenant", "header:x-tenant", False),
-    ("", "{scope: client_ip}", "address", "client_ip", False),
-    (JWT, "{scope: none}", "sub", "none", True),
+    (JWT, {}, "sub", "jwt:sub", False),
+    (JWT, {"scope": "jwt:tenant"}, "tenant claim", "jwt:tenant", False),
+    ([], {"scope": "header:X-Tenant"}, "X-Tenant", "header:x-tenant", False),
+    ([], {"scope": "client_ip"}, "address", "client_ip", False),
+    (JWT, {"scope": "none"}, "sub", "none", True),
 ]
 
 
@@ -58,12 +62,18 @@ SCOPES = [
     ids=["auto-is-jwt-sub", "jwt-claim", "header", "client-ip", "none-is-shared"],
 )
 async def test_two_clients_one_key(
-    tmp_path: Path, before: str, stage: str, identify: str, effective: str, shared: bool
+    tmp_path: Path,
+    before: Stages,
+    stage: dict[str, str],
+    identify: str,
+    effective: str,
+    shared: bool,
 ) -> None:
     async with (
         faulty_upstreams("up") as [up],
         running_gateway(
-            tmp_path, idempotency_config([up.url], stage, before=before, top=TRUST_LOOPBACK)
+            tmp_path,
+            idempotency_config([up.url], stage, before=before, trusted_proxies=TRUST_LOOPBACK),
         ) as gw,
     ):
         port = port_of(gw)
@@ -102,14 +112,18 @@ async def test_two_clients_one_key(
 @pytest.mark.parametrize(
     ("before", "stage", "identify", "missing"),
     [
-        ("", "{scope: 'header:X-Tenant'}", lambda: "", "x-tenant header"),
-        ("", "{scope: 'header:X-Tenant'}", lambda: "X-Tenant: \r\n", "x-tenant header"),
-        (JWT, "{scope: 'jwt:tenant'}", lambda: _bearer(sub="alice"), "tenant claim"),
+        ([], {"scope": "header:X-Tenant"}, lambda: "", "x-tenant header"),
+        ([], {"scope": "header:X-Tenant"}, lambda: "X-Tenant: \r\n", "x-tenant header"),
+        (JWT, {"scope": "jwt:tenant"}, lambda: _bearer(sub="alice"), "tenant claim"),
     ],
     ids=["header-absent", "header-empty", "claim-absent"],
 )
 async def test_a_request_without_its_scope_is_refused(
-    tmp_path: Path, before: str, stage: str, identify: Callable[[], str], missing: str
+    tmp_path: Path,
+    before: Stages,
+    stage: dict[str, str],
+    identify: Callable[[], str],
+    missing: str,
 ) -> None:
     headers = identify()
     async with (
@@ -149,15 +163,14 @@ async def test_two_client_certificates_one_key(tmp_path: Path) -> None:
         name: _client(ca, ca.issue(name, uris=(f"spiffe://corp/{name}",), client=True))
         for name in ("alice", "bob")
     }
-    listeners = (
-        f'[{{name: https, bind: "127.0.0.1:0", tls: {{certificates: '
-        f"[{{cert: {server.cert}, key: {server.key}}}], client_ca: {ca.path}}}}}]"
-    )
+    tls = {"certificates": [{"cert": server.cert, "key": server.key}], "client_ca": ca.path}
     async with (
         faulty_upstreams("up") as [up],
         running_gateway(
             tmp_path,
-            idempotency_config([up.url], before="\n      - mtls: {}", listeners=listeners),
+            idempotency_config(
+                [up.url], before=[{"mtls": {}}], listeners=[listener(name="https", tls=tls)]
+            ),
         ) as gw,
     ):
         port = port_of(gw, "https")

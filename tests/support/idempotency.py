@@ -1,45 +1,37 @@
-"""The idempotency tests' one config builder and their clients (keyed POSTs, raw bytes)."""
+"""The idempotency tests' config (one keyed route, built by config_builder) and their clients
+(keyed POSTs, raw bytes)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
+from tests.support.config_builder import gateway_yaml, route, upstream_to
 from tests.support.raw import RawResponse, close_writer, exchange, open_raw, read_response
-
-HTTP_LISTENER = '[{name: http, bind: "127.0.0.1:0"}]'
 
 
 def idempotency_config(
     urls: list[str],
-    stage: str = "{}",
-    extra: str = "",
+    stage: Mapping[str, Any] | None = None,
     *,
-    before: str = "",
-    top: str = "",
-    listeners: str = HTTP_LISTENER,
+    before: Sequence[Mapping[str, Any]] = (),
+    after: Sequence[Mapping[str, Any]] = (),
     timeout: str = "500ms",
+    **sections: Any,
 ) -> str:
-    """One route `pay` on `urls`: the `before` stages, `idempotency: <stage>`, then `extra`.
+    """One route `pay` on `urls`: the `before` stages, `idempotency: <stage>`, then `after`.
 
-    `before` and `extra` are pipeline entries, each a line starting with "\\n      - "; `top`
-    adds top-level keys (one per line); `timeout` is the upstream's response_header timeout.
+    `sections` are top-level sections (listeners, trusted_proxies …); `timeout` is the
+    upstream's response_header timeout.
     """
-    endpoints = ", ".join(f'{{url: "{u}"}}' for u in urls)
-    return f"""
-listeners: {listeners}
-admin: {{bind: "127.0.0.1:0"}}
-access_log: {{enabled: false}}{top}
-upstreams:
-  app: {{endpoints: [{endpoints}], timeouts: {{response_header: {timeout}}}}}
-routes:
-  - name: pay
-    match: {{path_prefix: /}}
-    upstream: app
-    pipeline:{before}
-      - idempotency: {stage}{extra}
-"""
+    pipeline = [*before, {"idempotency": stage or {}}, *after]
+    return gateway_yaml(
+        upstreams={"app": upstream_to(*urls, timeouts={"response_header": timeout})},
+        routes=[route("pay", "app", pipeline=pipeline)],
+        **sections,
+    )
 
 
 def keyed_post(
