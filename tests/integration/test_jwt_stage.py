@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -36,8 +37,12 @@ from tests.support.tokens import (
 JUNK = [entry for _, entry, _ in UNUSABLE_KEYS]
 
 
-def _config(port: int, source: str, extra: str = "") -> str:
-    return jwt_config(source, upstream_port=port, extra=extra)
+#: the JWKS file the test writes beside the config
+JWKS_FILE = {"jwks_file": "jwks.json"}
+
+
+def _config(port: int, source: Mapping[str, Any], after: Sequence[Mapping[str, Any]] = ()) -> str:
+    return jwt_config(source, upstream_port=port, after=after)
 
 
 async def _get(port: int, tok: str | None = None, headers: str = "") -> RawResponse:
@@ -55,7 +60,7 @@ async def test_jwks_file_claims_forwarded_and_spoofs_dropped(
     server, seen = upstream
     key = RsaKey("k1")
     (tmp_path / "jwks.json").write_bytes(jwks(key))
-    config = _config(server.port or 0, "jwks_file: jwks.json")
+    config = _config(server.port or 0, JWKS_FILE)
     async with running_gateway(tmp_path, config) as gw:
         port = port_of(gw)
         spoof = "X-User-Id: root\r\nX-Scope: admin\r\n"
@@ -112,7 +117,7 @@ async def test_jwks_url_with_key_rotation(
     old, new = RsaKey("2025"), EcKey("2026")
     document = [jwks(old)]
     async with jwks_server(document) as (url, fetches):
-        config = _config(server.port or 0, f"jwks_url: {url}")
+        config = _config(server.port or 0, {"jwks_url": url})
         async with running_gateway(tmp_path, config) as gw:
             port = port_of(gw)
             assert (await _get(port, token(old, claims()))).status == 200
@@ -137,7 +142,7 @@ async def test_a_request_waiting_for_a_jwks_fetch_survives_a_reload_that_replace
     gate = asyncio.Event()
     gate.set()
     async with jwks_server(document, gate) as (url, fetches):
-        config = _config(server.port or 0, f"jwks_url: {url}")
+        config = _config(server.port or 0, {"jwks_url": url})
         async with running_gateway(tmp_path, config) as gw:
             port = port_of(gw)
             gate.clear()
@@ -145,7 +150,7 @@ async def test_a_request_waiting_for_a_jwks_fetch_survives_a_reload_that_replace
             before = len(fetches)
             waiting = asyncio.ensure_future(_get(port, token(new, claims())))
             await async_wait_until(lambda: len(fetches) > before, what="a fetch for the new kid")
-            changed = f"jwks_url: {url}\n          leeway: 45s"
+            changed = {"jwks_url": url, "leeway": "45s"}
             write_config(tmp_path, _config(server.port or 0, changed))
             result = await gw.reload()
             assert result["ok"] is True, result
@@ -162,7 +167,7 @@ async def test_a_jwks_url_without_keys_is_not_fetched_per_request(
     key = RsaKey("k1")
     document = [b'{"keys": []}']
     async with jwks_server(document) as (url, fetches):
-        config = _config(server.port or 0, f"jwks_url: {url}")
+        config = _config(server.port or 0, {"jwks_url": url})
         async with running_gateway(tmp_path, config) as gw:
             port = port_of(gw)
             loop = asyncio.get_running_loop()
@@ -180,10 +185,8 @@ async def test_rate_limit_keyed_by_a_claim(
     server, _ = upstream
     key = RsaKey("k1")
     (tmp_path / "jwks.json").write_bytes(jwks(key))
-    extra = "\n      - rate_limit: {rate: 1, per: 1m, burst: 1, key: 'jwt:sub'}"
-    async with running_gateway(
-        tmp_path, _config(server.port or 0, "jwks_file: jwks.json", extra)
-    ) as gw:
+    limit = {"rate_limit": {"rate": 1, "per": "1m", "burst": 1, "key": "jwt:sub"}}
+    async with running_gateway(tmp_path, _config(server.port or 0, JWKS_FILE, [limit])) as gw:
         port = port_of(gw)
         alice, bob = token(key, claims(sub="alice")), token(key, claims(sub="bob"))
         assert (await _get(port, alice)).status == 200
@@ -210,7 +213,7 @@ async def test_jwks_file_with_unusable_keys_loads_and_counts_them(
     server, _ = upstream
     good = RsaKey("good")
     (tmp_path / "jwks.json").write_bytes(jwks(*JUNK, good))
-    async with running_gateway(tmp_path, _config(server.port or 0, "jwks_file: jwks.json")) as gw:
+    async with running_gateway(tmp_path, _config(server.port or 0, JWKS_FILE)) as gw:
         assert (await _get(port_of(gw), token(good, claims()))).status == 200
         assert _skipped(gw) == _expected_skips()
         assert 'gateway_jwt_keys_skipped_total{reason="weak"} 1' in gw.metrics_text()
@@ -224,7 +227,7 @@ async def test_jwks_url_with_unusable_keys_and_a_rotation(
     document = [jwks(JUNK[0], old, *JUNK[1:])]
     async with (
         jwks_server(document) as (url, fetches),
-        running_gateway(tmp_path, _config(server.port or 0, f"jwks_url: {url}")) as gw,
+        running_gateway(tmp_path, _config(server.port or 0, {"jwks_url": url})) as gw,
     ):
         port = port_of(gw)
         assert (await _get(port, token(old, claims()))).status == 200
@@ -244,7 +247,7 @@ async def test_jwks_url_with_no_usable_key_keeps_the_keys_it_had(
     document = [jwks(key)]
     async with (
         jwks_server(document) as (url, fetches),
-        running_gateway(tmp_path, _config(server.port or 0, f"jwks_url: {url}")) as gw,
+        running_gateway(tmp_path, _config(server.port or 0, {"jwks_url": url})) as gw,
     ):
         port = port_of(gw)
         assert (await _get(port, token(key, claims()))).status == 200
@@ -269,7 +272,7 @@ async def test_a_misspelled_token_is_malformed(
     server, seen = upstream
     key = RsaKey("k1")
     (tmp_path / "jwks.json").write_bytes(jwks(key))
-    async with running_gateway(tmp_path, _config(server.port or 0, "jwks_file: jwks.json")) as gw:
+    async with running_gateway(tmp_path, _config(server.port or 0, JWKS_FILE)) as gw:
         port = port_of(gw)
         canonical = token(key, claims(note=URL_SAFE_FILLER))
         assert (await _get(port, canonical)).status == 200

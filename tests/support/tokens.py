@@ -7,13 +7,15 @@ import hashlib
 import hmac
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any
 
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+
+from tests.support.config_builder import gateway_yaml, route, upstream_to
 
 
 def b64(data: bytes) -> str:
@@ -214,30 +216,27 @@ MISSPELLINGS: list[tuple[str, Callable[[str], str]]] = [
 ]
 
 
-def jwt_config(source: str, *, upstream_port: int | None = None, extra: str = "") -> str:
+def jwt_config(
+    source: Mapping[str, Any],
+    *,
+    upstream_port: int | None = None,
+    after: Sequence[Mapping[str, Any]] = (),
+) -> str:
     """A gateway config with one route, `api`, behind a jwt stage keyed by `source` (e.g.
-    "jwks_file: /abs/jwks.json"); to an upstream on 127.0.0.1 or, without one, the echo handler.
-    `extra` is appended to the route's pipeline."""
-    upstreams = ""
-    upstream = "internal:echo"
+    {"jwks_file": "/abs/jwks.json"}); to an upstream on 127.0.0.1 or, without one, the echo
+    handler.  The stages `after` follow the jwt stage in the route's pipeline."""
+    upstreams = None
+    target = "internal:echo"
     if upstream_port is not None:
-        upstreams = (
-            f'upstreams:\n  app: {{endpoints: [{{url: "http://127.0.0.1:{upstream_port}"}}]}}\n'
-        )
-        upstream = "app"
-    return f"""\
-listeners: [{{name: http, bind: "127.0.0.1:0"}}]
-admin: {{bind: "127.0.0.1:0"}}
-access_log: {{enabled: false}}
-{upstreams}routes:
-  - name: api
-    match: {{path_prefix: /}}
-    upstream: {upstream}
-    pipeline:
-      - jwt:
-          issuer: https://idp.test
-          audiences: [api]
-          algorithms: [RS256, ES256]
-          {source}
-          forward_claims: {{sub: X-User-Id, scope: X-Scope}}{extra}
-"""
+        upstreams = {"app": upstream_to(f"http://127.0.0.1:{upstream_port}")}
+        target = "app"
+    stage = {
+        "issuer": "https://idp.test",
+        "audiences": ["api"],
+        "algorithms": ["RS256", "ES256"],
+        **source,
+        "forward_claims": {"sub": "X-User-Id", "scope": "X-Scope"},
+    }
+    return gateway_yaml(
+        upstreams=upstreams, routes=[route("api", target, pipeline=[{"jwt": stage}, *after])]
+    )

@@ -37,7 +37,7 @@ async def _ok(ctx: RequestContext) -> Response:
 def _build(tmp_path: Path, document: bytes) -> tuple[JwtStage, Snapshot]:
     path = tmp_path / "jwks.json"
     path.write_bytes(document)
-    snapshot = make_snapshot(jwt_config(f"jwks_file: {path}"))
+    snapshot = make_snapshot(jwt_config({"jwks_file": path}))
     stage = next(s for _, s in snapshot.stages.values() if isinstance(s, JwtStage))
     return stage, snapshot
 
