@@ -10,8 +10,9 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -21,6 +22,7 @@ from aiohttp.test_utils import TestServer
 from gateway.certificates import check_certificate
 from gateway.core.idempotency_tokens import verify_token
 from tests.support.certs import ensure_dev_certificates
+from tests.support.config_builder import gateway_yaml, listener, route, upstream_to
 from tests.support.process import (
     GatewayProcess,
     async_wait_until,
@@ -33,29 +35,30 @@ from tests.support.process import (
 REPO = Path(__file__).resolve().parents[2]
 
 
-def config_text(http: int, admin: int, upstream: int | None = None, extra_route: str = "") -> str:
-    upstreams = ""
-    routes = ""
+def config_text(
+    http: int, admin: int, upstream: int | None = None, extra_route: Mapping[str, Any] | None = None
+) -> str:
+    """Route /echo to the echo handler, /app to `upstream` when given, then `extra_route`; the
+    access log as the loader leaves it (on)."""
+    routes: list[Mapping[str, Any]] = [route("echo", "internal:echo", "/echo")]
+    upstreams = None
     if upstream is not None:
-        upstreams = f"""
-upstreams:
-  app:
-    endpoints: [{{url: "http://127.0.0.1:{upstream}"}}]
-"""
-        routes = """
-  - name: app
-    match: {path_prefix: /app}
-    upstream: app"""
-    return f"""
-listeners: [{{name: http, bind: "127.0.0.1:{http}"}}]
-admin: {{bind: "127.0.0.1:{admin}"}}
-shutdown: {{drain_delay: 300ms, timeout: 10s}}
-{upstreams}
-routes:
-  - name: echo
-    match: {{path_prefix: /echo}}
-    upstream: internal:echo{routes}{extra_route}
-"""
+        upstreams = {"app": upstream_to(f"http://127.0.0.1:{upstream}")}
+        routes.append(route("app", "app", "/app"))
+    if extra_route is not None:
+        routes.append(extra_route)
+    return gateway_yaml(
+        listeners=[listener(http)],
+        admin={"bind": f"127.0.0.1:{admin}"},
+        shutdown={"drain_delay": "300ms", "timeout": "10s"},
+        access_log={},
+        upstreams=upstreams,
+        routes=routes,
+    )
+
+
+#: the route a reload adds
+ADDED = route("added", "internal:echo", match={"path": "/added"})
 
 
 def run_check(path: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -157,10 +160,7 @@ def test_run_serves_reloads_on_sighup_and_drains_on_sigterm(tmp_path: Path) -> N
             config_text(
                 http,
                 admin,
-                extra_route="""
-  - name: added
-    match: {path: /added}
-    upstream: internal:echo""",
+                extra_route=ADDED,
             )
         )
         gateway.signal(signal.SIGHUP)
@@ -314,10 +314,7 @@ async def test_workers_share_the_port_and_a_killed_worker_is_restarted(tmp_path:
                 config_text(
                     http,
                     admin,
-                    extra_route="""
-  - name: added
-    match: {path: /added}
-    upstream: internal:echo""",
+                    extra_route=ADDED,
                 )
             )
             gateway.signal(signal.SIGHUP)
@@ -406,7 +403,7 @@ def test_run_reloads_on_a_saved_edit_unless_told_not_to(tmp_path: Path, watch: b
         added = config_text(
             http,
             admin,
-            extra_route="\n  - {name: added, match: {path: /added}, upstream: internal:echo}",
+            extra_route=ADDED,
         )
         temporary = tmp_path / ".gateway.yaml.tmp"
         temporary.write_text(added)

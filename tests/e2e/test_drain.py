@@ -23,6 +23,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from tests.support.config_builder import gateway_yaml, listener, route, upstream_to
 from tests.support.process import GatewayProcess, async_wait_until, free_port, http_get
 
 REPETITIONS = 20
@@ -65,17 +66,14 @@ async def upstream() -> AsyncIterator[TestServer]:
     await server.close()
 
 
-def _config(http: int, admin: int, upstream: int) -> str:
-    return f"""
-listeners: [{{name: http, bind: "127.0.0.1:{http}"}}]
-admin: {{bind: "127.0.0.1:{admin}"}}
-shutdown: {{drain_delay: 100ms, timeout: 5s}}
-access_log: {{enabled: false}}
-upstreams:
-  app: {{endpoints: [{{url: "http://127.0.0.1:{upstream}"}}]}}
-routes:
-  - {{name: app, match: {{path_prefix: /app}}, upstream: app}}
-"""
+def _config(http: int, admin: int, upstream_port: int) -> str:
+    return gateway_yaml(
+        listeners=[listener(http)],
+        admin={"bind": f"127.0.0.1:{admin}"},
+        shutdown={"drain_delay": "100ms", "timeout": "5s"},
+        upstreams={"app": upstream_to(f"http://127.0.0.1:{upstream_port}")},
+        routes=[route("app", "app", "/app")],
+    )
 
 
 async def _answer(reader: asyncio.StreamReader) -> bool:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.config_builder import gateway_yaml, listener, route, upstream_to
 from tests.support.process import free_port, http_get, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
@@ -104,15 +105,12 @@ def setup(tmp_path: Path) -> Iterator[Setup]:
     upstream_port, http, admin = free_port(), free_port(), free_port()
     config = tmp_path / "gateway.yaml"
     config.write_text(
-        f"""
-listeners: [{{name: http, bind: "127.0.0.1:{http}"}}]
-admin: {{bind: "127.0.0.1:{admin}"}}
-access_log: {{enabled: false}}
-upstreams:
-  app: {{endpoints: [{{url: "http://127.0.0.1:{upstream_port}"}}]}}
-routes:
-  - {{name: app, match: {{path_prefix: /}}, upstream: app}}
-"""
+        gateway_yaml(
+            listeners=[listener(http)],
+            admin={"bind": f"127.0.0.1:{admin}"},
+            upstreams={"app": upstream_to(f"http://127.0.0.1:{upstream_port}")},
+            routes=[route("app", "app")],
+        )
     )
     log = (tmp_path / "gateway.log").open("wb")
     upstream = subprocess.Popen(
