@@ -18,6 +18,7 @@ from aiohttp.test_utils import TestServer
 
 from gateway.app import Gateway
 from tests.integration.conftest import Seen, upstream_app
+from tests.support.config_builder import gateway_yaml, route, upstream_to
 from tests.support.gateway import port_of, running_gateway
 from tests.support.raw import close_writer, exchange, is_closed, open_raw, read_response
 from tests.support.tokens import claims, token
@@ -25,57 +26,51 @@ from tests.support.tokens import claims, token
 SECRET = "s" * 40
 
 
-def _config(port: int, trusted: str = "[]") -> str:
-    return f"""
-listeners: [{{name: http, bind: "127.0.0.1:0"}}]
-admin: {{bind: "127.0.0.1:0"}}
-access_log: {{enabled: false}}
-limits: {{header_timeout: 2s, body_timeout: 2s}}
-trusted_proxies: {trusted}
-upstreams:
-  app: {{endpoints: [{{url: "http://127.0.0.1:{port}"}}]}}
-routes:
-  - name: api
-    match: {{host: api.example.com, path_prefix: /}}
-    upstream: app
-    pipeline:
-      - jwt: {{secret: "{SECRET}", algorithms: [HS256], forward_claims: {{sub: X-User-Id}}}}
-  - name: ipv6
-    match: {{host: "[::1]", path_prefix: /}}
-    upstream: app
-    pipeline:
-      - jwt: {{secret: "{SECRET}", algorithms: [HS256]}}
-  - name: underscores-allowed
-    match: {{path_prefix: /legacy}}
-    upstream: app
-    http: {{underscores_in_headers: allow}}
-  - name: underscores-allowed-with-jwt
-    match: {{path_prefix: /legacy-auth}}
-    upstream: app
-    http: {{underscores_in_headers: allow}}
-    pipeline:
-      - jwt: {{secret: "{SECRET}", algorithms: [HS256], forward_claims: {{sub: X-User-Id}}}}
-  - name: underscores-rejected
-    match: {{path_prefix: /strict}}
-    upstream: app
-    http: {{underscores_in_headers: reject}}
-  - name: limited
-    match: {{path_prefix: /limited}}
-    upstream: app
-    pipeline:
-      - rate_limit: {{rate: 1, per: 1m, burst: 1, key: "header:X-Api-Key"}}
-  - name: keyed
-    match: {{path_prefix: /keyed}}
-    upstream: app
-    pipeline:
-      - idempotency: {{methods: [POST]}}
-  - name: public
-    match: {{path_prefix: /}}
-    upstream: app
-"""
+def _config(port: int, trusted: list[str]) -> str:
+    jwt = {"secret": SECRET, "algorithms": ["HS256"]}
+    forwarding_jwt = {"jwt": {**jwt, "forward_claims": {"sub": "X-User-Id"}}}
+    return gateway_yaml(
+        limits={"header_timeout": "2s", "body_timeout": "2s"},
+        trusted_proxies=trusted,
+        upstreams={"app": upstream_to(f"http://127.0.0.1:{port}")},
+        routes=[
+            route(
+                "api",
+                "app",
+                match={"host": "api.example.com", "path_prefix": "/"},
+                pipeline=[forwarding_jwt],
+            ),
+            route(
+                "ipv6", "app", match={"host": "[::1]", "path_prefix": "/"}, pipeline=[{"jwt": jwt}]
+            ),
+            route(
+                "underscores-allowed", "app", "/legacy", http={"underscores_in_headers": "allow"}
+            ),
+            route(
+                "underscores-allowed-with-jwt",
+                "app",
+                "/legacy-auth",
+                http={"underscores_in_headers": "allow"},
+                pipeline=[forwarding_jwt],
+            ),
+            route(
+                "underscores-rejected", "app", "/strict", http={"underscores_in_headers": "reject"}
+            ),
+            route(
+                "limited",
+                "app",
+                "/limited",
+                pipeline=[
+                    {"rate_limit": {"rate": 1, "per": "1m", "burst": 1, "key": "header:X-Api-Key"}}
+                ],
+            ),
+            route("keyed", "app", "/keyed", pipeline=[{"idempotency": {"methods": ["POST"]}}]),
+            route("public", "app"),
+        ],
+    )
 
 
-async def _gateway(tmp_path: Path, trusted: str) -> AsyncIterator[tuple[Gateway, Seen]]:
+async def _gateway(tmp_path: Path, trusted: list[str]) -> AsyncIterator[tuple[Gateway, Seen]]:
     seen = Seen()
     server = TestServer(upstream_app(seen), host="127.0.0.1")
     await server.start_server()
@@ -89,13 +84,13 @@ async def _gateway(tmp_path: Path, trusted: str) -> AsyncIterator[tuple[Gateway,
 
 @pytest.fixture
 async def edge(tmp_path: Path) -> AsyncIterator[tuple[Gateway, Seen]]:
-    async for pair in _gateway(tmp_path, "[]"):
+    async for pair in _gateway(tmp_path, []):
         yield pair
 
 
 @pytest.fixture
 async def behind_proxy(tmp_path: Path) -> AsyncIterator[tuple[Gateway, Seen]]:
-    async for pair in _gateway(tmp_path, "[127.0.0.1/32]"):
+    async for pair in _gateway(tmp_path, ["127.0.0.1/32"]):
         yield pair
 
 

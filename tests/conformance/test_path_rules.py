@@ -18,6 +18,7 @@ from aiohttp.test_utils import TestServer
 
 from gateway.app import Gateway
 from tests.integration.conftest import Seen, upstream_app
+from tests.support.config_builder import gateway_yaml, route, upstream_to
 from tests.support.gateway import port_of, running_gateway
 from tests.support.raw import exchange
 
@@ -29,29 +30,19 @@ async def paths_gw(tmp_path: Path) -> AsyncIterator[tuple[Gateway, Seen]]:
     seen = Seen()
     server = TestServer(upstream_app(seen), host="127.0.0.1")
     await server.start_server()
-    config = f"""
-listeners: [{{name: http, bind: "127.0.0.1:0"}}]
-admin: {{bind: "127.0.0.1:0"}}
-access_log: {{enabled: false}}
-upstreams:
-  app: {{endpoints: [{{url: "http://127.0.0.1:{server.port}"}}]}}
-routes:
-  - name: api
-    match: {{path_prefix: /api, case_insensitive: true}}
-    upstream: app
-    pipeline: [{{jwt: {{secret: "{SECRET}", algorithms: [HS256]}}}}]
-  - name: admin
-    match: {{path_prefix: /admin}}
-    upstream: app
-    pipeline: [{{jwt: {{secret: "{SECRET}", algorithms: [HS256]}}}}]
-  - name: legacy
-    match: {{path_prefix: /legacy}}
-    upstream: app
-    http: {{path_semicolons: allow, path_escapes: [percent, semicolon]}}
-  - name: public
-    match: {{path_prefix: /}}
-    upstream: app
-"""
+    jwt = [{"jwt": {"secret": SECRET, "algorithms": ["HS256"]}}]
+    legacy = {"path_semicolons": "allow", "path_escapes": ["percent", "semicolon"]}
+    config = gateway_yaml(
+        upstreams={"app": upstream_to(f"http://127.0.0.1:{server.port}")},
+        routes=[
+            route(
+                "api", "app", match={"path_prefix": "/api", "case_insensitive": True}, pipeline=jwt
+            ),
+            route("admin", "app", "/admin", pipeline=jwt),
+            route("legacy", "app", "/legacy", http=legacy),
+            route("public", "app"),
+        ],
+    )
     try:
         async with running_gateway(tmp_path, config) as gateway:
             yield gateway, seen

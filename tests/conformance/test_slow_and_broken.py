@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from gateway.app import Gateway
+from tests.support.config_builder import gateway_yaml, route, upstream_to
 from tests.support.gateway import port_of, running_gateway
 from tests.support.raw import close_writer, exchange, is_closed, open_raw, read_response
 
@@ -138,28 +139,15 @@ async def broken(tmp_path: Path) -> AsyncIterator[Gateway]:
         server = await asyncio.start_server(handle, "127.0.0.1", 0)
         servers.append(server)
         ports[name] = server.sockets[0].getsockname()[1]
-    upstreams = "".join(
-        f"""
-  {name}:
-    endpoints: [{{url: "http://127.0.0.1:{port}"}}]
-    timeouts: {{connect: 1s, response_header: 1s}}"""
-        for name, port in ports.items()
+    timeouts = {"connect": "1s", "response_header": "1s"}
+    config = gateway_yaml(
+        limits={"header_timeout": "1s", "body_timeout": "1s", "idle_timeout": "3s"},
+        upstreams={
+            name: upstream_to(f"http://127.0.0.1:{port}", timeouts=timeouts)
+            for name, port in ports.items()
+        },
+        routes=[route(name, name, f"/{name}") for name in ports],
     )
-    routes = "".join(
-        f"""
-  - name: {name}
-    match: {{path_prefix: /{name}}}
-    upstream: {name}"""
-        for name in ports
-    )
-    config = f"""
-listeners: [{{name: http, bind: "127.0.0.1:0"}}]
-admin: {{bind: "127.0.0.1:0"}}
-limits: {{header_timeout: 1s, body_timeout: 1s, idle_timeout: 3s}}
-access_log: {{enabled: false}}
-upstreams:{upstreams}
-routes:{routes}
-"""
     async with running_gateway(tmp_path, config) as gateway:
         yield gateway
     for server in servers:
@@ -247,15 +235,9 @@ async def test_refused_connection_is_502(tmp_path: Path) -> None:
     port = probe.sockets[0].getsockname()[1]
     probe.close()
     await probe.wait_closed()
-    config = f"""
-listeners: [{{name: http, bind: "127.0.0.1:0"}}]
-admin: {{bind: "127.0.0.1:0"}}
-access_log: {{enabled: false}}
-upstreams:
-  gone: {{endpoints: [{{url: "http://127.0.0.1:{port}"}}]}}
-routes:
-  - {{name: gone, match: {{path_prefix: /}}, upstream: gone}}
-"""
+    config = gateway_yaml(
+        upstreams={"gone": upstream_to(f"http://127.0.0.1:{port}")}, routes=[route("gone", "gone")]
+    )
     async with running_gateway(tmp_path, config) as gateway:
         response = await exchange(port_of(gateway), b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
     assert response.status == 502

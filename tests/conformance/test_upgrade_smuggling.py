@@ -18,6 +18,7 @@ from aiohttp.test_utils import TestServer
 
 from gateway.app import Gateway
 from tests.integration.conftest import Seen, upstream_app
+from tests.support.config_builder import gateway_yaml, route, upstream_to
 from tests.support.gateway import port_of, running_gateway
 from tests.support.raw import close_writer, is_closed, open_raw, read_response
 
@@ -34,17 +35,14 @@ async def upgrade_gw(tmp_path: Path) -> AsyncIterator[tuple[Gateway, Seen]]:
     app = upstream_app(seen)
     server = TestServer(app, host="127.0.0.1")
     await server.start_server()
-    config = f"""
-listeners: [{{name: http, bind: "127.0.0.1:0"}}]
-admin: {{bind: "127.0.0.1:0"}}
-access_log: {{enabled: false}}
-limits: {{max_body_bytes: 1KiB, header_timeout: 2s, body_timeout: 2s}}
-upstreams:
-  app: {{endpoints: [{{url: "http://127.0.0.1:{server.port}"}}]}}
-routes:
-  - {{name: ws, match: {{path_prefix: /ws}}, upstream: app, websocket: true}}
-  - {{name: app, match: {{path_prefix: /, methods: [GET, POST, PUT]}}, upstream: app}}
-"""
+    config = gateway_yaml(
+        limits={"max_body_bytes": "1KiB", "header_timeout": "2s", "body_timeout": "2s"},
+        upstreams={"app": upstream_to(f"http://127.0.0.1:{server.port}")},
+        routes=[
+            route("ws", "app", "/ws", websocket=True),
+            route("app", "app", methods=["GET", "POST", "PUT"]),
+        ],
+    )
     async with running_gateway(tmp_path, config) as gateway:
         yield gateway, seen
     await server.close()
@@ -283,15 +281,10 @@ async def test_bytes_after_a_tunnelled_head_never_enter_the_upstream_head(
 
     server = await asyncio.start_server(upstream, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    config = f"""
-listeners: [{{name: http, bind: "127.0.0.1:0"}}]
-admin: {{bind: "127.0.0.1:0"}}
-access_log: {{enabled: false}}
-upstreams:
-  ws: {{endpoints: [{{url: "http://127.0.0.1:{port}"}}]}}
-routes:
-  - {{name: ws, match: {{path_prefix: /ws}}, upstream: ws, websocket: true}}
-"""
+    config = gateway_yaml(
+        upstreams={"ws": upstream_to(f"http://127.0.0.1:{port}")},
+        routes=[route("ws", "ws", "/ws", websocket=True)],
+    )
     try:
         async with running_gateway(tmp_path, config) as gateway:
             reader, writer = await open_raw(port_of(gateway))
