@@ -92,6 +92,19 @@ _HOSTNAME: Final = re.compile(
 )
 _NAME: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
+#: the top-level sections a config may have, in the order they are read
+TOP_LEVEL_SECTIONS: Final = (
+    "listeners",
+    "admin",
+    "limits",
+    "http",
+    "trusted_proxies",
+    "shutdown",
+    "access_log",
+    "upstreams",
+    "middlewares",
+    "routes",
+)
 _LATER_TOP: Final = {
     "stores": "shared stores (Redis)",
     "tracing": "tracing",
@@ -428,18 +441,7 @@ class _Loader:
         top = r.mapping(
             raw,
             "",
-            {
-                "listeners",
-                "admin",
-                "limits",
-                "http",
-                "trusted_proxies",
-                "shutdown",
-                "access_log",
-                "upstreams",
-                "middlewares",
-                "routes",
-            },
+            set(TOP_LEVEL_SECTIONS),
             later=_LATER_TOP,
         )
         if top is None:

@@ -16,21 +16,9 @@ from typing import Any
 
 import yaml
 
-LOOPBACK = "127.0.0.1"
+from gateway.config.load import TOP_LEVEL_SECTIONS as _ORDER
 
-#: the top-level sections in the order gateway/config/load.py reads them (others follow)
-_ORDER = (
-    "listeners",
-    "admin",
-    "limits",
-    "http",
-    "trusted_proxies",
-    "shutdown",
-    "access_log",
-    "upstreams",
-    "middlewares",
-    "routes",
-)
+LOOPBACK = "127.0.0.1"
 
 
 def listener(port: int = 0, name: str = "http", **options: Any) -> dict[str, Any]:
