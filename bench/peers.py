@@ -68,14 +68,24 @@ def _gateway(scratch: Path, port: int, upstream: int, routes: int) -> Launch:
     return Launch([sys.executable, "-m", "gateway", "run", "-c", str(config)], {})
 
 
+def _baseline_python() -> str:
+    return str(Path(os.environ["BENCH_BASELINE"]) / ".venv" / "bin" / "python")
+
+
 def _gateway_baseline(scratch: Path, port: int, upstream: int, routes: int) -> Launch:
     """The gateway of another checkout (`BENCH_BASELINE=DIR`, set up with `make setup`), the
     same config: a change measured against the code before it, in one interleaved run."""
     config = scratch / "gateway.yaml"
     config.write_text(gateway_config(port, upstream, routes))
-    python = Path(os.environ["BENCH_BASELINE"]) / ".venv" / "bin" / "python"
     # -P: the baseline's own package, not the one in the current directory
-    return Launch([str(python), "-P", "-m", "gateway", "run", "-c", str(config)], {})
+    return Launch([_baseline_python(), "-P", "-m", "gateway", "run", "-c", str(config)], {})
+
+
+def _gateway_baseline_pipeline(scratch: Path, port: int, upstream: int, routes: int) -> Launch:
+    """The baseline checkout on the full-pipeline route."""
+    config = scratch / "gateway.yaml"
+    config.write_text(gateway_config(port, upstream, routes, pipeline=True))
+    return Launch([_baseline_python(), "-P", "-m", "gateway", "run", "-c", str(config)], {})
 
 
 def _gateway_pipeline(scratch: Path, port: int, upstream: int, routes: int) -> Launch:
@@ -174,6 +184,9 @@ PEERS: dict[str, Peer] = {
     "gateway": Peer("gateway", None, _gateway),
     "gateway+pipeline": Peer("gateway+pipeline", None, _gateway_pipeline),
     "gateway@baseline": Peer("gateway@baseline", "BENCH_BASELINE", _gateway_baseline),
+    "gateway@baseline+pipeline": Peer(
+        "gateway@baseline+pipeline", "BENCH_BASELINE", _gateway_baseline_pipeline
+    ),
     "nginx": Peer("nginx", "nginx", _nginx),
     "haproxy": Peer("haproxy", "haproxy", _haproxy),
     "caddy": Peer("caddy", "caddy", _caddy),

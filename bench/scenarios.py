@@ -261,7 +261,7 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario(
             name="pipeline",
             description="the bare request through rate_limit, circuit_breaker, retry and headers",
-            peers=("gateway+pipeline", "gateway", "nginx"),
+            peers=("gateway+pipeline", "gateway@baseline+pipeline", "gateway", "nginx"),
             run=wrk_scenario,
         ),
         Scenario(
