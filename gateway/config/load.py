@@ -42,6 +42,7 @@ from gateway.config.model import (
     RouteConfig,
     ShutdownConfig,
     StageSpec,
+    TracingConfig,
     UpstreamConfig,
     UpstreamTLSConfig,
     WeightedUpstream,
@@ -80,6 +81,7 @@ from gateway.config.reader import (
 )
 from gateway.config.stages import ConfigKind, check_pipeline, parse_entry
 from gateway.config.strict_yaml import load_yaml
+from gateway.config.tracing import read_route_tracing, read_tracing
 from gateway.config.units import parse_duration, parse_size
 from gateway.errors import ConfigError, ConfigErrors
 
@@ -101,15 +103,14 @@ TOP_LEVEL_SECTIONS: Final = (
     "trusted_proxies",
     "shutdown",
     "access_log",
+    "tracing",
     "upstreams",
     "middlewares",
     "routes",
 )
 _LATER_TOP: Final = {
     "stores": "shared stores (Redis)",
-    "tracing": "tracing",
 }
-_LATER_ROUTE: Final = {"tracing": "tracing"}
 
 
 def interpolate_env(text: str, env: Mapping[str, str], path: str = "") -> str:
@@ -453,13 +454,14 @@ class _Loader:
         trusted: tuple[str, ...] = r.get(top, "trusted_proxies", "", _cidrs, ())
         shutdown = self.shutdown(top.get("shutdown"))
         access_log = self.access_log(top.get("access_log"))
+        tracing = read_tracing(r, top.get("tracing"))
         upstreams = self.upstreams(top.get("upstreams"))
         # every declared name counts, so an upstream with its own error is not reported again
         # as unknown by each route that uses it
         declared = top.get("upstreams")
         names = {str(k) for k in declared} if isinstance(declared, dict) else set()
         middlewares = self.middlewares(top.get("middlewares"))
-        routes = self.routes(top.get("routes"), names, middlewares, http)
+        routes = self.routes(top.get("routes"), names, middlewares, http, tracing)
         if r.errors:
             raise ConfigErrors(r.errors)
         digest = hashlib.sha256(normalized.encode())
@@ -473,6 +475,7 @@ class _Loader:
             trusted_proxies=trusted,
             shutdown=shutdown,
             access_log=access_log,
+            tracing=tracing,
             upstreams=upstreams,
             middlewares=tuple(middlewares.values()),
             routes=routes,
@@ -788,6 +791,7 @@ class _Loader:
         upstreams: set[str],
         middlewares: dict[str, StageSpec],
         http: HttpRulesConfig,
+        tracing: TracingConfig | None,
     ) -> tuple[RouteConfig, ...]:
         r = self.r
         if raw is None:
@@ -811,8 +815,9 @@ class _Loader:
                 "websocket",
                 "http",
                 "pipeline",
+                "tracing",
             }
-            m = r.mapping(item, path, keys, later=_LATER_ROUTE, required=("name", "upstream"))
+            m = r.mapping(item, path, keys, required=("name", "upstream"))
             if m is None:
                 continue
             name = r.get(m, "name", path, _str, "")
@@ -828,6 +833,7 @@ class _Loader:
             websocket = r.get(m, "websocket", path, _bool, False)
             rules = self.http_rules(m.get("http"), f"{path}.http", http)
             pipeline = self.pipeline(m.get("pipeline"), f"{path}.pipeline", name, middlewares)
+            trace_ratio = read_route_tracing(r, m.get("tracing"), f"{path}.tracing", tracing)
             if name and targets:
                 result.append(
                     RouteConfig(
@@ -842,6 +848,7 @@ class _Loader:
                         websocket=websocket,
                         http=rules,
                         pipeline=pipeline,
+                        trace_sample_ratio=trace_ratio,
                     )
                 )
         return tuple(result)

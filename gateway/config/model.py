@@ -118,6 +118,45 @@ class AccessLogConfig:
     exclude_fields: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True, slots=True)
+class TracingBatchConfig:
+    """How finished spans are queued and sent: at most `max_queue_size` wait (more are dropped
+    and counted), sent `max_export_batch_size` at a time, at least every `schedule_delay`."""
+
+    max_queue_size: int = 2048
+    max_export_batch_size: int = 512
+    schedule_delay: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class TracingConfig:
+    """The top-level `tracing:` section; its absence turns tracing off (trace headers then pass
+    through untouched)."""
+
+    service_name: str = "gateway"
+    #: the share of new traces sampled; an incoming traceparent's sampled flag wins
+    sample_ratio: float = 0.01
+    exporter: Literal["none", "console", "otlp"] = "none"
+    protocol: Literal["http/protobuf", "grpc"] = "http/protobuf"
+    #: the collector's URL; "" = the protocol's local default
+    endpoint: str = ""
+    #: sent with every export (an API key from ${ENV}); never logged
+    headers: tuple[tuple[str, str], ...] = ()
+    #: resource attributes besides service.name (deployment.environment.name …)
+    resource: tuple[tuple[str, str], ...] = ()
+    #: one export call's limit
+    timeout: float = 10.0
+    batch: TracingBatchConfig = field(default_factory=TracingBatchConfig)
+
+    @property
+    def collector_url(self) -> str:
+        if self.endpoint:
+            return self.endpoint
+        if self.protocol == "grpc":
+            return "http://127.0.0.1:4317"
+        return "http://127.0.0.1:4318/v1/traces"
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class EndpointConfig:
     url: str
@@ -245,6 +284,8 @@ class RouteConfig:
     http: HttpRulesConfig = field(default_factory=HttpRulesConfig)
     #: in order; request side runs first to last, response side last to first
     pipeline: tuple[StageSpec, ...] = ()
+    #: `tracing: {sample_ratio}`: this route's share of new traces (None = the top-level one)
+    trace_sample_ratio: float | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -257,6 +298,8 @@ class GatewayConfig:
     trusted_proxies: tuple[str, ...] = ()
     shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
     access_log: AccessLogConfig = field(default_factory=AccessLogConfig)
+    #: None: tracing off
+    tracing: TracingConfig | None = None
     upstreams: tuple[UpstreamConfig, ...] = ()
     #: named stages, by name
     middlewares: tuple[StageSpec, ...] = ()
