@@ -40,6 +40,10 @@ HOT_MODULES = [
     # the children every request updates; the declarations, whose attributes compiled code reads
     # natively; and /metrics rendering and merging, compiled as before the split
     "gateway/observability/instruments.py",
+    # tracing's per-request part: ids, trace headers, the sampling rule (the SDK side is not)
+    "gateway/observability/request_trace.py",
+    "gateway/downstream/tracing.py",
+    "gateway/core/trace_context.py",
     "gateway/observability/metrics.py",
     "gateway/observability/exposition.py",
     "gateway/observability/access_log.py",

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gateway import __version__
 from gateway.admin import AdminServer
 from gateway.config.load import load_config
 from gateway.config.model import GatewayConfig
@@ -171,9 +172,10 @@ class Gateway:
         loop = asyncio.get_running_loop()
         self._loop = loop
         self._shared = SharedState(loop, self.metrics)
+        self._shared.version = __version__
         config = await asyncio.to_thread(load_config, self.config_path, KINDS)
         snapshot = build_snapshot(config, self._shared)
-        self._shared.commit(snapshot.upstreams, snapshot.stages)
+        self._shared.commit(snapshot.upstreams, snapshot.stages, snapshot.tracer)
         self._install(snapshot)
         try:
             for listener in config.listeners:
@@ -289,7 +291,7 @@ class Gateway:
             # the swap: one assignment; requests in flight keep the snapshot they started with
             old = self.snapshot
             self._install(snapshot)
-            self._shared.commit(snapshot.upstreams, snapshot.stages)
+            self._shared.commit(snapshot.upstreams, snapshot.stages, snapshot.tracer)
             self.last_reload = {"ok": True, "error": None, "at": at}
             self.metrics.config_reloads_total.labels("success").inc()
             self.metrics.config_last_reload_success.set(1)
@@ -434,6 +436,8 @@ class Gateway:
             await asyncio.gather(*pending, return_exceptions=True)
         if self._shared is not None:
             self._shared.close()
+            # what the tracers queued is exported (up to the exporter's timeout), off the loop
+            await asyncio.to_thread(self._shared.close_tracers)
         self.snapshot.access_log.flush()
         if self.metrics_dir:
             with contextlib.suppress(OSError):
@@ -528,7 +532,7 @@ def check(config_path: str) -> tuple[str | None, list[str]]:
     async def build() -> None:
         shared = SharedState(asyncio.get_running_loop(), GatewayMetrics(Registry()))
         snapshot = build_snapshot(config, shared)
-        shared.discard(snapshot.upstreams)
+        shared.discard(snapshot.upstreams, snapshot.tracer)
 
     try:
         asyncio.run(build())

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Protocol, final
 from gateway.http.messages import RequestBody, RequestHead, Response
 
 if TYPE_CHECKING:
+    from gateway.observability.request_trace import RequestTrace
     from gateway.runtime.snapshot import Route, Snapshot
     from gateway.tls import ClientCertificate
     from gateway.upstream.upstream import Endpoint, Upstream
@@ -94,6 +95,8 @@ class RequestContext:
     - `upstream`, `endpoint`, `attempts`: the route's terminal handler (proxy or echo), read
       by the access log;
     - `claims`: the jwt stage, read through `gateway.identity` (keys, scopes);
+    - `trace`: set here from the downstream connection (None when tracing is off); the proxy
+      asks it for each try's trace headers and span, `outcome` adds span events to it;
     - `upstream_headers`, `outcomes`: appended to through `add_upstream_header` and `outcome`,
       each stage adding its own, read by the terminal handler and the access log.
     """
@@ -112,6 +115,7 @@ class RequestContext:
         "snapshot",
         "start",
         "target",
+        "trace",
         "tries",
         "upstream",
         "upstream_head",
@@ -127,6 +131,7 @@ class RequestContext:
         peer: Peer,
         request_id: bytes,
         start: float,
+        trace: RequestTrace | None = None,
     ) -> None:
         self.head = head
         self.body = body
@@ -154,6 +159,8 @@ class RequestContext:
         self.target: Upstream | None = route.draw_upstream()
         #: the verified JWT's claims, set by the jwt stage
         self.claims: dict[str, object] | None = None
+        #: its place in a trace (None: tracing off)
+        self.trace = trace
 
     def add_upstream_header(self, name: bytes, value: bytes) -> None:
         """A header for the upstream that the client could not have sent (its name is in
@@ -165,11 +172,14 @@ class RequestContext:
             extra.append((name, value))
 
     def outcome(self, stage: str, decision: str) -> None:
-        """Record what a stage decided, for the access log."""
+        """Record what a stage decided, for the access log and as a span event."""
         outcomes = self.outcomes
         if outcomes is None:
             outcomes = self.outcomes = {}
         outcomes[stage] = decision
+        trace = self.trace
+        if trace is not None:
+            trace.event(f"gateway.{stage}", decision)
 
 
 @final

@@ -28,10 +28,12 @@ import logging
 import struct
 import termios
 from collections import deque
+from contextvars import Token
 from typing import TYPE_CHECKING, Final, cast, final
 
 import httptools
 
+from gateway.downstream.tracing import begin_request
 from gateway.errors import (
     BadRequest,
     GatewayError,
@@ -54,6 +56,7 @@ from gateway.http.messages import (
 )
 from gateway.http.path import PATH_SEMICOLON, split_target
 from gateway.http.problem import problem_response
+from gateway.observability.request_trace import CURRENT_TRACE, RequestTrace
 from gateway.pipeline import Peer, RequestContext
 from gateway.tls import ClientCertificate
 
@@ -94,6 +97,8 @@ _SPECIAL: Final = frozenset(
         b"x-forwarded-for",
         b"forwarded",
         b"authorization",
+        b"traceparent",
+        b"tracestate",
     }
 )
 _NO_BODY_STATUS: Final = frozenset({204, 304})
@@ -488,6 +493,12 @@ class HttpConnection(asyncio.Protocol):
             if head.has_authorization:
                 raise BadRequest("more than one Authorization header")
             head.has_authorization = True
+        elif low == b"traceparent":
+            # a second one makes it ambiguous: a new trace (never an error: W3C Trace Context)
+            head.traceparent = value if head.traceparent is None else b""
+        elif low == b"tracestate":
+            previous = head.tracestate
+            head.tracestate = value if previous is None else previous + b"," + value
 
     def on_headers_complete(self) -> None:
         head = self._head
@@ -762,13 +773,26 @@ class HttpConnection(asyncio.Protocol):
         if request_id is None or not peer.trusted or not _valid_request_id(request_id):
             request_id = server.new_request_id()
         ctx: RequestContext | None = None
+        trace: RequestTrace | None = None
+        trace_token: Token[RequestTrace | None] | None = None
         status = 0
         try:
             error = exchange.error
             route = exchange.route
             if error is None and route is not None:
+                tracer = exchange.snapshot.tracer
+                if tracer is not None:
+                    trace = begin_request(tracer, head, route, peer)
+                    trace_token = CURRENT_TRACE.set(trace)
                 ctx = RequestContext(
-                    head, exchange.body, route, exchange.snapshot, peer, request_id, exchange.start
+                    head,
+                    exchange.body,
+                    route,
+                    exchange.snapshot,
+                    peer,
+                    request_id,
+                    exchange.start,
+                    trace,
                 )
                 try:
                     response = await route.handler(ctx)
@@ -798,6 +822,8 @@ class HttpConnection(asyncio.Protocol):
             server.record(exchange, ctx, status or 499, request_id, self._bytes_out, peer.ip, end)
             self._sent_before += self._bytes_out
             self._bytes_out = 0
+            if trace_token is not None:
+                CURRENT_TRACE.reset(trace_token)
 
     async def _respond(self, exchange: Exchange, response: Response, request_id: bytes) -> None:
         transport = self.transport

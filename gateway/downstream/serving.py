@@ -8,6 +8,7 @@ import os
 import time
 from typing import TYPE_CHECKING, Protocol, final
 
+from gateway.downstream.tracing import end_request
 from gateway.observability.access_log import AccessEntry, loggable_path
 from gateway.observability.instruments import CounterChild, bounded_method
 from gateway.observability.metrics import GatewayMetrics
@@ -118,6 +119,9 @@ class ServerState:
                 child = self.app.metrics.requests_total.labels("", method, str(status))
                 self._unrouted[(method, status)] = child
             child.inc()
+        trace = ctx.trace if ctx is not None else None
+        if trace is not None:
+            end_request(trace, status, client, request_id.decode("latin-1"))
         access_log = exchange.snapshot.access_log
         if not access_log.wants(status):
             return
@@ -125,7 +129,8 @@ class ServerState:
             AccessEntry(
                 time=time.time() - elapsed,
                 request_id=request_id.decode("latin-1"),
-                trace_id=None,
+                trace_id=trace.trace_id if trace is not None else None,
+                span_id=trace.span_id if trace is not None else None,
                 route=route.name if route is not None else None,
                 method=head.method,
                 path=loggable_path(head.path),

@@ -9,15 +9,24 @@ headers of `CLIENT_CLAIMS` from a peer not in `trusted_proxies`, and the headers
 sets itself — X-Forwarded-For/-Proto/-Host, X-Request-Id, Forwarded (only when the client sent
 one: from a trusted peer our hop is appended, from anyone else it is replaced) — which are then
 added from what the gateway knows, so naming them in Connection can neither remove nor spoof
-them.  Host is the normalized one (gateway.http.host).  The body is re-framed: Content-Length
-when the whole body is known, else chunked; trailers never pass.
+them.  With tracing on, `traceparent`/`tracestate` are replaced by the try's own (added by the
+proxy per try); with it off they pass untouched.  Host is the normalized one
+(gateway.http.host).  The body is re-framed: Content-Length when the whole body is known, else
+chunked; trailers never pass.
 """
 
 from __future__ import annotations
 
 from typing import Final
 
-from gateway.http.headers import DROP, DROP_UNTRUSTED, NAME_CLASSES, UNDERSCORE, name_class
+from gateway.http.headers import (
+    DROP,
+    DROP_UNTRUSTED,
+    NAME_CLASSES,
+    TRACE,
+    UNDERSCORE,
+    name_class,
+)
 from gateway.http.messages import RequestHead
 
 _COLON: Final = 0x3A
@@ -57,6 +66,7 @@ def build_request_head(
     default_host: bytes = b"",
     extra: list[tuple[bytes, bytes]] | None = None,
     forward_underscores: bool = False,
+    traced: bool = False,
 ) -> bytes:
     # bytes %-formatting with %b/%d compiles to one sized copy: cheaper than joining a list
     dropped = DROP
@@ -64,6 +74,9 @@ def build_request_head(
         dropped |= DROP_UNTRUSTED
     if not forward_underscores:
         dropped |= UNDERSCORE
+    if traced:
+        # each try carries the gateway's own traceparent (and the tracestate it read)
+        dropped |= TRACE
     classes = NAME_CLASSES
     lines: list[bytes] = []
     for name, value in head.headers:

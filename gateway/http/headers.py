@@ -148,6 +148,10 @@ CLAIM_PREFIXES: Final = (
 DROP: Final = 1  # always: hop-by-hop, framing, set by the gateway, client certificates, Proxy-*
 DROP_UNTRUSTED: Final = 2  # from a peer not in trusted_proxies: CLIENT_CLAIMS and their families
 UNDERSCORE: Final = 4  # a "_" in the name (dropped unless the route allows them)
+TRACE: Final = 8  # W3C trace context: replaced by the gateway's own when tracing is on
+
+#: the trace context headers (W3C Trace Context)
+TRACE_HEADERS: Final = frozenset({b"traceparent", b"tracestate"})
 
 #: names classified so far; clients choose names, so it is emptied when it grows past this
 _CLASS_CACHE_SIZE: Final = 4096
@@ -169,6 +173,8 @@ def name_class(low: bytes) -> int:
         flags |= DROP
     elif folded in CLIENT_CLAIMS or folded.startswith(CLAIM_PREFIXES):
         flags |= DROP_UNTRUSTED
+    elif low in TRACE_HEADERS:
+        flags |= TRACE
     if len(NAME_CLASSES) >= _CLASS_CACHE_SIZE:
         NAME_CLASSES.clear()
     NAME_CLASSES[low] = flags

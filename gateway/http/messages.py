@@ -44,6 +44,8 @@ class RequestHead:
         "raw_method",
         "request_id",
         "target",
+        "traceparent",
+        "tracestate",
         "upgrade",
         "version",
         "x_forwarded_for",
@@ -82,6 +84,10 @@ class RequestHead:
         self.connection_tokens: set[bytes] | None = None
         self.request_id: bytes | None = None
         self.x_forwarded_for: bytes | None = None
+        #: the traceparent header; b"" when there were several (invalid: a new trace)
+        self.traceparent: bytes | None = None
+        #: tracestate header values, joined with ","
+        self.tracestate: bytes | None = None
 
     def get_header(self, name: str) -> str | None:
         """First value of a header (name in lower case), decoded as latin-1, without the

@@ -36,6 +36,7 @@ FIELDS: Final = (
     "time",
     "request_id",
     "trace_id",
+    "span_id",
     "route",
     "method",
     "path",
@@ -68,6 +69,7 @@ class AccessEntry:
         time: float,
         request_id: str,
         trace_id: str | None,
+        span_id: str | None,
         route: str | None,
         method: str,
         path: str,
@@ -84,6 +86,8 @@ class AccessEntry:
         self.time = time
         self.request_id = request_id
         self.trace_id = trace_id
+        #: the gateway's SERVER span for the request (the parent of its upstream tries' spans)
+        self.span_id = span_id
         self.route = route
         self.method = method
         self.path = path
@@ -106,6 +110,7 @@ class AccessEntry:
             "time": rfc3339(self.time),
             "request_id": self.request_id,
             "trace_id": self.trace_id,
+            "span_id": self.span_id,
             "route": self.route,
             "method": self.method,
             "path": path if cut < 0 else path[:cut],

@@ -147,6 +147,16 @@ class GatewayMetrics:
             ("name",),
             merge="min",
         )
+        self.tracing_spans_dropped_total = r.counter(
+            "gateway_tracing_spans_dropped_total",
+            "Finished spans not exported: the export queue was full (reason \"queue_full\"), the"
+            ' collector refused them or could not be reached in time ("export_failed"), or the'
+            ' tracer had been closed ("shutdown").',
+            ("reason",),
+        )
+        self.tracing_spans_exported_total = r.counter(
+            "gateway_tracing_spans_exported_total", "Spans the collector accepted."
+        )
         self.config_reloads_total = r.counter(
             "gateway_config_reloads_total", "Configuration reloads by result.", ("result",)
         )

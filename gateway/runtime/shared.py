@@ -11,6 +11,10 @@ Stages are kept the same way, keyed by their owner (a named middleware, or a rou
 and kind: an unchanged stage config gets the live instance back, with its state (buckets,
 breaker), and a changed one starts afresh.  A replaced stage is retired, not closed: requests of
 the old snapshot may still be running through it (waiting for a JWKS fetch, say).
+
+The tracer (spans' export thread and its queue) is kept while the `tracing:` section is
+unchanged; a replaced one is closed after `TRACER_GRACE` seconds, once the requests that began
+on the old snapshot have ended their spans, on a thread (closing exports what is queued).
 """
 
 from __future__ import annotations
@@ -19,8 +23,9 @@ import asyncio
 import logging
 from typing import final
 
-from gateway.config.model import StageSpec, UpstreamConfig
+from gateway.config.model import StageSpec, TracingConfig, UpstreamConfig
 from gateway.observability.metrics import GatewayMetrics
+from gateway.observability.tracing import Tracer
 from gateway.pipeline import Stage
 from gateway.stages.kind import BuildContext
 from gateway.stages.registry import KINDS
@@ -32,10 +37,24 @@ StageKey = tuple[str, str]
 
 log = logging.getLogger("gateway.upstream")
 
+#: how long a replaced tracer keeps exporting the spans of requests that began before a reload
+TRACER_GRACE = 60.0
+
 
 @final
 class SharedState:
-    __slots__ = ("_env", "_live", "_live_stages", "_retiring", "loop", "metrics", "stores")
+    __slots__ = (
+        "_env",
+        "_live",
+        "_live_stages",
+        "_live_tracer",
+        "_retired_tracers",
+        "_retiring",
+        "loop",
+        "metrics",
+        "stores",
+        "version",
+    )
 
     def __init__(self, loop: asyncio.AbstractEventLoop, metrics: GatewayMetrics) -> None:
         self.loop = loop
@@ -47,6 +66,20 @@ class SharedState:
         #: "memory" always exists (per worker); named shared stores join it later
         self.stores: dict[str, Store] = {"memory": MemoryStore(clock=loop.time)}
         self._env = BuildContext(loop, metrics, self.stores)
+        self._live_tracer: Tracer | None = None
+        #: replaced tracers not closed yet (closed after TRACER_GRACE, or at shutdown)
+        self._retired_tracers: set[Tracer] = set()
+        #: the gateway's version, a resource attribute of its spans
+        self.version = ""
+
+    def tracer(self, config: TracingConfig | None) -> Tracer | None:
+        """The tracer for a `tracing:` section: the live one when it is unchanged."""
+        if config is None:
+            return None
+        live = self._live_tracer
+        if live is not None and live.config == config:
+            return live
+        return Tracer(config, self.metrics, self.loop, self.version)
 
     def upstream(self, config: UpstreamConfig) -> Upstream:
         live = self._live.get(config.name)
@@ -76,8 +109,14 @@ class SharedState:
         self,
         upstreams: dict[str, Upstream],
         stages: dict[StageKey, tuple[StageSpec, Stage]] | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
-        """Make `upstreams` and `stages` live; retire every previously live one not kept."""
+        """Make `upstreams`, `stages` and `tracer` live; retire every previously live one not
+        kept."""
+        old_tracer = self._live_tracer
+        if old_tracer is not None and old_tracer is not tracer:
+            self._retire_tracer(old_tracer)
+        self._live_tracer = tracer
         if stages is not None:
             kept = {id(stage) for _, stage in stages.values()}
             for old_spec, old_stage in self._live_stages.values():
@@ -109,12 +148,24 @@ class SharedState:
             self._retiring.discard(upstream)
             log.debug("retired upstream %s closed its last connection", upstream.name)
 
-    def discard(self, upstreams: dict[str, Upstream]) -> None:
+    def _retire_tracer(self, tracer: Tracer) -> None:
+        self._retired_tracers.add(tracer)
+
+        def close() -> None:
+            if tracer in self._retired_tracers:
+                self._retired_tracers.discard(tracer)
+                self.loop.run_in_executor(None, tracer.close)
+
+        self.loop.call_later(TRACER_GRACE, close)
+
+    def discard(self, upstreams: dict[str, Upstream], tracer: Tracer | None = None) -> None:
         """A snapshot that was never committed: close what it created."""
         live = {id(u) for u in self._live.values()}
         for upstream in upstreams.values():
             if id(upstream) not in live:
                 upstream.close()
+        if tracer is not None and tracer is not self._live_tracer:
+            tracer.close()  # nothing was queued on it: quick
         # stages it built are simply dropped: nothing of theirs is running yet
 
     def close(self) -> None:
@@ -127,3 +178,14 @@ class SharedState:
             if close is not None:
                 close(stage)
         self._live_stages = {}
+
+    def close_tracers(self) -> None:
+        """Export what the tracers hold and stop their threads: blocks up to the exporters'
+        timeouts, so the gateway calls it on a thread at shutdown."""
+        tracers = [*self._retired_tracers]
+        if self._live_tracer is not None:
+            tracers.append(self._live_tracer)
+        self._retired_tracers = set()
+        self._live_tracer = None
+        for tracer in tracers:
+            tracer.close()

@@ -17,9 +17,11 @@ from gateway.config.model import (
     GatewayConfig,
     HttpRulesConfig,
     LimitsConfig,
+    MatchConfig,
     RouteConfig,
     StageSpec,
 )
+from gateway.core.trace_context import ratio_bound
 from gateway.http.path import (
     PATH_ESCAPED_HASH,
     PATH_ESCAPED_PERCENT,
@@ -30,6 +32,7 @@ from gateway.http.path import (
 from gateway.observability.access_log import AccessLog
 from gateway.observability.instruments import CounterChild
 from gateway.observability.metrics import GatewayMetrics
+from gateway.observability.tracing import Tracer
 from gateway.pipeline import Next, Stage, compose
 from gateway.routing import Router
 from gateway.runtime.shared import SharedState, StageKey
@@ -38,6 +41,18 @@ from gateway.stages.proxy import ProxyHandler
 from gateway.stages.registry import KINDS
 from gateway.tls import ListenerTLS, listener_tls
 from gateway.upstream.upstream import Upstream
+
+
+def route_template(match: MatchConfig) -> str:
+    """A route's path template for `http.route` (low cardinality: from the config, never the
+    request): the exact path, the prefix followed by `*`, or the regex as written."""
+    if match.path is not None:
+        return match.path
+    if match.path_prefix is not None:
+        return match.path_prefix.rstrip("/") + "/*"
+    if match.path_regex is not None:
+        return match.path_regex
+    return "/*"
 
 
 @final
@@ -56,6 +71,8 @@ class Route:
         "reject_underscores",
         "request_buffering",
         "timeout",
+        "trace_bound",
+        "trace_route",
         "websocket",
     )
 
@@ -66,6 +83,7 @@ class Route:
         metrics: GatewayMetrics,
         proxy: ProxyHandler | None = None,
         request_buffering: int = 0,
+        trace_ratio: float = 0.0,
     ) -> None:
         self.config = config
         #: the terminal proxy stage (None for the built-in echo)
@@ -89,6 +107,13 @@ class Route:
         #: method -> status -> child; nested so the lookup builds no tuple key
         self._children: dict[str, dict[int, CounterChild]] = {}
         self.duration = metrics.request_duration_seconds.labels(config.name)
+        #: new traces on this route are sampled under this (the route's sample_ratio, else the
+        #: tracing section's; trace_context.ratio_bound)
+        self.trace_bound = ratio_bound(
+            trace_ratio if config.trace_sample_ratio is None else config.trace_sample_ratio
+        )
+        #: http.route of its spans: the path template it matches
+        self.trace_route = route_template(config.match)
 
     def draw_upstream(self) -> Upstream | None:
         """The upstream a new request goes to (a weighted draw on a split); None on the
@@ -184,6 +209,7 @@ class Snapshot:
         "routes",
         "stages",
         "tls",
+        "tracer",
         "upstreams",
         "version",
     )
@@ -195,6 +221,7 @@ class Snapshot:
         routes: list[Route],
         upstreams: dict[str, Upstream],
         access_log: AccessLog,
+        tracer: Tracer | None = None,
     ) -> None:
         self.config = config
         self.version = config.version
@@ -206,6 +233,8 @@ class Snapshot:
         self.routes = routes
         self.upstreams = upstreams
         self.access_log = access_log
+        #: None: tracing off (trace headers pass through untouched)
+        self.tracer = tracer
         #: (owner, kind) -> (spec, stage), for SharedState.commit
         self.stages: dict[StageKey, tuple[StageSpec, Stage]] = {}
         #: listener name -> its certificates as SSL contexts (TLS listeners only)
@@ -229,6 +258,7 @@ def build_snapshot(config: GatewayConfig, shared: SharedState) -> Snapshot:
     used: dict[str, Upstream] = {}
     routes: list[Route] = []
     stages: dict[StageKey, tuple[StageSpec, Stage]] = {}
+    trace_ratio = config.tracing.sample_ratio if config.tracing is not None else 0.0
     for rc in config.routes:
         terminal: Next
         proxy: ProxyHandler | None = None
@@ -251,9 +281,18 @@ def build_snapshot(config: GatewayConfig, shared: SharedState) -> Snapshot:
                 loop=shared.loop,
             )
         pipeline = [shared.stage(spec, stages) for spec in rc.pipeline]
-        routes.append(Route(rc, compose(pipeline, terminal), metrics, proxy, buffering))
+        routes.append(
+            Route(rc, compose(pipeline, terminal), metrics, proxy, buffering, trace_ratio)
+        )
     router = Router.build([(r.config.match, r.config.index, r) for r in routes])
-    snapshot = Snapshot(config, router, routes, upstreams, AccessLog(config.access_log))
+    snapshot = Snapshot(
+        config,
+        router,
+        routes,
+        upstreams,
+        AccessLog(config.access_log),
+        shared.tracer(config.tracing),
+    )
     snapshot.stages = stages
     for listener in config.listeners:
         if listener.tls is not None:

@@ -19,15 +19,19 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Sequence
-from typing import Final, final
+from typing import TYPE_CHECKING, Final, final
 
 from gateway.errors import GatewayError, UpstreamTimeout, UpstreamUnavailable
 from gateway.http.forwarding import build_request_head, upstream_target
 from gateway.http.messages import Completion, Response
 from gateway.identity import client_ip
+from gateway.observability.request_trace import end_try
 from gateway.pipeline import RequestContext
 from gateway.upstream.connection import StaleConnection
 from gateway.upstream.upstream import Endpoint, Upstream
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import Span
 
 _REPLAYABLE_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 #: statuses that count as a failure of the endpoint for outlier detection
@@ -122,6 +126,7 @@ class ProxyHandler:
                 default_host=upstream.default_host,
                 extra=ctx.upstream_headers,
                 forward_underscores=ctx.route.forward_underscores,
+                traced=ctx.trace is not None,
             )
             ctx.upstream_head = request
         loop = self._loop
@@ -129,6 +134,8 @@ class ProxyHandler:
         replayable = head.method in _REPLAYABLE_METHODS and (body is None or body.is_complete)
         tries = ctx.tries
         deadline = tries.deadline
+        trace = ctx.trace
+        try_span: Span | None = None
         upstream.sending()
         try:
             while True:
@@ -142,6 +149,14 @@ class ProxyHandler:
                 endpoint = upstream.pick(tries.last_endpoint)
                 ctx.endpoint = endpoint.address
                 ctx.attempts += 1
+                if trace is None:
+                    sent = request
+                else:
+                    # each try carries its own traceparent: its CLIENT span is the parent
+                    lines, try_span = trace.begin_try(
+                        head.method, upstream.name, endpoint.host, endpoint.port, ctx.attempts - 1
+                    )
+                    sent = b"%b%b\r\n" % (request[:-2], lines)
                 pool = endpoint.pool
                 conn = pool.take_idle()
                 try:
@@ -157,7 +172,7 @@ class ProxyHandler:
                     tries.written += 1
                     try:
                         response = await conn.send(
-                            request,
+                            sent,
                             body,
                             chunked,
                             head.method == "HEAD",
@@ -169,6 +184,9 @@ class ProxyHandler:
                 except GatewayError as exc:
                     if conn is not None:
                         conn.abort()
+                    if try_span is not None:
+                        end_try(try_span, 0, exc.failure or type(exc).__name__)
+                        try_span = None
                     if isinstance(exc, StaleConnection) and replayable and ctx.attempts < 2:
                         now = loop.time()
                         continue
@@ -181,6 +199,8 @@ class ProxyHandler:
                 except BaseException:
                     if conn is not None:
                         conn.abort()
+                    if try_span is not None:
+                        end_try(try_span, 0, "cancelled")
                     raise
                 break
         finally:
@@ -194,10 +214,14 @@ class ProxyHandler:
                 conn.abort()
                 raise UpstreamUnavailable("upstream switched protocols without being asked to")
             response.tunnel = conn
+            if try_span is not None:
+                end_try(try_span, 101, None)
             return response
         complete = conn.take_complete_body()
         if complete is not None:
             upstream.record(endpoint, failed)
+            if try_span is not None:
+                end_try(try_span, response.status, None)
             response.body = complete
             response.stream = None
             return response
@@ -205,6 +229,8 @@ class ProxyHandler:
         # failure), by outlier detection here and by outer stages through the same completion
         completion = Completion()
         completion.add(_EndpointOutcome(upstream, endpoint, failed, ctx))
+        if try_span is not None:
+            completion.add(_TrySpanEnd(try_span, response.status))
         conn.completion = completion
         response.completion = completion
         return response
@@ -230,6 +256,21 @@ class _EndpointOutcome:
         if not outcome:
             self.ctx.outcome("upstream", "body_cut")
         self.upstream.record(self.endpoint, self.failed or not outcome)
+
+
+@final
+class _TrySpanEnd:
+    """Ends a streamed try's CLIENT span when its body has ended."""
+
+    __slots__ = ("span", "status")
+
+    def __init__(self, span: Span, status: int) -> None:
+        self.span = span
+        self.status = status
+
+    def __call__(self, outcome: bool | None) -> None:
+        # a body cut short is the try's failure; one the client abandoned is nobody's
+        end_try(self.span, self.status, "body_cut" if outcome is False else None)
 
 
 def discard(response: Response) -> None:

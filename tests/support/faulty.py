@@ -9,7 +9,8 @@
 - "drip:S": sends the head and half the body (chunked) at once, the rest S seconds later;
 - "cut:N": announces a 100 kB body, sends N bytes of it, then closes the connection.
 `/healthz` answers by `health` ("ok", "fail" → 503, or "hang") independently.  Every request is
-counted, by method, so tests can prove how many reached the upstream; a request that names an id
+counted, by method (its headers kept in `seen_headers`), so tests can prove how many reached
+the upstream; a request that names an id
 in `X-Test-Id` is also counted by that id (`executions`), and an "ok" answer to it says whose it
 was (`X-Executed-For` and a `session` cookie), so a test sees whose response a client got.  A
 request whose id is in `held` waits, once counted, until the test sets that event.
@@ -47,6 +48,8 @@ class FaultyUpstream:
         self.server: TestServer | None = None
         #: set whenever a request arrives (tests await it instead of sleeping)
         self.arrived = asyncio.Event()
+        #: every request's headers as received (lower-case names), in arrival order
+        self.seen_headers: list[list[tuple[str, str]]] = []
 
     @property
     def port(self) -> int:
@@ -82,6 +85,9 @@ class FaultyUpstream:
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         self.requests[request.method] += 1
+        self.seen_headers.append(
+            [(n.decode("latin-1").lower(), v.decode("latin-1")) for n, v in request.raw_headers]
+        )
         test_id = request.headers.get("X-Test-Id")
         if test_id is not None:
             self.executions[test_id] += 1

@@ -247,6 +247,8 @@ def test_gateway_metrics_declares_the_spec_names() -> None:
         "gateway_idempotency_records_bytes": "gauge",
         "gateway_retry_budget_exhausted": "counter",
         "gateway_tls_certificate_not_after_seconds": "gauge",
+        "gateway_tracing_spans_dropped": "counter",
+        "gateway_tracing_spans_exported": "counter",
         "gateway_config_reloads": "counter",
         "gateway_config_last_reload_success": "gauge",
         "gateway_config_info": "gauge",

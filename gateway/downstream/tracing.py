@@ -1,0 +1,52 @@
+"""A request's SERVER span: begun when the connection has routed the request, ended when the
+request is recorded.  Only a sampled request whose spans are exported gets one; every traced
+request gets its ids (for the access log, log lines and the upstream's `traceparent`)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from gateway.observability.instruments import bounded_method
+from gateway.observability.request_trace import RequestTrace, start_trace
+from gateway.observability.tracing import end_span
+
+if TYPE_CHECKING:
+    from gateway.http.messages import RequestHead
+    from gateway.observability.tracing import Tracer
+    from gateway.pipeline import Peer
+    from gateway.runtime.snapshot import Route
+
+
+def begin_request(tracer: Tracer, head: RequestHead, route: Route, peer: Peer) -> RequestTrace:
+    trace = start_trace(tracer, head.traceparent, head.tracestate, route.trace_bound)
+    if trace.sampled and tracer.recording:
+        method = bounded_method(head.method)
+        attributes: dict[str, Any] = {
+            "http.request.method": method if method != "OTHER" else "_OTHER",
+            "url.path": head.path,
+            "url.scheme": peer.scheme,
+            "http.route": route.trace_route,
+            "network.peer.address": peer.ip,
+            "network.protocol.version": head.version,
+            "gateway.route": route.name,
+        }
+        if method == "OTHER":
+            attributes["http.request.method_original"] = head.method
+        if head.host_name:
+            attributes["server.address"] = head.host_name
+        # semantic conventions: "{method} {http.route}"
+        name = f"{attributes['http.request.method']} {route.trace_route}"
+        trace.span = tracer.server_span(
+            trace.trace_id, trace.span_id, trace.parent, name, attributes
+        )
+    return trace
+
+
+def end_request(trace: RequestTrace, status: int, client: str, request_id: str) -> None:
+    """End the SERVER span: a 5xx is an error (a 4xx is the client's, not the server's)."""
+    span = trace.span
+    if span is None:
+        return
+    trace.span = None
+    error = str(status) if status >= 500 else None
+    end_span(span, status, error, (("client.address", client), ("gateway.request_id", request_id)))

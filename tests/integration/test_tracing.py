@@ -1,0 +1,323 @@
+"""Tracing over real sockets: W3C trace headers in and out, spans exported to a real OTLP/HTTP
+receiver, the upstream seeing the gateway's CLIENT span as its parent, and the access log
+naming the trace."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.app import Gateway
+from gateway.core.trace_context import parse_traceparent
+from tests.support.config_builder import gateway_yaml, route, upstream_to
+from tests.support.faulty import FaultyUpstream, faulty_upstreams
+from tests.support.gateway import port_of, running_gateway
+from tests.support.otlp import OtlpReceiver, ReceivedSpan, otlp_receiver
+from tests.support.raw import exchange
+
+TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+PARENT = "00f067aa0ba902b7"
+SAMPLED = f"00-{TRACE}-{PARENT}-01"
+UNSAMPLED = f"00-{TRACE}-{PARENT}-00"
+
+
+def traced_config(
+    upstream_url: str,
+    receiver: OtlpReceiver | None,
+    *,
+    sample_ratio: float = 1.0,
+    pipeline: list[Mapping[str, Any]] | None = None,
+    route_tracing: Mapping[str, Any] | None = None,
+    access_log: Mapping[str, Any] | None = None,
+) -> str:
+    tracing: dict[str, Any] = {"service_name": "edge-test", "sample_ratio": sample_ratio}
+    if receiver is not None:
+        tracing |= {
+            "exporter": "otlp",
+            "endpoint": receiver.url,
+            "timeout": "2s",
+            "batch": {"schedule_delay": "50ms"},
+            "resource": {"deployment.environment.name": "test"},
+        }
+    options: dict[str, Any] = {}
+    if pipeline:
+        options["pipeline"] = pipeline
+    if route_tracing is not None:
+        options["tracing"] = route_tracing
+    return gateway_yaml(
+        access_log=access_log,
+        tracing=tracing,
+        upstreams={"app": upstream_to(upstream_url)},
+        routes=[route("app", "app", "/api", **options)],
+    )
+
+
+async def get(port: int, *headers: str, path: str = "/api/items") -> int:
+    extra = "".join(f"{h}\r\n" for h in headers)
+    response = await exchange(
+        port, f"GET {path} HTTP/1.1\r\nHost: edge.test\r\n{extra}\r\n".encode()
+    )
+    return response.status
+
+
+def header(up: FaultyUpstream, name: str, request: int = -1) -> list[str]:
+    return [v for n, v in up.seen_headers[request] if n == name]
+
+
+async def flushed(gw: Gateway) -> None:
+    tracer = gw.snapshot.tracer
+    assert tracer is not None
+    assert await asyncio.to_thread(tracer.flush)
+
+
+def by_kind(spans: list[ReceivedSpan], kind: str) -> list[ReceivedSpan]:
+    return [s for s in spans if s.kind == kind]
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[OtlpReceiver]:
+    async with otlp_receiver() as r:
+        yield r
+
+
+@pytest.fixture
+async def up() -> AsyncIterator[FaultyUpstream]:
+    async with faulty_upstreams("up") as [upstream]:
+        yield upstream
+
+
+async def test_a_sampled_parent_is_continued_and_the_upstream_sees_the_client_span(
+    tmp_path: Path, receiver: OtlpReceiver, up: FaultyUpstream
+) -> None:
+    async with running_gateway(tmp_path, traced_config(up.url, receiver, sample_ratio=0)) as gw:
+        status = await get(port_of(gw), f"traceparent: {SAMPLED}", "tracestate: congo=t61rcWkgMzE")
+        assert status == 200
+        await flushed(gw)
+        spans = await receiver.wait_for(2)
+    assert len(spans) == 2
+    [server] = by_kind(spans, "SERVER")
+    [client] = by_kind(spans, "CLIENT")
+    # the incoming trace is kept, and the SERVER span is the incoming span's child
+    assert (server.trace_id, server.parent_span_id) == (TRACE, PARENT)
+    assert (client.trace_id, client.parent_span_id) == (TRACE, server.span_id)
+    # the upstream's parent is the gateway's CLIENT span for that try
+    [sent] = header(up, "traceparent")
+    assert parse_traceparent(sent) == (TRACE, client.span_id, True)
+    assert header(up, "tracestate") == ["congo=t61rcWkgMzE"]
+    assert server.name == "GET /api/*"
+    assert server.attributes | {"client.address": "127.0.0.1"} == server.attributes
+    for key, value in {
+        "http.request.method": "GET",
+        "http.route": "/api/*",
+        "url.path": "/api/items",
+        "url.scheme": "http",
+        "http.response.status_code": 200,
+        "server.address": "edge.test",
+        "network.peer.address": "127.0.0.1",
+        "gateway.route": "app",
+    }.items():
+        assert server.attributes[key] == value, key
+    assert client.name == "GET"
+    assert client.attributes["http.response.status_code"] == 200
+    assert client.attributes["server.port"] == up.port
+    assert client.attributes["gateway.upstream"] == "app"
+    assert not server.error
+    assert not client.error
+    assert server.resource["service.name"] == "edge-test"
+    assert server.resource["deployment.environment.name"] == "test"
+
+
+async def test_an_unsampled_parent_propagates_without_spans(
+    tmp_path: Path, receiver: OtlpReceiver, up: FaultyUpstream
+) -> None:
+    async with running_gateway(tmp_path, traced_config(up.url, receiver, sample_ratio=1)) as gw:
+        assert await get(port_of(gw), f"traceparent: {UNSAMPLED}") == 200
+        await flushed(gw)
+    assert receiver.spans == []
+    [sent] = header(up, "traceparent")
+    parsed = parse_traceparent(sent)
+    assert parsed is not None
+    trace_id, parent, sampled = parsed
+    # the same trace, not sampled, and a parent of the gateway's own (not the client's span)
+    assert (trace_id, sampled) == (TRACE, False)
+    assert parent != PARENT
+
+
+@pytest.mark.parametrize(
+    ("ratio", "spans"), [(0.0, 0), (1.0, 2)], ids=["ratio-0-none", "ratio-1-all"]
+)
+async def test_a_new_trace_is_sampled_by_the_ratio(
+    tmp_path: Path, receiver: OtlpReceiver, up: FaultyUpstream, ratio: float, spans: int
+) -> None:
+    async with running_gateway(tmp_path, traced_config(up.url, receiver, sample_ratio=ratio)) as gw:
+        assert await get(port_of(gw)) == 200
+        await flushed(gw)
+        if spans:
+            await receiver.wait_for(spans)
+    assert len(receiver.spans) == spans
+    [sent] = header(up, "traceparent")
+    parsed = parse_traceparent(sent)
+    assert parsed is not None
+    assert parsed[2] is (ratio == 1.0)
+    assert parsed[0] != TRACE
+    if spans:
+        [server] = by_kind(receiver.spans, "SERVER")
+        [client] = by_kind(receiver.spans, "CLIENT")
+        assert server.parent_span_id == ""  # a root
+        assert parsed[:2] == (server.trace_id, client.span_id)
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        (f"traceparent: 00-{TRACE.upper()}-{PARENT}-01",),
+        (f"traceparent: ff-{TRACE}-{PARENT}-01",),
+        (f"traceparent: 00-{'0' * 32}-{PARENT}-01",),
+        ("traceparent: garbage", "tracestate: a=1"),
+        (f"traceparent: {SAMPLED}", f"traceparent: {SAMPLED}"),
+    ],
+    ids=["upper-case", "version-ff", "zero-trace", "garbage", "two-headers"],
+)
+async def test_an_invalid_traceparent_starts_a_new_trace_never_a_400(
+    tmp_path: Path, up: FaultyUpstream, headers: tuple[str, ...]
+) -> None:
+    async with running_gateway(tmp_path, traced_config(up.url, None, sample_ratio=0)) as gw:
+        assert await get(port_of(gw), *headers) == 200
+    [sent] = header(up, "traceparent")
+    parsed = parse_traceparent(sent)
+    assert parsed is not None
+    assert parsed[0] != TRACE
+    assert parsed[2] is False
+    # tracestate is only read with a valid traceparent
+    assert header(up, "tracestate") == []
+
+
+async def test_each_retry_is_a_client_span_and_the_upstream_sees_each(
+    tmp_path: Path, receiver: OtlpReceiver
+) -> None:
+    async with faulty_upstreams("bad", "good") as [bad, good]:
+        bad.mode = "status:503"
+        retry = {"retry": {"attempts": 2, "backoff": {"base": "1ms", "max": "2ms"}}}
+        tracing = {
+            "sample_ratio": 1,
+            "exporter": "otlp",
+            "endpoint": receiver.url,
+            "batch": {"schedule_delay": "50ms"},
+        }
+        config = gateway_yaml(
+            tracing=tracing,
+            upstreams={"app": upstream_to(bad.url, good.url)},
+            routes=[route("app", "app", pipeline=[retry])],
+        )
+        async with running_gateway(tmp_path, config) as gw:
+            # round robin: some request meets the bad endpoint first and is retried
+            for _ in range(2):
+                assert await get(port_of(gw)) == 200
+            await flushed(gw)
+            spans = await receiver.wait_for(5)
+        sent = {
+            parse_traceparent(v)
+            for u in (bad, good)
+            for request in u.seen_headers
+            for n, v in request
+            if n == "traceparent"
+        }
+    retried_event = ("gateway.retry", {"gateway.decision": "retried:1"})
+    retried = [s for s in by_kind(spans, "SERVER") if retried_event in s.events]
+    assert retried
+    for server in retried:
+        tries = [s for s in by_kind(spans, "CLIENT") if s.parent_span_id == server.span_id]
+        assert len(tries) == 2
+        first, second = sorted(
+            tries, key=lambda s: int(s.attributes.get("http.request.resend_count", 0))
+        )
+        assert first.attributes["http.response.status_code"] == 503
+        assert first.error  # a client span's 5xx is an error
+        assert second.attributes["http.request.resend_count"] == 1
+        assert second.attributes["http.response.status_code"] == 200
+        assert not server.error
+        # every try's own span is the parent the upstream saw
+        assert {(server.trace_id, t.span_id, True) for t in tries} <= sent
+
+
+async def test_rejections_are_span_events_and_a_5xx_marks_the_server_span(
+    tmp_path: Path, receiver: OtlpReceiver, up: FaultyUpstream
+) -> None:
+    limit = {"rate_limit": {"rate": 1, "per": "1m", "burst": 1, "key": "client_ip"}}
+    config = traced_config(up.url, receiver, pipeline=[limit])
+    async with running_gateway(tmp_path, config) as gw:
+        assert await get(port_of(gw)) == 200
+        assert await get(port_of(gw)) == 429
+        up.mode = "status:502"
+        await flushed(gw)
+        spans = await receiver.wait_for(3)
+    servers = by_kind(spans, "SERVER")
+    limited = [s for s in servers if s.attributes["http.response.status_code"] == 429]
+    assert len(limited) == 1
+    assert ("gateway.rate_limit", {"gateway.decision": "limited"}) in limited[0].events
+    assert not limited[0].error  # a 4xx is the client's
+    # the refused request never reached an upstream: no CLIENT span of its own
+    assert not [s for s in spans if s.parent_span_id == limited[0].span_id]
+
+
+async def test_an_upstream_5xx_marks_both_spans_as_errors(
+    tmp_path: Path, receiver: OtlpReceiver, up: FaultyUpstream
+) -> None:
+    up.mode = "status:502"
+    async with running_gateway(tmp_path, traced_config(up.url, receiver)) as gw:
+        assert await get(port_of(gw)) == 502
+        await flushed(gw)
+        spans = await receiver.wait_for(2)
+    [server] = by_kind(spans, "SERVER")
+    [client] = by_kind(spans, "CLIENT")
+    assert server.error
+    assert server.attributes["error.type"] == "502"
+    assert client.error
+
+
+async def test_the_access_log_names_the_trace_and_the_server_span(
+    tmp_path: Path, up: FaultyUpstream, capfd: pytest.CaptureFixture[str]
+) -> None:
+    config = traced_config(up.url, None, sample_ratio=0, access_log={"enabled": True})
+    async with running_gateway(tmp_path, config) as gw:
+        assert await get(port_of(gw), f"traceparent: {UNSAMPLED}") == 200
+        gw.snapshot.access_log.flush()
+    lines = [json.loads(x) for x in capfd.readouterr().out.splitlines() if x.startswith("{")]
+    [line] = [x for x in lines if x.get("route") == "app"]
+    assert line["trace_id"] == TRACE
+    [sent] = header(up, "traceparent")
+    assert len(line["span_id"]) == 16
+    assert line["span_id"] not in (PARENT, sent.split("-")[2])
+
+
+async def test_tracing_off_passes_trace_headers_through_untouched(
+    tmp_path: Path, up: FaultyUpstream
+) -> None:
+    config = gateway_yaml(
+        upstreams={"app": upstream_to(up.url)}, routes=[route("app", "app", "/api")]
+    )
+    async with running_gateway(tmp_path, config) as gw:
+        assert gw.snapshot.tracer is None
+        assert await get(port_of(gw), f"traceparent: {SAMPLED}", "tracestate: a=1") == 200
+    assert header(up, "traceparent") == [SAMPLED]
+    assert header(up, "tracestate") == ["a=1"]
+
+
+async def test_a_route_override_of_zero_samples_no_new_trace(
+    tmp_path: Path, receiver: OtlpReceiver, up: FaultyUpstream
+) -> None:
+    config = traced_config(up.url, receiver, sample_ratio=1, route_tracing={"sample_ratio": 0})
+    async with running_gateway(tmp_path, config) as gw:
+        for _ in range(3):
+            assert await get(port_of(gw)) == 200
+        await flushed(gw)
+    assert receiver.spans == []
+    for i in range(3):
+        parsed = parse_traceparent(header(up, "traceparent", i)[0])
+        assert parsed is not None
+        assert parsed[2] is False
