@@ -50,9 +50,10 @@ typecheck: setup
 	$(BIN)/mypy --strict gateway
 
 # Debian packages the tests need (wrk drives the bench harness's own test, slowhttptest the
-# slow-client attacks of tests/e2e/test_slow_attacks.py)
+# slow-client attacks of tests/e2e/test_slow_attacks.py, promtool from prometheus checks and
+# unit-tests the alert rules in deploy/prometheus/)
 test-deps:
-	@missing=""; for tool in wrk:wrk slowhttptest:slowhttptest; do \
+	@missing=""; for tool in wrk:wrk slowhttptest:slowhttptest promtool:prometheus; do \
 		command -v $${tool%%:*} >/dev/null || missing="$$missing $${tool##*:}"; done; \
 	if [ -n "$$missing" ]; then apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi
