@@ -300,6 +300,25 @@ def test_dashboard_expressions_parse_as_promql(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_compose_prometheus_loads_the_rules(tmp_path: Path) -> None:
+    """docker-compose.yml mounts deploy/prometheus where config/prometheus.yml's rule_files look,
+    and that config (its rule files read from here) passes promtool check config."""
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    mounts = dict(v.split(":")[:2] for v in compose["services"]["prometheus"]["volumes"])
+    config = yaml.safe_load((REPO / "config" / "prometheus.yml").read_text())
+    host_paths = []
+    for rule_file in config["rule_files"]:
+        container_dir, name = rule_file.rsplit("/", 1)
+        host_dir = next(h for h, c in mounts.items() if c == container_dir)
+        host_paths.append((REPO / host_dir / name).resolve())
+    assert sorted(host_paths) == RULE_FILES
+    config["rule_files"] = [str(p) for p in host_paths]
+    path = tmp_path / "prometheus.yml"
+    path.write_text(yaml.safe_dump(config))
+    result = run_promtool("check", "config", str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 # -- the rules ---------------------------------------------------------------------------------
 
 
