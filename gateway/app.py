@@ -541,13 +541,20 @@ def check(config_path: str) -> tuple[str | None, list[str]]:
     return config.version, []
 
 
-def serve(config_path: str, *, worker_index: int = 0, workers: int = 1, watch: bool = True) -> int:
+def serve(
+    config_path: str,
+    *,
+    worker_index: int = 0,
+    workers: int = 1,
+    watch: bool = True,
+    log_level: str = "info",
+) -> int:
     """Run one gateway process until SIGTERM/SIGINT has drained it; the exit code."""
     import uvloop
 
     # a reload signal that arrives while starting must not kill the process (SIGHUP's default)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    setup_logging()
+    setup_logging(log_level)
     metrics_dir = os.environ.get("GATEWAY_METRICS_DIR") if workers > 1 else None
     gateway = Gateway(
         config_path,

@@ -21,6 +21,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--workers", type=int, default=1, help="worker processes (SO_REUSEPORT)")
     run.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
     run.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="the least severe application log lines written (the access log has its own rules)",
+    )
+    run.add_argument(
         "--no-watch",
         action="store_true",
         help="do not reload on file changes (SIGHUP and POST /admin/reload still reload)",
@@ -61,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.workers > 1 and args.worker_index is None:
             from gateway.supervisor import supervise
 
-            return supervise(config, args.workers, watch=not args.no_watch)
+            return supervise(
+                config, args.workers, watch=not args.no_watch, log_level=args.log_level
+            )
         from gateway.app import serve
 
         return serve(
@@ -69,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             worker_index=args.worker_index or 0,
             workers=args.workers,
             watch=not args.no_watch,
+            log_level=args.log_level,
         )
     if args.command == "certs":
         from pathlib import Path

@@ -48,7 +48,12 @@ class _Signals:
 
 
 def _command(
-    config_path: str, workers: int, index: int, prefix: list[str] | None, watch: bool
+    config_path: str,
+    workers: int,
+    index: int,
+    prefix: list[str] | None,
+    watch: bool,
+    log_level: str = "info",
 ) -> list[str]:
     base = prefix or [sys.executable, "-m", "gateway"]
     return [
@@ -60,6 +65,8 @@ def _command(
         str(workers),
         "--worker-index",
         str(index),
+        "--log-level",
+        log_level,
         *([] if watch else ["--no-watch"]),
     ]
 
@@ -70,11 +77,12 @@ def supervise(
     *,
     argv_prefix: list[str] | None = None,
     watch: bool = True,
+    log_level: str = "info",
 ) -> int:
     """Run `workers` worker processes until SIGTERM/SIGINT; the exit code."""
     from gateway.observability.logs import setup_logging
 
-    setup_logging()
+    setup_logging(log_level)
     metrics_dir = tempfile.mkdtemp(prefix="gateway-metrics-")
     env = dict(os.environ, GATEWAY_METRICS_DIR=metrics_dir)
     stop_timeout = float(os.environ.get("GATEWAY_SUPERVISOR_STOP_TIMEOUT", "60"))
@@ -86,7 +94,7 @@ def supervise(
         # a worker ignores SIGHUP (inherited through exec) until its loop handles reloads, so a
         # reload forwarded while it is still starting cannot kill it; it loads the newest config
         return subprocess.Popen(
-            _command(config_path, workers, index, argv_prefix, watch),
+            _command(config_path, workers, index, argv_prefix, watch, log_level),
             env=env,
             preexec_fn=_ignore_hup,
         )

@@ -31,9 +31,12 @@ from typing import Any, Final, TextIO, final
 from gateway.config.model import AccessLogConfig
 from gateway.observability.logs import rfc3339
 
-#: every field of a line, in order; `exclude_fields` names some of these
+#: every field of a line, in order; `exclude_fields` names some of these.  The first three are
+#: the schema every line on stdout shares (gateway.observability.logs writes the others)
 FIELDS: Final = (
     "time",
+    "level",
+    "type",
     "request_id",
     "trace_id",
     "span_id",
@@ -61,7 +64,7 @@ FLUSH_BYTES: Final = 4096
 class AccessEntry:
     """What the data plane knows about one finished request."""
 
-    __slots__ = FIELDS
+    __slots__ = tuple(f for f in FIELDS if f not in ("level", "type"))
 
     def __init__(
         self,
@@ -108,6 +111,9 @@ class AccessEntry:
         cut = path.find("?")
         return {
             "time": rfc3339(self.time),
+            # an answer the gateway failed to give well is an error line, like a logged error
+            "level": "ERROR" if self.status >= 500 else "INFO",
+            "type": "access",
             "request_id": self.request_id,
             "trace_id": self.trace_id,
             "span_id": self.span_id,

@@ -1,7 +1,9 @@
 """JSON-lines logging for the stdlib `logging` module: one object per line on stdout.
 
-Each line has time (RFC 3339 UTC, milliseconds), level, logger, message (lazy `%` arguments
-applied), every `extra={...}` field, and `exc` / `stack` when a traceback was asked for.  The
+Each line has time (RFC 3339 UTC, milliseconds), level, type ("app"; the access log's lines,
+written by access_log.py, have "access" and the same first fields), logger, message (lazy `%`
+arguments applied), `trace_id` and `span_id` when written while a traced request is handled,
+every `extra={...}` field, and `exc` / `stack` when a traceback was asked for.  The
 handler looks up `sys.stdout` per record, so redirecting stdout (or pytest's capture) is
 honoured.  Secret hygiene: `redact_headers` for header lists, and `extra` fields named like a
 credential are written as "[redacted]" — no log line carries a token, key or cookie.
@@ -16,13 +18,17 @@ import time
 from collections.abc import Iterable
 from typing import Any, Final
 
+from gateway.observability.request_trace import CURRENT_TRACE
+
 REDACTED: Final = "[redacted]"
 SECRET_HEADERS: Final = frozenset(
     {"authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key", "idempotency-key"}
 )
 _SECRET_SUFFIXES: Final = ("token", "password", "secret", "api-key", "authorization", "cookie")
 #: the fixed fields of a line; an `extra` field of the same name does not replace them
-_BASE_FIELDS: Final = frozenset({"time", "level", "logger", "message", "exc", "stack"})
+_BASE_FIELDS: Final = frozenset(
+    {"time", "level", "type", "logger", "message", "trace_id", "span_id", "exc", "stack"}
+)
 #: attributes every LogRecord has; anything else on a record came from `extra=`
 _RECORD_ATTRIBUTES: Final = frozenset(logging.makeLogRecord({}).__dict__) | {
     "message",
@@ -65,9 +71,14 @@ class JsonFormatter(logging.Formatter):
         out: dict[str, Any] = {
             "time": rfc3339(record.created),
             "level": record.levelname,
+            "type": "app",
             "logger": record.name,
             "message": record.getMessage(),
         }
+        trace = CURRENT_TRACE.get()
+        if trace is not None:
+            out["trace_id"] = trace.trace_id
+            out["span_id"] = trace.span_id
         for key, value in record.__dict__.items():
             if key in _RECORD_ATTRIBUTES or key in _BASE_FIELDS or key.startswith("_"):
                 continue

@@ -438,3 +438,31 @@ def test_token_command_mints_a_verifiable_token() -> None:
     )
     assert missing.returncode == 2
     assert "IDEMPOTENCY_SECRET" in missing.stderr
+
+
+@pytest.mark.parametrize(
+    ("level", "info_written"), [("info", True), ("warning", False)], ids=["info", "warning"]
+)
+def test_log_level_sets_the_least_severe_app_line(
+    tmp_path: Path, level: str, info_written: bool
+) -> None:
+    http, admin = free_port(), free_port()
+    path = tmp_path / "gateway.yaml"
+    path.write_text(config_text(http, admin))
+    gateway = GatewayProcess(path, "--log-level", level)
+    try:
+        wait_until(lambda: _ready(admin), what="readyz")
+        assert http_get(f"http://127.0.0.1:{http}/echo/hi")[0] == 200
+    finally:
+        gateway.signal(signal.SIGTERM)
+        code = gateway.wait(30)
+    assert code == 0
+    records = gateway.log_records()
+    app = [r for r in records if r.get("type") == "app"]
+    access = [r for r in records if r.get("type") == "access"]
+    # "gateway ready" is an INFO line; the echo request's access line is not an app line
+    assert ("gateway ready" in [r.get("message") for r in app]) is info_written
+    assert all(r["level"] != "INFO" for r in app) is not info_written
+    assert [r["path"] for r in access] == ["/echo/hi"]
+    for record in records:
+        assert list(record)[:3] == ["time", "level", "type"]

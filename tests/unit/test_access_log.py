@@ -125,6 +125,8 @@ def test_line_shape() -> None:
     assert list(data) == list(FIELDS)
     assert data == {
         "time": "2025-11-22T10:00:00.250Z",
+        "level": "INFO",
+        "type": "access",
         "request_id": "req-1",
         "trace_id": "4bf92f3577b34da6a3ce929d0e0e4736",
         "span_id": "00f067aa0ba902b7",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -10,12 +11,18 @@ from typing import Any
 
 import pytest
 
+from gateway.config.model import TracingConfig
+from gateway.observability.access_log import FIELDS
+from gateway.observability.exposition import Registry
 from gateway.observability.logs import (
     JsonStdoutHandler,
     redact_headers,
     rfc3339,
     setup_logging,
 )
+from gateway.observability.metrics import GatewayMetrics
+from gateway.observability.request_trace import CURRENT_TRACE, start_trace
+from gateway.observability.tracing import Tracer
 
 TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z\Z")
 
@@ -45,6 +52,7 @@ def test_a_record_is_one_json_line(
     assert data.pop("time") is not None
     assert data == {
         "level": "WARNING",
+        "type": "app",
         "logger": "gateway.test",
         "message": "upstream users answered 503",
     }
@@ -185,3 +193,29 @@ def test_rfc3339_cache_follows_the_second() -> None:
     assert rfc3339(1_700_000_000.001) == "2023-11-14T22:13:20.001Z"
     assert rfc3339(1_700_000_061.002) == "2023-11-14T22:14:21.002Z"
     assert rfc3339(1_700_000_000.003) == "2023-11-14T22:13:20.003Z"
+
+
+def test_a_line_written_while_a_traced_request_is_handled_names_its_trace(
+    root: logging.Logger, capsys: pytest.CaptureFixture[str]
+) -> None:
+    setup_logging()
+    loop = asyncio.new_event_loop()
+    tracer = Tracer(TracingConfig(), GatewayMetrics(Registry()), loop)
+    loop.close()
+    parent = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"
+    trace = start_trace(tracer, parent, None, 0)
+    logging.getLogger("gateway.test").info("before")
+    token = CURRENT_TRACE.set(trace)
+    try:
+        logging.getLogger("gateway.test").warning("during")
+    finally:
+        CURRENT_TRACE.reset(token)
+    logging.getLogger("gateway.test").info("after")
+    before, during, after = lines(capsys)
+    assert "trace_id" not in before
+    assert "trace_id" not in after
+    assert during["trace_id"] == "4bf92f3577b34da6a3ce929d0e0e4736"
+    assert during["span_id"] == trace.span_id
+    # app lines and access lines begin with the same fields
+    assert list(during)[:3] == ["time", "level", "type"]
+    assert list(FIELDS)[:3] == ["time", "level", "type"]
