@@ -15,9 +15,10 @@ import pytest
 from gateway.app import Gateway
 from gateway.core.trace_context import parse_traceparent
 from tests.support.config_builder import gateway_yaml, route, upstream_to
-from tests.support.faulty import FaultyUpstream, faulty_upstreams
+from tests.support.faulty import FaultyUpstream, closed_port, faulty_upstreams
 from tests.support.gateway import port_of, running_gateway
 from tests.support.otlp import OtlpReceiver, ReceivedSpan, otlp_receiver
+from tests.support.process import async_wait_until
 from tests.support.raw import exchange
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -321,3 +322,95 @@ async def test_a_route_override_of_zero_samples_no_new_trace(
         parsed = parse_traceparent(header(up, "traceparent", i)[0])
         assert parsed is not None
         assert parsed[2] is False
+
+
+def span_counts(gw: Gateway) -> tuple[float, dict[str, float]]:
+    """(spans exported, spans dropped by reason), from the gateway's own counters."""
+    exported = gw.metrics.tracing_spans_exported_total.labels().value
+    dropped = gw.metrics.tracing_spans_dropped_total
+    return exported, {r: dropped.labels(r).value for r in ("queue_full", "export_failed")}
+
+
+def accounted(gw: Gateway) -> float:
+    exported, dropped = span_counts(gw)
+    return exported + sum(dropped.values())
+
+
+def collector_config(up: FaultyUpstream, receiver_url: str, queue: int, batch: int) -> str:
+    tracing = {
+        "sample_ratio": 1,
+        "exporter": "otlp",
+        "endpoint": receiver_url,
+        "timeout": "1s",
+        "batch": {
+            "max_queue_size": queue,
+            "max_export_batch_size": batch,
+            "schedule_delay": "20ms",
+        },
+    }
+    return gateway_yaml(
+        tracing=tracing, upstreams={"app": upstream_to(up.url)}, routes=[route("app", "app")]
+    )
+
+
+async def test_a_hung_collector_delays_no_request_bounds_the_queue_and_counts_every_span(
+    tmp_path: Path, receiver: OtlpReceiver, up: FaultyUpstream
+) -> None:
+    receiver.mode = "hang"
+    requests = 40
+    async with running_gateway(tmp_path, collector_config(up, receiver.url, 8, 4)) as gw:
+        started = asyncio.get_running_loop().time()
+        for _ in range(requests):
+            assert await get(port_of(gw)) == 200
+        elapsed = asyncio.get_running_loop().time() - started
+        # the export thread is stuck on the collector: requests do not wait for it (each one
+        # alone takes a few ms; one export's timeout is 1 s)
+        assert elapsed < 5.0
+        exported, dropped = span_counts(gw)
+        assert exported == 0
+        assert dropped["queue_full"] >= 2 * requests - 8 - 4 * 2
+        # the collector answers again: what is queued goes out, and every span is accounted for
+        receiver.mode = "ok"
+        receiver.release.set()
+        await flushed(gw)
+        await async_wait_until(
+            lambda: sum(span_counts(gw)[1].values()) + span_counts(gw)[0] == 2 * requests
+        )
+        exported, dropped = span_counts(gw)
+        assert exported == len(receiver.spans)
+        assert exported > 0
+        # and a new request's spans are exported again
+        assert await get(port_of(gw)) == 200
+        await flushed(gw)
+        await receiver.wait_for(int(exported) + 2)
+
+
+async def test_a_failing_collector_drops_and_counts_then_export_resumes(
+    tmp_path: Path, receiver: OtlpReceiver, up: FaultyUpstream
+) -> None:
+    receiver.mode = "fail"
+    async with running_gateway(tmp_path, collector_config(up, receiver.url, 64, 16)) as gw:
+        for _ in range(3):
+            assert await get(port_of(gw)) == 200
+        await flushed(gw)
+        await async_wait_until(lambda: span_counts(gw)[1]["export_failed"] == 6)
+        assert span_counts(gw)[0] == 0
+        receiver.mode = "ok"
+        assert await get(port_of(gw)) == 200
+        await flushed(gw)
+        spans = await receiver.wait_for(2)
+        await async_wait_until(lambda: span_counts(gw)[0] == 2)
+    assert len(spans) == 2
+    assert span_counts(gw)[1] == {"queue_full": 0, "export_failed": 6}
+
+
+async def test_an_unreachable_collector_only_costs_the_spans(
+    tmp_path: Path, up: FaultyUpstream
+) -> None:
+    dead = f"http://127.0.0.1:{closed_port()}/v1/traces"
+    async with running_gateway(tmp_path, collector_config(up, dead, 64, 16)) as gw:
+        for _ in range(3):
+            assert await get(port_of(gw)) == 200
+        await flushed(gw)
+        await async_wait_until(lambda: span_counts(gw)[1]["export_failed"] == 6)
+        assert span_counts(gw)[0] == 0

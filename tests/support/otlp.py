@@ -2,8 +2,10 @@
 and keeps the spans, so tests check what a collector would get.
 
 `mode` decides how the next exports are answered: "ok" (200), "fail" (503), or "hang" (no
-answer until the test sets `release`).  Spans are kept flattened (`ReceivedSpan`): hex ids,
-attributes and events as plain Python values, and the resource attributes they came with.
+answer until the test sets `release`, then 503 without keeping its spans: the exporter may have
+given up on it already, and a span is only kept when its export is known to have succeeded).
+Spans are kept flattened (`ReceivedSpan`): hex ids, attributes and events as plain Python
+values, and the resource attributes they came with.
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ class OtlpReceiver:
         self.exports += 1
         if self.mode == "hang":
             await self.release.wait()
+            return web.Response(status=503)
         if self.mode == "fail":
             return web.Response(status=503)
         message = ExportTraceServiceRequest()
