@@ -16,8 +16,8 @@ from gateway.app import Gateway
 from gateway.core.trace_context import parse_traceparent
 from tests.support.config_builder import gateway_yaml, route, upstream_to
 from tests.support.faulty import FaultyUpstream, closed_port, faulty_upstreams
-from tests.support.gateway import port_of, running_gateway
-from tests.support.otlp import OtlpReceiver, ReceivedSpan, otlp_receiver
+from tests.support.gateway import port_of, running_gateway, write_config
+from tests.support.otlp import OtlpReceiver, ReceivedSpan, otlp_grpc_receiver, otlp_receiver
 from tests.support.process import async_wait_until
 from tests.support.raw import exchange
 
@@ -414,3 +414,75 @@ async def test_an_unreachable_collector_only_costs_the_spans(
         await flushed(gw)
         await async_wait_until(lambda: span_counts(gw)[1]["export_failed"] == 6)
         assert span_counts(gw)[0] == 0
+
+
+async def test_spans_go_out_over_otlp_grpc_too(tmp_path: Path, up: FaultyUpstream) -> None:
+    async with otlp_grpc_receiver() as receiver:
+        tracing = {
+            "sample_ratio": 1,
+            "exporter": "otlp",
+            "protocol": "grpc",
+            "endpoint": receiver.url,
+            "batch": {"schedule_delay": "20ms"},
+        }
+        config = gateway_yaml(
+            tracing=tracing, upstreams={"app": upstream_to(up.url)}, routes=[route("app", "app")]
+        )
+        async with running_gateway(tmp_path, config) as gw:
+            assert await get(port_of(gw), f"traceparent: {SAMPLED}") == 200
+            await flushed(gw)
+            spans = await receiver.wait_for(2)
+    [server] = by_kind(spans, "SERVER")
+    [client] = by_kind(spans, "CLIENT")
+    assert (server.trace_id, server.parent_span_id) == (TRACE, PARENT)
+    assert client.parent_span_id == server.span_id
+
+
+async def test_the_console_exporter_writes_one_json_span_per_line(
+    tmp_path: Path, up: FaultyUpstream, capfd: pytest.CaptureFixture[str]
+) -> None:
+    tracing = {"sample_ratio": 1, "exporter": "console", "batch": {"schedule_delay": "20ms"}}
+    config = gateway_yaml(
+        tracing=tracing, upstreams={"app": upstream_to(up.url)}, routes=[route("app", "app")]
+    )
+    async with running_gateway(tmp_path, config) as gw:
+        assert await get(port_of(gw), f"traceparent: {SAMPLED}") == 200
+        await flushed(gw)
+    spans = [json.loads(x) for x in capfd.readouterr().out.splitlines() if '"span_id"' in x]
+    kinds = sorted(s["kind"] for s in spans if "kind" in s)
+    assert kinds == ["SpanKind.CLIENT", "SpanKind.SERVER"]
+    assert {s["context"]["trace_id"] for s in spans} == {f"0x{TRACE}"}
+
+
+async def test_a_reload_applies_a_changed_tracing_section(
+    tmp_path: Path, receiver: OtlpReceiver, up: FaultyUpstream
+) -> None:
+    off = gateway_yaml(upstreams={"app": upstream_to(up.url)}, routes=[route("app", "app")])
+    async with running_gateway(tmp_path, off) as gw:
+        assert await get(port_of(gw), f"traceparent: {SAMPLED}") == 200
+        assert header(up, "traceparent") == [SAMPLED]  # off: untouched
+        write_config(tmp_path, traced_config(up.url, receiver, sample_ratio=1))
+        assert (await gw.reload())["ok"]
+        first = gw.snapshot.tracer
+        assert first is not None
+        assert await get(port_of(gw), path="/api/x") == 200
+        await flushed(gw)
+        await receiver.wait_for(2)
+        # an unchanged section keeps its tracer (and queue) across a reload
+        assert (await gw.reload())["ok"]
+        assert gw.snapshot.tracer is first
+        # a new ratio applies at once
+        write_config(tmp_path, traced_config(up.url, receiver, sample_ratio=0))
+        assert (await gw.reload())["ok"]
+        assert gw.snapshot.tracer is not first
+        assert await get(port_of(gw), path="/api/y") == 200
+        [sent] = header(up, "traceparent")
+        parsed = parse_traceparent(sent)
+        assert parsed is not None
+        assert parsed[2] is False
+        # and turning it off passes headers through again
+        write_config(tmp_path, off)
+        assert (await gw.reload())["ok"]
+        assert gw.snapshot.tracer is None
+        assert await get(port_of(gw), f"traceparent: {UNSAMPLED}") == 200
+        assert header(up, "traceparent") == [UNSAMPLED]

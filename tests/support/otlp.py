@@ -16,11 +16,16 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import grpc
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
+)
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2_grpc import (
+    TraceServiceServicer,
+    add_TraceServiceServicer_to_server,
 )
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
@@ -64,9 +69,13 @@ class OtlpReceiver:
         #: set whenever spans arrive (tests await it instead of sleeping)
         self.arrived = asyncio.Event()
         self.server: TestServer | None = None
+        #: set by otlp_grpc_receiver
+        self.grpc_url = ""
 
     @property
     def url(self) -> str:
+        if self.grpc_url:
+            return self.grpc_url
         assert self.server is not None
         return f"http://127.0.0.1:{self.server.port}/v1/traces"
 
@@ -80,6 +89,14 @@ class OtlpReceiver:
             return web.Response(status=503)
         message = ExportTraceServiceRequest()
         message.ParseFromString(body)
+        self.keep(message)
+        self.arrived.set()
+        return web.Response(
+            body=ExportTraceServiceResponse().SerializeToString(),
+            content_type="application/x-protobuf",
+        )
+
+    def keep(self, message: ExportTraceServiceRequest) -> None:
         for resource_spans in message.resource_spans:
             resource = _attributes(resource_spans.resource.attributes)
             for scope_spans in resource_spans.scope_spans:
@@ -98,11 +115,6 @@ class OtlpReceiver:
                             trace_state=span.trace_state,
                         )
                     )
-        self.arrived.set()
-        return web.Response(
-            body=ExportTraceServiceResponse().SerializeToString(),
-            content_type="application/x-protobuf",
-        )
 
     async def wait_for(self, count: int, within: float = 10.0) -> list[ReceivedSpan]:
         """The spans once at least `count` arrived (fails after `within` seconds)."""
@@ -127,3 +139,31 @@ async def otlp_receiver() -> AsyncIterator[OtlpReceiver]:
     finally:
         receiver.release.set()
         await server.close()
+
+
+class _GrpcTraceService(TraceServiceServicer):
+    def __init__(self, receiver: OtlpReceiver) -> None:
+        self.receiver = receiver
+
+    async def Export(
+        self, request: ExportTraceServiceRequest, context: object
+    ) -> ExportTraceServiceResponse:
+        self.receiver.exports += 1
+        self.receiver.keep(request)
+        self.receiver.arrived.set()
+        return ExportTraceServiceResponse()
+
+
+@asynccontextmanager
+async def otlp_grpc_receiver() -> AsyncIterator[OtlpReceiver]:
+    """The same receiver over OTLP/gRPC (`url` is then the collector's http://host:port)."""
+    receiver = OtlpReceiver()
+    server = grpc.aio.server()
+    add_TraceServiceServicer_to_server(_GrpcTraceService(receiver), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    receiver.grpc_url = f"http://127.0.0.1:{port}"
+    try:
+        yield receiver
+    finally:
+        await server.stop(None)
