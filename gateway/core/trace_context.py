@@ -12,11 +12,16 @@ longer than 128 characters first, then from the end, as the spec recommends.
 Sampling is parent-based: a valid parent's sampled flag decides; a new trace is sampled when the
 low 64 bits of its random trace id fall under `ratio` * 2^64, the rule of OpenTelemetry's
 TraceIdRatioBased sampler, so every service using that rule agrees on the same trace.
+
+Cost (every traced request makes two ids, one more per upstream try): ids are cut from a pool
+of random hex digits filled from `os.urandom` 4 KiB at a time, and the ratio rule compares the
+id's last 16 hex digits with the threshold's as strings (fixed-width lower-case hex sorts as
+its value), so no id is formatted or parsed as an integer on the request path.
 """
 
 from __future__ import annotations
 
-import random
+import os
 from typing import Final, final
 
 _HEX: Final = frozenset("0123456789abcdef")
@@ -26,7 +31,10 @@ _ZERO_SPAN: Final = "0" * 16
 TRACESTATE_MAX_CHARS: Final = 512
 TRACESTATE_MAX_ENTRIES: Final = 32
 _TRACESTATE_LONG_ENTRY: Final = 128
-_LOW_64: Final = (1 << 64) - 1
+#: random bytes drawn at a time for ids (8 KiB of hex: 256 trace ids)
+_POOL_BYTES: Final = 4096
+#: a threshold every 16-digit hex string sorts under ("g" follows "f")
+_ALWAYS: Final = "g"
 
 
 @final
@@ -101,35 +109,66 @@ def read_parent(traceparent: list[str], tracestate: list[str]) -> ParentContext 
     return ParentContext(trace_id, span_id, sampled, state)
 
 
+@final
+class _HexPool:
+    """Random hex digits, handed out in slices (os.urandom: never a seeded generator that a
+    forked child would repeat; the pool itself is emptied in a forked child)."""
+
+    __slots__ = ("digits", "used")
+
+    def __init__(self) -> None:
+        self.digits = ""
+        self.used = 0
+
+    def take(self, count: int) -> str:
+        start = self.used
+        end = start + count
+        if end > len(self.digits):
+            self.digits = os.urandom(_POOL_BYTES).hex()
+            start = 0
+            end = count
+        self.used = end
+        return self.digits[start:end]
+
+    def reset(self) -> None:
+        self.digits = ""
+        self.used = 0
+
+
+_POOL: Final = _HexPool()
+os.register_at_fork(after_in_child=_POOL.reset)
+
+
 def new_trace_id() -> str:
     """128 random bits as 32 hex digits (never all zeros)."""
     while True:
-        bits = random.getrandbits(128)
-        if bits:
-            return f"{bits:032x}"
+        value = _POOL.take(32)
+        if value != _ZERO_TRACE:
+            return value
 
 
 def new_span_id() -> str:
     """64 random bits as 16 hex digits (never all zeros)."""
     while True:
-        bits = random.getrandbits(64)
-        if bits:
-            return f"{bits:016x}"
+        value = _POOL.take(16)
+        if value != _ZERO_SPAN:
+            return value
 
 
-def ratio_bound(ratio: float) -> int:
-    """The threshold a trace id's low 64 bits are compared with: `ratio` of all ids fall
-    under it (0 → none, 1 → all)."""
+def ratio_bound(ratio: float) -> str:
+    """The threshold `sampled_by_ratio` compares with: the 16 hex digits of `ratio` * 2^64, so
+    that share of all trace ids falls under it ("" for 0: none; "g" for 1: all)."""
     if ratio <= 0.0:
-        return 0
-    if ratio >= 1.0:
-        return 1 << 64
-    return round(ratio * (1 << 64))
+        return ""
+    bound = round(ratio * (1 << 64))
+    if ratio >= 1.0 or bound >= 1 << 64:
+        return _ALWAYS
+    return f"{bound:016x}"
 
 
-def sampled_by_ratio(trace_id: str, bound: int) -> bool:
+def sampled_by_ratio(trace_id: str, bound: str) -> bool:
     """Whether a new trace is sampled: its id's low 64 bits under `bound` (ratio_bound)."""
-    return (int(trace_id[16:], 16) & _LOW_64) < bound
+    return trace_id[16:] < bound
 
 
 def traceparent(trace_id: str, span_id: str, sampled: bool) -> str:

@@ -91,7 +91,7 @@ class RequestTrace:
 
 
 def start_trace(
-    tracer: Tracer, traceparent: bytes | None, tracestate: bytes | None, bound: int
+    tracer: Tracer, traceparent: bytes | None, tracestate: bytes | None, bound: str
 ) -> RequestTrace:
     """Continue the trace a valid `traceparent` names (its sampled flag decides), or start a new
     one sampled by `bound`.  `traceparent` is b"" when the request carried several."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from gateway.core.trace_context import (
@@ -142,8 +144,20 @@ def test_traceparent_format() -> None:
         (0.5, (1 << 63) - 1, True),
         (0.5, 1 << 63, False),
         (0.01, 0, True),
+        (0.01, round(0.01 * (1 << 64)) - 1, True),
+        (0.01, round(0.01 * (1 << 64)), False),
+        (1 - 1e-18, (1 << 64) - 1, True),
     ],
-    ids=["zero-never", "one-always", "half-under", "half-at", "low-id-under-one-percent"],
+    ids=[
+        "zero-never",
+        "one-always",
+        "half-under",
+        "half-at",
+        "low-id-under-one-percent",
+        "just-under-one-percent",
+        "at-one-percent",
+        "rounds-to-all",
+    ],
 )
 def test_ratio_rule_on_the_low_64_bits(ratio: float, low: int, expected: bool) -> None:
     trace_id = "f" * 16 + f"{low:016x}"
@@ -155,3 +169,19 @@ def test_ratio_samples_about_the_share_asked_for() -> None:
     sampled = sum(sampled_by_ratio(new_trace_id(), bound) for _ in range(20_000))
     # binomial(20000, 0.25): sd ~61; 6 sd either side fails falsely about once in 1e9 runs
     assert 5000 - 370 <= sampled <= 5000 + 370
+
+
+def test_a_forked_child_never_repeats_the_parents_ids() -> None:
+    new_trace_id()  # the pool is filled: a child that kept it would hand out the same ids
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover (the child)
+        os.write(write, new_trace_id().encode())
+        os._exit(0)
+    os.close(write)
+    _, status = os.waitpid(pid, 0)
+    child = os.read(read, 64).decode()
+    os.close(read)
+    assert status == 0
+    assert len(child) == 32
+    assert child != new_trace_id()
