@@ -203,7 +203,7 @@ def test_a_line_written_while_a_traced_request_is_handled_names_its_trace(
     tracer = Tracer(TracingConfig(), GatewayMetrics(Registry()), loop)
     loop.close()
     parent = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"
-    trace = start_trace(tracer, parent, None, 0)
+    trace = start_trace(tracer, parent, None, "")
     logging.getLogger("gateway.test").info("before")
     token = CURRENT_TRACE.set(trace)
     try:
