@@ -95,6 +95,11 @@ def _upstream_argv(port: int, scratch: Path) -> tuple[list[str], str]:
     return [sys.executable, "-m", "bench.upstream", str(port)], "bench.upstream (built in)"
 
 
+def _figure(value: float) -> str:
+    """A count without decimals, a ratio with two."""
+    return f"{value:,.0f}" if value == int(value) and abs(value) >= 10 else f"{value:.2f}"
+
+
 def table(results: list[Result], baseline: dict[str, Result]) -> str:
     head = (
         "| scenario | proxy | req/s | x nginx | p50 ms | p99 ms | CPU us/req | peak RSS MiB "
@@ -112,7 +117,7 @@ def table(results: list[Result], baseline: dict[str, Result]) -> str:
             continue
         nginx = baseline.get(r.scenario)
         ratio = f"{r.median('rps') / nginx.median('rps'):.2f}" if nginx and nginx.rounds else "-"
-        figures = "".join(f"; {k} {v:.2f}" for k, v in r.figures.items())
+        figures = "".join(f"; {k} {_figure(v)}" for k, v in r.figures.items())
         rows.append(
             f"| {r.scenario} | {r.peer} | {s['rps']:,.0f} | {ratio} | {s['p50_ms']} | "
             f"{s['p99_ms']} | {s['cpu_us_per_request']} | {s['peak_rss_mib']} | "
@@ -163,9 +168,10 @@ def main(argv: list[str] | None = None) -> int:
                 if peers:
                     results.extend(scenario.run(scenario, peers, settings))
     baseline = {r.scenario: r for r in results if r.peer == "nginx"}
+    date, revision = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), commit()
     report = {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "commit": commit(),
+        "date": date,
+        "commit": revision,
         "machine": machine(),
         "tools": tools(),
         "upstream": upstream_kind,
@@ -178,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"bench-{report['date'].replace(':', '')}-{report['commit']}.json"
+    path = out / f"bench-{date.replace(':', '')}-{revision}.json"
     path.write_text(json.dumps(report, indent=2))
     print(table(results, baseline))
     print(f"\nupstream: {upstream_kind}; JSON: {path}")

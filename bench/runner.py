@@ -17,7 +17,7 @@ import socket
 import statistics
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -42,6 +42,8 @@ class Result:
     scenario: str
     rounds: list[Round] = field(default_factory=list)
     peak_rss_mib: float = 0.0
+    #: requests of the warm-up run before the rounds (not in any figure but spans per request)
+    warmup_requests: int = 0
     note: str = ""
     #: scenario-specific figures (RSS growth, MiB/s, ...)
     figures: dict[str, float] = field(default_factory=dict)
@@ -162,7 +164,10 @@ def parse_wrk(output: str) -> tuple[int, float, float, float, int]:
     return requests, rps, latency.get("50", 0.0), latency.get("99", 0.0), errors
 
 
-def wrk_round(pid: int, url: str, connections: int, seconds: float) -> Round:
+def wrk_round(
+    pid: int, url: str, connections: int, seconds: float, headers: Sequence[str] = ()
+) -> Round:
+    """One wrk run against `url`, each request with the `headers` ("Name: value") added."""
     before = cpu_seconds(pid)
     output = subprocess.run(
         pinned(
@@ -175,6 +180,7 @@ def wrk_round(pid: int, url: str, connections: int, seconds: float) -> Round:
                 "--latency",
                 "--timeout",
                 "5s",
+                *(arg for header in headers for arg in ("-H", header)),
                 url,
             ],
         ),
