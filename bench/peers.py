@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.tokens import JWT_STAGE
+
 
 @dataclass(frozen=True)
 class Launch:
@@ -22,11 +24,29 @@ class Launch:
 
 
 @dataclass(frozen=True)
+class Context:
+    """What a scenario hands its peers besides ports; empty for most scenarios."""
+
+    #: the JWKS document an authenticating peer's jwt stage reads (written to its scratch dir)
+    jwks: bytes = b""
+    #: the OTLP/HTTP receiver a traced peer exports to (bench/otlp_sink.py)
+    otlp_endpoint: str = ""
+
+
+#: (scratch directory, listen port, upstream port, routes, context) -> how to start the peer
+Build = Callable[[Path, int, int, int, Context], Launch]
+
+
+@dataclass(frozen=True)
 class Peer:
     name: str
     #: the executable that must be installed, or None when it is always available
     needs: str | None
-    build: Callable[[Path, int, int, int], Launch]
+    build: Build
+    #: it exports spans, with its name as their `service.name`
+    traced: bool = False
+    #: its route needs the scenario's bearer token (401 without it)
+    authenticates: bool = False
 
     def available(self) -> bool:
         if self.needs == "BENCH_BASELINE":
@@ -36,7 +56,6 @@ class Peer:
 
 #: the full-pipeline scenario's stages: none of them refuses anything at this load
 PIPELINE = """\
-    pipeline:
       - rate_limit: {rate: 1000000, burst: 1000000, key: client_ip}
       - circuit_breaker: {failure_ratio: 0.5, min_requests: 20, window: 10s}
       - retry: {attempts: 2, per_try_timeout: 5s}
@@ -44,13 +63,41 @@ PIPELINE = """\
 """
 
 
-def gateway_config(port: int, upstream: int, routes: int, pipeline: bool = False) -> str:
+@dataclass(frozen=True)
+class Tracing:
+    """A `tracing:` section: new traces sampled at `sample_ratio`, spans sent over OTLP/HTTP."""
+
+    sample_ratio: float
+    endpoint: str
+    service_name: str = "gateway"
+
+
+def gateway_config(
+    port: int,
+    upstream: int,
+    routes: int,
+    pipeline: bool = False,
+    *,
+    jwt: bool = False,
+    tracing: Tracing | None = None,
+) -> str:
+    """The gateway's YAML: `routes` routes, the last one (prefix /) measured.  `pipeline` puts
+    the four stages of PIPELINE on it, `jwt` a jwt stage in front of them (JWT_STAGE: the
+    JWKS is `jwks.json` beside the config), and `tracing` turns tracing on."""
     lines = [
         f'listeners: [{{name: http, bind: "127.0.0.1:{port}"}}]',
         'admin: {bind: "127.0.0.1:0"}',
         "access_log: {sample_ratio: 0.01}",
         "shutdown: {drain_delay: 0s, timeout: 2s}",
         "limits: {max_body_bytes: 200MiB, max_connections: 20000}",
+    ]
+    if tracing is not None:
+        lines.append(
+            f'tracing: {{service_name: "{tracing.service_name}", '
+            f"sample_ratio: {tracing.sample_ratio}, exporter: otlp, "
+            f'endpoint: "{tracing.endpoint}"}}'
+        )
+    lines += [
         "upstreams:",
         f'  app: {{endpoints: [{{url: "http://127.0.0.1:{upstream}"}}]}}',
         "routes:",
@@ -59,42 +106,55 @@ def gateway_config(port: int, upstream: int, routes: int, pipeline: bool = False
     for i in range(routes - 1):
         lines.append(f"  - {{name: r{i}, match: {{path_prefix: /decoy{i}}}, upstream: app}}")
     lines.append("  - name: app\n    match: {path_prefix: /}\n    upstream: app")
-    return "\n".join(lines) + "\n" + (PIPELINE if pipeline else "")
-
-
-def _gateway(scratch: Path, port: int, upstream: int, routes: int) -> Launch:
-    config = scratch / "gateway.yaml"
-    config.write_text(gateway_config(port, upstream, routes))
-    return Launch([sys.executable, "-m", "gateway", "run", "-c", str(config)], {})
+    stages = (f"      - {JWT_STAGE}\n" if jwt else "") + (PIPELINE if pipeline else "")
+    return "\n".join(lines) + "\n" + ("    pipeline:\n" + stages if stages else "")
 
 
 def _baseline_python() -> str:
     return str(Path(os.environ["BENCH_BASELINE"]) / ".venv" / "bin" / "python")
 
 
-def _gateway_baseline(scratch: Path, port: int, upstream: int, routes: int) -> Launch:
-    """The gateway of another checkout (`BENCH_BASELINE=DIR`, set up with `make setup`), the
-    same config: a change measured against the code before it, in one interleaved run."""
-    config = scratch / "gateway.yaml"
-    config.write_text(gateway_config(port, upstream, routes))
-    # -P: the baseline's own package, not the one in the current directory
-    return Launch([_baseline_python(), "-P", "-m", "gateway", "run", "-c", str(config)], {})
+def _gateway_peer(
+    name: str,
+    *,
+    baseline: bool = False,
+    pipeline: bool = False,
+    jwt: bool = False,
+    trace_ratio: float | None = None,
+) -> Peer:
+    """A gateway peer: this checkout's, or with `baseline` the one of another checkout
+    (`BENCH_BASELINE=DIR`, set up with `make setup`) on the same config, so a change is measured
+    against the code before it in one interleaved run."""
+
+    def build(scratch: Path, port: int, upstream: int, routes: int, context: Context) -> Launch:
+        tracing = None
+        if trace_ratio is not None:
+            if not context.otlp_endpoint:
+                raise RuntimeError(f"{name} needs the scenario's OTLP receiver")
+            tracing = Tracing(trace_ratio, context.otlp_endpoint, service_name=name)
+        if jwt:
+            if not context.jwks:
+                raise RuntimeError(f"{name} needs the scenario's JWKS")
+            (scratch / "jwks.json").write_bytes(context.jwks)
+        config = scratch / "gateway.yaml"
+        config.write_text(
+            gateway_config(port, upstream, routes, pipeline, jwt=jwt, tracing=tracing)
+        )
+        if baseline:
+            # -P: the baseline's own package, not the one in the current directory
+            return Launch([_baseline_python(), "-P", "-m", "gateway", "run", "-c", str(config)], {})
+        return Launch([sys.executable, "-m", "gateway", "run", "-c", str(config)], {})
+
+    return Peer(
+        name,
+        "BENCH_BASELINE" if baseline else None,
+        build,
+        traced=trace_ratio is not None,
+        authenticates=jwt,
+    )
 
 
-def _gateway_baseline_pipeline(scratch: Path, port: int, upstream: int, routes: int) -> Launch:
-    """The baseline checkout on the full-pipeline route."""
-    config = scratch / "gateway.yaml"
-    config.write_text(gateway_config(port, upstream, routes, pipeline=True))
-    return Launch([_baseline_python(), "-P", "-m", "gateway", "run", "-c", str(config)], {})
-
-
-def _gateway_pipeline(scratch: Path, port: int, upstream: int, routes: int) -> Launch:
-    config = scratch / "gateway.yaml"
-    config.write_text(gateway_config(port, upstream, routes, pipeline=True))
-    return Launch([sys.executable, "-m", "gateway", "run", "-c", str(config)], {})
-
-
-def _nginx(scratch: Path, port: int, upstream: int, routes: int) -> Launch:
+def _nginx(scratch: Path, port: int, upstream: int, routes: int, context: Context) -> Launch:
     config = scratch / "nginx.conf"
     config.write_text(
         textwrap.dedent(
@@ -127,7 +187,7 @@ def _nginx(scratch: Path, port: int, upstream: int, routes: int) -> Launch:
     return Launch(["nginx", "-p", str(scratch), "-c", str(config)], {})
 
 
-def _haproxy(scratch: Path, port: int, upstream: int, routes: int) -> Launch:
+def _haproxy(scratch: Path, port: int, upstream: int, routes: int, context: Context) -> Launch:
     config = scratch / "haproxy.cfg"
     config.write_text(
         textwrap.dedent(
@@ -152,7 +212,7 @@ def _haproxy(scratch: Path, port: int, upstream: int, routes: int) -> Launch:
     return Launch(["haproxy", "-db", "-f", str(config)], {})
 
 
-def _caddy(scratch: Path, port: int, upstream: int, routes: int) -> Launch:
+def _caddy(scratch: Path, port: int, upstream: int, routes: int, context: Context) -> Launch:
     config = scratch / "Caddyfile"
     config.write_text(
         textwrap.dedent(
@@ -173,7 +233,7 @@ def _caddy(scratch: Path, port: int, upstream: int, routes: int) -> Launch:
     )
 
 
-def _aiohttp(scratch: Path, port: int, upstream: int, routes: int) -> Launch:
+def _aiohttp(scratch: Path, port: int, upstream: int, routes: int, context: Context) -> Launch:
     return Launch(
         [sys.executable, "-m", "bench.aiohttp_proxy", str(port), f"http://127.0.0.1:{upstream}"],
         {},
@@ -181,14 +241,20 @@ def _aiohttp(scratch: Path, port: int, upstream: int, routes: int) -> Launch:
 
 
 PEERS: dict[str, Peer] = {
-    "gateway": Peer("gateway", None, _gateway),
-    "gateway+pipeline": Peer("gateway+pipeline", None, _gateway_pipeline),
-    "gateway@baseline": Peer("gateway@baseline", "BENCH_BASELINE", _gateway_baseline),
-    "gateway@baseline+pipeline": Peer(
-        "gateway@baseline+pipeline", "BENCH_BASELINE", _gateway_baseline_pipeline
-    ),
-    "nginx": Peer("nginx", "nginx", _nginx),
-    "haproxy": Peer("haproxy", "haproxy", _haproxy),
-    "caddy": Peer("caddy", "caddy", _caddy),
-    "aiohttp": Peer("aiohttp", None, _aiohttp),
+    peer.name: peer
+    for peer in (
+        _gateway_peer("gateway"),
+        _gateway_peer("gateway+pipeline", pipeline=True),
+        _gateway_peer("gateway@baseline", baseline=True),
+        _gateway_peer("gateway@baseline+pipeline", baseline=True, pipeline=True),
+        # the edge: a bearer token checked, four stages, 1 % of requests traced to a receiver
+        _gateway_peer("gateway+edge", pipeline=True, jwt=True, trace_ratio=0.01),
+        # the bare route traced at 1 %, and traced at 0 % (propagation only, nothing sampled)
+        _gateway_peer("gateway+traced", trace_ratio=0.01),
+        _gateway_peer("gateway+unsampled", trace_ratio=0.0),
+        Peer("nginx", "nginx", _nginx),
+        Peer("haproxy", "haproxy", _haproxy),
+        Peer("caddy", "caddy", _caddy),
+        Peer("aiohttp", None, _aiohttp),
+    )
 }

@@ -7,11 +7,14 @@ import contextlib
 import resource
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.peers import PEERS
+from bench.otlp_sink import counts, endpoint
+from bench.peers import PEERS, Context
 from bench.runner import (
     LOAD_CORE,
     PROXY_CORE,
@@ -24,6 +27,9 @@ from bench.runner import (
     wait_http,
     wrk_round,
 )
+from bench.tokens import mint
+
+NO_CONTEXT = Context()
 
 
 @dataclass(frozen=True)
@@ -54,6 +60,7 @@ def started(
     upstream_port: int,
     result: Result,
     routes: int | None = None,
+    context: Context = NO_CONTEXT,
 ) -> Iterator[tuple[int, int] | None]:
     """The peer running on core 0 and answering: (pid, port); None when it is not installed."""
     peer = PEERS[peer_name]
@@ -64,7 +71,7 @@ def started(
         return
     port = free_port()
     with tempfile.TemporaryDirectory(prefix=f"bench-{peer_name}-") as scratch:
-        launch = peer.build(Path(scratch), port, upstream_port, routes or scenario.routes)
+        launch = peer.build(Path(scratch), port, upstream_port, routes or scenario.routes, context)
         with running(launch.argv, PROXY_CORE, launch.env) as proc:
             wait_http(port)
             pid = measured_pid(proc)
@@ -93,19 +100,31 @@ def routes_scenario(scenario: Scenario, peer_names: list[str], settings: Setting
 
 
 def _interleaved(
-    scenario: Scenario, entries: list[tuple[Result, str, int]], settings: Settings
+    scenario: Scenario,
+    entries: list[tuple[Result, str, int]],
+    settings: Settings,
+    *,
+    context: Context = NO_CONTEXT,
+    headers: Sequence[str] = (),
+    check: Callable[[str, str], None] | None = None,
 ) -> None:
     """Start every entry's peer, warm each up, then run the rounds interleaved: round 1 of
     each, then round 2 of each, and so on (the starting one rotating), so a slow minute on a
-    shared machine costs every peer alike instead of whichever happened to be measured then."""
+    shared machine costs every peer alike instead of whichever happened to be measured then.
+
+    Every request carries `headers`; `check(peer name, url)`, when given, runs once per peer
+    before the warm-up and raises when the peer does not answer as it should (the peer then
+    gets a note instead of figures).  The peers are stopped when this returns."""
     with contextlib.ExitStack() as stack:
         live: list[tuple[Result, int, str]] = []
         for result, name, routes in entries:
             print(f"bench: {scenario.name} / {result.peer} starting", file=sys.stderr, flush=True)
             try:
                 peer = stack.enter_context(
-                    started(scenario, name, settings.upstream_port, result, routes)
+                    started(scenario, name, settings.upstream_port, result, routes, context)
                 )
+                if peer is not None and check is not None:
+                    check(name, f"http://127.0.0.1:{peer[1]}{scenario.path}")
             except Exception as exc:
                 # one peer failing to start must not cost the others their figures
                 result.note = f"failed: {exc!r}"
@@ -113,12 +132,97 @@ def _interleaved(
             if peer is not None:
                 pid, port = peer
                 live.append((result, pid, f"http://127.0.0.1:{port}{scenario.path}"))
-        for _, pid, url in live:
-            wrk_round(pid, url, settings.connections, min(1.0, settings.seconds))  # warm-up
+        for result, pid, url in live:
+            warmup = wrk_round(pid, url, settings.connections, min(1.0, settings.seconds), headers)
+            result.warmup_requests = warmup.requests
         for index in range(settings.rounds):
             shift = index % len(live) if live else 0
             for result, pid, url in live[shift:] + live[:shift]:
-                result.rounds.append(wrk_round(pid, url, settings.connections, settings.seconds))
+                result.rounds.append(
+                    wrk_round(pid, url, settings.connections, settings.seconds, headers)
+                )
+
+
+def _status(url: str, headers: dict[str, str]) -> int:
+    request = urllib.request.Request(url, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=5) as answer:
+            answer.read()
+            return int(answer.status)
+    except urllib.error.HTTPError as error:
+        error.read()
+        return int(error.code)
+
+
+def _answers_with(headers: Sequence[str]) -> Callable[[str, str], None]:
+    """A check that the peer answers 200 to the measured request with `headers`, and, when it
+    authenticates, 401 without them: a route refusing every request would look fast."""
+    sent = dict(header.split(": ", 1) for header in headers)
+
+    def check(peer: str, url: str) -> None:
+        status = _status(url, sent)
+        if status != 200:
+            raise RuntimeError(f"answered {status}, not 200, to the measured request")
+        if PEERS[peer].authenticates and (status := _status(url, {})) != 401:
+            raise RuntimeError(f"answered {status}, not 401, to a request without the token")
+
+    return check
+
+
+@contextlib.contextmanager
+def otlp_sink() -> Iterator[int]:
+    """bench/otlp_sink.py running on the load core (not the proxy's) and answering: its port."""
+    port = free_port()
+    with running([sys.executable, "-m", "bench.otlp_sink", str(port)], LOAD_CORE):
+        wait_http(port)
+        yield port
+
+
+def traced_scenario(scenario: Scenario, peer_names: list[str], settings: Settings) -> list[Result]:
+    """`wrk_scenario` with a live OTLP receiver for the traced peers and, when a peer
+    authenticates, a fresh ES256 key (its JWKS given to the peers) and a token sent with every
+    request by wrk, to every peer.  Figures: `spans_received` by each traced peer's receiver
+    (counted after the peer stopped: it exports what is queued at shutdown) and
+    `spans_per_100_requests` (warm-up included: ~2 x the sampled percentage, one SERVER and one
+    CLIENT span per request); the peers other than `extra["reference"]` also get their req/s as
+    a ratio to it, `x_<extra["reference_label"]>`."""
+    entries = [
+        (Result(peer=name, scenario=scenario.name), name, scenario.routes) for name in peer_names
+    ]
+    headers: tuple[str, ...] = ()
+    jwks = b""
+    if any(PEERS[name].authenticates for name in peer_names):
+        credentials = mint()
+        headers, jwks = (credentials.header,), credentials.jwks
+    traced = [result for result, name, _ in entries if PEERS[name].traced]
+    with otlp_sink() as sink:
+        context = Context(jwks=jwks, otlp_endpoint=endpoint(sink))
+        _interleaved(
+            scenario,
+            entries,
+            settings,
+            context=context,
+            headers=headers,
+            check=_answers_with(headers),
+        )
+        received = counts(sink)
+    spans = received["spans"]
+    assert isinstance(spans, dict)
+    for result in traced:
+        if result.rounds:
+            count = int(spans.get(result.peer, 0))
+            requests = sum(r.requests for r in result.rounds) + result.warmup_requests
+            result.figures["spans_received"] = count
+            result.figures["spans_per_100_requests"] = 100 * count / max(requests, 1)
+    reference = next(
+        (r for r, name, _ in entries if name == scenario.extra.get("reference") and r.rounds), None
+    )
+    if reference is not None:
+        label = scenario.extra.get("reference_label", reference.peer)
+        for result, _, _ in entries:
+            if result is not reference and result.rounds and result.peer != "nginx":
+                result.figures[f"x_{label}"] = result.median("rps") / reference.median("rps")
+    return [result for result, _, _ in entries]
 
 
 def each_peer(
@@ -263,6 +367,22 @@ SCENARIOS: dict[str, Scenario] = {
             description="the bare request through rate_limit, circuit_breaker, retry and headers",
             peers=("gateway+pipeline", "gateway@baseline+pipeline", "gateway", "nginx"),
             run=wrk_scenario,
+        ),
+        Scenario(
+            name="edge",
+            description="the full edge: jwt, rate_limit, circuit_breaker, retry, headers, "
+            "1 % traced to a live OTLP receiver",
+            peers=("gateway+edge", "gateway", "nginx"),
+            run=traced_scenario,
+            extra={"reference": "gateway", "reference_label": "bare"},
+        ),
+        Scenario(
+            name="tracing",
+            description="the bare route with tracing off, at 1 % to a live OTLP receiver, "
+            "and on with nothing sampled",
+            peers=("gateway", "gateway+traced", "gateway+unsampled"),
+            run=traced_scenario,
+            extra={"reference": "gateway", "reference_label": "tracing_off"},
         ),
         Scenario(
             name="routes10k",
