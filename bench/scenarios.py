@@ -154,7 +154,7 @@ def _status(url: str, headers: dict[str, str]) -> int:
         return int(error.code)
 
 
-def _answers_with(headers: Sequence[str]) -> Callable[[str, str], None]:
+def answers_with(headers: Sequence[str]) -> Callable[[str, str], None]:
     """A check that the peer answers 200 to the measured request with `headers`, and, when it
     authenticates, 401 without them: a route refusing every request would look fast."""
     sent = dict(header.split(": ", 1) for header in headers)
@@ -203,7 +203,7 @@ def traced_scenario(scenario: Scenario, peer_names: list[str], settings: Setting
             settings,
             context=context,
             headers=headers,
-            check=_answers_with(headers),
+            check=answers_with(headers),
         )
         received = counts(sink)
     spans = received["spans"]

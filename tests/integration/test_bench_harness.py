@@ -1,11 +1,25 @@
-"""bench/ runs end to end on a tiny scenario (it reports numbers; nothing here asserts a speed)."""
+"""bench/ runs end to end on tiny scenarios (it reports numbers; nothing here asserts a speed),
+and the edge and tracing scenarios' configs, token and OTLP receiver work with the gateway."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+from aiohttp.test_utils import TestServer
+
+from bench.otlp_sink import Sink, counts, endpoint
+from bench.peers import PEERS, Context
+from bench.scenarios import answers_with
+from bench.tokens import Credentials, mint
+from tests.integration.conftest import Seen
+from tests.support.config import load_config
+from tests.support.gateway import port_of, running_gateway
+from tests.support.raw import exchange
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -50,3 +64,122 @@ def test_bench_runs_a_tiny_scenario(tmp_path: Path) -> None:
     assert gateway["cpu_us_per_request"] > 0
     assert gateway["peak_rss_mib"] > 0
     assert by_peer["upstream (direct)"]["rounds"][0]["requests"] > 0
+
+
+def test_edge_scenario_runs_with_its_token_and_receiver(tmp_path: Path) -> None:
+    """The edge peer alone, tiny: wrk's token is accepted (no errors) and spans reach the
+    scenario's OTLP receiver (~1 % of requests, two spans each)."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "--scenario",
+            "edge",
+            "--peer",
+            "gateway+edge",
+            "--rounds",
+            "1",
+            "--seconds",
+            "1",
+            "--connections",
+            "4",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    [report_file] = tmp_path.glob("bench-*.json")
+    edge = {r["peer"]: r for r in json.loads(report_file.read_text())["results"]}["gateway+edge"]
+    assert edge["scenario"] == "edge"
+    assert edge["note"] == ""
+    assert edge["rounds"][0]["requests"] > 0
+    assert edge["errors"] == 0  # a 401 would be a non-2xx answer
+    assert edge["spans_received"] > 0
+    assert 0 < edge["spans_per_100_requests"] < 10
+
+
+def _edge_config(
+    directory: Path, upstream_port: int, collector: str, ratio: float
+) -> tuple[str, Credentials]:
+    """The edge peer's config as its launcher writes it (JWKS included), listening on port 0,
+    tracing at `ratio`; and the credentials the scenario would send."""
+    credentials = mint()
+    PEERS["gateway+edge"].build(
+        directory, 0, upstream_port, 10, Context(jwks=credentials.jwks, otlp_endpoint=collector)
+    )
+    text = (directory / "gateway.yaml").read_text()
+    assert (directory / "jwks.json").read_bytes() == credentials.jwks
+    assert "sample_ratio: 0.01," in text
+    return text.replace("sample_ratio: 0.01,", f"sample_ratio: {ratio},"), credentials
+
+
+def test_scenario_configs_parse(tmp_path: Path) -> None:
+    credentials = mint()
+    context = Context(jwks=credentials.jwks, otlp_endpoint=endpoint(4318))
+    for name, ratio, stages in [
+        ("gateway+edge", 0.01, ["jwt", "rate_limit", "circuit_breaker", "retry", "headers"]),
+        ("gateway+traced", 0.01, []),
+        ("gateway+unsampled", 0.0, []),
+        ("gateway", None, []),
+    ]:
+        scratch = tmp_path / name
+        scratch.mkdir()
+        PEERS[name].build(scratch, 8080, 9000, 10, context)
+        config = load_config(scratch / "gateway.yaml")
+        [measured] = [r for r in config.routes if r.name == "app"]
+        assert [stage.kind for stage in measured.pipeline] == stages, name
+        if ratio is None:
+            assert config.tracing is None
+        else:
+            assert config.tracing is not None
+            assert config.tracing.sample_ratio == ratio
+            assert config.tracing.exporter == "otlp"
+            assert config.tracing.endpoint == "http://127.0.0.1:4318/v1/traces"
+            assert config.tracing.service_name == name
+    for name in ("gateway+edge", "gateway+traced"):
+        with pytest.raises(RuntimeError, match="needs the scenario's"):
+            PEERS[name].build(tmp_path, 8080, 9000, 10, Context())
+
+
+async def test_bench_token_accepted_and_spans_counted(
+    tmp_path: Path, upstream: tuple[TestServer, Seen]
+) -> None:
+    """The edge route in-process: the bench's token passes its jwt stage (the scenario's own
+    pre-flight check agrees), a missing or foreign token is 401, and the bench receiver counts
+    the spans the gateway exports (every request sampled here)."""
+    server, _ = upstream
+    sink = Sink()
+    collector = TestServer(sink.app(), host="127.0.0.1")
+    await collector.start_server()
+    try:
+        text, credentials = _edge_config(
+            tmp_path, server.port or 0, endpoint(collector.port or 0), 1.0
+        )
+        async with running_gateway(tmp_path, text) as gw:
+            port = port_of(gw)
+            # the pre-flight check: 200 with the token, 401 without it
+            check = answers_with((credentials.header,))
+            await asyncio.to_thread(check, "gateway+edge", f"http://127.0.0.1:{port}/")
+            foreign = mint().token  # signed by another key
+            answer = await exchange(
+                port,
+                f"GET / HTTP/1.1\r\nHost: b\r\nAuthorization: Bearer {foreign}\r\n\r\n".encode(),
+            )
+            assert answer.status == 401
+            tracer = gw.snapshot.tracer
+            assert tracer is not None
+            assert await asyncio.to_thread(tracer.flush)
+        counted = await asyncio.to_thread(counts, collector.port or 0)
+        assert counted["rejected"] == 0
+        spans = counted["spans"]
+        assert isinstance(spans, dict)
+        # 200: SERVER + CLIENT; each 401: SERVER only
+        assert spans == {"gateway+edge": 4}
+    finally:
+        await collector.close()
