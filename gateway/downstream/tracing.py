@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING, Any
 
 from gateway.observability.instruments import bounded_method
 from gateway.observability.request_trace import RequestTrace, start_trace
-from gateway.observability.tracing import end_span
 
 if TYPE_CHECKING:
     from gateway.http.messages import RequestHead
@@ -49,4 +48,6 @@ def end_request(trace: RequestTrace, status: int, client: str, request_id: str) 
         return
     trace.span = None
     error = str(status) if status >= 500 else None
-    end_span(span, status, error, (("client.address", client), ("gateway.request_id", request_id)))
+    trace.tracer.end(
+        span, status, error, (("client.address", client), ("gateway.request_id", request_id))
+    )

@@ -17,7 +17,6 @@ from gateway.core.trace_context import (
     read_parent,
     sampled_by_ratio,
 )
-from gateway.observability.tracing import end_span
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import Span
@@ -113,9 +112,9 @@ def start_trace(
 CURRENT_TRACE: Final[ContextVar[RequestTrace | None]] = ContextVar("gateway_trace", default=None)
 
 
-def end_try(span: Span, status: int, error_type: str | None) -> None:
+def end_try(trace: RequestTrace, span: Span, status: int, error_type: str | None) -> None:
     """End a try's CLIENT span: a failure (`error_type`) or a status of 400 and up is an error
     (semantic conventions, client side)."""
     if error_type is None and status >= 400:
         error_type = str(status)
-    end_span(span, status, error_type)
+    trace.tracer.end(span, status, error_type)

@@ -15,187 +15,29 @@ BatchSpanProcessor drops silently (a log line), which is why this one exists.
 
 from __future__ import annotations
 
-import collections
 import contextlib
-import logging
-import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any
 
-from opentelemetry.context import Context
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
-from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SpanExporter, SpanExportResult
-from opentelemetry.sdk.trace.id_generator import IdGenerator
-from opentelemetry.sdk.trace.sampling import ALWAYS_ON
-from opentelemetry.trace import (
-    NonRecordingSpan,
-    SpanContext,
-    SpanKind,
-    Status,
-    StatusCode,
-    TraceFlags,
-    TraceState,
-    set_span_in_context,
-)
-
-from gateway.config.model import TracingBatchConfig, TracingConfig
+from gateway.config.model import TracingConfig
 from gateway.core.trace_context import ParentContext, ratio_bound
 
 if TYPE_CHECKING:
     import asyncio
 
+    from opentelemetry.sdk.trace import Span
+
     from gateway.observability.instruments import CounterChild
     from gateway.observability.metrics import GatewayMetrics
-
-log = logging.getLogger("gateway.tracing")
-
-_EMPTY: Final = Context()
-_SAMPLED: Final = TraceFlags(TraceFlags.SAMPLED)
-
-
-class _GivenIds(IdGenerator):
-    """Hands the SDK the ids the data plane chose for the span it is about to start (the loop
-    thread starts every span, one at a time)."""
-
-    def __init__(self) -> None:
-        self.next_trace_id = 0
-        self.next_span_id = 0
-
-    def generate_trace_id(self) -> int:
-        return self.next_trace_id
-
-    def generate_span_id(self) -> int:
-        return self.next_span_id
-
-    def is_trace_id_random(self) -> bool:
-        return True
-
-
-class BoundedBatchProcessor(SpanProcessor):
-    """Ended spans queue here (at most `max_queue_size`) and one thread exports them in batches
-    of `max_export_batch_size`, at least every `schedule_delay`.  `on_dropped(count, reason)`
-    hears of every span lost — "queue_full", "export_failed" or "shutdown" — and `on_exported`
-    of every span delivered; both may be called from the export thread."""
-
-    def __init__(
-        self,
-        exporter: SpanExporter,
-        batch: TracingBatchConfig,
-        on_dropped: Callable[[int, str], None],
-        on_exported: Callable[[int], None],
-    ) -> None:
-        self._exporter = exporter
-        self._max_queue = batch.max_queue_size
-        self._batch_size = batch.max_export_batch_size
-        self._delay = batch.schedule_delay
-        self._on_dropped = on_dropped
-        self._on_exported = on_exported
-        self._queue: collections.deque[ReadableSpan] = collections.deque()
-        self._wake = threading.Condition()
-        self._closed = False
-        #: flush requests waiting for the queue to empty
-        self._flushes: list[threading.Event] = []
-        self._thread = threading.Thread(target=self._work, name="gateway-span-export", daemon=True)
-        self._thread.start()
-
-    def on_start(self, span: Span, parent_context: Context | None = None) -> None:
-        pass
-
-    def on_end(self, span: ReadableSpan) -> None:
-        if self._closed:
-            self._on_dropped(1, "shutdown")
-            return
-        queue = self._queue
-        if len(queue) >= self._max_queue:
-            self._on_dropped(1, "queue_full")
-            return
-        queue.append(span)
-        if len(queue) == self._batch_size:
-            with self._wake:
-                self._wake.notify()
-
-    def _work(self) -> None:
-        while True:
-            with self._wake:
-                if not self._closed and not self._flushes and len(self._queue) < self._batch_size:
-                    self._wake.wait(self._delay)
-                closing = self._closed
-                flushes, self._flushes = self._flushes, []
-            while self._queue:
-                self._export_one_batch()
-                if not closing and not flushes and len(self._queue) < self._batch_size:
-                    break
-            for done in flushes:
-                done.set()
-            if closing:
-                return
-
-    def _export_one_batch(self) -> None:
-        queue = self._queue
-        batch = [queue.popleft() for _ in range(min(self._batch_size, len(queue)))]
-        try:
-            result = self._exporter.export(batch)
-        except Exception:  # an exporter bug must not end the export thread
-            log.exception("span export raised")
-            result = SpanExportResult.FAILURE
-        if result is SpanExportResult.SUCCESS:
-            self._on_exported(len(batch))
-        else:
-            self._on_dropped(len(batch), "export_failed")
-
-    def force_flush(self, timeout_millis: int = 30000) -> bool:
-        """Export everything queued now; False when that took longer than the timeout."""
-        done = threading.Event()
-        with self._wake:
-            if self._closed:
-                return True
-            self._flushes.append(done)
-            self._wake.notify()
-        return done.wait(timeout_millis / 1000)
-
-    def shutdown(self) -> None:
-        """Export what is queued (bounded by the exporter's timeout), then stop."""
-        with self._wake:
-            if self._closed:
-                return
-            self._closed = True
-            self._wake.notify()
-        self._thread.join()
-        self._exporter.shutdown()
-
-
-def _exporter(config: TracingConfig) -> SpanExporter:
-    headers = dict(config.headers) or None
-    if config.exporter == "console":
-        # one JSON object per line, like every other line on stdout
-        return ConsoleSpanExporter(
-            out=sys.stdout, formatter=lambda span: span.to_json(indent=None) + "\n"
-        )
-    if config.protocol == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
-            OTLPSpanExporter as GrpcExporter,
-        )
-
-        url = config.collector_url
-        return GrpcExporter(
-            endpoint=url,
-            insecure=url.startswith("http://"),
-            headers=headers,
-            timeout=config.timeout,
-        )
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
-        OTLPSpanExporter as HttpExporter,
-    )
-
-    return HttpExporter(endpoint=config.collector_url, headers=headers, timeout=config.timeout)
+    from gateway.observability.otel import SdkSpans
 
 
 class Tracer:
     """One `tracing:` config at work: the sampling threshold for new traces, and — when spans
-    are exported anywhere — the SDK provider and its export thread.  Kept across reloads while
-    the section is unchanged; a changed one gets a new Tracer and the old one is closed."""
+    are exported anywhere — the SDK provider and its export thread (gateway.observability.otel,
+    imported only then).  Kept across reloads while the section is unchanged; a changed one
+    gets a new Tracer and the old one is closed."""
 
     def __init__(
         self,
@@ -217,22 +59,11 @@ class Tracer:
             reason: dropped.labels(reason) for reason in ("queue_full", "export_failed", "shutdown")
         }
         self._exported = metrics.tracing_spans_exported_total.labels()
-        self._ids = _GivenIds()
-        self._processor: BoundedBatchProcessor | None = None
-        self._provider: TracerProvider | None = None
+        self._sdk: SdkSpans | None = None
         if self.recording:
-            attributes: dict[str, Any] = {"service.name": config.service_name}
-            attributes.update(config.resource)
-            if version:
-                attributes.setdefault("service.version", version)
-            self._processor = BoundedBatchProcessor(
-                _exporter(config), config.batch, self._count_dropped, self._count_exported
-            )
-            self._provider = TracerProvider(
-                resource=Resource.create(attributes), id_generator=self._ids, sampler=ALWAYS_ON
-            )
-            self._provider.add_span_processor(self._processor)
-            self._sdk = self._provider.get_tracer("gateway", version or None)
+            from gateway.observability.otel import SdkSpans
+
+            self._sdk = SdkSpans(config, version, self._count_dropped, self._count_exported)
 
     # -- counting from either thread --
 
@@ -252,7 +83,7 @@ class Tracer:
         child = self._exported
         self._on_loop(lambda: child.inc(count))
 
-    # -- spans (sampled requests only) --
+    # -- spans (sampled requests of a recording tracer only) --
 
     def server_span(
         self,
@@ -262,58 +93,38 @@ class Tracer:
         name: str,
         attributes: Mapping[str, Any],
     ) -> Span:
-        ids = self._ids
-        ids.next_span_id = int(span_id, 16)
-        if parent is None:
-            ids.next_trace_id = int(trace_id, 16)
-            context = _EMPTY
-        else:
-            state = TraceState.from_header([parent.tracestate]) if parent.tracestate else None
-            remote = SpanContext(
-                int(trace_id, 16),
-                int(parent.span_id, 16),
-                is_remote=True,
-                trace_flags=_SAMPLED,
-                trace_state=state,
-            )
-            context = set_span_in_context(NonRecordingSpan(remote))
-        span = self._sdk.start_span(name, context, SpanKind.SERVER, attributes)
-        assert isinstance(span, Span)
-        return span
+        sdk = self._sdk
+        assert sdk is not None
+        return sdk.server_span(trace_id, span_id, parent, name, attributes)
 
     def client_span(
         self, server: Span, span_id: str, name: str, attributes: Mapping[str, Any]
     ) -> Span:
-        self._ids.next_span_id = int(span_id, 16)
-        span = self._sdk.start_span(name, set_span_in_context(server), SpanKind.CLIENT, attributes)
-        assert isinstance(span, Span)
-        return span
+        sdk = self._sdk
+        assert sdk is not None
+        return sdk.client_span(server, span_id, name, attributes)
+
+    def end(
+        self,
+        span: Span,
+        status: int,
+        error_type: str | None,
+        attributes: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        from gateway.observability.otel import end_span
+
+        end_span(span, status, error_type, attributes)
 
     # -- lifecycle --
 
     def flush(self, timeout: float = 5.0) -> bool:
         """Export what is queued now (tests, and a drain before exit)."""
-        processor = self._processor
-        return True if processor is None else processor.force_flush(int(timeout * 1000))
+        sdk = self._sdk
+        return True if sdk is None else sdk.processor.force_flush(int(timeout * 1000))
 
     def close(self) -> None:
         """Export what is queued and stop the export thread (blocks up to the exporter's
         timeout: call it off the event loop)."""
-        provider = self._provider
-        if provider is not None:
-            provider.shutdown()
-
-
-def end_span(
-    span: Span, status: int, error_type: str | None, attributes: Sequence[tuple[str, Any]] = ()
-) -> None:
-    """Close a span with its outcome: the status code (0 when no response came), `error.type`
-    and an error status when the exchange failed."""
-    if status:
-        span.set_attribute("http.response.status_code", status)
-    for key, value in attributes:
-        span.set_attribute(key, value)
-    if error_type is not None:
-        span.set_attribute("error.type", error_type)
-        span.set_status(Status(StatusCode.ERROR))
-    span.end()
+        sdk = self._sdk
+        if sdk is not None:
+            sdk.close()

@@ -25,7 +25,7 @@ from gateway.errors import GatewayError, UpstreamTimeout, UpstreamUnavailable
 from gateway.http.forwarding import build_request_head, upstream_target
 from gateway.http.messages import Completion, Response
 from gateway.identity import client_ip
-from gateway.observability.request_trace import end_try
+from gateway.observability.request_trace import RequestTrace, end_try
 from gateway.pipeline import RequestContext
 from gateway.upstream.connection import StaleConnection
 from gateway.upstream.upstream import Endpoint, Upstream
@@ -184,8 +184,8 @@ class ProxyHandler:
                 except GatewayError as exc:
                     if conn is not None:
                         conn.abort()
-                    if try_span is not None:
-                        end_try(try_span, 0, exc.failure or type(exc).__name__)
+                    if trace is not None and try_span is not None:
+                        end_try(trace, try_span, 0, exc.failure or type(exc).__name__)
                         try_span = None
                     if isinstance(exc, StaleConnection) and replayable and ctx.attempts < 2:
                         now = loop.time()
@@ -199,8 +199,8 @@ class ProxyHandler:
                 except BaseException:
                     if conn is not None:
                         conn.abort()
-                    if try_span is not None:
-                        end_try(try_span, 0, "cancelled")
+                    if trace is not None and try_span is not None:
+                        end_try(trace, try_span, 0, "cancelled")
                     raise
                 break
         finally:
@@ -214,14 +214,14 @@ class ProxyHandler:
                 conn.abort()
                 raise UpstreamUnavailable("upstream switched protocols without being asked to")
             response.tunnel = conn
-            if try_span is not None:
-                end_try(try_span, 101, None)
+            if trace is not None and try_span is not None:
+                end_try(trace, try_span, 101, None)
             return response
         complete = conn.take_complete_body()
         if complete is not None:
             upstream.record(endpoint, failed)
-            if try_span is not None:
-                end_try(try_span, response.status, None)
+            if trace is not None and try_span is not None:
+                end_try(trace, try_span, response.status, None)
             response.body = complete
             response.stream = None
             return response
@@ -229,8 +229,8 @@ class ProxyHandler:
         # failure), by outlier detection here and by outer stages through the same completion
         completion = Completion()
         completion.add(_EndpointOutcome(upstream, endpoint, failed, ctx))
-        if try_span is not None:
-            completion.add(_TrySpanEnd(try_span, response.status))
+        if trace is not None and try_span is not None:
+            completion.add(_TrySpanEnd(trace, try_span, response.status))
         conn.completion = completion
         response.completion = completion
         return response
@@ -262,15 +262,16 @@ class _EndpointOutcome:
 class _TrySpanEnd:
     """Ends a streamed try's CLIENT span when its body has ended."""
 
-    __slots__ = ("span", "status")
+    __slots__ = ("span", "status", "trace")
 
-    def __init__(self, span: Span, status: int) -> None:
+    def __init__(self, trace: RequestTrace, span: Span, status: int) -> None:
+        self.trace = trace
         self.span = span
         self.status = status
 
     def __call__(self, outcome: bool | None) -> None:
         # a body cut short is the try's failure; one the client abandoned is nobody's
-        end_try(self.span, self.status, "body_cut" if outcome is False else None)
+        end_try(self.trace, self.span, self.status, "body_cut" if outcome is False else None)
 
 
 def discard(response: Response) -> None:
