@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Protocol, final
 
 from gateway.downstream.tracing import end_request
 from gateway.observability.access_log import AccessEntry, loggable_path
-from gateway.observability.instruments import CounterChild, bounded_method
+from gateway.observability.instruments import CounterChild, bounded_method, clock
 from gateway.observability.metrics import GatewayMetrics
 
 if TYPE_CHECKING:
@@ -103,10 +103,9 @@ class ServerState:
         request_id: bytes,
         bytes_out: int,
         client: str,
-        now: float,
     ) -> None:
         """Metrics and the access log of one finished request — the only place they are emitted."""
-        elapsed = now - exchange.start
+        elapsed = clock() - exchange.measured_from
         head = exchange.head
         method = bounded_method(head.method)
         route = exchange.route

@@ -15,8 +15,15 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Final, Generic, Literal, TypeVar, final
+
+#: the clock every reported duration is measured with (histograms, the access log's
+#: duration_ms): uvloop's loop.time() ticks in whole milliseconds, which would put a 300 µs
+#: request at 0 or 1 ms.  Deadlines and timers stay on loop.time(), the clock loop timers use.
+#: Final, so compiled callers read it from a C static rather than a module dict per call.
+clock: Final[Callable[[], float]] = time.perf_counter
 
 #: how a gauge's values from several workers add up on /metrics (exposition.py)
 Merge = Literal["sum", "min", "max"]

@@ -25,6 +25,7 @@ from gateway.errors import GatewayError, UpstreamTimeout, UpstreamUnavailable
 from gateway.http.forwarding import build_request_head, upstream_target
 from gateway.http.messages import Completion, Response
 from gateway.identity import client_ip
+from gateway.observability.instruments import clock
 from gateway.observability.request_trace import RequestTrace, end_try
 from gateway.pipeline import RequestContext
 from gateway.upstream.connection import StaleConnection
@@ -130,7 +131,9 @@ class ProxyHandler:
             )
             ctx.upstream_head = request
         loop = self._loop
-        started = now = loop.time()
+        # loop time for the deadlines, instruments.clock for the reported duration
+        now = loop.time()
+        started = clock()
         replayable = head.method in _REPLAYABLE_METHODS and (body is None or body.is_complete)
         tries = ctx.tries
         deadline = tries.deadline
@@ -205,7 +208,7 @@ class ProxyHandler:
                 break
         finally:
             upstream.sent()
-        upstream.request_duration.observe(loop.time() - started)
+        upstream.request_duration.observe(clock() - started)
         tries.last_endpoint = endpoint
         failed = response.status in _OUTLIER_STATUSES
         if response.status == 101:

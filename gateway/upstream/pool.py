@@ -31,6 +31,7 @@ from collections.abc import Callable
 from typing import Protocol, final
 
 from gateway.errors import ConnectFailed, ConnectTimeout, UpstreamBusy
+from gateway.observability.instruments import clock
 from gateway.upstream.connection import UpstreamConnection
 
 #: how often in-use connections' deadlines are checked (the precision of header timeouts)
@@ -194,7 +195,10 @@ class EndpointPool:
             self.opened += 1
         loop = self._loop
         conn = UpstreamConnection(loop, self)
+        # loop time for what is left of the connect timeout, instruments.clock for the
+        # reported durations
         started = loop.time()
+        began = clock()
         try:
             await asyncio.wait_for(
                 loop.create_connection(lambda: conn, self.host, self.port), limit
@@ -213,11 +217,11 @@ class EndpointPool:
         except BaseException:
             self._slot_freed()
             raise
-        connected = loop.time()
-        self.observer.on_connect(connected - started)
+        connected = clock()
+        self.observer.on_connect(connected - began)
         if self.tls is not None:
-            await self._handshake(conn, self.tls, limit - (connected - started))
-            self.observer.on_handshake(loop.time() - connected)
+            await self._handshake(conn, self.tls, limit - (loop.time() - started))
+            self.observer.on_handshake(clock() - connected)
         self.observer.on_acquire(False)
         conn.in_use = True
         conn.reused = False

@@ -16,6 +16,7 @@ from gateway.app import Gateway
 from tests.support.certs import Issued, TestCA
 from tests.support.config_builder import gateway_yaml, route, upstream_to
 from tests.support.gateway import port_of, running_gateway
+from tests.support.metrics import whole_milliseconds
 from tests.support.raw import exchange
 
 
@@ -80,6 +81,10 @@ async def test_verified_pooled_tls_with_handshake_metrics(tmp_path: Path) -> Non
             handshakes = 'gateway_upstream_tls_handshake_duration_seconds_count{upstream="app"}'
             # the warm-up connection and at most one more: requests reuse pooled connections
             assert 1 <= await _metric(gw, handshakes) <= 2
+            # timed with a clock finer than uvloop's whole milliseconds
+            handshake_time = await _metric(gw, handshakes.replace("_count", "_sum"))
+            assert handshake_time > 0
+            assert not whole_milliseconds(handshake_time)
             reused = 'gateway_upstream_connections_total{upstream="app",reused="true"}'
             assert await _metric(gw, reused) >= 2
     assert len(seen) == 3
