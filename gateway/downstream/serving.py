@@ -38,6 +38,8 @@ class ServerState:
         "_id_counter",
         "_id_prefix",
         "_unrouted",
+        "_unrouted_bytes_in",
+        "_unrouted_bytes_out",
         "app",
         "client_connections",
         "connections",
@@ -86,6 +88,9 @@ class ServerState:
         self._id_prefix = os.urandom(6).hex().encode("ascii") + b"-"
         self._id_counter = 0
         self._unrouted: dict[tuple[str, int], CounterChild] = {}
+        # requests that match no route count with route="", as in gateway_requests_total
+        self._unrouted_bytes_in = app.metrics.request_bytes_total.labels("")
+        self._unrouted_bytes_out = app.metrics.response_bytes_total.labels("")
 
     def on_connection_closed(self) -> None:
         self.app.on_connection_closed()
@@ -108,16 +113,22 @@ class ServerState:
         elapsed = clock() - exchange.measured_from
         head = exchange.head
         method = bounded_method(head.method)
+        body = exchange.body
+        bytes_in = body.received if body is not None else 0
         route = exchange.route
         if route is not None:
             route.requests_child(method, status).inc()
             route.duration.observe(elapsed)
+            route.request_bytes.inc(bytes_in)
+            route.response_bytes.inc(bytes_out)
         else:
             child = self._unrouted.get((method, status))
             if child is None:
                 child = self.app.metrics.requests_total.labels("", method, str(status))
                 self._unrouted[(method, status)] = child
             child.inc()
+            self._unrouted_bytes_in.inc(bytes_in)
+            self._unrouted_bytes_out.inc(bytes_out)
         trace = ctx.trace if ctx is not None else None
         if trace is not None:
             end_request(trace, status, client, request_id.decode("latin-1"))
@@ -138,7 +149,7 @@ class ServerState:
                 upstream=ctx.upstream if ctx is not None else None,
                 endpoint=ctx.endpoint if ctx is not None else None,
                 attempts=ctx.attempts if ctx is not None else 0,
-                bytes_in=exchange.body.received if exchange.body is not None else 0,
+                bytes_in=bytes_in,
                 bytes_out=bytes_out,
                 client=client,
                 stages=(ctx.outcomes or {}) if ctx is not None else {},

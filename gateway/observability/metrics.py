@@ -21,6 +21,18 @@ class GatewayMetrics:
         self.request_duration_seconds = r.histogram(
             "gateway_request_duration_seconds", "Request head to response end.", ("route",)
         )
+        # the access log's bytes_in and bytes_out, counted in the same place (ServerState.record)
+        self.request_bytes_total = r.counter(
+            "gateway_request_bytes_total",
+            "Request body bytes received from clients (the access log's bytes_in).",
+            ("route",),
+        )
+        self.response_bytes_total = r.counter(
+            "gateway_response_bytes_total",
+            "Response bytes written to clients, status line and headers included (the access"
+            " log's bytes_out).",
+            ("route",),
+        )
         self.requests_in_flight = r.gauge("gateway_requests_in_flight", "Requests in progress.")
         self.connections_active = r.gauge(
             "gateway_connections_active", "Open client connections.", ("listener",)

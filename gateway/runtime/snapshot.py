@@ -70,6 +70,8 @@ class Route:
         "refused_path_flags",
         "reject_underscores",
         "request_buffering",
+        "request_bytes",
+        "response_bytes",
         "timeout",
         "trace_bound",
         "trace_route",
@@ -107,6 +109,8 @@ class Route:
         #: method -> status -> child; nested so the lookup builds no tuple key
         self._children: dict[str, dict[int, CounterChild]] = {}
         self.duration = metrics.request_duration_seconds.labels(config.name)
+        self.request_bytes = metrics.request_bytes_total.labels(config.name)
+        self.response_bytes = metrics.response_bytes_total.labels(config.name)
         #: new traces on this route are sampled under this (the route's sample_ratio, else the
         #: tracing section's; trace_context.ratio_bound)
         self.trace_bound = ratio_bound(

@@ -14,7 +14,7 @@ import pytest
 from tests.support.config_builder import gateway_yaml, route, upstream_to
 from tests.support.gateway import port_of, running_gateway
 from tests.support.metrics import scrape, value, whole_milliseconds
-from tests.support.raw import close_writer, open_raw, read_response
+from tests.support.raw import RawResponse, close_writer, exchange, open_raw, read_response
 from tests.support.wire_upstream import wire_upstream
 
 LOG_EVERY_REQUEST = {"enabled": True, "sample_ratio": 1.0}
@@ -40,6 +40,11 @@ def _config(
 def _access_log(out: str, path: str) -> list[dict[str, Any]]:
     lines = [json.loads(x) for x in out.splitlines() if x.startswith("{")]
     return [x for x in lines if x.get("path") == path]
+
+
+def _sent(response: RawResponse) -> int:
+    """The bytes of a Content-Length response as the client read them."""
+    return len(response.raw_head) + len(response.body)
 
 
 async def test_sub_millisecond_requests_are_measured_in_microseconds(
@@ -97,3 +102,36 @@ async def _timed_requests(port: int, count: int) -> list[float]:
     finally:
         await close_writer(writer)
     return seen
+
+
+async def test_request_and_response_bytes_are_the_access_logs(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    bodies = [b"", b"x" * 10, b"y" * 1000]
+    async with wire_upstream() as up:
+        config = _config({"app": [up.url]}, access_log=LOG_EVERY_REQUEST)
+        async with running_gateway(tmp_path, config) as gw:
+            port = port_of(gw)
+            answers = [
+                await exchange(
+                    port,
+                    b"POST /app/x HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n%b"
+                    % (len(body), body),
+                )
+                for body in bodies
+            ]
+            unrouted = await exchange(port, b"GET /elsewhere HTTP/1.1\r\nHost: a\r\n\r\n")
+            samples = await scrape(gw)
+            gw.snapshot.access_log.flush()
+    assert [r.status for r in answers] == [200, 200, 200]
+    assert unrouted.status == 404
+    assert [r.body for r in up.requests] == bodies
+    sent = sum(_sent(r) for r in answers)
+    assert value(samples, "gateway_request_bytes_total", route="app") == 1010
+    assert value(samples, "gateway_response_bytes_total", route="app") == sent
+    # a request that matches no route counts with route="", as in gateway_requests_total
+    assert value(samples, "gateway_request_bytes_total", route="") == 0
+    assert value(samples, "gateway_response_bytes_total", route="") == _sent(unrouted)
+    logged = _access_log(capfd.readouterr().out, "/app/x")
+    assert sum(x["bytes_in"] for x in logged) == 1010
+    assert sum(x["bytes_out"] for x in logged) == sent

@@ -222,6 +222,8 @@ def test_gateway_metrics_declares_the_spec_names() -> None:
     assert types == {
         "gateway_requests": "counter",
         "gateway_request_duration_seconds": "histogram",
+        "gateway_request_bytes": "counter",
+        "gateway_response_bytes": "counter",
         "gateway_requests_in_flight": "gauge",
         "gateway_connections_active": "gauge",
         "gateway_connections_refused": "counter",
