@@ -61,6 +61,12 @@ class GatewayMetrics:
             "Request sent upstream to response head received.",
             ("upstream",),
         )
+        self.upstream_responses_total = r.counter(
+            "gateway_upstream_responses_total",
+            "Response heads received from upstreams (every try), by status class: 1xx (101"
+            " only: interim responses are not counted) to 5xx.",
+            ("upstream", "class"),
+        )
         self.upstream_connect_duration_seconds = r.histogram(
             "gateway_upstream_connect_duration_seconds", "Upstream TCP connect.", ("upstream",)
         )

@@ -209,6 +209,7 @@ class ProxyHandler:
         finally:
             upstream.sent()
         upstream.request_duration.observe(clock() - started)
+        upstream.responses[response.status // 100 - 1].inc()
         tries.last_endpoint = endpoint
         failed = response.status in _OUTLIER_STATUSES
         if response.status == 101:

@@ -129,6 +129,7 @@ class Upstream:
         "queue_timeout",
         "request_duration",
         "response_header_timeout",
+        "responses",
         "retrying",
     )
 
@@ -188,6 +189,11 @@ class Upstream:
         self.request_duration: HistogramChild = metrics.upstream_request_duration_seconds.labels(
             config.name
         )
+        #: gateway_upstream_responses_total by status class: [0] is 1xx … [4] is 5xx (the
+        #: upstream connection refuses a status outside 100-599)
+        self.responses: list[CounterChild] = [
+            metrics.upstream_responses_total.labels(config.name, f"{n}xx") for n in range(1, 6)
+        ]
         #: requests in flight to this upstream, and how many of them are retries (the retry
         #: budget); written only by the methods below
         self.in_flight = 0

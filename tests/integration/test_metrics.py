@@ -13,12 +13,13 @@ import pytest
 
 from tests.support.config_builder import gateway_yaml, route, upstream_to
 from tests.support.gateway import port_of, running_gateway
-from tests.support.metrics import scrape, value, whole_milliseconds
+from tests.support.metrics import Samples, labelled, scrape, value, whole_milliseconds
 from tests.support.raw import RawResponse, close_writer, exchange, open_raw, read_response
 from tests.support.wire_upstream import wire_upstream
 
 LOG_EVERY_REQUEST = {"enabled": True, "sample_ratio": 1.0}
 GET = b"GET /app/x HTTP/1.1\r\nHost: a\r\n\r\n"
+NOT_FOUND = b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"
 
 
 def _config(
@@ -135,3 +136,17 @@ async def test_request_and_response_bytes_are_the_access_logs(
     logged = _access_log(capfd.readouterr().out, "/app/x")
     assert sum(x["bytes_in"] for x in logged) == 1010
     assert sum(x["bytes_out"] for x in logged) == sent
+
+
+def _by_class(samples: Samples, upstream: str) -> dict[str, float]:
+    rows = labelled(samples, "gateway_upstream_responses_total")
+    return {dict(k)["class"]: v for k, v in rows.items() if dict(k)["upstream"] == upstream}
+
+
+async def test_upstream_responses_are_counted_by_status_class(tmp_path: Path) -> None:
+    async with wire_upstream() as up, running_gateway(tmp_path, _config({"app": [up.url]})) as gw:
+        up.answers.extend([NOT_FOUND, NOT_FOUND])
+        statuses = [(await exchange(port_of(gw), GET)).status for _ in range(3)]
+        samples = await scrape(gw)
+    assert statuses == [404, 404, 200]
+    assert _by_class(samples, "app") == {"1xx": 0, "2xx": 1, "3xx": 0, "4xx": 2, "5xx": 0}

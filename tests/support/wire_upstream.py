@@ -3,13 +3,15 @@ answers with bytes the test writes.
 
 `WireUpstream.response` is the whole response sent to each request (status line, header lines in
 any case and order, framing, body), so a test can send what aiohttp would normalize or refuse to
-write.  Each request is recorded with its header lines as (name, value) byte pairs, unchanged, its
-de-chunked body and the peer port of the connection it came on (the gateway's pooled connection).
+write; `answers` queues responses that go first, one per request, in order.  Each request is
+recorded with its header lines as (name, value) byte pairs, unchanged, its de-chunked body and
+the peer port of the connection it came on (the gateway's pooled connection).
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -46,6 +48,8 @@ class WireUpstream(RawServer):
         super().__init__()
         self.requests: list[WireRequest] = []
         self.response = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+        #: answers to the next requests, one each, before `response` answers the rest
+        self.answers: deque[bytes] = deque()
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer_port = writer.get_extra_info("peername")[1]
@@ -58,7 +62,7 @@ class WireUpstream(RawServer):
             else:
                 body = await reader.readexactly(int(fields.get(b"content-length", b"0")))
             self.requests.append(WireRequest(first, headers, body, peer_port))
-            writer.write(self.response)
+            writer.write(self.answers.popleft() if self.answers else self.response)
             await writer.drain()
 
 

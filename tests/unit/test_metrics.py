@@ -232,6 +232,7 @@ def test_gateway_metrics_declares_the_spec_names() -> None:
         "gateway_upstream_attempts": "counter",
         "gateway_upstream_busy": "counter",
         "gateway_upstream_request_duration_seconds": "histogram",
+        "gateway_upstream_responses": "counter",
         "gateway_upstream_connect_duration_seconds": "histogram",
         "gateway_upstream_connections": "counter",
         "gateway_upstream_tls_handshake_duration_seconds": "histogram",
@@ -264,6 +265,7 @@ def test_gateway_metrics_declares_the_spec_names() -> None:
         "to",
     )
     assert r.families["gateway_upstream_endpoint_up"].label_names == ("upstream", "endpoint")
+    assert r.families["gateway_upstream_responses_total"].label_names == ("upstream", "class")
 
 
 def test_default_buckets_suit_a_proxy() -> None:
