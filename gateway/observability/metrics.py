@@ -93,6 +93,12 @@ class GatewayMetrics:
             " the body ends) — what outlier detection counts.",
             ("upstream", "endpoint", "result"),
         )
+        # summed over workers: each runs its own outlier detection on its own requests
+        self.outlier_ejections_total = r.counter(
+            "gateway_outlier_ejections_total",
+            "Endpoints taken out of rotation by outlier detection.",
+            ("upstream", "endpoint"),
+        )
         # min over workers: each runs its own checks; one that cannot reach it says 0
         self.upstream_endpoint_up = r.gauge(
             "gateway_upstream_endpoint_up",

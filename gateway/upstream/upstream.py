@@ -75,6 +75,7 @@ class Endpoint:
         "attempts_failed",
         "attempts_succeeded",
         "ejected",
+        "ejections",
         "healthy",
         "host",
         "in_flight",
@@ -102,6 +103,8 @@ class Endpoint:
         #: the gateway_upstream_attempts_total children (set by the upstream)
         self.attempts_succeeded: CounterChild | None = None
         self.attempts_failed: CounterChild | None = None
+        #: the gateway_outlier_ejections_total child (set by the upstream)
+        self.ejections: CounterChild | None = None
 
     @property
     def available(self) -> bool:
@@ -180,6 +183,9 @@ class Upstream:
             endpoint.up.set(1)
             endpoint.attempts_succeeded = attempts.labels(config.name, endpoint.address, "success")
             endpoint.attempts_failed = attempts.labels(config.name, endpoint.address, "failure")
+            endpoint.ejections = metrics.outlier_ejections_total.labels(
+                config.name, endpoint.address
+            )
         #: the Host sent upstream when an HTTP/1.0 client sent none
         self.default_host = self.endpoints[0].address.encode("ascii")
         #: the endpoints in rotation, and a balancer over exactly them
@@ -285,6 +291,8 @@ class Upstream:
             return
         now = self._loop.time()
         if outliers.record(endpoint.index, failure, now):
+            if endpoint.ejections is not None:
+                endpoint.ejections.inc()
             self._set_state(endpoint, healthy=endpoint.healthy, ejected=True)
             self._schedule_readmission()
 

@@ -20,6 +20,7 @@ from tests.support.wire_upstream import wire_upstream
 LOG_EVERY_REQUEST = {"enabled": True, "sample_ratio": 1.0}
 GET = b"GET /app/x HTTP/1.1\r\nHost: a\r\n\r\n"
 NOT_FOUND = b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"
+UNAVAILABLE = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n"
 
 
 def _config(
@@ -150,3 +151,23 @@ async def test_upstream_responses_are_counted_by_status_class(tmp_path: Path) ->
         samples = await scrape(gw)
     assert statuses == [404, 404, 200]
     assert _by_class(samples, "app") == {"1xx": 0, "2xx": 1, "3xx": 0, "4xx": 2, "5xx": 0}
+
+
+async def test_an_outlier_ejection_is_counted_once(tmp_path: Path) -> None:
+    detection = {"consecutive_failures": 2, "ejection": "10s", "max_ejected_percent": 50}
+    async with wire_upstream() as bad, wire_upstream() as good:
+        bad.response = UNAVAILABLE
+        config = _config({"app": [bad.url, good.url]}, outlier_detection=detection)
+        async with running_gateway(tmp_path, config) as gw:
+            # round robin: two of the first four go to `bad`, and its second failure ejects it;
+            # the next four all go to `good`
+            statuses = [(await exchange(port_of(gw), GET)).status for _ in range(8)]
+            assert gw.snapshot.upstreams["app"].endpoints[0].ejected
+            samples = await scrape(gw)
+        endpoints = {"bad": f"127.0.0.1:{bad.port}", "good": f"127.0.0.1:{good.port}"}
+    assert sorted(statuses) == [200] * 6 + [503] * 2
+    assert (len(bad.requests), len(good.requests)) == (2, 6)
+    assert labelled(samples, "gateway_outlier_ejections_total") == {
+        (("endpoint", endpoints["bad"]), ("upstream", "app")): 1,
+        (("endpoint", endpoints["good"]), ("upstream", "app")): 0,
+    }

@@ -237,6 +237,7 @@ def test_gateway_metrics_declares_the_spec_names() -> None:
         "gateway_upstream_connections": "counter",
         "gateway_upstream_tls_handshake_duration_seconds": "histogram",
         "gateway_upstream_endpoint_up": "gauge",
+        "gateway_outlier_ejections": "counter",
         "gateway_circuit_breaker_state": "gauge",
         "gateway_circuit_breaker_transitions": "counter",
         "gateway_rate_limited": "counter",
