@@ -157,8 +157,12 @@ class GatewayMetrics:
             "JWKS entries left out because they cannot verify tokens, each time a set is read.",
             ("reason",),
         )
+        # reason: the failure retried, a `retry_on` kind (connect_error, reset, timeout) or
+        # "status" for a retried response status — a fixed set
         self.retries_total = r.counter(
-            "gateway_retries_total", "Upstream attempts after the first.", ("route", "upstream")
+            "gateway_retries_total",
+            "Upstream attempts after the first, by the failure of the try before.",
+            ("route", "upstream", "reason"),
         )
         self.retry_budget_exhausted_total = r.counter(
             "gateway_retry_budget_exhausted_total",

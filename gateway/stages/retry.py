@@ -165,14 +165,17 @@ class RetryStage:
             failures.add("timeout")  # the gateway answers a timeout with 504
         self._failures = frozenset(failures)
         self._retries = retries
-        self._counters: dict[tuple[str, str], CounterChild] = {}
+        self._counters: dict[tuple[str, str, str], CounterChild] = {}
         self._loop = loop
 
-    def _counter(self, route: str, upstream: str) -> CounterChild:
-        key = (route, upstream)
+    def _counter(self, route: str, upstream: str, reason: str) -> CounterChild:
+        """The gateway_retries_total child, resolved at a route's first retry for that reason:
+        a named stage may serve several routes and upstreams, so they are not known when it is
+        built (and a retry is never the common path)."""
+        key = (route, upstream, reason)
         child = self._counters.get(key)
         if child is None:
-            child = self._counters[key] = self._retries.labels(route, upstream)
+            child = self._counters[key] = self._retries.labels(route, upstream, reason)
         return child
 
     async def __call__(self, ctx: RequestContext, call_next: Next) -> Response:
@@ -232,7 +235,9 @@ class RetryStage:
                     retrying = upstream
                 if response is not None:
                     discard(response)
-                self._counter(ctx.route.name, upstream.name).inc()
+                # the kind matched in retry_on (bounded: RETRY_FAILURES), or a retried status
+                reason = failure.failure if failure is not None else "status"
+                self._counter(ctx.route.name, upstream.name, reason).inc()
                 ctx.outcome("retry", f"retried:{tries}")
                 await asyncio.sleep(delay)
         finally:

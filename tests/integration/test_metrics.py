@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from tests.support.config_builder import gateway_yaml, route, upstream_to
+from tests.support.faulty import closed_port
 from tests.support.gateway import port_of, running_gateway
 from tests.support.metrics import Samples, labelled, scrape, value, whole_milliseconds
 from tests.support.raw import RawResponse, close_writer, exchange, open_raw, read_response
@@ -21,6 +22,8 @@ LOG_EVERY_REQUEST = {"enabled": True, "sample_ratio": 1.0}
 GET = b"GET /app/x HTTP/1.1\r\nHost: a\r\n\r\n"
 NOT_FOUND = b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"
 UNAVAILABLE = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n"
+#: two tries, a millisecond apart; retry_on as the default (connect_error, reset, 502-504)
+TWICE = {"attempts": 2, "backoff": {"base": "1ms", "max": "2ms"}}
 
 
 def _config(
@@ -151,6 +154,31 @@ async def test_upstream_responses_are_counted_by_status_class(tmp_path: Path) ->
         samples = await scrape(gw)
     assert statuses == [404, 404, 200]
     assert _by_class(samples, "app") == {"1xx": 0, "2xx": 1, "3xx": 0, "4xx": 2, "5xx": 0}
+
+
+async def test_retries_are_counted_by_reason_and_every_try_by_its_response(
+    tmp_path: Path,
+) -> None:
+    """A 503 then a 200 on one upstream (reason "status"), and an upstream that refuses every
+    connection (reason "connect_error"): one retry each, two tries each."""
+    async with wire_upstream() as up:
+        dead = f"http://127.0.0.1:{closed_port()}"
+        config = _config({"app": [up.url], "dead": [dead]}, pipeline=[{"retry": TWICE}])
+        async with running_gateway(tmp_path, config) as gw:
+            up.answers.append(UNAVAILABLE)
+            retried = await exchange(port_of(gw), GET)
+            refused = await exchange(port_of(gw), b"GET /dead HTTP/1.1\r\nHost: a\r\n\r\n")
+            samples = await scrape(gw)
+    assert (retried.status, retried.body) == (200, b"ok")
+    assert refused.status == 502
+    assert len(up.requests) == 2
+    assert labelled(samples, "gateway_retries_total") == {
+        (("reason", "status"), ("route", "app"), ("upstream", "app")): 1,
+        (("reason", "connect_error"), ("route", "dead"), ("upstream", "dead")): 1,
+    }
+    # each try's response head is counted, the retried one too; a refused connect has none
+    assert _by_class(samples, "app") == {"1xx": 0, "2xx": 1, "3xx": 0, "4xx": 0, "5xx": 1}
+    assert set(_by_class(samples, "dead").values()) == {0}
 
 
 async def test_an_outlier_ejection_is_counted_once(tmp_path: Path) -> None:

@@ -266,6 +266,7 @@ def test_gateway_metrics_declares_the_spec_names() -> None:
         "to",
     )
     assert r.families["gateway_upstream_endpoint_up"].label_names == ("upstream", "endpoint")
+    assert r.families["gateway_retries_total"].label_names == ("route", "upstream", "reason")
     assert r.families["gateway_upstream_responses_total"].label_names == ("upstream", "class")
 
 
