@@ -35,6 +35,7 @@ from gateway.errors import ConfigErrors
 from gateway.observability.exposition import Registry, read_snapshots
 from gateway.observability.logs import setup_logging
 from gateway.observability.metrics import GatewayMetrics
+from gateway.observability.process import ProcessSampler, build_labels
 from gateway.runtime.shared import SharedState
 from gateway.runtime.snapshot import Snapshot, build_snapshot
 from gateway.stages.registry import KINDS
@@ -87,6 +88,8 @@ class Gateway:
         self.metrics_dir = metrics_dir
         self.registry = Registry()
         self.metrics = GatewayMetrics(self.registry)
+        self.metrics.build_info.set_info(*build_labels(__version__))
+        self._process = ProcessSampler(self.metrics)
         self._state = "starting"
         self.draining = False
         self.connections: set[HttpConnection] = set()
@@ -153,8 +156,10 @@ class Gateway:
     def metrics_text(self) -> str:
         extra: list[dict[str, Any]] = []
         if self.metrics_dir:
-            self._publish_metrics()
+            self._publish_metrics()  # samples the process metrics too
             extra = read_snapshots(self.metrics_dir, exclude=self._metrics_file_name())
+        else:
+            self._process.sample()
         return self.registry.render(extra=extra)
 
     async def reload(self) -> dict[str, Any]:
@@ -474,6 +479,7 @@ class Gateway:
 
     def _publish_metrics(self) -> None:
         assert self.metrics_dir is not None
+        self._process.sample()
         self.registry.write_snapshot(os.path.join(self.metrics_dir, self._metrics_file_name()))
 
     async def _publish_loop(self) -> None:

@@ -155,6 +155,13 @@ class Counter(_Family[CounterChild]):
             raise self._unlabelled()
         child.value += amount
 
+    def set_total(self, value: float) -> None:
+        """Mirror a total that something else counts (the kernel's CPU time of this process)."""
+        child = self._only
+        if child is None:
+            raise self._unlabelled()
+        child.value = value
+
 
 @final
 class Gauge(_Family[GaugeChild]):

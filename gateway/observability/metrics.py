@@ -197,3 +197,26 @@ class GatewayMetrics:
         self.config_info = r.gauge(
             "gateway_config_info", "Configuration version in use.", ("version",), merge="max"
         )
+        # max over workers = the union of builds running (one, but for a rolling upgrade)
+        self.build_info = r.gauge(
+            "gateway_build_info",
+            "The gateway's version, the Python running it, and whether its hot path is compiled.",
+            ("version", "python", "compiled"),
+            merge="max",
+        )
+        # the process_* names every Prometheus client library exports, read from the kernel
+        # (observability/process.py) whenever /metrics is rendered or a worker publishes; with
+        # several workers, CPU time, memory and descriptors add up, and the start time is the
+        # oldest worker's (the supervisor, which serves no requests, is not counted)
+        self.process_cpu_seconds_total = r.counter(
+            "process_cpu_seconds_total", "Total user and system CPU time spent in seconds."
+        )
+        self.process_resident_memory_bytes = r.gauge(
+            "process_resident_memory_bytes", "Resident memory size in bytes."
+        )
+        self.process_open_fds = r.gauge("process_open_fds", "Number of open file descriptors.")
+        self.process_start_time_seconds = r.gauge(
+            "process_start_time_seconds",
+            "Start time of the process since unix epoch in seconds.",
+            merge="min",
+        )

@@ -3,7 +3,12 @@ the access log say after requests over real sockets."""
 
 from __future__ import annotations
 
+import gc
+import importlib.machinery
 import json
+import os
+import resource
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -11,6 +16,9 @@ from typing import Any
 
 import pytest
 
+import gateway
+from gateway.app import Gateway
+from gateway.downstream import connection
 from tests.support.config_builder import gateway_yaml, route, upstream_to
 from tests.support.faulty import closed_port
 from tests.support.gateway import port_of, running_gateway
@@ -199,3 +207,70 @@ async def test_an_outlier_ejection_is_counted_once(tmp_path: Path) -> None:
         (("endpoint", endpoints["bad"]), ("upstream", "app")): 1,
         (("endpoint", endpoints["good"]), ("upstream", "app")): 0,
     }
+
+
+async def test_build_info_names_version_python_and_compilation(tmp_path: Path) -> None:
+    async with wire_upstream() as up, running_gateway(tmp_path, _config({"app": [up.url]})) as gw:
+        samples = await scrape(gw)
+    # whether the hot path runs compiled: is the server protocol loaded from an extension?
+    compiled = connection.__file__.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))
+    python = ".".join(str(n) for n in sys.version_info[:3])
+    assert labelled(samples, "gateway_build_info") == {
+        (
+            ("compiled", "true" if compiled else "false"),
+            ("python", python),
+            ("version", gateway.__version__),
+        ): 1
+    }
+
+
+def _start_time() -> float:
+    """This process's start (Unix time), as the kernel says: /proc/self/stat's starttime in
+    clock ticks after boot, and the boot time in /proc/stat."""
+    with open("/proc/self/stat") as f:
+        ticks = float(f.read().rpartition(")")[2].split()[19])
+    with open("/proc/stat") as f:
+        boot = next(float(x.split()[1]) for x in f if x.startswith("btime "))
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="the process metrics need /proc")
+async def test_process_metrics_are_this_process(tmp_path: Path) -> None:
+    """The gateway runs in the test's own process, so what /metrics reports is checked against
+    what the kernel says of the test process."""
+    tick = 1 / os.sysconf("SC_CLK_TCK")
+    async with wire_upstream() as up, running_gateway(tmp_path, _config({"app": [up.url]})) as gw:
+        before = os.times()
+        samples = await scrape(gw)
+        after = os.times()
+        # descriptors come and go with every connection, the scrape's own too: rendered
+        # in-process, /metrics counts exactly what is open (os.listdir's own descriptor as
+        # well, like the collector's), with and without 10 pipes (20 descriptors) more
+        open_fds = [_open_fds(gw, pipes) for pipes in (0, 10)]
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    cpu = value(samples, "process_cpu_seconds_total")
+    assert before.user + before.system - tick <= cpu <= after.user + after.system + tick
+    assert 0 < value(samples, "process_resident_memory_bytes") <= peak
+    assert value(samples, "process_open_fds") > 0
+    assert abs(value(samples, "process_start_time_seconds") - _start_time()) < 0.01
+    assert open_fds[0][0] == open_fds[0][1]
+    assert open_fds[1][0] == open_fds[1][1]
+
+
+def _open_fds(gw: Gateway, pipes: int) -> tuple[float, int]:
+    """process_open_fds as /metrics renders it, and the descriptors /proc/self/fd lists, with
+    `pipes` more pipes open; nothing runs on the loop in between, and no garbage collection
+    (which may close a socket object an earlier test dropped)."""
+    gc.collect()
+    gc.disable()
+    opened = [os.pipe() for _ in range(pipes)]
+    try:
+        text = gw.metrics_text()
+        listed = len(os.listdir("/proc/self/fd"))
+    finally:
+        gc.enable()
+        for r, w in opened:
+            os.close(r)
+            os.close(w)
+    line = next(x for x in text.splitlines() if x.startswith("process_open_fds "))
+    return float(line.split()[1]), listed

@@ -256,6 +256,11 @@ def test_gateway_metrics_declares_the_spec_names() -> None:
         "gateway_config_reloads": "counter",
         "gateway_config_last_reload_success": "gauge",
         "gateway_config_info": "gauge",
+        "gateway_build_info": "gauge",
+        "process_cpu_seconds": "counter",
+        "process_resident_memory_bytes": "gauge",
+        "process_open_fds": "gauge",
+        "process_start_time_seconds": "gauge",
     }
     assert r.families["gateway_request_duration_seconds"].label_names == ("route",)
     assert r.families["gateway_requests_total"].label_names == ("route", "method", "code")
@@ -268,6 +273,7 @@ def test_gateway_metrics_declares_the_spec_names() -> None:
     assert r.families["gateway_upstream_endpoint_up"].label_names == ("upstream", "endpoint")
     assert r.families["gateway_retries_total"].label_names == ("route", "upstream", "reason")
     assert r.families["gateway_upstream_responses_total"].label_names == ("upstream", "class")
+    assert r.families["gateway_build_info"].label_names == ("version", "python", "compiled")
 
 
 def test_default_buckets_suit_a_proxy() -> None:
@@ -338,6 +344,38 @@ def test_min_merge_reports_a_failed_reload_on_any_worker() -> None:
     assert samples[key("gateway_config_last_reload_success")] == 0
     _, mine_only = parse(me.render())
     assert mine_only[key("gateway_config_last_reload_success")] == 1
+
+
+def _process(cpu: float, rss: float, fds: float, started: float) -> Registry:
+    r = Registry()
+    m = GatewayMetrics(r)
+    m.process_cpu_seconds_total.set_total(cpu)
+    m.process_resident_memory_bytes.set(rss)
+    m.process_open_fds.set(fds)
+    m.process_start_time_seconds.set(started)
+    return r
+
+
+def test_process_metrics_of_workers_add_up_and_start_with_the_oldest() -> None:
+    """CPU time, memory and descriptors are the workers' together; the start time is the
+    oldest worker's (a restarted one is younger than the gateway)."""
+    me = _process(cpu=1.5, rss=100, fds=10, started=1000.0)
+    others = [roundtrip(_process(2.0, 200, 20, 900.0).snapshot())]
+    others.append(roundtrip(_process(0.25, 50, 5, 1100.0).snapshot()))
+    _, samples = parse(me.render(extra=others))
+    assert samples[key("process_cpu_seconds_total")] == 3.75
+    assert samples[key("process_resident_memory_bytes")] == 350
+    assert samples[key("process_open_fds")] == 35
+    assert samples[key("process_start_time_seconds")] == 900.0
+
+
+def test_a_mirrored_counter_is_set_not_added() -> None:
+    counter = Registry().counter("cpu_seconds", "CPU.")
+    counter.set_total(2.5)
+    counter.set_total(3.0)
+    assert counter.labels().value == 3.0
+    with pytest.raises(TypeError):
+        Registry().counter("by_route", "R.", ("route",)).set_total(1)
 
 
 def test_max_merge_takes_the_largest() -> None:
