@@ -9,6 +9,7 @@ import collections
 import logging
 import sys
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
 
@@ -60,7 +61,11 @@ class BoundedBatchProcessor(SpanProcessor):
     """Ended spans queue here (at most `max_queue_size`) and one thread exports them in batches
     of `max_export_batch_size`, at least every `schedule_delay`.  `on_dropped(count, reason)`
     hears of every span lost — "queue_full", "export_failed" or "shutdown" — and `on_exported`
-    of every span delivered; both may be called from the export thread."""
+    of every span delivered; both may be called from the export thread.
+
+    At shutdown what is queued is exported for at most `close_within` seconds (one export's
+    timeout): a collector that is down must not hold a draining gateway past its own shutdown
+    timeout, so what is left then is dropped as "shutdown"."""
 
     def __init__(
         self,
@@ -68,8 +73,10 @@ class BoundedBatchProcessor(SpanProcessor):
         batch: TracingBatchConfig,
         on_dropped: Callable[[int, str], None],
         on_exported: Callable[[int], None],
+        close_within: float = 10.0,
     ) -> None:
         self._exporter = exporter
+        self._close_within = close_within
         self._max_queue = batch.max_queue_size
         self._batch_size = batch.max_export_batch_size
         self._delay = batch.schedule_delay
@@ -106,7 +113,17 @@ class BoundedBatchProcessor(SpanProcessor):
                     self._wake.wait(self._delay)
                 closing = self._closed
                 flushes, self._flushes = self._flushes, []
+            give_up_at = time.monotonic() + self._close_within if closing else None
             while self._queue:
+                if give_up_at is None and self._closed:
+                    # closed while this thread was exporting: from now, one timeout's grace
+                    closing = True
+                    give_up_at = time.monotonic() + self._close_within
+                if give_up_at is not None and time.monotonic() >= give_up_at:
+                    left = len(self._queue)
+                    self._queue.clear()
+                    self._on_dropped(left, "shutdown")
+                    break
                 self._export_one_batch()
                 if not closing and not flushes and len(self._queue) < self._batch_size:
                     break
@@ -191,7 +208,7 @@ class SdkSpans:
         if version:
             attributes.setdefault("service.version", version)
         self.processor = BoundedBatchProcessor(
-            _exporter(config), config.batch, on_dropped, on_exported
+            _exporter(config), config.batch, on_dropped, on_exported, config.timeout
         )
         self._provider = TracerProvider(
             resource=Resource.create(attributes), id_generator=self._ids, sampler=ALWAYS_ON

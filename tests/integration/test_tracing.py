@@ -331,9 +331,13 @@ def span_counts(gw: Gateway) -> tuple[float, dict[str, float]]:
     return exported, {r: dropped.labels(r).value for r in ("queue_full", "export_failed")}
 
 
+def shutdown_drops(gw: Gateway) -> float:
+    return gw.metrics.tracing_spans_dropped_total.labels("shutdown").value
+
+
 def accounted(gw: Gateway) -> float:
     exported, dropped = span_counts(gw)
-    return exported + sum(dropped.values())
+    return exported + sum(dropped.values()) + shutdown_drops(gw)
 
 
 def collector_config(up: FaultyUpstream, receiver_url: str, queue: int, batch: int) -> str:
@@ -486,3 +490,20 @@ async def test_a_reload_applies_a_changed_tracing_section(
         assert gw.snapshot.tracer is None
         assert await get(port_of(gw), f"traceparent: {UNSAMPLED}") == 200
         assert header(up, "traceparent") == [UNSAMPLED]
+
+
+async def test_shutdown_with_a_hung_collector_waits_about_one_export_timeout_not_one_per_batch(
+    tmp_path: Path, receiver: OtlpReceiver, up: FaultyUpstream
+) -> None:
+    receiver.mode = "hang"  # every export waits out its 1 s timeout
+    requests = 12  # 24 spans: six batches of four, six seconds if each were tried at shutdown
+    async with running_gateway(tmp_path, collector_config(up, receiver.url, 64, 4)) as gw:
+        for _ in range(requests):
+            assert await get(port_of(gw)) == 200
+        loop = asyncio.get_running_loop()
+        stopping = loop.time()
+    stopped = loop.time() - stopping
+    assert stopped < 4.0
+    await async_wait_until(lambda: accounted(gw) == 2 * requests)
+    assert span_counts(gw)[0] == 0
+    assert shutdown_drops(gw) > 0
