@@ -48,6 +48,7 @@ from gateway.config.model import (
     WeightedUpstream,
 )
 from gateway.config.reader import (
+    HTTP_TOKEN,
     Fields,
     join_path,
 )
@@ -88,7 +89,6 @@ from gateway.errors import ConfigError, ConfigErrors
 T = TypeVar("T")
 
 _ENV: Final = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-_TOKEN: Final = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _HOSTNAME: Final = re.compile(
     r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$"
 )
@@ -246,7 +246,7 @@ def _methods(value: object, path: str) -> tuple[str, ...]:
         raise ConfigError(path, "must be a non-empty list of methods")
     methods: list[str] = []
     for i, item in enumerate(value):
-        if not isinstance(item, str) or not _TOKEN.match(item):
+        if not isinstance(item, str) or not HTTP_TOKEN.match(item):
             raise ConfigError(f"{path}[{i}]", "must be an HTTP method")
         method = item.upper()
         if method in methods:
@@ -260,7 +260,7 @@ def _headers(value: object, path: str) -> tuple[tuple[str, str], ...]:
         raise ConfigError(path, "must be a mapping of header name to value")
     result = []
     for name, header_value in value.items():
-        if not isinstance(name, str) or not _TOKEN.match(name):
+        if not isinstance(name, str) or not HTTP_TOKEN.match(name):
             raise ConfigError(f"{path}.{name}", "is not a valid header name")
         if not isinstance(header_value, str):
             raise ConfigError(f"{path}.{name}", 'must be a string (quote values like "true")')

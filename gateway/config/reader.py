@@ -9,15 +9,20 @@ never stops the rest of the file from being checked.
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
-from typing import Any, Generic, TypeVar, cast
+from typing import Any, Final, Generic, TypeVar, cast
 
 from gateway.config.units import parse_duration, parse_size
 from gateway.errors import ConfigError
 
 T = TypeVar("T")
+
+
+#: an HTTP token (RFC 9110 §5.6.2): what a header name or a method may be made of
+HTTP_TOKEN: Final = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 
 
 def join_path(path: str, key: object) -> str:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any, Final
 from urllib.parse import urlsplit
 
 from gateway.config.model import TracingBatchConfig, TracingConfig
 from gateway.config.reader import (
+    HTTP_TOKEN,
     Fields,
     Nested,
     Reader,
@@ -18,9 +18,6 @@ from gateway.config.reader import (
     ratio,
 )
 from gateway.errors import ConfigError
-
-#: an HTTP field name (RFC 9110 token)
-_TOKEN: Final = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 
 
 def _non_empty(value: object, path: str) -> str:
@@ -52,7 +49,7 @@ def _string_map(value: object, path: str) -> tuple[tuple[str, str], ...]:
 def _export_headers(value: object, path: str) -> tuple[tuple[str, str], ...]:
     headers = _string_map(value, path)
     for name, item in headers:
-        if not _TOKEN.match(name):
+        if not HTTP_TOKEN.match(name):
             raise ConfigError(f"{path}.{name}", "is not a valid header name")
         if any(c in item for c in "\r\n\0"):
             # the value is not echoed: it is usually a credential
