@@ -179,7 +179,7 @@ class RequestContext:
         outcomes[stage] = decision
         trace = self.trace
         if trace is not None:
-            trace.event(f"gateway.{stage}", decision)
+            trace.event(stage, decision)
 
 
 @final

@@ -131,7 +131,7 @@ class ServerState:
             self._unrouted_bytes_out.inc(bytes_out)
         trace = ctx.trace if ctx is not None else None
         if trace is not None:
-            end_request(trace, status, client, request_id.decode("latin-1"))
+            end_request(trace, status, client, request_id)
         access_log = exchange.snapshot.access_log
         if not access_log.wants(status):
             return

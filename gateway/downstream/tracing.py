@@ -41,13 +41,13 @@ def begin_request(tracer: Tracer, head: RequestHead, route: Route, peer: Peer) -
     return trace
 
 
-def end_request(trace: RequestTrace, status: int, client: str, request_id: str) -> None:
-    """End the SERVER span: a 5xx is an error (a 4xx is the client's, not the server's)."""
+def end_request(trace: RequestTrace, status: int, client: str, request_id: bytes) -> None:
+    """End the SERVER span, if the request has one: a 5xx is an error (a 4xx is the client's,
+    not the server's)."""
     span = trace.span
     if span is None:
         return
     trace.span = None
     error = str(status) if status >= 500 else None
-    trace.tracer.end(
-        span, status, error, (("client.address", client), ("gateway.request_id", request_id))
-    )
+    attributes = (("client.address", client), ("gateway.request_id", request_id.decode("latin-1")))
+    trace.tracer.end(span, status, error, attributes)

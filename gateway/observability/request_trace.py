@@ -82,11 +82,12 @@ class RequestTrace:
         span = self.tracer.client_span(server, span_id, method, attributes)
         return self.try_headers(span_id), span
 
-    def event(self, name: str, decision: str) -> None:
-        """A stage's decision, as an event on the SERVER span (sampled, recorded requests)."""
+    def event(self, stage: str, decision: str) -> None:
+        """A stage's decision, as the event `gateway.<stage>` on the SERVER span (sampled,
+        recorded requests; nothing is built for the others)."""
         span = self.span
         if span is not None:
-            span.add_event(name, {"gateway.decision": decision})
+            span.add_event(f"gateway.{stage}", {"gateway.decision": decision})
 
 
 def start_trace(
