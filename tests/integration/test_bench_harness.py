@@ -24,16 +24,17 @@ from tests.support.raw import exchange
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_bench_runs_a_tiny_scenario(tmp_path: Path) -> None:
-    result = subprocess.run(
+def run_bench(out: Path, scenario: str, peer: str) -> subprocess.CompletedProcess[str]:
+    """`python -m bench` on one scenario and one peer, one short round of 4 connections."""
+    return subprocess.run(
         [
             sys.executable,
             "-m",
             "bench",
             "--scenario",
-            "bare",
+            scenario,
             "--peer",
-            "gateway",
+            peer,
             "--rounds",
             "1",
             "--seconds",
@@ -41,7 +42,7 @@ def test_bench_runs_a_tiny_scenario(tmp_path: Path) -> None:
             "--connections",
             "4",
             "--out",
-            str(tmp_path),
+            str(out),
         ],
         cwd=REPO,
         capture_output=True,
@@ -49,6 +50,10 @@ def test_bench_runs_a_tiny_scenario(tmp_path: Path) -> None:
         timeout=120,
         check=False,
     )
+
+
+def test_bench_runs_a_tiny_scenario(tmp_path: Path) -> None:
+    result = run_bench(tmp_path, "bare", "gateway")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "| bare | gateway |" in result.stdout
     [report_file] = tmp_path.glob("bench-*.json")
@@ -69,30 +74,7 @@ def test_bench_runs_a_tiny_scenario(tmp_path: Path) -> None:
 def test_edge_scenario_runs_with_its_token_and_receiver(tmp_path: Path) -> None:
     """The edge peer alone, tiny: wrk's token is accepted (no errors) and spans reach the
     scenario's OTLP receiver (~1 % of requests, two spans each)."""
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench",
-            "--scenario",
-            "edge",
-            "--peer",
-            "gateway+edge",
-            "--rounds",
-            "1",
-            "--seconds",
-            "1",
-            "--connections",
-            "4",
-            "--out",
-            str(tmp_path),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    result = run_bench(tmp_path, "edge", "gateway+edge")
     assert result.returncode == 0, result.stderr[-2000:]
     [report_file] = tmp_path.glob("bench-*.json")
     edge = {r["peer"]: r for r in json.loads(report_file.read_text())["results"]}["gateway+edge"]
