@@ -372,7 +372,8 @@ async def test_a_hung_collector_delays_no_request_bounds_the_queue_and_counts_ev
         assert elapsed < 5.0
         exported, dropped = span_counts(gw)
         assert exported == 0
-        assert dropped["queue_full"] >= 2 * requests - 8 - 4 * 2
+        # at most 8 wait in the queue, plus a batch of 4 in each export the collector saw
+        assert dropped["queue_full"] >= 2 * requests - 8 - 4 * receiver.exports
         # the collector answers again: what is queued goes out, and every span is accounted for
         receiver.mode = "ok"
         receiver.release.set()
