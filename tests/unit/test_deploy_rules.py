@@ -1,6 +1,7 @@
 """deploy/: the Prometheus rules and alerts (promtool checks them and runs their unit tests) and
-the Grafana dashboard (its structure, and every metric and label it or a rule names is one the
-gateway declares: read from the real registry, not a copy of the list)."""
+the Grafana dashboard (its structure; every metric and label it or a rule names is one the
+gateway declares, every query and alert reads at least one of them, and every metric declared
+has a panel: read from the real registry, not a copy of the list)."""
 
 from __future__ import annotations
 
@@ -29,6 +30,10 @@ DASHBOARD = REPO / "deploy" / "grafana" / "gateway-dashboard.json"
 
 #: labels Prometheus adds to every scraped series
 TARGET_LABELS = frozenset({"job", "instance"})
+
+#: what every name the gateway declares begins with: the checker reads names with these prefixes
+#: as the gateway's (process_* are the standard names every client library exports)
+PREFIXES = ("gateway_", "process_")
 
 
 def promtool() -> str:
@@ -71,7 +76,7 @@ def declared_series() -> dict[str, frozenset[str]]:
 
 _STRING = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`')
 _RANGE = re.compile(r"\[[^\]]*\]")
-_METRIC = re.compile(r"(?<![\w:$])gateway_[A-Za-z0-9_]+(?![\w:(])")
+_METRIC = re.compile(r"(?<![\w:$])(?:gateway|process)_[A-Za-z0-9_]+(?![\w:(])")
 _RECORDED = re.compile(r"(?<![\w:$])[A-Za-z_][A-Za-z0-9_]*:[A-Za-z0-9_:]*")
 _SELECTOR = re.compile(r"(?<![\w:$])([A-Za-z_:][A-Za-z0-9_:]*)\s*\{([^}]*)\}")
 _MATCHER = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)\s*(?:=~|!~|!=|=)")
@@ -187,6 +192,18 @@ def check_expression(
     return problems
 
 
+def reads_the_gateway(
+    expr: Expression, series: dict[str, frozenset[str]], recorded: frozenset[str]
+) -> list[str]:
+    """A problem if the expression names no metric the gateway declares and no recording rule:
+    then it reads nothing of the gateway's (a misspelt prefix, another job's metric, a constant).
+    """
+    text = _RANGE.sub("", _STRING.sub('""', expr.text))
+    if set(_METRIC.findall(text)) & series.keys() or set(_RECORDED.findall(text)) & recorded:
+        return []
+    return [f"{expr.where}: names no metric the gateway declares and no recording rule"]
+
+
 def label_values_call(text: str) -> tuple[str, str] | None:
     match = _LABEL_VALUES.match(text)
     return None if match is None else (match.group(1), match.group(2))
@@ -251,6 +268,11 @@ def all_problems(dashboard: dict[str, Any]) -> list[str]:
     problems = []
     for expr in [*rule_expressions(rules), *dashboard_expressions(dashboard)]:
         problems.extend(check_expression(expr, series, recorded))
+    # a recording rule may be a constant (the SLO target); a panel, variable, annotation or
+    # alert must read something the gateway exports
+    alerts = [(path, rule) for path, rule in rules if "alert" in rule]
+    for expr in [*rule_expressions(alerts), *dashboard_expressions(dashboard)]:
+        problems.extend(reads_the_gateway(expr, series, recorded))
     return problems
 
 
@@ -353,7 +375,16 @@ def test_declared_series_come_from_the_registry() -> None:
     assert series["gateway_requests_total"] == {"route", "method", "code"}
     assert series["gateway_request_duration_seconds_bucket"] == {"route", "le"}
     assert series["gateway_requests_in_flight"] == frozenset()
+    assert series["process_open_fds"] == frozenset()
     assert "gateway_request_duration_seconds" not in series
+
+
+def test_the_checker_reads_every_declared_name() -> None:
+    """A metric declared under another prefix would go unchecked: add the prefix to PREFIXES and
+    _METRIC."""
+    for name in declared_series():
+        assert name.startswith(PREFIXES), name
+        assert _METRIC.fullmatch(name), name
 
 
 # -- the checker can fail ----------------------------------------------------------------------
@@ -372,6 +403,8 @@ def test_declared_series_come_from_the_registry() -> None:
         ("job_route:gateway_nothing:ratio_rate5m > 0", "recording rule job_route:gateway_not"),
         ("label_values(gateway_requests_total, upstream)", "by (upstream) but"),
         ("label_values(gateway_request_count, route)", "gateway_request_count is not"),
+        ("rate(process_cpu_second_total[5m])", "process_cpu_second_total is not a metric"),
+        ("sum by (route) (process_open_fds)", "by (route) but"),
     ],
 )
 def test_checker_reports_unknown_names_and_labels(expr: str, problem: str) -> None:
@@ -387,6 +420,7 @@ def test_checker_reports_unknown_names_and_labels(expr: str, problem: str) -> No
         'sum by (c) (label_replace(gateway_requests_total, "c", "${1}", "code", "(.)"))',
         "gateway_tls_certificate_not_after_seconds - time() < 14 * 86400",
         "label_values(gateway_upstream_endpoint_up, endpoint)",
+        "sum by (instance) (process_open_fds and on (job, instance) gateway_build_info)",
     ],
 )
 def test_checker_accepts_what_the_gateway_declares(expr: str) -> None:
@@ -400,8 +434,29 @@ def test_a_dashboard_panel_with_an_unknown_metric_is_reported() -> None:
     bad["targets"][0]["expr"] = "sum(rate(gateway_made_up_total[5m]))"
     dashboard["panels"].append(bad)
     assert all_problems(dashboard) == [
-        "panel 'Made up' A: gateway_made_up_total is not a metric the gateway declares"
+        "panel 'Made up' A: gateway_made_up_total is not a metric the gateway declares",
+        "panel 'Made up' A: names no metric the gateway declares and no recording rule",
     ]
+
+
+@pytest.mark.parametrize(
+    "expr",
+    [
+        "sum(rate(gatway_requests_total[5m]))",  # misspelt: the name checks never see it
+        "sum by (instance) (rate(process_cpu_seconds[5m]))",
+        "sum(up)",  # another job's metric
+        "vector(1)",
+        'sum(rate(other_total{route="gateway_requests_total"}[5m]))',  # only in a string
+    ],
+)
+def test_a_dashboard_panel_reading_nothing_of_the_gateway_is_reported(expr: str) -> None:
+    dashboard = load_dashboard()
+    bad = copy.deepcopy(next(query_panels(dashboard)))
+    bad["title"] = "Reads nothing"
+    bad["targets"][0]["expr"] = expr
+    dashboard["panels"].append(bad)
+    problem = "panel 'Reads nothing' A: names no metric the gateway declares and no recording rule"
+    assert problem in all_problems(dashboard)
 
 
 # -- the dashboard -----------------------------------------------------------------------------
@@ -481,3 +536,20 @@ def test_dashboard_covers_what_an_operator_looks_for() -> None:
         assert re.search(rf"\b{metric}\b", used), metric
     for quantile in ("0.5", "0.95", "0.99"):
         assert f"histogram_quantile({quantile}, sum by (le, route)" in used
+
+
+def test_dashboard_shows_every_declared_metric() -> None:
+    """Every metric family in the registry is read by some panel, variable or annotation, so a
+    metric added to observability/metrics.py without a panel is noticed (a histogram by any of
+    its series)."""
+    used = set()
+    for expr in dashboard_expressions(load_dashboard()):
+        used |= set(_METRIC.findall(_STRING.sub('""', expr.text)))
+    registry = Registry()
+    GatewayMetrics(registry)
+    missing = []
+    for name, family in registry.families.items():
+        names = {f"{name}_bucket", f"{name}_sum", f"{name}_count"}
+        if not (names if isinstance(family, Histogram) else {name}) & used:
+            missing.append(name)
+    assert missing == []
