@@ -40,8 +40,11 @@ HOT_MODULES = [
     # the children every request updates; the declarations, whose attributes compiled code reads
     # natively; and /metrics rendering and merging, compiled as before the split
     "gateway/observability/instruments.py",
-    # tracing's per-request part: ids, trace headers, the sampling rule (the SDK side is not)
+    # tracing's per-request part: ids, trace headers, the sampling rule, span records
     "gateway/observability/request_trace.py",
+    "gateway/observability/spans.py",
+    # the export thread's protobuf writer: it shares the CPU with the event loop
+    "gateway/observability/otlp_encoding.py",
     "gateway/downstream/tracing.py",
     "gateway/core/trace_context.py",
     "gateway/observability/metrics.py",

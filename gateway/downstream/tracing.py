@@ -4,10 +4,11 @@ request gets its ids (for the access log, log lines and the upstream's `tracepar
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from gateway.observability.instruments import bounded_method
 from gateway.observability.request_trace import RequestTrace, start_trace
+from gateway.observability.spans import SERVER, AttributeValue, SpanRecord
 
 if TYPE_CHECKING:
     from gateway.http.messages import RequestHead
@@ -20,23 +21,31 @@ def begin_request(tracer: Tracer, head: RequestHead, route: Route, peer: Peer) -
     trace = start_trace(tracer, head.traceparent, head.tracestate, route.trace_bound)
     if trace.sampled and tracer.recording:
         method = bounded_method(head.method)
-        attributes: dict[str, Any] = {
-            "http.request.method": method if method != "OTHER" else "_OTHER",
-            "url.path": head.path,
-            "url.scheme": peer.scheme,
-            "http.route": route.trace_route,
-            "network.peer.address": peer.ip,
-            "network.protocol.version": head.version,
-            "gateway.route": route.name,
-        }
         if method == "OTHER":
-            attributes["http.request.method_original"] = head.method
+            method = "_OTHER"
+        attributes: list[tuple[str, AttributeValue]] = [
+            ("http.request.method", method),
+            ("url.path", head.path),
+            ("url.scheme", peer.scheme),
+            ("http.route", route.trace_route),
+            ("network.peer.address", peer.ip),
+            ("network.protocol.version", head.version),
+            ("gateway.route", route.name),
+        ]
+        if method == "_OTHER":
+            attributes.append(("http.request.method_original", head.method))
         if head.host_name:
-            attributes["server.address"] = head.host_name
-        # semantic conventions: "{method} {http.route}"
-        name = f"{attributes['http.request.method']} {route.trace_route}"
-        trace.span = tracer.server_span(
-            trace.trace_id, trace.span_id, trace.parent, name, attributes
+            attributes.append(("server.address", head.host_name))
+        parent = trace.parent
+        trace.span = SpanRecord(
+            trace.trace_id,
+            trace.span_id,
+            "" if parent is None else parent.span_id,
+            parent is not None,
+            "" if parent is None or parent.tracestate is None else parent.tracestate,
+            SERVER,
+            f"{method} {route.trace_route}",  # semantic conventions: "{method} {http.route}"
+            attributes,
         )
     return trace
 
@@ -49,5 +58,9 @@ def end_request(trace: RequestTrace, status: int, client: str, request_id: bytes
         return
     trace.span = None
     error = str(status) if status >= 500 else None
-    attributes = (("client.address", client), ("gateway.request_id", request_id.decode("latin-1")))
-    trace.tracer.end(span, status, error, attributes)
+    span.end(
+        status,
+        error,
+        [("client.address", client), ("gateway.request_id", request_id.decode("latin-1"))],
+    )
+    trace.tracer.finished(span)

@@ -52,7 +52,7 @@ class GatewayMetrics:
         )
         self.slow_clients_total = r.counter(
             "gateway_slow_clients_total",
-            "Connections cut for sending a request body (direction \"upload\") or reading a"
+            'Connections cut for sending a request body (direction "upload") or reading a'
             ' response ("download") slower than limits.min_data_rate.',
             ("listener", "direction"),
         )
@@ -177,7 +177,7 @@ class GatewayMetrics:
         )
         self.tracing_spans_dropped_total = r.counter(
             "gateway_tracing_spans_dropped_total",
-            "Finished spans not exported: the export queue was full (reason \"queue_full\"), the"
+            'Finished spans not exported: the export queue was full (reason "queue_full"), the'
             ' collector refused them or could not be reached in time ("export_failed"), or the'
             ' tracer had been closed ("shutdown").',
             ("reason",),

@@ -1,14 +1,14 @@
 """One request's place in a trace: its ids, whether it is sampled, the `traceparent` each
-upstream try carries, and — for a sampled request whose spans are exported — its SDK spans.
+upstream try carries, and — for a sampled request whose spans are exported — its span records.
 
 Compiled with the hot path: an unsampled request pays for two random ids, one header line per
-try and nothing else (no SDK object is made for it).
+try and nothing else (no span is made for it).
 """
 
 from __future__ import annotations
 
 from contextvars import ContextVar
-from typing import TYPE_CHECKING, Any, Final, final
+from typing import TYPE_CHECKING, Final, final
 
 from gateway.core.trace_context import (
     ParentContext,
@@ -17,10 +17,9 @@ from gateway.core.trace_context import (
     read_parent,
     sampled_by_ratio,
 )
+from gateway.observability.spans import CLIENT, AttributeValue, SpanRecord
 
 if TYPE_CHECKING:
-    from opentelemetry.sdk.trace import Span
-
     from gateway.observability.tracing import Tracer
 
 _SAMPLED_SUFFIX: Final = "-01\r\n"
@@ -50,7 +49,7 @@ class RequestTrace:
         self.sampled = sampled
         self.parent = parent
         #: the SERVER span, for a sampled request whose spans are exported
-        self.span: Span | None = None
+        self.span: SpanRecord | None = None
         state = parent.tracestate if parent is not None else None
         suffix = _SAMPLED_SUFFIX if sampled else _UNSAMPLED_SUFFIX
         # tracestate goes on unchanged with every try (bounded when it was read)
@@ -62,24 +61,33 @@ class RequestTrace:
 
     def begin_try(
         self, method: str, upstream: str, host: str, port: int, resends: int
-    ) -> tuple[bytes, Span | None]:
+    ) -> tuple[bytes, SpanRecord | None]:
         """A new upstream try: its trace header lines, and its CLIENT span when this request's
         spans are recorded (attributes per the HTTP client semantic conventions)."""
         span_id = new_span_id()
         server = self.span
         if server is None:
             return self.try_headers(span_id), None
-        attributes: dict[str, Any] = {
-            "http.request.method": method,
-            "server.address": host,
-            "server.port": port,
-            "network.peer.address": host,
-            "network.peer.port": port,
-            "gateway.upstream": upstream,
-        }
+        attributes: list[tuple[str, AttributeValue]] = [
+            ("http.request.method", method),
+            ("server.address", host),
+            ("server.port", port),
+            ("network.peer.address", host),
+            ("network.peer.port", port),
+            ("gateway.upstream", upstream),
+        ]
         if resends:
-            attributes["http.request.resend_count"] = resends
-        span = self.tracer.client_span(server, span_id, method, attributes)
+            attributes.append(("http.request.resend_count", resends))
+        span = SpanRecord(
+            self.trace_id,
+            span_id,
+            server.span_id,
+            False,
+            server.trace_state,
+            CLIENT,
+            method,
+            attributes,
+        )
         return self.try_headers(span_id), span
 
     def event(self, stage: str, decision: str) -> None:
@@ -87,7 +95,7 @@ class RequestTrace:
         recorded requests; nothing is built for the others)."""
         span = self.span
         if span is not None:
-            span.add_event(f"gateway.{stage}", {"gateway.decision": decision})
+            span.add_event(f"gateway.{stage}", [("gateway.decision", decision)])
 
 
 def start_trace(
@@ -113,9 +121,10 @@ def start_trace(
 CURRENT_TRACE: Final[ContextVar[RequestTrace | None]] = ContextVar("gateway_trace", default=None)
 
 
-def end_try(trace: RequestTrace, span: Span, status: int, error_type: str | None) -> None:
+def end_try(trace: RequestTrace, span: SpanRecord, status: int, error_type: str | None) -> None:
     """End a try's CLIENT span: a failure (`error_type`) or a status of 400 and up is an error
     (semantic conventions, client side)."""
     if error_type is None and status >= 400:
         error_type = str(status)
-    trace.tracer.end(span, status, error_type)
+    span.end(status, error_type)
+    trace.tracer.finished(span)

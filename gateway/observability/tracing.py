@@ -1,41 +1,36 @@
-"""Spans for sampled requests on opentelemetry-sdk, and their export (SPEC "Tracing", §2).
+"""Tracing's per-config part (SPEC "Tracing", §2): the sampling threshold, and for an exporter
+other than "none" the export of finished spans.
 
-The data plane decides sampling and makes trace and span ids itself
-(`gateway.core.trace_context`, `gateway.observability.request_trace`): an unsampled request never
-touches the SDK, whose span machinery costs ~20 µs.  A sampled one gets real SDK spans — a SERVER
-span per request, a CLIENT span per upstream try — created with the ids the data plane already
-chose (`_GivenIds`), so the `traceparent` sent upstream and the exported spans agree.
-
-Export runs on one thread of its own through `BoundedBatchProcessor`: spans wait in a bounded
-queue and go out in batches; a full queue or a failed export drops spans and counts them
-(`gateway_tracing_spans_dropped_total{reason}`), so a collector that is down or slow never
-delays a request and never grows memory past `batch.max_queue_size` spans.  The SDK's own
-BatchSpanProcessor drops silently (a log line), which is why this one exists.
+The data plane decides sampling, makes trace and span ids (`gateway.core.trace_context`) and
+records spans for sampled requests (`gateway.observability.request_trace`,
+`gateway.observability.spans`); an unsampled request makes no span at all.  Finished spans
+go to `gateway.observability.span_export`: a bounded queue and one export thread, so a
+collector that is down or slow never delays a request; lost spans are counted
+(`gateway_tracing_spans_dropped_total{reason}`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from gateway.config.model import TracingConfig
-from gateway.core.trace_context import ParentContext, ratio_bound
+from gateway.core.trace_context import ratio_bound
 
 if TYPE_CHECKING:
     import asyncio
 
-    from opentelemetry.sdk.trace import Span
-
     from gateway.observability.instruments import CounterChild
     from gateway.observability.metrics import GatewayMetrics
-    from gateway.observability.otel import SdkSpans
+    from gateway.observability.span_export import BoundedBatchProcessor
+    from gateway.observability.spans import SpanRecord
 
 
 class Tracer:
     """One `tracing:` config at work: the sampling threshold for new traces, and — when spans
-    are exported anywhere — the SDK provider and its export thread (gateway.observability.otel,
+    are exported anywhere — the export queue and thread (gateway.observability.span_export,
     imported only then).  Kept across reloads while the section is unchanged; a changed one
     gets a new Tracer and the old one is closed."""
 
@@ -59,11 +54,11 @@ class Tracer:
             reason: dropped.labels(reason) for reason in ("queue_full", "export_failed", "shutdown")
         }
         self._exported = metrics.tracing_spans_exported_total.labels()
-        self._sdk: SdkSpans | None = None
+        self._export: BoundedBatchProcessor | None = None
         if self.recording:
-            from gateway.observability.otel import SdkSpans
+            from gateway.observability.span_export import span_export
 
-            self._sdk = SdkSpans(config, version, self._count_dropped, self._count_exported)
+            self._export = span_export(config, version, self._count_dropped, self._count_exported)
 
     # -- counting from either thread --
 
@@ -83,48 +78,22 @@ class Tracer:
         child = self._exported
         self._on_loop(lambda: child.inc(count))
 
-    # -- spans (sampled requests of a recording tracer only) --
-
-    def server_span(
-        self,
-        trace_id: str,
-        span_id: str,
-        parent: ParentContext | None,
-        name: str,
-        attributes: Mapping[str, Any],
-    ) -> Span:
-        sdk = self._sdk
-        assert sdk is not None
-        return sdk.server_span(trace_id, span_id, parent, name, attributes)
-
-    def client_span(
-        self, server: Span, span_id: str, name: str, attributes: Mapping[str, Any]
-    ) -> Span:
-        sdk = self._sdk
-        assert sdk is not None
-        return sdk.client_span(server, span_id, name, attributes)
-
-    def end(
-        self,
-        span: Span,
-        status: int,
-        error_type: str | None,
-        attributes: Sequence[tuple[str, Any]] = (),
-    ) -> None:
-        from gateway.observability.otel import end_span
-
-        end_span(span, status, error_type, attributes)
+    def finished(self, span: SpanRecord) -> None:
+        """An ended span, for export (event loop thread; recording tracers only)."""
+        export = self._export
+        if export is not None:
+            export.add(span)
 
     # -- lifecycle --
 
     def flush(self, timeout: float = 5.0) -> bool:
         """Export what is queued now (tests, and a drain before exit)."""
-        sdk = self._sdk
-        return True if sdk is None else sdk.processor.force_flush(int(timeout * 1000))
+        export = self._export
+        return True if export is None else export.force_flush(timeout)
 
     def close(self) -> None:
         """Export what is queued and stop the export thread (blocks up to the exporter's
         timeout: call it off the event loop)."""
-        sdk = self._sdk
-        if sdk is not None:
-            sdk.close()
+        export = self._export
+        if export is not None:
+            export.shutdown()

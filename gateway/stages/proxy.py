@@ -32,7 +32,7 @@ from gateway.upstream.connection import StaleConnection
 from gateway.upstream.upstream import Endpoint, Upstream
 
 if TYPE_CHECKING:
-    from opentelemetry.sdk.trace import Span
+    from gateway.observability.spans import SpanRecord
 
 _REPLAYABLE_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 #: statuses that count as a failure of the endpoint for outlier detection
@@ -138,7 +138,7 @@ class ProxyHandler:
         tries = ctx.tries
         deadline = tries.deadline
         trace = ctx.trace
-        try_span: Span | None = None
+        try_span: SpanRecord | None = None
         upstream.sending()
         try:
             while True:
@@ -268,7 +268,7 @@ class _TrySpanEnd:
 
     __slots__ = ("span", "status", "trace")
 
-    def __init__(self, trace: RequestTrace, span: Span, status: int) -> None:
+    def __init__(self, trace: RequestTrace, span: SpanRecord, status: int) -> None:
         self.trace = trace
         self.span = span
         self.status = status

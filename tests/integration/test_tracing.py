@@ -409,6 +409,27 @@ async def test_a_failing_collector_drops_and_counts_then_export_resumes(
     assert span_counts(gw)[1] == {"queue_full": 0, "export_failed": 6}
 
 
+async def test_a_collector_closing_an_idle_connection_loses_no_span(
+    tmp_path: Path, receiver: OtlpReceiver, up: FaultyUpstream
+) -> None:
+    """The exporter keeps its connection to the collector; when the collector has closed it
+    meanwhile, the next batch goes on a fresh one — once, not lost, not sent twice."""
+    async with running_gateway(tmp_path, collector_config(up, receiver.url, 64, 16)) as gw:
+        assert await get(port_of(gw)) == 200
+        await flushed(gw)
+        await receiver.wait_for(2)
+        [first] = set(receiver.transports)
+        first.close()
+        assert await get(port_of(gw)) == 200
+        await flushed(gw)
+        spans = await receiver.wait_for(4)
+        await async_wait_until(lambda: span_counts(gw)[0] == 4)
+        assert span_counts(gw)[1] == {"queue_full": 0, "export_failed": 0}
+    assert receiver.exports == 2
+    assert len(spans) == 4
+    assert len(set(receiver.transports)) == 2
+
+
 async def test_an_unreachable_collector_only_costs_the_spans(
     tmp_path: Path, up: FaultyUpstream
 ) -> None:
@@ -443,7 +464,7 @@ async def test_spans_go_out_over_otlp_grpc_too(tmp_path: Path, up: FaultyUpstrea
     assert client.parent_span_id == server.span_id
 
 
-async def test_the_console_exporter_writes_one_json_span_per_line(
+async def test_the_console_exporter_writes_one_json_span_per_line_like_the_logs(
     tmp_path: Path, up: FaultyUpstream, capfd: pytest.CaptureFixture[str]
 ) -> None:
     tracing = {"sample_ratio": 1, "exporter": "console", "batch": {"schedule_delay": "20ms"}}
@@ -453,10 +474,15 @@ async def test_the_console_exporter_writes_one_json_span_per_line(
     async with running_gateway(tmp_path, config) as gw:
         assert await get(port_of(gw), f"traceparent: {SAMPLED}") == 200
         await flushed(gw)
-    spans = [json.loads(x) for x in capfd.readouterr().out.splitlines() if '"span_id"' in x]
-    kinds = sorted(s["kind"] for s in spans if "kind" in s)
-    assert kinds == ["SpanKind.CLIENT", "SpanKind.SERVER"]
-    assert {s["context"]["trace_id"] for s in spans} == {f"0x{TRACE}"}
+    lines = [json.loads(x) for x in capfd.readouterr().out.splitlines() if x.startswith("{")]
+    spans = [line for line in lines if line["type"] == "span"]
+    assert [list(s)[:3] for s in spans] == [["time", "level", "type"]] * 2
+    server, client = sorted(spans, key=lambda s: s["kind"], reverse=True)
+    assert (server["kind"], client["kind"]) == ("SERVER", "CLIENT")
+    assert {s["trace_id"] for s in spans} == {TRACE}
+    assert (server["parent_span_id"], client["parent_span_id"]) == (PARENT, server["span_id"])
+    assert server["attributes"]["http.response.status_code"] == 200
+    assert server["resource"]["service.name"] == "gateway"
 
 
 async def test_a_reload_applies_a_changed_tracing_section(

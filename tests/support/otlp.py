@@ -71,6 +71,9 @@ class OtlpReceiver:
         self.server: TestServer | None = None
         #: set by otlp_grpc_receiver
         self.grpc_url = ""
+        #: the connection each OTLP/HTTP export came on (a test may close them, as a
+        #: collector closes idle keep-alive connections)
+        self.transports: list[asyncio.BaseTransport] = []
 
     @property
     def url(self) -> str:
@@ -82,6 +85,8 @@ class OtlpReceiver:
     async def _export(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         self.exports += 1
+        if request.transport is not None:
+            self.transports.append(request.transport)
         if self.mode == "hang":
             await self.release.wait()
             return web.Response(status=503)

@@ -203,12 +203,15 @@ def test_the_checks_see_an_upward_import_and_a_cycle(tmp_path: Path) -> None:
     assert upward_imports(packages) == ["config -> stages"]
 
 
-def test_the_opentelemetry_sdk_loads_only_when_spans_are_recorded() -> None:
-    """About 6 MiB of resident memory: a gateway with tracing off (or only propagating) never
-    imports it; gateway.observability.otel does, and only a recording Tracer imports that."""
+def test_span_export_loads_only_when_spans_are_recorded() -> None:
+    """A gateway with tracing off (or only propagating) starts no export thread and never
+    imports the export module, http.client's exporter or grpcio (about 10 MiB resident): only a
+    recording Tracer imports gateway.observability.span_export, and only `protocol: grpc`
+    imports grpc."""
     probe = (
         "import sys, gateway.app, gateway.observability.tracing, gateway.stages.proxy\n"
-        "print(sorted(m for m in sys.modules if m.startswith('opentelemetry.sdk')))"
+        "print(sorted(m for m in sys.modules if m == 'gateway.observability.span_export'"
+        " or m.split('.')[0] in ('grpc', 'opentelemetry')))"
     )
     out = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60

@@ -1,0 +1,193 @@
+"""Span records as an OTLP `ExportTraceServiceRequest`, written directly in protobuf's wire
+format (https://protobuf.dev/programming-guides/encoding/) — the body of an OTLP/HTTP export
+and of the OTLP/gRPC `Export` call.
+
+Why our own: building opentelemetry-proto's messages field by field from Python costs ~36 µs
+per span, and the SDK's encoder ~49 µs; this module, compiled with the hot path, writes the
+same bytes in a few µs on the export thread, which shares the CPU with the event loop.  Only
+the handful of messages a span needs are written (field numbers from
+opentelemetry/proto/{collector/trace,trace,common,resource}/v1/*.proto); the tests decode every
+byte with opentelemetry-proto, so a wrong number cannot go unnoticed.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from typing import Final
+
+from gateway.observability.spans import AttributeValue, SpanRecord
+
+# wire types
+_VARINT: Final = 0
+_FIXED64: Final = 1
+_LENGTH: Final = 2
+_FIXED32: Final = 5
+
+# Span.flags (field 16): the W3C trace flags in bits 0-7, then whether the parent is remote
+_SAMPLED_FLAG: Final = 0x01
+_HAS_IS_REMOTE: Final = 0x100
+_IS_REMOTE: Final = 0x200
+_STATUS_ERROR: Final = 2
+#: (a constant beyond 63 bits is a boxed integer in compiled code: only negatives touch it)
+_UINT64: Final = 0xFFFF_FFFF_FFFF_FFFF
+
+
+def _put_varint(out: bytearray, value: int) -> None:
+    if 0 <= value < 0x80:  # tags and most lengths: one byte
+        out.append(value)
+        return
+    if value < 0:
+        value &= _UINT64  # int64: a negative value is its two's complement
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+
+
+def _varint_size(value: int) -> int:
+    if 0 <= value < 0x80:
+        return 1
+    size = 1
+    if value < 0:
+        value &= _UINT64
+    while value > 0x7F:
+        size += 1
+        value >>= 7
+    return size
+
+
+def _put_tag(out: bytearray, field: int, wire_type: int) -> None:
+    _put_varint(out, (field << 3) | wire_type)
+
+
+def _put_field(out: bytearray, field: int, payload: bytes | bytearray) -> None:
+    """A length-delimited field: bytes, a string, or an embedded message."""
+    _put_tag(out, field, _LENGTH)
+    _put_varint(out, len(payload))
+    out += payload
+
+
+def _put_fixed64(out: bytearray, field: int, value: int) -> None:
+    _put_tag(out, field, _FIXED64)
+    out += value.to_bytes(8, "little")
+
+
+#: KeyValue's `key` field, ready to write, for each attribute name seen (names are the code's
+#: and the config's own: a few dozen)
+_KEYS: Final[dict[str, bytes]] = {}
+_MAX_KEYS: Final = 1024
+
+
+def _key(name: str) -> bytes:
+    encoded = _KEYS.get(name)
+    if encoded is None:
+        out = bytearray()
+        _put_field(out, 1, name.encode())
+        encoded = bytes(out)
+        if len(_KEYS) < _MAX_KEYS:
+            _KEYS[name] = encoded
+    return encoded
+
+
+def _put_attribute(out: bytearray, field: int, name: str, value: AttributeValue) -> None:
+    """KeyValue { key = 1, value = 2: AnyValue { string_value = 1, bool_value = 2,
+    int_value = 3, double_value = 4 } } as `field` of the enclosing message.  Lengths are
+    computed first so that every byte is written once, into `out`."""
+    key = _key(name)
+    if isinstance(value, str):
+        text = value.encode()
+        any_size = 1 + _varint_size(len(text)) + len(text)
+    elif isinstance(value, int):  # a bool too
+        text = b""
+        any_size = 1 + _varint_size(int(value))
+    else:
+        text = struct.pack("<d", value)
+        any_size = 1 + 8
+    _put_tag(out, field, _LENGTH)
+    _put_varint(out, len(key) + 1 + _varint_size(any_size) + any_size)
+    out += key
+    _put_tag(out, 2, _LENGTH)
+    _put_varint(out, any_size)
+    if isinstance(value, str):
+        _put_tag(out, 1, _LENGTH)
+        _put_varint(out, len(text))
+        out += text
+    elif isinstance(value, bool):
+        _put_tag(out, 2, _VARINT)
+        out.append(1 if value else 0)
+    elif isinstance(value, int):
+        _put_tag(out, 3, _VARINT)
+        _put_varint(out, value)
+    else:
+        _put_tag(out, 4, _FIXED64)
+        out += text
+
+
+def _put_attributes(
+    out: bytearray, field: int, pairs: Sequence[tuple[str, AttributeValue]]
+) -> None:
+    for name, value in pairs:
+        _put_attribute(out, field, name, value)
+
+
+def resource_and_scope(
+    resource: Sequence[tuple[str, AttributeValue]], scope_name: str, scope_version: str
+) -> tuple[bytes, bytes]:
+    """The Resource (attributes = 1) and InstrumentationScope (name = 1, version = 2) every
+    export repeats: encoded once per exporter."""
+    scope = bytearray()
+    _put_field(scope, 1, scope_name.encode())
+    if scope_version:
+        _put_field(scope, 2, scope_version.encode())
+    attributes = bytearray()
+    _put_attributes(attributes, 1, resource)
+    return bytes(attributes), bytes(scope)
+
+
+def _put_span(out: bytearray, span: SpanRecord) -> None:
+    """One Span message's fields."""
+    _put_field(out, 1, bytes.fromhex(span.trace_id))
+    _put_field(out, 2, bytes.fromhex(span.span_id))
+    if span.trace_state:
+        _put_field(out, 3, span.trace_state.encode())
+    flags = _SAMPLED_FLAG | _HAS_IS_REMOTE
+    if span.parent_span_id:
+        _put_field(out, 4, bytes.fromhex(span.parent_span_id))
+        if span.parent_is_remote:
+            flags |= _IS_REMOTE
+    _put_field(out, 5, span.name.encode())
+    _put_tag(out, 6, _VARINT)
+    _put_varint(out, span.kind)
+    _put_fixed64(out, 7, span.start_ns)
+    _put_fixed64(out, 8, span.end_ns)
+    _put_attributes(out, 9, span.attributes)
+    for name, time_ns, attributes in span.events:
+        # Event: time_unix_nano = 1, name = 2, attributes = 3
+        event = bytearray()
+        _put_fixed64(event, 1, time_ns)
+        _put_field(event, 2, name.encode())
+        _put_attributes(event, 3, attributes)
+        _put_field(out, 11, event)
+    if span.error:
+        _put_field(out, 15, bytes((3 << 3 | _VARINT, _STATUS_ERROR)))  # Status.code = 3
+    _put_tag(out, 16, _FIXED32)
+    out += flags.to_bytes(4, "little")
+
+
+def encode_export_request(resource: bytes, scope: bytes, spans: Sequence[SpanRecord]) -> bytes:
+    """ExportTraceServiceRequest { resource_spans = 1: ResourceSpans { resource = 1,
+    scope_spans = 2: ScopeSpans { scope = 1, spans = 2 } } } holding `spans`."""
+    scope_spans = bytearray()
+    _put_field(scope_spans, 1, scope)
+    span = bytearray()
+    for record in spans:
+        del span[:]
+        _put_span(span, record)
+        _put_field(scope_spans, 2, span)
+    resource_spans = bytearray()
+    _put_field(resource_spans, 1, resource)
+    _put_field(resource_spans, 2, scope_spans)
+    request = bytearray()
+    _put_field(request, 1, resource_spans)
+    return bytes(request)

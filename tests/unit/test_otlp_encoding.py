@@ -1,0 +1,128 @@
+"""The OTLP bytes the gateway writes itself, decoded with opentelemetry-proto's own messages:
+every field a span carries, every attribute value type, and the framing of a batch."""
+
+from __future__ import annotations
+
+import pytest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue
+from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
+
+from gateway.observability.otlp_encoding import encode_export_request, resource_and_scope
+from gateway.observability.spans import CLIENT, SERVER, AttributeValue, SpanRecord
+
+TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+SPAN = "00f067aa0ba902b7"
+PARENT = "b7ad6b7169203331"
+
+
+def decode(data: bytes) -> ExportTraceServiceRequest:
+    message = ExportTraceServiceRequest()
+    message.ParseFromString(data)
+    return message
+
+
+def value_of(value: AnyValue) -> object:
+    which = value.WhichOneof("value")
+    return None if which is None else getattr(value, which)
+
+
+def span(**changes: object) -> SpanRecord:
+    record = SpanRecord(TRACE, SPAN, PARENT, True, "k=v,a=b", SERVER, "GET /api/*", [])
+    for name, value in changes.items():
+        setattr(record, name, value)
+    return record
+
+
+def only_span(*records: SpanRecord, resource: bytes = b"", scope: bytes = b"") -> Span:
+    [resource_spans] = decode(encode_export_request(resource, scope, records)).resource_spans
+    [scope_spans] = resource_spans.scope_spans
+    [decoded] = scope_spans.spans
+    return decoded
+
+
+def test_a_server_span_with_a_remote_parent_round_trips() -> None:
+    record = span()
+    record.add_event("gateway.retry", [("gateway.decision", "retried:1")])
+    record.end(503, "503", [("client.address", "10.0.0.1")])
+    decoded = only_span(record)
+    assert decoded.trace_id.hex() == TRACE
+    assert decoded.span_id.hex() == SPAN
+    assert decoded.parent_span_id.hex() == PARENT
+    assert decoded.trace_state == "k=v,a=b"
+    assert decoded.name == "GET /api/*"
+    assert decoded.kind == Span.SPAN_KIND_SERVER
+    assert (decoded.start_time_unix_nano, decoded.end_time_unix_nano) == (
+        record.start_ns,
+        record.end_ns,
+    )
+    assert {kv.key: value_of(kv.value) for kv in decoded.attributes} == {
+        "http.response.status_code": 503,
+        "client.address": "10.0.0.1",
+        "error.type": "503",
+    }
+    [event] = decoded.events
+    assert (event.name, event.time_unix_nano) == ("gateway.retry", record.events[0][1])
+    assert [(kv.key, value_of(kv.value)) for kv in event.attributes] == [
+        ("gateway.decision", "retried:1")
+    ]
+    assert decoded.status.code == Status.STATUS_CODE_ERROR
+    # sampled, and the parent's remoteness is known: it is remote
+    assert decoded.flags == 0x01 | 0x100 | 0x200
+
+
+def test_a_root_client_span_has_no_parent_no_state_and_an_unset_status() -> None:
+    record = span(parent_span_id="", parent_is_remote=False, trace_state="", kind=CLIENT)
+    record.end(200, None)
+    decoded = only_span(record)
+    assert decoded.parent_span_id == b""
+    assert decoded.trace_state == ""
+    assert decoded.kind == Span.SPAN_KIND_CLIENT
+    assert decoded.status.code == Status.STATUS_CODE_UNSET
+    assert decoded.flags == 0x01 | 0x100
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "",
+        "é — ünïcode",
+        "x" * 300,  # a length over 127: a two-byte varint
+        True,
+        False,
+        0,
+        1,
+        127,
+        128,
+        2**63 - 1,
+        -1,
+        -(2**63),
+        0.0,
+        -2.5,
+        1e300,
+    ],
+    ids=repr,
+)
+def test_every_attribute_value_type_round_trips(value: AttributeValue) -> None:
+    record = span(attributes=[("k", value)])
+    [attribute] = only_span(record).attributes
+    decoded = value_of(attribute.value)
+    assert decoded == value
+    assert type(decoded) is type(value)
+
+
+def test_a_batch_carries_its_resource_and_scope_once_and_every_span_in_order() -> None:
+    resource, scope = resource_and_scope(
+        [("service.name", "edge"), ("deployment.environment.name", "prod")], "gateway", "1.2.3"
+    )
+    records = [span(span_id=f"{i + 1:016x}", name=f"span {i}") for i in range(300)]
+    message = decode(encode_export_request(resource, scope, records))
+    [resource_spans] = message.resource_spans
+    assert {kv.key: value_of(kv.value) for kv in resource_spans.resource.attributes} == {
+        "service.name": "edge",
+        "deployment.environment.name": "prod",
+    }
+    [scope_spans] = resource_spans.scope_spans
+    assert (scope_spans.scope.name, scope_spans.scope.version) == ("gateway", "1.2.3")
+    assert [s.name for s in scope_spans.spans] == [f"span {i}" for i in range(300)]
+    assert [s.span_id.hex() for s in scope_spans.spans] == [r.span_id for r in records]
