@@ -13,10 +13,11 @@ Sampling is parent-based: a valid parent's sampled flag decides; a new trace is 
 low 64 bits of its random trace id fall under `ratio` * 2^64, the rule of OpenTelemetry's
 TraceIdRatioBased sampler, so every service using that rule agrees on the same trace.
 
-Cost (every traced request makes two ids, one more per upstream try): ids are cut from a pool
-of random hex digits filled from `os.urandom` 4 KiB at a time, and the ratio rule compares the
-id's last 16 hex digits with the threshold's as strings (fixed-width lower-case hex sorts as
-its value), so no id is formatted or parsed as an integer on the request path.
+Cost (every traced request makes a trace id, and a span id per upstream try): ids are ASCII
+hex bytes — what goes into the `traceparent` line — cut from a pool of random hex digits filled
+from `os.urandom` 4 KiB at a time, and the ratio rule compares the id's last 16 hex digits with
+the threshold's as bytes (fixed-width lower-case hex sorts as its value), so no id is formatted
+or parsed as an integer, nor decoded, on the request path.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from typing import Final, final
 _HEX: Final = frozenset("0123456789abcdef")
 _ZERO_TRACE: Final = "0" * 32
 _ZERO_SPAN: Final = "0" * 16
+_ZERO_TRACE_ID: Final = b"0" * 32
+_ZERO_SPAN_ID: Final = b"0" * 16
 #: the spec's bounds a vendor must propagate at least; beyond them entries are dropped
 TRACESTATE_MAX_CHARS: Final = 512
 TRACESTATE_MAX_ENTRIES: Final = 32
@@ -34,7 +37,7 @@ _TRACESTATE_LONG_ENTRY: Final = 128
 #: random bytes drawn at a time for ids (8 KiB of hex: 256 trace ids)
 _POOL_BYTES: Final = 4096
 #: a threshold every 16-digit hex string sorts under ("g" follows "f")
-_ALWAYS: Final = "g"
+_ALWAYS: Final = b"g"
 
 
 @final
@@ -117,21 +120,21 @@ class _HexPool:
     __slots__ = ("digits", "used")
 
     def __init__(self) -> None:
-        self.digits = ""
+        self.digits = b""
         self.used = 0
 
-    def take(self, count: int) -> str:
+    def take(self, count: int) -> bytes:
         start = self.used
         end = start + count
         if end > len(self.digits):
-            self.digits = os.urandom(_POOL_BYTES).hex()
+            self.digits = os.urandom(_POOL_BYTES).hex().encode()
             start = 0
             end = count
         self.used = end
         return self.digits[start:end]
 
     def reset(self) -> None:
-        self.digits = ""
+        self.digits = b""
         self.used = 0
 
 
@@ -139,34 +142,34 @@ _POOL: Final = _HexPool()
 os.register_at_fork(after_in_child=_POOL.reset)
 
 
-def new_trace_id() -> str:
-    """128 random bits as 32 hex digits (never all zeros)."""
+def new_trace_id() -> bytes:
+    """128 random bits as 32 ASCII hex digits (never all zeros)."""
     while True:
         value = _POOL.take(32)
-        if value != _ZERO_TRACE:
+        if value != _ZERO_TRACE_ID:
             return value
 
 
-def new_span_id() -> str:
-    """64 random bits as 16 hex digits (never all zeros)."""
+def new_span_id() -> bytes:
+    """64 random bits as 16 ASCII hex digits (never all zeros)."""
     while True:
         value = _POOL.take(16)
-        if value != _ZERO_SPAN:
+        if value != _ZERO_SPAN_ID:
             return value
 
 
-def ratio_bound(ratio: float) -> str:
+def ratio_bound(ratio: float) -> bytes:
     """The threshold `sampled_by_ratio` compares with: the 16 hex digits of `ratio` * 2^64, so
-    that share of all trace ids falls under it ("" for 0: none; "g" for 1: all)."""
+    that share of all trace ids falls under it (b"" for 0: none; b"g" for 1: all)."""
     if ratio <= 0.0:
-        return ""
+        return b""
     bound = round(ratio * (1 << 64))
     if ratio >= 1.0 or bound >= 1 << 64:
         return _ALWAYS
-    return f"{bound:016x}"
+    return f"{bound:016x}".encode()
 
 
-def sampled_by_ratio(trace_id: str, bound: str) -> bool:
+def sampled_by_ratio(trace_id: bytes, bound: bytes) -> bool:
     """Whether a new trace is sampled: its id's low 64 bits under `bound` (ratio_bound)."""
     return trace_id[16:] < bound
 

@@ -28,7 +28,6 @@ import logging
 import struct
 import termios
 from collections import deque
-from contextvars import Token
 from typing import TYPE_CHECKING, Final, cast, final
 
 import httptools
@@ -57,7 +56,7 @@ from gateway.http.messages import (
 from gateway.http.path import PATH_SEMICOLON, split_target
 from gateway.http.problem import problem_response
 from gateway.observability.instruments import clock
-from gateway.observability.request_trace import CURRENT_TRACE, RequestTrace
+from gateway.observability.request_trace import CURRENT_TRACE, RequestTrace, TraceSlot
 from gateway.pipeline import Peer, RequestContext
 from gateway.tls import ClientCertificate
 
@@ -171,6 +170,7 @@ class HttpConnection(asyncio.Protocol):
         "_stopped",
         "_stream",
         "_task",
+        "_trace_slot",
         "_tunnel",
         "_tunnel_active_at",
         "_tunnel_bytes",
@@ -207,6 +207,8 @@ class HttpConnection(asyncio.Protocol):
         self._current: Exchange | None = None
         self._queue: deque[Exchange] = deque()
         self._task: asyncio.Task[None] | None = None
+        #: the trace slot in `_task`'s context (made by its first traced request)
+        self._trace_slot: TraceSlot | None = None
         self._wakeup: asyncio.Future[None] | None = None
         self._closing = False
         self._stopped = False  # no more requests are parsed on this connection
@@ -744,6 +746,7 @@ class HttpConnection(asyncio.Protocol):
             pass
         finally:
             self._task = None
+            self._trace_slot = None  # a later task has a context of its own
             self._wakeup = None
             for pending in queue:
                 if pending.body is not None:
@@ -779,7 +782,6 @@ class HttpConnection(asyncio.Protocol):
             request_id = server.new_request_id()
         ctx: RequestContext | None = None
         trace: RequestTrace | None = None
-        trace_token: Token[RequestTrace | None] | None = None
         status = 0
         try:
             error = exchange.error
@@ -788,7 +790,12 @@ class HttpConnection(asyncio.Protocol):
                 tracer = exchange.snapshot.tracer
                 if tracer is not None:
                     trace = begin_request(tracer, head, route, peer)
-                    trace_token = CURRENT_TRACE.set(trace)
+                    slot = self._trace_slot
+                    if slot is None:
+                        # this runs on the connection's task: its context keeps the slot
+                        slot = self._trace_slot = TraceSlot()
+                        CURRENT_TRACE.set(slot)
+                    slot.trace = trace
                 ctx = RequestContext(
                     head,
                     exchange.body,
@@ -826,8 +833,10 @@ class HttpConnection(asyncio.Protocol):
             server.record(exchange, ctx, status or 499, request_id, self._bytes_out, peer.ip)
             self._sent_before += self._bytes_out
             self._bytes_out = 0
-            if trace_token is not None:
-                CURRENT_TRACE.reset(trace_token)
+            if trace is not None:
+                slot = self._trace_slot
+                if slot is not None:
+                    slot.trace = None
 
     async def _respond(self, exchange: Exchange, response: Response, request_id: bytes) -> None:
         transport = self.transport

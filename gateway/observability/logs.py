@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterable
 from typing import Any, Final
 
-from gateway.observability.request_trace import CURRENT_TRACE
+from gateway.observability.request_trace import current_trace
 
 REDACTED: Final = "[redacted]"
 SECRET_HEADERS: Final = frozenset(
@@ -75,7 +75,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        trace = CURRENT_TRACE.get()
+        trace = current_trace()
         if trace is not None:
             out["trace_id"] = trace.trace_id
             out["span_id"] = trace.span_id

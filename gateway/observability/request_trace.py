@@ -22,30 +22,32 @@ from gateway.observability.spans import CLIENT, AttributeValue, SpanRecord
 if TYPE_CHECKING:
     from gateway.observability.tracing import Tracer
 
-_SAMPLED_SUFFIX: Final = "-01\r\n"
-_UNSAMPLED_SUFFIX: Final = "-00\r\n"
+_SAMPLED_SUFFIX: Final = b"-01\r\n"
+_UNSAMPLED_SUFFIX: Final = b"-00\r\n"
+_TRACEPARENT: Final = b"traceparent: 00-"
+#: where the trace id sits in `RequestTrace._prefix`
+_TRACE_ID_AT: Final = len(_TRACEPARENT)
 
 
 @final
 class RequestTrace:
     """Written by the downstream connection when the request starts (`start_trace`); the proxy
     asks it for each try's headers and span (`begin_try`); stages add span events through
-    `RequestContext.outcome`."""
+    `RequestContext.outcome`.
 
-    __slots__ = ("_suffix", "parent", "sampled", "span", "span_id", "trace_id", "tracer")
+    Kept as the bytes the upstream sees: `traceparent: 00-{trace id}-` and the flags (and
+    `tracestate`) line end, so a try's header is one concatenation.  The ids as text and the
+    SERVER span's id are made only when something reads them — a sampled request's spans, an
+    access-log line, a log line — not for every unsampled request."""
+
+    __slots__ = ("_prefix", "_span_id", "_suffix", "parent", "sampled", "span", "tracer")
 
     def __init__(
-        self,
-        tracer: Tracer,
-        trace_id: str,
-        span_id: str,
-        sampled: bool,
-        parent: ParentContext | None,
+        self, tracer: Tracer, trace_id: bytes, sampled: bool, parent: ParentContext | None
     ) -> None:
         self.tracer = tracer
-        self.trace_id = trace_id
-        #: the SERVER span's id (made for unsampled requests too: the access log names it)
-        self.span_id = span_id
+        self._prefix = _TRACEPARENT + trace_id + b"-"
+        self._span_id = ""
         self.sampled = sampled
         self.parent = parent
         #: the SERVER span, for a sampled request whose spans are exported
@@ -53,11 +55,25 @@ class RequestTrace:
         state = parent.tracestate if parent is not None else None
         suffix = _SAMPLED_SUFFIX if sampled else _UNSAMPLED_SUFFIX
         # tracestate goes on unchanged with every try (bounded when it was read)
-        self._suffix = suffix if state is None else f"{suffix}tracestate: {state}\r\n"
+        self._suffix = (
+            suffix if state is None else suffix + b"tracestate: " + state.encode() + b"\r\n"
+        )
 
-    def try_headers(self, span_id: str) -> bytes:
+    @property
+    def trace_id(self) -> str:
+        return self._prefix[_TRACE_ID_AT : _TRACE_ID_AT + 32].decode()
+
+    @property
+    def span_id(self) -> str:
+        """The SERVER span's id (an unsampled request has one too: the access log names it)."""
+        span_id = self._span_id
+        if not span_id:
+            span_id = self._span_id = new_span_id().decode()
+        return span_id
+
+    def try_headers(self, span_id: bytes) -> bytes:
         """The trace header lines of one upstream try whose CLIENT span is `span_id`."""
-        return f"traceparent: 00-{self.trace_id}-{span_id}{self._suffix}".encode("latin-1")
+        return self._prefix + span_id + self._suffix
 
     def begin_try(
         self, method: str, upstream: str, host: str, port: int, resends: int
@@ -67,7 +83,7 @@ class RequestTrace:
         span_id = new_span_id()
         server = self.span
         if server is None:
-            return self.try_headers(span_id), None
+            return self._prefix + span_id + self._suffix, None
         attributes: list[tuple[str, AttributeValue]] = [
             ("http.request.method", method),
             ("server.address", host),
@@ -79,8 +95,8 @@ class RequestTrace:
         if resends:
             attributes.append(("http.request.resend_count", resends))
         span = SpanRecord(
-            self.trace_id,
-            span_id,
+            server.trace_id,
+            span_id.decode(),
             server.span_id,
             False,
             server.trace_state,
@@ -99,7 +115,7 @@ class RequestTrace:
 
 
 def start_trace(
-    tracer: Tracer, traceparent: bytes | None, tracestate: bytes | None, bound: str
+    tracer: Tracer, traceparent: bytes | None, tracestate: bytes | None, bound: bytes
 ) -> RequestTrace:
     """Continue the trace a valid `traceparent` names (its sampled flag decides), or start a new
     one sampled by `bound`.  `traceparent` is b"" when the request carried several."""
@@ -109,16 +125,34 @@ def start_trace(
         parent = read_parent([traceparent.decode("latin-1")], state)
     if parent is None:
         trace_id = new_trace_id()
-        sampled = sampled_by_ratio(trace_id, bound)
-    else:
-        trace_id = parent.trace_id
-        sampled = parent.sampled
-    return RequestTrace(tracer, trace_id, new_span_id(), sampled, parent)
+        return RequestTrace(tracer, trace_id, sampled_by_ratio(trace_id, bound), None)
+    return RequestTrace(tracer, parent.trace_id.encode(), parent.sampled, parent)
 
 
-#: the trace of the request being handled, for log lines written meanwhile (set by the
-#: downstream connection around each traced request)
-CURRENT_TRACE: Final[ContextVar[RequestTrace | None]] = ContextVar("gateway_trace", default=None)
+@final
+class TraceSlot:
+    """The trace of the request a connection is handling now, for log lines written meanwhile.
+
+    A connection answers its requests one after another on one task, so it puts its slot in
+    that task's context once (`CURRENT_TRACE`) and then only swaps `trace` per request — a
+    ContextVar set and reset per request cost ~1k instructions.  A task a request starts copies
+    the context, slot included: its lines name the request the connection is handling when they
+    are written."""
+
+    __slots__ = ("trace",)
+
+    def __init__(self) -> None:
+        self.trace: RequestTrace | None = None
+
+
+#: the current connection's slot (set by the downstream connection in its task's context)
+CURRENT_TRACE: Final[ContextVar[TraceSlot | None]] = ContextVar("gateway_trace", default=None)
+
+
+def current_trace() -> RequestTrace | None:
+    """The trace of the request being handled where this is called, if any."""
+    slot = CURRENT_TRACE.get()
+    return None if slot is None else slot.trace
 
 
 def end_try(trace: RequestTrace, span: SpanRecord, status: int, error_type: str | None) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import pytest
 
 from gateway.app import Gateway
 from gateway.core.trace_context import parse_traceparent
+from gateway.observability.logs import JsonFormatter
 from tests.support.config_builder import gateway_yaml, route, upstream_to
 from tests.support.faulty import FaultyUpstream, closed_port, faulty_upstreams
 from tests.support.gateway import port_of, running_gateway, write_config
@@ -294,6 +296,64 @@ async def test_the_access_log_names_the_trace_and_the_server_span(
     [sent] = header(up, "traceparent")
     assert len(line["span_id"]) == 16
     assert line["span_id"] not in (PARENT, sent.split("-")[2])
+
+
+class _Lines(logging.Handler):
+    """Application log lines as the gateway formats them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(JsonFormatter())
+        self.lines: list[dict[str, Any]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(json.loads(self.format(record)))
+
+
+async def test_a_log_line_written_during_a_request_names_that_request_and_no_other(
+    tmp_path: Path,
+) -> None:
+    """Two requests on one keep-alive connection, each failing on its own endpoint: the
+    ejection warning each causes names that request's trace."""
+    async with faulty_upstreams("a", "b") as [a, b]:
+        a.mode = b.mode = "reset"
+        config = gateway_yaml(
+            tracing={"sample_ratio": 0},
+            upstreams={
+                "app": upstream_to(
+                    a.url,
+                    b.url,
+                    outlier_detection={"consecutive_failures": 1, "max_ejected_percent": 100},
+                )
+            },
+            routes=[route("app", "app")],
+        )
+        handler = _Lines()
+        logger = logging.getLogger("gateway")
+        logger.addHandler(handler)
+        try:
+            async with running_gateway(tmp_path, config) as gw:
+                reader, writer = await asyncio.open_connection("127.0.0.1", port_of(gw))
+                try:
+                    for trace in ("1" * 32, "2" * 32):
+                        writer.write(
+                            f"GET /x HTTP/1.1\r\nHost: t\r\n"
+                            f"traceparent: 00-{trace}-{PARENT}-00\r\n\r\n".encode()
+                        )
+                        head = await reader.readuntil(b"\r\n\r\n")
+                        assert head.startswith(b"HTTP/1.1 502")
+                        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                        await reader.readexactly(length)
+                finally:
+                    writer.close()
+                logger.warning("after the requests")
+        finally:
+            logger.removeHandler(handler)
+    ejections = [x for x in handler.lines if "out of rotation" in x["message"]]
+    assert [x.get("trace_id") for x in ejections] == ["1" * 32, "2" * 32]
+    assert all(len(x["span_id"]) == 16 for x in ejections)
+    [after] = [x for x in handler.lines if x["message"] == "after the requests"]
+    assert "trace_id" not in after
 
 
 async def test_tracing_off_passes_trace_headers_through_untouched(

@@ -21,7 +21,7 @@ from gateway.observability.logs import (
     setup_logging,
 )
 from gateway.observability.metrics import GatewayMetrics
-from gateway.observability.request_trace import CURRENT_TRACE, start_trace
+from gateway.observability.request_trace import CURRENT_TRACE, TraceSlot, start_trace
 from gateway.observability.tracing import Tracer
 
 TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z\Z")
@@ -203,14 +203,17 @@ def test_a_line_written_while_a_traced_request_is_handled_names_its_trace(
     tracer = Tracer(TracingConfig(), GatewayMetrics(Registry()), loop)
     loop.close()
     parent = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"
-    trace = start_trace(tracer, parent, None, "")
-    logging.getLogger("gateway.test").info("before")
-    token = CURRENT_TRACE.set(trace)
+    trace = start_trace(tracer, parent, None, b"")
+    slot = TraceSlot()
+    token = CURRENT_TRACE.set(slot)
     try:
+        logging.getLogger("gateway.test").info("before")
+        slot.trace = trace
         logging.getLogger("gateway.test").warning("during")
+        slot.trace = None
+        logging.getLogger("gateway.test").info("after")
     finally:
         CURRENT_TRACE.reset(token)
-    logging.getLogger("gateway.test").info("after")
     before, during, after = lines(capsys)
     assert "trace_id" not in before
     assert "trace_id" not in after

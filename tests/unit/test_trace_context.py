@@ -120,8 +120,8 @@ def test_tracestate_over_bounds_drops_long_entries_first_then_from_the_end() -> 
 
 
 def test_ids_are_lower_hex_of_the_right_length_and_differ() -> None:
-    traces = {new_trace_id() for _ in range(100)}
-    spans = {new_span_id() for _ in range(100)}
+    traces = {new_trace_id().decode() for _ in range(100)}
+    spans = {new_span_id().decode() for _ in range(100)}
     assert len(traces) == 100
     assert len(spans) == 100
     for trace_id in traces:
@@ -160,7 +160,7 @@ def test_traceparent_format() -> None:
     ],
 )
 def test_ratio_rule_on_the_low_64_bits(ratio: float, low: int, expected: bool) -> None:
-    trace_id = "f" * 16 + f"{low:016x}"
+    trace_id = b"f" * 16 + f"{low:016x}".encode()
     assert sampled_by_ratio(trace_id, ratio_bound(ratio)) is expected
 
 
@@ -176,7 +176,7 @@ def test_a_forked_child_never_repeats_the_parents_ids() -> None:
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover (the child)
-        os.write(write, new_trace_id().encode())
+        os.write(write, new_trace_id())
         os._exit(0)
     os.close(write)
     _, status = os.waitpid(pid, 0)
@@ -184,4 +184,4 @@ def test_a_forked_child_never_repeats_the_parents_ids() -> None:
     os.close(read)
     assert status == 0
     assert len(child) == 32
-    assert child != new_trace_id()
+    assert child != new_trace_id().decode()
