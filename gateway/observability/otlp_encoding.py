@@ -186,18 +186,32 @@ def _put_span(out: Parts, span: SpanRecord) -> None:
     out.append(flags.to_bytes(4, "little"))
 
 
-def encode_export_request(resource: bytes, scope: bytes, spans: Sequence[SpanRecord]) -> bytes:
-    """ExportTraceServiceRequest { resource_spans = 1: ResourceSpans { resource = 1,
-    scope_spans = 2: ScopeSpans { scope = 1, spans = 2 } } } holding `spans`."""
-    scope_spans: Parts = []
-    _put_field(scope_spans, 1, scope)
+def encode_spans(spans: Sequence[SpanRecord]) -> bytes:
+    """`spans` as ScopeSpans' `spans` fields (= 2): a piece of an export request, so that a
+    big batch can be written a few spans at a time (see `export_request`)."""
+    out: Parts = []
     for record in spans:
         span: Parts = []
         _put_span(span, record)
-        _put_field(scope_spans, 2, b"".join(span))
+        _put_field(out, 2, b"".join(span))
+    return b"".join(out)
+
+
+def export_request(resource: bytes, scope: bytes, encoded_spans: Sequence[bytes]) -> bytes:
+    """ExportTraceServiceRequest { resource_spans = 1: ResourceSpans { resource = 1,
+    scope_spans = 2: ScopeSpans { scope = 1, spans = 2 } } } holding the spans `encode_spans`
+    wrote (repeated fields may simply follow each other)."""
+    scope_spans: Parts = []
+    _put_field(scope_spans, 1, scope)
+    scope_spans.extend(encoded_spans)
     resource_spans: Parts = []
     _put_field(resource_spans, 1, resource)
     _put_field(resource_spans, 2, b"".join(scope_spans))
     request: Parts = []
     _put_field(request, 1, b"".join(resource_spans))
     return b"".join(request)
+
+
+def encode_export_request(resource: bytes, scope: bytes, spans: Sequence[SpanRecord]) -> bytes:
+    """An export request holding `spans`, in one go."""
+    return export_request(resource, scope, [encode_spans(spans)])

@@ -8,7 +8,12 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
-from gateway.observability.otlp_encoding import encode_export_request, resource_and_scope
+from gateway.observability.otlp_encoding import (
+    encode_export_request,
+    encode_spans,
+    export_request,
+    resource_and_scope,
+)
 from gateway.observability.spans import CLIENT, SERVER, AttributeValue, SpanRecord
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -126,3 +131,16 @@ def test_a_batch_carries_its_resource_and_scope_once_and_every_span_in_order() -
     assert (scope_spans.scope.name, scope_spans.scope.version) == ("gateway", "1.2.3")
     assert [s.name for s in scope_spans.spans] == [f"span {i}" for i in range(300)]
     assert [s.span_id.hex() for s in scope_spans.spans] == [r.span_id for r in records]
+
+
+def test_a_batch_written_a_few_spans_at_a_time_is_the_same_request() -> None:
+    """The exporter encodes a big batch in pieces (letting the event loop run between them):
+    the pieces joined are byte for byte the request written in one go."""
+    resource, scope = resource_and_scope([("service.name", "edge")], "gateway", "")
+    records = [span(span_id=f"{i + 1:016x}") for i in range(100)]
+    pieces = [encode_spans(records[i : i + 32]) for i in range(0, 100, 32)]
+    assert len(pieces) == 4
+    whole = encode_export_request(resource, scope, records)
+    assert export_request(resource, scope, pieces) == whole
+    [resource_spans] = decode(whole).resource_spans
+    assert len(resource_spans.scope_spans[0].spans) == 100
