@@ -407,18 +407,28 @@ class JwtStage:
             child = self._counters[key] = self._total.labels(route, result)
         child.inc()
 
-    async def _claims(self, token: str) -> dict[str, Any]:
-        now = time.time()
+    def _cached(self, token: str, now: float) -> dict[str, Any] | None:
+        """The claims of a token verified before and not expired since, or None.
+
+        Synchronous, so that a cached token (nearly every request) costs a dict lookup and no
+        coroutine; only a miss goes on to `_verified`, which may wait for keys.
+        """
         # Keyed by the exact string: `verify` refuses every spelling but the canonical one
         # (is_compact_jws) and only what it accepted is stored, so a misspelled token cannot be
         # found here and goes on to be refused below.  Checking the spelling first instead
         # would give the same answers and cost a cached request more than the lookup itself.
         cached = self._cache.get(token)
-        if cached is not None:
-            if now < cached[1]:
-                self._cache.move_to_end(token)
-                return cached[0]
-            del self._cache[token]
+        if cached is None:
+            return None
+        if now < cached[1]:
+            self._cache.move_to_end(token)
+            return cached[0]
+        del self._cache[token]
+        return None
+
+    async def _verified(self, token: str, now: float) -> dict[str, Any]:
+        """The claims of a token not in the cache, checked by `verify` (pyjwt's signature
+        check), and remembered until its exp."""
         fetcher = self._fetcher
         keys = self._keys if fetcher is None else await fetcher.current()
         try:
@@ -456,16 +466,21 @@ class JwtStage:
             raise Unauthenticated(
                 "a bearer token is required", headers=[("WWW-Authenticate", _CHALLENGE)]
             )
-        try:
-            if token is None:  # "Bearer" with garbled credentials
-                raise TokenRejected("malformed token")
-            claims = await self._claims(token)
-        except TokenRejected as exc:
-            result = "expired" if exc.expired else "invalid"
-            self._count(route, result)
-            ctx.outcome("jwt", result)
-            challenge = f'{_CHALLENGE}, error="invalid_token", error_description="{exc.reason}"'
-            raise Unauthenticated(exc.reason, headers=[("WWW-Authenticate", challenge)]) from None
+        now = time.time()
+        claims = None if token is None else self._cached(token, now)
+        if claims is None:
+            try:
+                if token is None:  # "Bearer" with garbled credentials
+                    raise TokenRejected("malformed token")
+                claims = await self._verified(token, now)
+            except TokenRejected as exc:
+                result = "expired" if exc.expired else "invalid"
+                self._count(route, result)
+                ctx.outcome("jwt", result)
+                challenge = f'{_CHALLENGE}, error="invalid_token", error_description="{exc.reason}"'
+                raise Unauthenticated(
+                    exc.reason, headers=[("WWW-Authenticate", challenge)]
+                ) from None
         self._count(route, "ok")
         ctx.claims = claims
         for claim, header in self._forward:
