@@ -131,6 +131,33 @@ async def test_jwks_url_with_key_rotation(
             assert len(fetches) == before + 1
 
 
+async def test_the_token_cache_forgets_the_least_recently_used_token(
+    tmp_path: Path, upstream: tuple[TestServer, Seen]
+) -> None:
+    """A full cache drops the token used longest ago, not the one verified first: after the
+    issuer drops its key, a cached token still passes and an evicted one, verified again, no
+    longer can."""
+    server, _ = upstream
+    old, new = RsaKey("2025"), RsaKey("2026")
+    first, second, third, fourth = (token(old, claims(sub=s)) for s in ("a", "b", "c", "d"))
+    document = [jwks(old)]
+    async with jwks_server(document) as (url, fetches):
+        config = _config(server.port or 0, {"jwks_url": url, "cache_size": 3})
+        async with running_gateway(tmp_path, config) as gw:
+            port = port_of(gw)
+            for tok in (first, second, third, first, fourth):
+                assert (await _get(port, tok)).status == 200
+            # cached, least recently used first: third, first, fourth (second was dropped)
+            before = len(fetches)
+            document[0] = jwks(new)  # the old key is gone
+            assert (await _get(port, token(new, claims()))).status == 200  # drops third
+            assert len(fetches) == before + 1
+            assert (await _get(port, first)).status == 200
+            assert (await _get(port, fourth)).status == 200
+            assert (await _get(port, second)).status == 401
+            assert (await _get(port, third)).status == 401
+
+
 async def test_a_request_waiting_for_a_jwks_fetch_survives_a_reload_that_replaces_the_stage(
     tmp_path: Path, upstream: tuple[TestServer, Seen]
 ) -> None:
