@@ -28,6 +28,10 @@ HOT_MODULES = [
     "gateway/stages/rate_limit.py",
     "gateway/stages/circuit_breaker.py",
     "gateway/stages/retry.py",
+    # the jwt stage's request path (a cached token's lookup) and the Authorization reading it
+    # calls; verifying a new token stays pyjwt's (gateway/core/jwt_tokens.py, not compiled)
+    "gateway/stages/jwt.py",
+    "gateway/bearer.py",
     "gateway/core/token_bucket.py",
     "gateway/core/breaker.py",
     "gateway/stores/base.py",
