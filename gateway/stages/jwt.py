@@ -52,7 +52,7 @@ from gateway.core.jwt_tokens import (
 )
 from gateway.errors import ConfigError, Unauthenticated
 from gateway.http.messages import Response
-from gateway.observability.instruments import Counter
+from gateway.observability.instruments import Counter, CounterChild
 from gateway.pipeline import Next, RequestContext
 from gateway.stages.converters import OWNED_REQUEST, check_name, str_list
 from gateway.stages.kind import BuildContext, StageKind
@@ -398,13 +398,17 @@ class JwtStage:
         self._cache: OrderedDict[str, tuple[dict[str, Any], float]] = OrderedDict()
         self._cache_size = config.cache_size
         self._total = total
-        self._counters: dict[tuple[str, str], Any] = {}
+        #: route -> result -> its child of gateway_jwt_total (keyed by the strings themselves,
+        #: whose hashes are cached, so counting builds no tuple per request)
+        self._counters: dict[str, dict[str, CounterChild]] = {}
 
     def _count(self, route: str, result: str) -> None:
-        key = (route, result)
-        child = self._counters.get(key)
+        by_result = self._counters.get(route)
+        if by_result is None:
+            by_result = self._counters[route] = {}
+        child = by_result.get(result)
         if child is None:
-            child = self._counters[key] = self._total.labels(route, result)
+            child = by_result[result] = self._total.labels(route, result)
         child.inc()
 
     def _cached(self, token: str, now: float) -> dict[str, Any] | None:
