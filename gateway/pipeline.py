@@ -23,7 +23,11 @@ Next = Callable[["RequestContext"], Awaitable[Response]]
 
 
 class Stage(Protocol):
-    async def __call__(self, ctx: RequestContext, call_next: Next) -> Response: ...
+    """A coroutine function, mostly; a stage with nothing to do after the rest of the pipeline
+    may instead return `call_next(ctx)` itself (the jwt stage, for a cached token), sparing the
+    request a coroutine frame.  Either way callers only ever `await stage(ctx, call_next)`."""
+
+    def __call__(self, ctx: RequestContext, call_next: Next) -> Awaitable[Response]: ...
 
 
 @final

@@ -24,9 +24,10 @@ import hashlib
 import json
 import logging
 import re
-import time
 from collections import OrderedDict
+from collections.abc import Awaitable
 from dataclasses import dataclass
+from time import time as wall_clock
 from typing import Any, Final, final
 from urllib.parse import urlsplit, urlunsplit
 
@@ -450,7 +451,16 @@ class JwtStage:
             self._cache.popitem(last=False)
         return claims
 
-    async def __call__(self, ctx: RequestContext, call_next: Next) -> Response:
+    def __call__(self, ctx: RequestContext, call_next: Next) -> Awaitable[Response]:
+        """The rest of the pipeline's awaitable once the request is authenticated.
+
+        Not a coroutine: a cached token (nearly every request) is settled here, synchronously,
+        and the request goes on as the next stage's own awaitable, with no frame of ours left
+        around it (there is nothing to do on the way back).  Only a token to verify gets a
+        coroutine, `_verify_then`, since finding its keys may wait.  A refusal raises here, at
+        the call; every caller calls and awaits in one expression (`await call_next(ctx)`), so
+        it is caught where a raise from the await would be.
+        """
         head = ctx.head
         if self._forward_names:
             drop = self._forward_names
@@ -470,21 +480,38 @@ class JwtStage:
             raise Unauthenticated(
                 "a bearer token is required", headers=[("WWW-Authenticate", _CHALLENGE)]
             )
-        now = time.time()
-        claims = None if token is None else self._cached(token, now)
+        if token is None:  # "Bearer" with garbled credentials
+            raise self._refused(ctx, route, TokenRejected("malformed token")) from None
+        # exp and nbf are wall-clock times (time.time, imported by name: compiled code reads a
+        # global faster than a module's attribute)
+        now = wall_clock()
+        claims = self._cached(token, now)
         if claims is None:
-            try:
-                if token is None:  # "Bearer" with garbled credentials
-                    raise TokenRejected("malformed token")
-                claims = await self._verified(token, now)
-            except TokenRejected as exc:
-                result = "expired" if exc.expired else "invalid"
-                self._count(route, result)
-                ctx.outcome("jwt", result)
-                challenge = f'{_CHALLENGE}, error="invalid_token", error_description="{exc.reason}"'
-                raise Unauthenticated(
-                    exc.reason, headers=[("WWW-Authenticate", challenge)]
-                ) from None
+            return self._verify_then(ctx, call_next, route, token, now)
+        self._admit(ctx, route, claims)
+        return call_next(ctx)
+
+    async def _verify_then(
+        self, ctx: RequestContext, call_next: Next, route: str, token: str, now: float
+    ) -> Response:
+        """The pipeline for a token that was not in the cache: verified first."""
+        try:
+            claims = await self._verified(token, now)
+        except TokenRejected as exc:
+            raise self._refused(ctx, route, exc) from None
+        self._admit(ctx, route, claims)
+        return await call_next(ctx)
+
+    def _refused(self, ctx: RequestContext, route: str, exc: TokenRejected) -> Unauthenticated:
+        """The 401 for a token that does not authenticate, counted."""
+        result = "expired" if exc.expired else "invalid"
+        self._count(route, result)
+        ctx.outcome("jwt", result)
+        challenge = f'{_CHALLENGE}, error="invalid_token", error_description="{exc.reason}"'
+        return Unauthenticated(exc.reason, headers=[("WWW-Authenticate", challenge)])
+
+    def _admit(self, ctx: RequestContext, route: str, claims: dict[str, Any]) -> None:
+        """An authenticated request: counted, its claims in the context and forwarded."""
         self._count(route, "ok")
         ctx.claims = claims
         for claim, header in self._forward:
@@ -495,7 +522,6 @@ class JwtStage:
             if not text.isprintable() or not text.isascii():
                 continue  # never forward a value that could break the header block
             ctx.add_upstream_header(header, text.encode("ascii"))
-        return await call_next(ctx)
 
     async def warm(self, limit: float) -> None:
         """Wait (at most `limit` seconds) for a JWKS URL's first keys; best effort."""
