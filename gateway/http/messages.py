@@ -94,8 +94,10 @@ class RequestHead:
         optional whitespace around it (llhttp keeps trailing spaces and tabs: "k" and "k "
         must be one value wherever the gateway compares or keys on it)."""
         key = name.encode("latin-1")
+        size = len(key)
         for n, v in self.headers:
-            if n.lower() == key:
+            # a name of another length cannot match: no lower-case copy of it is made
+            if len(n) == size and n.lower() == key:
                 return v.decode("latin-1").strip(" \t")
         return None
 
