@@ -131,6 +131,13 @@ class ServerState:
             self._unrouted_bytes_out.inc(bytes_out)
         trace = ctx.trace if ctx is not None else None
         if trace is not None:
+            # a request whose spans are exported (a trace the collector will have) becomes its
+            # duration bucket's exemplar.  Here rather than at `observe` above, so an untraced
+            # request pays nothing and an unsampled one this one test; read before end_request,
+            # which lets go of the span
+            span = trace.span
+            if span is not None and route is not None:
+                route.duration.exemplar(elapsed, span.trace_id, span.span_id)
             end_request(trace, status, client, request_id)
         access_log = exchange.snapshot.access_log
         if not access_log.wants(status):

@@ -9,6 +9,10 @@ runs on one event loop thread, so nothing is locked.  Compiled with the rest of 
 Invariants: a family's label names are fixed when it is declared; a histogram child stores
 per-bucket (not cumulative) counts and its count is their total, so `observe` touches one slot
 and cumulative counts exist only in the text format (exposition.py).
+
+Exemplars (OpenMetrics): a histogram child keeps, per bucket, the latest observation of a
+sampled trace — but `observe` knows nothing of them: the caller adds one with `exemplar` only
+for a request whose spans are recorded, so every other request pays nothing for the feature.
 """
 
 from __future__ import annotations
@@ -18,6 +22,10 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from typing import Final, Generic, Literal, TypeVar, final
+
+#: an exemplar (OpenMetrics): trace id and span id in lower-case hex, the observed value, and
+#: when it was observed (Unix seconds) — a tuple, so a snapshot file holds it as a JSON list
+Exemplar = tuple[str, str, float, float]
 
 #: the clock every reported duration is measured with (histograms, the access log's
 #: duration_ms): uvloop's loop.time() ticks in whole milliseconds, which would put a 300 µs
@@ -78,13 +86,16 @@ class GaugeChild:
 
 @final
 class HistogramChild:
-    __slots__ = ("bounds", "counts", "sum")
+    __slots__ = ("bounds", "counts", "exemplars", "sum")
 
     def __init__(self, bounds: tuple[float, ...]) -> None:
         self.bounds = bounds
         #: per-bucket counts; the last slot is the +Inf bucket
         self.counts = [0] * (len(bounds) + 1)
         self.sum = 0.0
+        #: per bucket, its latest exemplar; None until the first one (most children never get
+        #: any, and a list per child would be bytes per route for nothing)
+        self.exemplars: list[Exemplar | None] | None = None
 
     def observe(self, value: float) -> None:
         # a value equal to a bound belongs to that bucket (le = "less or equal").  A linear scan
@@ -97,6 +108,21 @@ class HistogramChild:
             index += 1
         self.counts[index] += 1
         self.sum += value
+
+    def exemplar(self, value: float, trace_id: str, span_id: str) -> None:
+        """Make (`value`, `trace_id`, `span_id`, now) the exemplar of the bucket `value` falls in.
+
+        Called after `observe(value)`, and only for a sampled request, so the bucket is found
+        twice for those (a few compares) and `observe` stays what every other request runs."""
+        index = 0
+        for bound in self.bounds:
+            if value <= bound:
+                break
+            index += 1
+        exemplars = self.exemplars
+        if exemplars is None:
+            exemplars = self.exemplars = [None] * len(self.counts)
+        exemplars[index] = (trace_id, span_id, value, time.time())
 
 
 _Child = TypeVar("_Child", CounterChild, GaugeChild, HistogramChild)
