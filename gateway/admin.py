@@ -18,6 +18,11 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway.bearer import bearer_token
+from gateway.observability.exposition import (
+    OPENMETRICS_CONTENT_TYPE,
+    PROMETHEUS_CONTENT_TYPE,
+    wants_openmetrics,
+)
 
 
 class _MalformedRequestFilter(logging.Filter):
@@ -48,7 +53,7 @@ class AdminBackend(Protocol):
     def routes_info(self) -> list[dict[str, Any]]: ...
     def upstreams_info(self) -> list[dict[str, Any]]: ...
     async def reload(self) -> dict[str, Any]: ...
-    def metrics_text(self) -> str: ...
+    def metrics_text(self, openmetrics: bool = False) -> str: ...
 
 
 _BACKEND = web.AppKey("backend", AdminBackend)
@@ -122,10 +127,11 @@ async def _readyz(request: web.Request) -> web.Response:
 
 
 async def _metrics(request: web.Request) -> web.Response:
-    text = request.app[_BACKEND].metrics_text()
-    return web.Response(
-        text=text, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
-    )
+    # the format is the scraper's choice: Prometheus asks for OpenMetrics first by default
+    openmetrics = wants_openmetrics(",".join(request.headers.getall("Accept", [])))
+    text = request.app[_BACKEND].metrics_text(openmetrics)
+    content_type = OPENMETRICS_CONTENT_TYPE if openmetrics else PROMETHEUS_CONTENT_TYPE
+    return web.Response(text=text, headers={"Content-Type": content_type})
 
 
 async def _config(request: web.Request) -> web.Response:

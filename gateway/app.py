@@ -153,13 +153,17 @@ class Gateway:
                     described[upstream][f"{spec.kind}s"].append({"stage": spec.label, **state})
         return list(described.values())
 
-    def metrics_text(self) -> str:
+    def metrics_text(self, openmetrics: bool = False) -> str:
+        """/metrics: the Prometheus text, or with `openmetrics` OpenMetrics text (exemplars
+        included); with several workers, every worker's values merged."""
         extra: list[dict[str, Any]] = []
         if self.metrics_dir:
             self._publish_metrics()  # samples the process metrics too
             extra = read_snapshots(self.metrics_dir, exclude=self._metrics_file_name())
         else:
             self._process.sample()
+        if openmetrics:
+            return self.registry.render_openmetrics(extra=extra)
         return self.registry.render(extra=extra)
 
     async def reload(self) -> dict[str, Any]:

@@ -1,10 +1,15 @@
-"""Exposition: the registry of one process's metric families, the Prometheus text format 0.0.4,
+"""Exposition: the registry of one process's metric families, the Prometheus text format 0.0.4
+and OpenMetrics 1.0.0 text (which /metrics answers is the scraper's `Accept`: `wants_openmetrics`),
 and /metrics across workers.
 
 With several workers each one publishes `Registry.snapshot()` to a file (`write_snapshot`) and
 the worker serving /metrics renders its live values merged with the others' snapshots
 (`read_snapshots`): counters and histograms add, gauges follow their family's `merge` mode.
 Nothing here runs per request: the data plane only touches the children (instruments.py).
+
+OpenMetrics differs from the Prometheus text in what a scraper can check strictly: a counter
+family is named without `_total` (its samples keep it), an info family (`Registry.info`) is of
+type info, `"` is escaped in HELP too, exemplars follow histogram buckets, and `# EOF` ends it.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import tempfile
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -21,13 +27,62 @@ from gateway.observability.instruments import (
     DEFAULT_BUCKETS,
     AnyFamily,
     Counter,
+    Exemplar,
     Gauge,
     Histogram,
+    HistogramChild,
     Merge,
 )
 
 #: one worker's live values as plain JSON data, {family name: rows}: what it publishes to its file
 MetricsSnapshot = dict[str, Any]
+
+PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+OPENMETRICS_CONTENT_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8"
+#: the OpenMetrics versions a scraper may ask for that our 1.0.0 text satisfies (0.0.1 is the
+#: draft Prometheus still lists; its text is the same)
+_OPENMETRICS_VERSIONS = frozenset({"1.0.0", "0.0.1"})
+_TRACE_ID = re.compile(r"[0-9a-f]{32}\Z")
+_SPAN_ID = re.compile(r"[0-9a-f]{16}\Z")
+
+
+# -- content negotiation ---------------------------------------------------------------------
+
+
+def _quality(text: str) -> float:
+    try:
+        q = float(text)
+    except ValueError:
+        return 0.0
+    return q if 0.0 <= q <= 1.0 else 0.0  # NaN fails both compares
+
+
+def wants_openmetrics(accept: str) -> bool:
+    """Whether an `Accept` value prefers OpenMetrics text to the Prometheus text: an
+    `application/openmetrics-text` range of a version we write, with a quality above 0 and not
+    below the best that text/plain (or text/*, */*) gets.  No Accept, `*/*` or text/plain alone
+    get the Prometheus text, as before OpenMetrics was offered."""
+    openmetrics = 0.0
+    text = 0.0
+    for media_range in accept.split(","):
+        params = media_range.split(";")
+        media_type = params[0].strip().lower()
+        q = 1.0
+        version: str | None = None
+        for param in params[1:]:
+            name, _, value = param.partition("=")
+            name = name.strip().lower()
+            value = value.strip().strip('"')
+            if name == "q":
+                q = _quality(value)
+            elif name == "version":
+                version = value
+        if media_type == "application/openmetrics-text":
+            if version is None or version in _OPENMETRICS_VERSIONS:
+                openmetrics = max(openmetrics, q)
+        elif media_type in ("text/plain", "text/*", "*/*"):
+            text = max(text, q)
+    return openmetrics > 0.0 and openmetrics >= text
 
 
 # -- text format -----------------------------------------------------------------------------
@@ -39,6 +94,11 @@ def _escape_label(value: str) -> str:
 
 def _escape_help(text: str) -> str:
     return text.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def _escape_openmetrics_help(text: str) -> str:
+    # OpenMetrics HELP is an escaped string like a label value: a bare `"` is invalid there
+    return _escape_label(text)
 
 
 def _number(value: float) -> str:
@@ -78,6 +138,52 @@ def _render_family(family: AnyFamily, others: list[Any], out: list[str]) -> None
         return
     merge: Merge = family.merge if isinstance(family, Gauge) else "sum"
     for key, value in _merge_values(family, others, merge).items():
+        out.append(f"{name}{_label_text(names, key)} {_number(value)}")
+
+
+def _exemplar_text(exemplar: Exemplar | None) -> str:
+    if exemplar is None:
+        return ""
+    trace_id, span_id, value, at = exemplar
+    return f' # {{trace_id="{trace_id}",span_id="{span_id}"}} {_number(value)} {at!r}'
+
+
+def _render_openmetrics_family(
+    family: AnyFamily, others: list[Any], info: bool, out: list[str]
+) -> None:
+    name = family.name
+    names = family.label_names
+    if isinstance(family, Histogram):
+        out.append(f"# HELP {name} {_escape_openmetrics_help(family.help)}")
+        out.append(f"# TYPE {name} histogram")
+        les = [repr(b) for b in family.bounds] + ["+Inf"]
+        exemplars = _merge_exemplars(family, others)
+        for key, (counts, total) in _merge_histograms(family, others).items():
+            kept = exemplars.get(key)
+            cumulative = 0
+            for index, (le, count) in enumerate(zip(les, counts, strict=True)):
+                cumulative += count
+                sample = f"{name}_bucket{_label_text(names, key, le)} {cumulative}"
+                if kept is not None:
+                    sample += _exemplar_text(kept[index])
+                out.append(sample)
+            labels = _label_text(names, key)
+            out.append(f"{name}_sum{labels} {_number(total)}")
+            out.append(f"{name}_count{labels} {cumulative}")
+        return
+    # the family is named without the suffix its samples carry (`_total`, `_info`)
+    if isinstance(family, Counter):
+        kind, base = "counter", name.removesuffix("_total")
+    elif info:
+        kind, base = "info", name.removesuffix("_info")
+    else:
+        kind, base = "gauge", name
+    out.append(f"# HELP {base} {_escape_openmetrics_help(family.help)}")
+    out.append(f"# TYPE {base} {kind}")
+    merge: Merge = family.merge if isinstance(family, Gauge) else "sum"
+    for key, value in _merge_values(family, others, merge).items():
+        if info and value != 1:
+            continue  # an info sample is 1 by definition: anything else is a broken snapshot
         out.append(f"{name}{_label_text(names, key)} {_number(value)}")
 
 
@@ -137,7 +243,8 @@ def _merge_histograms(
         if not isinstance(rows, list):
             continue
         for row in rows:
-            if not isinstance(row, list) or len(row) != 3 or not _is_number(row[2]):
+            # [labels, counts, sum] and, once the child has exemplars, a fourth item with them
+            if not isinstance(row, list) or len(row) not in (3, 4) or not _is_number(row[2]):
                 continue
             key, counts = _key(row[0], width), row[1]
             if (
@@ -156,9 +263,68 @@ def _merge_histograms(
     return merged
 
 
+def _exemplar_row(row: Any, low: float, high: float) -> Exemplar | None:
+    """An exemplar from another worker's file, if it is one for the bucket (low, high]."""
+    if not isinstance(row, list) or len(row) != 4:
+        return None
+    trace_id, span_id, value, at = row
+    if (
+        not isinstance(trace_id, str)
+        or not isinstance(span_id, str)
+        or not _TRACE_ID.match(trace_id)
+        or not _SPAN_ID.match(span_id)
+        or not _is_number(value)
+        or not _is_number(at)
+        or not low < value <= high
+        or not math.isfinite(at)
+    ):
+        return None
+    return (trace_id, span_id, float(value), float(at))
+
+
+def _merge_exemplars(
+    family: Histogram, others: list[Any]
+) -> dict[tuple[str, ...], list[Exemplar | None]]:
+    """Per child, per bucket, the latest exemplar of any worker (the most recent trace is the
+    likeliest one the tracing backend still holds)."""
+    merged: dict[tuple[str, ...], list[Exemplar | None]] = {}
+    for k, c in family.children.items():
+        if c.exemplars is not None:
+            merged[k] = list(c.exemplars)
+    width = len(family.label_names)
+    edges = [-math.inf, *family.bounds, math.inf]
+    slots = len(edges) - 1
+    for rows in others:
+        if not isinstance(rows, list):
+            continue
+        for row in rows:
+            if not isinstance(row, list) or len(row) != 4 or not isinstance(row[3], list):
+                continue
+            key, theirs = _key(row[0], width), row[3]
+            if key is None or len(theirs) != slots:
+                continue
+            mine = merged.setdefault(key, [None] * slots)
+            for index in range(slots):
+                exemplar = _exemplar_row(theirs[index], edges[index], edges[index + 1])
+                if exemplar is None:
+                    continue
+                current = mine[index]
+                if current is None or exemplar[3] > current[3]:
+                    mine[index] = exemplar
+    return merged
+
+
+def _histogram_row(key: tuple[str, ...], child: HistogramChild) -> list[Any]:
+    row: list[Any] = [list(key), list(child.counts), child.sum]
+    exemplars = child.exemplars
+    if exemplars is not None:
+        row.append([None if e is None else list(e) for e in exemplars])
+    return row
+
+
 def _family_snapshot(family: AnyFamily) -> list[list[Any]]:
     if isinstance(family, Histogram):
-        return [[list(k), list(c.counts), c.sum] for k, c in family.children.items()]
+        return [_histogram_row(k, c) for k, c in family.children.items()]
     return [[list(k), c.value] for k, c in family.children.items()]
 
 
@@ -170,6 +336,8 @@ class Registry:
 
     def __init__(self) -> None:
         self.families: dict[str, AnyFamily] = {}
+        #: the gauges declared with `info`: OpenMetrics types them info
+        self.infos: set[str] = set()
 
     def _add(self, family: AnyFamily) -> None:
         if family.name in self.families:
@@ -187,6 +355,16 @@ class Registry:
     ) -> Gauge:
         family = Gauge(name, help, labels, merge)
         self._add(family)
+        return family
+
+    def info(self, name: str, help: str, labels: Sequence[str]) -> Gauge:
+        """An info metric: a gauge whose children are at 1 (`Gauge.set_info`), the union over
+        workers (merge max); the Prometheus text shows it as a gauge, OpenMetrics as an info
+        family named without `_info`."""
+        if not name.endswith("_info"):
+            raise ValueError(f"info metric {name} must end in _info")
+        family = self.gauge(name, help, labels, merge="max")
+        self.infos.add(name)
         return family
 
     def histogram(
@@ -225,6 +403,17 @@ class Registry:
         out: list[str] = []
         for name, family in self.families.items():
             _render_family(family, [s.get(name) for s in others], out)
+        out.append("")
+        return "\n".join(out)
+
+    def render_openmetrics(self, extra: Iterable[object] = ()) -> str:
+        """OpenMetrics 1.0.0 text of the same values as `render`, exemplars included."""
+        others: list[MetricsSnapshot] = [s for s in extra if isinstance(s, dict)]
+        out: list[str] = []
+        for name, family in self.families.items():
+            others_rows = [s.get(name) for s in others]
+            _render_openmetrics_family(family, others_rows, name in self.infos, out)
+        out.append("# EOF")
         out.append("")
         return "\n".join(out)
 

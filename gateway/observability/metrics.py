@@ -193,16 +193,15 @@ class GatewayMetrics:
             "gateway_config_last_reload_success", "1 if the last reload succeeded.", merge="min"
         )
         self.config_last_reload_success.set(1)
-        # max over workers = the union of versions in use, each at 1
-        self.config_info = r.gauge(
-            "gateway_config_info", "Configuration version in use.", ("version",), merge="max"
+        # info (merge max): the union over workers of the versions in use, each at 1
+        self.config_info = r.info(
+            "gateway_config_info", "Configuration version in use.", ("version",)
         )
-        # max over workers = the union of builds running (one, but for a rolling upgrade)
-        self.build_info = r.gauge(
+        # info (merge max): the union of builds running (one, but for a rolling upgrade)
+        self.build_info = r.info(
             "gateway_build_info",
             "The gateway's version, the Python running it, and whether its hot path is compiled.",
             ("version", "python", "compiled"),
-            merge="max",
         )
         # the process_* names every Prometheus client library exports, read from the kernel
         # (observability/process.py) whenever /metrics is rendered or a worker publishes; with
