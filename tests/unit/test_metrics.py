@@ -1,5 +1,5 @@
-"""gateway.observability.instruments, exposition and metrics: children, text rendering, multi-worker
-merge, snapshot files, the declarations."""
+"""gateway.observability.instruments, exposition and metrics: children, text rendering (Prometheus
+text and OpenMetrics, exemplars), multi-worker merge, snapshot files, the declarations."""
 
 from __future__ import annotations
 
@@ -10,9 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as openmetrics_families,
+)
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
-from gateway.observability.exposition import Registry, read_snapshots
+from gateway.observability.exposition import Registry, read_snapshots, wants_openmetrics
 from gateway.observability.instruments import DEFAULT_BUCKETS, bounded_method
 from gateway.observability.metrics import GatewayMetrics
 
@@ -458,3 +462,221 @@ def test_write_snapshot_failure_removes_the_temporary(tmp_path: Path) -> None:
     with pytest.raises(OSError, match="taken"):
         Registry().write_snapshot(str(target))
     assert sorted(os.listdir(tmp_path)) == ["taken"]
+
+
+# -- OpenMetrics: negotiation, the text, exemplars -------------------------------------------
+
+TRACE_A = "4bf92f3577b34da6a3ce929d0e0e4736"
+TRACE_B = "0af7651916cd43dd8448eb211c80319c"
+SPAN_A = "00f067aa0ba902b7"
+SPAN_B = "b7ad6b7169203331"
+
+
+def parse_openmetrics(text: str) -> tuple[dict[str, str], list[Sample]]:
+    """Family types and samples via the strict OpenMetrics parser (it raises on any error)."""
+    families = list(openmetrics_families(text))
+    return {f.name: f.type for f in families}, [s for f in families for s in f.samples]
+
+
+def shown_exemplars(text: str, family: str) -> dict[str, tuple[str, str, float]]:
+    """{le: (trace_id, span_id, value)} of the buckets of `family` that carry an exemplar."""
+    _, samples = parse_openmetrics(text)
+    return {
+        s.labels["le"]: (
+            s.exemplar.labels["trace_id"],
+            s.exemplar.labels["span_id"],
+            s.exemplar.value,
+        )
+        for s in samples
+        if s.name == f"{family}_bucket" and s.exemplar is not None
+    }
+
+
+@pytest.mark.parametrize(
+    ("accept", "openmetrics"),
+    [
+        (
+            "application/openmetrics-text;version=1.0.0,application/openmetrics-text;"
+            "version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1",
+            True,
+        ),
+        ("application/openmetrics-text", True),
+        ("Application/OpenMetrics-Text; Version=0.0.1", True),
+        ("text/plain;q=0.5, application/openmetrics-text;q=0.6", True),
+        ('application/openmetrics-text;version="1.0.0"', True),
+        ("", False),
+        ("*/*", False),
+        ("text/plain", False),
+        ("text/plain;version=0.0.4;q=0.5,*/*;q=0.1", False),
+        ("application/openmetrics-text;version=2.0.0", False),
+        ("application/openmetrics-text;q=0", False),
+        ("application/openmetrics-text;q=nan", False),
+        ("application/openmetrics-text;q=x", False),
+        ("text/plain, application/openmetrics-text;q=0.9", False),
+        ("application/json", False),
+    ],
+)
+def test_openmetrics_is_answered_when_accept_prefers_it(accept: str, openmetrics: bool) -> None:
+    assert wants_openmetrics(accept) is openmetrics
+
+
+def test_the_gateway_metrics_are_valid_openmetrics() -> None:
+    r = Registry()
+    m = GatewayMetrics(r)
+    m.build_info.set_info("1.2.3", "3.11.7", "true")
+    m.config_info.set_info("abc")
+    m.requests_total.labels("users", "GET", "200").inc(3)
+    m.request_duration_seconds.labels("users").observe(0.003)
+    m.upstream_endpoint_up.labels("app", "10.0.0.1:80").set(1)
+    m.process_cpu_seconds_total.set_total(1.5)
+    text = r.render_openmetrics()
+    assert text.endswith("\n# EOF\n")
+    types, samples = parse_openmetrics(text)
+    prometheus_types, prometheus_samples = parse(r.render())
+    # every family is there under its OpenMetrics name, with the same samples
+    renamed = {
+        ("gateway_requests_total", "gateway_requests"),
+        ("gateway_build_info", "gateway_build"),
+        ("process_cpu_seconds_total", "process_cpu_seconds"),
+    }
+    for prometheus_name, openmetrics_name in renamed:
+        assert openmetrics_name in types
+        assert prometheus_name not in types
+    assert types["gateway_requests"] == "counter"
+    assert types["gateway_build"] == "info"
+    assert types["gateway_config"] == "info"
+    assert types["gateway_request_duration_seconds"] == "histogram"
+    assert types["gateway_requests_in_flight"] == "gauge"
+    assert len(types) == len(prometheus_types)
+    assert {(s.name, tuple(sorted(s.labels.items()))): s.value for s in samples} == (
+        prometheus_samples
+    )
+
+
+def test_openmetrics_escapes_quotes_in_help_and_label_values() -> None:
+    r = Registry()
+    r.counter("odd", 'Says "hi"\\ and\nmore.', ("path",)).labels('a"b\\c\nd').inc()
+    text = r.render_openmetrics()
+    assert '# HELP odd Says \\"hi\\"\\\\ and\\nmore.\n' in text
+    [family] = openmetrics_families(text)
+    assert family.documentation == 'Says "hi"\\ and\nmore.'
+    assert family.samples[0].labels == {"path": 'a"b\\c\nd'}
+
+
+def test_an_info_metric_must_be_named_info() -> None:
+    with pytest.raises(ValueError, match="_info"):
+        Registry().info("gateway_build", "Build.", ("version",))
+
+
+def test_an_exemplar_follows_its_bucket_in_openmetrics_only() -> None:
+    r = Registry()
+    m = GatewayMetrics(r)
+    child = m.request_duration_seconds.labels("users")
+    plain_before = r.render()
+    child.observe(0.00042)
+    child.exemplar(0.00042, TRACE_A, SPAN_A)
+    child.observe(0.2)
+    child.observe(0.003)
+    child.exemplar(0.003, TRACE_B, SPAN_B)
+    child.observe(0.004)  # a later request that was not sampled keeps the exemplar in place
+    assert shown_exemplars(r.render_openmetrics(), "gateway_request_duration_seconds") == {
+        "0.0005": (TRACE_A, SPAN_A, 0.00042),
+        "0.005": (TRACE_B, SPAN_B, 0.003),
+    }
+    assert (
+        f'{{route="users",le="0.0005"}} 1 # {{trace_id="{TRACE_A}",span_id="{SPAN_A}"}} 0.00042 '
+        in r.render_openmetrics()
+    )
+    # the Prometheus text has no exemplars, and is what it would be without them
+    plain = r.render()
+    assert TRACE_A not in plain
+    assert " # {" not in plain
+    twin = Registry()
+    twin_child = GatewayMetrics(twin).request_duration_seconds.labels("users")
+    for value in (0.00042, 0.2, 0.003, 0.004):
+        twin_child.observe(value)
+    assert plain == twin.render() != plain_before
+
+
+def test_a_later_exemplar_in_a_bucket_replaces_the_earlier() -> None:
+    r = Registry()
+    child = GatewayMetrics(r).request_duration_seconds.labels("users")
+    for trace, span in ((TRACE_A, SPAN_A), (TRACE_B, SPAN_B)):
+        child.observe(0.0004)
+        child.exemplar(0.0004, trace, span)
+    assert shown_exemplars(r.render_openmetrics(), "gateway_request_duration_seconds") == {
+        "0.0005": (TRACE_B, SPAN_B, 0.0004)
+    }
+
+
+def _with_exemplar(value: float, trace: str, span: str, at: float) -> dict[str, Any]:
+    r = Registry()
+    child = GatewayMetrics(r).request_duration_seconds.labels("users")
+    child.observe(value)
+    child.exemplar(value, trace, span)
+    assert child.exemplars is not None
+    index = child.exemplars.index(next(e for e in child.exemplars if e is not None))
+    child.exemplars[index] = (trace, span, value, at)
+    return roundtrip(r.snapshot())
+
+
+def test_workers_exemplars_merge_to_each_buckets_latest() -> None:
+    me = Registry()
+    mine = GatewayMetrics(me).request_duration_seconds.labels("users")
+    mine.observe(0.0004)
+    mine.exemplar(0.0004, TRACE_A, SPAN_A)
+    assert mine.exemplars is not None
+    assert mine.exemplars[0] is not None
+    now = mine.exemplars[0][3]
+    others = [
+        _with_exemplar(0.0003, TRACE_B, SPAN_B, now + 5),  # later, same bucket: wins
+        _with_exemplar(0.02, TRACE_B, SPAN_B, now - 5),  # the only one of its bucket
+        _with_exemplar(0.0002, "f" * 32, SPAN_B, now - 5),  # earlier than mine: loses
+    ]
+    assert others[0]["gateway_request_duration_seconds"][0][3][0][:2] == [TRACE_B, SPAN_B]
+    text = me.render_openmetrics(extra=others)
+    assert shown_exemplars(text, "gateway_request_duration_seconds") == {
+        "0.0005": (TRACE_B, SPAN_B, 0.0003),
+        "0.025": (TRACE_B, SPAN_B, 0.02),
+    }
+    # counts add up as in the Prometheus text, and that text still has no exemplars
+    _, samples = parse(me.render(extra=others))
+    assert samples[key("gateway_request_duration_seconds_count", route="users")] == 4
+    assert " # {" not in me.render(extra=others)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "not a list",
+        [None] * 3,  # a slot short
+        [["x" * 32, SPAN_B, 0.0003, 1e12]] + [None] * 15,  # not hex
+        [[TRACE_B, "b7ad", 0.0003, 1e12]] + [None] * 15,  # span id too short
+        [[TRACE_B.upper(), SPAN_B, 0.0003, 1e12]] + [None] * 15,
+        [[TRACE_B, SPAN_B, 0.7, 1e12]] + [None] * 15,  # value outside the bucket
+        [[TRACE_B, SPAN_B, "0.0003", 1e12]] + [None] * 15,
+        [[TRACE_B, SPAN_B, 0.0003, None]] + [None] * 15,
+        [[TRACE_B, SPAN_B, 0.0003]] + [None] * 15,
+        [[TRACE_B, SPAN_B, True, 1e12]] + [None] * 15,
+    ],
+)
+def test_malformed_exemplars_from_other_workers_are_skipped(bad: Any) -> None:
+    me = _worker(1, [0.0004], 0, True, "v1")
+    other = roundtrip(_worker(1, [0.0003], 0, True, "v1").snapshot())
+    other["gateway_request_duration_seconds"][0].append(bad)
+    text = me.render_openmetrics(extra=[other])
+    assert shown_exemplars(text, "gateway_request_duration_seconds") == {}
+    _, samples = parse(me.render(extra=[other]))
+    assert samples[key("gateway_request_duration_seconds_count", route="users")] == 2
+
+
+def test_a_snapshot_carries_exemplars_only_once_a_child_has_one() -> None:
+    r = Registry()
+    child = GatewayMetrics(r).request_duration_seconds.labels("users")
+    child.observe(0.003)
+    assert r.snapshot()["gateway_request_duration_seconds"] == [[["users"], child.counts, 0.003]]
+    child.exemplar(0.003, TRACE_A, SPAN_A)
+    [row] = roundtrip(r.snapshot())["gateway_request_duration_seconds"]
+    assert len(row) == 4
+    assert row[3][3][:3] == [TRACE_A, SPAN_A, 0.003]
+    assert [e for i, e in enumerate(row[3]) if i != 3] == [None] * 15
