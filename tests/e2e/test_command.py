@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import signal
@@ -10,6 +11,7 @@ import ssl
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,9 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as openmetrics_families,
+)
 
 from gateway.certificates import check_certificate
 from gateway.core.idempotency_tokens import verify_token
@@ -33,6 +38,12 @@ from tests.support.process import (
 )
 
 REPO = Path(__file__).resolve().parents[2]
+#: what Prometheus sends by default, and the answer it gets
+PROMETHEUS_ACCEPT = (
+    "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;"
+    "q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+)
+OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 
 
 def config_text(
@@ -308,6 +319,21 @@ async def test_workers_share_the_port_and_a_killed_worker_is_restarted(tmp_path:
             status, body = await asyncio.to_thread(http_get, f"http://127.0.0.1:{admin}/metrics")
             assert status == 200
             assert b"gateway_requests_total" in body
+            # what Prometheus asks for by default: OpenMetrics, merged as strictly valid text
+            status, headers, body = await asyncio.to_thread(
+                _get, f"http://127.0.0.1:{admin}/metrics", {"Accept": PROMETHEUS_ACCEPT}
+            )
+            assert status == 200
+            assert headers["Content-Type"] == OPENMETRICS
+            families = {f.name: f for f in openmetrics_families(body.decode())}
+            assert families["gateway_requests"].type == "counter"
+            assert families["gateway_build"].type == "info"
+            echo = [
+                s.value
+                for s in families["gateway_requests"].samples
+                if s.name == "gateway_requests_total" and s.labels["route"] == "echo"
+            ]
+            assert sum(echo) >= 1
             # SIGHUP to the parent reloads every worker; POST /admin/reload on worker 0 too
             await async_wait_until(lambda: _listening(http) == 2, what="both workers listening")
             path.write_text(
@@ -342,6 +368,75 @@ async def test_workers_share_the_port_and_a_killed_worker_is_restarted(tmp_path:
     ]
     # the admin reload ran in worker 0, and reached worker 1 through the supervisor (SIGUSR1)
     assert {r.get("worker") for r in unchanged} == {0, 1}
+
+
+def _get(url: str, headers: Mapping[str, str]) -> tuple[int, Mapping[str, str], bytes]:
+    """A GET on a connection of its own (urllib does not keep connections alive)."""
+    request = urllib.request.Request(url, headers=dict(headers))
+    with urllib.request.urlopen(request, timeout=5) as response:
+        return int(response.status), response.headers, response.read()
+
+
+def _exemplar_traces(admin: int) -> set[str]:
+    """The trace ids of the exemplars /metrics shows as OpenMetrics (strictly parsed)."""
+    status, headers, body = _get(f"http://127.0.0.1:{admin}/metrics", {"Accept": PROMETHEUS_ACCEPT})
+    assert status == 200
+    assert headers["Content-Type"] == OPENMETRICS
+    return {
+        s.exemplar.labels["trace_id"]
+        for family in openmetrics_families(body.decode())
+        for s in family.samples
+        if s.exemplar is not None
+    }
+
+
+def _shows_exemplar(admin: int, trace: str) -> bool:
+    return trace in _exemplar_traces(admin)
+
+
+async def test_openmetrics_with_workers_shows_the_exemplars_of_either(tmp_path: Path) -> None:
+    http, admin = free_port(), free_port()
+    path = tmp_path / "gateway.yaml"
+    path.write_text(
+        gateway_yaml(
+            listeners=[listener(http)],
+            admin={"bind": f"127.0.0.1:{admin}"},
+            shutdown={"drain_delay": "300ms", "timeout": "10s"},
+            # new traces unsampled: only the requests below that say "sampled" are
+            tracing={"service_name": "edge", "sample_ratio": 0, "exporter": "console"},
+            routes=[route("echo", "internal:echo", "/echo")],
+        )
+    )
+    gateway = GatewayProcess(path, "--workers", "2")
+    try:
+        await async_wait_until(lambda: len(_children(gateway.proc.pid)) == 2, what="2 workers")
+        await async_wait_until(lambda: _ready(admin), what="readyz")
+        await async_wait_until(lambda: _listening(http) == 2, what="both workers listening")
+        # the request id's prefix is random per process: it tells which worker answered
+        served_by: set[str] = set()
+        for attempt in range(1, 60):
+            trace = f"{attempt:032x}"
+            status, headers, _ = await asyncio.to_thread(
+                _get,
+                f"http://127.0.0.1:{http}/echo",
+                {"traceparent": f"00-{trace}-00f067aa0ba902b7-01"},
+            )
+            assert status == 200
+            served_by.add(headers["X-Request-Id"].split("-")[0])
+            # the latest sampled request of its bucket, whichever worker served it: only worker
+            # 0 serves /metrics, so worker 1's comes through its published snapshot
+            await async_wait_until(
+                functools.partial(_shows_exemplar, admin, trace),
+                what=f"the exemplar of trace {trace}",
+            )
+            if len(served_by) == 2:
+                break
+        assert len(served_by) == 2
+        gateway.signal(signal.SIGTERM)
+        code = await asyncio.to_thread(gateway.wait, 60)
+        assert code == 0, "\n".join(gateway.lines[-30:])
+    finally:
+        gateway.stop()
 
 
 def _listening(port: int) -> int:
