@@ -1,8 +1,8 @@
 """One request's place in a trace: its ids, whether it is sampled, the `traceparent` each
 upstream try carries, and — for a sampled request whose spans are exported — its span records.
 
-Compiled with the hot path: an unsampled request pays for two random ids, one header line per
-try and nothing else (no span is made for it).
+Compiled with the hot path: an unsampled request pays for a random trace id, a random span id
+and one header line per upstream try, and nothing else (no span is made for it).
 """
 
 from __future__ import annotations
@@ -56,7 +56,10 @@ class RequestTrace:
         suffix = _SAMPLED_SUFFIX if sampled else _UNSAMPLED_SUFFIX
         # tracestate goes on unchanged with every try (bounded when it was read)
         self._suffix = (
-            suffix if state is None else suffix + b"tracestate: " + state.encode() + b"\r\n"
+            # latin-1: the bytes as they came (the header was decoded so)
+            suffix
+            if state is None
+            else suffix + b"tracestate: " + state.encode("latin-1") + b"\r\n"
         )
 
     @property

@@ -135,6 +135,18 @@ async def test_a_sampled_parent_is_continued_and_the_upstream_sees_the_client_sp
     assert server.resource["deployment.environment.name"] == "test"
 
 
+async def test_tracestate_bytes_beyond_ascii_go_on_as_they_came(
+    tmp_path: Path, up: FaultyUpstream
+) -> None:
+    """obs-text in a field value is legal HTTP: `tracestate` goes upstream byte for byte (here
+    the UTF-8 of "é"), not re-encoded."""
+    async with running_gateway(tmp_path, traced_config(up.url, None, sample_ratio=0)) as gw:
+        status = await get(port_of(gw), f"traceparent: {SAMPLED}", "tracestate: k=café")
+        assert status == 200
+    # the upstream records header bytes as latin-1 text: the same two bytes as sent
+    assert header(up, "tracestate") == ["k=café".encode().decode("latin-1")]
+
+
 async def test_an_unsampled_parent_propagates_without_spans(
     tmp_path: Path, receiver: OtlpReceiver, up: FaultyUpstream
 ) -> None:
