@@ -119,45 +119,17 @@ def _label_text(names: Sequence[str], values: Sequence[str], le: str | None = No
     return "{" + ",".join(parts) + "}" if parts else ""
 
 
-def _render_family(family: AnyFamily, others: list[Any], out: list[str]) -> None:
+def _render_samples(
+    family: AnyFamily, others: list[Any], out: list[str], openmetrics: bool, info: bool
+) -> None:
+    """A family's sample lines, the same in both formats but for what only OpenMetrics has:
+    exemplars after histogram buckets, and info samples (1 by definition)."""
     name = family.name
-    out.append(f"# HELP {name} {_escape_help(family.help)}")
-    out.append(f"# TYPE {name} {family.kind}")
     names = family.label_names
     if isinstance(family, Histogram):
         # le values as floats ("1.0"), the form Prometheus normalizes them to
         les = [repr(b) for b in family.bounds] + ["+Inf"]
-        for key, (counts, total) in _merge_histograms(family, others).items():
-            cumulative = 0
-            for le, count in zip(les, counts, strict=True):
-                cumulative += count
-                out.append(f"{name}_bucket{_label_text(names, key, le)} {cumulative}")
-            labels = _label_text(names, key)
-            out.append(f"{name}_sum{labels} {_number(total)}")
-            out.append(f"{name}_count{labels} {cumulative}")
-        return
-    merge: Merge = family.merge if isinstance(family, Gauge) else "sum"
-    for key, value in _merge_values(family, others, merge).items():
-        out.append(f"{name}{_label_text(names, key)} {_number(value)}")
-
-
-def _exemplar_text(exemplar: Exemplar | None) -> str:
-    if exemplar is None:
-        return ""
-    trace_id, span_id, value, at = exemplar
-    return f' # {{trace_id="{trace_id}",span_id="{span_id}"}} {_number(value)} {at!r}'
-
-
-def _render_openmetrics_family(
-    family: AnyFamily, others: list[Any], info: bool, out: list[str]
-) -> None:
-    name = family.name
-    names = family.label_names
-    if isinstance(family, Histogram):
-        out.append(f"# HELP {name} {_escape_openmetrics_help(family.help)}")
-        out.append(f"# TYPE {name} histogram")
-        les = [repr(b) for b in family.bounds] + ["+Inf"]
-        exemplars = _merge_exemplars(family, others)
+        exemplars = _merge_exemplars(family, others) if openmetrics else {}
         for key, (counts, total) in _merge_histograms(family, others).items():
             kept = exemplars.get(key)
             cumulative = 0
@@ -171,8 +143,34 @@ def _render_openmetrics_family(
             out.append(f"{name}_sum{labels} {_number(total)}")
             out.append(f"{name}_count{labels} {cumulative}")
         return
-    # the family is named without the suffix its samples carry (`_total`, `_info`)
-    if isinstance(family, Counter):
+    merge: Merge = family.merge if isinstance(family, Gauge) else "sum"
+    for key, value in _merge_values(family, others, merge).items():
+        if info and value != 1:
+            continue  # an info sample is 1 by definition: anything else is a broken snapshot
+        out.append(f"{name}{_label_text(names, key)} {_number(value)}")
+
+
+def _render_family(family: AnyFamily, others: list[Any], out: list[str]) -> None:
+    out.append(f"# HELP {family.name} {_escape_help(family.help)}")
+    out.append(f"# TYPE {family.name} {family.kind}")
+    _render_samples(family, others, out, openmetrics=False, info=False)
+
+
+def _exemplar_text(exemplar: Exemplar | None) -> str:
+    if exemplar is None:
+        return ""
+    trace_id, span_id, value, at = exemplar
+    return f' # {{trace_id="{trace_id}",span_id="{span_id}"}} {_number(value)} {at!r}'
+
+
+def _render_openmetrics_family(
+    family: AnyFamily, others: list[Any], info: bool, out: list[str]
+) -> None:
+    # a family is named without the suffix its samples carry (`_total`, `_info`)
+    name = family.name
+    if isinstance(family, Histogram):
+        kind, base = "histogram", name
+    elif isinstance(family, Counter):
         kind, base = "counter", name.removesuffix("_total")
     elif info:
         kind, base = "info", name.removesuffix("_info")
@@ -180,11 +178,7 @@ def _render_openmetrics_family(
         kind, base = "gauge", name
     out.append(f"# HELP {base} {_escape_openmetrics_help(family.help)}")
     out.append(f"# TYPE {base} {kind}")
-    merge: Merge = family.merge if isinstance(family, Gauge) else "sum"
-    for key, value in _merge_values(family, others, merge).items():
-        if info and value != 1:
-            continue  # an info sample is 1 by definition: anything else is a broken snapshot
-        out.append(f"{name}{_label_text(names, key)} {_number(value)}")
+    _render_samples(family, others, out, openmetrics=True, info=info)
 
 
 # -- multi-worker merge ----------------------------------------------------------------------
