@@ -211,7 +211,3 @@ def export_request(resource: bytes, scope: bytes, encoded_spans: Sequence[bytes]
     _put_field(request, 1, b"".join(resource_spans))
     return b"".join(request)
 
-
-def encode_export_request(resource: bytes, scope: bytes, spans: Sequence[SpanRecord]) -> bytes:
-    """An export request holding `spans`, in one go."""
-    return export_request(resource, scope, [encode_spans(spans)])

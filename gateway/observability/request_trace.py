@@ -86,7 +86,7 @@ class RequestTrace:
         span_id = new_span_id()
         server = self.span
         if server is None:
-            return self._prefix + span_id + self._suffix, None
+            return self.try_headers(span_id), None
         attributes: list[tuple[str, AttributeValue]] = [
             ("http.request.method", method),
             ("server.address", host),

@@ -32,6 +32,8 @@ from gateway.observability.spans import CLIENT, SERVER, AttributeValue, SpanReco
 
 log = logging.getLogger("gateway.tracing")
 
+#: writes an export request's body from a batch
+_Body = Callable[[Sequence[SpanRecord]], bytes]
 #: spans encoded between two chances for the event loop to take the GIL (~1.5M instructions)
 ENCODE_AT_A_TIME = 32
 #: OTLP/gRPC's one method (opentelemetry/proto/collector/trace/v1/trace_service.proto)
@@ -203,10 +205,6 @@ class ConsoleExporter:
 
     def shutdown(self) -> None:
         pass
-
-
-class _Body(Protocol):
-    def __call__(self, spans: Sequence[SpanRecord]) -> bytes: ...
 
 
 def make_exporter(config: TracingConfig, version: str) -> SpanExporter:

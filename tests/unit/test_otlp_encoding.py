@@ -8,12 +8,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
-from gateway.observability.otlp_encoding import (
-    encode_export_request,
-    encode_spans,
-    export_request,
-    resource_and_scope,
-)
+from gateway.observability.otlp_encoding import encode_spans, export_request, resource_and_scope
 from gateway.observability.spans import CLIENT, SERVER, AttributeValue, SpanRecord
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -39,8 +34,13 @@ def span(**changes: object) -> SpanRecord:
     return record
 
 
+def encode_export_request(resource: bytes, scope: bytes, spans: list[SpanRecord]) -> bytes:
+    """A request holding `spans`, written in one piece."""
+    return export_request(resource, scope, [encode_spans(spans)])
+
+
 def only_span(*records: SpanRecord, resource: bytes = b"", scope: bytes = b"") -> Span:
-    [resource_spans] = decode(encode_export_request(resource, scope, records)).resource_spans
+    [resource_spans] = decode(encode_export_request(resource, scope, list(records))).resource_spans
     [scope_spans] = resource_spans.scope_spans
     [decoded] = scope_spans.spans
     return decoded
