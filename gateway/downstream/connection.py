@@ -91,6 +91,7 @@ _SPECIAL: Final = frozenset(
         b"content-length",
         b"transfer-encoding",
         b"connection",
+        b"proxy-connection",
         b"expect",
         b"upgrade",
         b"x-request-id",
@@ -479,6 +480,10 @@ class HttpConnection(asyncio.Protocol):
             head.connection_tokens = (
                 tokens if head.connection_tokens is None else head.connection_tokens | tokens
             )
+        elif low == b"proxy-connection":
+            # llhttp reads it like Connection when it decides keep-alive: see the version in
+            # on_headers_complete
+            head.proxy_connection = True
         elif low == b"expect":
             if value.strip().lower() == b"100-continue":
                 head.expect_continue = True
@@ -518,7 +523,15 @@ class HttpConnection(asyncio.Protocol):
         if self._head_bytes > limits.max_header_bytes:
             raise HeadersTooLarge(f"request head exceeds {limits.max_header_bytes} bytes")
         parser = self.parser
-        version = parser.get_http_version()
+        keep_alive = parser.should_keep_alive()
+        if keep_alive and head.connection_tokens is None and not head.proxy_connection:
+            # llhttp keeps a connection alive by default only for HTTP/1.1: an HTTP/1.0, 0.9
+            # or 2.0 one needs a Connection or Proxy-Connection header naming keep-alive.
+            # With neither header, keep-alive means HTTP/1.1, and the version string — a
+            # format() of two ints inside httptools, ~2k instructions — is not made.
+            version = "1.1"
+        else:
+            version = parser.get_http_version()
         if version != "1.1" and version != "1.0":
             raise BadRequest(f"HTTP/{version} is not supported")
         head.version = version
@@ -533,7 +546,7 @@ class HttpConnection(asyncio.Protocol):
                 raise BadRequest("missing Host header")
         elif head.chunked:
             raise BadRequest("Transfer-Encoding is not allowed in HTTP/1.0")
-        head.keep_alive = parser.should_keep_alive()
+        head.keep_alive = keep_alive
         tokens = head.connection_tokens
         if tokens is not None:
             named = tokens - NOT_NAMED_BY_CONNECTION
@@ -1248,4 +1261,3 @@ def _refusal(request_id: bytes, full: bool) -> bytes:
         len(response.body),
         response.body,
     )
-

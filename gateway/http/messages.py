@@ -40,6 +40,7 @@ class RequestHead:
         "path",
         "path_flags",
         "plain_target",
+        "proxy_connection",
         "query",
         "raw_method",
         "request_id",
@@ -82,6 +83,8 @@ class RequestHead:
         #: request is to be tunnelled (a websocket route, Connection: upgrade, no body)
         self.upgrade: bytes | None = None
         self.connection_tokens: set[bytes] | None = None
+        #: a Proxy-Connection header came (llhttp honours its keep-alive like Connection's)
+        self.proxy_connection = False
         self.request_id: bytes | None = None
         self.x_forwarded_for: bytes | None = None
         #: the traceparent header; b"" when there were several (invalid: a new trace)

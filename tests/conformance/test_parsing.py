@@ -173,3 +173,70 @@ async def test_body_over_limit_is_413(gw: Gateway, upstream: tuple[TestServer, S
     response = await asyncio.wait_for(response_task, 5)
     await close_writer(writer)
     assert response.status == 413
+
+
+#: (version, a header line or b"") -> what the answer must show: the Connection header it
+#: carries (None: none, HTTP/1.1 kept alive) and whether the connection stays open.  llhttp
+#: decides keep-alive from Connection and Proxy-Connection alike, and the gateway reads the
+#: version from that decision when neither header came, so every spelling is a case here.
+CONNECTION_CASES = {
+    ("1.1", b""): (None, True),
+    ("1.1", b"Connection: keep-alive\r\n"): (None, True),
+    ("1.1", b"Connection: close\r\n"): ("close", False),
+    ("1.1", b"Proxy-Connection: keep-alive\r\n"): (None, True),
+    ("1.1", b"Proxy-Connection: close\r\n"): ("close", False),
+    ("1.0", b""): ("close", False),
+    ("1.0", b"Connection: keep-alive\r\n"): ("keep-alive", True),
+    ("1.0", b"Connection: Keep-Alive, x-other\r\n"): ("keep-alive", True),
+    ("1.0", b"Proxy-Connection: keep-alive\r\n"): ("keep-alive", True),
+    ("1.0", b"Connection: close\r\n"): ("close", False),
+    ("1.0", b"Proxy-Connection: close\r\n"): ("close", False),
+}
+
+
+@pytest.mark.parametrize(("version", "line"), sorted(CONNECTION_CASES))
+async def test_version_and_keep_alive_by_every_connection_spelling(
+    version: str, line: bytes, gw: Gateway, upstream: tuple[TestServer, Seen]
+) -> None:
+    _, seen = upstream
+    expected_header, stays_open = CONNECTION_CASES[(version, line)]
+    reader, writer = await open_raw(port_of(gw))
+    request = b"GET /v HTTP/%b\r\nHost: a\r\n%b\r\n" % (version.encode(), line)
+    writer.write(request)
+    response = await asyncio.wait_for(read_response(reader), 5)
+    assert response.status == 200
+    assert response.header("connection") == expected_header
+    assert response.header("transfer-encoding") is None or version == "1.1"
+    if stays_open:
+        writer.write(request)
+        again = await asyncio.wait_for(read_response(reader), 5)
+        assert again.status == 200
+        assert len(seen.requests) == 2
+    else:
+        assert await is_closed(reader)
+        assert len(seen.requests) == 1
+    await close_writer(writer)
+
+
+@pytest.mark.parametrize("version", [b"2.0", b"0.9"])
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"",
+        b"Connection: keep-alive\r\n",
+        b"Proxy-Connection: keep-alive\r\n",
+        b"Connection: close\r\n",
+    ],
+)
+async def test_unsupported_version_is_400_whatever_keeps_it_alive(
+    version: bytes, line: bytes, gw: Gateway, upstream: tuple[TestServer, Seen]
+) -> None:
+    _, seen = upstream
+    reader, writer = await open_raw(port_of(gw))
+    writer.write(b"GET /v HTTP/%b\r\nHost: a\r\n%b\r\n" % (version, line))
+    response = await asyncio.wait_for(read_response(reader), 5)
+    assert response.status == 400
+    assert json.loads(response.body)["detail"] == f"HTTP/{version.decode()} is not supported"
+    assert await is_closed(reader)
+    await close_writer(writer)
+    assert seen.requests == []
