@@ -81,29 +81,46 @@ def pinned(core: str, argv: list[str]) -> list[str]:
     return ["taskset", "-c", core, *argv] if shutil.which("taskset") else argv
 
 
-def wait_http(port: int, timeout: float = 20.0) -> None:
-    """Until a GET / on the port gets any HTTP answer."""
+def wait_http(
+    port: int, timeout: float = 20.0, proc: subprocess.Popen[bytes] | None = None
+) -> None:
+    """Until a GET / on the port gets any HTTP answer; `proc`, when given, is the process that
+    should answer: its exit ends the wait at once."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1) as s:
             s.sendall(b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
             if s.recv(16).startswith(b"HTTP/1."):
                 return
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"exited with status {proc.returncode} before answering")
         time.sleep(0.1)
     raise RuntimeError(f"nothing answered HTTP on 127.0.0.1:{port} within {timeout}s")
 
 
+def last_lines(log: Path, count: int = 5) -> str:
+    """The end of a process's output, for a failure's note."""
+    try:
+        lines = log.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return " | ".join(lines[-count:])
+
+
 @contextlib.contextmanager
 def running(
-    argv: list[str], core: str, env: dict[str, str] | None = None
+    argv: list[str], core: str, env: dict[str, str] | None = None, log: Path | None = None
 ) -> Iterator[subprocess.Popen[bytes]]:
-    proc = subprocess.Popen(
-        pinned(core, argv),
-        env={**os.environ, **(env or {})},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    """`argv` pinned to `core`, its output (stdout and stderr) in `log` when given."""
+    with contextlib.ExitStack() as files:
+        output = subprocess.DEVNULL if log is None else files.enter_context(log.open("wb"))
+        proc = subprocess.Popen(
+            pinned(core, argv),
+            env={**os.environ, **(env or {})},
+            stdout=output,
+            stderr=subprocess.STDOUT if log is not None else subprocess.DEVNULL,
+            start_new_session=True,
+        )
     try:
         yield proc
     finally:

@@ -20,6 +20,7 @@ from bench.runner import (
     PROXY_CORE,
     Result,
     free_port,
+    last_lines,
     measured_pid,
     peak_rss_mib,
     rss_mib,
@@ -69,14 +70,26 @@ def started(
         result.note = f"{peer.needs} {missing}"
         yield None
         return
-    port = free_port()
     with tempfile.TemporaryDirectory(prefix=f"bench-{peer_name}-") as scratch:
-        launch = peer.build(Path(scratch), port, upstream_port, routes or scenario.routes, context)
-        with running(launch.argv, PROXY_CORE, launch.env) as proc:
-            wait_http(port)
-            pid = measured_pid(proc)
-            yield pid, port
-            result.peak_rss_mib = peak_rss_mib(pid)
+        # a port found free may be taken again before the peer binds it (another peer's
+        # outgoing connection): a peer that exits without answering gets one more port
+        for attempt in (1, 2):
+            port = free_port()
+            launch = peer.build(
+                Path(scratch), port, upstream_port, routes or scenario.routes, context
+            )
+            log = Path(scratch) / f"output-{attempt}.log"
+            with running(launch.argv, PROXY_CORE, launch.env, log) as proc:
+                try:
+                    wait_http(port, proc=proc)
+                except RuntimeError as exc:
+                    if proc.poll() is not None and attempt == 1:
+                        continue
+                    raise RuntimeError(f"{exc}; its output: {last_lines(log)}") from None
+                pid = measured_pid(proc)
+                yield pid, port
+                result.peak_rss_mib = peak_rss_mib(pid)
+                return
 
 
 def wrk_scenario(scenario: Scenario, peer_names: list[str], settings: Settings) -> list[Result]:
