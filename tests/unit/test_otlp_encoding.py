@@ -144,3 +144,33 @@ def test_a_batch_written_a_few_spans_at_a_time_is_the_same_request() -> None:
     assert export_request(resource, scope, pieces) == whole
     [resource_spans] = decode(whole).resource_spans
     assert len(resource_spans.scope_spans[0].spans) == 100
+
+
+def test_a_remembered_attribute_keeps_its_type_bool_int_and_double_of_one_value() -> None:
+    """Encoded attributes are remembered by value: True, 1 and 1.0 are equal as dict keys, so
+    each must still come back as its own type, in any order, and again from memory."""
+    for _ in range(2):
+        for value in (True, 1, 1.0, False, 0, 0.0):
+            record = span(attributes=[("x", value)])
+            [attribute] = only_span(record).attributes
+            decoded = value_of(attribute.value)
+            assert type(decoded) is type(value), (value, decoded)
+            assert decoded == value
+
+
+def test_remembered_attributes_are_bounded_and_still_right_past_the_bound() -> None:
+    from gateway.observability import otlp_encoding
+
+    bound = otlp_encoding._MAX_REMEMBERED
+    for n in range(bound + 10):
+        [attribute] = only_span(span(attributes=[("url.path", f"/{n}")])).attributes
+        assert value_of(attribute.value) == f"/{n}"
+        assert otlp_encoding._REMEMBERED.count <= bound
+        remembered = otlp_encoding._REMEMBERED.by_field.values()
+        assert sum(len(v) for by_name in remembered for v in by_name.values()) <= bound
+    # the same attribute as a span's and as an event's is not the same bytes (field 9 vs 3)
+    record = span(attributes=[("k", "v")])
+    record.add_event("e", [("k", "v")])
+    decoded = only_span(record)
+    assert [a.key for a in decoded.attributes] == ["k"]
+    assert [a.key for a in decoded.events[0].attributes] == ["k"]
