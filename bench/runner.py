@@ -47,6 +47,8 @@ class Result:
     note: str = ""
     #: scenario-specific figures (RSS growth, MiB/s, ...)
     figures: dict[str, float] = field(default_factory=dict)
+    #: rounds run at the same time as the other peers' on the one proxy core (`wrk_together`)
+    together: list[Round] = field(default_factory=list)
 
     def median(self, name: str) -> float:
         return (
@@ -68,7 +70,11 @@ class Result:
         }
 
     def as_dict(self) -> dict[str, object]:
-        return {**self.summary(), "rounds": [asdict(r) for r in self.rounds]}
+        return {
+            **self.summary(),
+            "rounds": [asdict(r) for r in self.rounds],
+            "rounds_together": [asdict(r) for r in self.together],
+        }
 
 
 def free_port() -> int:
@@ -181,38 +187,78 @@ def parse_wrk(output: str) -> tuple[int, float, float, float, int]:
     return requests, rps, latency.get("50", 0.0), latency.get("99", 0.0), errors
 
 
-def wrk_round(
-    pid: int, url: str, connections: int, seconds: float, headers: Sequence[str] = ()
-) -> Round:
-    """One wrk run against `url`, each request with the `headers` ("Name: value") added."""
-    before = cpu_seconds(pid)
-    output = subprocess.run(
-        pinned(
-            LOAD_CORE,
-            [
-                "wrk",
-                "-t1",
-                f"-c{connections}",
-                f"-d{max(1, round(seconds))}s",
-                "--latency",
-                "--timeout",
-                "5s",
-                *(arg for header in headers for arg in ("-H", header)),
-                url,
-            ],
-        ),
-        capture_output=True,
-        text=True,
-        timeout=seconds + 30,
-        check=True,
-    ).stdout
-    used = cpu_seconds(pid) - before
+def _wrk_argv(url: str, connections: int, seconds: float, headers: Sequence[str]) -> list[str]:
+    return pinned(
+        LOAD_CORE,
+        [
+            "wrk",
+            "-t1",
+            f"-c{connections}",
+            f"-d{max(1, round(seconds))}s",
+            "--latency",
+            "--timeout",
+            "5s",
+            *(arg for header in headers for arg in ("-H", header)),
+            url,
+        ],
+    )
+
+
+def _round(output: str, cpu_used: float) -> Round:
     requests, rps, p50, p99, errors = parse_wrk(output)
     return Round(
         requests=requests,
         rps=rps,
         p50_ms=p50,
         p99_ms=p99,
-        cpu_us_per_request=used * 1e6 / max(requests, 1),
+        cpu_us_per_request=cpu_used * 1e6 / max(requests, 1),
         errors=errors,
     )
+
+
+def wrk_round(
+    pid: int, url: str, connections: int, seconds: float, headers: Sequence[str] = ()
+) -> Round:
+    """One wrk run against `url`, each request with the `headers` ("Name: value") added."""
+    before = cpu_seconds(pid)
+    output = subprocess.run(
+        _wrk_argv(url, connections, seconds, headers),
+        capture_output=True,
+        text=True,
+        timeout=seconds + 30,
+        check=True,
+    ).stdout
+    return _round(output, cpu_seconds(pid) - before)
+
+
+def wrk_together(
+    targets: Sequence[tuple[int, str]],
+    connections: int,
+    seconds: float,
+    headers: Sequence[str] = (),
+) -> list[Round]:
+    """One wrk per (pid, url), all started at once: the peers, pinned to the one proxy core,
+    share it for the whole round, so whatever slows the machine meanwhile slows each alike and
+    their req/s ratio is the ratio of their costs per request (the scheduler gives each peer's
+    session an equal share of the core: kernel.sched_autogroup_enabled, each peer in a session
+    of its own)."""
+    before = [cpu_seconds(pid) for pid, _ in targets]
+    runs = [
+        subprocess.Popen(
+            _wrk_argv(url, connections, seconds, headers),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        for _, url in targets
+    ]
+    outputs = []
+    for run in runs:
+        output, _ = run.communicate(timeout=seconds + 30)
+        if run.returncode != 0:
+            raise RuntimeError(f"wrk exited with status {run.returncode}")
+        outputs.append(output)
+    return [
+        _round(output, cpu_seconds(pid) - start)
+        for output, (pid, _), start in zip(outputs, targets, before, strict=True)
+    ]

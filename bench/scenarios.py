@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import resource
+import statistics
 import sys
 import tempfile
 import urllib.error
@@ -27,6 +28,7 @@ from bench.runner import (
     running,
     wait_http,
     wrk_round,
+    wrk_together,
 )
 from bench.tokens import mint
 
@@ -120,10 +122,13 @@ def _interleaved(
     context: Context = NO_CONTEXT,
     headers: Sequence[str] = (),
     check: Callable[[str, str], None] | None = None,
+    together: bool = False,
 ) -> None:
     """Start every entry's peer, warm each up, then run the rounds interleaved: round 1 of
     each, then round 2 of each, and so on (the starting one rotating), so a slow minute on a
     shared machine costs every peer alike instead of whichever happened to be measured then.
+    With `together`, as many rounds again follow with every peer loaded at once on the one
+    proxy core (`wrk_together`): a slow second costs them all alike too.
 
     Every request carries `headers`; `check(peer name, url)`, when given, runs once per peer
     before the warm-up and raises when the peer does not answer as it should (the peer then
@@ -154,6 +159,27 @@ def _interleaved(
                 result.rounds.append(
                     wrk_round(pid, url, settings.connections, settings.seconds, headers)
                 )
+        if together and len(live) > 1:
+            for _ in range(settings.rounds):
+                rounds = wrk_together(
+                    [(pid, url) for _, pid, url in live],
+                    settings.connections,
+                    settings.seconds,
+                    headers,
+                )
+                for (result, _, _), one in zip(live, rounds, strict=True):
+                    result.together.append(one)
+
+
+def together_ratio(result: Result, reference: Result) -> float:
+    """The median over the rounds run together of `result`'s req/s ÷ `reference`'s in the
+    same round (0.0 without such rounds)."""
+    ratios = [
+        mine.rps / theirs.rps
+        for mine, theirs in zip(result.together, reference.together, strict=False)
+        if theirs.rps
+    ]
+    return float(statistics.median(ratios)) if ratios else 0.0
 
 
 def _status(url: str, headers: dict[str, str]) -> int:
@@ -217,6 +243,7 @@ def traced_scenario(scenario: Scenario, peer_names: list[str], settings: Setting
             context=context,
             headers=headers,
             check=answers_with(headers),
+            together=True,
         )
         received = counts(sink)
     spans = received["spans"]
@@ -224,7 +251,9 @@ def traced_scenario(scenario: Scenario, peer_names: list[str], settings: Setting
     for result in traced:
         if result.rounds:
             count = int(spans.get(result.peer, 0))
-            requests = sum(r.requests for r in result.rounds) + result.warmup_requests
+            requests = (
+                sum(r.requests for r in (*result.rounds, *result.together)) + result.warmup_requests
+            )
             result.figures["spans_received"] = count
             result.figures["spans_per_100_requests"] = 100 * count / max(requests, 1)
     reference = next(
@@ -235,6 +264,13 @@ def traced_scenario(scenario: Scenario, peer_names: list[str], settings: Setting
         for result, _, _ in entries:
             if result is not reference and result.rounds and result.peer != "nginx":
                 result.figures[f"x_{label}"] = result.median("rps") / reference.median("rps")
+                if result.together:
+                    result.figures[f"x_{label}_together"] = together_ratio(result, reference)
+    nginx = next((r for r, name, _ in entries if name == "nginx" and r.together), None)
+    if nginx is not None:
+        for result, _, _ in entries:
+            if result is not nginx and result.together:
+                result.figures["x_nginx_together"] = together_ratio(result, nginx)
     return [result for result, _, _ in entries]
 
 

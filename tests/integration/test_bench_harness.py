@@ -14,7 +14,8 @@ from aiohttp.test_utils import TestServer
 
 from bench.otlp_sink import Sink, counts, endpoint
 from bench.peers import PEERS, Context
-from bench.scenarios import answers_with
+from bench.runner import Result, Round
+from bench.scenarios import answers_with, together_ratio
 from bench.tokens import Credentials, mint
 from tests.integration.conftest import Seen
 from tests.support.config import load_config
@@ -84,6 +85,56 @@ def test_edge_scenario_runs_with_its_token_and_receiver(tmp_path: Path) -> None:
     assert edge["errors"] == 0  # a 401 would be a non-2xx answer
     assert edge["spans_received"] > 0
     assert 0 < edge["spans_per_100_requests"] < 10
+
+
+def test_tracing_scenario_runs_peers_together_on_one_core(tmp_path: Path) -> None:
+    """Two peers, tiny: after the interleaved rounds, a round with both loaded at once, and
+    the traced peer's req/s as a ratio to tracing off's in that same round."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "--scenario",
+            "tracing",
+            "--peer",
+            "gateway",
+            "--peer",
+            "gateway+unsampled",
+            "--rounds",
+            "1",
+            "--seconds",
+            "1",
+            "--connections",
+            "4",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    [report_file] = tmp_path.glob("bench-*.json")
+    by_peer = {r["peer"]: r for r in json.loads(report_file.read_text())["results"]}
+    off, unsampled = by_peer["gateway"], by_peer["gateway+unsampled"]
+    for peer in (off, unsampled):
+        assert len(peer["rounds_together"]) == 1
+        assert peer["rounds_together"][0]["requests"] > 0
+    expected = unsampled["rounds_together"][0]["rps"] / off["rounds_together"][0]["rps"]
+    assert unsampled["x_tracing_off_together"] == round(expected, 2)
+
+
+def test_together_ratio_pairs_rounds_and_takes_the_median() -> None:
+    def result(*rps: float) -> Result:
+        return Result(peer="p", scenario="s", together=[Round(1, r, 0, 0, 0, 0) for r in rps])
+
+    # a slow round slows both: paired, it cannot drag the ratio as it drags each median
+    mine, reference = result(90, 45, 95), result(100, 50, 100)
+    assert together_ratio(mine, reference) == 0.9
+    assert together_ratio(result(), reference) == 0.0
 
 
 def _edge_config(
