@@ -143,8 +143,10 @@ class _Remembered:
     fraction of writing one (a single lookup by a (field, name, value) tuple cost ~570
     instructions, hashing and comparing the tuple).  Strings and ints only: as dict keys True
     == 1 == 1.0, and a bool or a double attribute is rare.  Emptied when `count` reaches the
-    bound, so values that do not repeat (a path each request) cost memory only up to it.  Only
-    the export thread writes spans."""
+    bound, so values that do not repeat (a path each request) cost memory only up to it.  The
+    export thread uses it, and so does an exporter being built (its resource attributes): each
+    entry holds the right bytes whoever wrote it, and a lookup or store is one dict operation
+    under the GIL."""
 
     __slots__ = ("by_field", "count")
 
