@@ -252,12 +252,11 @@ def wrk_together(
         )
         for _, url in targets
     ]
-    outputs = []
-    for run in runs:
-        output, _ = run.communicate(timeout=seconds + 30)
-        if run.returncode != 0:
-            raise RuntimeError(f"wrk exited with status {run.returncode}")
-        outputs.append(output)
+    # every wrk is waited for before any failure is raised: none is left running
+    outputs = [run.communicate(timeout=seconds + 30)[0] for run in runs]
+    failed = [run.returncode for run in runs if run.returncode != 0]
+    if failed:
+        raise RuntimeError(f"wrk exited with status {failed[0]}")
     return [
         _round(output, cpu_seconds(pid) - start)
         for output, (pid, _), start in zip(outputs, targets, before, strict=True)
