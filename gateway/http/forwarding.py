@@ -75,7 +75,8 @@ def build_request_head(
     if not forward_underscores:
         dropped |= UNDERSCORE
     if traced:
-        # each try carries the gateway's own traceparent (and the tracestate it read)
+        # each try carries the gateway's own traceparent (and the tracestate it read): the
+        # head is returned open, without its blank line, for RequestTrace.try_head to end
         dropped |= TRACE
     classes = NAME_CLASSES
     lines: list[bytes] = []
@@ -116,6 +117,12 @@ def build_request_head(
         framing = b"Transfer-Encoding: chunked\r\n"
     else:
         framing = b""
+    if traced:
+        return (
+            b"%b %b HTTP/1.1\r\n%b%bX-Forwarded-For: %b\r\nX-Forwarded-Proto: %b\r\n"
+            b"X-Request-Id: %b\r\n%b"
+            % (head.raw_method, target, block, hosts, forwarded_for, scheme, request_id, framing)
+        )
     return (
         b"%b %b HTTP/1.1\r\n%b%bX-Forwarded-For: %b\r\nX-Forwarded-Proto: %b\r\n"
         b"X-Request-Id: %b\r\n%b\r\n"

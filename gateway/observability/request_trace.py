@@ -22,11 +22,9 @@ from gateway.observability.spans import CLIENT, AttributeValue, SpanRecord
 if TYPE_CHECKING:
     from gateway.observability.tracing import Tracer
 
-_SAMPLED_SUFFIX: Final = b"-01\r\n"
-_UNSAMPLED_SUFFIX: Final = b"-00\r\n"
-_TRACEPARENT: Final = b"traceparent: 00-"
-#: where the trace id sits in `RequestTrace._prefix`
-_TRACE_ID_AT: Final = len(_TRACEPARENT)
+#: what follows a try's span id: the flags, and the line's end
+_SAMPLED_FLAGS: Final = b"-01\r\n"
+_UNSAMPLED_FLAGS: Final = b"-00\r\n"
 
 
 @final
@@ -35,36 +33,37 @@ class RequestTrace:
     asks it for each try's headers and span (`begin_try`); stages add span events through
     `RequestContext.outcome`.
 
-    Kept as the bytes the upstream sees: `traceparent: 00-{trace id}-` and the flags (and
-    `tracestate`) line end, so a try's header is one concatenation.  The ids as text and the
-    SERVER span's id are made only when something reads them — a sampled request's spans, an
-    access-log line, a log line — not for every unsampled request."""
+    Kept as the bytes the upstream sees — the trace id, and the flags (and `tracestate`) line
+    end followed by the head's blank line — so a try's head is one sized copy (`begin_try`).
+    The ids as text and the SERVER span's id are made only when something reads them — a
+    sampled request's spans, an access-log line, a log line — not for every unsampled
+    request."""
 
-    __slots__ = ("_prefix", "_span_id", "_suffix", "parent", "sampled", "span", "tracer")
+    __slots__ = ("_end", "_span_id", "_trace_id", "parent", "sampled", "span", "tracer")
 
     def __init__(
         self, tracer: Tracer, trace_id: bytes, sampled: bool, parent: ParentContext | None
     ) -> None:
         self.tracer = tracer
-        self._prefix = _TRACEPARENT + trace_id + b"-"
+        self._trace_id = trace_id
         self._span_id = ""
         self.sampled = sampled
         self.parent = parent
         #: the SERVER span, for a sampled request whose spans are exported
         self.span: SpanRecord | None = None
         state = parent.tracestate if parent is not None else None
-        suffix = _SAMPLED_SUFFIX if sampled else _UNSAMPLED_SUFFIX
+        flags = _SAMPLED_FLAGS if sampled else _UNSAMPLED_FLAGS
         # tracestate goes on unchanged with every try (bounded when it was read)
-        self._suffix = (
+        self._end = (
+            flags + b"\r\n"
             # latin-1: the bytes as they came (the header was decoded so)
-            suffix
             if state is None
-            else suffix + b"tracestate: " + state.encode("latin-1") + b"\r\n"
+            else flags + b"tracestate: " + state.encode("latin-1") + b"\r\n\r\n"
         )
 
     @property
     def trace_id(self) -> str:
-        return self._prefix[_TRACE_ID_AT : _TRACE_ID_AT + 32].decode()
+        return self._trace_id.decode()
 
     @property
     def span_id(self) -> str:
@@ -74,19 +73,20 @@ class RequestTrace:
             span_id = self._span_id = new_span_id().decode()
         return span_id
 
-    def try_headers(self, span_id: bytes) -> bytes:
-        """The trace header lines of one upstream try whose CLIENT span is `span_id`."""
-        return self._prefix + span_id + self._suffix
+    def try_head(self, head: bytes, span_id: bytes) -> bytes:
+        """The request head of one upstream try whose CLIENT span is `span_id`: `head` (built
+        open, without its blank line: build_request_head's `traced`) and the trace lines."""
+        return b"%btraceparent: 00-%b-%b%b" % (head, self._trace_id, span_id, self._end)
 
     def begin_try(
-        self, method: str, upstream: str, host: str, port: int, resends: int
+        self, head: bytes, method: str, upstream: str, host: str, port: int, resends: int
     ) -> tuple[bytes, SpanRecord | None]:
-        """A new upstream try: its trace header lines, and its CLIENT span when this request's
-        spans are recorded (attributes per the HTTP client semantic conventions)."""
+        """A new upstream try: its request head (`try_head`), and its CLIENT span when this
+        request's spans are recorded (attributes per the HTTP client semantic conventions)."""
         span_id = new_span_id()
         server = self.span
         if server is None:
-            return self.try_headers(span_id), None
+            return self.try_head(head, span_id), None
         attributes: list[tuple[str, AttributeValue]] = [
             ("http.request.method", method),
             ("server.address", host),
@@ -107,7 +107,7 @@ class RequestTrace:
             method,
             attributes,
         )
-        return self.try_headers(span_id), span
+        return self.try_head(head, span_id), span
 
     def event(self, stage: str, decision: str) -> None:
         """A stage's decision, as the event `gateway.<stage>` on the SERVER span (sampled,

@@ -156,10 +156,14 @@ class ProxyHandler:
                     sent = request
                 else:
                     # each try carries its own traceparent: its CLIENT span is the parent
-                    lines, try_span = trace.begin_try(
-                        head.method, upstream.name, endpoint.host, endpoint.port, ctx.attempts - 1
+                    sent, try_span = trace.begin_try(
+                        request,
+                        head.method,
+                        upstream.name,
+                        endpoint.host,
+                        endpoint.port,
+                        ctx.attempts - 1,
                     )
-                    sent = b"%b%b\r\n" % (request[:-2], lines)
                 pool = endpoint.pool
                 conn = pool.take_idle()
                 try:

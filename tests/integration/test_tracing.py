@@ -147,6 +147,38 @@ async def test_tracestate_bytes_beyond_ascii_go_on_as_they_came(
     assert header(up, "tracestate") == ["k=café".encode().decode("latin-1")]
 
 
+@pytest.mark.parametrize("parent", [(), (f"traceparent: {SAMPLED}", "tracestate: a=1,b=2")])
+@pytest.mark.parametrize(
+    "framing",
+    [
+        ("Content-Length: 11\r\n", b"hello world"),
+        ("Transfer-Encoding: chunked\r\n", b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"),
+    ],
+    ids=["content-length", "chunked"],
+)
+async def test_a_traced_request_body_follows_the_trace_lines_intact(
+    tmp_path: Path, up: FaultyUpstream, parent: tuple[str, ...], framing: tuple[str, bytes]
+) -> None:
+    """Each try's trace lines end the head the gateway built: the body after them reaches the
+    upstream whole, as one request, and the upstream sees one traceparent (and tracestate)."""
+    framing_line, body = framing
+    extra = "".join(f"{h}\r\n" for h in parent)
+    async with running_gateway(tmp_path, traced_config(up.url, None, sample_ratio=0)) as gw:
+        response = await exchange(
+            port_of(gw),
+            f"POST /api/items HTTP/1.1\r\nHost: edge.test\r\n{extra}{framing_line}\r\n".encode()
+            + body,
+        )
+    assert response.status == 200
+    assert response.body == b"hello world"
+    assert up.requests["POST"] == 1
+    [sent] = header(up, "traceparent")
+    parsed = parse_traceparent(sent)
+    assert parsed is not None
+    assert parsed[0] == TRACE if parent else parsed[0] != TRACE
+    assert header(up, "tracestate") == (["a=1,b=2"] if parent else [])
+
+
 async def test_an_unsampled_parent_propagates_without_spans(
     tmp_path: Path, receiver: OtlpReceiver, up: FaultyUpstream
 ) -> None:

@@ -7,6 +7,7 @@ import os
 import pytest
 
 from gateway.core.trace_context import (
+    _POOL,
     TRACESTATE_MAX_CHARS,
     bound_tracestate,
     new_span_id,
@@ -147,6 +148,7 @@ def test_traceparent_format() -> None:
         (0.01, round(0.01 * (1 << 64)) - 1, True),
         (0.01, round(0.01 * (1 << 64)), False),
         (1 - 1e-18, (1 << 64) - 1, True),
+        (0.01, 1 << 63, False),
     ],
     ids=[
         "zero-never",
@@ -157,6 +159,7 @@ def test_traceparent_format() -> None:
         "just-under-one-percent",
         "at-one-percent",
         "rounds-to-all",
+        "first-digit-over",
     ],
 )
 def test_ratio_rule_on_the_low_64_bits(ratio: float, low: int, expected: bool) -> None:
@@ -169,6 +172,28 @@ def test_ratio_samples_about_the_share_asked_for() -> None:
     sampled = sum(sampled_by_ratio(new_trace_id(), bound) for _ in range(20_000))
     # binomial(20000, 0.25): sd ~61; 6 sd either side fails falsely about once in 1e9 runs
     assert 5000 - 370 <= sampled <= 5000 + 370
+
+
+def test_a_draw_with_a_run_of_zeros_is_drawn_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No id may be all zeros and ids are not checked one by one: a pool whose digits hold a
+    run of 16 zeros (8 zero bytes, here in the middle of a draw) is replaced before use."""
+    draws: list[bytes] = []
+    real = os.urandom
+
+    def urandom(size: int) -> bytes:
+        data = bytearray(real(size))
+        if not draws:
+            data[1000:1008] = bytes(8)  # the first draw holds a zero span id's digits
+        draws.append(bytes(data))
+        return bytes(data)
+
+    monkeypatch.setattr(os, "urandom", urandom)
+    _POOL.reset()
+    ids = [new_span_id() for _ in range(512)]  # all 8 KiB of the pool's digits
+    assert len(draws) == 2
+    assert b"0" * 16 not in b"".join(ids)
+    assert ids[0] == draws[1].hex().encode()[:16]
+    _POOL.reset()
 
 
 def test_a_forked_child_never_repeats_the_parents_ids() -> None:
