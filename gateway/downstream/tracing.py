@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from gateway.observability.instruments import bounded_method
 from gateway.observability.request_trace import RequestTrace, start_trace
-from gateway.observability.spans import SERVER, AttributeValue, SpanRecord
+from gateway.observability.spans import SERVER, Attributes, SpanRecord
 
 if TYPE_CHECKING:
     from gateway.http.messages import RequestHead
@@ -23,19 +23,28 @@ def begin_request(tracer: Tracer, head: RequestHead, route: Route, peer: Peer) -
         method = bounded_method(head.method)
         if method == "OTHER":
             method = "_OTHER"
-        attributes: list[tuple[str, AttributeValue]] = [
-            ("http.request.method", method),
-            ("url.path", head.path),
-            ("url.scheme", peer.scheme),
-            ("http.route", route.trace_route),
-            ("network.peer.address", peer.ip),
-            ("network.protocol.version", head.version),
-            ("gateway.route", route.name),
+        attributes: Attributes = [
+            "http.request.method",
+            method,
+            "url.path",
+            head.path,
+            "url.scheme",
+            peer.scheme,
+            "http.route",
+            route.trace_route,
+            "network.peer.address",
+            peer.ip,
+            "network.protocol.version",
+            head.version,
+            "gateway.route",
+            route.name,
         ]
         if method == "_OTHER":
-            attributes.append(("http.request.method_original", head.method))
+            attributes.append("http.request.method_original")
+            attributes.append(head.method)
         if head.host_name:
-            attributes.append(("server.address", head.host_name))
+            attributes.append("server.address")
+            attributes.append(head.host_name)
         parent = trace.parent
         trace.span = SpanRecord(
             trace.trace_id,
@@ -61,6 +70,6 @@ def end_request(trace: RequestTrace, status: int, client: str, request_id: bytes
     span.end(
         status,
         error,
-        [("client.address", client), ("gateway.request_id", request_id.decode("latin-1"))],
+        ["client.address", client, "gateway.request_id", request_id.decode("latin-1")],
     )
-    trace.tracer.finished(span)
+    trace.finished(span)

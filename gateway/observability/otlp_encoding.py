@@ -16,7 +16,7 @@ import struct
 from collections.abc import Sequence
 from typing import Final, final
 
-from gateway.observability.spans import AttributeValue, SpanRecord
+from gateway.observability.spans import Attributes, AttributeValue, SpanRecord
 
 # wire types
 _VARINT: Final = 0
@@ -159,12 +159,15 @@ _REMEMBERED: Final = _Remembered()
 _MAX_REMEMBERED: Final = 4096
 
 
-def _put_attributes(out: Parts, field: int, pairs: Sequence[tuple[str, AttributeValue]]) -> None:
+def _put_attributes(out: Parts, field: int, attributes: Attributes) -> None:
+    """Each attribute of a flat list (spans.Attributes: a name, then its value)."""
     memory = _REMEMBERED
     by_name = memory.by_field.get(field)
     if by_name is None:
         by_name = memory.by_field[field] = {}
-    for name, value in pairs:
+    for at in range(0, len(attributes), 2):
+        name = str(attributes[at])
+        value = attributes[at + 1]
         kind = type(value)
         if kind is not str and kind is not int:
             _put_attribute(out, field, name, value)
@@ -198,7 +201,7 @@ def resource_and_scope(
     if scope_version:
         _put_field(scope, 2, scope_version.encode())
     attributes: Parts = []
-    _put_attributes(attributes, 1, resource)
+    _put_attributes(attributes, 1, [item for pair in resource for item in pair])
     return b"".join(attributes), b"".join(scope)
 
 

@@ -17,7 +17,7 @@ from gateway.core.trace_context import (
     read_parent,
     sampled_by_ratio,
 )
-from gateway.observability.spans import CLIENT, AttributeValue, SpanRecord
+from gateway.observability.spans import CLIENT, Attributes, SpanRecord
 
 if TYPE_CHECKING:
     from gateway.observability.tracing import Tracer
@@ -34,7 +34,7 @@ class RequestTrace:
     `RequestContext.outcome`.
 
     Kept as the bytes the upstream sees — the trace id, and the flags (and `tracestate`) line
-    end followed by the head's blank line — so a try's head is one sized copy (`begin_try`).
+    end followed by the head's blank line — so a try's head is one sized copy (`try_head`).
     The ids as text and the SERVER span's id are made only when something reads them — a
     sampled request's spans, an access-log line, a log line — not for every unsampled
     request."""
@@ -87,16 +87,23 @@ class RequestTrace:
         server = self.span
         if server is None:
             return self.try_head(head, span_id), None
-        attributes: list[tuple[str, AttributeValue]] = [
-            ("http.request.method", method),
-            ("server.address", host),
-            ("server.port", port),
-            ("network.peer.address", host),
-            ("network.peer.port", port),
-            ("gateway.upstream", upstream),
+        attributes: Attributes = [
+            "http.request.method",
+            method,
+            "server.address",
+            host,
+            "server.port",
+            port,
+            "network.peer.address",
+            host,
+            "network.peer.port",
+            port,
+            "gateway.upstream",
+            upstream,
         ]
         if resends:
-            attributes.append(("http.request.resend_count", resends))
+            attributes.append("http.request.resend_count")
+            attributes.append(resends)
         span = SpanRecord(
             server.trace_id,
             span_id.decode(),
@@ -109,12 +116,18 @@ class RequestTrace:
         )
         return self.try_head(head, span_id), span
 
+    def finished(self, span: SpanRecord) -> None:
+        """One of this request's spans has ended: to the export queue (a compiled call)."""
+        queue = self.tracer.span_queue
+        if queue is not None:
+            queue.add(span)
+
     def event(self, stage: str, decision: str) -> None:
         """A stage's decision, as the event `gateway.<stage>` on the SERVER span (sampled,
         recorded requests; nothing is built for the others)."""
         span = self.span
         if span is not None:
-            span.add_event(f"gateway.{stage}", [("gateway.decision", decision)])
+            span.add_event(f"gateway.{stage}", ["gateway.decision", decision])
 
 
 def start_trace(
@@ -164,4 +177,4 @@ def end_try(trace: RequestTrace, span: SpanRecord, status: int, error_type: str 
     if error_type is None and status >= 400:
         error_type = str(status)
     span.end(status, error_type)
-    trace.tracer.finished(span)
+    trace.finished(span)

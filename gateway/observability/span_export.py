@@ -12,7 +12,6 @@ for gRPC (imported only for `protocol: grpc`).
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import http.client
 import json
@@ -28,7 +27,14 @@ from urllib.parse import urlsplit
 from gateway.config.model import TracingBatchConfig, TracingConfig
 from gateway.observability.logs import rfc3339
 from gateway.observability.otlp_encoding import encode_spans, export_request, resource_and_scope
-from gateway.observability.spans import CLIENT, SERVER, AttributeValue, SpanRecord
+from gateway.observability.spans import (
+    CLIENT,
+    SERVER,
+    AttributeValue,
+    SpanQueue,
+    SpanRecord,
+    attribute_pairs,
+)
 
 log = logging.getLogger("gateway.tracing")
 
@@ -195,9 +201,13 @@ class ConsoleExporter:
             "start_time_unix_nano": span.start_ns,
             "end_time_unix_nano": span.end_ns,
             "status": "ERROR" if span.error else "UNSET",
-            "attributes": dict(span.attributes),
+            "attributes": dict(attribute_pairs(span.attributes)),
             "events": [
-                {"name": name, "time_unix_nano": at, "attributes": dict(attributes)}
+                {
+                    "name": name,
+                    "time_unix_nano": at,
+                    "attributes": dict(attribute_pairs(attributes)),
+                }
                 for name, at, attributes in span.events
             ],
             "resource": self._resource,
@@ -253,8 +263,9 @@ class BoundedBatchProcessor:
         self._delay = batch.schedule_delay
         self._on_dropped = on_dropped
         self._on_exported = on_exported
-        self._queue: collections.deque[SpanRecord] = collections.deque()
         self._wake = threading.Condition()
+        self.spans = SpanQueue(self._max_queue, self._batch_size, self._notify, on_dropped)
+        self._queue = self.spans.spans
         self._closed = False
         #: flush requests waiting for the queue to empty
         self._flushes: list[threading.Event] = []
@@ -262,18 +273,13 @@ class BoundedBatchProcessor:
         self._thread.start()
 
     def add(self, span: SpanRecord) -> None:
-        """Queue an ended span (event loop thread)."""
-        if self._closed:
-            self._on_dropped(1, "shutdown")
-            return
-        queue = self._queue
-        if len(queue) >= self._max_queue:
-            self._on_dropped(1, "queue_full")
-            return
-        queue.append(span)
-        if len(queue) == self._batch_size:
-            with self._wake:
-                self._wake.notify()
+        """Queue an ended span (event loop thread; `spans.add` is the same, for compiled
+        callers)."""
+        self.spans.add(span)
+
+    def _notify(self) -> None:
+        with self._wake:
+            self._wake.notify()
 
     def _work(self) -> None:
         while True:
@@ -330,6 +336,7 @@ class BoundedBatchProcessor:
             if self._closed:
                 return
             self._closed = True
+            self.spans.closed = True
             self._wake.notify()
         self._thread.join()
         with contextlib.suppress(Exception):

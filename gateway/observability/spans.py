@@ -12,6 +12,8 @@ tracing.  A record here is one object with slots and a few lists (compiled with 
 from __future__ import annotations
 
 import time
+from collections import deque
+from collections.abc import Callable
 from typing import Final, final
 
 #: OTLP's Span.SpanKind values
@@ -20,6 +22,15 @@ CLIENT: Final = 3
 
 #: an attribute value: what OTLP's AnyValue carries that the gateway uses
 AttributeValue = str | bool | int | float
+#: attributes as one flat list, each name (a str) followed by its value: one list per span
+#: rather than a tuple per attribute — fewer objects made on the event loop, and fewer for the
+#: garbage collector to count
+Attributes = list[AttributeValue]
+
+
+def attribute_pairs(attributes: Attributes) -> list[tuple[str, AttributeValue]]:
+    """(name, value) of each attribute of a flat list (for readers other than the encoder)."""
+    return [(str(attributes[i]), attributes[i + 1]) for i in range(0, len(attributes), 2)]
 
 
 @final
@@ -52,7 +63,7 @@ class SpanRecord:
         trace_state: str,
         kind: int,
         name: str,
-        attributes: list[tuple[str, AttributeValue]],
+        attributes: Attributes,
     ) -> None:
         self.trace_id = trace_id
         self.span_id = span_id
@@ -64,28 +75,68 @@ class SpanRecord:
         self.name = name
         self.attributes = attributes
         #: (name, time, attributes) of each event
-        self.events: list[tuple[str, int, list[tuple[str, AttributeValue]]]] = []
+        self.events: list[tuple[str, int, Attributes]] = []
         self.start_ns = time.time_ns()
         self.end_ns = 0
         #: the span's status is ERROR (else unset)
         self.error = False
 
-    def add_event(self, name: str, attributes: list[tuple[str, AttributeValue]]) -> None:
+    def add_event(self, name: str, attributes: Attributes) -> None:
         self.events.append((name, time.time_ns(), attributes))
 
     def end(
         self,
         status: int,
         error_type: str | None,
-        attributes: list[tuple[str, AttributeValue]] | None = None,
+        attributes: Attributes | None = None,
     ) -> None:
         """Close the span with its outcome: the status code (0 when no response came), more
         attributes, and `error.type` with an error status when the exchange failed."""
+        mine = self.attributes
         if status:
-            self.attributes.append(("http.response.status_code", status))
+            mine.append("http.response.status_code")
+            mine.append(status)
         if attributes is not None:
-            self.attributes.extend(attributes)
+            mine.extend(attributes)
         if error_type is not None:
-            self.attributes.append(("error.type", error_type))
+            mine.append("error.type")
+            mine.append(error_type)
             self.error = True
         self.end_ns = time.time_ns()
+
+
+@final
+class SpanQueue:
+    """Ended spans waiting for the export thread (gateway.observability.span_export owns it):
+    at most `max_size` of them; `wake()` is called when a batch's worth is waiting, and
+    `on_dropped(1, reason)` for each span refused — "queue_full", or "shutdown" once `closed`.
+    Here, compiled, because every recorded span passes through `add` on the event loop."""
+
+    __slots__ = ("batch_size", "closed", "max_size", "on_dropped", "spans", "wake")
+
+    def __init__(
+        self,
+        max_size: int,
+        batch_size: int,
+        wake: Callable[[], None],
+        on_dropped: Callable[[int, str], None],
+    ) -> None:
+        self.spans: deque[SpanRecord] = deque()
+        self.max_size = max_size
+        self.batch_size = batch_size
+        self.wake = wake
+        self.on_dropped = on_dropped
+        self.closed = False
+
+    def add(self, span: SpanRecord) -> None:
+        """Queue an ended span (event loop thread)."""
+        if self.closed:
+            self.on_dropped(1, "shutdown")
+            return
+        spans = self.spans
+        if len(spans) >= self.max_size:
+            self.on_dropped(1, "queue_full")
+            return
+        spans.append(span)
+        if len(spans) == self.batch_size:
+            self.wake()

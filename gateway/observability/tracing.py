@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from gateway.observability.instruments import CounterChild
     from gateway.observability.metrics import GatewayMetrics
     from gateway.observability.span_export import BoundedBatchProcessor
-    from gateway.observability.spans import SpanRecord
+    from gateway.observability.spans import SpanQueue
 
 
 class Tracer:
@@ -55,10 +55,13 @@ class Tracer:
         }
         self._exported = metrics.tracing_spans_exported_total.labels()
         self._export: BoundedBatchProcessor | None = None
+        #: where ended spans go (request_trace.RequestTrace.finished), when they are exported
+        self.span_queue: SpanQueue | None = None
         if self.recording:
             from gateway.observability.span_export import span_export
 
             self._export = span_export(config, version, self._count_dropped, self._count_exported)
+            self.span_queue = self._export.spans
 
     # -- counting from either thread --
 
@@ -77,12 +80,6 @@ class Tracer:
     def _count_exported(self, count: int) -> None:
         child = self._exported
         self._on_loop(lambda: child.inc(count))
-
-    def finished(self, span: SpanRecord) -> None:
-        """An ended span, for export (event loop thread; recording tracers only)."""
-        export = self._export
-        if export is not None:
-            export.add(span)
 
     # -- lifecycle --
 

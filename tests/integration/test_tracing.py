@@ -292,6 +292,45 @@ async def test_each_retry_is_a_client_span_and_the_upstream_sees_each(
         assert {(server.trace_id, t.span_id, True) for t in tries} <= sent
 
 
+async def test_a_retried_try_with_a_body_and_tracestate_carries_its_own_trace_lines(
+    tmp_path: Path,
+) -> None:
+    """A later try reuses the first try's head with its own trace lines in place of the first
+    ones: both upstreams get one traceparent (each its try's), the tracestate once, and the
+    whole body after the head."""
+    async with faulty_upstreams("bad", "good") as [bad, good]:
+        bad.mode = "status:503"
+        retry = {"retry": {"attempts": 2, "backoff": {"base": "1ms", "max": "2ms"}}}
+        config = gateway_yaml(
+            tracing={"sample_ratio": 0},
+            upstreams={"app": upstream_to(bad.url, good.url)},
+            routes=[route("app", "app", pipeline=[retry])],
+        )
+        async with running_gateway(tmp_path, config) as gw:
+            for _ in range(2):  # round robin: one of them at least meets the bad endpoint first
+                response = await exchange(
+                    port_of(gw),
+                    b"PUT /items/1 HTTP/1.1\r\nHost: edge.test\r\n"
+                    + f"traceparent: {SAMPLED}\r\ntracestate: a=1,b=2\r\n".encode()
+                    + b"Content-Length: 11\r\n\r\nhello world",
+                )
+                assert response.status == 200
+                assert response.body == b"hello world"
+    # each request ends at the good endpoint once; one or both met the bad one first
+    assert good.requests["PUT"] == 2
+    assert bad.requests["PUT"] in (1, 2)
+    seen = [*bad.seen_headers, *good.seen_headers]
+    parents = []
+    for request in seen:
+        [traceparent] = [v for n, v in request if n == "traceparent"]
+        assert [v for n, v in request if n == "tracestate"] == ["a=1,b=2"]
+        parsed = parse_traceparent(traceparent)
+        assert parsed is not None
+        assert parsed[0] == TRACE
+        parents.append(parsed[1])
+    assert len(set(parents)) == len(seen)  # every try its own CLIENT span
+
+
 async def test_rejections_are_span_events_and_a_5xx_marks_the_server_span(
     tmp_path: Path, receiver: OtlpReceiver, up: FaultyUpstream
 ) -> None:

@@ -48,8 +48,8 @@ def only_span(*records: SpanRecord, resource: bytes = b"", scope: bytes = b"") -
 
 def test_a_server_span_with_a_remote_parent_round_trips() -> None:
     record = span()
-    record.add_event("gateway.retry", [("gateway.decision", "retried:1")])
-    record.end(503, "503", [("client.address", "10.0.0.1")])
+    record.add_event("gateway.retry", ["gateway.decision", "retried:1"])
+    record.end(503, "503", ["client.address", "10.0.0.1"])
     decoded = only_span(record)
     assert decoded.trace_id.hex() == TRACE
     assert decoded.span_id.hex() == SPAN
@@ -109,7 +109,7 @@ def test_a_root_client_span_has_no_parent_no_state_and_an_unset_status() -> None
     ids=repr,
 )
 def test_every_attribute_value_type_round_trips(value: AttributeValue) -> None:
-    record = span(attributes=[("k", value)])
+    record = span(attributes=["k", value])
     [attribute] = only_span(record).attributes
     decoded = value_of(attribute.value)
     assert decoded == value
@@ -151,7 +151,7 @@ def test_a_remembered_attribute_keeps_its_type_bool_int_and_double_of_one_value(
     each must still come back as its own type, in any order, and again from memory."""
     for _ in range(2):
         for value in (True, 1, 1.0, False, 0, 0.0):
-            record = span(attributes=[("x", value)])
+            record = span(attributes=["x", value])
             [attribute] = only_span(record).attributes
             decoded = value_of(attribute.value)
             assert type(decoded) is type(value), (value, decoded)
@@ -163,14 +163,14 @@ def test_remembered_attributes_are_bounded_and_still_right_past_the_bound() -> N
 
     bound = otlp_encoding._MAX_REMEMBERED
     for n in range(bound + 10):
-        [attribute] = only_span(span(attributes=[("url.path", f"/{n}")])).attributes
+        [attribute] = only_span(span(attributes=["url.path", f"/{n}"])).attributes
         assert value_of(attribute.value) == f"/{n}"
         assert otlp_encoding._REMEMBERED.count <= bound
         remembered = otlp_encoding._REMEMBERED.by_field.values()
         assert sum(len(v) for by_name in remembered for v in by_name.values()) <= bound
     # the same attribute as a span's and as an event's is not the same bytes (field 9 vs 3)
-    record = span(attributes=[("k", "v")])
-    record.add_event("e", [("k", "v")])
+    record = span(attributes=["k", "v"])
+    record.add_event("e", ["k", "v"])
     decoded = only_span(record)
     assert [a.key for a in decoded.attributes] == ["k"]
     assert [a.key for a in decoded.events[0].attributes] == ["k"]
