@@ -13,8 +13,9 @@ byte with opentelemetry-proto, so a wrong number cannot go unnoticed.
 from __future__ import annotations
 
 import struct
+from binascii import unhexlify
 from collections.abc import Sequence
-from typing import Final, final
+from typing import Final, cast, final
 
 from gateway.observability.spans import Attributes, AttributeValue, SpanRecord
 
@@ -45,6 +46,9 @@ Parts = list[bytes]
 def _put_varint(out: Parts, value: int) -> None:
     if 0 <= value < 0x80:  # tags and most lengths: one byte
         out.append(_ONE_BYTE[value])
+        return
+    if 0 < value < 0x4000:  # a span's length: two bytes, without the general loop
+        out.append(bytes((value & 0x7F | 0x80, value >> 7)))
         return
     if value < 0:
         value &= _UINT64  # int64: a negative value is its two's complement
@@ -166,7 +170,7 @@ def _put_attributes(out: Parts, field: int, attributes: Attributes) -> None:
     if by_name is None:
         by_name = memory.by_field[field] = {}
     for at in range(0, len(attributes), 2):
-        name = str(attributes[at])
+        name = cast(str, attributes[at])  # compiled: a type check, not a call
         value = attributes[at + 1]
         kind = type(value)
         if kind is not str and kind is not int:
@@ -212,32 +216,37 @@ _TRACE_ID_FIELD: Final = bytes((1 << 3 | _LENGTH, 16))
 _SPAN_ID_FIELD: Final = bytes((2 << 3 | _LENGTH, 8))
 _PARENT_SPAN_ID_FIELD: Final = bytes((4 << 3 | _LENGTH, 8))
 _KIND_TAG: Final = bytes((6 << 3 | _VARINT,))
-_START_TAG: Final = bytes((7 << 3 | _FIXED64,))
-_END_TAG: Final = bytes((8 << 3 | _FIXED64,))
+_START_TAG: Final = 7 << 3 | _FIXED64
+_END_TAG: Final = 8 << 3 | _FIXED64
 _FLAGS_TAG: Final = bytes(((16 << 3 | _FIXED32) & 0x7F | 0x80, (16 << 3 | _FIXED32) >> 7))
+#: the flags field whole, for the two values a recorded span can have (sampled; whether the
+#: parent is known to be remote or not)
+_LOCAL_PARENT_FLAGS: Final = _FLAGS_TAG + (_SAMPLED_FLAG | _HAS_IS_REMOTE).to_bytes(4, "little")
+_REMOTE_PARENT_FLAGS: Final = _FLAGS_TAG + (_SAMPLED_FLAG | _HAS_IS_REMOTE | _IS_REMOTE).to_bytes(
+    4, "little"
+)
+#: start_time_unix_nano = 7 and end_time_unix_nano = 8, tags and values, in one pack
+_TIMES: Final = struct.Struct("<BQBQ")
 
 
 def _put_span(out: Parts, span: SpanRecord) -> None:
     """One Span message's fields."""
     out.append(_TRACE_ID_FIELD)
-    out.append(bytes.fromhex(span.trace_id))
+    out.append(unhexlify(span.trace_id))
     out.append(_SPAN_ID_FIELD)
-    out.append(bytes.fromhex(span.span_id))
+    out.append(unhexlify(span.span_id))
     if span.trace_state:
         _put_field(out, 3, span.trace_state.encode())
-    flags = _SAMPLED_FLAG | _HAS_IS_REMOTE
+    flags = _LOCAL_PARENT_FLAGS
     if span.parent_span_id:
         out.append(_PARENT_SPAN_ID_FIELD)
-        out.append(bytes.fromhex(span.parent_span_id))
+        out.append(unhexlify(span.parent_span_id))
         if span.parent_is_remote:
-            flags |= _IS_REMOTE
+            flags = _REMOTE_PARENT_FLAGS
     _put_field(out, 5, span.name.encode())
     out.append(_KIND_TAG)
     out.append(_ONE_BYTE[span.kind])
-    out.append(_START_TAG)
-    out.append(span.start_ns.to_bytes(8, "little"))
-    out.append(_END_TAG)
-    out.append(span.end_ns.to_bytes(8, "little"))
+    out.append(_TIMES.pack(_START_TAG, span.start_ns, _END_TAG, span.end_ns))
     _put_attributes(out, 9, span.attributes)
     for name, time_ns, attributes in span.events:
         # Event: time_unix_nano = 1, name = 2, attributes = 3
@@ -248,8 +257,7 @@ def _put_span(out: Parts, span: SpanRecord) -> None:
         _put_field(out, 11, b"".join(event))
     if span.error:
         _put_field(out, 15, bytes((3 << 3 | _VARINT, _STATUS_ERROR)))  # Status.code = 3
-    out.append(_FLAGS_TAG)
-    out.append(flags.to_bytes(4, "little"))
+    out.append(flags)
 
 
 def encode_spans(spans: Sequence[SpanRecord]) -> bytes:

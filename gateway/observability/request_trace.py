@@ -22,9 +22,12 @@ from gateway.observability.spans import CLIENT, Attributes, SpanRecord
 if TYPE_CHECKING:
     from gateway.observability.tracing import Tracer
 
-#: what follows a try's span id: the flags, and the line's end
+#: what follows a try's span id: the flags and the line's end, then (with no tracestate to
+#: add) the head's blank line
 _SAMPLED_FLAGS: Final = b"-01\r\n"
 _UNSAMPLED_FLAGS: Final = b"-00\r\n"
+_SAMPLED_END: Final = _SAMPLED_FLAGS + b"\r\n"
+_UNSAMPLED_END: Final = _UNSAMPLED_FLAGS + b"\r\n"
 
 
 @final
@@ -52,14 +55,13 @@ class RequestTrace:
         #: the SERVER span, for a sampled request whose spans are exported
         self.span: SpanRecord | None = None
         state = parent.tracestate if parent is not None else None
-        flags = _SAMPLED_FLAGS if sampled else _UNSAMPLED_FLAGS
-        # tracestate goes on unchanged with every try (bounded when it was read)
-        self._end = (
-            flags + b"\r\n"
-            # latin-1: the bytes as they came (the header was decoded so)
-            if state is None
-            else flags + b"tracestate: " + state.encode("latin-1") + b"\r\n\r\n"
-        )
+        if state is None:
+            self._end = _SAMPLED_END if sampled else _UNSAMPLED_END
+        else:
+            # tracestate goes on unchanged with every try (bounded when it was read); latin-1:
+            # the bytes as they came (the header was decoded so)
+            flags = _SAMPLED_FLAGS if sampled else _UNSAMPLED_FLAGS
+            self._end = flags + b"tracestate: " + state.encode("latin-1") + b"\r\n\r\n"
 
     @property
     def trace_id(self) -> str:

@@ -87,6 +87,18 @@ def test_a_root_client_span_has_no_parent_no_state_and_an_unset_status() -> None
     assert decoded.flags == 0x01 | 0x100
 
 
+@pytest.mark.parametrize("size", [0, 127, 128, 16383, 16384, 70_000])
+def test_lengths_of_one_two_and_more_varint_bytes_round_trip(size: int) -> None:
+    """A length under 128 is one varint byte, under 16384 two (a shortcut of its own), more
+    takes the general loop: each is read back whole."""
+    text = "x" * size
+    record = span(attributes=["k", text])
+    decoded = only_span(record)
+    [attribute] = decoded.attributes
+    assert value_of(attribute.value) == text
+    assert decoded.name == "GET /api/*"
+
+
 @pytest.mark.parametrize(
     "value",
     [
