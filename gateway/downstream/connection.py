@@ -28,6 +28,7 @@ import logging
 import struct
 import termios
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Final, cast, final
 
 import httptools
@@ -139,6 +140,11 @@ class Exchange:
         self.close = error is not None and error.close
 
 
+#: request methods as text, by their bytes: a dict lookup instead of a decode per request
+#: (llhttp only passes methods it knows, a few dozen; bounded all the same)
+_METHOD_NAMES: Final[dict[bytes, str]] = {}
+_MAX_METHOD_NAMES: Final = 64
+
 @final
 class HttpConnection(asyncio.Protocol):
     __slots__ = (
@@ -151,6 +157,7 @@ class HttpConnection(asyncio.Protocol):
         "_current",
         "_drain",
         "_ended_at",
+        "_feed",
         "_final_sent",
         "_head",
         "_head_bytes",
@@ -171,6 +178,7 @@ class HttpConnection(asyncio.Protocol):
         "_stopped",
         "_stream",
         "_task",
+        "_time",
         "_trace_slot",
         "_tunnel",
         "_tunnel_active_at",
@@ -193,6 +201,10 @@ class HttpConnection(asyncio.Protocol):
         self._loop = server.loop
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
+        # the parser's and the loop's methods used on every request, bound once: compiled code
+        # calls a bound method directly, where it looks a method up by name per call
+        self._feed: Callable[[bytes], None] = self.parser.feed_data
+        self._time: Callable[[], float] = self._loop.time
         self.peer = _NO_PEER
         self.deadline = 0.0
         self.deadline_kind = 0
@@ -292,7 +304,7 @@ class HttpConnection(asyncio.Protocol):
                 peer.client_cert = cert = ClientCertificate.from_der(der)
                 peer.client_sans = cert.san_values
         # the first request head must arrive within header_timeout of the connection opening
-        self.deadline = self._loop.time() + server.snapshot.limits.header_timeout
+        self.deadline = self._time() + server.snapshot.limits.header_timeout
         self.deadline_kind = _HEAD
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -333,7 +345,7 @@ class HttpConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._write_paused = True
-        self._write_paused_at = now = self._loop.time()
+        self._write_paused_at = now = self._time()
         transport = self.transport
         if transport is not None:
             self._acked_seen = self._acked(transport)
@@ -375,7 +387,7 @@ class HttpConnection(asyncio.Protocol):
         was_in_head = self._in_head
         current = self._current
         try:
-            self.parser.feed_data(data)
+            self._feed(data)
         except httptools.HttpParserUpgrade as exc:
             self._on_upgrade(data[exc.args[0] :])
         except httptools.HttpParserCallbackError as exc:
@@ -393,7 +405,7 @@ class HttpConnection(asyncio.Protocol):
                 limits = self.server.snapshot.limits
                 if not was_in_head and not self._queue:
                     # a new head began and did not end: it must end within header_timeout
-                    self.deadline = self._loop.time() + limits.header_timeout
+                    self.deadline = self._time() + limits.header_timeout
                     self.deadline_kind = _HEAD
                 # llhttp buffers a header until it ends: bound what a never-ending one costs
                 self._raw_head = self._raw_head + len(data) if was_in_head else len(data)
@@ -536,7 +548,11 @@ class HttpConnection(asyncio.Protocol):
             raise BadRequest(f"HTTP/{version} is not supported")
         head.version = version
         raw_method = parser.get_method()
-        method = raw_method.decode("ascii")
+        method = _METHOD_NAMES.get(raw_method)
+        if method is None:
+            method = raw_method.decode("ascii")
+            if len(_METHOD_NAMES) < _MAX_METHOD_NAMES:
+                _METHOD_NAMES[raw_method] = method
         if method == "CONNECT":
             raise BadRequest("CONNECT is not supported")
         head.method = method
@@ -566,7 +582,7 @@ class HttpConnection(asyncio.Protocol):
                 self._host_raw = raw_host
                 self._host_forwarded = forwarded
                 self._host_name = name
-        now = self._loop.time()
+        now = self._time()
         error: GatewayError | None = None
         route: Route | None = None
         try:
@@ -669,7 +685,7 @@ class HttpConnection(asyncio.Protocol):
             return
         head = self._head if self._head is not None and self._in_head else RequestHead()
         self._in_head = False
-        exchange = Exchange(head, self.server.snapshot, self._loop.time(), None, error, None)
+        exchange = Exchange(head, self.server.snapshot, self._time(), None, error, None)
         exchange.close = True
         self.server.in_flight_gauge.inc()
         self._enqueue(exchange)
@@ -703,10 +719,11 @@ class HttpConnection(asyncio.Protocol):
             # not tunnelled, with a body: llhttp skipped it, so a parser that knows only this
             # body's framing reads it, and stops there (the connection then closes)
             self._current = exchange
-            self.parser = _body_parser(self, exchange.head)
+            parser = self.parser = _body_parser(self, exchange.head)
         else:
             # not tunnelled, no body: Upgrade was ignored and the connection stays HTTP/1.1
-            self.parser = httptools.HttpRequestParser(self)
+            parser = self.parser = httptools.HttpRequestParser(self)
+        self._feed = parser.feed_data
         if rest:
             self.data_received(rest)
 
@@ -750,7 +767,7 @@ class HttpConnection(asyncio.Protocol):
                     if self._write_paused:
                         # the client is not reading: answer nothing more until it does
                         await self._drain.wait()
-                        self._ended_at = self._loop.time()
+                        self._ended_at = self._time()
                 if not self._wait_for_next():
                     return
                 self._wakeup = self._loop.create_future()
@@ -842,7 +859,7 @@ class HttpConnection(asyncio.Protocol):
             raise
         finally:
             server.in_flight_gauge.dec()
-            self._ended_at = self._loop.time()
+            self._ended_at = self._time()
             server.record(exchange, ctx, status or 499, request_id, self._bytes_out, peer.ip)
             self._sent_before += self._bytes_out
             self._bytes_out = 0
@@ -977,7 +994,7 @@ class HttpConnection(asyncio.Protocol):
             upstream.forward(early)
         self.deadline_kind = 0
 
-        self._tunnel_active_at = self._loop.time()
+        self._tunnel_active_at = self._time()
 
         def to_client(data: bytes) -> None:
             if data:
@@ -1010,7 +1027,7 @@ class HttpConnection(asyncio.Protocol):
         self._stopped = True
         if transport.can_write_eof():
             transport.write_eof()
-            self.deadline = self._loop.time() + _LINGER_SECONDS
+            self.deadline = self._time() + _LINGER_SECONDS
             self.deadline_kind = _LINGER
             if self._reading_paused:
                 self._reading_paused = False
