@@ -514,9 +514,9 @@ class HttpConnection(asyncio.Protocol):
             head.forwarded = value if previous is None else previous + b", " + value
         elif low == b"authorization":
             # the jwt stage and the upstream could each believe a different copy
-            if head.has_authorization:
+            if head.authorization is not None:
                 raise BadRequest("more than one Authorization header")
-            head.has_authorization = True
+            head.authorization = value
         elif low == b"traceparent":
             # a second one makes it ambiguous: a new trace (never an error: W3C Trace Context)
             head.traceparent = value if head.traceparent is None else b""
@@ -569,7 +569,8 @@ class HttpConnection(asyncio.Protocol):
             if named:
                 # hop-by-hop by the client's word: gone on arrival, before any stage runs, so
                 # that naming a header can never remove one a stage sets for the upstream
-                head.headers = [(n, v) for n, v in head.headers if n.lower() not in named]
+                # (Connection: authorization takes the token away: replace_headers forgets it)
+                head.replace_headers([(n, v) for n, v in head.headers if n.lower() not in named])
         head.path, head.query, head.plain_target, head.path_flags = split_target(head.target)
         raw_host = head.host
         if raw_host is not None:

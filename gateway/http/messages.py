@@ -25,13 +25,13 @@ class RequestHead:
     """The parsed request head.  Header pairs are kept exactly as received."""
 
     __slots__ = (
+        "authorization",
         "chunked",
         "connection_tokens",
         "content_length",
         "early_data",
         "expect_continue",
         "forwarded",
-        "has_authorization",
         "headers",
         "host",
         "host_name",
@@ -61,6 +61,7 @@ class RequestHead:
         self.path = "/"
         self.query = ""
         self.version = "1.1"
+        #: replaced only by `replace_headers` (the connection appends while parsing)
         self.headers: list[tuple[bytes, bytes]] = []
         #: the Host header as received while parsing; normalized once the head is complete
         #: (gateway.http.host): trimmed, lower case, the port kept — what goes upstream
@@ -69,7 +70,10 @@ class RequestHead:
         self.host_name: str | None = None
         #: PATH_* flags of the normalized path (gateway.http.path)
         self.path_flags = 0
-        self.has_authorization = False
+        #: the Authorization header's value as received (trailing whitespace kept), None without
+        #: one; the connection refuses a second copy.  Derived from `headers`: kept in step with
+        #: them by `replace_headers`
+        self.authorization: bytes | None = None
         #: Forwarded header values, joined; re-written on the way upstream
         self.forwarded: bytes | None = None
         self.content_length: int | None = None
@@ -91,6 +95,25 @@ class RequestHead:
         self.traceparent: bytes | None = None
         #: tracestate header values, joined with ","
         self.tracestate: bytes | None = None
+
+    def replace_headers(self, headers: list[tuple[bytes, bytes]]) -> None:
+        """Make `headers` the header list (a new list, or the same one edited in place) and
+        derive again what is read from it.
+
+        The one way to change the list once the head is parsed: the connection keeps the
+        Authorization value it met while parsing, and whatever removes or sets headers
+        afterwards (a Connection header naming it, a headers stage, the jwt stage's
+        forwarded-claim names) would otherwise leave that value stale — a token checked that
+        the upstream never receives, or a token set for the upstream that is never checked.
+        """
+        self.headers = headers
+        authorization: bytes | None = None
+        for n, v in headers:
+            # the first copy, as get_header reads it; only a name of its length is lowered
+            if len(n) == 13 and n.lower() == b"authorization":
+                authorization = v
+                break
+        self.authorization = authorization
 
     def get_header(self, name: str) -> str | None:
         """First value of a header (name in lower case), decoded as latin-1, without the

@@ -109,7 +109,8 @@ class HeadersStage:
     async def __call__(self, ctx: RequestContext, call_next: Next) -> Response:
         if self._request is not None:
             head = ctx.head
-            head.headers = self._request.apply(head.headers)
+            # Authorization may be removed or set here (it is not a name the gateway owns)
+            head.replace_headers(self._request.apply(head.headers))
         response = await call_next(ctx)
         if self._response is not None:
             response.headers = self._response.apply(response.headers)

@@ -466,9 +466,11 @@ class JwtStage:
             drop = self._forward_names
             # "_" read as "-": X_User_Id is X-User-Id to a CGI/WSGI upstream, whatever the
             # route's underscores_in_headers says
-            head.headers = [
-                (n, v) for n, v in head.headers if n.lower().replace(b"_", b"-") not in drop
-            ]
+            headers = head.headers
+            kept = [(n, v) for n, v in headers if n.lower().replace(b"_", b"-") not in drop]
+            if len(kept) != len(headers):
+                # a claim forwarded as Authorization drops the client's copy before it is read
+                head.replace_headers(kept)
         authorization = head.get_header("authorization")
         route = ctx.route.name
         # not bearer_token: its pass over the characters would cost a cached request more than

@@ -45,7 +45,7 @@ def _head(*headers: tuple[bytes, bytes], **fields: Any) -> RequestHead:
     head.method = "POST"
     head.raw_method = b"POST"
     head.query = "a=1"
-    head.headers = list(headers)
+    head.replace_headers(list(headers))
     for key, value in fields.items():
         setattr(head, key, value)
     return head

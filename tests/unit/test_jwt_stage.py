@@ -45,7 +45,7 @@ def _build(tmp_path: Path, document: bytes) -> tuple[JwtStage, Snapshot]:
 async def _call(stage: JwtStage, snapshot: Snapshot, authorization: str | None) -> Response:
     head = RequestHead()
     if authorization is not None:
-        head.headers.append((b"Authorization", authorization.encode("latin-1")))
+        head.replace_headers([(b"Authorization", authorization.encode("latin-1"))])
     return await stage(make_context(head, snapshot=snapshot, route="api"), _ok)
 
 

@@ -16,7 +16,7 @@ routes:
 
 def _head(*headers: tuple[bytes, bytes], xff: bytes | None = None) -> RequestHead:
     head = RequestHead()
-    head.headers = list(headers)
+    head.replace_headers(list(headers))
     head.x_forwarded_for = xff
     return head
 

@@ -251,9 +251,9 @@ class FailingRecords:
 
 def _keyed(method: str = "POST", **headers: str) -> RequestContext:
     ctx = _ctx(method)
-    ctx.head.headers = [(b"Idempotency-Key", b"k-1")] + [
-        (n.encode(), v.encode()) for n, v in headers.items()
-    ]
+    ctx.head.replace_headers(
+        [(b"Idempotency-Key", b"k-1")] + [(n.encode(), v.encode()) for n, v in headers.items()]
+    )
     return ctx
 
 
@@ -295,11 +295,11 @@ async def test_signed_keys_can_be_bound_to_a_claim_or_a_certificate() -> None:
         )
         ctx = _ctx("POST")
         setup(ctx)
-        ctx.head.headers = [(b"Idempotency-Key", mint_token(secret, client).encode())]
+        ctx.head.replace_headers([(b"Idempotency-Key", mint_token(secret, client).encode())])
         assert (await stage(ctx, _ok)).status == 200
         assert ctx.tries.resend_keyed is False  # the upstream does not de-duplicate
         other = _ctx("POST")
-        other.head.headers = list(ctx.head.headers)  # same token, no identity: refused
+        other.head.replace_headers(list(ctx.head.headers))  # same token, no identity: refused
         with pytest.raises(IdempotencyKeyInvalid):
             await stage(other, _ok)
 
