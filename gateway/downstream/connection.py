@@ -516,6 +516,7 @@ class HttpConnection(asyncio.Protocol):
             # the jwt stage and the upstream could each believe a different copy
             if head.authorization is not None:
                 raise BadRequest("more than one Authorization header")
+            # kept for the jwt stage, which would otherwise scan every header for it
             head.authorization = value
         elif low == b"traceparent":
             # a second one makes it ambiguous: a new trace (never an error: W3C Trace Context)

@@ -101,10 +101,11 @@ class RequestHead:
         derive again what is read from it.
 
         The one way to change the list once the head is parsed: the connection keeps the
-        Authorization value it met while parsing, and whatever removes or sets headers
-        afterwards (a Connection header naming it, a headers stage, the jwt stage's
-        forwarded-claim names) would otherwise leave that value stale — a token checked that
-        the upstream never receives, or a token set for the upstream that is never checked.
+        Authorization value it met while parsing (the jwt stage reads it rather than scan
+        every header), and whatever removes or sets headers afterwards (a Connection header
+        naming it, a headers stage, the jwt stage's forwarded-claim names) would otherwise
+        leave that value stale — a token checked that the upstream never receives, or a
+        token set for the upstream that is never checked.
         """
         self.headers = headers
         authorization: bytes | None = None

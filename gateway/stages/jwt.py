@@ -471,7 +471,10 @@ class JwtStage:
             if len(kept) != len(headers):
                 # a claim forwarded as Authorization drops the client's copy before it is read
                 head.replace_headers(kept)
-        authorization = head.get_header("authorization")
+        # kept by the connection as received (a second copy was refused); stripped as
+        # get_header strips it: "k" and "k " are one value
+        raw = head.authorization
+        authorization = None if raw is None else raw.decode("latin-1").strip(" \t")
         route = ctx.route.name
         # not bearer_token: its pass over the characters would cost a cached request more than
         # the lookup; `verify` holds a token to canonical base64url, stricter than token68
