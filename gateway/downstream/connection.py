@@ -145,6 +145,7 @@ class Exchange:
 _METHOD_NAMES: Final[dict[bytes, str]] = {}
 _MAX_METHOD_NAMES: Final = 64
 
+
 @final
 class HttpConnection(asyncio.Protocol):
     __slots__ = (
