@@ -125,11 +125,21 @@ def _forward_claims(r: Reader, raw: object, path: str) -> tuple[tuple[str, str],
     if not isinstance(raw, dict):
         r.error(path, "must be a mapping of claim to header name")
         return ()
-    return tuple(
-        (str(claim), str(header))
-        for claim, header in raw.items()
-        if check_name(r, header, f"{path}.{claim}", OWNED_REQUEST)
-    )
+    forwarded = []
+    for claim, header in raw.items():
+        if not check_name(r, header, f"{path}.{claim}", OWNED_REQUEST):
+            continue
+        if str(header).lower().replace("_", "-") == "authorization":
+            # the client's copy of a forwarded name is dropped before the token is read: this
+            # route would answer every request 401
+            r.error(
+                f"{path}.{claim}",
+                "Authorization carries the token this stage checks: forward the claim under "
+                "another name",
+            )
+            continue
+        forwarded.append((str(claim), str(header)))
+    return tuple(forwarded)
 
 
 _FIELDS: Final = Fields(
@@ -469,7 +479,7 @@ class JwtStage:
             headers = head.headers
             kept = [(n, v) for n, v in headers if n.lower().replace(b"_", b"-") not in drop]
             if len(kept) != len(headers):
-                # a claim forwarded as Authorization drops the client's copy before it is read
+                # the list changed: what the head derives from it is derived again
                 head.replace_headers(kept)
         # kept by the connection as received (a second copy was refused); stripped as
         # get_header strips it: "k" and "k " are one value

@@ -6,10 +6,11 @@ jwt stage need not scan the headers for it; everything that replaces the header 
 must derive it again (RequestHead.replace_headers), or the stage would check a token the
 upstream never receives, or let through a token it never checked.  The paths: a Connection
 header naming Authorization, a headers stage before the jwt stage that removes or sets it (the
-name is not one the gateway owns, so the config allows both), a claim forwarded as
-Authorization; and, read by the connection itself, a second copy (400), trailing whitespace and
-every spelling of the name.  Each case asserts what the jwt stage decided and what the upstream
-received (tests/support/wire_upstream.py: header lines as they arrived).
+name is not one the gateway owns, so the config allows both); and, read by the connection
+itself, a second copy (400), trailing whitespace and every spelling of the name.  Each case
+asserts what the jwt stage decided and what the upstream received
+(tests/support/wire_upstream.py: header lines as they arrived).  A claim forwarded as
+Authorization is refused by the config (tests/unit/test_config_pipeline.py).
 """
 
 from __future__ import annotations
@@ -91,12 +92,6 @@ def _config(port: int, set_token: bytes) -> str:
                     {"headers": {"request": {"set": {"X-Env": "t"}, "remove": ["X-Debug"]}}},
                     {"jwt": JWT},
                 ],
-            ),
-            route(
-                "claim-as-authorization",
-                "app",
-                "/claim",
-                pipeline=[{"jwt": {**JWT, "forward_claims": {"sub": "Authorization"}}}],
             ),
             route("public", "app", "/public"),
         ],
@@ -266,17 +261,3 @@ async def test_a_headers_stage_editing_other_headers_keeps_the_clients_token(edg
     assert _missing(await edge.get("/edited", b"X-Debug: 1"))
     assert _invalid(await edge.get("/edited", b"Authorization: Bearer " + _token(secret="t" * 40)))
     assert len(edge.upstream.requests) == 1
-
-
-# -- the jwt stage's own forwarded-claim names ------------------------------------------------
-
-
-async def test_a_claim_forwarded_as_authorization_drops_the_clients_before_it_is_read(
-    edge: Edge,
-) -> None:
-    """The client's copy of a forwarded claim's header is removed before the token is read, so
-    a route forwarding a claim as Authorization has no token to check: nothing gets through
-    (rather than a token checked and then replaced by the claim on the way upstream)."""
-    response = await edge.get("/claim", b"Authorization: Bearer " + _token())
-    assert _missing(response)
-    assert edge.upstream.requests == []

@@ -152,6 +152,12 @@ routes:
             "set by the gateway itself",
         ),
         (
+            "[{jwt: {algorithms: [RS256], jwks_url: 'http://idp/j', "
+            "forward_claims: {sub: authorization}}}]",
+            "routes[0].pipeline[0].jwt.forward_claims.sub",
+            "Authorization carries the token this stage checks",
+        ),
+        (
             "[{jwt: {algorithms: [HS256], secret: "
             + "s" * 32
             + "}}, {jwt: {algorithms: [RS256], jwks_url: 'http://idp/j'}}]",
