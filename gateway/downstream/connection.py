@@ -28,7 +28,6 @@ import logging
 import struct
 import termios
 from collections import deque
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Final, cast, final
 
 import httptools
@@ -140,12 +139,6 @@ class Exchange:
         self.close = error is not None and error.close
 
 
-#: request methods as text, by their bytes: a dict lookup instead of a decode per request
-#: (llhttp only passes methods it knows, a few dozen; bounded all the same)
-_METHOD_NAMES: Final[dict[bytes, str]] = {}
-_MAX_METHOD_NAMES: Final = 64
-
-
 @final
 class HttpConnection(asyncio.Protocol):
     __slots__ = (
@@ -158,7 +151,6 @@ class HttpConnection(asyncio.Protocol):
         "_current",
         "_drain",
         "_ended_at",
-        "_feed",
         "_final_sent",
         "_head",
         "_head_bytes",
@@ -179,7 +171,6 @@ class HttpConnection(asyncio.Protocol):
         "_stopped",
         "_stream",
         "_task",
-        "_time",
         "_trace_slot",
         "_tunnel",
         "_tunnel_active_at",
@@ -202,10 +193,6 @@ class HttpConnection(asyncio.Protocol):
         self._loop = server.loop
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
-        # the parser's and the loop's methods used on every request, bound once: compiled code
-        # calls a bound method directly, where it looks a method up by name per call
-        self._feed: Callable[[bytes], None] = self.parser.feed_data
-        self._time: Callable[[], float] = self._loop.time
         self.peer = _NO_PEER
         self.deadline = 0.0
         self.deadline_kind = 0
@@ -305,7 +292,7 @@ class HttpConnection(asyncio.Protocol):
                 peer.client_cert = cert = ClientCertificate.from_der(der)
                 peer.client_sans = cert.san_values
         # the first request head must arrive within header_timeout of the connection opening
-        self.deadline = self._time() + server.snapshot.limits.header_timeout
+        self.deadline = self._loop.time() + server.snapshot.limits.header_timeout
         self.deadline_kind = _HEAD
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -346,7 +333,7 @@ class HttpConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._write_paused = True
-        self._write_paused_at = now = self._time()
+        self._write_paused_at = now = self._loop.time()
         transport = self.transport
         if transport is not None:
             self._acked_seen = self._acked(transport)
@@ -388,7 +375,7 @@ class HttpConnection(asyncio.Protocol):
         was_in_head = self._in_head
         current = self._current
         try:
-            self._feed(data)
+            self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
             self._on_upgrade(data[exc.args[0] :])
         except httptools.HttpParserCallbackError as exc:
@@ -406,7 +393,7 @@ class HttpConnection(asyncio.Protocol):
                 limits = self.server.snapshot.limits
                 if not was_in_head and not self._queue:
                     # a new head began and did not end: it must end within header_timeout
-                    self.deadline = self._time() + limits.header_timeout
+                    self.deadline = self._loop.time() + limits.header_timeout
                     self.deadline_kind = _HEAD
                 # llhttp buffers a header until it ends: bound what a never-ending one costs
                 self._raw_head = self._raw_head + len(data) if was_in_head else len(data)
@@ -550,11 +537,7 @@ class HttpConnection(asyncio.Protocol):
             raise BadRequest(f"HTTP/{version} is not supported")
         head.version = version
         raw_method = parser.get_method()
-        method = _METHOD_NAMES.get(raw_method)
-        if method is None:
-            method = raw_method.decode("ascii")
-            if len(_METHOD_NAMES) < _MAX_METHOD_NAMES:
-                _METHOD_NAMES[raw_method] = method
+        method = raw_method.decode("ascii")
         if method == "CONNECT":
             raise BadRequest("CONNECT is not supported")
         head.method = method
@@ -585,7 +568,7 @@ class HttpConnection(asyncio.Protocol):
                 self._host_raw = raw_host
                 self._host_forwarded = forwarded
                 self._host_name = name
-        now = self._time()
+        now = self._loop.time()
         error: GatewayError | None = None
         route: Route | None = None
         try:
@@ -688,7 +671,7 @@ class HttpConnection(asyncio.Protocol):
             return
         head = self._head if self._head is not None and self._in_head else RequestHead()
         self._in_head = False
-        exchange = Exchange(head, self.server.snapshot, self._time(), None, error, None)
+        exchange = Exchange(head, self.server.snapshot, self._loop.time(), None, error, None)
         exchange.close = True
         self.server.in_flight_gauge.inc()
         self._enqueue(exchange)
@@ -722,11 +705,10 @@ class HttpConnection(asyncio.Protocol):
             # not tunnelled, with a body: llhttp skipped it, so a parser that knows only this
             # body's framing reads it, and stops there (the connection then closes)
             self._current = exchange
-            parser = self.parser = _body_parser(self, exchange.head)
+            self.parser = _body_parser(self, exchange.head)
         else:
             # not tunnelled, no body: Upgrade was ignored and the connection stays HTTP/1.1
-            parser = self.parser = httptools.HttpRequestParser(self)
-        self._feed = parser.feed_data
+            self.parser = httptools.HttpRequestParser(self)
         if rest:
             self.data_received(rest)
 
@@ -770,7 +752,7 @@ class HttpConnection(asyncio.Protocol):
                     if self._write_paused:
                         # the client is not reading: answer nothing more until it does
                         await self._drain.wait()
-                        self._ended_at = self._time()
+                        self._ended_at = self._loop.time()
                 if not self._wait_for_next():
                     return
                 self._wakeup = self._loop.create_future()
@@ -862,7 +844,7 @@ class HttpConnection(asyncio.Protocol):
             raise
         finally:
             server.in_flight_gauge.dec()
-            self._ended_at = self._time()
+            self._ended_at = self._loop.time()
             server.record(exchange, ctx, status or 499, request_id, self._bytes_out, peer.ip)
             self._sent_before += self._bytes_out
             self._bytes_out = 0
@@ -997,7 +979,7 @@ class HttpConnection(asyncio.Protocol):
             upstream.forward(early)
         self.deadline_kind = 0
 
-        self._tunnel_active_at = self._time()
+        self._tunnel_active_at = self._loop.time()
 
         def to_client(data: bytes) -> None:
             if data:
@@ -1030,7 +1012,7 @@ class HttpConnection(asyncio.Protocol):
         self._stopped = True
         if transport.can_write_eof():
             transport.write_eof()
-            self.deadline = self._time() + _LINGER_SECONDS
+            self.deadline = self._loop.time() + _LINGER_SECONDS
             self.deadline_kind = _LINGER
             if self._reading_paused:
                 self._reading_paused = False

@@ -69,7 +69,6 @@ class UpstreamConnection(asyncio.Protocol):
         "_done",
         "_drain",
         "_failure",
-        "_feed",
         "_got_bytes",
         "_head_waiter",
         "_headers",
@@ -86,7 +85,6 @@ class UpstreamConnection(asyncio.Protocol):
         "_reset_parser",
         "_sink",
         "_status",
-        "_time",
         "_timer",
         "_upgrade_header",
         "_upgraded",
@@ -113,10 +111,6 @@ class UpstreamConnection(asyncio.Protocol):
         self.pool = pool
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
-        # the parser's and the loop's methods used on every exchange, bound once: compiled
-        # code calls a bound method directly, where it looks a method up by name per call
-        self._feed: Callable[[bytes], None] = self.parser.feed_data
-        self._time: Callable[[], float] = loop.time
         self.reusable = False
         self.reused = False
         self.in_use = False
@@ -188,14 +182,14 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self._got_bytes = True
         if self._timer is not None:
-            self._last_activity = self._time()  # only the body timer reads it
+            self._last_activity = self._loop.time()  # only the body timer reads it
         counted = not self._status or self._chunked
         if counted:
             # a head still arriving, or a chunked body: what is not body is bounded (the rest
             # of a body is bounded by back-pressure)
             self._raw_read += len(data)
         try:
-            self._feed(data)
+            self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
             self._upgraded = True
             rest = data[exc.args[0] :]
@@ -209,16 +203,9 @@ class UpstreamConnection(asyncio.Protocol):
                 else UpstreamUnavailable(f"invalid response from upstream: {exc}")
             )
         else:
-            if (
-                counted
-                and not self._message_done
-                and (
-                    (not self._status and self._raw_read > MAX_RESPONSE_HEAD)
-                    or (
-                        self._chunked
-                        and self._raw_read - 2 * self._body_received > MAX_RESPONSE_HEAD
-                    )
-                )
+            if counted and not self._message_done and (
+                (not self._status and self._raw_read > MAX_RESPONSE_HEAD)
+                or (self._chunked and self._raw_read - 2 * self._body_received > MAX_RESPONSE_HEAD)
             ):
                 self._fail(UpstreamUnavailable("upstream response head or framing too large"))
 
@@ -387,8 +374,7 @@ class UpstreamConnection(asyncio.Protocol):
             raise StaleConnection("connection closed")
         loop = self._loop
         if self._reset_parser:
-            parser = self.parser = httptools.HttpResponseParser(self)
-            self._feed = parser.feed_data
+            self.parser = httptools.HttpResponseParser(self)
         self._reset_exchange()
         self._is_head = is_head
         self._body_timeout = body_timeout
@@ -449,7 +435,7 @@ class UpstreamConnection(asyncio.Protocol):
             self._fail(exc)
             raise
         if self._head_waiter is not None:
-            self.deadline = self._time() + header_timeout
+            self.deadline = self._loop.time() + header_timeout
             self.pool.watch()
 
     # -- BodyStream --------------------------------------------------------------------------
