@@ -1,8 +1,8 @@
 """RequestHead.replace_headers: the Authorization value the connection kept while parsing follows
 every later change to the header list, and no code of the gateway changes the list another way.
 
-The end-to-end cases (a Connection header naming Authorization, a headers stage, a claim
-forwarded as Authorization) are in tests/integration/test_jwt_authorization.py.
+The end-to-end cases (a Connection header naming Authorization, a headers stage before the jwt
+stage) are in tests/integration/test_jwt_authorization.py.
 """
 
 from __future__ import annotations
