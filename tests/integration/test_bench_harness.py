@@ -25,8 +25,11 @@ from tests.support.raw import exchange
 REPO = Path(__file__).resolve().parents[2]
 
 
-def run_bench(out: Path, scenario: str, peer: str) -> subprocess.CompletedProcess[str]:
-    """`python -m bench` on one scenario and one peer, one short round of 4 connections."""
+def run_bench(
+    out: Path, scenario: str, *peers: str, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """`python -m bench` on one scenario and the peers named, one short round of 4 connections."""
+    chosen = [arg for peer in peers for arg in ("--peer", peer)]
     return subprocess.run(
         [
             sys.executable,
@@ -34,8 +37,7 @@ def run_bench(out: Path, scenario: str, peer: str) -> subprocess.CompletedProces
             "bench",
             "--scenario",
             scenario,
-            "--peer",
-            peer,
+            *chosen,
             "--rounds",
             "1",
             "--seconds",
@@ -48,7 +50,7 @@ def run_bench(out: Path, scenario: str, peer: str) -> subprocess.CompletedProces
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=timeout,
         check=False,
     )
 
@@ -90,32 +92,7 @@ def test_edge_scenario_runs_with_its_token_and_receiver(tmp_path: Path) -> None:
 def test_tracing_scenario_runs_peers_together_on_one_core(tmp_path: Path) -> None:
     """Two peers, tiny: after the interleaved rounds, a round with both loaded at once, and
     the traced peer's req/s as a ratio to tracing off's in that same round."""
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench",
-            "--scenario",
-            "tracing",
-            "--peer",
-            "gateway",
-            "--peer",
-            "gateway+unsampled",
-            "--rounds",
-            "1",
-            "--seconds",
-            "1",
-            "--connections",
-            "4",
-            "--out",
-            str(tmp_path),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
+    result = run_bench(tmp_path, "tracing", "gateway", "gateway+unsampled", timeout=180)
     assert result.returncode == 0, result.stderr[-2000:]
     [report_file] = tmp_path.glob("bench-*.json")
     by_peer = {r["peer"]: r for r in json.loads(report_file.read_text())["results"]}
