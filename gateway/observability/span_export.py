@@ -239,8 +239,9 @@ def make_exporter(config: TracingConfig, version: str) -> SpanExporter:
 
 
 class BoundedBatchProcessor:
-    """Ended spans queue here (at most `max_queue_size`) and one thread exports them in batches
-    of `max_export_batch_size`, at least every `schedule_delay`.  `on_dropped(count, reason)`
+    """Ended spans queue in `spans` (at most `max_queue_size`; the event loop adds them with
+    `spans.add`) and one thread exports them in batches of `max_export_batch_size`, at least
+    every `schedule_delay`.  `on_dropped(count, reason)`
     hears of every span lost — "queue_full", "export_failed" or "shutdown" — and `on_exported`
     of every span delivered; both may be called from the export thread.
 
@@ -258,24 +259,17 @@ class BoundedBatchProcessor:
     ) -> None:
         self._exporter = exporter
         self._close_within = close_within
-        self._max_queue = batch.max_queue_size
         self._batch_size = batch.max_export_batch_size
         self._delay = batch.schedule_delay
         self._on_dropped = on_dropped
         self._on_exported = on_exported
         self._wake = threading.Condition()
-        self.spans = SpanQueue(self._max_queue, self._batch_size, self._notify, on_dropped)
+        self.spans = SpanQueue(batch.max_queue_size, self._batch_size, self._notify, on_dropped)
         self._queue = self.spans.spans
-        self._closed = False
         #: flush requests waiting for the queue to empty
         self._flushes: list[threading.Event] = []
         self._thread = threading.Thread(target=self._work, name="gateway-span-export", daemon=True)
         self._thread.start()
-
-    def add(self, span: SpanRecord) -> None:
-        """Queue an ended span (event loop thread; `spans.add` is the same, for compiled
-        callers)."""
-        self.spans.add(span)
 
     def _notify(self) -> None:
         with self._wake:
@@ -284,13 +278,14 @@ class BoundedBatchProcessor:
     def _work(self) -> None:
         while True:
             with self._wake:
-                if not self._closed and not self._flushes and len(self._queue) < self._batch_size:
+                idle = not self._flushes and len(self._queue) < self._batch_size
+                if idle and not self.spans.closed:
                     self._wake.wait(self._delay)
-                closing = self._closed
+                closing = self.spans.closed
                 flushes, self._flushes = self._flushes, []
             give_up_at = time.monotonic() + self._close_within if closing else None
             while self._queue:
-                if give_up_at is None and self._closed:
+                if give_up_at is None and self.spans.closed:
                     # closed while this thread was exporting: from now, one timeout's grace
                     closing = True
                     give_up_at = time.monotonic() + self._close_within
@@ -324,7 +319,7 @@ class BoundedBatchProcessor:
         """Export everything queued now; False when that took longer than `timeout` seconds."""
         done = threading.Event()
         with self._wake:
-            if self._closed:
+            if self.spans.closed:
                 return True
             self._flushes.append(done)
             self._wake.notify()
@@ -333,9 +328,8 @@ class BoundedBatchProcessor:
     def shutdown(self) -> None:
         """Export what is queued (bounded by the exporter's timeout), then stop."""
         with self._wake:
-            if self._closed:
+            if self.spans.closed:
                 return
-            self._closed = True
             self.spans.closed = True
             self._wake.notify()
         self._thread.join()
