@@ -53,7 +53,8 @@ typecheck: setup
 # slow-client attacks of tests/e2e/test_slow_attacks.py, promtool from prometheus checks and
 # unit-tests the alert rules in deploy/prometheus/)
 test-deps:
-	@missing=""; for tool in wrk:wrk slowhttptest:slowhttptest promtool:prometheus; do \
+	@missing=""; for tool in wrk:wrk slowhttptest:slowhttptest promtool:prometheus \
+		redis-server:redis-server redis-cli:redis-tools; do \
 		command -v $${tool%%:*} >/dev/null || missing="$$missing $${tool##*:}"; done; \
 	if [ -n "$$missing" ]; then apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi
