@@ -1,0 +1,232 @@
+"""The redis store: state shared by every worker and replica that names the same Redis.
+
+Built on redis-py's asyncio client (with hiredis parsing replies).  Every operation is bounded
+by the store's `timeout` as a whole — connecting, waiting for the reply, a server paused or
+gone — and any failure is raised as `StoreError`, so the stage's `on_store_error` decides what
+the client gets; the client reconnects by itself on the next operation once Redis is back.
+
+Idempotency records (SPEC §5.5) are Redis hashes, one per scoped key, each changed by one Lua
+script, so that reading a record and taking the lock are one atomic step for every replica:
+two gateways can never both see "no record".  Every record has a TTL — the lock's while the
+first request runs, the stage's `ttl` once it completed or its outcome is unknown — so nothing
+lives forever.  A script touches its one key only, so the store works the same on a Redis
+Cluster.  `max_keys` and `max_bytes` bound the memory store; in Redis the records are bounded by
+their TTLs and by Redis's own `maxmemory`: with `maxmemory-policy noeviction` (what the README
+recommends) a full Redis refuses new locks, which the stage answers per `on_store_error`, and
+never evicts a lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Final, TypeVar, final
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from gateway.stores.base import (
+    IN_USE,
+    NEW,
+    REPLAY,
+    REUSED,
+    UNKNOWN,
+    Begin,
+    RecordsMeter,
+    StoredResponse,
+    StoreError,
+)
+
+if TYPE_CHECKING:
+    from redis.commands.core import AsyncScript
+
+T = TypeVar("T")
+
+#: the record's fields: state, fingerprint, and the stored answer
+#: state: "lock" (in flight), "unknown", "pending" (answered, body streaming), "done"
+_BEGIN: Final = """
+local r = redis.call('HMGET', KEYS[1], 'st', 'fp', 'status', 'headers', 'body', 'replayable')
+local state = r[1]
+if not state then
+  redis.call('HSET', KEYS[1], 'st', 'lock', 'fp', ARGV[1])
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return {'new'}
+end
+if r[2] ~= ARGV[1] then return {'reused'} end
+if state == 'unknown' then return {'unknown'} end
+if state == 'lock' then return {'in_use', redis.call('PTTL', KEYS[1])} end
+return {state, r[3], r[4], r[5], r[6]}
+"""
+
+#: an answer replaces the lock (nothing, when the lock expired meanwhile)
+_COMPLETE: Final = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'st', ARGV[1], 'status', ARGV[2], 'headers', ARGV[3],
+           'body', ARGV[4], 'replayable', ARGV[5])
+redis.call('PEXPIRE', KEYS[1], ARGV[6])
+return 1
+"""
+
+#: a lock, or an answer whose body broke off, is forgotten; an unknown outcome or a complete
+#: answer never is
+_RELEASE: Final = """
+local state = redis.call('HGET', KEYS[1], 'st')
+if state == 'lock' or state == 'pending' then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+return 0
+"""
+
+#: kept as unknown for the ttl, whatever it was (the first fingerprint kept when there is one)
+_MARK_UNKNOWN: Final = """
+local fp = redis.call('HGET', KEYS[1], 'fp') or ARGV[1]
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'st', 'unknown', 'fp', fp)
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+
+
+def encode_headers(headers: list[tuple[bytes, bytes]]) -> bytes:
+    """Header lines as length-prefixed fields (`<len>:<bytes>` for each name and value): any
+    byte can appear in a value, order and repeats are kept."""
+    return b"".join(b"%d:%b%d:%b" % (len(n), n, len(v), v) for n, v in headers)
+
+
+def decode_headers(data: bytes) -> list[tuple[bytes, bytes]]:
+    fields: list[bytes] = []
+    at = 0
+    while at < len(data):
+        colon = data.index(b":", at)
+        size = int(data[at:colon])
+        field = data[colon + 1 : colon + 1 + size]
+        if len(field) != size:
+            raise ValueError("a truncated header field")
+        fields.append(field)
+        at = colon + 1 + size
+    if len(fields) % 2:
+        raise ValueError("an odd number of header fields")
+    return list(zip(fields[0::2], fields[1::2], strict=True))
+
+
+def _milliseconds(seconds: float) -> int:
+    return max(1, round(seconds * 1000))
+
+
+@final
+class RedisIdempotencyRecords:
+    """One idempotency stage's records under `<prefix>idem:<namespace>:<key>`."""
+
+    __slots__ = ("_begin", "_complete", "_mark_unknown", "_prefix", "_release", "_store")
+
+    def __init__(self, store: RedisStore, namespace: str) -> None:
+        self._store = store
+        self._prefix = f"{store.prefix}idem:{namespace}:"
+        client = store.client
+        self._begin: AsyncScript = client.register_script(_BEGIN)
+        self._complete: AsyncScript = client.register_script(_COMPLETE)
+        self._release: AsyncScript = client.register_script(_RELEASE)
+        self._mark_unknown: AsyncScript = client.register_script(_MARK_UNKNOWN)
+
+    async def begin(self, key: str, fingerprint: str, lock_ttl: float) -> Begin:
+        reply = await self._store.run(
+            self._begin(keys=[self._prefix + key], args=[fingerprint, _milliseconds(lock_ttl)])
+        )
+        assert isinstance(reply, list)
+        outcome = reply[0].decode()
+        if outcome == "new":
+            return Begin(NEW)
+        if outcome == "reused":
+            return Begin(REUSED)
+        if outcome == "unknown":
+            return Begin(UNKNOWN)
+        if outcome == "in_use":
+            return Begin(IN_USE, retry_after=max(int(reply[1]), 0) / 1000)
+        _, status, headers, body, replayable = reply
+        return Begin(
+            REPLAY,
+            StoredResponse(
+                int(status),
+                decode_headers(headers),
+                body,
+                replayable=replayable == b"1",
+                pending=outcome == "pending",
+            ),
+        )
+
+    async def complete(self, key: str, response: StoredResponse, ttl: float) -> None:
+        await self._store.run(
+            self._complete(
+                keys=[self._prefix + key],
+                args=[
+                    "pending" if response.pending else "done",
+                    response.status,
+                    encode_headers(response.headers),
+                    response.body,
+                    "1" if response.replayable else "0",
+                    _milliseconds(ttl),
+                ],
+            )
+        )
+
+    async def release(self, key: str) -> None:
+        await self._store.run(self._release(keys=[self._prefix + key]))
+
+    async def mark_unknown(self, key: str, fingerprint: str, ttl: float) -> None:
+        await self._store.run(
+            self._mark_unknown(keys=[self._prefix + key], args=[fingerprint, _milliseconds(ttl)])
+        )
+
+    async def close(self) -> None:
+        return None  # the records stay in Redis; the store owns the connections
+
+
+@final
+class RedisStore:
+    """A named redis store: one client (a pool of connections) per worker."""
+
+    def __init__(
+        self,
+        name: str,
+        url: str,
+        *,
+        prefix: str = "gw:",
+        timeout: float = 0.1,
+        pool_size: int = 32,
+    ) -> None:
+        self.name = name
+        self.prefix = prefix
+        self.timeout = timeout
+        self.client: aioredis.Redis = aioredis.Redis.from_url(
+            url,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            max_connections=pool_size,
+            # the store's timeout bounds an operation as a whole: no retries inside it
+            retry_on_timeout=False,
+        )
+
+    def idempotency(
+        self, *, namespace: str, max_keys: int, max_bytes: int, meter: RecordsMeter
+    ) -> RedisIdempotencyRecords:
+        """The records of one stage (`max_keys` and `max_bytes` bound the memory store only:
+        see the module's docstring)."""
+        return RedisIdempotencyRecords(self, namespace)
+
+    async def run(self, operation: Awaitable[T]) -> T:
+        """`operation`'s reply, or `StoreError` when Redis failed or took longer than the
+        store's timeout (a server paused or unreachable included)."""
+        try:
+            async with asyncio.timeout(self.timeout):
+                return await operation
+        except TimeoutError as exc:
+            raise StoreError(
+                f"store {self.name!r}: no answer within {self.timeout * 1000:g} ms"
+            ) from exc
+        except (RedisError, OSError) as exc:
+            # redis-py's messages name the host and port, never the password
+            raise StoreError(f"store {self.name!r}: {type(exc).__name__}: {exc}") from exc
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
