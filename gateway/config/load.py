@@ -81,6 +81,7 @@ from gateway.config.reader import (
     str_list as _str_list,
 )
 from gateway.config.stages import ConfigKind, check_pipeline, parse_entry
+from gateway.config.stores import read_stores
 from gateway.config.strict_yaml import load_yaml
 from gateway.config.tracing import read_route_tracing, read_tracing
 from gateway.config.units import parse_duration, parse_size
@@ -104,13 +105,12 @@ TOP_LEVEL_SECTIONS: Final = (
     "shutdown",
     "access_log",
     "tracing",
+    "stores",
     "upstreams",
     "middlewares",
     "routes",
 )
-_LATER_TOP: Final = {
-    "stores": "shared stores (Redis)",
-}
+_LATER_TOP: Final[dict[str, str]] = {}
 
 
 def interpolate_env(text: str, env: Mapping[str, str], path: str = "") -> str:
@@ -455,6 +455,12 @@ class _Loader:
         shutdown = self.shutdown(top.get("shutdown"))
         access_log = self.access_log(top.get("access_log"))
         tracing = read_tracing(r, top.get("tracing"))
+        stores = read_stores(r, top.get("stores"))
+        # every declared name counts, so a store with its own error is not reported again as
+        # unknown by each stage that names it
+        declared_stores = top.get("stores")
+        if isinstance(declared_stores, dict):
+            r.stores.update({str(k): "redis" for k in declared_stores if k != "memory"})
         upstreams = self.upstreams(top.get("upstreams"))
         # every declared name counts, so an upstream with its own error is not reported again
         # as unknown by each route that uses it
@@ -476,6 +482,7 @@ class _Loader:
             shutdown=shutdown,
             access_log=access_log,
             tracing=tracing,
+            stores=stores,
             upstreams=upstreams,
             middlewares=tuple(middlewares.values()),
             routes=routes,

@@ -184,6 +184,33 @@ class UpstreamTLSConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class StoreTLSConfig:
+    """How a `rediss://` store verifies Redis, and the certificate it presents to it."""
+
+    #: CA bundle Redis's certificate is verified against (None = the system's)
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StoreConfig:
+    """A named shared store (`stores: {NAME: ...}`, SPEC §2): today a Redis."""
+
+    name: str
+    type: Literal["redis"] = "redis"
+    #: redis://, rediss:// or unix:// (a password in it, from ${ENV}, is never shown)
+    url: str
+    #: put before every key the gateway writes, so several gateways can share one Redis
+    prefix: str = "gw:"
+    #: bounds every operation (connecting included); past it the stage's on_store_error rules
+    timeout: float = 0.1
+    #: connections per worker
+    pool_size: int = 32
+    tls: StoreTLSConfig | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class HealthCheckConfig:
     """Active health checks: GET `path` on every endpoint each `interval`."""
 
@@ -301,6 +328,8 @@ class GatewayConfig:
     #: None: tracing off
     tracing: TracingConfig | None = None
     upstreams: tuple[UpstreamConfig, ...] = ()
+    #: the named shared stores ("memory", per worker, always exists and is not listed)
+    stores: tuple[StoreConfig, ...] = ()
     #: named stages, by name
     middlewares: tuple[StageSpec, ...] = ()
     routes: tuple[RouteConfig, ...] = ()

@@ -42,6 +42,9 @@ class Reader:
         #: value should have been is unknown, so an error at or under one is not reported —
         #: and, not being counted, does not drop a stage that later checks would miss
         self._unset = tuple(unset)
+        #: the stores a stage may name, by name: their type ("memory", "redis"); the loader
+        #: fills it from `stores:` before reading the stages
+        self.stores: dict[str, str] = {"memory": "memory"}
 
     def error(self, path: str, message: str) -> None:
         self.add(ConfigError(path, message))

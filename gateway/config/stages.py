@@ -109,7 +109,13 @@ def parse_entry(
         )
         return None
     config = kind.parse(r, value, where)
-    return None if config is None else StageSpec(kind=name, config=config, owner=owner)
+    if config is None:
+        return None
+    store = getattr(config, "store", None)
+    if isinstance(store, str) and store not in r.stores:
+        r.error(f"{where}.store", f"unknown store {store!r}; stores: {', '.join(sorted(r.stores))}")
+        return None
+    return StageSpec(kind=name, config=config, owner=owner)
 
 
 def check_pipeline(

@@ -9,6 +9,7 @@ from typing import Final
 
 from gateway.config.reader import Reader, as_int, as_str, status
 from gateway.config.stages import PipelineCheck
+from gateway.config.stores import STORE_NAME
 from gateway.errors import ConfigError
 from gateway.http.headers import REQUEST_DROP, RESPONSE_DROP
 
@@ -81,10 +82,10 @@ def str_list(value: object, path: str) -> tuple[str, ...]:
 
 
 def store_name(value: object, path: str) -> str:
+    """A store's name (`memory` or one of `stores:`; the loader checks it is declared)."""
     store = as_str(value, path)
-    if store != "memory":
-        # named stores (`stores:`) arrive with Redis; until then memory is the only one
-        raise ConfigError(path, f"unknown store {store!r}; stores: memory")
+    if not STORE_NAME.match(store):
+        raise ConfigError(path, "a store name is letters, digits, '_', '.' and '-'")
     return store
 
 

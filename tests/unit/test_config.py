@@ -111,11 +111,6 @@ routes:
     assert any("did you mean 'users'" in e for e in errors if e.startswith("routes[0].upstream"))
 
 
-def test_later_top_level_keys_are_not_supported_yet() -> None:
-    errors = errors_of(MINIMAL + "stores: {}\n")
-    assert any(e.startswith("stores: not supported yet") for e in errors)
-
-
 def test_env_interpolation() -> None:
     assert interpolate_env("a ${X} b", {"X": "1"}) == "a 1 b"
     assert interpolate_env("${Y:-dflt}", {}) == "dflt"
