@@ -39,6 +39,8 @@ from gateway.observability.process import ProcessSampler, build_labels
 from gateway.runtime.shared import SharedState
 from gateway.runtime.snapshot import Snapshot, build_snapshot
 from gateway.stages.registry import KINDS
+from gateway.stores.base import StoreError
+from gateway.stores.redis import RedisStore
 from gateway.tls import front_context
 from gateway.watch import FileWatcher
 
@@ -184,7 +186,7 @@ class Gateway:
         self._shared.version = __version__
         config = await asyncio.to_thread(load_config, self.config_path, KINDS)
         snapshot = build_snapshot(config, self._shared)
-        self._shared.commit(snapshot.upstreams, snapshot.stages, snapshot.tracer)
+        self._shared.commit(snapshot.upstreams, snapshot.stages, snapshot.tracer, snapshot.stores)
         self._install(snapshot)
         try:
             for listener in config.listeners:
@@ -251,15 +253,22 @@ class Gateway:
                 return
             pool.release(conn)
 
+        async def connect(store: RedisStore) -> None:
+            try:
+                await store.ping()
+            except StoreError as exc:  # the stages' on_store_error rules until it answers
+                log.warning("store not reachable while warming: %s", exc)
+
         pools = [e.pool for u in self.snapshot.upstreams.values() for e in u.endpoints]
+        stores = [s for s in self.snapshot.stores.values() if isinstance(s, RedisStore)]
         # JWKS URLs are fetched before ready, so the first tokens find their keys
         jwks = [
             warm(stage, _WARM_TIMEOUT)
             for spec, stage in self.snapshot.stages.values()
             if (warm := KINDS[spec.kind].warm) is not None
         ]
-        if pools or jwks:
-            await asyncio.gather(*(one(p) for p in pools), *jwks)
+        if pools or jwks or stores:
+            await asyncio.gather(*(one(p) for p in pools), *jwks, *(connect(s) for s in stores))
 
     def _watched_files(self) -> list[str]:
         return [self.config_path, *self.snapshot.config.files]
@@ -300,7 +309,9 @@ class Gateway:
             # the swap: one assignment; requests in flight keep the snapshot they started with
             old = self.snapshot
             self._install(snapshot)
-            self._shared.commit(snapshot.upstreams, snapshot.stages, snapshot.tracer)
+            self._shared.commit(
+                snapshot.upstreams, snapshot.stages, snapshot.tracer, snapshot.stores
+            )
             self.last_reload = {"ok": True, "error": None, "at": at}
             self.metrics.config_reloads_total.labels("success").inc()
             self.metrics.config_last_reload_success.set(1)
@@ -445,6 +456,7 @@ class Gateway:
             await asyncio.gather(*pending, return_exceptions=True)
         if self._shared is not None:
             self._shared.close()
+            await self._shared.close_stores()
             # what the tracers queued is exported (up to the exporter's timeout), off the loop
             await asyncio.to_thread(self._shared.close_tracers)
         self.snapshot.access_log.flush()

@@ -12,6 +12,11 @@ and kind: an unchanged stage config gets the live instance back, with its state 
 breaker), and a changed one starts afresh.  A replaced stage is retired, not closed: requests of
 the old snapshot may still be running through it (waiting for a JWKS fetch, say).
 
+Shared stores (`stores:`) are kept the same way: an unchanged store keeps its client and its
+connections; a changed one is a new client, every stage naming it is built afresh to hold it, and
+the old one is closed `STORE_GRACE` seconds after the commit, when the requests that began on the
+old snapshot are done with it.
+
 The tracer (spans' export thread and its queue) is kept while the `tracing:` section is
 unchanged; a replaced one is closed after `TRACER_GRACE` seconds, once the requests that began
 on the old snapshot have ended their spans, on a thread (closing exports what is queued).
@@ -21,9 +26,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping
 from typing import final
 
-from gateway.config.model import StageSpec, TracingConfig, UpstreamConfig
+from gateway.config.model import StageSpec, StoreConfig, TracingConfig, UpstreamConfig
 from gateway.observability.metrics import GatewayMetrics
 from gateway.observability.tracing import Tracer
 from gateway.pipeline import Stage
@@ -31,6 +37,7 @@ from gateway.stages.kind import BuildContext
 from gateway.stages.registry import KINDS
 from gateway.stores.base import Store
 from gateway.stores.memory import MemoryStore
+from gateway.stores.redis import RedisStore
 from gateway.upstream.upstream import Upstream
 
 StageKey = tuple[str, str]
@@ -39,20 +46,23 @@ log = logging.getLogger("gateway.upstream")
 
 #: how long a replaced tracer keeps exporting the spans of requests that began before a reload
 TRACER_GRACE = 60.0
+#: how long a replaced store stays open for the requests that began before a reload
+STORE_GRACE = 60.0
 
 
 @final
 class SharedState:
     __slots__ = (
-        "_env",
         "_live",
         "_live_stages",
+        "_live_stores",
         "_live_tracer",
+        "_retired_stores",
         "_retired_tracers",
         "_retiring",
         "loop",
+        "memory",
         "metrics",
-        "stores",
         "version",
     )
 
@@ -63,9 +73,11 @@ class SharedState:
         self._live_stages: dict[StageKey, tuple[StageSpec, Stage]] = {}
         #: retired upstreams whose pools still hold connections
         self._retiring: set[Upstream] = set()
-        #: "memory" always exists (per worker); named shared stores join it later
-        self.stores: dict[str, Store] = {"memory": MemoryStore(clock=loop.time)}
-        self._env = BuildContext(loop, metrics, self.stores)
+        #: "memory" always exists (per worker); the named shared stores by name
+        self.memory = MemoryStore(clock=loop.time)
+        self._live_stores: dict[str, RedisStore] = {}
+        #: replaced stores not closed yet (closed after STORE_GRACE, or at shutdown)
+        self._retired_stores: set[RedisStore] = set()
         self._live_tracer: Tracer | None = None
         #: replaced tracers not closed yet (closed after TRACER_GRACE, or at shutdown)
         self._retired_tracers: set[Tracer] = set()
@@ -87,8 +99,28 @@ class SharedState:
             return live
         return Upstream(config, self.loop, self.metrics)
 
-    def stage(self, spec: StageSpec, built: dict[StageKey, tuple[StageSpec, Stage]]) -> Stage:
-        """The stage for `spec`: the live one when its config is unchanged, else a new one.
+    def build_context(self, configs: tuple[StoreConfig, ...]) -> BuildContext:
+        """What a snapshot's stages are built with: its stores — the live ones whose settings
+        are unchanged, new ones (not connected yet) for the others."""
+        stores: dict[str, Store] = {"memory": self.memory}
+        replaced = set(self._live_stores)
+        for config in configs:
+            live = self._live_stores.get(config.name)
+            if live is not None and live.config == config:
+                stores[config.name] = live
+                replaced.discard(config.name)
+            else:
+                stores[config.name] = RedisStore.from_config(config)
+        return BuildContext(self.loop, self.metrics, stores, self.memory, frozenset(replaced))
+
+    def stage(
+        self,
+        spec: StageSpec,
+        built: dict[StageKey, tuple[StageSpec, Stage]],
+        env: BuildContext,
+    ) -> Stage:
+        """The stage for `spec`: the live one when its config and its store are unchanged,
+        else a new one.
 
         `built` collects the snapshot's stages, so a named middleware used by several routes is
         one instance; it becomes the live set on `commit`.
@@ -97,10 +129,15 @@ class SharedState:
         entry = built.get(key)
         if entry is None:
             live = self._live_stages.get(key)
+            reuse = (
+                live is not None
+                and live[0] == spec
+                and getattr(spec.config, "store", None) not in env.replaced_stores
+            )
             entry = (
                 live
-                if live is not None and live[0] == spec
-                else (spec, KINDS[spec.kind].build(spec.config, spec, self._env))
+                if reuse and live is not None
+                else (spec, KINDS[spec.kind].build(spec.config, spec, env))
             )
             built[key] = entry
         return entry[1]
@@ -110,9 +147,17 @@ class SharedState:
         upstreams: dict[str, Upstream],
         stages: dict[StageKey, tuple[StageSpec, Stage]] | None = None,
         tracer: Tracer | None = None,
+        stores: Mapping[str, Store] | None = None,
     ) -> None:
-        """Make `upstreams`, `stages` and `tracer` live; retire every previously live one not
-        kept."""
+        """Make `upstreams`, `stages`, `tracer` and `stores` live; retire every previously
+        live one not kept."""
+        if stores is not None:
+            shared = {n: s for n, s in stores.items() if isinstance(s, RedisStore)}
+            kept = {id(s) for s in shared.values()}
+            for old_store in self._live_stores.values():
+                if id(old_store) not in kept:
+                    self._retire_store(old_store)
+            self._live_stores = shared
         old_tracer = self._live_tracer
         if old_tracer is not None and old_tracer is not tracer:
             self._retire_tracer(old_tracer)
@@ -157,6 +202,31 @@ class SharedState:
                 self.loop.run_in_executor(None, tracer.close)
 
         self.loop.call_later(TRACER_GRACE, close)
+
+    def _retire_store(self, store: RedisStore) -> None:
+        self._retired_stores.add(store)
+
+        def close() -> None:
+            if store in self._retired_stores:
+                self._retired_stores.discard(store)
+                self.loop.create_task(store.aclose())
+
+        self.loop.call_later(STORE_GRACE, close)
+
+    @property
+    def live_stores(self) -> dict[str, RedisStore]:
+        return dict(self._live_stores)
+
+    async def close_stores(self) -> None:
+        """Close every store's connections (shutdown)."""
+        stores = [*self._live_stores.values(), *self._retired_stores]
+        self._live_stores = {}
+        self._retired_stores = set()
+        for store in stores:
+            try:
+                await store.aclose()
+            except Exception as exc:  # closing is best effort: the process is ending
+                log.warning("closing store %s failed: %s", store.name, exc)
 
     def discard(self, upstreams: dict[str, Upstream], tracer: Tracer | None = None) -> None:
         """A snapshot that was never committed: close what it created."""

@@ -39,6 +39,7 @@ from gateway.runtime.shared import SharedState, StageKey
 from gateway.stages.echo import EchoHandler
 from gateway.stages.proxy import ProxyHandler
 from gateway.stages.registry import KINDS
+from gateway.stores.base import Store
 from gateway.tls import ListenerTLS, listener_tls
 from gateway.upstream.upstream import Upstream
 
@@ -212,6 +213,7 @@ class Snapshot:
         "router",
         "routes",
         "stages",
+        "stores",
         "tls",
         "tracer",
         "upstreams",
@@ -241,6 +243,8 @@ class Snapshot:
         self.tracer = tracer
         #: (owner, kind) -> (spec, stage), for SharedState.commit
         self.stages: dict[StageKey, tuple[StageSpec, Stage]] = {}
+        #: the stores its stages were built with, by name ("memory" included)
+        self.stores: dict[str, Store] = {}
         #: listener name -> its certificates as SSL contexts (TLS listeners only)
         self.tls: dict[str, ListenerTLS] = {}
         self._networks = [ipaddress.ip_network(c, strict=False) for c in config.trusted_proxies]
@@ -258,6 +262,7 @@ class Snapshot:
 def build_snapshot(config: GatewayConfig, shared: SharedState) -> Snapshot:
     """Compile `config`; the upstreams it creates are live only after `shared.commit`."""
     metrics = shared.metrics
+    env = shared.build_context(config.stores)
     upstreams = {u.name: shared.upstream(u) for u in config.upstreams}
     used: dict[str, Upstream] = {}
     routes: list[Route] = []
@@ -284,7 +289,7 @@ def build_snapshot(config: GatewayConfig, shared: SharedState) -> Snapshot:
                 request_buffering=buffering,
                 loop=shared.loop,
             )
-        pipeline = [shared.stage(spec, stages) for spec in rc.pipeline]
+        pipeline = [shared.stage(spec, stages, env) for spec in rc.pipeline]
         routes.append(
             Route(rc, compose(pipeline, terminal), metrics, proxy, buffering, trace_ratio)
         )
@@ -298,6 +303,7 @@ def build_snapshot(config: GatewayConfig, shared: SharedState) -> Snapshot:
         shared.tracer(config.tracing),
     )
     snapshot.stages = stages
+    snapshot.stores = dict(env.stores)
     for listener in config.listeners:
         if listener.tls is not None:
             snapshot.tls[listener.name] = listener_tls(listener.tls)

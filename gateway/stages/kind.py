@@ -11,7 +11,7 @@ and, when the stage holds something, `retire` (a reload replaced it), `close` (s
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -21,6 +21,7 @@ from gateway.config.stages import PipelineCheck
 from gateway.observability.metrics import GatewayMetrics
 from gateway.pipeline import Stage
 from gateway.stores.base import Store
+from gateway.stores.memory import MemoryStore
 
 C = TypeVar("C")
 S = TypeVar("S", bound=Stage)
@@ -32,7 +33,13 @@ class BuildContext:
 
     loop: asyncio.AbstractEventLoop
     metrics: GatewayMetrics
-    stores: dict[str, Store]
+    #: the snapshot's stores by name, "memory" included
+    stores: Mapping[str, Store]
+    #: the per-worker memory store (local fallback buckets)
+    memory: MemoryStore
+    #: stores whose settings changed in this snapshot: a stage using one is built afresh even
+    #: when its own config is unchanged, so that it holds the new store
+    replaced_stores: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

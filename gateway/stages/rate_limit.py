@@ -31,8 +31,8 @@ from gateway.observability.metrics import GatewayMetrics
 from gateway.pipeline import Next, RequestContext
 from gateway.stages.converters import TOKEN, check_identity_key, store_name
 from gateway.stages.kind import BuildContext, StageKind
-from gateway.stores.base import RateLimiter, Store, StoreError, Verdict
-from gateway.stores.memory import MemoryRateLimiter
+from gateway.stores.base import RateLimiter, RateLimitStore, StoreError, Verdict
+from gateway.stores.memory import MemoryRateLimiter, MemoryStore
 
 log = logging.getLogger("gateway.rate_limit")
 
@@ -184,7 +184,7 @@ def policy_window(config: RateLimitConfig) -> tuple[int, int]:
     return max(1, round(config.rate * window / config.per)), window
 
 
-def _limiter(store: Store, namespace: str, config: RateLimitConfig) -> RateLimiter:
+def _limiter(store: RateLimitStore, namespace: str, config: RateLimitConfig) -> RateLimiter:
     return store.rate_limiter(
         namespace=namespace,
         rate=config.rate,
@@ -215,8 +215,8 @@ class RateLimitStage:
         config: RateLimitConfig,
         name: str,
         namespace: str,
-        store: Store,
-        local: Store,
+        store: RateLimitStore,
+        local: RateLimitStore,
         metrics: GatewayMetrics,
     ) -> None:
         self._name = name
@@ -296,9 +296,11 @@ class RateLimitStage:
 
 
 def build(config: RateLimitConfig, spec: StageSpec, env: BuildContext) -> RateLimitStage:
-    return RateLimitStage(
-        config, spec.label, spec.owner, env.stores[config.store], env.stores["memory"], env.metrics
-    )
+    store = env.stores[config.store]
+    if not isinstance(store, MemoryStore):
+        # the loader refuses a rate limit on a redis store until its leased buckets arrive
+        raise ValueError(f"store {config.store!r} cannot hold rate limits")
+    return RateLimitStage(config, spec.label, spec.owner, store, env.memory, env.metrics)
 
 
 KIND: Final[StageKind[RateLimitConfig, RateLimitStage]] = StageKind(

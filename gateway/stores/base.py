@@ -149,14 +149,21 @@ class IdempotencyRecords(Protocol):
 
 
 class Store(Protocol):
-    name: str
+    """What every store gives: idempotency records."""
 
-    def rate_limiter(
-        self, *, namespace: str, rate: float, per: float, burst: int, max_keys: int
-    ) -> RateLimiter: ...
+    name: str
 
     def idempotency(
         self, *, namespace: str, max_keys: int, max_bytes: int, meter: RecordsMeter
     ) -> IdempotencyRecords: ...
 
     async def aclose(self) -> None: ...
+
+
+class RateLimitStore(Store, Protocol):
+    """A store that holds token buckets too (the memory store; the redis store's leased
+    buckets are still to come, and the config refuses a rate limit on it meanwhile)."""
+
+    def rate_limiter(
+        self, *, namespace: str, rate: float, per: float, burst: int, max_keys: int
+    ) -> RateLimiter: ...

@@ -19,12 +19,12 @@ never evicts a lock.
 from __future__ import annotations
 
 import asyncio
+import secrets
 from collections.abc import Awaitable
-from typing import TYPE_CHECKING, Final, TypeVar, final
+from typing import TYPE_CHECKING, Any, Final, TypeVar, final
 
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
-
+from gateway.config.model import StoreConfig, StoreTLSConfig
+from gateway.config.stores import redacted_url
 from gateway.stores.base import (
     IN_USE,
     NEW,
@@ -38,17 +38,25 @@ from gateway.stores.base import (
 )
 
 if TYPE_CHECKING:
+    import redis.asyncio as aioredis
     from redis.commands.core import AsyncScript
 
 T = TypeVar("T")
 
-#: the record's fields: state, fingerprint, and the stored answer
-#: state: "lock" (in flight), "unknown", "pending" (answered, body streaming), "done"
+#: the record's fields: state, fingerprint, the stored answer, and the lock's owner (a random
+#: token per `begin`).  state: "lock" (in flight), "unknown", "pending" (answered, body
+#: streaming), "done", or "abandoned" (a tombstone: see _ABANDON)
 _BEGIN: Final = """
-local r = redis.call('HMGET', KEYS[1], 'st', 'fp', 'status', 'headers', 'body', 'replayable')
+local r = redis.call('HMGET', KEYS[1], 'st', 'fp', 'status', 'headers', 'body', 'replayable',
+                     'owner')
 local state = r[1]
+if state == 'abandoned' then
+  redis.call('DEL', KEYS[1])
+  if r[7] == ARGV[3] then return {'abandoned'} end
+  state = false
+end
 if not state then
-  redis.call('HSET', KEYS[1], 'st', 'lock', 'fp', ARGV[1])
+  redis.call('HSET', KEYS[1], 'st', 'lock', 'fp', ARGV[1], 'owner', ARGV[3])
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
   return {'new'}
 end
@@ -56,6 +64,25 @@ if r[2] ~= ARGV[1] then return {'reused'} end
 if state == 'unknown' then return {'unknown'} end
 if state == 'lock' then return {'in_use', redis.call('PTTL', KEYS[1])} end
 return {state, r[3], r[4], r[5], r[6]}
+"""
+
+#: a `begin` whose answer never came (timed out, connection lost): the request was not run, so
+#: its lock — if the script ran, or when it runs later — must not make the client wait for
+#: the lock's ttl.  Its own lock is deleted; with no record yet, a tombstone is left that the
+#: late `begin` of this owner finds and removes instead of locking.  Anyone else's record is
+#: left alone.
+_ABANDON: Final = """
+local r = redis.call('HMGET', KEYS[1], 'st', 'owner')
+if r[1] == 'lock' and r[2] == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+if not r[1] then
+  redis.call('HSET', KEYS[1], 'st', 'abandoned', 'owner', ARGV[1])
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 2
+end
+return 0
 """
 
 #: an answer replaces the lock (nothing, when the lock expired meanwhile)
@@ -118,23 +145,54 @@ def _milliseconds(seconds: float) -> int:
 class RedisIdempotencyRecords:
     """One idempotency stage's records under `<prefix>idem:<namespace>:<key>`."""
 
-    __slots__ = ("_begin", "_complete", "_mark_unknown", "_prefix", "_release", "_store")
+    __slots__ = (
+        "_abandon",
+        "_abandoning",
+        "_begin",
+        "_complete",
+        "_mark_unknown",
+        "_prefix",
+        "_release",
+        "_store",
+    )
 
     def __init__(self, store: RedisStore, namespace: str) -> None:
         self._store = store
         self._prefix = f"{store.prefix}idem:{namespace}:"
+        #: locks being given up after a `begin` that got no answer
+        self._abandoning: set[asyncio.Task[None]] = set()
         client = store.client
+        self._abandon: AsyncScript = client.register_script(_ABANDON)
         self._begin: AsyncScript = client.register_script(_BEGIN)
         self._complete: AsyncScript = client.register_script(_COMPLETE)
         self._release: AsyncScript = client.register_script(_RELEASE)
         self._mark_unknown: AsyncScript = client.register_script(_MARK_UNKNOWN)
 
+    def key_name(self, key: str) -> str:
+        """The Redis key of `key`'s record."""
+        return self._prefix + key
+
+    def begin_script(
+        self, name: str, fingerprint: str, lock_ttl: float, owner: str
+    ) -> Awaitable[Any]:
+        return self._begin(keys=[name], args=[fingerprint, _milliseconds(lock_ttl), owner])
+
     async def begin(self, key: str, fingerprint: str, lock_ttl: float) -> Begin:
-        reply = await self._store.run(
-            self._begin(keys=[self._prefix + key], args=[fingerprint, _milliseconds(lock_ttl)])
-        )
+        name = self._prefix + key
+        owner = secrets.token_hex(8)
+        try:
+            reply = await self._store.run(self.begin_script(name, fingerprint, lock_ttl, owner))
+        except StoreError:
+            # the script may have run (or may yet run) and taken the lock for a request that
+            # will not be sent: give it up in the background
+            task = asyncio.get_running_loop().create_task(self.give_up(name, owner, lock_ttl))
+            self._abandoning.add(task)
+            task.add_done_callback(self._abandoning.discard)
+            raise
         assert isinstance(reply, list)
         outcome = reply[0].decode()
+        if outcome == "abandoned":  # only a caller that gave up can get this: never read
+            raise StoreError(f"store {self._store.name!r}: a lock given up")
         if outcome == "new":
             return Begin(NEW)
         if outcome == "reused":
@@ -178,13 +236,32 @@ class RedisIdempotencyRecords:
             self._mark_unknown(keys=[self._prefix + key], args=[fingerprint, _milliseconds(ttl)])
         )
 
+    async def give_up(self, name: str, owner: str, lock_ttl: float) -> None:
+        """Run _ABANDON until Redis answers it, for at most the lock's ttl (after which the
+        lock is gone anyway), backing off from the store's timeout."""
+        store = self._store
+        deadline = asyncio.get_running_loop().time() + lock_ttl
+        pause = store.timeout
+        while True:
+            try:
+                await store.run(self._abandon(keys=[name], args=[owner, _milliseconds(lock_ttl)]))
+                return
+            except StoreError:
+                if asyncio.get_running_loop().time() + pause >= deadline:
+                    return
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 1.0)
+
     async def close(self) -> None:
-        return None  # the records stay in Redis; the store owns the connections
+        # the records stay in Redis; the store owns the connections
+        for task in list(self._abandoning):
+            task.cancel()
 
 
 @final
 class RedisStore:
-    """A named redis store: one client (a pool of connections) per worker."""
+    """A named redis store: one client (a pool of connections, opened as needed) per worker.
+    `config` is what it was built from: a reload keeps the store while that is unchanged."""
 
     def __init__(
         self,
@@ -194,10 +271,26 @@ class RedisStore:
         prefix: str = "gw:",
         timeout: float = 0.1,
         pool_size: int = 32,
+        tls: StoreTLSConfig | None = None,
     ) -> None:
         self.name = name
         self.prefix = prefix
         self.timeout = timeout
+        self.config: StoreConfig | None = None
+        options: dict[str, Any] = {}
+        if tls is not None:
+            options = {
+                "ssl_ca_certs": tls.ca,
+                "ssl_certfile": tls.cert,
+                "ssl_keyfile": tls.key,
+            }
+        # imported here, not with the module: redis-py imports OpenTelemetry's SDK when it is
+        # installed (~0.2 s and ~10 MiB), which a gateway without a redis store never pays
+        import redis.asyncio as aioredis
+        from redis.exceptions import RedisError
+
+        #: what a failure of the client looks like (OSError: a socket's own)
+        self._failures: tuple[type[BaseException], ...] = (RedisError, OSError)
         self.client: aioredis.Redis = aioredis.Redis.from_url(
             url,
             socket_timeout=timeout,
@@ -205,7 +298,28 @@ class RedisStore:
             max_connections=pool_size,
             # the store's timeout bounds an operation as a whole: no retries inside it
             retry_on_timeout=False,
+            **options,
         )
+        #: how errors (and so logs) name Redis: never with the url's password
+        self.shown_url = redacted_url(url)
+
+    @classmethod
+    def from_config(cls, config: StoreConfig) -> RedisStore:
+        store = cls(
+            config.name,
+            config.url,
+            prefix=config.prefix,
+            timeout=config.timeout,
+            pool_size=config.pool_size,
+            tls=config.tls,
+        )
+        store.config = config
+        return store
+
+    async def ping(self) -> None:
+        """Connect (when no connection is open) and PING: `StoreError` when Redis does not
+        answer within the timeout."""
+        await self.run(self.client.ping())
 
     def idempotency(
         self, *, namespace: str, max_keys: int, max_bytes: int, meter: RecordsMeter
@@ -222,11 +336,14 @@ class RedisStore:
                 return await operation
         except TimeoutError as exc:
             raise StoreError(
-                f"store {self.name!r}: no answer within {self.timeout * 1000:g} ms"
+                f"store {self.name!r} ({self.shown_url}): no answer within"
+                f" {self.timeout * 1000:g} ms"
             ) from exc
-        except (RedisError, OSError) as exc:
+        except self._failures as exc:
             # redis-py's messages name the host and port, never the password
-            raise StoreError(f"store {self.name!r}: {type(exc).__name__}: {exc}") from exc
+            raise StoreError(
+                f"store {self.name!r} ({self.shown_url}): {type(exc).__name__}: {exc}"
+            ) from exc
 
     async def aclose(self) -> None:
         await self.client.aclose()

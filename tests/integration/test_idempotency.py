@@ -143,7 +143,7 @@ async def test_an_unknown_outcome_outlives_the_lock_time(
     loop = asyncio.get_running_loop()
     skipped = 0.0
     up, gw = keyed
-    gw.shared.stores["memory"] = MemoryStore(clock=lambda: loop.time() + skipped)
+    gw.shared.memory = MemoryStore(clock=lambda: loop.time() + skipped)
     write_config(tmp_path, idempotency_config([up.url], {"ttl": "1h"}))
     assert (await gw.reload())["ok"]
     port = port_of(gw)

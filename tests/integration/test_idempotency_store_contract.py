@@ -30,7 +30,12 @@ from gateway.stores.base import (
     StoreError,
 )
 from gateway.stores.memory import MemoryStore
-from gateway.stores.redis import RedisStore, decode_headers, encode_headers
+from gateway.stores.redis import (
+    RedisIdempotencyRecords,
+    RedisStore,
+    decode_headers,
+    encode_headers,
+)
 from tests.support.redis_server import RedisServer
 
 #: makes the records of the test's namespace (or of a `suffix`ed one): each call is another
@@ -301,3 +306,58 @@ def test_header_encoding_round_trips_any_bytes() -> None:
         decode_headers(b"1:a")
     with pytest.raises(ValueError, match="truncated"):
         decode_headers(b"1:a5:bc")
+
+
+async def test_a_begin_that_got_no_answer_leaves_no_lock_behind(tmp_path: Path) -> None:
+    """Redis paused: `begin` fails at the store's timeout, but Redis runs the script when it
+    resumes.  The lock it takes is given up in the background, so the client's retry is not
+    told 409 for the lock's 30 s: it runs."""
+    server = RedisServer(tmp_path).start()
+    store = RedisStore("shared", server.url, timeout=0.2)
+    records = _records_of(store, "n")
+    try:
+        # a connection already open: the script is sent, and Redis reads it once resumed
+        assert (await records.begin("warm", "fp", lock_ttl=30)).outcome == NEW
+        server.pause()
+        try:
+            await _store_error_within(records.begin("k", "fp", lock_ttl=30), bound=1.0)
+        finally:
+            server.resume()
+        assert await _until(records, NEW, within=5.0) < 5.0
+    finally:
+        await store.aclose()
+        server.stop()
+
+
+async def test_giving_up_a_lock_touches_only_its_own(redis_store: RedisStore) -> None:
+    records = _records_of(redis_store, uuid.uuid4().hex)
+    assert isinstance(records, RedisIdempotencyRecords)
+    name = records.key_name("k")
+    # someone else's lock stays
+    assert (await records.begin("k", "fp", 30)).outcome == NEW
+    await records.give_up(name, "not-its-owner", 30)
+    assert (await records.begin("k", "fp", 30)).outcome == IN_USE
+    # no record yet: a tombstone that this owner's late begin removes instead of locking …
+    other = records.key_name("late")
+    await records.give_up(other, "owner-1", 30)
+    late = await redis_store.run(records.begin_script(other, "fp", 30, "owner-1"))
+    assert late == [b"abandoned"]
+    assert (await records.begin("late", "fp", 30)).outcome == NEW
+    # … and that anyone else's begin takes no notice of
+    third = records.key_name("third")
+    await records.give_up(third, "owner-2", 30)
+    assert (await records.begin("third", "fp", 30)).outcome == NEW
+    assert (await records.begin("third", "fp", 30)).outcome == IN_USE
+
+
+async def test_a_store_error_names_redis_without_the_password(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path)  # not started: connections are refused
+    store = RedisStore("shared", f"redis://:hunter2@127.0.0.1:{server.port}/0", timeout=0.3)
+    try:
+        with pytest.raises(StoreError) as raised:
+            await store.ping()
+        message = str(raised.value)
+        assert f"redis://***@127.0.0.1:{server.port}/0" in message
+        assert "hunter2" not in message
+    finally:
+        await store.aclose()

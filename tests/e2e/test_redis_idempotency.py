@@ -1,0 +1,176 @@
+"""Idempotency records shared through a real Redis by real `gateway run` processes, each with
+two workers: duplicates spread over both gateways run once, a record written by one is replayed
+by the other and outlives both, and Redis missing, paused and back is answered per
+`on_store_error` without a restart.  Executions are counted by the upstream, by key."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.support.config_builder import gateway_yaml, listener, route, upstream_to
+from tests.support.faulty import FaultyUpstream, faulty_upstreams
+from tests.support.idempotency import code, post
+from tests.support.process import GatewayProcess, async_wait_until, free_port, http_get
+from tests.support.raw import RawResponse
+from tests.support.redis_server import RedisServer
+
+
+@pytest.fixture
+def redis(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path / "redis").start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[FaultyUpstream]:
+    async with faulty_upstreams("pay") as [up]:
+        yield up
+
+
+@dataclass(frozen=True)
+class Setup:
+    """One gateway's config file and the ports it binds."""
+
+    path: Path
+    http: int
+    admin: int
+
+
+class Gateways:
+    """`gateway run --workers 2` processes on one config each, started and stopped by the
+    test (always stopped at the end)."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.running: list[GatewayProcess] = []
+
+    def config(self, name: str, redis_url: str, upstream_url: str) -> Setup:
+        http, admin = free_port(), free_port()
+        text = gateway_yaml(
+            listeners=[listener(http)],
+            admin={"bind": f"127.0.0.1:{admin}"},
+            upstreams={"app": upstream_to(upstream_url)},
+            routes=[route("pay", "app", pipeline=[{"idempotency": {"store": "shared"}}])],
+            stores={"shared": {"url": redis_url, "prefix": "e2e:", "timeout": "300ms"}},
+        )
+        path = self.tmp_path / f"{name}.yaml"
+        path.write_text(text)
+        return Setup(path, http, admin)
+
+    async def start(self, setup: Setup) -> int:
+        """Start a gateway on `setup` and wait until it is ready: its http port."""
+        self.running.append(GatewayProcess(setup.path, "--workers", "2", "--no-watch"))
+        await async_wait_until(
+            lambda: _ready(setup.admin), within=30, what=f"{setup.path.name} ready"
+        )
+        return setup.http
+
+    def stop_all(self) -> None:
+        for gateway in self.running:
+            gateway.stop()
+        self.running = []
+
+
+def _ready(admin: int) -> bool:
+    try:
+        return http_get(f"http://127.0.0.1:{admin}/readyz", timeout=1)[0] == 200
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def gateways(tmp_path: Path) -> Iterator[Gateways]:
+    running = Gateways(tmp_path)
+    try:
+        yield running
+    finally:
+        running.stop_all()
+
+
+def _replayed(response: RawResponse) -> bool:
+    return response.header("Idempotent-Replayed") == "true"
+
+
+@pytest.mark.timeout(120)
+async def test_duplicates_over_two_gateways_run_once_and_the_record_outlives_them(
+    redis: RedisServer, upstream: FaultyUpstream, gateways: Gateways
+) -> None:
+    a_config = gateways.config("a", redis.url, upstream.url)
+    b_config = gateways.config("b", redis.url, upstream.url)
+    a = await gateways.start(a_config)
+    b = await gateways.start(b_config)
+    upstream.mode = "slow:0.5"  # the first holds the lock while the others arrive
+    answers = await asyncio.gather(
+        *(post(a if i % 2 else b, "pay-1", headers="X-Test-Id: pay-1\r\n") for i in range(50))
+    )
+    assert upstream.executions["pay-1"] == 1
+    assert upstream.requests["POST"] == 1
+    first = [r for r in answers if r.status == 200 and not _replayed(r)]
+    assert len(first) == 1
+    assert {r.status for r in answers} <= {200, 409}
+    for busy in (r for r in answers if r.status == 409):
+        assert code(busy) == "idempotency_key_in_use"
+    # completed: either gateway replays it, with the first answer's body
+    upstream.mode = "ok"
+    for port in (a, b):
+        again = await post(port, "pay-1", headers="X-Test-Id: pay-1\r\n")
+        assert (again.status, _replayed(again), again.body) == (200, True, first[0].body)
+    # both gateways restart: nothing was kept in their memory, Redis still has the record
+    gateways.stop_all()
+    a = await gateways.start(a_config)
+    b = await gateways.start(b_config)
+    for port in (a, b):
+        again = await post(port, "pay-1", headers="X-Test-Id: pay-1\r\n")
+        assert (again.status, _replayed(again)) == (200, True)
+    assert upstream.executions["pay-1"] == 1
+
+
+@pytest.mark.timeout(120)
+async def test_redis_missing_paused_and_back_without_a_restart(
+    tmp_path: Path, upstream: FaultyUpstream, gateways: Gateways
+) -> None:
+    """on_store_error: deny (the default): 503 store_unavailable while Redis cannot answer —
+    within the store's timeout when it is paused — and full service once it is back."""
+    redis = RedisServer(tmp_path / "redis")  # its port is chosen, nothing listens yet
+    try:
+        port = await gateways.start(gateways.config("a", redis.url, upstream.url))
+        refused = await post(port, "k1", headers="X-Test-Id: k1\r\n")
+        assert (refused.status, code(refused)) == (503, "store_unavailable")
+        redis.start()
+        served = await post(port, "k1", headers="X-Test-Id: k1\r\n")
+        assert served.status == 200
+        assert upstream.executions["k1"] == 1
+        redis.pause()
+        try:
+            started = time.monotonic()
+            paused = await post(port, "k2", headers="X-Test-Id: k2\r\n")
+            elapsed = time.monotonic() - started
+        finally:
+            redis.resume()
+        assert (paused.status, code(paused)) == (503, "store_unavailable")
+        assert elapsed < 2.0, elapsed  # the store's timeout is 300 ms
+        assert upstream.executions["k2"] == 0
+        # the begin Redis ran when it resumed took a lock the gateway gives up in the
+        # background: the client's retry runs within moments, not after the lock's ttl
+        statuses = []
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            again = await post(port, "k2", headers="X-Test-Id: k2\r\n")
+            statuses.append(again.status)
+            if again.status == 200:
+                break
+            assert (again.status, code(again)) == (409, "idempotency_key_in_use")
+            await asyncio.sleep(0.05)
+        assert statuses[-1] == 200, statuses
+        assert upstream.executions["k2"] == 1
+    finally:
+        redis.stop()
