@@ -13,6 +13,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Self
 
 from tests.support.process import free_port
 
@@ -35,12 +36,11 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self, timeout: float = 10.0) -> RedisServer:
+    def start(self, timeout: float = 10.0) -> Self:
         self.directory.mkdir(parents=True, exist_ok=True)
         argv = [
             self.binary,
-            "--port",
-            str(self.port),
+            *self._listen_args(),
             "--bind",
             "127.0.0.1",
             "--dir",
@@ -64,6 +64,14 @@ class RedisServer:
         self.stop()
         raise RuntimeError(f"redis-server did not answer on {self.port}: {self._tail()}")
 
+    def _listen_args(self) -> list[str]:
+        """How the server listens on `self.port` (a subclass may listen there with TLS instead)."""
+        return ["--port", str(self.port)]
+
+    def _cli_args(self) -> list[str]:
+        """What redis-cli needs, beyond host and port, to talk to this server."""
+        return []
+
     def ping(self) -> bool:
         """Whether the server answers PING now (a raw socket: no client library involved)."""
         try:
@@ -79,7 +87,7 @@ class RedisServer:
         if cli is None:
             raise RuntimeError("redis-cli is not installed (make test-deps installs it)")
         done = subprocess.run(
-            [cli, "-h", "127.0.0.1", "-p", str(self.port), *args],
+            [cli, "-h", "127.0.0.1", "-p", str(self.port), *self._cli_args(), *args],
             capture_output=True,
             text=True,
             timeout=10,
