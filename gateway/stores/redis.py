@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Coroutine
 from typing import TYPE_CHECKING, Any, Final, TypeVar, final
 
 from gateway.config.model import StoreConfig, StoreTLSConfig
@@ -147,7 +147,6 @@ class RedisIdempotencyRecords:
 
     __slots__ = (
         "_abandon",
-        "_abandoning",
         "_begin",
         "_complete",
         "_mark_unknown",
@@ -159,8 +158,6 @@ class RedisIdempotencyRecords:
     def __init__(self, store: RedisStore, namespace: str) -> None:
         self._store = store
         self._prefix = f"{store.prefix}idem:{namespace}:"
-        #: locks being given up after a `begin` that got no answer
-        self._abandoning: set[asyncio.Task[None]] = set()
         client = store.client
         self._abandon: AsyncScript = client.register_script(_ABANDON)
         self._begin: AsyncScript = client.register_script(_BEGIN)
@@ -185,9 +182,7 @@ class RedisIdempotencyRecords:
         except StoreError:
             # the script may have run (or may yet run) and taken the lock for a request that
             # will not be sent: give it up in the background
-            task = asyncio.get_running_loop().create_task(self.give_up(name, owner, lock_ttl))
-            self._abandoning.add(task)
-            task.add_done_callback(self._abandoning.discard)
+            self._store.spawn(self.give_up(name, owner, lock_ttl))
             raise
         assert isinstance(reply, list)
         outcome = reply[0].decode()
@@ -253,9 +248,7 @@ class RedisIdempotencyRecords:
             pause = min(pause * 2, 1.0)
 
     async def close(self) -> None:
-        # the records stay in Redis; the store owns the connections
-        for task in list(self._abandoning):
-            task.cancel()
+        return None  # the records stay in Redis; the store owns the connections and tasks
 
 
 @final
@@ -287,6 +280,8 @@ class RedisStore:
         # imported here, not with the module: redis-py imports OpenTelemetry's SDK when it is
         # installed (~0.2 s and ~10 MiB), which a gateway without a redis store never pays
         import redis.asyncio as aioredis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
         from redis.exceptions import RedisError
 
         #: what a failure of the client looks like (OSError: a socket's own)
@@ -296,10 +291,14 @@ class RedisStore:
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
             max_connections=pool_size,
-            # the store's timeout bounds an operation as a whole: no retries inside it
+            # no retries inside an operation: the store's timeout bounds it as a whole, and a
+            # `begin` sent again after a lost connection could find its own lock and answer 409
             retry_on_timeout=False,
+            retry=Retry(NoBackoff(), 0),
             **options,
         )
+        #: work it does in the background (giving up locks): cancelled when it closes
+        self._background: set[asyncio.Task[None]] = set()
         #: how errors (and so logs) name Redis: never with the url's password
         self.shown_url = redacted_url(url)
 
@@ -345,5 +344,15 @@ class RedisStore:
                 f"store {self.name!r} ({self.shown_url}): {type(exc).__name__}: {exc}"
             ) from exc
 
+    def spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run `work` in the background until it ends or the store closes."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     async def aclose(self) -> None:
+        tasks = list(self._background)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         await self.client.aclose()

@@ -361,3 +361,38 @@ async def test_a_store_error_names_redis_without_the_password(tmp_path: Path) ->
         assert "hunter2" not in message
     finally:
         await store.aclose()
+
+
+async def test_a_script_whose_connection_broke_is_never_sent_again() -> None:
+    """A fault a real Redis cannot make on demand: a server that answers the client's handshake,
+    reads the first script and closes the connection.  The store fails the operation; it never
+    sends the script again (a `begin` sent twice would find its own lock and answer 409)."""
+    scripts = 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal scripts
+        try:
+            while line := await reader.readline():
+                if not line.startswith(b"*"):
+                    continue
+                parts = []
+                for _ in range(int(line[1:])):
+                    await reader.readline()  # $<length>
+                    parts.append((await reader.readline()).strip())
+                if parts[0].upper() in (b"EVALSHA", b"EVAL"):
+                    scripts += 1
+                    return  # closes the connection with the script unanswered
+                writer.write(b"+OK\r\n")  # CLIENT SETINFO and the like
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    store = RedisStore("shared", f"redis://127.0.0.1:{port}/0", timeout=2.0)
+    try:
+        await _store_error_within(_records_of(store, "n").begin("k", "fp", 30), bound=2.5)
+        assert scripts == 1
+    finally:
+        await store.aclose()
+        server.close()
+        await server.wait_closed()
