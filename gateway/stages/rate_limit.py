@@ -33,6 +33,8 @@ from gateway.stages.converters import TOKEN, check_identity_key, store_name
 from gateway.stages.kind import BuildContext, StageKind
 from gateway.stores.base import RateLimiter, RateLimitStore, StoreError, Verdict
 from gateway.stores.memory import MemoryRateLimiter, MemoryStore
+from gateway.stores.redis import RedisStore
+from gateway.stores.redis_leases import RedisRateLimiter
 
 log = logging.getLogger("gateway.rate_limit")
 
@@ -127,12 +129,6 @@ def parse(r: Reader, raw: object, path: str) -> RateLimitConfig | None:
     values = _FIELDS.values(r, m, path, rate=1.0)
     if values["burst"] is None:
         values["burst"] = max(1, math.ceil(values["rate"]))
-    if r.stores.get(values["store"], "memory") != "memory":
-        r.error(
-            f"{path}.store",
-            "not supported yet: a rate limit shared through a redis store arrives with leased"
-            " batches (SPEC §5.3); use store: memory meanwhile",
-        )
     return _FIELDS.create(r, values, path, errors)
 
 
@@ -201,6 +197,7 @@ class RateLimitStage:
         "_deny_on_error",
         "_fallback",
         "_key",
+        "_leased",
         "_limited",
         "_limiter",
         "_local",
@@ -227,6 +224,8 @@ class RateLimitStage:
         self._limiter = _limiter(store, namespace, config)
         # the memory store answers synchronously: no coroutine per request for it
         self._local = self._limiter if isinstance(self._limiter, MemoryRateLimiter) else None
+        # a redis store's lease answers synchronously too, until it must ask Redis
+        self._leased = self._limiter if isinstance(self._limiter, RedisRateLimiter) else None
         # where a failing shared store's requests are counted instead (on_store_error: allow)
         self._fallback = (
             _limiter(local, namespace, config)
@@ -254,7 +253,10 @@ class RateLimitStage:
         if local is not None:
             verdict = local.take_now(self._key(ctx))
         else:
-            verdict = await self._take(ctx, self._key(ctx))
+            key = self._key(ctx)
+            leased = self._leased
+            answered = leased.take_now(key) if leased is not None else None
+            verdict = answered if answered is not None else await self._take(ctx, key)
         state = b'"%b";r=%d;t=%d' % (
             self._name_bytes,
             verdict.remaining,
@@ -297,8 +299,7 @@ class RateLimitStage:
 
 def build(config: RateLimitConfig, spec: StageSpec, env: BuildContext) -> RateLimitStage:
     store = env.stores[config.store]
-    if not isinstance(store, MemoryStore):
-        # the loader refuses a rate limit on a redis store until its leased buckets arrive
+    if not isinstance(store, MemoryStore | RedisStore):
         raise ValueError(f"store {config.store!r} cannot hold rate limits")
     return RateLimitStage(config, spec.label, spec.owner, store, env.memory, env.metrics)
 

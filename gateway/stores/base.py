@@ -161,8 +161,8 @@ class Store(Protocol):
 
 
 class RateLimitStore(Store, Protocol):
-    """A store that holds token buckets too (the memory store; the redis store's leased
-    buckets are still to come, and the config refuses a rate limit on it meanwhile)."""
+    """A store that holds token buckets too (the memory store, and the redis store's leased
+    buckets)."""
 
     def rate_limiter(
         self, *, namespace: str, rate: float, per: float, burst: int, max_keys: int

@@ -36,6 +36,7 @@ from gateway.stores.base import (
     StoredResponse,
     StoreError,
 )
+from gateway.stores.redis_leases import RedisRateLimiter
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
@@ -344,6 +345,20 @@ class RedisStore:
                 f"store {self.name!r} ({self.shown_url}): {type(exc).__name__}: {exc}"
             ) from exc
 
+    def rate_limiter(
+        self, *, namespace: str, rate: float, per: float, burst: int, max_keys: int
+    ) -> RedisRateLimiter:
+        """The buckets of one stage, spent locally from leases (gateway.stores.redis_leases)."""
+        return RedisRateLimiter(
+            self,
+            namespace,
+            rate=rate,
+            per=per,
+            burst=burst,
+            max_keys=max_keys,
+            clock=asyncio.get_running_loop().time,
+        )
+
     def spawn(self, work: Coroutine[Any, Any, None]) -> None:
         """Run `work` in the background until it ends or the store closes."""
         task = asyncio.get_running_loop().create_task(work)
@@ -351,7 +366,11 @@ class RedisStore:
         task.add_done_callback(self._background.discard)
 
     async def aclose(self) -> None:
+        """Let the background work (tokens given back at shutdown) finish within the store's
+        timeout — twice, for a connection to open — cancel what is left, and disconnect."""
         tasks = list(self._background)
+        if tasks:
+            await asyncio.wait(tasks, timeout=2 * self.timeout)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
