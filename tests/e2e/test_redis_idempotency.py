@@ -8,15 +8,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.support.config_builder import gateway_yaml, listener, route, upstream_to
 from tests.support.faulty import FaultyUpstream, faulty_upstreams
+from tests.support.gateway_processes import Gateways, Setup
 from tests.support.idempotency import code, post
-from tests.support.process import GatewayProcess, async_wait_until, free_port, http_get
 from tests.support.raw import RawResponse
 from tests.support.redis_server import RedisServer
 
@@ -36,55 +34,13 @@ async def upstream() -> AsyncIterator[FaultyUpstream]:
         yield up
 
 
-@dataclass(frozen=True)
-class Setup:
-    """One gateway's config file and the ports it binds."""
-
-    path: Path
-    http: int
-    admin: int
-
-
-class Gateways:
-    """`gateway run --workers 2` processes on one config each, started and stopped by the
-    test (always stopped at the end)."""
-
-    def __init__(self, tmp_path: Path) -> None:
-        self.tmp_path = tmp_path
-        self.running: list[GatewayProcess] = []
-
-    def config(self, name: str, redis_url: str, upstream_url: str) -> Setup:
-        http, admin = free_port(), free_port()
-        text = gateway_yaml(
-            listeners=[listener(http)],
-            admin={"bind": f"127.0.0.1:{admin}"},
-            upstreams={"app": upstream_to(upstream_url)},
-            routes=[route("pay", "app", pipeline=[{"idempotency": {"store": "shared"}}])],
-            stores={"shared": {"url": redis_url, "prefix": "e2e:", "timeout": "300ms"}},
-        )
-        path = self.tmp_path / f"{name}.yaml"
-        path.write_text(text)
-        return Setup(path, http, admin)
-
-    async def start(self, setup: Setup) -> int:
-        """Start a gateway on `setup` and wait until it is ready: its http port."""
-        self.running.append(GatewayProcess(setup.path, "--workers", "2", "--no-watch"))
-        await async_wait_until(
-            lambda: _ready(setup.admin), within=30, what=f"{setup.path.name} ready"
-        )
-        return setup.http
-
-    def stop_all(self) -> None:
-        for gateway in self.running:
-            gateway.stop()
-        self.running = []
-
-
-def _ready(admin: int) -> bool:
-    try:
-        return http_get(f"http://127.0.0.1:{admin}/readyz", timeout=1)[0] == 200
-    except OSError:
-        return False
+def _config(gateways: Gateways, name: str, redis_url: str, upstream_url: str) -> Setup:
+    return gateways.config(
+        name,
+        upstream_url,
+        [{"idempotency": {"store": "shared"}}],
+        {"shared": {"url": redis_url, "prefix": "e2e:", "timeout": "300ms"}},
+    )
 
 
 @pytest.fixture
@@ -104,8 +60,8 @@ def _replayed(response: RawResponse) -> bool:
 async def test_duplicates_over_two_gateways_run_once_and_the_record_outlives_them(
     redis: RedisServer, upstream: FaultyUpstream, gateways: Gateways
 ) -> None:
-    a_config = gateways.config("a", redis.url, upstream.url)
-    b_config = gateways.config("b", redis.url, upstream.url)
+    a_config = _config(gateways, "a", redis.url, upstream.url)
+    b_config = _config(gateways, "b", redis.url, upstream.url)
     a = await gateways.start(a_config)
     b = await gateways.start(b_config)
     upstream.mode = "slow:0.5"  # the first holds the lock while the others arrive
@@ -142,7 +98,7 @@ async def test_redis_missing_paused_and_back_without_a_restart(
     within the store's timeout when it is paused — and full service once it is back."""
     redis = RedisServer(tmp_path / "redis")  # its port is chosen, nothing listens yet
     try:
-        port = await gateways.start(gateways.config("a", redis.url, upstream.url))
+        port = await gateways.start(_config(gateways, "a", redis.url, upstream.url))
         refused = await post(port, "k1", headers="X-Test-Id: k1\r\n")
         assert (refused.status, code(refused)) == (503, "store_unavailable")
         redis.start()
