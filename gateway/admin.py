@@ -52,6 +52,7 @@ class AdminBackend(Protocol):
     def config_info(self) -> dict[str, Any]: ...
     def routes_info(self) -> list[dict[str, Any]]: ...
     def upstreams_info(self) -> list[dict[str, Any]]: ...
+    def stores_info(self) -> list[dict[str, Any]]: ...
     async def reload(self) -> dict[str, Any]: ...
     def metrics_text(self, openmetrics: bool = False) -> str: ...
 
@@ -122,8 +123,15 @@ async def _healthz(request: web.Request) -> web.Response:
 
 
 async def _readyz(request: web.Request) -> web.Response:
-    state = request.app[_BACKEND].state
-    return _json({"state": state}, 200 if state == "ready" else 503)
+    backend = request.app[_BACKEND]
+    state = backend.state
+    # a shared store that is down does not make the gateway unready: its stages answer per
+    # on_store_error, and taking every replica out of rotation at once would be an outage
+    stores = {store["name"]: store["state"] for store in backend.stores_info()}
+    body: dict[str, Any] = {"state": state}
+    if stores:
+        body["stores"] = stores
+    return _json(body, 200 if state == "ready" else 503)
 
 
 async def _metrics(request: web.Request) -> web.Response:
@@ -146,6 +154,10 @@ async def _upstreams(request: web.Request) -> web.Response:
     return _json(request.app[_BACKEND].upstreams_info())
 
 
+async def _stores(request: web.Request) -> web.Response:
+    return _json(request.app[_BACKEND].stores_info())
+
+
 async def _reload(request: web.Request) -> web.Response:
     result = await request.app[_BACKEND].reload()
     return _json(result, 200 if result.get("ok") else 422)
@@ -160,6 +172,7 @@ def build_admin_app(backend: AdminBackend) -> web.Application:
     app.router.add_get("/admin/config", _config)
     app.router.add_get("/admin/routes", _routes)
     app.router.add_get("/admin/upstreams", _upstreams)
+    app.router.add_get("/admin/stores", _stores)
     app.router.add_post("/admin/reload", _reload)
     return app
 

@@ -155,6 +155,14 @@ class Gateway:
                     described[upstream][f"{spec.kind}s"].append({"stage": spec.label, **state})
         return list(described.values())
 
+    def stores_info(self) -> list[dict[str, Any]]:
+        """The shared stores of the live configuration, as this worker sees them."""
+        return [
+            store.describe()
+            for store in self.snapshot.stores.values()
+            if isinstance(store, RedisStore)
+        ]
+
     def metrics_text(self, openmetrics: bool = False) -> str:
         """/metrics: the Prometheus text, or with `openmetrics` OpenMetrics text (exemplars
         included); with several workers, every worker's values merged."""

@@ -126,6 +126,24 @@ class GatewayMetrics:
             "Rate-limit store failures (the request fell back or was refused).",
             ("route",),
         )
+        # min over workers: a store any worker cannot reach shows as down
+        self.store_up = r.gauge(
+            "gateway_store_up",
+            "1 while a shared store's last operation succeeded, 0 after it failed.",
+            ("store",),
+            merge="min",
+        )
+        self.store_operations_total = r.counter(
+            "gateway_store_operations_total",
+            'Operations on a shared store by outcome: "ok", "error" (refused, unreachable, an'
+            ' error reply) or "timeout" (no answer within the store\'s timeout).',
+            ("store", "outcome"),
+        )
+        self.store_operation_duration_seconds = r.histogram(
+            "gateway_store_operation_duration_seconds",
+            "Shared store operations, from the call to the answer or the failure.",
+            ("store",),
+        )
         self.idempotency_total = r.counter(
             "gateway_idempotency_total",
             "Requests with idempotency keys, by what became of them.",

@@ -37,7 +37,7 @@ from gateway.stages.kind import BuildContext
 from gateway.stages.registry import KINDS
 from gateway.stores.base import Store
 from gateway.stores.memory import MemoryStore
-from gateway.stores.redis import RedisStore
+from gateway.stores.redis import RedisStore, StoreMeter
 from gateway.upstream.upstream import Upstream
 
 StageKey = tuple[str, str]
@@ -110,7 +110,8 @@ class SharedState:
                 stores[config.name] = live
                 replaced.discard(config.name)
             else:
-                stores[config.name] = RedisStore.from_config(config)
+                meter = StoreMeter(self.metrics, config.name)
+                stores[config.name] = RedisStore.from_config(config, meter)
         return BuildContext(self.loop, self.metrics, stores, self.memory, frozenset(replaced))
 
     def stage(

@@ -19,12 +19,20 @@ never evicts a lock.
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 from collections.abc import Awaitable, Coroutine
 from typing import TYPE_CHECKING, Any, Final, TypeVar, final
 
 from gateway.config.model import StoreConfig, StoreTLSConfig
 from gateway.config.stores import redacted_url
+from gateway.observability.instruments import (
+    DEFAULT_BUCKETS,
+    CounterChild,
+    GaugeChild,
+    HistogramChild,
+    clock,
+)
 from gateway.stores.base import (
     IN_USE,
     NEW,
@@ -42,7 +50,14 @@ if TYPE_CHECKING:
     import redis.asyncio as aioredis
     from redis.commands.core import AsyncScript
 
+    from gateway.observability.metrics import GatewayMetrics
+
 T = TypeVar("T")
+
+#: locks waiting to be given up, at most (per store and worker)
+MAX_GIVING_UP: Final = 10_000
+
+log = logging.getLogger("gateway.stores")
 
 #: the record's fields: state, fingerprint, the stored answer, and the lock's owner (a random
 #: token per `begin`).  state: "lock" (in flight), "unknown", "pending" (answered, body
@@ -147,7 +162,6 @@ class RedisIdempotencyRecords:
     """One idempotency stage's records under `<prefix>idem:<namespace>:<key>`."""
 
     __slots__ = (
-        "_abandon",
         "_begin",
         "_complete",
         "_mark_unknown",
@@ -160,7 +174,6 @@ class RedisIdempotencyRecords:
         self._store = store
         self._prefix = f"{store.prefix}idem:{namespace}:"
         client = store.client
-        self._abandon: AsyncScript = client.register_script(_ABANDON)
         self._begin: AsyncScript = client.register_script(_BEGIN)
         self._complete: AsyncScript = client.register_script(_COMPLETE)
         self._release: AsyncScript = client.register_script(_RELEASE)
@@ -183,7 +196,7 @@ class RedisIdempotencyRecords:
         except StoreError:
             # the script may have run (or may yet run) and taken the lock for a request that
             # will not be sent: give it up in the background
-            self._store.spawn(self.give_up(name, owner, lock_ttl))
+            self._store.give_up(name, owner, lock_ttl)
             raise
         assert isinstance(reply, list)
         outcome = reply[0].decode()
@@ -232,24 +245,29 @@ class RedisIdempotencyRecords:
             self._mark_unknown(keys=[self._prefix + key], args=[fingerprint, _milliseconds(ttl)])
         )
 
-    async def give_up(self, name: str, owner: str, lock_ttl: float) -> None:
-        """Run _ABANDON until Redis answers it, for at most the lock's ttl (after which the
-        lock is gone anyway), backing off from the store's timeout."""
-        store = self._store
-        deadline = asyncio.get_running_loop().time() + lock_ttl
-        pause = store.timeout
-        while True:
-            try:
-                await store.run(self._abandon(keys=[name], args=[owner, _milliseconds(lock_ttl)]))
-                return
-            except StoreError:
-                if asyncio.get_running_loop().time() + pause >= deadline:
-                    return
-            await asyncio.sleep(pause)
-            pause = min(pause * 2, 1.0)
-
     async def close(self) -> None:
         return None  # the records stay in Redis; the store owns the connections and tasks
+
+
+@final
+class StoreMeter:
+    """Where a store reports: whether it answers, its operations by outcome and their
+    durations (the metric children of its name; fresh ones no registry renders by default)."""
+
+    __slots__ = ("duration", "error", "ok", "timeout", "up")
+
+    def __init__(self, metrics: GatewayMetrics | None = None, name: str = "") -> None:
+        if metrics is None:
+            self.up = GaugeChild()
+            self.ok, self.error, self.timeout = CounterChild(), CounterChild(), CounterChild()
+            self.duration = HistogramChild(DEFAULT_BUCKETS)
+            return
+        operations = metrics.store_operations_total
+        self.up = metrics.store_up.labels(name)
+        self.ok = operations.labels(name, "ok")
+        self.error = operations.labels(name, "error")
+        self.timeout = operations.labels(name, "timeout")
+        self.duration = metrics.store_operation_duration_seconds.labels(name)
 
 
 @final
@@ -266,11 +284,16 @@ class RedisStore:
         timeout: float = 0.1,
         pool_size: int = 32,
         tls: StoreTLSConfig | None = None,
+        meter: StoreMeter | None = None,
     ) -> None:
         self.name = name
         self.prefix = prefix
         self.timeout = timeout
         self.config: StoreConfig | None = None
+        #: "unknown" until the first operation, then "up" or "down" by the latest one
+        self.state = "unknown"
+        self.last_error: str | None = None
+        self.meter = meter or StoreMeter()
         options: dict[str, Any] = {}
         if tls is not None:
             options = {
@@ -298,13 +321,18 @@ class RedisStore:
             retry=Retry(NoBackoff(), 0),
             **options,
         )
-        #: work it does in the background (giving up locks): cancelled when it closes
+        #: work it does in the background (tokens and locks given back): awaited a moment,
+        #: then cancelled, when it closes
         self._background: set[asyncio.Task[None]] = set()
+        #: locks to give up, (record, owner) -> until when (loop time), and the loop doing it
+        self._giving_up: dict[tuple[str, str], float] = {}
+        self._give_up_task: asyncio.Task[None] | None = None
         #: how errors (and so logs) name Redis: never with the url's password
         self.shown_url = redacted_url(url)
+        self._abandon: AsyncScript = self.client.register_script(_ABANDON)
 
     @classmethod
-    def from_config(cls, config: StoreConfig) -> RedisStore:
+    def from_config(cls, config: StoreConfig, meter: StoreMeter | None = None) -> RedisStore:
         store = cls(
             config.name,
             config.url,
@@ -312,6 +340,7 @@ class RedisStore:
             timeout=config.timeout,
             pool_size=config.pool_size,
             tls=config.tls,
+            meter=meter,
         )
         store.config = config
         return store
@@ -331,19 +360,57 @@ class RedisStore:
     async def run(self, operation: Awaitable[T]) -> T:
         """`operation`'s reply, or `StoreError` when Redis failed or took longer than the
         store's timeout (a server paused or unreachable included)."""
+        started = clock()
         try:
             async with asyncio.timeout(self.timeout):
-                return await operation
+                reply = await operation
         except TimeoutError as exc:
-            raise StoreError(
+            error = StoreError(
                 f"store {self.name!r} ({self.shown_url}): no answer within"
                 f" {self.timeout * 1000:g} ms"
-            ) from exc
+            )
+            self._failed("timeout", error, started)
+            raise error from exc
         except self._failures as exc:
             # redis-py's messages name the host and port, never the password
-            raise StoreError(
+            error = StoreError(
                 f"store {self.name!r} ({self.shown_url}): {type(exc).__name__}: {exc}"
-            ) from exc
+            )
+            self._failed("error", error, started)
+            raise error from exc
+        meter = self.meter
+        meter.duration.observe(clock() - started)
+        meter.ok.inc()
+        if self.state != "up":
+            if self.state == "down":
+                log.info("store %s (%s) answers again", self.name, self.shown_url)
+            self.state = "up"
+            self.last_error = None
+            meter.up.set(1)
+        return reply
+
+    def _failed(self, outcome: str, error: StoreError, started: float) -> None:
+        meter = self.meter
+        meter.duration.observe(clock() - started)
+        (meter.timeout if outcome == "timeout" else meter.error).inc()
+        self.last_error = str(error)
+        if self.state != "down":
+            # once per outage: the stages log and count each request it costs
+            log.warning("store %s is down: %s", self.name, error)
+            self.state = "down"
+            meter.up.set(0)
+
+    def describe(self) -> dict[str, object]:
+        """What /admin/stores shows (never the password)."""
+        return {
+            "name": self.name,
+            "type": "redis",
+            "url": self.shown_url,
+            "prefix": self.prefix,
+            "timeout_ms": self.timeout * 1000,
+            "state": self.state,
+            "last_error": self.last_error,
+        }
 
     def rate_limiter(
         self, *, namespace: str, rate: float, per: float, burst: int, max_keys: int
@@ -358,6 +425,45 @@ class RedisStore:
             max_keys=max_keys,
             clock=asyncio.get_running_loop().time,
         )
+
+    def give_up(self, name: str, owner: str, lock_ttl: float) -> None:
+        """Give up the lock `owner` may hold on record `name` (a `begin` whose answer never
+        came), in the background: queued, and tried by one loop per store, so an outage costs
+        one attempt per back-off, not one per failed request.  At most MAX_GIVING_UP are
+        queued (the oldest dropped: its lock expires with its ttl anyway)."""
+        loop = asyncio.get_running_loop()
+        pending = self._giving_up
+        if len(pending) >= MAX_GIVING_UP:
+            del pending[next(iter(pending))]
+        pending[(name, owner)] = loop.time() + lock_ttl
+        if self._give_up_task is None:
+            self._give_up_task = loop.create_task(self._give_up_queued())
+            self._background.add(self._give_up_task)
+            self._give_up_task.add_done_callback(self._background.discard)
+
+    async def abandon(self, name: str, owner: str, lock_ttl: float) -> None:
+        """One attempt at _ABANDON (its tombstone lives for `lock_ttl`)."""
+        await self.run(self._abandon(keys=[name], args=[owner, _milliseconds(lock_ttl)]))
+
+    async def _give_up_queued(self) -> None:
+        loop = asyncio.get_running_loop()
+        pending = self._giving_up
+        pause = self.timeout
+        try:
+            while pending:
+                (name, owner), until = next(iter(pending.items()))
+                left = until - loop.time()
+                if left > 0:
+                    try:
+                        await self.abandon(name, owner, left)
+                    except StoreError:
+                        await asyncio.sleep(pause)
+                        pause = min(pause * 2, 1.0)
+                        continue
+                    pause = self.timeout
+                pending.pop((name, owner), None)
+        finally:
+            self._give_up_task = None
 
     def spawn(self, work: Coroutine[Any, Any, None]) -> None:
         """Run `work` in the background until it ends or the store closes."""

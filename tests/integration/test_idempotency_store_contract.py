@@ -335,17 +335,17 @@ async def test_giving_up_a_lock_touches_only_its_own(redis_store: RedisStore) ->
     name = records.key_name("k")
     # someone else's lock stays
     assert (await records.begin("k", "fp", 30)).outcome == NEW
-    await records.give_up(name, "not-its-owner", 30)
+    await redis_store.abandon(name, "not-its-owner", 30)
     assert (await records.begin("k", "fp", 30)).outcome == IN_USE
     # no record yet: a tombstone that this owner's late begin removes instead of locking …
     other = records.key_name("late")
-    await records.give_up(other, "owner-1", 30)
+    await redis_store.abandon(other, "owner-1", 30)
     late = await redis_store.run(records.begin_script(other, "fp", 30, "owner-1"))
     assert late == [b"abandoned"]
     assert (await records.begin("late", "fp", 30)).outcome == NEW
     # … and that anyone else's begin takes no notice of
     third = records.key_name("third")
-    await records.give_up(third, "owner-2", 30)
+    await redis_store.abandon(third, "owner-2", 30)
     assert (await records.begin("third", "fp", 30)).outcome == NEW
     assert (await records.begin("third", "fp", 30)).outcome == IN_USE
 
