@@ -31,6 +31,8 @@ class Context:
     jwks: bytes = b""
     #: the OTLP/HTTP receiver a traced peer exports to (bench/otlp_sink.py)
     otlp_endpoint: str = ""
+    #: the Redis a peer limiting through a redis store uses (redis://127.0.0.1:PORT/0)
+    redis_url: str = ""
 
 
 #: (scratch directory, listen port, upstream port, routes, context) -> how to start the peer
@@ -80,6 +82,8 @@ def gateway_config(
     *,
     jwt: bool = False,
     tracing: Tracing | None = None,
+    limit_store: str | None = None,
+    redis_url: str = "",
 ) -> str:
     """The gateway's YAML: `routes` routes, the last one (prefix /) measured.  `pipeline` puts
     the four stages of PIPELINE on it, `jwt` a jwt stage in front of them (JWT_STAGE: the
@@ -91,6 +95,8 @@ def gateway_config(
         "shutdown: {drain_delay: 0s, timeout: 2s}",
         "limits: {max_body_bytes: 200MiB, max_connections: 20000}",
     ]
+    if limit_store not in (None, "memory"):
+        lines.append(f'stores: {{{limit_store}: {{url: "{redis_url}", timeout: 250ms}}}}')
     if tracing is not None:
         lines.append(
             f'tracing: {{service_name: "{tracing.service_name}", '
@@ -107,6 +113,9 @@ def gateway_config(
         lines.append(f"  - {{name: r{i}, match: {{path_prefix: /decoy{i}}}, upstream: app}}")
     lines.append("  - name: app\n    match: {path_prefix: /}\n    upstream: app")
     stages = (f"      - {JWT_STAGE}\n" if jwt else "") + (PIPELINE if pipeline else "")
+    if limit_store is not None:
+        # one hot key (the route), never refused at this load: what the store costs a request
+        stages += f"      - rate_limit: {{rate: 10000000, key: route, store: {limit_store}}}\n"
     return "\n".join(lines) + "\n" + ("    pipeline:\n" + stages if stages else "")
 
 
@@ -121,6 +130,7 @@ def _gateway_peer(
     pipeline: bool = False,
     jwt: bool = False,
     trace_ratio: float | None = None,
+    limit_store: str | None = None,
 ) -> Peer:
     """A gateway peer: this checkout's, or with `baseline` the one of another checkout
     (`BENCH_BASELINE=DIR`, set up with `make setup`) on the same config, so a change is measured
@@ -132,22 +142,36 @@ def _gateway_peer(
             if not context.otlp_endpoint:
                 raise RuntimeError(f"{name} needs the scenario's OTLP receiver")
             tracing = Tracing(trace_ratio, context.otlp_endpoint, service_name=name)
+        if limit_store not in (None, "memory") and not context.redis_url:
+            raise RuntimeError(f"{name} needs the scenario's Redis")
         if jwt:
             if not context.jwks:
                 raise RuntimeError(f"{name} needs the scenario's JWKS")
             (scratch / "jwks.json").write_bytes(context.jwks)
         config = scratch / "gateway.yaml"
         config.write_text(
-            gateway_config(port, upstream, routes, pipeline, jwt=jwt, tracing=tracing)
+            gateway_config(
+                port,
+                upstream,
+                routes,
+                pipeline,
+                jwt=jwt,
+                tracing=tracing,
+                limit_store=limit_store,
+                redis_url=context.redis_url,
+            )
         )
         if baseline:
             # -P: the baseline's own package, not the one in the current directory
             return Launch([_baseline_python(), "-P", "-m", "gateway", "run", "-c", str(config)], {})
         return Launch([sys.executable, "-m", "gateway", "run", "-c", str(config)], {})
 
+    needs = "BENCH_BASELINE" if baseline else None
+    if limit_store not in (None, "memory"):
+        needs = "redis-server"
     return Peer(
         name,
-        "BENCH_BASELINE" if baseline else None,
+        needs,
         build,
         traced=trace_ratio is not None,
         authenticates=jwt,
@@ -252,6 +276,9 @@ PEERS: dict[str, Peer] = {
         # the bare route traced at 1 %, and traced at 0 % (propagation only, nothing sampled)
         _gateway_peer("gateway+traced", trace_ratio=0.01),
         _gateway_peer("gateway+unsampled", trace_ratio=0.0),
+        # one hot rate-limited key, in this worker's memory and shared through Redis (leases)
+        _gateway_peer("gateway+limit", limit_store="memory"),
+        _gateway_peer("gateway+redis-limit", limit_store="shared"),
         Peer("nginx", "nginx", _nginx),
         Peer("haproxy", "haproxy", _haproxy),
         Peer("caddy", "caddy", _caddy),

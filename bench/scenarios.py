@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import resource
+import socket
 import statistics
 import sys
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
@@ -217,6 +220,94 @@ def otlp_sink() -> Iterator[int]:
         yield port
 
 
+@contextlib.contextmanager
+def redis_server() -> Iterator[int]:
+    """A redis-server on the load core (the upstream's), nothing persisted: its port."""
+    port = free_port()
+    argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+    with tempfile.TemporaryDirectory() as scratch, running([*argv, "--dir", scratch], LOAD_CORE):
+        deadline = time.monotonic() + 20
+        while not _redis_answers(port):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server did not answer on {port}")
+            time.sleep(0.05)
+        yield port
+
+
+def _redis_answers(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def redis_scripts(port: int) -> int:
+    """How many scripts (leases) Redis has run, from its own INFO commandstats: EVALSHA calls
+    less those that found the script not loaded yet."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"INFO commandstats\r\n")
+        head = b""
+        while b"\r\n" not in head:
+            head += sock.recv(64)
+        size_line, _, data = head.partition(b"\r\n")
+        size = int(size_line[1:])
+        while len(data) < size:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    match = re.search(rb"cmdstat_evalsha:(\S+)", data)
+    if match is None:
+        return 0
+    fields = dict(item.split(b"=") for item in match.group(1).split(b","))
+    return int(fields[b"calls"]) - int(fields.get(b"failed_calls", b"0"))
+
+
+def _reference_ratios(scenario: Scenario, entries: list[tuple[Result, str, int]]) -> None:
+    """Each peer's req/s as a ratio to `extra["reference"]`'s (`x_<reference_label>`, and
+    `_together` over the rounds run together), and to nginx's over the rounds run together."""
+    reference = next(
+        (r for r, name, _ in entries if name == scenario.extra.get("reference") and r.rounds), None
+    )
+    if reference is not None:
+        label = scenario.extra.get("reference_label", reference.peer)
+        for result, _, _ in entries:
+            if result is not reference and result.rounds and result.peer != "nginx":
+                result.figures[f"x_{label}"] = result.median("rps") / reference.median("rps")
+                if result.together:
+                    result.figures[f"x_{label}_together"] = together_ratio(result, reference)
+    nginx = next((r for r, name, _ in entries if name == "nginx" and r.together), None)
+    if nginx is not None:
+        for result, _, _ in entries:
+            if result is not nginx and result.together:
+                result.figures["x_nginx_together"] = together_ratio(result, nginx)
+
+
+def redis_scenario(scenario: Scenario, peer_names: list[str], settings: Settings) -> list[Result]:
+    """`wrk_scenario` with a redis-server on the load core for the peer limiting through a
+    redis store.  Figures: the peers' ratios to the memory-store peer, and the scripts (lease
+    round trips) Redis ran per 1,000 requests of the redis peer, from Redis's own statistics."""
+    entries = [
+        (Result(peer=name, scenario=scenario.name), name, scenario.routes) for name in peer_names
+    ]
+    with redis_server() as port:
+        context = Context(redis_url=f"redis://127.0.0.1:{port}/0")
+        _interleaved(scenario, entries, settings, context=context, together=True)
+        scripts = redis_scripts(port)
+    for result, name, _ in entries:
+        if name == "gateway+redis-limit" and result.rounds:
+            requests = (
+                sum(r.requests for r in (*result.rounds, *result.together)) + result.warmup_requests
+            )
+            result.figures["redis_round_trips_per_1000_requests"] = (
+                1000 * scripts / max(requests, 1)
+            )
+    _reference_ratios(scenario, entries)
+    return [result for result, _, _ in entries]
+
+
 def traced_scenario(scenario: Scenario, peer_names: list[str], settings: Settings) -> list[Result]:
     """`wrk_scenario` with a live OTLP receiver for the traced peers and, when a peer
     authenticates, a fresh ES256 key (its JWKS given to the peers) and a token sent with every
@@ -256,21 +347,7 @@ def traced_scenario(scenario: Scenario, peer_names: list[str], settings: Setting
             )
             result.figures["spans_received"] = count
             result.figures["spans_per_100_requests"] = 100 * count / max(requests, 1)
-    reference = next(
-        (r for r, name, _ in entries if name == scenario.extra.get("reference") and r.rounds), None
-    )
-    if reference is not None:
-        label = scenario.extra.get("reference_label", reference.peer)
-        for result, _, _ in entries:
-            if result is not reference and result.rounds and result.peer != "nginx":
-                result.figures[f"x_{label}"] = result.median("rps") / reference.median("rps")
-                if result.together:
-                    result.figures[f"x_{label}_together"] = together_ratio(result, reference)
-    nginx = next((r for r, name, _ in entries if name == "nginx" and r.together), None)
-    if nginx is not None:
-        for result, _, _ in entries:
-            if result is not nginx and result.together:
-                result.figures["x_nginx_together"] = together_ratio(result, nginx)
+    _reference_ratios(scenario, entries)
     return [result for result, _, _ in entries]
 
 
@@ -432,6 +509,14 @@ SCENARIOS: dict[str, Scenario] = {
             peers=("gateway", "gateway+traced", "gateway+unsampled"),
             run=traced_scenario,
             extra={"reference": "gateway", "reference_label": "tracing_off"},
+        ),
+        Scenario(
+            name="redis",
+            description="the bare request through a rate limit on one hot key: in the worker's"
+            " memory, shared through Redis (leases; Redis on the upstream's core), and nginx",
+            peers=("gateway+limit", "gateway+redis-limit", "nginx"),
+            run=redis_scenario,
+            extra={"reference": "gateway+limit", "reference_label": "memory"},
         ),
         Scenario(
             name="routes10k",

@@ -89,6 +89,24 @@ def test_edge_scenario_runs_with_its_token_and_receiver(tmp_path: Path) -> None:
     assert 0 < edge["spans_per_100_requests"] < 10
 
 
+def test_redis_scenario_limits_through_a_live_redis(tmp_path: Path) -> None:
+    """The memory and redis limiting peers, tiny: no refusal at this rate, the redis peer's
+    leases counted by Redis itself, and its req/s as a ratio to the memory peer's."""
+    result = run_bench(tmp_path, "redis", "gateway+limit", "gateway+redis-limit", timeout=180)
+    assert result.returncode == 0, result.stderr[-2000:]
+    [report_file] = tmp_path.glob("bench-*.json")
+    by_peer = {r["peer"]: r for r in json.loads(report_file.read_text())["results"]}
+    memory, shared = by_peer["gateway+limit"], by_peer["gateway+redis-limit"]
+    for peer in (memory, shared):
+        assert peer["note"] == ""
+        assert peer["errors"] == 0  # a 429 or a 503 would be a non-2xx answer
+        assert peer["rounds"][0]["requests"] > 0
+    # at least the first lease, and far fewer than one per request
+    assert 0 < shared["redis_round_trips_per_1000_requests"] < 100
+    expected = shared["rounds_together"][0]["rps"] / memory["rounds_together"][0]["rps"]
+    assert shared["x_memory_together"] == round(expected, 2)
+
+
 def test_tracing_scenario_runs_peers_together_on_one_core(tmp_path: Path) -> None:
     """Two peers, tiny: after the interleaved rounds, a round with both loaded at once, and
     the traced peer's req/s as a ratio to tracing off's in that same round."""
