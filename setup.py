@@ -36,6 +36,8 @@ HOT_MODULES = [
     "gateway/core/breaker.py",
     "gateway/stores/base.py",
     "gateway/stores/memory.py",
+    # a redis store's rate limits: a request spends the lease held here, without Redis
+    "gateway/stores/redis_leases.py",
     "gateway/upstream/connection.py",
     "gateway/upstream/pool.py",
     "gateway/upstream/balancer.py",

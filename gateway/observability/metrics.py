@@ -136,7 +136,8 @@ class GatewayMetrics:
         self.store_operations_total = r.counter(
             "gateway_store_operations_total",
             'Operations on a shared store by outcome: "ok", "error" (refused, unreachable, an'
-            ' error reply) or "timeout" (no answer within the store\'s timeout).',
+            ' error reply), "timeout" (no answer within the store\'s timeout) or "backoff" (not'
+            " tried: it failed moments ago).",
             ("store", "outcome"),
         )
         self.store_operation_duration_seconds = r.histogram(

@@ -56,6 +56,9 @@ T = TypeVar("T")
 
 #: locks waiting to be given up, at most (per store and worker)
 MAX_GIVING_UP: Final = 10_000
+#: seconds operations fail at once after a failure: the first pause, and the longest
+BACKOFF_FIRST: Final = 0.05
+BACKOFF_MAX: Final = 1.0
 
 log = logging.getLogger("gateway.stores")
 
@@ -254,12 +257,13 @@ class StoreMeter:
     """Where a store reports: whether it answers, its operations by outcome and their
     durations (the metric children of its name; fresh ones no registry renders by default)."""
 
-    __slots__ = ("duration", "error", "ok", "timeout", "up")
+    __slots__ = ("backoff", "duration", "error", "ok", "timeout", "up")
 
     def __init__(self, metrics: GatewayMetrics | None = None, name: str = "") -> None:
         if metrics is None:
             self.up = GaugeChild()
             self.ok, self.error, self.timeout = CounterChild(), CounterChild(), CounterChild()
+            self.backoff = CounterChild()
             self.duration = HistogramChild(DEFAULT_BUCKETS)
             return
         operations = metrics.store_operations_total
@@ -267,6 +271,7 @@ class StoreMeter:
         self.ok = operations.labels(name, "ok")
         self.error = operations.labels(name, "error")
         self.timeout = operations.labels(name, "timeout")
+        self.backoff = operations.labels(name, "backoff")
         self.duration = metrics.store_operation_duration_seconds.labels(name)
 
 
@@ -293,6 +298,9 @@ class RedisStore:
         #: "unknown" until the first operation, then "up" or "down" by the latest one
         self.state = "unknown"
         self.last_error: str | None = None
+        #: after a failure, operations fail at once until then (clock()), and the next pause
+        self._retry_at = 0.0
+        self._backoff = BACKOFF_FIRST
         self.meter = meter or StoreMeter()
         options: dict[str, Any] = {}
         if tls is not None:
@@ -359,8 +367,19 @@ class RedisStore:
 
     async def run(self, operation: Awaitable[T]) -> T:
         """`operation`'s reply, or `StoreError` when Redis failed or took longer than the
-        store's timeout (a server paused or unreachable included)."""
+        store's timeout (a server paused or unreachable included).  After a failure the
+        operations of the next back-off fail at once without trying (`BACKOFF_FIRST`, doubling
+        with each failure up to `BACKOFF_MAX`): an outage costs one wait for the timeout per
+        back-off, not one per request."""
         started = clock()
+        if started < self._retry_at:
+            if isinstance(operation, Coroutine):
+                operation.close()  # never sent: not an un-awaited coroutine either
+            self.meter.backoff.inc()
+            raise StoreError(
+                f"store {self.name!r} ({self.shown_url}) is down, next attempt in"
+                f" {(self._retry_at - started) * 1000:.0f} ms (last error: {self.last_error})"
+            )
         try:
             async with asyncio.timeout(self.timeout):
                 reply = await operation
@@ -381,6 +400,7 @@ class RedisStore:
         meter = self.meter
         meter.duration.observe(clock() - started)
         meter.ok.inc()
+        self._backoff = BACKOFF_FIRST
         if self.state != "up":
             if self.state == "down":
                 log.info("store %s (%s) answers again", self.name, self.shown_url)
@@ -394,6 +414,8 @@ class RedisStore:
         meter.duration.observe(clock() - started)
         (meter.timeout if outcome == "timeout" else meter.error).inc()
         self.last_error = str(error)
+        self._retry_at = clock() + self._backoff
+        self._backoff = min(self._backoff * 2, BACKOFF_MAX)
         if self.state != "down":
             # once per outage: the stages log and count each request it costs
             log.warning("store %s is down: %s", self.name, error)

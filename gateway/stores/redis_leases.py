@@ -122,6 +122,7 @@ class RedisRateLimiter:
     __slots__ = (
         "_burst",
         "_clock",
+        "_latest",
         "_leases",
         "_max_keys",
         "_max_lease",
@@ -129,6 +130,7 @@ class RedisRateLimiter:
         "_prefix",
         "_script",
         "_store",
+        "idle_seconds",
     )
 
     def __init__(
@@ -150,8 +152,11 @@ class RedisRateLimiter:
         #: a lease never holds more than a quarter of the bucket
         self._max_lease = max(1, burst // 4)
         self._clock = clock
-        #: leases by key, least recently used first
+        #: a lease unused for this long is given back (IDLE_SECONDS)
+        self.idle_seconds = IDLE_SECONDS
+        #: leases by key, least recently used first; the last one spent from
         self._leases: dict[str, _Lease] = {}
+        self._latest = ""
         self._script: AsyncScript = store.client.register_script(_LEASE)
 
     def take_now(self, key: str) -> Verdict | None:
@@ -178,6 +183,7 @@ class RedisRateLimiter:
         if lease is None:
             self._sweep(now)
             lease = self._leases[key] = _Lease(now)
+            self._latest = key  # inserted last
         lease.waiting += 1
         try:
             for _ in range(_ATTEMPTS):
@@ -203,10 +209,12 @@ class RedisRateLimiter:
         lease.tokens -= 1
         lease.requests += 1
         lease.used = now
-        leases = self._leases
-        # most recently used last (a dict keeps insertion order)
-        del leases[key]
-        leases[key] = lease
+        if key != self._latest:
+            # most recently used last (a dict keeps insertion order); a hot key usually is
+            leases = self._leases
+            del leases[key]
+            leases[key] = lease
+            self._latest = key
         if lease.refill is None and lease.want > 1 and lease.tokens <= lease.want // 2:
             lease.refill = self._start_refill(key, lease)
 
@@ -258,11 +266,13 @@ class RedisRateLimiter:
         leases = self._leases
         while leases:
             key, lease = next(iter(leases.items()))
-            if len(leases) < self._max_keys and now - lease.used < IDLE_SECONDS:
+            if len(leases) < self._max_keys and now - lease.used < self.idle_seconds:
                 return
             if lease.refill is not None:
                 return  # in use right now: the next sweep
             del leases[key]
+            if key == self._latest:
+                self._latest = ""
             self._give_back(key, lease)
 
     def _give_back(self, key: str, lease: _Lease) -> None:
@@ -289,6 +299,7 @@ class RedisRateLimiter:
     def close(self) -> None:
         """Give every unspent token back (in the background, on the store)."""
         leases, self._leases = self._leases, {}
+        self._latest = ""
         for key, lease in leases.items():
             self._give_back(key, lease)
 

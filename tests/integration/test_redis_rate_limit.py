@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from gateway.stores import redis_leases
 from gateway.stores.base import StoreError
 from gateway.stores.redis import RedisStore
 from gateway.stores.redis_leases import RedisRateLimiter
@@ -135,10 +134,10 @@ async def test_unspent_tokens_go_back_when_the_limiter_closes(
 
 
 async def test_an_idle_lease_goes_back_when_another_key_arrives(
-    stores: list[RedisStore], redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+    stores: list[RedisStore], redis: RedisServer
 ) -> None:
-    monkeypatch.setattr(redis_leases, "IDLE_SECONDS", 0.05)
     limiter = _limiter(stores[0], rate=1000, per=3600, burst=1000)
+    limiter.idle_seconds = 0.05
     for i in range(400):
         limiter.take_now("idle") or await limiter.take("idle")
         if i % 20 == 0:
