@@ -71,6 +71,9 @@ async def test_the_store_as_the_admin_api_readyz_metrics_and_logs_show_it(
         assert shown["url"] == f"redis://***@127.0.0.1:{redis.port}/0"
         status, body = await _admin(gw, "/readyz")
         assert (status, json.loads(body)) == (200, {"state": "ready", "stores": {"shared": "up"}})
+        status, body = await _admin(gw, "/admin/config")
+        assert status == 200
+        assert b"hunter2" not in body
         _, metrics = await _admin(gw, "/metrics")
         assert _metric(metrics, "gateway_store_up", 'store="shared"') == 1
         ok = _metric(metrics, "gateway_store_operations_total", 'store="shared",outcome="ok"')

@@ -4,6 +4,7 @@ and the old client is closed only after the grace for requests that began before
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -77,7 +78,24 @@ async def test_an_unchanged_store_is_kept_and_a_changed_one_replaced(
 
         monkeypatch.setattr(store, "aclose", recorded_close)
         write_config(tmp_path, _config(redis.url, up.url, prefix="two:"))
+        # requests keep coming while the store is swapped: none is dropped or refused
+        done = asyncio.Event()
+
+        async def traffic() -> list[int]:
+            statuses = []
+            index = 0
+            while not done.is_set():
+                index += 1
+                statuses.append((await post(port_of(gw), f"during-{index}")).status)
+            return statuses
+
+        load = asyncio.ensure_future(traffic())
+        await asyncio.sleep(0)  # the first request is under way
         assert (await gw.reload())["ok"]
+        done.set()
+        during = await load
+        assert during
+        assert set(during) == {200}
         assert gw._shared.live_stores["shared"] is not store
         assert _idempotency_stage(gw) is not stage
         assert (await post(port_of(gw), "k2")).status == 200
@@ -86,5 +104,5 @@ async def test_an_unchanged_store_is_kept_and_a_changed_one_replaced(
         # the old records stay where they were: "k1" is new under the new prefix
         fresh = await post(port_of(gw), "k1")
         assert (fresh.status, fresh.header("Idempotent-Replayed")) == (200, None)
-        assert up.requests["POST"] == 3
+        assert up.requests["POST"] == 3 + len(during)
     assert closed == [store]

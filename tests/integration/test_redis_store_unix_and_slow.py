@@ -1,0 +1,93 @@
+"""A redis store over a unix socket, and a Redis that is slow rather than gone (`DEBUG SLEEP`
+blocks it): the operation fails at the store's timeout, never later, and the store answers
+again once Redis does."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from gateway.stores.base import IN_USE, NEW, RecordsMeter, StoreError
+from gateway.stores.redis import RedisStore
+from tests.support.redis_server import RedisServer
+
+
+@pytest.fixture
+def redis(tmp_path: Path) -> Iterator[RedisServer]:
+    # DEBUG is refused unless enabled; "local" allows it from loopback and unix sockets
+    server = RedisServer(
+        tmp_path / "redis",
+        "--unixsocket",
+        str(tmp_path / "redis.sock"),
+        "--unixsocketperm",
+        "700",
+        "--enable-debug-command",
+        "local",
+    ).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+async def _until_blocked(port: int, within: float = 5.0) -> None:
+    """Until a PING gets no answer within 100 ms: Redis is busy with the DEBUG SLEEP."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(b"PING\r\n")
+            await writer.drain()
+            await asyncio.wait_for(reader.readline(), 0.1)
+        except TimeoutError:
+            return
+        finally:
+            writer.close()
+    raise AssertionError("Redis never blocked")
+
+
+async def test_a_store_over_a_unix_socket(redis: RedisServer, tmp_path: Path) -> None:
+    store = RedisStore("shared", f"unix://{tmp_path / 'redis.sock'}?db=0", timeout=1.0)
+    records = store.idempotency(namespace="n", max_keys=1, max_bytes=1, meter=RecordsMeter())
+    try:
+        assert (await records.begin("k", "fp", 30)).outcome == NEW
+        assert (await records.begin("k", "fp", 30)).outcome == IN_USE
+        assert redis.command("EXISTS", "gw:idem:n:k").strip() == "1"
+    finally:
+        await store.aclose()
+
+
+async def test_a_slow_redis_fails_at_the_timeout_and_answers_again(redis: RedisServer) -> None:
+    store = RedisStore("shared", redis.url, timeout=0.2)
+    records = store.idempotency(namespace="n", max_keys=1, max_bytes=1, meter=RecordsMeter())
+    try:
+        await store.ping()  # a connection open, as on a gateway that has served requests
+        # Redis blocked for a second by another client's DEBUG SLEEP
+        reader, writer = await asyncio.open_connection("127.0.0.1", redis.port)
+        try:
+            writer.write(b"DEBUG SLEEP 1\r\n")
+            await writer.drain()
+            await _until_blocked(redis.port)
+            started = time.monotonic()
+            with pytest.raises(StoreError, match="no answer within 200 ms"):
+                await records.begin("slow", "fp", 30)
+            assert time.monotonic() - started < 0.5
+            assert await asyncio.wait_for(reader.readline(), 5) == b"+OK\r\n"
+        finally:
+            writer.close()
+            await writer.wait_closed()
+        deadline = time.monotonic() + 5
+        while True:  # after the back-off, the store answers again
+            try:
+                await store.ping()
+                break
+            except StoreError:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+        assert store.state == "up"
+    finally:
+        await store.aclose()
