@@ -292,6 +292,10 @@ class RedisRateLimiter:
     def __len__(self) -> int:
         return len(self._leases)
 
+    def leases(self) -> list[_Lease]:
+        """The leases held here (for tests and introspection)."""
+        return list(self._leases.values())
+
     def outstanding(self) -> int:
         """Tokens leased here and not spent."""
         return sum(lease.tokens for lease in self._leases.values())

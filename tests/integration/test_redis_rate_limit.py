@@ -198,3 +198,32 @@ async def test_redis_gone_is_a_store_error_once_the_lease_is_spent(tmp_path: Pat
         limiter.close()
         await store.aclose()
         server.stop()
+
+
+async def test_an_evicted_key_gives_its_lease_back(
+    stores: list[RedisStore], redis: RedisServer
+) -> None:
+    """max_keys 1: a second key evicts the first, whose unspent tokens go back to Redis."""
+    store = stores[0]
+    limiter = store.rate_limiter(namespace="stage", rate=1000, per=3600, burst=1000, max_keys=1)
+    assert isinstance(limiter, RedisRateLimiter)
+    for i in range(400):
+        limiter.take_now("first") or await limiter.take("first")
+        if i % 20 == 0:
+            await asyncio.sleep(0)
+    await async_wait_until(lambda: limiter.outstanding() > 0, within=5, what="a lease held")
+    await async_wait_until(
+        lambda: all(lease.refill is None for lease in limiter.leases()),
+        within=5,
+        what="no refill in flight",
+    )
+    held = limiter.outstanding()
+    before = bucket_tokens(redis, "first")
+    await limiter.take("second")
+    assert len(limiter) == 1
+    await async_wait_until(
+        lambda: bucket_tokens(redis, "first") >= before + held - 1e-6,
+        within=5,
+        what="the evicted lease given back",
+    )
+    assert bucket_tokens(redis, "first") == pytest.approx(before + held, abs=1)
