@@ -149,7 +149,7 @@ class RedisRateLimiter:
         self._per_second = rate / per
         self._burst = burst
         self._max_keys = max_keys
-        #: a lease never holds more than a quarter of the bucket
+        #: a lease is at most a quarter of the bucket (unless more requests wait for it)
         self._max_lease = max(1, burst // 4)
         self._clock = clock
         #: a lease unused for this long is given back (IDLE_SECONDS)
