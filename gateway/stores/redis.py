@@ -19,9 +19,10 @@ never evicts a lock.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
-from collections.abc import Awaitable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Final, TypeVar, final
 
 from gateway.config.model import StoreConfig, StoreTLSConfig
@@ -54,8 +55,8 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-#: locks waiting to be given up, at most (per store and worker)
-MAX_GIVING_UP: Final = 10_000
+#: writes kept trying after a failure, at most (per store and worker)
+MAX_RETRIED: Final = 10_000
 #: seconds operations fail at once after a failure: the first pause, and the longest
 BACKOFF_FIRST: Final = 0.05
 BACKOFF_MAX: Final = 1.0
@@ -104,9 +105,13 @@ end
 return 0
 """
 
-#: an answer replaces the lock (nothing, when the lock expired meanwhile)
+#: an answer replaces the lock (nothing when the lock expired meanwhile, unless ARGV[7] is the
+#: fingerprint: a write retried after an outage, when Redis may have lost the lock)
 _COMPLETE: Final = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  if ARGV[7] == '' then return 0 end
+  redis.call('HSET', KEYS[1], 'fp', ARGV[7])
+end
 redis.call('HSET', KEYS[1], 'st', ARGV[1], 'status', ARGV[2], 'headers', ARGV[3],
            'body', ARGV[4], 'replayable', ARGV[5])
 redis.call('PEXPIRE', KEYS[1], ARGV[6])
@@ -167,6 +172,7 @@ class RedisIdempotencyRecords:
     __slots__ = (
         "_begin",
         "_complete",
+        "_fingerprints",
         "_mark_unknown",
         "_prefix",
         "_release",
@@ -176,6 +182,9 @@ class RedisIdempotencyRecords:
     def __init__(self, store: RedisStore, namespace: str) -> None:
         self._store = store
         self._prefix = f"{store.prefix}idem:{namespace}:"
+        #: the fingerprints of the keys this worker holds locks for (until their outcome is
+        #: written): a write retried after an outage recreates the record with it
+        self._fingerprints: dict[str, str] = {}
         client = store.client
         self._begin: AsyncScript = client.register_script(_BEGIN)
         self._complete: AsyncScript = client.register_script(_COMPLETE)
@@ -206,6 +215,7 @@ class RedisIdempotencyRecords:
         if outcome == "abandoned":  # only a caller that gave up can get this: never read
             raise StoreError(f"store {self._store.name!r}: a lock given up")
         if outcome == "new":
+            self._fingerprints[key] = fingerprint
             return Begin(NEW)
         if outcome == "reused":
             return Begin(REUSED)
@@ -226,27 +236,59 @@ class RedisIdempotencyRecords:
         )
 
     async def complete(self, key: str, response: StoredResponse, ttl: float) -> None:
-        await self._store.run(
-            self._complete(
-                keys=[self._prefix + key],
-                args=[
-                    "pending" if response.pending else "done",
-                    response.status,
-                    encode_headers(response.headers),
-                    response.body,
-                    "1" if response.replayable else "0",
-                    _milliseconds(ttl),
-                ],
-            )
+        """Never fails the request: the upstream has answered, so when Redis cannot take the
+        answer now it is written in the background, for as long as the record would live —
+        recreating the record when Redis lost the lock meanwhile — and until then a repeat may
+        find the lock (409) or, once the lock expired, run again."""
+        name = self._prefix + key
+        fingerprint = (
+            self._fingerprints.get(key, "") if response.pending else self._fingerprints.pop(key, "")
         )
+        fields = [
+            "pending" if response.pending else "done",
+            response.status,
+            encode_headers(response.headers),
+            response.body,
+            "1" if response.replayable else "0",
+        ]
+        try:
+            await self._store.run(
+                self._complete(keys=[name], args=[*fields, _milliseconds(ttl), ""])
+            )
+        except StoreError:
+            if fingerprint:
+                self._store.keep_trying(
+                    name,
+                    ttl,
+                    lambda left: self._complete(
+                        keys=[name], args=[*fields, _milliseconds(left), fingerprint]
+                    ),
+                )
 
     async def release(self, key: str) -> None:
-        await self._store.run(self._release(keys=[self._prefix + key]))
+        """Never fails the request: when Redis cannot forget the lock now, it expires with its
+        ttl (retrying later could remove another request's lock on the same key)."""
+        self._fingerprints.pop(key, None)
+        with contextlib.suppress(StoreError):
+            await self._store.run(self._release(keys=[self._prefix + key]))
 
     async def mark_unknown(self, key: str, fingerprint: str, ttl: float) -> None:
-        await self._store.run(
-            self._mark_unknown(keys=[self._prefix + key], args=[fingerprint, _milliseconds(ttl)])
-        )
+        """Never fails the request: an unknown outcome Redis cannot take now is written in the
+        background for as long as it would be kept."""
+        self._fingerprints.pop(key, None)
+        name = self._prefix + key
+        try:
+            await self._store.run(
+                self._mark_unknown(keys=[name], args=[fingerprint, _milliseconds(ttl)])
+            )
+        except StoreError:
+            self._store.keep_trying(
+                name,
+                ttl,
+                lambda left: self._mark_unknown(
+                    keys=[name], args=[fingerprint, _milliseconds(left)]
+                ),
+            )
 
     async def close(self) -> None:
         return None  # the records stay in Redis; the store owns the connections and tasks
@@ -332,9 +374,10 @@ class RedisStore:
         #: work it does in the background (tokens and locks given back): awaited a moment,
         #: then cancelled, when it closes
         self._background: set[asyncio.Task[None]] = set()
-        #: locks to give up, (record, owner) -> until when (loop time), and the loop doing it
-        self._giving_up: dict[tuple[str, str], float] = {}
-        self._give_up_task: asyncio.Task[None] | None = None
+        #: writes kept trying: (record, tag) -> (until when, loop time; how to send it), and
+        #: the one loop sending them
+        self._retried: dict[tuple[str, str], tuple[float, Callable[[float], Awaitable[Any]]]] = {}
+        self._retry_task: asyncio.Task[None] | None = None
         #: how errors (and so logs) name Redis: never with the url's password
         self.shown_url = redacted_url(url)
         self._abandon: AsyncScript = self.client.register_script(_ABANDON)
@@ -450,42 +493,61 @@ class RedisStore:
 
     def give_up(self, name: str, owner: str, lock_ttl: float) -> None:
         """Give up the lock `owner` may hold on record `name` (a `begin` whose answer never
-        came), in the background: queued, and tried by one loop per store, so an outage costs
-        one attempt per back-off, not one per failed request.  At most MAX_GIVING_UP are
-        queued (the oldest dropped: its lock expires with its ttl anyway)."""
+        came), in the background (`keep_trying`)."""
+        self.keep_trying(
+            name,
+            lock_ttl,
+            lambda left: self._abandon(keys=[name], args=[owner, _milliseconds(left)]),
+            tag=owner,
+        )
+
+    def keep_trying(
+        self,
+        name: str,
+        within: float,
+        send: Callable[[float], Awaitable[Any]],
+        tag: str = "",
+    ) -> None:
+        """Send a write on record `name` in the background until Redis takes it, for at most
+        `within` seconds (`send(seconds left)` makes it).  Queued, and tried by one loop per
+        store in order, backing off, so an outage costs one attempt per back-off and not one
+        per request; a newer write to the same record (and `tag`) replaces a queued one.  At
+        most MAX_RETRIED are queued: the oldest is dropped."""
         loop = asyncio.get_running_loop()
-        pending = self._giving_up
-        if len(pending) >= MAX_GIVING_UP:
-            del pending[next(iter(pending))]
-        pending[(name, owner)] = loop.time() + lock_ttl
-        if self._give_up_task is None:
-            self._give_up_task = loop.create_task(self._give_up_queued())
-            self._background.add(self._give_up_task)
-            self._give_up_task.add_done_callback(self._background.discard)
+        queued = self._retried
+        queued.pop((name, tag), None)
+        if len(queued) >= MAX_RETRIED:
+            del queued[next(iter(queued))]
+        queued[(name, tag)] = (loop.time() + within, send)
+        if self._retry_task is None:
+            self._retry_task = loop.create_task(self._send_queued())
+            self._background.add(self._retry_task)
+            self._retry_task.add_done_callback(self._background.discard)
 
     async def abandon(self, name: str, owner: str, lock_ttl: float) -> None:
         """One attempt at _ABANDON (its tombstone lives for `lock_ttl`)."""
         await self.run(self._abandon(keys=[name], args=[owner, _milliseconds(lock_ttl)]))
 
-    async def _give_up_queued(self) -> None:
+    async def _send_queued(self) -> None:
         loop = asyncio.get_running_loop()
-        pending = self._giving_up
+        queued = self._retried
         pause = self.timeout
         try:
-            while pending:
-                (name, owner), until = next(iter(pending.items()))
+            while queued:
+                key, (until, send) = next(iter(queued.items()))
                 left = until - loop.time()
                 if left > 0:
                     try:
-                        await self.abandon(name, owner, left)
+                        await self.run(send(left))
                     except StoreError:
                         await asyncio.sleep(pause)
                         pause = min(pause * 2, 1.0)
                         continue
                     pause = self.timeout
-                pending.pop((name, owner), None)
+                if queued.get(key, (0.0, None))[1] is send:
+                    del queued[key]
         finally:
-            self._give_up_task = None
+            self._retry_task = None
 
     def spawn(self, work: Coroutine[Any, Any, None]) -> None:
         """Run `work` in the background until it ends or the store closes."""

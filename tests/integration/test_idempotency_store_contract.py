@@ -408,3 +408,40 @@ async def test_a_script_whose_connection_broke_is_never_sent_again() -> None:
         await store.aclose()
         server.close()
         await server.wait_closed()
+
+
+async def test_an_answer_redis_could_not_take_is_written_once_it_is_back(
+    tmp_path: Path,
+) -> None:
+    """The upstream answered but Redis is gone: `complete` does not fail the request, and the
+    answer is written in the background once Redis is back — recreating the record the restart
+    lost — so a repeat is replayed, not run again.  The same for an unknown outcome; a release
+    that Redis misses does not fail either (the lock expires with its ttl)."""
+    server = RedisServer(tmp_path).start()
+    store = RedisStore("shared", server.url, timeout=0.3)
+    records = _records_of(store, "n")
+    try:
+        for key in ("answered", "unknown", "released"):
+            assert (await records.begin(key, "fp", lock_ttl=30)).outcome == NEW
+        server.stop()
+        await records.complete("answered", StoredResponse(201, [(b"X-A", b"1")], b"made"), 60)
+        await records.mark_unknown("unknown", "fp", ttl=60)
+        await records.release("released")
+        server.start()  # empty: the locks are gone with the restart
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                replay = await records.begin("answered", "fp", 30)
+                if replay.outcome == REPLAY:
+                    break
+            except StoreError:
+                pass  # backing off after the outage
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        assert replay.response is not None
+        assert (replay.response.status, replay.response.body) == (201, b"made")
+        assert (await records.begin("answered", "other", 30)).outcome == REUSED
+        assert (await records.begin("unknown", "fp", 30)).outcome == UNKNOWN
+    finally:
+        await store.aclose()
+        server.stop()
