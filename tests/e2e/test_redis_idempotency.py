@@ -20,15 +20,6 @@ from tests.support.redis_server import RedisServer
 
 
 @pytest.fixture
-def redis(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis").start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
 async def upstream() -> AsyncIterator[FaultyUpstream]:
     async with faulty_upstreams("pay") as [up]:
         yield up

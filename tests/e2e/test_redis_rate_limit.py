@@ -24,15 +24,6 @@ REQUEST = b"GET /item HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
 
 
 @pytest.fixture
-def redis(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis").start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
 async def upstream() -> AsyncIterator[FaultyUpstream]:
     async with faulty_upstreams("app") as [up]:
         yield up

@@ -10,7 +10,6 @@ import json
 import logging
 import re
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -22,15 +21,6 @@ from tests.support.faulty import faulty_upstreams
 from tests.support.gateway import port_of, running_gateway
 from tests.support.idempotency import code, post
 from tests.support.redis_server import RedisServer
-
-
-@pytest.fixture
-def redis(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis").start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 async def _admin(gw: Gateway, path: str) -> tuple[int, bytes]:

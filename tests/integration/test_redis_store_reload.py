@@ -5,7 +5,6 @@ and the old client is closed only after the grace for requests that began before
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,15 +16,6 @@ from tests.support.faulty import faulty_upstreams
 from tests.support.gateway import port_of, running_gateway, write_config
 from tests.support.idempotency import post
 from tests.support.redis_server import RedisServer
-
-
-@pytest.fixture
-def redis(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis").start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def _config(redis_url: str, upstream_url: str, *, prefix: str, timeout: str = "5s") -> str:
