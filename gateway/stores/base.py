@@ -5,8 +5,8 @@ named shared store), and then only calls these methods.  The memory store answer
 redis store (gateway.stores.redis) does not cost a round trip per request: its rate limiter
 spends tokens from a lease held locally — a share of the bucket reserved with one atomic script
 — and tops the lease up in the background when it runs low, so a hot key costs one round trip
-per lease (gateway.stores.redis_leases).  Across replicas the admitted count may then exceed the limit by at most the tokens
-leased and not yet spent.  A store that cannot answer raises `StoreError`; the stage decides
+per lease (gateway.stores.redis_leases).  Across replicas the admitted count may then exceed
+the limit by at most the tokens leased and not yet spent.  A store that cannot answer raises `StoreError`; the stage decides
 (`on_store_error`) whether that fails open or closed.
 
 Idempotency records need atomicity, not speed: `IdempotencyRecords.begin` is one
