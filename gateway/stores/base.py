@@ -1,21 +1,21 @@
 """The store Protocols: what a stage needs from where its shared state lives.
 
 A stage picks its store once, when it is built (`memory`, always there and per worker, or a
-named shared store), and then only calls these methods.  The memory store answers at once; a
+named shared store), and then only calls these methods. The memory store answers at once; a
 redis store (gateway.stores.redis) does not cost a round trip per request: its rate limiter
 spends tokens from a lease held locally — a share of the bucket reserved with one atomic script
 — and tops the lease up in the background when it runs low, so a hot key costs one round trip
-per lease (gateway.stores.redis_leases).  Across replicas the admitted count may then exceed
-the limit by at most the tokens leased and not yet spent.  A store that cannot answer raises `StoreError`; the stage decides
-(`on_store_error`) whether that fails open or closed.
+per lease (gateway.stores.redis_leases). Across replicas the admitted count may then exceed the
+limit by at most the tokens leased and not yet spent. A store that cannot answer raises
+`StoreError`; the stage decides (`on_store_error`) whether that fails open or closed.
 
-Idempotency records need atomicity, not speed: `IdempotencyRecords.begin` is one
-compare-and-set (in Redis, one Lua script: read the record, create the lock if there is none),
-so two replicas can never both believe they hold the first request.  The memory store bounds
-them (`max_keys`, `max_bytes`): it makes room by dropping completed records, oldest first, and
-never a lock — a request in flight, or one whose outcome is unknown — so when only locks are
-left, `begin` of a new key raises `StoreError` rather than letting it run unprotected.  A redis
-store bounds them by their TTLs and Redis's `maxmemory`.
+Idempotency records need atomicity, not speed: `IdempotencyRecords.begin` is one compare-and-set
+(in Redis, one Lua script: read the record, create the lock if there is none), so two replicas
+can never both believe they hold the first request. The memory store bounds them (`max_keys`,
+`max_bytes`): it makes room by dropping completed records, oldest first, and never a lock — a
+request in flight, or one whose outcome is unknown — so when only locks are left, `begin` of a
+new key raises `StoreError` rather than letting it run unprotected. A redis store bounds them by
+their TTLs and Redis's `maxmemory`.
 """
 
 from __future__ import annotations
