@@ -163,8 +163,11 @@ class RedisRateLimiter:
         """A verdict without a round trip, when the key's lease (or a refusal) answers it;
         None when Redis must be asked (`take`)."""
         lease = self._leases.get(key)
-        if lease is None:
-            return None
+        return None if lease is None else self._answer(key, lease)
+
+    def _answer(self, key: str, lease: _Lease) -> Verdict | None:
+        """What the lease answers now: a token spent, a refusal until the next token is due, or
+        None when Redis must be asked."""
         now = self._clock()
         if lease.tokens > 0:
             self._spend(key, lease, now)
@@ -192,13 +195,9 @@ class RedisRateLimiter:
                     refill = lease.refill = self._start_refill(key, lease)
                 # shielded: a request that gives up must not cancel the answer others wait for
                 await asyncio.shield(refill)
-                now = self._clock()
-                if lease.tokens > 0:
-                    self._spend(key, lease, now)
-                    return self._verdict(lease, True, now)
-                if now < lease.denied_until:
-                    lease.requests += 1
-                    return self._verdict(lease, False, now)
+                answered = self._answer(key, lease)
+                if answered is not None:
+                    return answered
             # the tokens granted went to the other waiters every time: refuse, briefly
             lease.requests += 1
             return Verdict(False, 0, lease.to_full, 1 / self._per_second)
