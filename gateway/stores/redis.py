@@ -19,9 +19,12 @@ never evicts a lock.
 from __future__ import annotations
 
 import asyncio
+import functools
 import secrets
-from collections.abc import Awaitable, Coroutine
+from collections.abc import Awaitable, Coroutine, Iterable, Sequence
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, Final, TypeVar, final
+from urllib.parse import urlsplit
 
 from gateway.config.model import StoreConfig, StoreTLSConfig
 from gateway.config.stores import redacted_url
@@ -39,6 +42,7 @@ from gateway.stores.base import (
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
+    from redis.asyncio.cluster import RedisCluster
     from redis.commands.core import AsyncScript
 
 T = TypeVar("T")
@@ -251,16 +255,152 @@ class RedisIdempotencyRecords:
         return None  # the records stay in Redis; the store owns the connections and tasks
 
 
+@functools.cache
+def _cluster_class() -> type[RedisCluster]:
+    """redis-py's cluster client (8.x), made to keep serving the keys of the masters that are
+    up while one is down, and to fail every operation as a RedisError.  Each change is tested
+    in tests/integration/test_redis_cluster_store.py:
+
+    - a script answered NOSCRIPT runs as EVAL on its key's master (which caches it), where
+      AsyncScript sends SCRIPT LOAD to every master, failing while one is down.  Neither
+      sends a script that ran: a master answering NOSCRIPT did not run it;
+    - COMMAND is read when a command needs it (a script never does), not from the first
+      master listed each time the slots are read, failing while that one is down;
+    - the slots are read before a new client's first commands, which redis-py otherwise sends
+      to random masters (MOVED);
+    - CLUSTERDOWN (or a slot no master serves) makes it read the slots again, without
+      closing every connection under the other operations in flight;
+    - closing it closes its connections even after a connection error.
+    """
+    from redis._parsers import AsyncCommandsParser
+    from redis.asyncio.cluster import ClusterNode, RedisCluster
+    from redis.commands.core import AsyncScript
+    from redis.exceptions import NoScriptError
+    from redis.typing import EncodableT, KeyT, ScriptTextT
+
+    class OneNodeScript(AsyncScript):
+        async def __call__(
+            self,
+            keys: Sequence[KeyT] | None = None,
+            args: Iterable[EncodableT] | None = None,
+            client: Any = None,
+        ) -> Any:
+            keys = list(keys or ())
+            values = [*keys, *(args or ())]
+            target = self.registered_client if client is None else client
+            try:
+                return await target.evalsha(self.sha, len(keys), *values)
+            except NoScriptError:
+                script = self.script
+                text = script if isinstance(script, str) else bytes(script).decode()
+                return await target.eval(text, len(keys), *values)
+
+    #: whether the running task is inside redis-py's handling of one command
+    in_command: ContextVar[bool] = ContextVar("in_cluster_command", default=False)
+
+    class CommandsOnDemand(AsyncCommandsParser):
+        async def initialize(self, node: ClusterNode | None = None) -> None:
+            if node is None:  # a command whose keys only COMMAND can find (never a script's)
+                await super().initialize()
+            else:
+                self.node = node
+
+    class Cluster(RedisCluster):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            # redis-py reads COMMAND from the first master it lists each time it reads the
+            # slots, and fails to start while that master is down, whatever the others serve
+            self.commands_parser = CommandsOnDemand()
+
+        # (redis-py's own async register_script overrides the sync one's type the same way)
+        def register_script(self, script: ScriptTextT) -> AsyncScript:  # type: ignore[override]
+            return OneNodeScript(self, script)
+
+        async def execute_command(self, *args: EncodableT, **kwargs: Any) -> Any:
+            # redis-py picks a command's node before it reads the slots when it has none yet
+            # (a new client): commands issued together then go to random masters and come
+            # back MOVED.  The slots are read first instead.
+            if self._initialize:
+                await self.initialize()
+            return await super().execute_command(*args, **kwargs)
+
+        async def _execute_command(
+            self, target_node: ClusterNode, *args: Any, **kwargs: Any
+        ) -> Any:
+            token = in_command.set(True)
+            try:
+                return await super()._execute_command(target_node, *args, **kwargs)
+            finally:
+                in_command.reset(token)
+
+        async def aclose(self) -> None:
+            if in_command.get():
+                # redis-py's answer to CLUSTERDOWN or a slot no master serves: it closed every
+                # connection under the other operations in flight, which then failed with
+                # errors of all kinds (a RuntimeError among them).  What it is for, reading
+                # the slots again, is kept.
+                self._initialize = True
+                return
+            # the store closes it: redis-py closes nothing while it means to read the slots
+            # again, as after any connection error, which would leave every connection open
+            self._initialize = False
+            await super().aclose()
+
+    return Cluster
+
+
+def _cluster_client(
+    nodes: Sequence[str], *, timeout: float, pool_size: int, options: dict[str, Any]
+) -> RedisCluster:
+    """A Redis Cluster client that learns the masters and their slots from the seed `nodes`
+    (their user and password are every node's) and never sends a command twice by itself."""
+    from redis.asyncio.cluster import ClusterNode
+    from redis.asyncio.connection import parse_url
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+
+    seeds = [parse_url(node) for node in nodes]
+    if any("host" not in seed or seed.get("db", 0) for seed in seeds):
+        raise ValueError("a cluster's nodes are redis:// or rediss:// urls of database 0")
+    ssl = {"ssl": True, **options} if urlsplit(nodes[0]).scheme == "rediss" else {}
+    return _cluster_class()(
+        startup_nodes=[ClusterNode(s["host"], s.get("port", 6379)) for s in seeds],
+        username=seeds[0].get("username"),
+        password=seeds[0].get("password"),
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        max_connections=pool_size,  # per node
+        # no retries inside an operation (see RedisStore): a connection error or timeout is
+        # raised, not answered by reading the slots again and sending the command once more.
+        # The client still follows MOVED, ASK and TRYAGAIN: a node that answers one of those
+        # ran nothing, so the one node that runs the script runs it once
+        retry=Retry(NoBackoff(), 0),
+        # a MOVED updates that slot and is followed; redis-py's default (every 5th MOVED closes
+        # every connection and reads the slots again) fails the other operations in flight
+        reinitialize_steps=0,
+        # a slot no master serves fails only its keys (SlotNotCoveredError), not the client
+        require_full_coverage=False,
+        # topology is always read again from the seeds as configured (names resolved again),
+        # not from the addresses learnt last time, which may all have moved
+        dynamic_startup_nodes=False,
+        **ssl,
+    )
+
+
 @final
 class RedisStore:
     """A named redis store: one client (a pool of connections, opened as needed) per worker.
-    `config` is what it was built from: a reload keeps the store while that is unchanged."""
+    `config` is what it was built from: a reload keeps the store while that is unchanged.
+    With `nodes`, a Redis Cluster's seed nodes, the client is a cluster client instead (and
+    `url` is not used): each script touches one key, so it runs on the one master of that
+    key's slot."""
 
     def __init__(
         self,
         name: str,
-        url: str,
+        url: str = "",
         *,
+        nodes: Sequence[str] = (),
         prefix: str = "gw:",
         timeout: float = 0.1,
         pool_size: int = 32,
@@ -282,31 +422,47 @@ class RedisStore:
         import redis.asyncio as aioredis
         from redis.asyncio.retry import Retry
         from redis.backoff import NoBackoff
-        from redis.exceptions import RedisError
+        from redis.exceptions import RedisClusterException, RedisError
 
-        #: what a failure of the client looks like (OSError: a socket's own)
-        self._failures: tuple[type[BaseException], ...] = (RedisError, OSError)
-        self.client: aioredis.Redis = aioredis.Redis.from_url(
-            url,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            max_connections=pool_size,
-            # no retries inside an operation: the store's timeout bounds it as a whole, and a
-            # `begin` sent again after a lost connection could find its own lock and answer 409
-            retry_on_timeout=False,
-            retry=Retry(NoBackoff(), 0),
-            **options,
+        #: what a failure of the client looks like (OSError: a socket's own;
+        #: RedisClusterException, which is no RedisError: no reachable seed node, a slot no
+        #: master serves)
+        self._failures: tuple[type[BaseException], ...] = (
+            RedisError,
+            RedisClusterException,
+            OSError,
         )
+        self.client: aioredis.Redis | RedisCluster
+        if nodes:
+            self.client = _cluster_client(
+                nodes, timeout=timeout, pool_size=pool_size, options=options
+            )
+            more = f" +{len(nodes) - 1}" if len(nodes) > 1 else ""
+            #: how errors (and so logs) name Redis: never with the url's password
+            self.shown_url = f"cluster {redacted_url(nodes[0])}{more}"
+        else:
+            self.client = aioredis.Redis.from_url(
+                url,
+                socket_timeout=timeout,
+                socket_connect_timeout=timeout,
+                max_connections=pool_size,
+                # no retries inside an operation: the store's timeout bounds it as a whole, and
+                # a `begin` sent again after a lost connection could find its own lock and
+                # answer 409
+                retry_on_timeout=False,
+                retry=Retry(NoBackoff(), 0),
+                **options,
+            )
+            self.shown_url = redacted_url(url)
         #: work it does in the background (giving up locks): cancelled when it closes
         self._background: set[asyncio.Task[None]] = set()
-        #: how errors (and so logs) name Redis: never with the url's password
-        self.shown_url = redacted_url(url)
 
     @classmethod
     def from_config(cls, config: StoreConfig) -> RedisStore:
         store = cls(
             config.name,
             config.url,
+            nodes=config.nodes if config.cluster else (),
             prefix=config.prefix,
             timeout=config.timeout,
             pool_size=config.pool_size,
