@@ -199,13 +199,18 @@ class StoreConfig:
 
     name: str
     type: Literal["redis"] = "redis"
-    #: redis://, rediss:// or unix:// (a password in it, from ${ENV}, is never shown)
-    url: str
+    #: redis://, rediss:// or unix:// (a password in it, from ${ENV}, is never shown); empty
+    #: for a cluster, whose seed nodes are `nodes`
+    url: str = ""
+    #: a Redis Cluster: `nodes` are its seed nodes (redis:// or rediss://, one scheme, the same
+    #: credentials), from which the client learns every master and its slots
+    cluster: bool = False
+    nodes: tuple[str, ...] = ()
     #: put before every key the gateway writes, so several gateways can share one Redis
     prefix: str = "gw:"
     #: bounds every operation (connecting included); past it the stage's on_store_error rules
     timeout: float = 0.1
-    #: connections per worker
+    #: connections per worker (to each master, for a cluster)
     pool_size: int = 32
     tls: StoreTLSConfig | None = None
 

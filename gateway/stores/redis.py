@@ -20,10 +20,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import secrets
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, Final, TypeVar, final
+from urllib.parse import urlsplit
 
 from gateway.config.model import StoreConfig, StoreTLSConfig
 from gateway.config.stores import redacted_url
@@ -49,6 +52,7 @@ from gateway.stores.redis_leases import RedisRateLimiter
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
+    from redis.asyncio.cluster import RedisCluster
     from redis.commands.core import AsyncScript
 
     from gateway.observability.metrics import GatewayMetrics
@@ -204,7 +208,9 @@ class RedisIdempotencyRecords:
         name = self._prefix + key
         owner = secrets.token_hex(8)
         try:
-            reply = await self._store.run(self.begin_script(name, fingerprint, lock_ttl, owner))
+            reply = await self._store.run(
+                self.begin_script(name, fingerprint, lock_ttl, owner), name
+            )
         except StoreError:
             # the script may have run (or may yet run) and taken the lock for a request that
             # will not be sent: give it up in the background
@@ -253,7 +259,7 @@ class RedisIdempotencyRecords:
         ]
         try:
             await self._store.run(
-                self._complete(keys=[name], args=[*fields, _milliseconds(ttl), ""])
+                self._complete(keys=[name], args=[*fields, _milliseconds(ttl), ""]), name
             )
         except StoreError:
             if fingerprint:
@@ -270,7 +276,8 @@ class RedisIdempotencyRecords:
         ttl (retrying later could remove another request's lock on the same key)."""
         self._fingerprints.pop(key, None)
         with contextlib.suppress(StoreError):
-            await self._store.run(self._release(keys=[self._prefix + key]))
+            name = self._prefix + key
+            await self._store.run(self._release(keys=[name]), name)
 
     async def mark_unknown(self, key: str, fingerprint: str, ttl: float) -> None:
         """Never fails the request: an unknown outcome Redis cannot take now is written in the
@@ -279,7 +286,7 @@ class RedisIdempotencyRecords:
         name = self._prefix + key
         try:
             await self._store.run(
-                self._mark_unknown(keys=[name], args=[fingerprint, _milliseconds(ttl)])
+                self._mark_unknown(keys=[name], args=[fingerprint, _milliseconds(ttl)]), name
             )
         except StoreError:
             self._store.keep_trying(
@@ -292,6 +299,138 @@ class RedisIdempotencyRecords:
 
     async def close(self) -> None:
         return None  # the records stay in Redis; the store owns the connections and tasks
+
+
+@functools.cache
+def _cluster_class() -> type[RedisCluster]:
+    """redis-py's cluster client (8.x), made to keep serving the keys of the masters that are
+    up while one is down, and to fail every operation as a RedisError.  Each change is tested
+    in tests/integration/test_redis_cluster_store.py:
+
+    - a script answered NOSCRIPT runs as EVAL on its key's master (which caches it), where
+      AsyncScript sends SCRIPT LOAD to every master, failing while one is down.  Neither
+      sends a script that ran: a master answering NOSCRIPT did not run it;
+    - COMMAND is read when a command needs it (a script never does), not from the first
+      master listed each time the slots are read, failing while that one is down;
+    - the slots are read before a new client's first commands, which redis-py otherwise sends
+      to random masters (MOVED);
+    - CLUSTERDOWN (or a slot no master serves) makes it read the slots again, without
+      closing every connection under the other operations in flight;
+    - closing it closes its connections even after a connection error.
+    """
+    from redis._parsers import AsyncCommandsParser
+    from redis.asyncio.cluster import ClusterNode, RedisCluster
+    from redis.commands.core import AsyncScript
+    from redis.exceptions import NoScriptError
+    from redis.typing import EncodableT, KeyT, ScriptTextT
+
+    class OneNodeScript(AsyncScript):
+        async def __call__(
+            self,
+            keys: Sequence[KeyT] | None = None,
+            args: Iterable[EncodableT] | None = None,
+            client: Any = None,
+        ) -> Any:
+            keys = list(keys or ())
+            values = [*keys, *(args or ())]
+            target = self.registered_client if client is None else client
+            try:
+                return await target.evalsha(self.sha, len(keys), *values)
+            except NoScriptError:
+                script = self.script
+                text = script if isinstance(script, str) else bytes(script).decode()
+                return await target.eval(text, len(keys), *values)
+
+    #: whether the running task is inside redis-py's handling of one command
+    in_command: ContextVar[bool] = ContextVar("in_cluster_command", default=False)
+
+    class CommandsOnDemand(AsyncCommandsParser):
+        async def initialize(self, node: ClusterNode | None = None) -> None:
+            if node is None:  # a command whose keys only COMMAND can find (never a script's)
+                await super().initialize()
+            else:
+                self.node = node
+
+    class Cluster(RedisCluster):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            # redis-py reads COMMAND from the first master it lists each time it reads the
+            # slots, and fails to start while that master is down, whatever the others serve
+            self.commands_parser = CommandsOnDemand()
+
+        # (redis-py's own async register_script overrides the sync one's type the same way)
+        def register_script(self, script: ScriptTextT) -> AsyncScript:  # type: ignore[override]
+            return OneNodeScript(self, script)
+
+        async def execute_command(self, *args: EncodableT, **kwargs: Any) -> Any:
+            # redis-py picks a command's node before it reads the slots when it has none yet
+            # (a new client): commands issued together then go to random masters and come
+            # back MOVED.  The slots are read first instead.
+            if self._initialize:
+                await self.initialize()
+            return await super().execute_command(*args, **kwargs)
+
+        async def _execute_command(
+            self, target_node: ClusterNode, *args: Any, **kwargs: Any
+        ) -> Any:
+            token = in_command.set(True)
+            try:
+                return await super()._execute_command(target_node, *args, **kwargs)
+            finally:
+                in_command.reset(token)
+
+        async def aclose(self) -> None:
+            if in_command.get():
+                # redis-py's answer to CLUSTERDOWN or a slot no master serves: it closed every
+                # connection under the other operations in flight, which then failed with
+                # errors of all kinds (a RuntimeError among them).  What it is for, reading
+                # the slots again, is kept.
+                self._initialize = True
+                return
+            # the store closes it: redis-py closes nothing while it means to read the slots
+            # again, as after any connection error, which would leave every connection open
+            self._initialize = False
+            await super().aclose()
+
+    return Cluster
+
+
+def _cluster_client(
+    nodes: Sequence[str], *, timeout: float, pool_size: int, options: dict[str, Any]
+) -> RedisCluster:
+    """A Redis Cluster client that learns the masters and their slots from the seed `nodes`
+    (their user and password are every node's) and never sends a command twice by itself."""
+    from redis.asyncio.cluster import ClusterNode
+    from redis.asyncio.connection import parse_url
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+
+    seeds = [parse_url(node) for node in nodes]
+    if any("host" not in seed or seed.get("db", 0) for seed in seeds):
+        raise ValueError("a cluster's nodes are redis:// or rediss:// urls of database 0")
+    ssl = {"ssl": True, **options} if urlsplit(nodes[0]).scheme == "rediss" else {}
+    return _cluster_class()(
+        startup_nodes=[ClusterNode(s["host"], s.get("port", 6379)) for s in seeds],
+        username=seeds[0].get("username"),
+        password=seeds[0].get("password"),
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        max_connections=pool_size,  # per node
+        # no retries inside an operation (see RedisStore): a connection error or timeout is
+        # raised, not answered by reading the slots again and sending the command once more.
+        # The client still follows MOVED, ASK and TRYAGAIN: a node that answers one of those
+        # ran nothing, so the one node that runs the script runs it once
+        retry=Retry(NoBackoff(), 0),
+        # a MOVED updates that slot and is followed; redis-py's default (every 5th MOVED closes
+        # every connection and reads the slots again) fails the other operations in flight
+        reinitialize_steps=0,
+        # a slot no master serves fails only its keys (SlotNotCoveredError), not the client
+        require_full_coverage=False,
+        # topology is always read again from the seeds as configured (names resolved again),
+        # not from the addresses learnt last time, which may all have moved
+        dynamic_startup_nodes=False,
+        **ssl,
+    )
 
 
 @final
@@ -320,13 +459,17 @@ class StoreMeter:
 @final
 class RedisStore:
     """A named redis store: one client (a pool of connections, opened as needed) per worker.
-    `config` is what it was built from: a reload keeps the store while that is unchanged."""
+    `config` is what it was built from: a reload keeps the store while that is unchanged.
+    With `nodes`, a Redis Cluster's seed nodes, the client is a cluster client instead (and
+    `url` is not used): each script touches one key, so it runs on the one master of that
+    key's slot."""
 
     def __init__(
         self,
         name: str,
-        url: str,
+        url: str = "",
         *,
+        nodes: Sequence[str] = (),
         prefix: str = "gw:",
         timeout: float = 0.1,
         pool_size: int = 32,
@@ -337,12 +480,14 @@ class RedisStore:
         self.prefix = prefix
         self.timeout = timeout
         self.config: StoreConfig | None = None
-        #: "unknown" until the first operation, then "up" or "down" by the latest one
+        #: "unknown" until the first operation, then "down" while the latest operation on
+        #: some part of it failed (a cluster's master; the one Redis), else "up"
         self.state = "unknown"
         self.last_error: str | None = None
-        #: after a failure, operations fail at once until then (clock()), and the next pause
-        self._retry_at = 0.0
-        self._backoff = BACKOFF_FIRST
+        #: the parts down (a cluster master's "host:port"; "" for the store as a whole) ->
+        #: (until when, clock(), operations on it fail at once; the next pause)
+        self._down: dict[str, tuple[float, float]] = {}
+        self._closed = False
         self.meter = meter or StoreMeter()
         options: dict[str, Any] = {}
         if tls is not None:
@@ -356,21 +501,39 @@ class RedisStore:
         import redis.asyncio as aioredis
         from redis.asyncio.retry import Retry
         from redis.backoff import NoBackoff
-        from redis.exceptions import RedisError
+        from redis.exceptions import RedisClusterException, RedisError
 
-        #: what a failure of the client looks like (OSError: a socket's own)
-        self._failures: tuple[type[BaseException], ...] = (RedisError, OSError)
-        self.client: aioredis.Redis = aioredis.Redis.from_url(
-            url,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            max_connections=pool_size,
-            # no retries inside an operation: the store's timeout bounds it as a whole, and a
-            # `begin` sent again after a lost connection could find its own lock and answer 409
-            retry_on_timeout=False,
-            retry=Retry(NoBackoff(), 0),
-            **options,
+        #: what a failure of the client looks like (OSError: a socket's own;
+        #: RedisClusterException, which is no RedisError: no reachable seed node, a slot no
+        #: master serves)
+        self._failures: tuple[type[BaseException], ...] = (
+            RedisError,
+            RedisClusterException,
+            OSError,
         )
+        self.client: aioredis.Redis | RedisCluster
+        self._cluster = bool(nodes)
+        if nodes:
+            self.client = _cluster_client(
+                nodes, timeout=timeout, pool_size=pool_size, options=options
+            )
+            more = f" +{len(nodes) - 1}" if len(nodes) > 1 else ""
+            #: how errors (and so logs) name Redis: never with the url's password
+            self.shown_url = f"cluster {redacted_url(nodes[0])}{more}"
+        else:
+            self.client = aioredis.Redis.from_url(
+                url,
+                socket_timeout=timeout,
+                socket_connect_timeout=timeout,
+                max_connections=pool_size,
+                # no retries inside an operation: the store's timeout bounds it as a whole, and
+                # a `begin` sent again after a lost connection could find its own lock and
+                # answer 409
+                retry_on_timeout=False,
+                retry=Retry(NoBackoff(), 0),
+                **options,
+            )
+            self.shown_url = redacted_url(url)
         #: work it does in the background (tokens and locks given back): awaited a moment,
         #: then cancelled, when it closes
         self._background: set[asyncio.Task[None]] = set()
@@ -378,8 +541,6 @@ class RedisStore:
         #: the one loop sending them
         self._retried: dict[tuple[str, str], tuple[float, Callable[[float], Awaitable[Any]]]] = {}
         self._retry_task: asyncio.Task[None] | None = None
-        #: how errors (and so logs) name Redis: never with the url's password
-        self.shown_url = redacted_url(url)
         self._abandon: AsyncScript = self.client.register_script(_ABANDON)
 
     @classmethod
@@ -387,6 +548,7 @@ class RedisStore:
         store = cls(
             config.name,
             config.url,
+            nodes=config.nodes if config.cluster else (),
             prefix=config.prefix,
             timeout=config.timeout,
             pool_size=config.pool_size,
@@ -408,20 +570,35 @@ class RedisStore:
         see the module's docstring)."""
         return RedisIdempotencyRecords(self, namespace)
 
-    async def run(self, operation: Awaitable[T]) -> T:
+    def _part(self, key: str) -> str:
+        """Which part of the store serves `key`: on a cluster the master of its slot (as the
+        client last learnt the slots), else "" — the one Redis."""
+        if not self._cluster or not key:
+            return ""
+        try:
+            node = self.client.get_node_from_key(key)  # type: ignore[union-attr]
+        except self._failures:  # the slots not read yet, or this one served by no master
+            return ""
+        return node.name if node is not None else ""
+
+    async def run(self, operation: Awaitable[T], key: str = "") -> T:
         """`operation`'s reply, or `StoreError` when Redis failed or took longer than the
         store's timeout (a server paused or unreachable included).  After a failure the
         operations of the next back-off fail at once without trying (`BACKOFF_FIRST`, doubling
         with each failure up to `BACKOFF_MAX`): an outage costs one wait for the timeout per
-        back-off, not one per request."""
+        back-off, not one per request.  On a cluster the back-off is per master, found by the
+        operation's `key`: a master down does not stop the keys the others serve."""
         started = clock()
-        if started < self._retry_at:
+        part = self._part(key) if self._cluster else ""
+        down = self._down.get(part) if self._down else None
+        if down is not None and started < down[0]:
             if isinstance(operation, Coroutine):
                 operation.close()  # never sent: not an un-awaited coroutine either
             self.meter.backoff.inc()
+            where = f" (master {part})" if part else ""
             raise StoreError(
-                f"store {self.name!r} ({self.shown_url}) is down, next attempt in"
-                f" {(self._retry_at - started) * 1000:.0f} ms (last error: {self.last_error})"
+                f"store {self.name!r} ({self.shown_url}){where} is down, next attempt in"
+                f" {(down[0] - started) * 1000:.0f} ms (last error: {self.last_error})"
             )
         try:
             async with asyncio.timeout(self.timeout):
@@ -431,37 +608,44 @@ class RedisStore:
                 f"store {self.name!r} ({self.shown_url}): no answer within"
                 f" {self.timeout * 1000:g} ms"
             )
-            self._failed("timeout", error, started)
+            self._failed("timeout", error, started, part)
             raise error from exc
         except self._failures as exc:
             # redis-py's messages name the host and port, never the password
             error = StoreError(
                 f"store {self.name!r} ({self.shown_url}): {type(exc).__name__}: {exc}"
             )
-            self._failed("error", error, started)
+            self._failed("error", error, started, part)
             raise error from exc
         meter = self.meter
         meter.duration.observe(clock() - started)
         meter.ok.inc()
-        self._backoff = BACKOFF_FIRST
-        if self.state != "up":
-            if self.state == "down":
-                log.info("store %s (%s) answers again", self.name, self.shown_url)
-            self.state = "up"
-            self.last_error = None
-            meter.up.set(1)
+        if down is not None or self.state != "up":
+            self._answered(part)
         return reply
 
-    def _failed(self, outcome: str, error: StoreError, started: float) -> None:
+    def _answered(self, part: str) -> None:
+        if self._down.pop(part, None) is not None:
+            where = f" master {part}" if part else ""
+            log.info("store %s (%s)%s answers again", self.name, self.shown_url, where)
+        if not self._down:
+            self.state = "up"
+            self.last_error = None
+            self.meter.up.set(1)
+
+    def _failed(self, outcome: str, error: StoreError, started: float, part: str) -> None:
         meter = self.meter
-        meter.duration.observe(clock() - started)
+        now = clock()
+        meter.duration.observe(now - started)
         (meter.timeout if outcome == "timeout" else meter.error).inc()
         self.last_error = str(error)
-        self._retry_at = clock() + self._backoff
-        self._backoff = min(self._backoff * 2, BACKOFF_MAX)
-        if self.state != "down":
-            # once per outage: the stages log and count each request it costs
+        down = self._down.get(part)
+        pause = BACKOFF_FIRST if down is None else down[1]
+        self._down[part] = (now + pause, min(pause * 2, BACKOFF_MAX))
+        if down is None:
+            # once per outage (of each master): the stages log and count each request it costs
             log.warning("store %s is down: %s", self.name, error)
+        if self.state != "down":
             self.state = "down"
             meter.up.set(0)
 
@@ -513,6 +697,8 @@ class RedisStore:
         store in order, backing off, so an outage costs one attempt per back-off and not one
         per request; a newer write to the same record (and `tag`) replaces a queued one.  At
         most MAX_RETRIED are queued: the oldest is dropped."""
+        if self._closed:
+            return  # nobody would send it
         loop = asyncio.get_running_loop()
         queued = self._retried
         queued.pop((name, tag), None)
@@ -526,42 +712,64 @@ class RedisStore:
 
     async def abandon(self, name: str, owner: str, lock_ttl: float) -> None:
         """One attempt at _ABANDON (its tombstone lives for `lock_ttl`)."""
-        await self.run(self._abandon(keys=[name], args=[owner, _milliseconds(lock_ttl)]))
+        await self.run(self._abandon(keys=[name], args=[owner, _milliseconds(lock_ttl)]), name)
 
     async def _send_queued(self) -> None:
+        """Try every queued write in turn (one failing does not hold up the others: on a
+        cluster they may go to other masters); after a round with a failure, pause."""
         loop = asyncio.get_running_loop()
         queued = self._retried
         pause = self.timeout
         try:
-            while queued:
-                key, (until, send) = next(iter(queued.items()))
-                left = until - loop.time()
-                if left > 0:
-                    try:
-                        await self.run(send(left))
-                    except StoreError:
-                        await asyncio.sleep(pause)
-                        pause = min(pause * 2, 1.0)
-                        continue
+            while queued and not self._closed:
+                failed = False
+                for entry in list(queued):
+                    until, send = queued.get(entry, (0.0, None))
+                    if send is None:
+                        continue  # replaced or dropped meanwhile
+                    left = until - loop.time()
+                    if left > 0:
+                        try:
+                            await self.run(send(left), entry[0])
+                        except StoreError:
+                            failed = True
+                            continue
+                    if queued.get(entry, (0.0, None))[1] is send:
+                        del queued[entry]
+                if failed:
+                    await asyncio.sleep(pause)
+                    pause = min(pause * 2, BACKOFF_MAX)
+                else:
                     pause = self.timeout
-                if queued.get(key, (0.0, None))[1] is send:
-                    del queued[key]
         finally:
             self._retry_task = None
 
     def spawn(self, work: Coroutine[Any, Any, None]) -> None:
         """Run `work` in the background until it ends or the store closes."""
+        if self._closed:
+            work.close()  # too late: the store's connections are closing
+            return
         task = asyncio.get_running_loop().create_task(work)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
     async def aclose(self) -> None:
         """Let the background work (tokens given back at shutdown) finish within the store's
-        timeout — twice, for a connection to open — cancel what is left, and disconnect."""
+        timeout — twice, for a connection to open — cancel what is left, and disconnect.
+        Bounded as a whole: a task that swallows its cancel (redis-py's `wait_for` can, under
+        load, on Python 3.11) is left behind rather than holding up shutdown."""
+        self._closed = True
         tasks = list(self._background)
         if tasks:
             await asyncio.wait(tasks, timeout=2 * self.timeout)
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await self.client.aclose()
+        if tasks:
+            _, stuck = await asyncio.wait(tasks, timeout=self.timeout)
+            if stuck:
+                log.warning("store %s: %d tasks did not stop when cancelled", self.name, len(stuck))
+        try:
+            async with asyncio.timeout(2 * self.timeout):
+                await self.client.aclose()
+        except TimeoutError:
+            log.warning("store %s: its connections did not close in time", self.name)

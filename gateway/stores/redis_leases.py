@@ -238,10 +238,9 @@ class RedisRateLimiter:
             lease.requests = 0
             lease.since = now
             want = max(lease.want, lease.waiting)
+            name = self._prefix + key
             reply = await self._store.run(
-                self._script(
-                    keys=[self._prefix + key], args=[self._per_second, self._burst, want, 0]
-                )
+                self._script(keys=[name], args=[self._per_second, self._burst, want, 0]), name
             )
             grant, remote, to_full, to_token = (int(x) for x in reply)
             now = self._clock()
@@ -282,10 +281,9 @@ class RedisRateLimiter:
     async def _return(self, key: str, count: int) -> None:
         # a failure loses the tokens to the bucket until it refills: within the bound
         with contextlib.suppress(StoreError):
+            name = self._prefix + key
             await self._store.run(
-                self._script(
-                    keys=[self._prefix + key], args=[self._per_second, self._burst, 0, count]
-                )
+                self._script(keys=[name], args=[self._per_second, self._burst, 0, count]), name
             )
 
     def __len__(self) -> int:

@@ -1,7 +1,8 @@
-"""The idempotency records' contract, run against every store: the memory store and the redis
-store on a real `redis-server`.  The same outcomes in the same order, whichever store holds
-the records (SPEC §5.5); then what only a shared store can show — two replicas racing one key,
-a record outliving the gateway that wrote it, and Redis stopped, paused and restarted.
+"""The idempotency records' contract, run against every store: the memory store, the redis
+store on a real `redis-server`, and the redis store on a real three-master Redis Cluster.  The
+same outcomes in the same order, whichever store holds the records (SPEC §5.5); then what only
+a shared store can show — two replicas racing one key, a record outliving the gateway that wrote
+it, and Redis stopped, paused and restarted (the cluster's own: test_redis_cluster_store.py).
 
 Times are real here (Redis keeps its own clock), so the expiry tests use TTLs of a few hundred
 milliseconds and poll `begin` until the record is gone, with a deadline.
@@ -36,6 +37,7 @@ from gateway.stores.redis import (
     decode_headers,
     encode_headers,
 )
+from tests.support.redis_cluster import RedisClusterServers
 from tests.support.redis_server import RedisServer
 
 #: makes the records of the test's namespace (or of a `suffix`ed one): each call is another
@@ -52,17 +54,33 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
         server.stop()
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(scope="module")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterServers]:
+    """Started by the first test of the "cluster" param (~2 s), stopped with the module."""
+    servers = RedisClusterServers(tmp_path_factory.mktemp("redis-cluster")).start()
+    try:
+        yield servers
+    finally:
+        servers.stop()
+
+
+@pytest.fixture(params=["memory", "redis", "cluster"])
 async def make_records(
     request: pytest.FixtureRequest, redis_server: RedisServer
 ) -> AsyncIterator[Records]:
     namespace = uuid.uuid4().hex
     stores: list[RedisStore] = []
     memory = MemoryStore()
+    cluster: RedisClusterServers | None = None
+    if request.param == "cluster":
+        cluster = request.getfixturevalue("redis_cluster")
 
     async def make(suffix: str = "") -> IdempotencyRecords:
         if request.param == "memory":
             store: MemoryStore | RedisStore = memory
+        elif cluster is not None:
+            store = RedisStore("shared", nodes=cluster.urls, timeout=2.0)
+            stores.append(store)
         else:
             store = RedisStore("shared", redis_server.url, timeout=2.0)
             stores.append(store)
