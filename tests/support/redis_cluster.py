@@ -162,6 +162,23 @@ class RedisClusterServers:
     def node_id(self, index: int) -> str:
         return self.nodes[index].command("CLUSTER", "MYID").strip()
 
+    def owner_of(self, key: str, via: int = 0) -> int:
+        """The index of the master serving `key`'s slot, as node `via` sees the slots (the
+        server hashes the key, so a test need not know how)."""
+        slot = int(self.nodes[via].command("CLUSTER", "KEYSLOT", key))
+        for line in self.nodes[via].command("CLUSTER", "NODES").splitlines():
+            fields = line.split()
+            if len(fields) < 9:
+                continue
+            port = int(fields[1].split("@")[0].rsplit(":", 1)[1])
+            for item in fields[8:]:
+                if item.startswith("["):  # [slot->-id]: a migration, not an assignment
+                    continue
+                first, _, last = item.partition("-")
+                if int(first) <= slot <= int(last or first):
+                    return self.ports.index(port)
+        raise LookupError(f"no master serves slot {slot} of {key!r}")
+
     def stop_node(self, index: int) -> None:
         """Stop one node (SIGTERM); the others mark it failed after the node timeout."""
         self.nodes[index].stop()
