@@ -64,6 +64,8 @@ MAX_RETRIED: Final = 10_000
 #: seconds operations fail at once after a failure: the first pause, and the longest
 BACKOFF_FIRST: Final = 0.05
 BACKOFF_MAX: Final = 1.0
+#: how long closing the connections may take before the store gives up on them
+CLOSE_SECONDS: Final = 2.0
 
 log = logging.getLogger("gateway.stores")
 
@@ -487,7 +489,14 @@ class RedisStore:
         #: the parts down (a cluster master's "host:port"; "" for the store as a whole) ->
         #: (until when, clock(), operations on it fail at once; the next pause)
         self._down: dict[str, tuple[float, float]] = {}
+        #: closing: no new background work is taken; closed: no operation is sent (one would
+        #: open a connection again, which nothing would close)
+        self._closing = False
         self._closed = False
+        #: operations sent and not answered yet; closing waits for them (each is bounded by
+        #: the timeout) so that none opens a connection after the others are closed
+        self._in_flight = 0
+        self._idle: asyncio.Event | None = None
         self.meter = meter or StoreMeter()
         options: dict[str, Any] = {}
         if tls is not None:
@@ -589,6 +598,10 @@ class RedisStore:
         back-off, not one per request.  On a cluster the back-off is per master, found by the
         operation's `key`: a master down does not stop the keys the others serve."""
         started = clock()
+        if self._closed:
+            if isinstance(operation, Coroutine):
+                operation.close()
+            raise StoreError(f"store {self.name!r} ({self.shown_url}) is closed")
         part = self._part(key) if self._cluster else ""
         down = self._down.get(part) if self._down else None
         if down is not None and started < down[0]:
@@ -600,6 +613,7 @@ class RedisStore:
                 f"store {self.name!r} ({self.shown_url}){where} is down, next attempt in"
                 f" {(down[0] - started) * 1000:.0f} ms (last error: {self.last_error})"
             )
+        self._in_flight += 1
         try:
             async with asyncio.timeout(self.timeout):
                 reply = await operation
@@ -617,6 +631,10 @@ class RedisStore:
             )
             self._failed("error", error, started, part)
             raise error from exc
+        finally:
+            self._in_flight -= 1
+            if self._idle is not None and not self._in_flight:
+                self._idle.set()
         meter = self.meter
         meter.duration.observe(clock() - started)
         meter.ok.inc()
@@ -697,7 +715,7 @@ class RedisStore:
         store in order, backing off, so an outage costs one attempt per back-off and not one
         per request; a newer write to the same record (and `tag`) replaces a queued one.  At
         most MAX_RETRIED are queued: the oldest is dropped."""
-        if self._closed:
+        if self._closing:
             return  # nobody would send it
         loop = asyncio.get_running_loop()
         queued = self._retried
@@ -721,7 +739,7 @@ class RedisStore:
         queued = self._retried
         pause = self.timeout
         try:
-            while queued and not self._closed:
+            while queued and not self._closing:
                 failed = False
                 for entry in list(queued):
                     until, send = queued.get(entry, (0.0, None))
@@ -746,7 +764,7 @@ class RedisStore:
 
     def spawn(self, work: Coroutine[Any, Any, None]) -> None:
         """Run `work` in the background until it ends or the store closes."""
-        if self._closed:
+        if self._closing:
             work.close()  # too late: the store's connections are closing
             return
         task = asyncio.get_running_loop().create_task(work)
@@ -757,8 +775,10 @@ class RedisStore:
         """Let the background work (tokens given back at shutdown) finish within the store's
         timeout — twice, for a connection to open — cancel what is left, and disconnect.
         Bounded as a whole: a task that swallows its cancel (redis-py's `wait_for` can, under
-        load, on Python 3.11) is left behind rather than holding up shutdown."""
-        self._closed = True
+        load, on Python 3.11) is left behind rather than holding up shutdown.  Once closed, an
+        operation (a request that began before a reload replaced the store) fails at once
+        rather than connecting again."""
+        self._closing = True
         tasks = list(self._background)
         if tasks:
             await asyncio.wait(tasks, timeout=2 * self.timeout)
@@ -768,8 +788,14 @@ class RedisStore:
             _, stuck = await asyncio.wait(tasks, timeout=self.timeout)
             if stuck:
                 log.warning("store %s: %d tasks did not stop when cancelled", self.name, len(stuck))
+        self._closed = True
+        if self._in_flight:
+            self._idle = asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(2 * self.timeout):
+                    await self._idle.wait()
         try:
-            async with asyncio.timeout(2 * self.timeout):
+            async with asyncio.timeout(max(CLOSE_SECONDS, 2 * self.timeout)):
                 await self.client.aclose()
         except TimeoutError:
             log.warning("store %s: its connections did not close in time", self.name)

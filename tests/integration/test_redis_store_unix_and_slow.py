@@ -91,3 +91,46 @@ async def test_a_slow_redis_fails_at_the_timeout_and_answers_again(redis: RedisS
         assert store.state == "up"
     finally:
         await store.aclose()
+
+
+def _clients(redis: RedisServer) -> int:
+    """Connections Redis has open, redis-cli's own excluded."""
+    return int(redis.command("INFO", "clients").split("connected_clients:")[1].split()[0]) - 1
+
+
+async def test_closing_waits_for_an_operation_in_flight_and_nothing_connects_after(
+    redis: RedisServer,
+) -> None:
+    """A store closed (a reload retired it) while an operation is under way lets it finish,
+    then closes every connection; an operation after that fails at once and opens none (one
+    that did would keep the event loop from closing)."""
+    store = RedisStore("shared", redis.url, timeout=1.0)
+    records = store.idempotency(namespace="n", max_keys=1, max_bytes=1, meter=RecordsMeter())
+    await store.ping()
+    reader, writer = await asyncio.open_connection("127.0.0.1", redis.port)
+    try:
+        writer.write(b"DEBUG SLEEP 0.3\r\n")
+        await writer.drain()
+        await _until_blocked(redis.port)
+        in_flight = asyncio.ensure_future(records.begin("late", "fp", 30))
+        deadline = time.monotonic() + 5
+        while store._in_flight == 0:  # until it is sent, waiting for Redis to wake
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0)
+        assert not in_flight.done()
+        await store.aclose()
+        assert in_flight.done()
+        assert (await in_flight).outcome == NEW  # answered, not cut off by the close
+        assert await asyncio.wait_for(reader.readline(), 5) == b"+OK\r\n"
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    started = time.monotonic()
+    with pytest.raises(StoreError, match="is closed"):
+        await records.begin("after", "fp", 30)
+    assert time.monotonic() - started < 0.05
+    deadline = time.monotonic() + 5
+    while _clients(redis) > 0:  # the server sees the store's connections end
+        assert time.monotonic() < deadline, redis.command("CLIENT", "LIST")
+        await asyncio.sleep(0.05)
+    assert redis.command("EXISTS", "gw:idem:n:after").strip() == "0"
