@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway import __version__
-from gateway.admin import AdminServer
+from gateway.admin import build_admin_app
 from gateway.config.load import load_config
 from gateway.config.model import GatewayConfig
 from gateway.downstream.connection import HttpConnection
@@ -43,6 +43,7 @@ from gateway.stores.base import StoreError
 from gateway.stores.redis import RedisStore
 from gateway.tls import front_context
 from gateway.watch import FileWatcher
+from gateway.web_listener import WebListener
 
 log = logging.getLogger("gateway.app")
 
@@ -99,7 +100,7 @@ class Gateway:
         #: each listener's view of `snapshot` and `draining`, kept in step by _install and drain
         self._states: list[ServerState] = []
         self.bound: dict[str, tuple[str, int]] = {}
-        self.admin: AdminServer | None = None
+        self.admin: WebListener | None = None
         self.last_reload: dict[str, Any] = {"ok": True, "error": None, "at": None}
         self._listeners: list[_Listener] = []
         #: connections accepted by hand while the listeners closed, until they are served
@@ -219,8 +220,16 @@ class Gateway:
                 )
                 sockname = server.sockets[0].getsockname()
                 self.bound[listener.name] = (sockname[0], sockname[1])
+            # worker 0 alone serves admin: its port is the process group's, so /readyz is
+            # worker 0's state and /metrics sums what every worker publishes
             if self.worker_index == 0:
-                self.admin = AdminServer(self, config.admin.host, config.admin.port)
+                self.admin = WebListener(
+                    "admin",
+                    build_admin_app(self),
+                    config.admin.host,
+                    config.admin.port,
+                    logging.getLogger("aiohttp.server"),
+                )
                 await self.admin.start()
                 if not config.admin.token and not is_loopback(config.admin.host):
                     # e.g. ${GATEWAY_ADMIN_TOKEN:-} with the variable unset
