@@ -28,7 +28,10 @@ class _MalformedRequestFilter(logging.Filter):
         if isinstance(error, HttpProcessingError):
             record.msg = f"{self.listener} listener: malformed request (%s)"
             record.args = (type(error).__name__,)
-            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            # an ERROR becomes a WARNING; aiohttp keeps non-HTTP bytes (a scanner, TLS sent to
+            # a plain port) at DEBUG, and so do we
+            if record.levelno > logging.WARNING:
+                record.levelno, record.levelname = logging.WARNING, "WARNING"
             record.exc_info = None
             record.exc_text = None
         return True
