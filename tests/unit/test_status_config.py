@@ -3,10 +3,15 @@ admin API or a data listener binds."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from gateway.errors import ConfigErrors
-from tests.support.config import parse_config
+from tests.support.certs import ensure_dev_certificates
+from tests.support.config import load_config, parse_config
+
+REPO = Path(__file__).resolve().parents[2]
 
 LISTENERS = 'listeners: [{name: http, bind: "127.0.0.1:8080"}, {name: v6, bind: "[::1]:8443"}]\n'
 
@@ -96,3 +101,15 @@ def test_port_0_never_clashes() -> None:
     status = parse_config(text + 'status: {bind: "127.0.0.1:0"}\n', env={}).status
     assert status is not None
     assert status.port == 0
+
+
+def test_the_default_config_keeps_status_on_loopback_unless_told() -> None:
+    """`make run` exposes nothing new; a container sets GATEWAY_STATUS_BIND for its probes."""
+    ensure_dev_certificates()
+    shipped = REPO / "config" / "gateway.yaml"
+    status = load_config(shipped, env={}).status
+    assert status is not None
+    assert (status.host, status.port) == ("127.0.0.1", 9902)
+    exposed = load_config(shipped, env={"GATEWAY_STATUS_BIND": "0.0.0.0:9902"}).status
+    assert exposed is not None
+    assert (exposed.host, exposed.port) == ("0.0.0.0", 9902)
