@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 CONFIG ?= config/gateway.yaml
 
-.PHONY: setup build clean-build run test lint typecheck test-deps bench bench-deps clean
+.PHONY: setup build clean-build run test lint typecheck test-deps bench bench-deps clean certs stack
 
 # the editable install is pure Python; `build` compiles the hot path in place (setup.py)
 $(STAMP): pyproject.toml
@@ -32,6 +32,12 @@ $(DEV_CERTS): | $(STAMP)
 	$(BIN)/gateway certs init --out certs --hosts localhost,127.0.0.1
 
 setup: $(STAMP) $(COMPILED) $(DEV_CERTS)
+
+# certs/ for docker-compose.yml, which mounts it read-only into containers whose user (uid
+# 10001) is not the files' owner: the server key is made readable to it. A development key
+# only; mount real keys owned by that user with mode 0400 (README, Deploying).
+certs: $(DEV_CERTS)
+	chmod 0644 certs/server.key
 
 build: $(COMPILED)
 
