@@ -49,21 +49,32 @@ clean-build:
 run: setup
 	$(BIN)/gateway run -c $(CONFIG)
 
+# docker-compose.yml's topology from local processes on 127.0.0.1, in the foreground until
+# Ctrl-C (deploy/stack/; STACK_ARGS=--free-ports when the fixed ports are taken)
+stack: setup certs test-deps
+	$(BIN)/python -m deploy.stack $(STACK_ARGS)
+
 lint: setup
-	$(BIN)/ruff check gateway tests bench setup.py
+	$(BIN)/ruff check gateway tests bench deploy setup.py
 
 typecheck: setup
 	$(BIN)/mypy --strict gateway
+	$(BIN)/mypy --strict -p deploy.stack
 
 # Debian packages the tests need (wrk drives the bench harness's own test, slowhttptest the
 # slow-client attacks of tests/e2e/test_slow_attacks.py, promtool from prometheus checks and
-# unit-tests the alert rules in deploy/prometheus/)
+# unit-tests the alert rules in deploy/prometheus/, and its server runs in `make stack` and
+# tests/e2e/test_stack.py; docker-compose validates docker-compose.yml)
 test-deps:
 	@missing=""; for tool in wrk:wrk slowhttptest:slowhttptest promtool:prometheus \
 		redis-server:redis-server redis-cli:redis-tools; do \
 		command -v $${tool%%:*} >/dev/null || missing="$$missing $${tool##*:}"; done; \
 	if [ -n "$$missing" ]; then apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi
+	@# without its recommended docker.io: validating the file needs no Docker engine
+	@command -v docker-compose >/dev/null || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+		docker-compose >/dev/null; }
 
 test: setup test-deps lint typecheck
 	$(BIN)/pytest
