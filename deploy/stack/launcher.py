@@ -188,17 +188,22 @@ class Process:
 
     def start(self) -> None:
         self._log_file = self.log.open("wb")
-        self.proc = subprocess.Popen(
-            _with_parent_death_signal(self.argv),
-            stdin=subprocess.DEVNULL,
-            stdout=self._log_file,
-            stderr=subprocess.STDOUT,
-            cwd=REPO,
-            env=self.env,
-            # its own session and process group: a terminal's Ctrl-C reaches the launcher
-            # only, and the group (a gateway's workers included) can be killed as one
-            start_new_session=True,
-        )
+        try:
+            self.proc = subprocess.Popen(
+                _with_parent_death_signal(self.argv),
+                stdin=subprocess.DEVNULL,
+                stdout=self._log_file,
+                stderr=subprocess.STDOUT,
+                cwd=REPO,
+                env=self.env,
+                # its own session and process group: a terminal's Ctrl-C reaches the launcher
+                # only, and the group (a gateway's workers included) can be killed as one
+                start_new_session=True,
+            )
+        except OSError:
+            self._log_file.close()
+            self._log_file = None
+            raise
 
     @property
     def pid(self) -> int:
@@ -355,6 +360,8 @@ class Stack:
 
     def _start(self, timeout: float) -> None:
         self._check_prerequisites()
+        # both looked up first: a missing one fails before anything was started
+        redis_server, prometheus_server = _require("redis-server"), _require("prometheus")
         self.directory.mkdir(parents=True, exist_ok=True)
         self.spans_file.write_bytes(b"")
         redis_dir = self.directory / "redis"
@@ -362,7 +369,6 @@ class Stack:
         data = self.directory / "prometheus-data"
         shutil.rmtree(data, ignore_errors=True)  # a previous run's series would mislead
 
-        redis_server = _require("redis-server")
         # no persistence (a fresh store each run); noeviction as docker-compose.yml sets it: a
         # full Redis refuses new idempotency locks instead of evicting one
         redis_argv = [redis_server, "--bind", "127.0.0.1", "--port", str(self.ports.redis)]
@@ -406,7 +412,7 @@ class Stack:
         prometheus = self._spawn(
             "prometheus",
             [
-                _require("prometheus"),
+                prometheus_server,
                 f"--config.file={self.prometheus_file}",
                 f"--storage.tsdb.path={data}",
                 f"--web.listen-address=127.0.0.1:{self.ports.prometheus}",

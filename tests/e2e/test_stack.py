@@ -15,7 +15,9 @@ import math
 import os
 import re
 import secrets
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -34,6 +36,7 @@ from deploy.stack.launcher import (
     REPO,
     Ports,
     Stack,
+    StackError,
     alive,
     gateway_env,
     group_members,
@@ -322,3 +325,33 @@ def test_the_launcher_leaves_no_process_behind(tmp_path: Path, signum: signal.Si
         for pid in alive(pids):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)
+
+
+@pytest.mark.timeout(60)
+def test_a_failed_start_stops_what_it_started(tmp_path: Path) -> None:
+    """A part that dies while the stack starts fails start() with its name and log, and what
+    was already running is stopped: here the Python parts run on an interpreter that exits at
+    once, after redis-server was up."""
+    ports = Ports.free()
+    stack = Stack(tmp_path, ports, python=shutil.which("false") or "/bin/false")
+    with pytest.raises(StackError, match="users exited"):
+        stack.start()
+    assert "Ready to accept connections" in (tmp_path / "redis.log").read_text()
+    assert stack.running() == []
+    # redis-server is gone: nothing listens on its port any more
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", ports.redis))
+        sock.listen()
+
+
+@pytest.mark.timeout(30)
+def test_ports_in_use_are_named_before_anything_starts(tmp_path: Path) -> None:
+    ports = Ports.free()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", ports.redis))
+        taken.listen()
+        stack = Stack(tmp_path, ports)
+        with pytest.raises(StackError, match=rf"redis \({ports.redis}\)"):
+            stack.start()
+    assert not (tmp_path / "redis.log").exists()
