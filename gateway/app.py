@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway import __version__
-from gateway.admin import AdminServer
+from gateway.admin import build_admin_app
 from gateway.config.load import load_config
 from gateway.config.model import GatewayConfig
 from gateway.downstream.connection import HttpConnection
@@ -39,10 +39,12 @@ from gateway.observability.process import ProcessSampler, build_labels
 from gateway.runtime.shared import SharedState
 from gateway.runtime.snapshot import Snapshot, build_snapshot
 from gateway.stages.registry import KINDS
+from gateway.status import build_status_app
 from gateway.stores.base import StoreError
 from gateway.stores.redis import RedisStore
 from gateway.tls import front_context
 from gateway.watch import FileWatcher
+from gateway.web_listener import WebListener
 
 log = logging.getLogger("gateway.app")
 
@@ -99,7 +101,9 @@ class Gateway:
         #: each listener's view of `snapshot` and `draining`, kept in step by _install and drain
         self._states: list[ServerState] = []
         self.bound: dict[str, tuple[str, int]] = {}
-        self.admin: AdminServer | None = None
+        self.admin: WebListener | None = None
+        #: the status listener (probes and /metrics only), when configured; worker 0 only
+        self.status: WebListener | None = None
         self.last_reload: dict[str, Any] = {"ok": True, "error": None, "at": None}
         self._listeners: list[_Listener] = []
         #: connections accepted by hand while the listeners closed, until they are served
@@ -219,8 +223,16 @@ class Gateway:
                 )
                 sockname = server.sockets[0].getsockname()
                 self.bound[listener.name] = (sockname[0], sockname[1])
+            # worker 0 alone serves admin and status: their ports are the process group's, so
+            # /readyz is worker 0's state and /metrics sums what every worker publishes
             if self.worker_index == 0:
-                self.admin = AdminServer(self, config.admin.host, config.admin.port)
+                self.admin = WebListener(
+                    "admin",
+                    build_admin_app(self),
+                    config.admin.host,
+                    config.admin.port,
+                    logging.getLogger("aiohttp.server"),
+                )
                 await self.admin.start()
                 if not config.admin.token and not is_loopback(config.admin.host):
                     # e.g. ${GATEWAY_ADMIN_TOKEN:-} with the variable unset
@@ -229,6 +241,15 @@ class Gateway:
                         " reload the gateway and read its configuration (set admin.token)",
                         config.admin.host,
                     )
+                if config.status is not None:
+                    self.status = WebListener(
+                        "status",
+                        build_status_app(self),
+                        config.status.host,
+                        config.status.port,
+                        logging.getLogger("gateway.status"),
+                    )
+                    await self.status.start()
         except BaseException:
             await self._close_servers()
             raise
@@ -477,9 +498,11 @@ class Gateway:
         for listener in self._listeners:
             listener.server.close()
         self._listeners = []
-        if self.admin is not None:
-            await self.admin.stop()
-            self.admin = None
+        # admin and status close last, after the drain: /readyz says 503 until the very end
+        for web_listener in (self.admin, self.status):
+            if web_listener is not None:
+                await web_listener.stop()
+        self.admin = self.status = None
 
     def on_connection_closed(self) -> None:
         if not self.connections:
@@ -540,6 +563,13 @@ def _check_restart_needed(old: GatewayConfig, new: GatewayConfig) -> None:
                 "admin.bind", "the admin address cannot change while running: restart needed"
             )
         )
+    # like admin.bind: the listener is bound once, at start
+    if old.status != new.status:
+        if old.status is None or new.status is None:
+            where, what = "status", "a status listener cannot be added or removed"
+        else:
+            where, what = "status.bind", "the status address cannot change"
+        errors.append(ConfigError(where, f"{what} while running: restart needed"))
     if errors:
         raise ConfigErrors(errors)
 

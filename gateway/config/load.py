@@ -42,6 +42,7 @@ from gateway.config.model import (
     RouteConfig,
     ShutdownConfig,
     StageSpec,
+    StatusConfig,
     TracingConfig,
     UpstreamConfig,
     UpstreamTLSConfig,
@@ -99,6 +100,7 @@ _NAME: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 TOP_LEVEL_SECTIONS: Final = (
     "listeners",
     "admin",
+    "status",
     "limits",
     "http",
     "trusted_proxies",
@@ -198,6 +200,21 @@ def _bind(value: object, path: str) -> tuple[str, int]:
     if not host:
         raise ConfigError(path, "host is missing (use 0.0.0.0 for every interface)")
     return host, port
+
+
+def _same_socket(host: str, port: int, other_host: str, other_port: int) -> bool:
+    """Whether two binds claim the same socket: the same port (not 0, which the system picks)
+    on the same host, or where one is the wildcard of the other's address family (asyncio makes
+    an IPv6 socket IPv6-only, so `::` does not take IPv4 addresses)."""
+    if port != other_port or port == 0:
+        return False
+    if host == other_host:
+        return True
+    try:
+        ip, other_ip = ipaddress.ip_address(host), ipaddress.ip_address(other_host)
+    except ValueError:
+        return False  # a host name: only binding tells what it resolves to
+    return ip.version == other_ip.version and (ip.is_unspecified or other_ip.is_unspecified)
 
 
 def _path_value(value: object, path: str) -> str:
@@ -449,6 +466,7 @@ class _Loader:
             raise ConfigErrors(r.errors)
         listeners = self.listeners(top.get("listeners"))
         admin = self.admin(top.get("admin"))
+        status = self.status(top["status"], listeners, admin) if "status" in top else None
         limits = self.limits(top.get("limits"))
         http = self.http_rules(top.get("http"), "http", HttpRulesConfig())
         trusted: tuple[str, ...] = r.get(top, "trusted_proxies", "", _cidrs, ())
@@ -476,6 +494,7 @@ class _Loader:
         return GatewayConfig(
             listeners=listeners,
             admin=admin,
+            status=status,
             limits=limits,
             http=http,
             trusted_proxies=trusted,
@@ -602,6 +621,32 @@ class _Loader:
         host, port = self.r.get(m, "bind", "admin", _bind, ("127.0.0.1", 9901))
         token = self.r.get(m, "token", "admin", _admin_token, "")
         return AdminConfig(host=host, port=port, token=token or None)
+
+    def status(
+        self, raw: object, listeners: tuple[ListenerConfig, ...], admin: AdminConfig
+    ) -> StatusConfig | None:
+        """`status: {bind}`, on an address of its own: one shared with the admin API or a data
+        listener would only fail later, when binding, without saying which key is wrong."""
+        r = self.r
+        m = r.mapping(raw, "status", {"bind"})
+        if m is None:
+            return None
+        if m.get("bind") is None:
+            # no default: the section exists to expose probes, and where is the operator's call
+            r.error("status.bind", "is required (host:port; leave `status` out for no listener)")
+            return None
+        host, port = r.get(m, "bind", "status", _bind, ("", -1))
+        if port < 0:
+            return None
+        taken = [
+            ("the admin listener", admin.host, admin.port),
+            *((f"listener {x.name!r}", x.host, x.port) for x in listeners),
+        ]
+        for owner, other_host, other_port in taken:
+            if _same_socket(host, port, other_host, other_port):
+                r.error("status.bind", f"{owner} already binds this address; give status its own")
+                return None
+        return StatusConfig(host=host, port=port)
 
     def limits(self, raw: object) -> LimitsConfig:
         r = self.r

@@ -65,6 +65,15 @@ class AdminConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class StatusConfig:
+    """The status listener (SPEC §8): /healthz, /readyz and /metrics only, never /admin/*, so
+    probes and scrapers can reach it while the admin API stays on loopback or behind its token."""
+
+    host: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class LimitsConfig:
     max_header_bytes: int = 32 * 1024
     max_body_bytes: int = 10 * 1024 * 1024
@@ -324,6 +333,8 @@ class RouteConfig:
 class GatewayConfig:
     listeners: tuple[ListenerConfig, ...]
     admin: AdminConfig = field(default_factory=AdminConfig)
+    #: None: no status listener
+    status: StatusConfig | None = None
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     http: HttpRulesConfig = field(default_factory=HttpRulesConfig)
     #: CIDR strings, validated by the loader

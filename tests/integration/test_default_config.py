@@ -19,6 +19,8 @@ async def test_quick_tour(tmp_path: Path) -> None:
     text = (REPO / "config" / "gateway.yaml").read_text().replace("../certs/", f"{certs}/")
     for bind in ('"0.0.0.0:8080"', '"0.0.0.0:8443"', '"127.0.0.1:9901"'):
         text = text.replace(bind, '"127.0.0.1:0"')
+    # the status listener's default, inside its ${GATEWAY_STATUS_BIND:-...}
+    text = text.replace(":-127.0.0.1:9902}", ":-127.0.0.1:0}")
     text = text.replace("access_log:\n  enabled: true", "access_log:\n  enabled: false")
     async with running_gateway(tmp_path, text) as gw:
         port = port_of(gw)
@@ -52,3 +54,9 @@ async def test_quick_tour(tmp_path: Path) -> None:
         writer.close()
         assert mtls.status == 200
         assert json.loads(mtls.body)["headers"]["client-cert"].startswith(":")
+        # the status listener: probes and metrics, not the admin API
+        assert gw.status is not None
+        readyz = await exchange(gw.status.port, b"GET /readyz HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert (readyz.status, json.loads(readyz.body)) == (200, {"state": "ready"})
+        routes = await exchange(gw.status.port, b"GET /admin/routes HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert routes.status == 404
