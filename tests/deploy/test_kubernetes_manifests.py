@@ -582,7 +582,16 @@ def test_the_pod_serves_probes_reloads_volume_updates_and_drains_in_its_grace_pe
 ) -> None:
     root, ports, proc = pod
     status = f"http://127.0.0.1:{ports['status']}"
-    wait_until(lambda: probe(f"{status}/readyz") == 200, 30, "/readyz 200")
+
+    def ready() -> bool:
+        # a config it refuses: say why now, not after 30 s (the supervisor restarts the workers
+        # that exit on it, so the process itself does not end)
+        log = (root / "gateway.log").read_text()
+        if proc.poll() is not None or "configuration rejected" in log:
+            raise AssertionError(f"gateway run refused its config:\n{log[-3000:]}")
+        return probe(f"{status}/readyz") == 200
+
+    wait_until(ready, 30, "/readyz 200")
     assert http_get(f"{status}/healthz")[0] == 200
     assert b"gateway_config_info" in http_get(f"{status}/metrics")[1]
     assert http_get(f"{status}/admin/config")[0] == 404  # never the admin API
@@ -628,7 +637,7 @@ def test_the_pod_serves_probes_reloads_volume_updates_and_drains_in_its_grace_pe
     assert pre_stop_seconds() == 0
     proc.send_signal(signal.SIGTERM)
     started = time.monotonic()
-    wait_until(lambda: probe(f"{status}/readyz") == 503, 2, "/readyz 503")
+    wait_until(lambda: probe(f"{status}/readyz") == 503, 3, "/readyz 503")
     assert request(echo_url)[0] == 200
     assert time.monotonic() - started < drain
     assert proc.wait(grace) == 0
