@@ -65,8 +65,17 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         config = args.config or _default_config()
         if args.workers > 1 and args.worker_index is None:
+            from gateway.app import check
             from gateway.supervisor import supervise
 
+            # refused before any worker starts: a worker that exits on a bad config would be
+            # restarted for ever, and the process would never say why it does not serve
+            _, errors = check(config)
+            if errors:
+                for line in errors:
+                    print(line, file=sys.stderr)
+                print(f"configuration rejected: {len(errors)} error(s)", file=sys.stderr)
+                return 1
             return supervise(
                 config, args.workers, watch=not args.no_watch, log_level=args.log_level
             )

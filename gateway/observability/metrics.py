@@ -167,6 +167,13 @@ class GatewayMetrics:
             "Bytes of idempotency records counted against max_bytes (keys, stored responses).",
             ("route",),
         )
+        # SPEC §5.8: what the operator stages (rewrite, redirect, cors, ip_filter, api_key,
+        # basic_auth, mirror, compress) decided; each kind's outcomes are a fixed set
+        self.stage_total = r.counter(
+            "gateway_stage_total",
+            "Decisions of the operator stages, by stage kind and outcome.",
+            ("route", "stage", "outcome"),
+        )
         self.jwt_total = r.counter(
             "gateway_jwt_total", "Bearer tokens checked, by result.", ("route", "result")
         )

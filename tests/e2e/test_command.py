@@ -141,6 +141,34 @@ routes:
     ]
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_run_refuses_an_invalid_config_and_exits(tmp_path: Path, workers: str) -> None:
+    """With one worker or several (a supervisor would otherwise restart workers for ever), the
+    errors with their paths on stderr and exit status 1, before anything listens."""
+    port = free_port()
+    path = tmp_path / "bad.yaml"
+    path.write_text(
+        f"""
+listeners: [{{name: http, bind: "127.0.0.1:{port}"}}]
+routes:
+  - name: r
+    match: {{path_prefix: /x}}
+    upstream: nowhere
+"""
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "run", "--workers", workers, "-c", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "routes[0].upstream" in result.stderr
+    # (one worker says so in its log line on stdout, a supervisor on stderr)
+    assert "configuration rejected: 1 error(s)" in result.stdout + result.stderr
+
+
 def test_version_command() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "gateway", "version"],

@@ -34,15 +34,6 @@ async def upstream() -> AsyncIterator[FaultyUpstream]:
 
 
 @pytest.fixture
-def gateways(tmp_path: Path) -> Iterator[Gateways]:
-    running = Gateways(tmp_path)
-    try:
-        yield running
-    finally:
-        running.stop_all()
-
-
-@pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[RedisClusterServers]:
     servers = RedisClusterServers(tmp_path / "redis-cluster").start()
     try:

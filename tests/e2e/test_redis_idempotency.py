@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -32,15 +32,6 @@ def _config(gateways: Gateways, name: str, redis_url: str, upstream_url: str) ->
         [{"idempotency": {"store": "shared"}}],
         {"shared": {"url": redis_url, "prefix": "e2e:", "timeout": "300ms"}},
     )
-
-
-@pytest.fixture
-def gateways(tmp_path: Path) -> Iterator[Gateways]:
-    running = Gateways(tmp_path)
-    try:
-        yield running
-    finally:
-        running.stop_all()
 
 
 def _replayed(response: RawResponse) -> bool:

@@ -9,8 +9,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -27,15 +26,6 @@ REQUEST = b"GET /item HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
 async def upstream() -> AsyncIterator[FaultyUpstream]:
     async with faulty_upstreams("app") as [up]:
         yield up
-
-
-@pytest.fixture
-def gateways(tmp_path: Path) -> Iterator[Gateways]:
-    running = Gateways(tmp_path)
-    try:
-        yield running
-    finally:
-        running.stop_all()
 
 
 def _stores(redis: RedisServer) -> dict[str, object]:

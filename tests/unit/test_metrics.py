@@ -250,6 +250,7 @@ def test_gateway_metrics_declares_the_spec_names() -> None:
         "gateway_store_operations": "counter",
         "gateway_store_operation_duration_seconds": "histogram",
         "gateway_retries": "counter",
+        "gateway_stage": "counter",
         "gateway_jwt": "counter",
         "gateway_jwt_keys_skipped": "counter",
         "gateway_idempotency": "counter",
@@ -271,6 +272,7 @@ def test_gateway_metrics_declares_the_spec_names() -> None:
     }
     assert r.families["gateway_request_duration_seconds"].label_names == ("route",)
     assert r.families["gateway_requests_total"].label_names == ("route", "method", "code")
+    assert r.families["gateway_stage_total"].label_names == ("route", "stage", "outcome")
     assert samples[key("gateway_config_last_reload_success")] == 1
     assert r.families["gateway_circuit_breaker_transitions_total"].label_names == (
         "route",
