@@ -15,6 +15,7 @@ from gateway.stages import (
     cors,
     headers,
     idempotency,
+    ip_filter,
     jwt,
     mtls,
     rate_limit,
@@ -33,5 +34,6 @@ KINDS: Final[Mapping[str, StageKind[Any, Any]]] = {
         retry.KIND,
         headers.KIND,
         cors.KIND,
+        ip_filter.KIND,
     )
 }
