@@ -25,6 +25,10 @@ HOT_MODULES = [
     "gateway/identity.py",
     "gateway/stages/proxy.py",
     "gateway/stages/headers.py",
+    # the operator stages that look at every request of their routes: an address lookup, the
+    # Origin header and the response's CORS headers
+    "gateway/stages/cors.py",
+    "gateway/stages/ip_filter.py",
     "gateway/stages/rate_limit.py",
     "gateway/stages/circuit_breaker.py",
     "gateway/stages/retry.py",
