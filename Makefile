@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 CONFIG ?= config/gateway.yaml
 
-.PHONY: setup build clean-build run test lint typecheck test-deps bench bench-deps clean
+.PHONY: setup build clean-build run test lint typecheck test-deps bench bench-deps clean lock
 
 # the editable install is pure Python; `build` compiles the hot path in place (setup.py)
 $(STAMP): pyproject.toml
@@ -71,6 +71,24 @@ bench-deps:
 
 bench: setup bench-deps
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+# The image's pinned dependencies, every file checked by its hash (Dockerfile, README "Container
+# image"): requirements.lock is what runs in the image, requirements-build.lock what builds it —
+# pip, setuptools, mypy and every package mypyc type-checks against (pyproject's
+# [build-system] requires), and cyclonedx-bom for the SBOM. The build lock is resolved within
+# the runtime lock, so the hot path is compiled against the versions it runs with. Both are
+# universal (any platform) for CPython 3.11, the image's Python. Refresh with `make lock`.
+LOCK_TOOL := uv==0.13.8
+LOCK := $(BIN)/uv pip compile --quiet --universal --python-version 3.11 --generate-hashes \
+	--no-header --annotation-style line
+
+lock: $(STAMP)
+	$(BIN)/pip install --quiet '$(LOCK_TOOL)'
+	$(LOCK) pyproject.toml -o requirements.lock
+	mkdir -p build
+	$(BIN)/python -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb")) \
+		["build-system"]["requires"], "pip>=25.3", "cyclonedx-bom", sep="\n")' > build/build-requires.in
+	$(LOCK) build/build-requires.in -c requirements.lock -o requirements-build.lock
 
 clean: clean-build
 	rm -rf $(VENV) build *.egg-info
