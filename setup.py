@@ -113,19 +113,20 @@ def hot_path_extensions() -> list[Extension]:
     arguments = set(sys.argv[1:])
     if arguments & METADATA_COMMANDS and not arguments & BUILD_COMMANDS:
         return []
-    if choice != "1":
-        problem = c_compiler_problem()
-        if problem is not None:
-            print(
-                "\n*** gateway: no working C compiler, so the hot path is NOT compiled ***\n"
-                f"    ({problem})\n"
-                "    Installing pure Python: the same behaviour, about 40% more CPU per request.\n"
-                "    For the compiled build install a C compiler and the Python headers\n"
-                "    (Debian: apt-get install gcc python3-dev) and reinstall; set\n"
-                "    GATEWAY_COMPILE=1 to make this an error instead.\n",
-                file=sys.stderr,
-            )
-            return []
+    problem = c_compiler_problem()
+    if problem is not None and choice == "1":
+        raise SystemExit(f"gateway: GATEWAY_COMPILE=1 but no working C compiler: {problem}")
+    if problem is not None:
+        print(
+            "\n*** gateway: no working C compiler, so the hot path is NOT compiled ***\n"
+            f"    ({problem})\n"
+            "    Installing pure Python: the same behaviour, about 40% more CPU per request.\n"
+            "    For the compiled build install a C compiler and the Python headers\n"
+            "    (Debian: apt-get install gcc python3-dev) and reinstall; set\n"
+            "    GATEWAY_COMPILE=1 to make this an error instead.\n",
+            file=sys.stderr,
+        )
+        return []
     from mypyc.build import mypycify
 
     return mypycify(HOT_MODULES, group_name="gateway._hotpath", opt_level="3")
