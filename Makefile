@@ -51,11 +51,18 @@ typecheck: setup
 
 # Debian packages the tests need (wrk drives the bench harness's own test, slowhttptest the
 # slow-client attacks of tests/e2e/test_slow_attacks.py, promtool from prometheus checks and
-# unit-tests the alert rules in deploy/prometheus/)
+# unit-tests the alert rules in deploy/prometheus/; tests/packaging builds the image outside
+# Docker with Debian's Python 3.11 (venv, headers) and the build stage's compiler, and starts it
+# in a network namespace of its own with iproute2's ip)
+IMAGE_TEST_PACKAGES := python3.11-venv python3.11-dev gcc libc6-dev iproute2
+
 test-deps:
 	@missing=""; for tool in wrk:wrk slowhttptest:slowhttptest promtool:prometheus \
 		redis-server:redis-server redis-cli:redis-tools; do \
 		command -v $${tool%%:*} >/dev/null || missing="$$missing $${tool##*:}"; done; \
+	for package in $(IMAGE_TEST_PACKAGES); do \
+		dpkg-query -W -f='$${Status}' $$package 2>/dev/null | grep -q 'ok installed' || \
+		missing="$$missing $$package"; done; \
 	if [ -n "$$missing" ]; then apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi
 
