@@ -10,7 +10,17 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Final
 
-from gateway.stages import circuit_breaker, headers, idempotency, jwt, mtls, rate_limit, retry
+from gateway.stages import (
+    api_key,
+    basic_auth,
+    circuit_breaker,
+    headers,
+    idempotency,
+    jwt,
+    mtls,
+    rate_limit,
+    retry,
+)
 from gateway.stages.kind import StageKind
 
 KINDS: Final[Mapping[str, StageKind[Any, Any]]] = {
@@ -23,5 +33,7 @@ KINDS: Final[Mapping[str, StageKind[Any, Any]]] = {
         idempotency.KIND,
         retry.KIND,
         headers.KIND,
+        api_key.KIND,
+        basic_auth.KIND,
     )
 }
