@@ -196,6 +196,10 @@ def parse(r: Reader, raw: object, path: str) -> ApiKeyConfig | None:
         )
     if m.get("keys_file") is None and m.get("keys") is None:
         r.error(path, "needs keys_file or keys (the sha256 digests of the keys it accepts)")
+    if len(r.errors) > errors:
+        return None
+    # the stage is kept for the pipeline's checks even when a key is refused (the load fails all
+    # the same): a `consumer` key after it is not reported as lacking one
     keys: dict[bytes, str] = {}
     if m.get("keys") is not None:
         _read_keys(r, m["keys"], f"{path}.keys", keys)
@@ -207,7 +211,7 @@ def parse(r: Reader, raw: object, path: str) -> ApiKeyConfig | None:
             _read_keys_file(r, str(found), where, keys)
     # sorted: the same keys are the same config, so a reload that changes nothing keeps the stage
     values["keys"] = tuple(sorted(keys.items()))
-    return _FIELDS.create(r, values, path, errors)
+    return _FIELDS.create(r, values, path, len(r.errors))
 
 
 def _hidden_header(config: ApiKeyConfig) -> str | None:

@@ -149,7 +149,7 @@ def check_hash(hashed: str) -> str | None:
         try:
             params = argon2.extract_parameters(hashed)
         except argon2.exceptions.InvalidHashError:
-            return "is not a well-formed argon2id hash"
+            return "not a well-formed argon2id hash"
         if (
             params.memory_cost > _MAX_ARGON2_MEMORY_KIB
             or params.time_cost > _MAX_ARGON2_TIME
@@ -165,8 +165,8 @@ def check_hash(hashed: str) -> str | None:
         if hashed.startswith(prefix):
             return f"{what} is refused: {_REHASH}"
     if hashed.startswith("$2"):
-        return "is not a well-formed bcrypt hash"
-    return f"is not a bcrypt or argon2id hash (plain text and crypt(3) are refused): {_REHASH}"
+        return "not a well-formed bcrypt hash"
+    return f"not a bcrypt or argon2id hash (plain text and crypt(3) are refused): {_REHASH}"
 
 
 _ARGON2: Final = argon2.PasswordHasher()
@@ -239,7 +239,7 @@ def _line_user(line: str) -> tuple[str, str] | str:
         return f"user {user[:64]!r}: {exc.message.replace('consumer', 'user')}"
     problem = check_hash(hashed)
     if problem is not None:
-        return f"user {user!r}: the hash {problem}"
+        return f"user {user!r}: {problem}"
     return user, hashed
 
 
@@ -323,6 +323,10 @@ def parse(r: Reader, raw: object, path: str) -> BasicAuthConfig | None:
     values = _FIELDS.values(r, m, path)
     if m.get("users_file") is None and m.get("users") is None:
         r.error(path, "needs users_file or users (htpasswd lines with bcrypt or argon2id hashes)")
+    if len(r.errors) > errors:
+        return None
+    # the stage is kept for the pipeline's checks even when a user is refused (the load fails
+    # all the same): a `consumer` key after it is not reported as lacking one
     users: dict[str, tuple[str, str]] = {}
     if m.get("users") is not None:
         _read_users(r, m["users"], f"{path}.users", users)
@@ -335,7 +339,7 @@ def parse(r: Reader, raw: object, path: str) -> BasicAuthConfig | None:
     # sorted: the same users are the same config, so a reload that changes nothing keeps the
     # stage (and its cache)
     values["users"] = tuple(sorted((user, hashed) for user, (hashed, _) in users.items()))
-    return _FIELDS.create(r, values, path, errors)
+    return _FIELDS.create(r, values, path, len(r.errors))
 
 
 def _check(check: PipelineCheck, config: BasicAuthConfig) -> BasicAuthConfig:

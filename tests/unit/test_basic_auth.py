@@ -69,16 +69,16 @@ def test_accepted_hashes(hashed: str) -> None:
         ("{SHA}qUqP5cyxm6YcTAhz05Hph5gvu9M=", "a SHA-1 hash is refused"),
         ("$1$salt$hash", "an MD5-crypt hash is refused"),
         ("$6$salt$hash", "a SHA-512-crypt hash is refused"),
-        ("abJnggxhB/yWI", "is not a bcrypt or argon2id hash (plain text and crypt(3)"),
-        ("wonderland", "is not a bcrypt or argon2id hash"),
+        ("abJnggxhB/yWI", "not a bcrypt or argon2id hash (plain text and crypt(3)"),
+        ("wonderland", "not a bcrypt or argon2id hash"),
         (ALICE.replace("$2y$", "$2x$"), "$2x$ hash (the variant with the 8-bit bug)"),
         (BOB.replace("argon2id", "argon2i"), "only argon2id is accepted"),
         (BOB.replace("argon2id", "argon2d"), "only argon2id is accepted"),
         (ALICE.replace("$04$", "$15$"), "bcrypt cost 15 is outside 4-14"),
         (ALICE.replace("$04$", "$03$"), "bcrypt cost 3 is not a valid cost"),
-        (ALICE[:-1], "is not a well-formed bcrypt hash"),
+        (ALICE[:-1], "not a well-formed bcrypt hash"),
         (BOB.replace("m=8,", "m=1048576,"), "exceed m=262144"),
-        ("$argon2id$v=19$nonsense", "is not a well-formed argon2id hash"),
+        ("$argon2id$v=19$nonsense", "not a well-formed argon2id hash"),
     ],
     ids=[
         "apr1",
@@ -178,12 +178,12 @@ def test_users_file_errors_by_line_never_quoting_a_hash(tmp_path: Path) -> None:
     )
     where = "routes[0].pipeline[0].basic_auth.users_file: "
     assert errors == [
-        where + "line 2: user 'bob': the hash an MD5 (apr1) hash is refused: rehash the password"
+        where + "line 2: user 'bob': an MD5 (apr1) hash is refused: rehash the password"
         " with bcrypt (htpasswd -B) or argon2id",
         where + "line 3: is not user:hash",
         where + "line 4: user 'alice' is listed twice (first at line 1)",
         where + "line 5: is not user:hash",
-        where + "line 6: user 'carol': the hash is not a bcrypt or argon2id hash (plain text and"
+        where + "line 6: user 'carol': not a bcrypt or argon2id hash (plain text and"
         " crypt(3) are refused): rehash the password with bcrypt (htpasswd -B) or argon2id",
     ]
     assert not any("wonderland" in e or ALICE in e for e in errors)
@@ -194,7 +194,7 @@ def test_users_file_errors_by_line_never_quoting_a_hash(tmp_path: Path) -> None:
     [
         ("{basic_auth: {}}", "basic_auth", "needs users_file or users"),
         ("{basic_auth: {users: []}}", "basic_auth.users", "must be a list of htpasswd lines"),
-        ("{basic_auth: {users: ['alice:x']}}", "basic_auth.users[0]", "user 'alice': the hash"),
+        ("{basic_auth: {users: ['alice:x']}}", "basic_auth.users[0]", "user 'alice': not a"),
         ("{basic_auth: {users_file: nope}}", "basic_auth.users_file", "no such file"),
         (
             "{basic_auth: {users: ['a:" + ALICE + "'], cache_ttl: -1s}}",
@@ -449,3 +449,15 @@ async def test_the_pool_bounds_checks_in_flight(monkeypatch: pytest.MonkeyPatch)
     assert await asyncio.wrap_future(first) is False
     await async_wait_until(lambda: verifier.in_flight == 0, within=5, what="checks done")
     assert verifier.submit("h", b"p") is not None
+
+
+def test_a_refused_user_is_the_only_error(tmp_path: Path) -> None:
+    """The stage stays in the pipeline's checks when its users file is refused: the consumer
+    key after it is not reported as lacking an authenticating stage."""
+    errors = _errors(
+        tmp_path,
+        "{basic_auth: {users_file: users.htpasswd}}, {rate_limit: {rate: 1, key: consumer}}",
+        "bob:$apr1$abcdefgh$0123456789abcdefghijkl\n",
+    )
+    assert len(errors) == 1
+    assert "line 1: user 'bob': an MD5 (apr1) hash is refused" in errors[0]
