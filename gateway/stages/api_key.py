@@ -232,8 +232,11 @@ def _upstream_headers(config: ApiKeyConfig) -> tuple[str, ...]:
 def _describe(config: ApiKeyConfig) -> dict[str, Any]:
     # where the key is read and how many consumers there are: never a digest, nor who they are
     return {
-        "in": "query" if config.query is not None else "header",
-        "name": config.query if config.query is not None else config.header,
+        "key": (
+            {"in": "query", "name": config.query}
+            if config.query is not None
+            else {"in": "header", "name": config.header}
+        ),
         "consumers": len({consumer for _, consumer in config.keys}),
         "hide_credentials": config.hide_credentials,
     }
