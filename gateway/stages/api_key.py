@@ -35,7 +35,7 @@ from gateway.config.model import StageSpec
 from gateway.config.reader import Fields, Reader, as_bool, as_str
 from gateway.config.stages import PipelineCheck
 from gateway.config.strict_yaml import load_yaml
-from gateway.errors import ConfigError, Unauthenticated
+from gateway.errors import BadRequest, ConfigError, Unauthenticated
 from gateway.http.messages import RequestHead, Response
 from gateway.pipeline import Next, RequestContext
 from gateway.stages import credentials
@@ -278,6 +278,7 @@ class ApiKeyStage:
         "_header",
         "_hide",
         "_missing",
+        "_name",
         "_outcomes",
         "_query",
     )
@@ -288,10 +289,11 @@ class ApiKeyStage:
             digest: (consumer, consumer.encode("ascii")) for digest, consumer in config.keys
         }
         self._query = config.query
-        self._header = config.header.lower()
+        self._header = config.header
+        self._name = config.header.lower().encode("latin-1")
         # the header's name as a CGI/WSGI upstream reads it ("_" is "-"): every spelling of it
         # is removed when the key is hidden
-        self._folded = self._header.replace("_", "-").encode("latin-1")
+        self._folded = self._name.replace(b"_", b"-")
         self._hide = config.hide_credentials
         where, name = ("query", config.query) if config.query else ("header", config.header)
         self._challenge = [
@@ -309,27 +311,46 @@ class ApiKeyStage:
         raises the 401 for a query naming the parameter twice."""
         query_name = self._query
         if query_name is None:
-            # two copies are 400 (get_single_header): which one would be checked, and which
-            # one would the upstream believe?
-            value = head.get_single_header(self._header)
-            if self._hide and value is not None:
-                folded = self._folded
-                head.replace_headers(
-                    [(n, v) for n, v in head.headers if n.lower().replace(b"_", b"-") != folded]
-                )
-            # latin-1 gives back the bytes as received: the digest is of what the client sent
-            return value.encode("latin-1") if value else None
+            # one pass finds the key and, when it is hidden, the list without any spelling of
+            # its header; only a name of the header's length is lowered
+            headers = head.headers
+            size = len(self._name)
+            found: bytes | None = None
+            kept: list[tuple[bytes, bytes]] = []
+            for pair in headers:
+                name = pair[0]
+                if len(name) == size:
+                    low = name.lower()
+                    if low == self._name:
+                        if found is not None:
+                            # which one would be checked, and which one would the upstream read?
+                            raise BadRequest(f"more than one {self._header} header")
+                        found = pair[1]
+                        continue
+                    if low.replace(b"_", b"-") == self._folded:
+                        continue  # X_API_Key: X-API-Key to a CGI/WSGI upstream
+                kept.append(pair)
+            if self._hide and len(kept) != len(headers):
+                head.replace_headers(kept)
+            # stripped as get_header strips ("k" and "k " are one key); the bytes as received:
+            # the digest is of what the client sent
+            return None if found is None else found.strip(b" \t") or None
         if not head.query:
             return None
-        values, kept = _query_keys(head.query, query_name)
+        values, rest = _query_keys(head.query, query_name)
         if not values:
             return None
         if self._hide:
-            _without_query_key(head, kept)
+            _without_query_key(head, rest)
         if len(values) > 1:
             raise self._refused("the API key parameter is given more than once")
+        value = values[0]
+        if "%" not in value and "+" not in value:
+            # nothing escaped (most keys are base64url or hex): the query's characters are its
+            # bytes (it is the received query decoded as latin-1)
+            return value.encode("latin-1") or None
         # form decoding, as the client's library encoded it ("+" is a space)
-        return unquote_to_bytes(values[0].replace("+", " ")) or None
+        return unquote_to_bytes(value.replace("+", " ")) or None
 
     def _refused(self, detail: str) -> Unauthenticated:
         return Unauthenticated(detail, headers=self._challenge)
