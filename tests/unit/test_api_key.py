@@ -172,6 +172,11 @@ BASIC = "{basic_auth: {users: ['u:$2b$04$' + 'a' * 53]}}"
             "idempotency scope consumer needs an api_key or basic_auth stage",
         ),
         (
+            "[{idempotency: {token: {secret: " + "s" * 32 + ", client_id: consumer}}}]",
+            "pipeline[0]",
+            "token client_id consumer needs an api_key or basic_auth stage before it",
+        ),
+        (
             f"[{{idempotency: {{}}}}, {API}]",
             "pipeline[0]",
             "idempotency must come after the api_key stage",
@@ -201,6 +206,7 @@ BASIC = "{basic_auth: {users: ['u:$2b$04$' + 'a' * 53]}}"
         "consumer-alone",
         "consumer-before",
         "scope-alone",
+        "token-client-id",
         "idempotency-before",
         "hidden-header",
         "x-consumer",
