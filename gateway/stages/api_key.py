@@ -361,7 +361,8 @@ class ApiKeyStage:
         route = ctx.route.name
         try:
             key = self._presented(ctx.head)
-        except Unauthenticated:
+        except (Unauthenticated, BadRequest):
+            # the key given twice (a 401 in the query, a 400 in headers): counted as invalid
             self._decided(ctx, route, "invalid")
             raise
         if key is None:

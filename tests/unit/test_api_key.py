@@ -315,8 +315,10 @@ async def test_missing_and_invalid_keys_are_401_with_the_challenge() -> None:
 async def test_two_key_headers_are_a_bad_request() -> None:
     stage, _ = _stage()
     head = _head(headers=[(b"X-API-Key", KEY.encode()), (b"x-api-key", KEY.encode())])
+    ctx = make_context(head)
     with pytest.raises(BadRequest):
-        await stage(make_context(head), Seen())
+        await stage(ctx, Seen())
+    assert ctx.outcomes == {"api_key": "invalid"}
 
 
 async def test_hide_credentials_false_forwards_the_key() -> None:
