@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from typing import Any, Final
 
 from gateway.stages import (
+    api_key,
+    basic_auth,
     circuit_breaker,
     cors,
     headers,
@@ -35,5 +37,7 @@ KINDS: Final[Mapping[str, StageKind[Any, Any]]] = {
         headers.KIND,
         cors.KIND,
         ip_filter.KIND,
+        api_key.KIND,
+        basic_auth.KIND,
     )
 }
