@@ -14,6 +14,7 @@ from gateway.stages import (
     api_key,
     basic_auth,
     circuit_breaker,
+    compress,
     cors,
     headers,
     idempotency,
@@ -39,5 +40,6 @@ KINDS: Final[Mapping[str, StageKind[Any, Any]]] = {
         ip_filter.KIND,
         api_key.KIND,
         basic_auth.KIND,
+        compress.KIND,
     )
 }
