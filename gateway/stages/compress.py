@@ -49,6 +49,7 @@ import brotli
 
 from gateway.config.model import StageSpec
 from gateway.config.reader import Fields, Reader, as_int, str_list
+from gateway.config.stages import PipelineCheck
 from gateway.config.units import parse_size
 from gateway.errors import ConfigError
 from gateway.http.messages import BodySink, BodyStream, Response
@@ -148,6 +149,18 @@ _FIELDS: Final = Fields(
         "br_quality": _level(0, 11),
     },
 )
+
+
+def _check(check: PipelineCheck, config: CompressConfig) -> CompressConfig:
+    if "idempotency" in check.kinds_before:
+        # the stored response would be replayed in the coding the first client accepted
+        check.error(
+            "compress must come before idempotency: a replayed response would keep the coding"
+            " of the first request, whatever the next client accepts"
+        )
+    if "compress" in check.kinds_before:
+        check.error("a route has one compress stage: a second would compress twice")
+    return config
 
 
 def _describe(config: CompressConfig) -> dict[str, Any]:
@@ -493,5 +506,6 @@ KIND: Final[StageKind[CompressConfig, CompressStage]] = StageKind(
     parse=_parse,
     build=build,
     example=EXAMPLE,
+    check=_check,
     describe=_describe,
 )

@@ -156,3 +156,24 @@ def test_errors_name_their_paths() -> None:
         f"{where}.br_quality: must be 0 to 11",
     ]
     assert errors_of("{level: 5}") == [f"{where}.level: unknown key (did you mean 'gzip_level'?)"]
+
+
+def test_it_comes_before_idempotency_and_once() -> None:
+    text = BASE + "routes:\n  - name: r\n    upstream: u\n    pipeline:\n"
+    with pytest.raises(ConfigErrors) as info:
+        parse_config(
+            text + "      - idempotency: {required: false}\n"
+            "      - compress: {}\n      - compress: {}\n",
+            env={},
+        )
+    assert [str(e) for e in info.value.errors] == [
+        "routes[0].pipeline[1]: compress must come before idempotency: a replayed"
+        " response would keep the coding of the first request, whatever the next client accepts",
+        "routes[0].pipeline[2]: compress must come before idempotency: a replayed"
+        " response would keep the coding of the first request, whatever the next client accepts",
+        "routes[0].pipeline[2]: a route has one compress stage: a second would compress twice",
+    ]
+    config = parse_config(
+        text + "      - compress: {}\n      - idempotency: {required: false}\n", env={}
+    )
+    assert [s.kind for s in config.routes[0].pipeline] == ["compress", "idempotency"]
