@@ -884,7 +884,9 @@ class _Loader:
             buffering = r.get(m, "request_buffering", path, _buffering_size, None)
             websocket = r.get(m, "websocket", path, _bool, False)
             rules = self.http_rules(m.get("http"), f"{path}.http", http)
-            pipeline = self.pipeline(m.get("pipeline"), f"{path}.pipeline", name, middlewares)
+            pipeline = self.pipeline(
+                m.get("pipeline"), f"{path}.pipeline", name, middlewares, strip
+            )
             trace_ratio = read_route_tracing(r, m.get("tracing"), f"{path}.tracing", tracing)
             if name and targets:
                 result.append(
@@ -925,7 +927,12 @@ class _Loader:
         return result
 
     def pipeline(
-        self, raw: object, path: str, route: str, middlewares: dict[str, StageSpec]
+        self,
+        raw: object,
+        path: str,
+        route: str,
+        middlewares: dict[str, StageSpec],
+        strip_prefix: str | None = None,
     ) -> tuple[StageSpec, ...]:
         if raw is None:
             return ()
@@ -943,7 +950,9 @@ class _Loader:
                 result.append((where, spec))
         verifies_clients = bool(self.client_ca_listeners)
         return tuple(
-            check_pipeline(self.r, self.kinds, path, result, verifies_clients, self.resolved)
+            check_pipeline(
+                self.r, self.kinds, path, result, verifies_clients, self.resolved, strip_prefix
+            )
         )
 
     def match(self, raw: object, path: str) -> MatchConfig:

@@ -55,6 +55,8 @@ class PipelineCheck:
     verifies_clients: bool
     #: (owner, what) -> (value, path) of the first route that resolved it, across routes
     resolved: dict[tuple[str, str], tuple[str, str]]
+    #: the route's `strip_prefix` (a path rewrite cannot be combined with it)
+    strip_prefix: str | None = None
 
     def error(self, message: str, path: str | None = None) -> None:
         self.r.error(self.path if path is None else path, message)
@@ -125,11 +127,13 @@ def check_pipeline(
     specs: list[tuple[str, StageSpec]],
     verifies_clients: bool,
     resolved: dict[tuple[str, str], tuple[str, str]],
+    strip_prefix: str | None = None,
 ) -> list[StageSpec]:
     """Each entry's rules about the rest of one route's pipeline (each entry given with its YAML
     path); the pipeline with what depends on earlier stages resolved.
 
-    `resolved` remembers, across routes, what each named middleware resolved to and where.
+    `resolved` remembers, across routes, what each named middleware resolved to and where;
+    `strip_prefix` is the route's.
     """
     forwarded: dict[str, str] = {}
     for _, spec in specs:
@@ -151,6 +155,7 @@ def check_pipeline(
                     upstream_headers=forwarded,
                     verifies_clients=verifies_clients,
                     resolved=resolved,
+                    strip_prefix=strip_prefix,
                 ),
                 spec.config,
             )

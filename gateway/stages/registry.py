@@ -10,7 +10,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Final
 
-from gateway.stages import circuit_breaker, headers, idempotency, jwt, mtls, rate_limit, retry
+from gateway.stages import (
+    circuit_breaker,
+    headers,
+    idempotency,
+    jwt,
+    mtls,
+    rate_limit,
+    retry,
+    rewrite,
+)
 from gateway.stages.kind import StageKind
 
 KINDS: Final[Mapping[str, StageKind[Any, Any]]] = {
@@ -23,5 +32,6 @@ KINDS: Final[Mapping[str, StageKind[Any, Any]]] = {
         idempotency.KIND,
         retry.KIND,
         headers.KIND,
+        rewrite.KIND,
     )
 }
