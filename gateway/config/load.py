@@ -449,6 +449,8 @@ class _Loader:
         #: files the config references (certificates, JWKS …): part of its version
         self.referenced_files: list[Path] = []
         self.declared_middlewares: set[str] = set()
+        #: each declared middleware's stage kind as written
+        self.middleware_kinds: dict[str, object] = {}
         #: what each middleware resolved for its first route (an idempotency `scope: auto`)
         self.resolved: dict[tuple[str, str], tuple[str, str]] = {}
         #: listeners that ask clients for certificates (an mtls stage needs one)
@@ -869,7 +871,8 @@ class _Loader:
                 "pipeline",
                 "tracing",
             }
-            m = r.mapping(item, path, keys, required=("name", "upstream"))
+            # `upstream` is required unless the pipeline answers every request (checked below)
+            m = r.mapping(item, path, keys, required=("name",))
             if m is None:
                 continue
             name = r.get(m, "name", path, _str, "")
@@ -877,7 +880,6 @@ class _Loader:
                 r.error(f"{path}.name", f"route {name!r} is defined twice")
             names.add(name)
             match = self.match(m.get("match"), f"{path}.match")
-            targets = self.targets(m.get("upstream"), f"{path}.upstream", known)
             strip = r.get(m, "strip_prefix", path, _prefix, None)
             timeout = r.get(m, "timeout", path, _positive_duration, 30.0)
             max_body = r.get(m, "max_body_bytes", path, parse_size, None)
@@ -887,8 +889,21 @@ class _Loader:
             pipeline = self.pipeline(
                 m.get("pipeline"), f"{path}.pipeline", name, middlewares, strip
             )
+            answered = self.answers(m.get("pipeline"))
+            targets: tuple[WeightedUpstream, ...] = ()
+            if answered is not None:
+                if "upstream" in m:
+                    r.error(
+                        f"{path}.upstream",
+                        f"is never used: the pipeline's {answered} stage answers every request"
+                        " (remove upstream)",
+                    )
+            elif "upstream" not in m:
+                r.error(f"{path}.upstream", "is required (unless the pipeline has a redirect)")
+            else:
+                targets = self.targets(m.get("upstream"), f"{path}.upstream", known)
             trace_ratio = read_route_tracing(r, m.get("tracing"), f"{path}.tracing", tracing)
-            if name and targets:
+            if name and (targets or answered is not None):
                 result.append(
                     RouteConfig(
                         name=name,
@@ -917,6 +932,9 @@ class _Loader:
         result: dict[str, StageSpec] = {}
         for name, item in raw.items():
             self.declared_middlewares.add(str(name))
+            if isinstance(item, dict) and len(item) == 1:
+                # its kind, even when its config has errors (see `answers`)
+                self.middleware_kinds[str(name)] = next(iter(item))
             path = f"middlewares.{name}"
             if not isinstance(name, str) or not _NAME.match(name):
                 r.error(path, "name must be letters, digits, '_', '.' or '-'")
@@ -925,6 +943,24 @@ class _Loader:
             if spec is not None:
                 result[name] = spec
         return result
+
+    def answers(self, raw: object) -> str | None:
+        """The kind of the first entry of a raw pipeline that answers every request itself (a
+        redirect), even one with errors of its own: its route then takes no upstream."""
+        if not isinstance(raw, list):
+            return None
+        for item in raw:
+            kind: object = None
+            if isinstance(item, str):
+                kind = self.middleware_kinds.get(item)
+            elif isinstance(item, dict) and len(item) == 1:
+                kind = next(iter(item))
+            else:
+                continue
+            found = self.kinds.get(kind) if isinstance(kind, str) else None
+            if found is not None and found.answers:
+                return str(kind)
+        return None
 
     def pipeline(
         self,

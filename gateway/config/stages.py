@@ -36,6 +36,12 @@ class ConfigKind(Protocol):
         """Request headers the stage sets for the upstream (a client's copies are dropped)."""
         ...
 
+    @property
+    def answers(self) -> bool:
+        """The stage answers every request itself (a redirect): a route whose pipeline has one
+        takes no `upstream`."""
+        ...
+
 
 @dataclass(slots=True, kw_only=True)
 class PipelineCheck:

@@ -22,6 +22,8 @@ from gateway.config.model import (
     StageSpec,
 )
 from gateway.core.trace_context import ratio_bound
+from gateway.errors import InternalError
+from gateway.http.messages import Response
 from gateway.http.path import (
     PATH_ESCAPED_HASH,
     PATH_ESCAPED_PERCENT,
@@ -33,7 +35,7 @@ from gateway.observability.access_log import AccessLog
 from gateway.observability.instruments import CounterChild
 from gateway.observability.metrics import GatewayMetrics
 from gateway.observability.tracing import Tracer
-from gateway.pipeline import Next, Stage, compose
+from gateway.pipeline import Next, RequestContext, Stage, compose
 from gateway.routing import Router
 from gateway.runtime.shared import SharedState, StageKey
 from gateway.stages.echo import EchoHandler
@@ -259,6 +261,12 @@ class Snapshot:
         return any(address in net for net in self._networks)
 
 
+async def _answered_by_pipeline(ctx: RequestContext) -> Response:
+    """The terminal of a route without an upstream: its pipeline has a stage that answers every
+    request (the loader checks), so nothing ever reaches it."""
+    raise InternalError(f"route {ctx.route.name} has no upstream and its pipeline did not answer")
+
+
 def build_snapshot(config: GatewayConfig, shared: SharedState) -> Snapshot:
     """Compile `config`; the upstreams it creates are live only after `shared.commit`."""
     metrics = shared.metrics
@@ -274,7 +282,9 @@ def build_snapshot(config: GatewayConfig, shared: SharedState) -> Snapshot:
         buffering = config.limits.request_buffering
         if rc.request_buffering is not None:
             buffering = rc.request_buffering
-        if len(rc.upstreams) == 1 and rc.upstreams[0].name == INTERNAL_ECHO:
+        if not rc.upstreams:
+            terminal = _answered_by_pipeline
+        elif len(rc.upstreams) == 1 and rc.upstreams[0].name == INTERNAL_ECHO:
             terminal = EchoHandler(strip_prefix=rc.strip_prefix)
         else:
             picks = []

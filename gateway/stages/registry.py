@@ -17,6 +17,7 @@ from gateway.stages import (
     jwt,
     mtls,
     rate_limit,
+    redirect,
     retry,
     rewrite,
 )
@@ -33,5 +34,6 @@ KINDS: Final[Mapping[str, StageKind[Any, Any]]] = {
         retry.KIND,
         headers.KIND,
         rewrite.KIND,
+        redirect.KIND,
     )
 }
