@@ -525,7 +525,9 @@ class _Loader:
         binds: set[tuple[str, int]] = set()
         for i, item in enumerate(raw):
             path = f"listeners[{i}]"
-            m = r.mapping(item, path, {"name", "bind", "tls"}, required=("name", "bind"))
+            m = r.mapping(
+                item, path, {"name", "bind", "tls", "redirect_https"}, required=("name", "bind")
+            )
             if m is None:
                 continue
             name = r.get(m, "name", path, _str, "")
@@ -542,9 +544,32 @@ class _Loader:
             declared = m.get("tls")
             if isinstance(declared, dict) and declared.get("client_ca") is not None:
                 self.client_ca_listeners.append(name)
+            redirect = None
+            if "redirect_https" in m:
+                redirect = self.redirect_https(m["redirect_https"], f"{path}.redirect_https")
+                if "tls" in m:
+                    r.error(
+                        f"{path}.redirect_https",
+                        "is for a plain-HTTP listener; this one has tls (it is the https one)",
+                    )
             if name and bind[1] >= 0:
-                result.append(ListenerConfig(name=name, host=bind[0], port=bind[1], tls=tls))
+                result.append(
+                    ListenerConfig(
+                        name=name, host=bind[0], port=bind[1], tls=tls, redirect_https=redirect
+                    )
+                )
         return tuple(result)
+
+    def redirect_https(self, raw: object, path: str) -> int | None:
+        """`redirect_https: {port}` (443 when left out): the port of the HTTPS URL."""
+        m = self.r.mapping({} if raw is None else raw, path, {"port"})
+        if m is None:
+            return None
+        port = self.r.get(m, "port", path, _int, 443)
+        if not 1 <= port <= 65535:
+            self.r.error(f"{path}.port", "must be between 1 and 65535")
+            return None
+        return port
 
     def file(self, raw: object, path: str) -> Path | None:
         """A referenced file: resolved against the config's directory, counted in its version."""

@@ -46,6 +46,9 @@ class ListenerConfig:
     host: str
     port: int
     tls: ListenerTLSConfig | None = None
+    #: `redirect_https: {port}`: every request on this plain-HTTP listener is answered 308 to
+    #: https on this port, but /.well-known/acme-challenge/ (None: off); changes live
+    redirect_https: int | None = None
 
     @property
     def socket(self) -> tuple[str, str, int, str, bool]:

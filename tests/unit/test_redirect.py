@@ -1,5 +1,5 @@
-"""The `redirect` stage: config errors with their YAML paths, routes without an upstream, the
-Location builder's defences, and the stage's decisions."""
+"""The `redirect` stage and a listener's `redirect_https`: config errors with their YAML paths,
+routes without an upstream, the Location builder's defences, and the stage's decisions."""
 
 from __future__ import annotations
 
@@ -139,6 +139,38 @@ routes:
         "routes[0].pipeline[3]: never runs: the redirect at routes[0].pipeline[1] answers every"
         " request",
     ]
+
+
+@pytest.mark.parametrize(
+    ("listener", "error"),
+    [
+        ("{port: 0}", "listeners[0].redirect_https.port: must be between 1 and 65535"),
+        ("{port: 70000}", "listeners[0].redirect_https.port: must be between 1 and 65535"),
+        ("{port: x}", "listeners[0].redirect_https.port: must be an integer"),
+        ("{prot: 8443}", "listeners[0].redirect_https.prot: unknown key (did you mean 'port'?)"),
+        ("8443", "listeners[0].redirect_https: must be a mapping"),
+    ],
+)
+def test_redirect_https_errors_name_their_path(listener: str, error: str) -> None:
+    text = f"""
+listeners: [{{name: http, bind: "127.0.0.1:8080", redirect_https: {listener}}}]
+routes: [{{name: r, upstream: internal:echo}}]
+"""
+    with pytest.raises(ConfigErrors) as info:
+        parse_config(text, env={})
+    assert [str(e) for e in info.value.errors] == [error]
+
+
+def test_redirect_https_defaults_to_443_and_is_for_plain_listeners() -> None:
+    config = parse_config(
+        """
+listeners: [{name: http, bind: "127.0.0.1:8080", redirect_https: {}},
+            {name: other, bind: "127.0.0.1:8081"}]
+routes: [{name: r, upstream: internal:echo}]
+""",
+        env={},
+    )
+    assert [x.redirect_https for x in config.listeners] == [443, None]
 
 
 # -- the Location builder -------------------------------------------------------------------------
