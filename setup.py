@@ -25,6 +25,8 @@ HOT_MODULES = [
     "gateway/identity.py",
     "gateway/stages/proxy.py",
     "gateway/stages/headers.py",
+    # a route's upstream Host and path: run on every request of its routes
+    "gateway/stages/rewrite.py",
     "gateway/stages/rate_limit.py",
     "gateway/stages/circuit_breaker.py",
     "gateway/stages/retry.py",

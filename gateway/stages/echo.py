@@ -44,7 +44,7 @@ class EchoHandler:
         if rewrite is not None:
             if rewrite.target is not None:
                 target = rewrite.target
-                path = target.decode("ascii").partition("?")[0]
+                path = target.decode("latin-1").partition("?")[0]
             # `host: endpoint` has no endpoint here: the client's Host is shown
             host = rewrite.host
         raw = build_request_head(

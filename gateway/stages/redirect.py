@@ -141,7 +141,8 @@ def parse_host(text: str) -> tuple[str | None, int | None]:
         forwarded, name = normalize_host(text.encode("ascii"))
     except (BadRequest, UnicodeEncodeError):
         forwarded, name = b"", ""
-    if not name:
+    # "name:" is a valid Host (an empty port), but never what an operator meant to write
+    if not name or forwarded.endswith(b":"):
         raise ConfigError("", f"must be a host name or IP address with an optional port: {text!r}")
     return forwarded.decode("ascii"), None
 

@@ -153,8 +153,9 @@ def _host(value: object, path: str) -> str:
     try:
         forwarded, name = normalize_host(text.encode("ascii"))
     except (BadRequest, UnicodeEncodeError):
-        name = ""
-    if not name:
+        forwarded, name = b"", ""
+    # "name:" is a valid Host (an empty port), but never what an operator meant to write
+    if not name or forwarded.endswith(b":"):
         raise ConfigError(
             path, f"must be client, endpoint or a host name or IP address[:port], not {text!r}"
         )

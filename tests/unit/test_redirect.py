@@ -66,6 +66,7 @@ def test_a_redirect_route_needs_no_upstream() -> None:
         ("{scheme: https}", "redirect.host: is required with scheme"),
         ("{host: 'evil.com/x'}", "redirect.host: must be a host name or IP address"),
         ("{host: 'a b'}", "redirect.host: must be a host name or IP address"),
+        ("{host: 'a.example:'}", "redirect.host: must be a host name or IP address"),
         ("{host: '{host}.evil.com'}", "redirect.host: must be {host}, {host}:PORT or a fixed"),
         ("{host: '{host}:0'}", "redirect.host: must be {host}, {host}:PORT or a fixed"),
         ("{host: '{client}'}", "redirect.host: must be {host}, {host}:PORT or a fixed"),

@@ -77,6 +77,8 @@ def test_a_full_rewrite_parses() -> None:
         ),
         ("{host: 'x.com/evil'}", "routes[0].pipeline[0].rewrite.host: must be client, endpoint"),
         ("{host: 'x.com:99999'}", "routes[0].pipeline[0].rewrite.host: must be client"),
+        ("{host: 'x.com:'}", "routes[0].pipeline[0].rewrite.host: must be client"),
+        ("{host: ''}", "routes[0].pipeline[0].rewrite.host: must be client"),
         ("{hots: endpoint}", "routes[0].pipeline[0].rewrite.hots: unknown key (did you mean"),
         (
             "{path: {regex: '(', replace: /}}",
