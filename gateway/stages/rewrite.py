@@ -48,6 +48,8 @@ log = logging.getLogger("gateway.rewrite")
 
 #: `\N` (one or two digits) or `\g<N>` / `\g<name>` in `replace`
 _GROUP: Final = re.compile(r"\\(?:([1-9][0-9]?)|g<([^<>]*)>)")
+#: a group reference as `compile_replace` writes it (literals hold no backslash)
+_CANONICAL: Final = re.compile(r"\\g<([0-9]+)>")
 #: a segment `_remove_dot_segments` would resolve, as written or percent-encoded ("%2E" is
 #: decoded to "." before dot segments are resolved)
 _DOT_SEGMENTS: Final = frozenset({".", "..", "%2e", "%2e%2e", ".%2e", "%2e."})
@@ -102,6 +104,14 @@ def compile_replace(pattern: re.Pattern[str], replace: str) -> str:
         at = m.end()
     out.append(_literal(replace[at:]))
     return "".join(out)
+
+
+def replace_parts(template: str) -> tuple[list[str], list[int]]:
+    """A template from `compile_replace` as its literal parts and the group numbers between
+    them (one literal more than groups): what `RewriteStage` expands itself, since `re`'s own
+    template expansion is interpreted Python on every match."""
+    parts = _CANONICAL.split(template)
+    return parts[0::2], [int(n) for n in parts[1::2]]
 
 
 def _literal(text: str) -> str:
@@ -199,9 +209,10 @@ def rewritten_path(path: str, refused_flags: int) -> str:
         raise RewriteInvalid("the rewritten path does not start with '/'")
     if "?" in path or "#" in path:
         raise RewriteInvalid("the rewritten path contains '?' or '#'")
-    for segment in path.split("/"):
-        if segment.lower() in _DOT_SEGMENTS:
-            raise RewriteInvalid("the rewritten path contains a dot segment")
+    if "." in path or "%2" in path:  # most paths have neither: no split, no lower-casing
+        for segment in path.split("/"):
+            if segment.lower() in _DOT_SEGMENTS:
+                raise RewriteInvalid("the rewritten path contains a dot segment")
     try:
         normalized, _, _, flags = split_target(path.encode("ascii"))
     except UnicodeEncodeError:
@@ -219,12 +230,13 @@ class RewriteStage:
     __slots__ = (
         "_endpoint_host",
         "_fixed",
+        "_groups",
         "_host",
         "_invalid",
+        "_literals",
         "_name",
         "_pattern",
         "_rewritten",
-        "_template",
         "_unmatched",
     )
 
@@ -240,10 +252,12 @@ class RewriteStage:
             else None
         )
         self._pattern: re.Pattern[str] | None = None
-        self._template = ""
+        self._literals: list[str] = []
+        self._groups: list[int] = []
         if config.path is not None:
             self._pattern = re.compile(config.path.regex)
-            self._template = compile_replace(self._pattern, config.path.replace)
+            template = compile_replace(self._pattern, config.path.replace)
+            self._literals, self._groups = replace_parts(template)
         counts = env.metrics.stage_total
         self._rewritten = counts.labels(spec.label, "rewrite", "rewritten")
         self._unmatched = counts.labels(spec.label, "rewrite", "unmatched")
@@ -258,7 +272,7 @@ class RewriteStage:
             ctx.outcome("rewrite", "rewritten")
             return call_next(ctx)
         head = ctx.head
-        path, count = pattern.subn(self._template, head.path)
+        path, count = pattern.subn(self._expand, head.path)
         if not count:
             ctx.rewrite = self._fixed
             self._unmatched.inc()
@@ -287,6 +301,16 @@ class RewriteStage:
         self._rewritten.inc()
         ctx.outcome("rewrite", "rewritten")
         return call_next(ctx)
+
+
+    def _expand(self, match: re.Match[str]) -> str:
+        """`replace` for one match (a group that did not take part is empty, as in `re.sub`)."""
+        literals = self._literals
+        out = [literals[0]]
+        for i, group in enumerate(self._groups):
+            out.append(match.group(group) or "")
+            out.append(literals[i + 1])
+        return "".join(out)
 
 
 def build(config: RewriteConfig, spec: StageSpec, env: BuildContext) -> RewriteStage:

@@ -148,8 +148,7 @@ routes:
 """
     )
     assert found == [
-        "routes[0].pipeline[1]: a route has one rewrite stage (there is one before"
-        " this one)"
+        "routes[0].pipeline[1]: a route has one rewrite stage (there is one before this one)"
     ]
 
 
@@ -318,6 +317,31 @@ async def test_an_endpoint_host_is_left_to_the_proxy() -> None:
     assert ctx.rewrite.endpoint_host
     assert ctx.rewrite.host is None
     assert ctx.rewrite.target == b"/x/v2"
+
+
+@pytest.mark.parametrize(
+    ("regex", "replace", "path"),
+    [
+        (r"^/api/(v\d+)/(.*)$", r"/\2/\1", "/api/v1/users/7"),
+        (r"^/a(/x)?(/.*)$", r"/b\1\2", "/a/y"),  # a group that took no part is empty
+        (r"/old/", r"/new/", "/old/a/old/b/"),  # every match
+        (r"^/(?P<id>[0-9]+)$", r"/items/\g<id>/\g<0>", "/42"),
+        (r"^/x$", r"/y", "/z"),  # no match
+    ],
+)
+async def test_the_stage_expands_replace_as_re_sub_would(
+    regex: str, replace: str, path: str
+) -> None:
+    pattern = re.compile(regex)
+    stage, _ = _stage(RewriteConfig(path=PathRewrite(regex=regex, replace=replace)))
+    ctx = make_context(_request(path.encode()), snapshot=make_snapshot(CONFIG))
+    await stage(ctx, Recorder())
+    expected = pattern.sub(compile_replace(pattern, replace), path)
+    if expected == path and not pattern.search(path):
+        assert ctx.rewrite is None
+    else:
+        assert ctx.rewrite is not None
+        assert ctx.rewrite.target == rewritten_path(expected, 0).encode()
 
 
 # -- the upstream head ----------------------------------------------------------------------------
