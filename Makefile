@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 CONFIG ?= config/gateway.yaml
 
-.PHONY: setup build clean-build run test lint typecheck test-deps bench bench-deps clean certs stack
+.PHONY: setup build clean-build run test lint typecheck test-deps bench bench-deps clean certs stack lock
 
 # the editable install is pure Python; `build` compiles the hot path in place (setup.py)
 $(STAMP): pyproject.toml
@@ -64,11 +64,18 @@ typecheck: setup
 # Debian packages the tests need (wrk drives the bench harness's own test, slowhttptest the
 # slow-client attacks of tests/e2e/test_slow_attacks.py, promtool from prometheus checks and
 # unit-tests the alert rules in deploy/prometheus/, and its server runs in `make stack` and
-# tests/e2e/test_stack.py; docker-compose validates docker-compose.yml)
+# tests/e2e/test_stack.py; docker-compose validates docker-compose.yml; tests/packaging builds
+# the image outside Docker with Debian's Python 3.11 (venv, headers) and the build stage's
+# compiler, and starts it in a network namespace of its own with iproute2's ip)
+IMAGE_TEST_PACKAGES := python3.11-venv python3.11-dev gcc libc6-dev iproute2
+
 test-deps:
 	@missing=""; for tool in wrk:wrk slowhttptest:slowhttptest promtool:prometheus \
 		redis-server:redis-server redis-cli:redis-tools; do \
 		command -v $${tool%%:*} >/dev/null || missing="$$missing $${tool##*:}"; done; \
+	for package in $(IMAGE_TEST_PACKAGES); do \
+		dpkg-query -W -f='$${Status}' $$package 2>/dev/null | grep -q 'ok installed' || \
+		missing="$$missing $$package"; done; \
 	if [ -n "$$missing" ]; then apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi
 	@# without its recommended docker.io: validating the file needs no Docker engine
@@ -88,6 +95,24 @@ bench-deps:
 
 bench: setup bench-deps
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+# The image's pinned dependencies, every file checked by its hash (Dockerfile, README "Container
+# image"): requirements.lock is what runs in the image, requirements-build.lock what builds it —
+# pip, setuptools, mypy and every package mypyc type-checks against (pyproject's
+# [build-system] requires), and cyclonedx-bom for the SBOM. The build lock is resolved within
+# the runtime lock, so the hot path is compiled against the versions it runs with. Both are
+# universal (any platform) for CPython 3.11, the image's Python. Refresh with `make lock`.
+LOCK_TOOL := uv==0.13.8
+LOCK := $(BIN)/uv pip compile --quiet --universal --python-version 3.11 --generate-hashes \
+	--no-header --annotation-style line
+
+lock: $(STAMP)
+	$(BIN)/pip install --quiet '$(LOCK_TOOL)'
+	$(LOCK) pyproject.toml -o requirements.lock
+	mkdir -p build
+	$(BIN)/python -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb")) \
+		["build-system"]["requires"], "pip>=25.3", "cyclonedx-bom", sep="\n")' > build/build-requires.in
+	$(LOCK) build/build-requires.in -c requirements.lock -o requirements-build.lock
 
 clean: clean-build
 	rm -rf $(VENV) build *.egg-info

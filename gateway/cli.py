@@ -37,6 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     certs.add_argument("action", choices=["init"])
     certs.add_argument("--out", default="certs")
     certs.add_argument("--hosts", default="localhost,127.0.0.1")
+    certs.add_argument(
+        "--no-ca-key",
+        action="store_true",
+        help="sign the certificates, then discard the CA's key instead of writing ca.key",
+    )
     token = commands.add_parser("token", help="mint an idempotency token")
     token.add_argument("--client-id", required=True)
     token.add_argument("--secret-env", default="IDEMPOTENCY_SECRET")
@@ -97,9 +102,12 @@ def main(argv: list[str] | None = None) -> int:
         if not hosts:
             print("gateway certs init: --hosts names no host", file=sys.stderr)
             return 2
-        for path in init_dev_certificates(Path(args.out), hosts):
+        for path in init_dev_certificates(Path(args.out), hosts, keep_ca_key=not args.no_ca_key):
             print(f"wrote {path}")
-        print("for development only: anyone with ca.key can mint certificates these trust")
+        if args.no_ca_key:
+            print("for development only: the CA's key was discarded, no more can be signed")
+        else:
+            print("for development only: anyone with ca.key can mint certificates these trust")
         return 0
     # token: the secret comes from the environment, never from the command line (shell history)
     from gateway.core.idempotency_tokens import mint_token

@@ -129,8 +129,15 @@ def write_pem(path: Path, cert: x509.Certificate) -> None:
     path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
 
-def init_dev_certificates(out: Path, hosts: Sequence[str]) -> list[Path]:
-    """A development CA, a server certificate for `hosts` and a client certificate, in `out`."""
+def init_dev_certificates(
+    out: Path, hosts: Sequence[str], *, keep_ca_key: bool = True
+) -> list[Path]:
+    """A development CA, a server certificate for `hosts` and a client certificate, in `out`.
+
+    Without `keep_ca_key` the CA's key is never written: it signs the two certificates and is
+    gone, so nobody can mint another certificate the CA vouches for (the container image's first
+    start writes them so).
+    """
     out.mkdir(parents=True, exist_ok=True)
     ca_key, ca = issue(None, None, "gateway development CA", is_ca=True, days=3650)
     server_key, server = issue(ca_key, ca, hosts[0], alt_names=_alt_names(hosts))
@@ -151,6 +158,8 @@ def init_dev_certificates(out: Path, hosts: Sequence[str]) -> list[Path]:
         ("client", client_key, client),
     ):
         write_pem(out / f"{name}.crt", cert)
-        write_key(out / f"{name}.key", key)
-        written += [out / f"{name}.crt", out / f"{name}.key"]
+        written.append(out / f"{name}.crt")
+        if name != "ca" or keep_ca_key:
+            write_key(out / f"{name}.key", key)
+            written.append(out / f"{name}.key")
     return written

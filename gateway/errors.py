@@ -121,6 +121,12 @@ class ClientCertificateForbidden(GatewayError):
     status, code, title = 403, "client_certificate_forbidden", "Forbidden"
 
 
+class IpForbidden(GatewayError):
+    """The client's address is denied, or not allowed, by an `ip_filter` stage (SPEC §5.8)."""
+
+    status, code, title = 403, "ip_forbidden", "Forbidden"
+
+
 class RateLimited(GatewayError):
     status, code, title = 429, "rate_limited", "Too Many Requests"
 

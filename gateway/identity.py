@@ -3,8 +3,9 @@ and idempotency tokens' client ids are read from, read the same way for all of t
 
 The kinds, as the loader normalizes them: `client_ip` (the real client address: behind
 `trusted_proxies`, the nearest untrusted X-Forwarded-For hop), `header:<lower-case name>`,
-`jwt:<claim>` (of the token an earlier `jwt` stage verified) and `mtls:san` (the SANs of the
-certificate verified at the handshake, comma-joined — the form a backend mints tokens for).
+`jwt:<claim>` (of the token an earlier `jwt` stage verified), `mtls:san` (the SANs of the
+certificate verified at the handshake, comma-joined — the form a backend mints tokens for) and
+`consumer` (the name an earlier `api_key` or `basic_auth` stage authenticated).
 A part answers None when the request lacks the value — no such header, claim or certificate, or
 an empty one — and each caller decides what that means: a rate limit keys all such requests
 together, an idempotency scope refuses them.
@@ -73,11 +74,17 @@ def _sans(ctx: RequestContext) -> str | None:
     return ",".join(sans) if sans else None
 
 
+def _consumer(ctx: RequestContext) -> str | None:
+    return ctx.consumer or None
+
+
 def identity_part(kind: str) -> Part:
-    """The part reading `kind` (client_ip, header:NAME, jwt:CLAIM or mtls:san) from a request;
-    built once, when the stage is."""
+    """The part reading `kind` (client_ip, header:NAME, jwt:CLAIM, mtls:san or consumer) from a
+    request; built once, when the stage is."""
     if kind == "client_ip":
         return _address
+    if kind == "consumer":
+        return _consumer
     if kind == "mtls:san":
         return _sans
     if kind.startswith("header:"):

@@ -123,6 +123,8 @@ class RequestContext:
     - `upstream`, `endpoint`, `attempts`: the route's terminal handler (proxy or echo), read
       by the access log;
     - `claims`: the jwt stage, read through `gateway.identity` (keys, scopes);
+    - `consumer`: the api_key or basic_auth stage (the name its credential belongs to), read
+      through `gateway.identity` (`consumer` keys and scopes); a route has at most one of them;
     - `trace`: set here from the downstream connection (None when tracing is off); the proxy
       asks it for each try's trace headers and span, `outcome` adds span events to it;
     - `upstream_headers`, `outcomes`: appended to through `add_upstream_header` and `outcome`,
@@ -134,6 +136,7 @@ class RequestContext:
         "attempts",
         "body",
         "claims",
+        "consumer",
         "deadline",
         "endpoint",
         "head",
@@ -189,6 +192,8 @@ class RequestContext:
         self.target: Upstream | None = route.draw_upstream()
         #: the verified JWT's claims, set by the jwt stage
         self.claims: dict[str, object] | None = None
+        #: who an api_key or basic_auth stage authenticated (never the credential itself)
+        self.consumer: str | None = None
         #: its place in a trace (None: tracing off)
         self.trace = trace
         #: set by a rewrite stage: the upstream Host and path differ from the client's

@@ -580,7 +580,8 @@ class _Loader:
         # this path, not of whatever it pointed to when loaded
         resolved = Path(os.path.abspath(self.base_dir / raw))
         if not resolved.is_file():
-            self.r.error(path, f"no such file: {resolved}")
+            what = "not a file" if resolved.exists() else "no such file"
+            self.r.error(path, f"{what}: {resolved}")
             return None
         self.referenced_files.append(resolved)
         return resolved

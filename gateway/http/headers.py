@@ -31,6 +31,12 @@ CLIENT_CERT_HEADERS: Final = frozenset(
     {b"client-cert", b"client-cert-chain", b"x-forwarded-client-cert"}
 )
 
+#: who an api_key or basic_auth stage authenticated, as the upstream is told (SPEC §5.8).  The
+#: gateway is its only author: a client's copy is dropped on every route and from every peer,
+#: trusted proxies included, so an upstream that believes it is never told a name the client
+#: chose, whether or not the route authenticates
+CONSUMER_HEADERS: Final = frozenset({b"x-consumer"})
+
 #: the gateway sets these itself on the way upstream; a client's copies never pass as they are
 GATEWAY_SET_REQUEST: Final = frozenset(
     {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-request-id"}
@@ -110,6 +116,7 @@ CLIENT_CLAIMS: Final = frozenset(
 REQUEST_DROP: Final = (
     HOP_BY_HOP
     | CLIENT_CERT_HEADERS
+    | CONSUMER_HEADERS
     | GATEWAY_SET_REQUEST
     | frozenset({b"content-length", b"expect", b"host", b"forwarded", b"proxy"})
 )
@@ -145,7 +152,7 @@ CLAIM_PREFIXES: Final = (
 )
 
 #: `name_class` bits: how a request header is treated on the way upstream
-DROP: Final = 1  # always: hop-by-hop, framing, set by the gateway, client certificates, Proxy-*
+DROP: Final = 1  # always: hop-by-hop, framing, gateway-set, client certs, X-Consumer, Proxy-*
 DROP_UNTRUSTED: Final = 2  # from a peer not in trusted_proxies: CLIENT_CLAIMS and their families
 UNDERSCORE: Final = 4  # a "_" in the name (dropped unless the route allows them)
 TRACE: Final = 8  # W3C trace context: replaced by the gateway's own when tracing is on

@@ -1,6 +1,6 @@
 """Converters and rules that several stage kinds' parsers share: header names and values,
-shares and statuses, stores, and the identity keys (jwt:CLAIM, mtls:san, header:NAME) that
-rate limits and idempotency records are keyed on."""
+shares and statuses, stores, and the identity keys (jwt:CLAIM, mtls:san, consumer,
+header:NAME) that rate limits and idempotency records are keyed on."""
 
 from __future__ import annotations
 
@@ -18,6 +18,9 @@ _VALUE: Final = re.compile(r"^[\t\x20-\x7e]*$")
 #: names the gateway itself owns on the way out (framing, forwarding headers, request id)
 OWNED_REQUEST: Final = frozenset(n.decode() for n in REQUEST_DROP)
 OWNED_RESPONSE: Final = frozenset(n.decode() for n in RESPONSE_DROP) | {"x-request-id"}
+#: the stage kinds that authenticate a consumer (`ctx.consumer`, forwarded as X-Consumer): a
+#: `consumer` key needs one of them before it, and a route has at most one
+CONSUMER_KINDS: Final = ("api_key", "basic_auth")
 
 
 def check_name(r: Reader, name: object, where: str, owned: frozenset[str]) -> bool:
@@ -90,26 +93,41 @@ def store_name(value: object, path: str) -> str:
 
 
 def client_id(value: object, path: str) -> str:
-    """Whose request it is: a JWT claim, the certificate's SANs or a header."""
+    """Whose request it is: a JWT claim, the certificate's SANs, the authenticated consumer or
+    a header."""
     if isinstance(value, str):
         kind, sep, arg = value.partition(":")
-        if value == "mtls:san" or (kind == "jwt" and sep and arg):
+        if value in ("mtls:san", "consumer") or (kind == "jwt" and sep and arg):
             return value
         if kind == "header" and sep and TOKEN.match(arg):
             return f"header:{arg.lower()}"
-    raise ConfigError(path, "must be jwt:CLAIM, mtls:san or header:NAME")
+    raise ConfigError(path, "must be jwt:CLAIM, mtls:san, consumer or header:NAME")
 
 
 def check_identity_key(check: PipelineCheck, key: str, what: str) -> None:
-    """A key read from an earlier stage's work (a JWT claim, certificate SANs) needs that stage
-    before it; a header the pipeline sets for the upstream is never the client's: clients'
-    copies are dropped, so every client would share one bucket, or every request be refused."""
+    """A key read from an earlier stage's work (a JWT claim, certificate SANs, a consumer)
+    needs that stage before it; a header the pipeline sets for the upstream is never the
+    client's: clients' copies are dropped, so every client would share one bucket, or every
+    request be refused — and until they are dropped, they are whatever the client chose."""
+    before = check.kinds_before
+    if key == "consumer":
+        if not before & set(CONSUMER_KINDS):
+            check.error(f"{what} consumer needs an api_key or basic_auth stage before it")
+        return
     needs = "jwt" if key.startswith("jwt:") else "mtls" if key == "mtls:san" else ""
-    if needs and needs not in check.kinds_before:
+    if needs and needs not in before:
         check.error(f"{what} {key} needs a {needs} stage before it")
     if key.startswith("header:"):
-        setter = check.upstream_headers.get(key[len("header:") :].lower())
-        if setter is not None:
+        name = key[len("header:") :].lower()
+        setter = check.upstream_headers.get(name)
+        if setter in CONSUMER_KINDS or name == "x-consumer":
+            # read from the request, X-Consumer is the client's own copy (dropped only on the
+            # way upstream): a key anyone may set to anyone's name
+            check.error(
+                f"{what} {key} is the client's copy of X-Consumer, never the authenticated"
+                " one: key on consumer instead"
+            )
+        elif setter is not None:
             check.error(
                 f"{what} {key} names a header the {setter} stage sets for the upstream (clients'"
                 " copies are dropped): key on the claim instead (jwt:CLAIM)"

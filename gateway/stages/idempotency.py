@@ -4,10 +4,11 @@ For the configured methods, the key header is required (400 `idempotency_key_mis
 checked: a signed token bound to the client when `token:` is set, else an opaque 1-255 visible
 ASCII characters (400 `idempotency_key_invalid`).  Records belong to a client, by `scope`
 (resolved by the loader: by default the subject of an earlier jwt stage, else the SANs of an
-earlier mtls stage, else none): a key names a record only together with the scope's value and
-the token's client id, so one client can neither replay nor probe (422) another's.  A request
-lacking its scope value is refused (400 `idempotency_key_invalid`) rather than sharing an empty
-scope with every other such request.  The request's fingerprint — method, path, query and a
+earlier mtls stage, else the consumer of an earlier api_key or basic_auth stage, else none):
+a key names a record only together with the scope's value and the token's client id, so one
+client can neither replay nor probe (422) another's.  A request lacking its scope value is
+refused (400 `idempotency_key_invalid`) rather than sharing an empty scope with every other such
+request.  The request's fingerprint — method, path, query and a
 digest of its body (buffered, within the route's body limit) — goes with the record's key into
 the store's `begin`, one atomic step:
 - first use: the lock is ours; the upstream's response, whatever its status, is stored as it
@@ -69,7 +70,13 @@ from gateway.identity import Part, identity_part
 from gateway.observability.instruments import Counter
 from gateway.observability.metrics import GatewayMetrics
 from gateway.pipeline import Next, RequestContext
-from gateway.stages.converters import TOKEN, check_identity_key, client_id, store_name
+from gateway.stages.converters import (
+    CONSUMER_KINDS,
+    TOKEN,
+    check_identity_key,
+    client_id,
+    store_name,
+)
 from gateway.stages.kind import BuildContext, StageKind
 from gateway.stores.base import (
     IN_USE,
@@ -91,7 +98,7 @@ class IdempotencyTokenConfig:
     secret: str
     #: a token is valid this many seconds either side of its minting time
     window: float = 300.0
-    #: whose token it is: "jwt:<claim>", "mtls:san" or "header:<name>"
+    #: whose token it is: "jwt:<claim>", "mtls:san", "consumer" or "header:<name>"
     client_id: str
 
     def __repr__(self) -> str:
@@ -114,8 +121,9 @@ class IdempotencyConfig:
     #: kept, or 100000 of ~670 bytes; beyond it completed records are evicted oldest first
     max_bytes: int = 64 * 1024 * 1024
     #: whose records these are: "none" (the key alone), "client_ip", "header:<lower-case
-    #: name>", "jwt:<claim>" or "mtls:san"; "auto" as written, which the loader resolves per
-    #: route to "jwt:sub" after a jwt stage, else "mtls:san" after an mtls stage, else "none"
+    #: name>", "jwt:<claim>", "mtls:san" or "consumer"; "auto" as written, which the loader
+    #: resolves per route to "jwt:sub" after a jwt stage, else "mtls:san" after an mtls stage,
+    #: else "consumer" after an api_key or basic_auth stage, else "none"
     scope: str = "auto"
     token: IdempotencyTokenConfig | None = None
     #: the upstream honours the forwarded key itself: a request whose outcome is unknown may
@@ -152,7 +160,15 @@ def _token_secret(value: object, path: str) -> str:
 
 
 #: idempotency scopes, the ones with a value after the colon listed with it
-_SCOPES: Final = ("auto", "none", "client_ip", "header:NAME", "jwt:CLAIM", "mtls:san")
+_SCOPES: Final = (
+    "auto",
+    "none",
+    "client_ip",
+    "header:NAME",
+    "jwt:CLAIM",
+    "consumer",
+    "mtls:san",
+)
 
 
 def _scope(value: object, path: str) -> str:
@@ -200,9 +216,10 @@ _FIELDS: Final = Fields(
 
 def _check(check: PipelineCheck, config: IdempotencyConfig) -> IdempotencyConfig:
     """After any authentication, keyed on what it authenticated; `scope: auto` resolved to the
-    client an earlier stage authenticated — a JWT's subject, else a certificate's SANs — or,
-    with neither, the key alone."""
-    later = [(path, spec.kind) for path, spec in check.after if spec.kind in ("jwt", "mtls")]
+    client an earlier stage authenticated — a JWT's subject, else a certificate's SANs, else an
+    api_key or basic_auth consumer — or, with none, the key alone."""
+    authenticating = ("jwt", "mtls", *CONSUMER_KINDS)
+    later = [(path, spec.kind) for path, spec in check.after if spec.kind in authenticating]
     if later:
         where, kind = later[0]
         check.error(
@@ -215,7 +232,15 @@ def _check(check: PipelineCheck, config: IdempotencyConfig) -> IdempotencyConfig
     if config.scope != "auto":
         return config
     before = check.kinds_before
-    scope = "jwt:sub" if "jwt" in before else "mtls:san" if "mtls" in before else "none"
+    scope = (
+        "jwt:sub"
+        if "jwt" in before
+        else "mtls:san"
+        if "mtls" in before
+        else "consumer"
+        if before & set(CONSUMER_KINDS)
+        else "none"
+    )
     clash = check.resolve_once("scope", scope)
     if clash is not None:
         first, where = clash
@@ -273,6 +298,8 @@ def _scope_source(scope: str) -> str:
         return f"the {name} claim of its token"
     if kind == "mtls":
         return "the SANs of its client certificate"
+    if kind == "consumer":
+        return "the consumer its api_key or basic_auth stage authenticated"
     return "the client's address"
 
 

@@ -1,9 +1,9 @@
 """The `rate_limit` stage (SPEC §5.3): a token bucket per key, in the configured store.
 
 The key is built from the request by extractors chosen at build time (client_ip, route,
-header:NAME, jwt:CLAIM, mtls:san, or several joined into one composite key).  A missing header,
-claim or certificate is a key of its own (an empty part), shared by every request without it,
-so leaving a header out is not a way around the limit.
+header:NAME, jwt:CLAIM, mtls:san, consumer, or several joined into one composite key).  A
+missing header, claim or certificate is a key of its own (an empty part), shared by every
+request without it, so leaving a header out is not a way around the limit.
 
 Every response of the route carries the IETF draft's `RateLimit-Policy` and `RateLimit` headers
 (gateway errors raised further in included); a refusal is a 429 `rate_limited` with
@@ -39,7 +39,7 @@ from gateway.stores.redis_leases import RedisRateLimiter
 log = logging.getLogger("gateway.rate_limit")
 
 #: what a rate limit is keyed on: one of these, or several (a composite key)
-RateLimitKey = str  # "client_ip" | "route" | "header:<name>" | "jwt:<claim>" | "mtls:san"
+RateLimitKey = str  # client_ip | route | header:<name> | jwt:<claim> | mtls:san | consumer
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -73,7 +73,7 @@ def _number(value: object, path: str) -> float:
 
 
 #: rate-limit key kinds; the ones with a value after the colon are listed with it
-_KEY_KINDS: Final = ("client_ip", "route", "mtls:san", "header:NAME", "jwt:CLAIM")
+_KEY_KINDS: Final = ("client_ip", "route", "mtls:san", "consumer", "header:NAME", "jwt:CLAIM")
 
 
 def _rate_key(value: object, path: str) -> tuple[str, ...]:
@@ -86,7 +86,7 @@ def _rate_key(value: object, path: str) -> tuple[str, ...]:
         if not isinstance(item, str):
             raise ConfigError(where, f"must be one of {', '.join(_KEY_KINDS)}")
         kind, sep, arg = item.partition(":")
-        if item in ("client_ip", "route", "mtls:san"):
+        if item in ("client_ip", "route", "mtls:san", "consumer"):
             key = item
         elif kind == "header" and sep and TOKEN.match(arg):
             key = f"header:{arg.lower()}"

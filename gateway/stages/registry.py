@@ -11,9 +11,14 @@ from collections.abc import Mapping
 from typing import Any, Final
 
 from gateway.stages import (
+    api_key,
+    basic_auth,
     circuit_breaker,
+    compress,
+    cors,
     headers,
     idempotency,
+    ip_filter,
     jwt,
     mtls,
     rate_limit,
@@ -35,5 +40,10 @@ KINDS: Final[Mapping[str, StageKind[Any, Any]]] = {
         headers.KIND,
         rewrite.KIND,
         redirect.KIND,
+        cors.KIND,
+        ip_filter.KIND,
+        api_key.KIND,
+        basic_auth.KIND,
+        compress.KIND,
     )
 }

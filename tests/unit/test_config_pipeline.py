@@ -69,7 +69,7 @@ routes:
         (
             "[{idempotency: {token: {secret: " + "s" * 32 + ", client_id: cookie}}}]",
             "routes[0].pipeline[0].idempotency.token.client_id",
-            "must be jwt:CLAIM, mtls:san or header:NAME",
+            "must be jwt:CLAIM, mtls:san, consumer or header:NAME",
         ),
         (
             "[{idempotency: {token: {secret: " + "s" * 32 + ", client_id: 'jwt:sub'}}}]",
@@ -104,7 +104,7 @@ routes:
         (
             "[{idempotency: {scope: cookie}}]",
             "routes[0].pipeline[0].idempotency.scope",
-            "must be auto, none, client_ip, header:NAME, jwt:CLAIM or mtls:san",
+            "must be auto, none, client_ip, header:NAME, jwt:CLAIM, consumer or mtls:san",
         ),
         (
             "[{idempotency: {scope: 'jwt:sub'}}]",

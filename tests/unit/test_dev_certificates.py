@@ -150,3 +150,22 @@ def test_server_names_are_dns_or_ip_as_written(certs: Path) -> None:
         x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
         x509.IPAddress(ipaddress.ip_address("::1")),
     ]
+
+
+def test_without_the_ca_key_nothing_more_can_be_signed_but_the_chain_still_verifies(
+    tmp_path: Path,
+) -> None:
+    # what the container image's first start writes (`gateway certs init --no-ca-key`)
+    written = init_dev_certificates(tmp_path, HOSTS, keep_ca_key=False)
+    names = sorted(path.name for path in written)
+    assert names == ["ca.crt", "client.crt", "client.key", "server.crt", "server.key"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == names
+    assert not any(b"PRIVATE KEY" in path.read_bytes() for path in tmp_path.glob("*.crt"))
+    ca = _load(tmp_path, "ca")
+    chain = (
+        PolicyBuilder()
+        .store(Store([ca]))
+        .build_server_verifier(x509.DNSName("example.test"))
+        .verify(_load(tmp_path, "server"), [])
+    )
+    assert chain[-1] == ca
