@@ -92,20 +92,21 @@ class UpstreamRewrite:
     route's terminal handler.  One value per stage when only the host changes, one per request
     when the path does.
 
-    - `target`: the request-target sent instead of the routed one (the rewritten path, checked
-      and normalized, and the query as received); None: as routed, `strip_prefix` applied;
+    - `path`: the path sent instead of the routed one (rewritten, checked and normalized);
+      None: as routed, `strip_prefix` applied.  The query joins it only when the head is built,
+      so what a later stage does to the query (an api_key stage cuts its key) still holds;
     - `host`: the Host sent instead of the client's (X-Forwarded-Host and Forwarded still name
       the client's); None: the client's;
     - `endpoint_host`: Host is each try's endpoint's `host[:port]` as its URL spells it — known
       only once the balancer picked it, so a retry to another endpoint names that one.
     """
 
-    __slots__ = ("endpoint_host", "host", "target")
+    __slots__ = ("endpoint_host", "host", "path")
 
     def __init__(
-        self, target: bytes | None, host: bytes | None, *, endpoint_host: bool = False
+        self, path: str | None, host: bytes | None, *, endpoint_host: bool = False
     ) -> None:
-        self.target = target
+        self.path = path
         self.host = host
         self.endpoint_host = endpoint_host
 

@@ -52,6 +52,12 @@ def upstream_target(head: RequestHead, strip_prefix: str | None) -> bytes:
     return (path + "?" + head.query if head.query else path).encode("ascii")
 
 
+def rewritten_target(head: RequestHead, path: str) -> bytes:
+    """The request-target for a rewrite stage's `path`, with the query as it is now."""
+    query = head.query
+    return (path + "?" + query if query else path).encode("latin-1")
+
+
 def build_request_head(
     head: RequestHead,
     target: bytes,

@@ -11,7 +11,12 @@ from __future__ import annotations
 import json
 from typing import final
 
-from gateway.http.forwarding import build_request_head, upstream_path, upstream_target
+from gateway.http.forwarding import (
+    build_request_head,
+    rewritten_target,
+    upstream_path,
+    upstream_target,
+)
 from gateway.http.messages import Response
 from gateway.pipeline import RequestContext
 
@@ -42,9 +47,9 @@ class EchoHandler:
         host: bytes | None = None
         rewrite = ctx.rewrite
         if rewrite is not None:
-            if rewrite.target is not None:
-                target = rewrite.target
-                path = target.decode("latin-1").partition("?")[0]
+            if rewrite.path is not None:
+                path = rewrite.path
+                target = rewritten_target(ctx.head, path)
             # `host: endpoint` has no endpoint here: the client's Host is shown
             host = rewrite.host
         raw = build_request_head(

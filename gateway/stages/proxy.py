@@ -22,7 +22,12 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Final, final
 
 from gateway.errors import GatewayError, UpstreamTimeout, UpstreamUnavailable
-from gateway.http.forwarding import build_request_head, upstream_target, with_host
+from gateway.http.forwarding import (
+    build_request_head,
+    rewritten_target,
+    upstream_target,
+    with_host,
+)
 from gateway.http.messages import Completion, Response
 from gateway.identity import client_ip
 from gateway.observability.instruments import clock
@@ -121,7 +126,11 @@ class ProxyHandler:
             if rewrite is None:
                 target = upstream_target(head, self.strip_prefix)
             else:
-                target = rewrite.target or upstream_target(head, self.strip_prefix)
+                path = rewrite.path
+                if path is None:
+                    target = upstream_target(head, self.strip_prefix)
+                else:
+                    target = rewritten_target(head, path)
                 # b"": no Host in the shared head, each try adds its endpoint's (below)
                 host = b"" if endpoint_host else rewrite.host
             request = build_request_head(

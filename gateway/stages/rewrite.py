@@ -295,9 +295,7 @@ class RewriteStage:
                 },
             )
             raise
-        query = head.query
-        target = (f"{path}?{query}" if query else path).encode("latin-1")
-        ctx.rewrite = UpstreamRewrite(target, self._host, endpoint_host=self._endpoint_host)
+        ctx.rewrite = UpstreamRewrite(path, self._host, endpoint_host=self._endpoint_host)
         self._rewritten.inc()
         ctx.outcome("rewrite", "rewritten")
         return call_next(ctx)

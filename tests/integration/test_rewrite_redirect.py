@@ -6,6 +6,7 @@ open-redirect and header-injection probes, a listener's `redirect_https`, and re
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -289,6 +290,26 @@ async def test_a_rewrite_the_gateway_would_refuse_from_a_client_is_a_500(
     assert value(samples, "gateway_stage_total", route="x", stage="rewrite", outcome="invalid") == 1
     [record] = [r for r in caplog.records if r.name == "gateway.rewrite"]
     assert reason in record.getMessage()
+
+
+@pytest.mark.parametrize("rewrite_first", [True, False], ids=["rewrite-first", "api-key-first"])
+async def test_a_query_key_cut_by_a_later_stage_stays_cut(
+    tmp_path: Path, rewrite_first: bool
+) -> None:
+    """The rewritten path takes the query as it is when the upstream head is built: an api_key
+    stage after the rewrite still keeps its key from the upstream."""
+    key = "s3cret-key"
+    api_key = {
+        "api_key": {"query": "key", "keys": {"svc": hashlib.sha256(key.encode()).hexdigest()}}
+    }
+    rewrite = {"rewrite": {"path": VERSIONED}}
+    pipeline = [rewrite, api_key] if rewrite_first else [api_key, rewrite]
+    async with echoes("app") as [app]:
+        text = config({"app": [app.url]}, [route("api", "app", "/api", pipeline=pipeline)])
+        async with running_gateway(tmp_path, text) as gw:
+            body = answer(await exchange(port_of(gw), get(f"/api/v1/x?a=1&key={key}&b=2")))
+    assert body["target"] == "/x/v1?a=1&b=2"
+    assert app.headers[-1]["x-consumer"] == "svc"
 
 
 async def test_the_echo_upstream_shows_the_rewritten_request(tmp_path: Path) -> None:
