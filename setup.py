@@ -36,6 +36,8 @@ HOT_MODULES = [
     "gateway/identity.py",
     "gateway/stages/proxy.py",
     "gateway/stages/headers.py",
+    # a route's upstream Host and path: run on every request of its routes
+    "gateway/stages/rewrite.py",
     # the operator stages that look at every request of their routes: an address lookup, the
     # Origin header and the response's CORS headers
     "gateway/stages/cors.py",

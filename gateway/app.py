@@ -318,6 +318,7 @@ class Gateway:
         self.snapshot = snapshot
         for state in self._states:
             state.snapshot = snapshot
+            state.https_redirect = snapshot.https_redirects.get(state.listener)
         self.metrics.config_info.set_info(snapshot.version)
 
     # -- reload ------------------------------------------------------------------------------

@@ -78,6 +78,14 @@ class InternalError(GatewayError):
     status, code, title = 500, "internal_error", "Internal Server Error"
 
 
+class RewriteInvalid(GatewayError):
+    """A rewrite stage's path for this request is refused (it would escape the root, smuggle an
+    encoded separator, or is no origin-form path): the operator's rule, not the client's
+    request, is at fault, hence a 500 (SPEC §5.8)."""
+
+    status, code, title = 500, "rewrite_invalid", "Internal Server Error"
+
+
 class IdempotencyKeyMissing(GatewayError):
     status, code, title = 400, "idempotency_key_missing", "Bad Request"
 

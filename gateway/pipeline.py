@@ -87,6 +87,31 @@ class UpstreamTries:
 
 
 @final
+class UpstreamRewrite:
+    """How a `rewrite` stage changes the request as it goes upstream (SPEC §5.8); read by the
+    route's terminal handler.  One value per stage when only the host changes, one per request
+    when the path does.
+
+    - `path`: the path sent instead of the routed one (rewritten, checked and normalized);
+      None: as routed, `strip_prefix` applied.  The query joins it only when the head is built,
+      so what a later stage does to the query (an api_key stage cuts its key) still holds;
+    - `host`: the Host sent instead of the client's (X-Forwarded-Host and Forwarded still name
+      the client's); None: the client's;
+    - `endpoint_host`: Host is each try's endpoint's `host[:port]` as its URL spells it — known
+      only once the balancer picked it, so a retry to another endpoint names that one.
+    """
+
+    __slots__ = ("endpoint_host", "host", "path")
+
+    def __init__(
+        self, path: str | None, host: bytes | None, *, endpoint_host: bool = False
+    ) -> None:
+        self.path = path
+        self.host = host
+        self.endpoint_host = endpoint_host
+
+
+@final
 class RequestContext:
     """Everything one request carries through its pipeline.
 
@@ -104,7 +129,8 @@ class RequestContext:
     - `trace`: set here from the downstream connection (None when tracing is off); the proxy
       asks it for each try's trace headers and span, `outcome` adds span events to it;
     - `upstream_headers`, `outcomes`: appended to through `add_upstream_header` and `outcome`,
-      each stage adding its own, read by the terminal handler and the access log.
+      each stage adding its own, read by the terminal handler and the access log;
+    - `rewrite`: the rewrite stage (upstream Host and path), read by the terminal handler.
     """
 
     __slots__ = (
@@ -118,6 +144,7 @@ class RequestContext:
         "outcomes",
         "peer",
         "request_id",
+        "rewrite",
         "route",
         "snapshot",
         "start",
@@ -170,6 +197,8 @@ class RequestContext:
         self.consumer: str | None = None
         #: its place in a trace (None: tracing off)
         self.trace = trace
+        #: set by a rewrite stage: the upstream Host and path differ from the client's
+        self.rewrite: UpstreamRewrite | None = None
 
     def add_upstream_header(self, name: bytes, value: bytes) -> None:
         """A header for the upstream that the client could not have sent (its name is in

@@ -449,6 +449,8 @@ class _Loader:
         #: files the config references (certificates, JWKS …): part of its version
         self.referenced_files: list[Path] = []
         self.declared_middlewares: set[str] = set()
+        #: each declared middleware's stage kind as written
+        self.middleware_kinds: dict[str, object] = {}
         #: what each middleware resolved for its first route (an idempotency `scope: auto`)
         self.resolved: dict[tuple[str, str], tuple[str, str]] = {}
         #: listeners that ask clients for certificates (an mtls stage needs one)
@@ -523,7 +525,9 @@ class _Loader:
         binds: set[tuple[str, int]] = set()
         for i, item in enumerate(raw):
             path = f"listeners[{i}]"
-            m = r.mapping(item, path, {"name", "bind", "tls"}, required=("name", "bind"))
+            m = r.mapping(
+                item, path, {"name", "bind", "tls", "redirect_https"}, required=("name", "bind")
+            )
             if m is None:
                 continue
             name = r.get(m, "name", path, _str, "")
@@ -540,9 +544,32 @@ class _Loader:
             declared = m.get("tls")
             if isinstance(declared, dict) and declared.get("client_ca") is not None:
                 self.client_ca_listeners.append(name)
+            redirect = None
+            if "redirect_https" in m:
+                redirect = self.redirect_https(m["redirect_https"], f"{path}.redirect_https")
+                if "tls" in m:
+                    r.error(
+                        f"{path}.redirect_https",
+                        "is for a plain-HTTP listener; this one has tls (it is the https one)",
+                    )
             if name and bind[1] >= 0:
-                result.append(ListenerConfig(name=name, host=bind[0], port=bind[1], tls=tls))
+                result.append(
+                    ListenerConfig(
+                        name=name, host=bind[0], port=bind[1], tls=tls, redirect_https=redirect
+                    )
+                )
         return tuple(result)
+
+    def redirect_https(self, raw: object, path: str) -> int | None:
+        """`redirect_https: {port}` (443 when left out): the port of the HTTPS URL."""
+        m = self.r.mapping({} if raw is None else raw, path, {"port"})
+        if m is None:
+            return None
+        port = self.r.get(m, "port", path, _int, 443)
+        if not 1 <= port <= 65535:
+            self.r.error(f"{path}.port", "must be between 1 and 65535")
+            return None
+        return port
 
     def file(self, raw: object, path: str) -> Path | None:
         """A referenced file: resolved against the config's directory, counted in its version."""
@@ -870,7 +897,8 @@ class _Loader:
                 "pipeline",
                 "tracing",
             }
-            m = r.mapping(item, path, keys, required=("name", "upstream"))
+            # `upstream` is required unless the pipeline answers every request (checked below)
+            m = r.mapping(item, path, keys, required=("name",))
             if m is None:
                 continue
             name = r.get(m, "name", path, _str, "")
@@ -878,16 +906,30 @@ class _Loader:
                 r.error(f"{path}.name", f"route {name!r} is defined twice")
             names.add(name)
             match = self.match(m.get("match"), f"{path}.match")
-            targets = self.targets(m.get("upstream"), f"{path}.upstream", known)
             strip = r.get(m, "strip_prefix", path, _prefix, None)
             timeout = r.get(m, "timeout", path, _positive_duration, 30.0)
             max_body = r.get(m, "max_body_bytes", path, parse_size, None)
             buffering = r.get(m, "request_buffering", path, _buffering_size, None)
             websocket = r.get(m, "websocket", path, _bool, False)
             rules = self.http_rules(m.get("http"), f"{path}.http", http)
-            pipeline = self.pipeline(m.get("pipeline"), f"{path}.pipeline", name, middlewares)
+            pipeline = self.pipeline(
+                m.get("pipeline"), f"{path}.pipeline", name, middlewares, strip
+            )
+            answered = self.answers(m.get("pipeline"))
+            targets: tuple[WeightedUpstream, ...] = ()
+            if answered is not None:
+                if "upstream" in m:
+                    r.error(
+                        f"{path}.upstream",
+                        f"is never used: the pipeline's {answered} stage answers every request"
+                        " (remove upstream)",
+                    )
+            elif "upstream" not in m:
+                r.error(f"{path}.upstream", "is required (unless the pipeline has a redirect)")
+            else:
+                targets = self.targets(m.get("upstream"), f"{path}.upstream", known)
             trace_ratio = read_route_tracing(r, m.get("tracing"), f"{path}.tracing", tracing)
-            if name and targets:
+            if name and (targets or answered is not None):
                 result.append(
                     RouteConfig(
                         name=name,
@@ -916,6 +958,9 @@ class _Loader:
         result: dict[str, StageSpec] = {}
         for name, item in raw.items():
             self.declared_middlewares.add(str(name))
+            if isinstance(item, dict) and len(item) == 1:
+                # its kind, even when its config has errors (see `answers`)
+                self.middleware_kinds[str(name)] = next(iter(item))
             path = f"middlewares.{name}"
             if not isinstance(name, str) or not _NAME.match(name):
                 r.error(path, "name must be letters, digits, '_', '.' or '-'")
@@ -925,8 +970,31 @@ class _Loader:
                 result[name] = spec
         return result
 
+    def answers(self, raw: object) -> str | None:
+        """The kind of the first entry of a raw pipeline that answers every request itself (a
+        redirect), even one with errors of its own: its route then takes no upstream."""
+        if not isinstance(raw, list):
+            return None
+        for item in raw:
+            kind: object = None
+            if isinstance(item, str):
+                kind = self.middleware_kinds.get(item)
+            elif isinstance(item, dict) and len(item) == 1:
+                kind = next(iter(item))
+            else:
+                continue
+            found = self.kinds.get(kind) if isinstance(kind, str) else None
+            if found is not None and found.answers:
+                return str(kind)
+        return None
+
     def pipeline(
-        self, raw: object, path: str, route: str, middlewares: dict[str, StageSpec]
+        self,
+        raw: object,
+        path: str,
+        route: str,
+        middlewares: dict[str, StageSpec],
+        strip_prefix: str | None = None,
     ) -> tuple[StageSpec, ...]:
         if raw is None:
             return ()
@@ -944,7 +1012,9 @@ class _Loader:
                 result.append((where, spec))
         verifies_clients = bool(self.client_ca_listeners)
         return tuple(
-            check_pipeline(self.r, self.kinds, path, result, verifies_clients, self.resolved)
+            check_pipeline(
+                self.r, self.kinds, path, result, verifies_clients, self.resolved, strip_prefix
+            )
         )
 
     def match(self, raw: object, path: str) -> MatchConfig:

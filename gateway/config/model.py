@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Literal
+from urllib.parse import urlsplit
 
 Balance = Literal["round_robin", "least_request"]
 
@@ -45,6 +46,9 @@ class ListenerConfig:
     host: str
     port: int
     tls: ListenerTLSConfig | None = None
+    #: `redirect_https: {port}`: every request on this plain-HTTP listener is answered 308 to
+    #: https on this port, but /.well-known/acme-challenge/ (None: off); changes live
+    redirect_https: int | None = None
 
     @property
     def socket(self) -> tuple[str, str, int, str, bool]:
@@ -178,6 +182,17 @@ class EndpointConfig:
     def address(self) -> str:
         """``host:port`` — the endpoint's name in metrics and the admin API."""
         return f"{self.host}:{self.port}"
+
+    @property
+    def authority(self) -> str:
+        """``host[:port]`` as the URL spells it (the port only when written, the host in lower
+        case, an IPv6 address in brackets, no userinfo): the Host a `rewrite: {host: endpoint}`
+        stage sends, as a client that was given this URL would."""
+        netloc = urlsplit(self.url).netloc.rpartition("@")[2]
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        # the port as written (after the host, past an IPv6 literal's "]"), even the default
+        port = netloc.rpartition("]")[2].partition(":")[2]
+        return f"{host}:{port}" if port else host
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -36,6 +36,12 @@ class ConfigKind(Protocol):
         """Request headers the stage sets for the upstream (a client's copies are dropped)."""
         ...
 
+    @property
+    def answers(self) -> bool:
+        """The stage answers every request itself (a redirect): a route whose pipeline has one
+        takes no `upstream`."""
+        ...
+
 
 @dataclass(slots=True, kw_only=True)
 class PipelineCheck:
@@ -55,6 +61,8 @@ class PipelineCheck:
     verifies_clients: bool
     #: (owner, what) -> (value, path) of the first route that resolved it, across routes
     resolved: dict[tuple[str, str], tuple[str, str]]
+    #: the route's `strip_prefix` (a path rewrite cannot be combined with it)
+    strip_prefix: str | None = None
 
     def error(self, message: str, path: str | None = None) -> None:
         self.r.error(self.path if path is None else path, message)
@@ -125,11 +133,13 @@ def check_pipeline(
     specs: list[tuple[str, StageSpec]],
     verifies_clients: bool,
     resolved: dict[tuple[str, str], tuple[str, str]],
+    strip_prefix: str | None = None,
 ) -> list[StageSpec]:
     """Each entry's rules about the rest of one route's pipeline (each entry given with its YAML
     path); the pipeline with what depends on earlier stages resolved.
 
-    `resolved` remembers, across routes, what each named middleware resolved to and where.
+    `resolved` remembers, across routes, what each named middleware resolved to and where;
+    `strip_prefix` is the route's.
     """
     forwarded: dict[str, str] = {}
     for _, spec in specs:
@@ -151,6 +161,7 @@ def check_pipeline(
                     upstream_headers=forwarded,
                     verifies_clients=verifies_clients,
                     resolved=resolved,
+                    strip_prefix=strip_prefix,
                 ),
                 spec.config,
             )

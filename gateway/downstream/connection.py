@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Final, cast, final
 
 import httptools
 
+from gateway.downstream.redirect_https import ACME_CHALLENGE
 from gateway.downstream.tracing import begin_request
 from gateway.errors import (
     BadRequest,
@@ -570,11 +571,14 @@ class HttpConnection(asyncio.Protocol):
                 self._host_name = name
         now = self._loop.time()
         error: GatewayError | None = None
-        route: Route | None = None
-        try:
-            route = snapshot.router.match(head.host_name, head.path, method, head)
-        except GatewayError as exc:
-            error = exc
+        route: Route | None = server.https_redirect
+        if route is None or head.path.startswith(ACME_CHALLENGE):
+            # (a redirect_https listener's route answers the rest: 308 to https)
+            try:
+                route = snapshot.router.match(head.host_name, head.path, method, head)
+            except GatewayError as exc:
+                route = None
+                error = exc
         if route is not None and (head.path_flags or route.reject_underscores):
             error = _refused_by_route(head, route)
         has_body = head.chunked or bool(head.content_length)

@@ -16,7 +16,7 @@ from gateway.observability.metrics import GatewayMetrics
 if TYPE_CHECKING:
     from gateway.downstream.connection import Exchange, HttpConnection
     from gateway.pipeline import RequestContext
-    from gateway.runtime.snapshot import Snapshot
+    from gateway.runtime.snapshot import Route, Snapshot
 
 
 class ServingApp(Protocol):
@@ -45,6 +45,7 @@ class ServerState:
         "connections",
         "connections_gauge",
         "draining",
+        "https_redirect",
         "in_flight_gauge",
         "listener",
         "loop",
@@ -69,6 +70,9 @@ class ServerState:
         self.snapshot: Snapshot = app.snapshot
         #: mirrors Gateway.draining; written only by Gateway._stop_accepting (drain sets both)
         self.draining = app.draining
+        #: mirrors snapshot.https_redirects[listener] (None: the listener routes as usual);
+        #: written with `snapshot`, by Gateway._install
+        self.https_redirect: Route | None = app.snapshot.https_redirects.get(listener)
         self.connections = app.connections
         self.client_connections = app.client_connections
         self.loop = loop

@@ -52,6 +52,12 @@ def upstream_target(head: RequestHead, strip_prefix: str | None) -> bytes:
     return (path + "?" + head.query if head.query else path).encode("ascii")
 
 
+def rewritten_target(head: RequestHead, path: str) -> bytes:
+    """The request-target for a rewrite stage's `path`, with the query as it is now."""
+    query = head.query
+    return (path + "?" + query if query else path).encode("latin-1")
+
+
 def build_request_head(
     head: RequestHead,
     target: bytes,
@@ -67,7 +73,13 @@ def build_request_head(
     extra: list[tuple[bytes, bytes]] | None = None,
     forward_underscores: bool = False,
     traced: bool = False,
+    upstream_host: bytes | None = None,
 ) -> bytes:
+    """The head as it goes upstream, open (without its blank line) when `traced`.
+
+    `upstream_host` is a rewrite stage's Host, sent instead of the client's (b"": none here,
+    the proxy adds each try's endpoint with `with_host`); X-Forwarded-Host and Forwarded keep
+    naming the client's."""
     # bytes %-formatting with %b/%d compiles to one sized copy: cheaper than joining a list
     dropped = DROP
     if not trusted_peer:
@@ -94,7 +106,9 @@ def build_request_head(
             lines.append(b"%b: %b\r\n" % (name, value))
     block = b"".join(lines) if lines else b""
     host = head.host
-    if host is not None:
+    if upstream_host is not None:
+        hosts = _rewritten_host(upstream_host, host)
+    elif host is not None:
         hosts = b"Host: %b\r\nX-Forwarded-Host: %b\r\n" % (host, host)
     elif default_host:
         # an HTTP/1.0 client sent no Host; HTTP/1.1 upstreams require one
@@ -128,6 +142,22 @@ def build_request_head(
         b"X-Request-Id: %b\r\n%b\r\n"
         % (head.raw_method, target, block, hosts, forwarded_for, scheme, request_id, framing)
     )
+
+
+def _rewritten_host(upstream_host: bytes, client_host: bytes | None) -> bytes:
+    """The Host line a rewrite stage asked for (none for b""), and X-Forwarded-Host naming the
+    host the client asked for, as without a rewrite."""
+    line = b"Host: %b\r\n" % upstream_host if upstream_host else b""
+    if client_host is not None:
+        line += b"X-Forwarded-Host: %b\r\n" % client_host
+    return line
+
+
+def with_host(request: bytes, host: bytes) -> bytes:
+    """`request` (a head from `build_request_head` without a Host line) with `Host: host` right
+    after its request line: each try of a `host: endpoint` rewrite names its own endpoint."""
+    end = request.index(b"\r\n") + 2
+    return b"%bHost: %b\r\n%b" % (request[:end], host, request[end:])
 
 
 def _forwarded(previous: bytes | None, client: bytes, host: bytes | None, scheme: bytes) -> bytes:

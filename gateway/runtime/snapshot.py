@@ -17,11 +17,15 @@ from gateway.config.model import (
     GatewayConfig,
     HttpRulesConfig,
     LimitsConfig,
+    ListenerConfig,
     MatchConfig,
     RouteConfig,
     StageSpec,
 )
 from gateway.core.trace_context import ratio_bound
+from gateway.downstream.redirect_https import HttpsRedirect
+from gateway.errors import InternalError
+from gateway.http.messages import Response
 from gateway.http.path import (
     PATH_ESCAPED_HASH,
     PATH_ESCAPED_PERCENT,
@@ -33,7 +37,7 @@ from gateway.observability.access_log import AccessLog
 from gateway.observability.instruments import CounterChild
 from gateway.observability.metrics import GatewayMetrics
 from gateway.observability.tracing import Tracer
-from gateway.pipeline import Next, Stage, compose
+from gateway.pipeline import Next, RequestContext, Stage, compose
 from gateway.routing import Router
 from gateway.runtime.shared import SharedState, StageKey
 from gateway.stages.echo import EchoHandler
@@ -208,6 +212,7 @@ class Snapshot:
         "access_log",
         "body_timeout",
         "config",
+        "https_redirects",
         "limits",
         "loaded_at",
         "router",
@@ -247,6 +252,8 @@ class Snapshot:
         self.stores: dict[str, Store] = {}
         #: listener name -> its certificates as SSL contexts (TLS listeners only)
         self.tls: dict[str, ListenerTLS] = {}
+        #: listener name -> the route its requests take instead of routing (`redirect_https`)
+        self.https_redirects: dict[str, Route] = {}
         self._networks = [ipaddress.ip_network(c, strict=False) for c in config.trusted_proxies]
 
     def is_trusted(self, ip: str) -> bool:
@@ -257,6 +264,29 @@ class Snapshot:
         except ValueError:
             return False
         return any(address in net for net in self._networks)
+
+
+async def _answered_by_pipeline(ctx: RequestContext) -> Response:
+    """The terminal of a route without an upstream: its pipeline has a stage that answers every
+    request (the loader checks), so nothing ever reaches it."""
+    raise InternalError(f"route {ctx.route.name} has no upstream and its pipeline did not answer")
+
+
+def https_redirect_route(
+    listener: ListenerConfig, config: GatewayConfig, metrics: GatewayMetrics, trace_ratio: float
+) -> Route:
+    """The route every request of a `redirect_https` listener takes (but ACME challenges):
+    counted, logged and traced as `redirect_https:<listener>`, under the top-level http rules."""
+    assert listener.redirect_https is not None
+    name = f"redirect_https:{listener.name}"
+    counts = metrics.stage_total
+    handler = HttpsRedirect(
+        listener.redirect_https,
+        counts.labels(name, "redirect_https", "redirected"),
+        counts.labels(name, "redirect_https", "no_host"),
+    )
+    route = RouteConfig(name=name, index=-1, match=MatchConfig(), upstreams=(), http=config.http)
+    return Route(route, handler, metrics, None, 0, trace_ratio)
 
 
 def build_snapshot(config: GatewayConfig, shared: SharedState) -> Snapshot:
@@ -274,7 +304,9 @@ def build_snapshot(config: GatewayConfig, shared: SharedState) -> Snapshot:
         buffering = config.limits.request_buffering
         if rc.request_buffering is not None:
             buffering = rc.request_buffering
-        if len(rc.upstreams) == 1 and rc.upstreams[0].name == INTERNAL_ECHO:
+        if not rc.upstreams:
+            terminal = _answered_by_pipeline
+        elif len(rc.upstreams) == 1 and rc.upstreams[0].name == INTERNAL_ECHO:
             terminal = EchoHandler(strip_prefix=rc.strip_prefix)
         else:
             picks = []
@@ -307,4 +339,8 @@ def build_snapshot(config: GatewayConfig, shared: SharedState) -> Snapshot:
     for listener in config.listeners:
         if listener.tls is not None:
             snapshot.tls[listener.name] = listener_tls(listener.tls)
+        if listener.redirect_https is not None:
+            snapshot.https_redirects[listener.name] = https_redirect_route(
+                listener, config, metrics, trace_ratio
+            )
     return snapshot

@@ -1,8 +1,9 @@
 """The built-in `internal:echo` upstream: answers with the request it would have forwarded.
 
 It builds the same upstream request head the proxy would send, so what it shows — headers after
-hop-by-hop removal, X-Forwarded-*, X-Request-Id, the stripped path — is exactly what a real
-upstream would receive.  The body is read (within the route's limit) and echoed back as text.
+hop-by-hop removal, X-Forwarded-*, X-Request-Id, the stripped or rewritten path and Host — is
+exactly what a real upstream would receive.  The body is read (within the route's limit) and
+echoed back as text.
 """
 
 from __future__ import annotations
@@ -10,7 +11,12 @@ from __future__ import annotations
 import json
 from typing import final
 
-from gateway.http.forwarding import build_request_head, upstream_path, upstream_target
+from gateway.http.forwarding import (
+    build_request_head,
+    rewritten_target,
+    upstream_path,
+    upstream_target,
+)
 from gateway.http.messages import Response
 from gateway.pipeline import RequestContext
 
@@ -37,9 +43,18 @@ class EchoHandler:
                     kept.append(chunk)
                 size += len(chunk)
         path = upstream_path(ctx.head.path, self.strip_prefix)
+        target = upstream_target(ctx.head, self.strip_prefix)
+        host: bytes | None = None
+        rewrite = ctx.rewrite
+        if rewrite is not None:
+            if rewrite.path is not None:
+                path = rewrite.path
+                target = rewritten_target(ctx.head, path)
+            # `host: endpoint` has no endpoint here: the client's Host is shown
+            host = rewrite.host
         raw = build_request_head(
             ctx.head,
-            upstream_target(ctx.head, self.strip_prefix),
+            target,
             client=ctx.peer.ip_bytes,
             trusted_peer=ctx.peer.trusted,
             scheme=ctx.peer.scheme_bytes,
@@ -48,6 +63,7 @@ class EchoHandler:
             chunked=False,
             extra=ctx.upstream_headers,
             forward_underscores=ctx.route.forward_underscores,
+            upstream_host=host,
         )
         lines = raw.decode("latin-1").split("\r\n")
         headers: dict[str, str] = {}

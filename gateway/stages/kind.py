@@ -2,10 +2,10 @@
 
 Each stage module (`gateway/stages/<kind>.py`) ends with one `StageKind`, and
 `gateway/stages/registry.py` lists them by YAML key.  The loader uses a kind's `parse`,
-`check` and `upstream_headers` (`gateway.config.stages.ConfigKind`); the runtime its `build`
-and, when the stage holds something, `retire` (a reload replaced it), `close` (shutdown),
-`warm` (before the gateway reports ready) and `upstreams` (its state per upstream for
-/admin/upstreams).  Everything here runs once per reload, never per request.
+`check`, `upstream_headers` and `answers` (`gateway.config.stages.ConfigKind`); the runtime
+its `build` and, when the stage holds something, `retire` (a reload replaced it), `close`
+(shutdown), `warm` (before the gateway reports ready) and `upstreams` (its state per upstream
+for /admin/upstreams).  Everything here runs once per reload, never per request.
 """
 
 from __future__ import annotations
@@ -58,6 +58,9 @@ class StageKind(Generic[C, S]):
     check: Callable[[PipelineCheck, C], C] | None = None
     #: request headers the stage sets for the upstream
     upstream_headers: Callable[[C], Iterable[str]] | None = None
+    #: the stage answers every request itself (a redirect): its routes take no `upstream`,
+    #: and nothing after it in a pipeline would ever run
+    answers: bool = False
     #: settings resolved for the route, shown by /admin/routes
     describe: Callable[[C], dict[str, Any]] | None = None
     #: a reload replaced the stage: release what it holds without failing requests still in it

@@ -22,7 +22,12 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Final, final
 
 from gateway.errors import GatewayError, UpstreamTimeout, UpstreamUnavailable
-from gateway.http.forwarding import build_request_head, upstream_target
+from gateway.http.forwarding import (
+    build_request_head,
+    rewritten_target,
+    upstream_target,
+    with_host,
+)
 from gateway.http.messages import Completion, Response
 from gateway.identity import client_ip
 from gateway.observability.instruments import clock
@@ -112,11 +117,25 @@ class ProxyHandler:
             content_length = None
             chunked = False
         request = ctx.upstream_head
+        # a rewrite stage's Host and path; None on most routes (the one test they pay)
+        rewrite = ctx.rewrite
+        endpoint_host = rewrite is not None and rewrite.endpoint_host
         if request is None:
             peer = ctx.peer
+            host: bytes | None = None
+            if rewrite is None:
+                target = upstream_target(head, self.strip_prefix)
+            else:
+                path = rewrite.path
+                if path is None:
+                    target = upstream_target(head, self.strip_prefix)
+                else:
+                    target = rewritten_target(head, path)
+                # b"": no Host in the shared head, each try adds its endpoint's (below)
+                host = b"" if endpoint_host else rewrite.host
             request = build_request_head(
                 head,
-                upstream_target(head, self.strip_prefix),
+                target,
                 client=peer.ip_bytes,
                 trusted_peer=peer.trusted,
                 scheme=peer.scheme_bytes,
@@ -128,6 +147,7 @@ class ProxyHandler:
                 extra=ctx.upstream_headers,
                 forward_underscores=ctx.route.forward_underscores,
                 traced=ctx.trace is not None,
+                upstream_host=host,
             )
             ctx.upstream_head = request
         loop = self._loop
@@ -152,12 +172,16 @@ class ProxyHandler:
                 endpoint = upstream.pick(tries.last_endpoint)
                 ctx.endpoint = endpoint.address
                 ctx.attempts += 1
+                tried = request
+                if endpoint_host:
+                    # known only now that the balancer picked it (a retry's may differ)
+                    tried = with_host(request, endpoint.authority)
                 if trace is None:
-                    sent = request
+                    sent = tried
                 else:
                     # each try carries its own traceparent: its CLIENT span is the parent
                     sent, try_span = trace.begin_try(
-                        request,
+                        tried,
                         head.method,
                         upstream.name,
                         endpoint.host,

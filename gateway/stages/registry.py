@@ -22,7 +22,9 @@ from gateway.stages import (
     jwt,
     mtls,
     rate_limit,
+    redirect,
     retry,
+    rewrite,
 )
 from gateway.stages.kind import StageKind
 
@@ -36,6 +38,8 @@ KINDS: Final[Mapping[str, StageKind[Any, Any]]] = {
         idempotency.KIND,
         retry.KIND,
         headers.KIND,
+        rewrite.KIND,
+        redirect.KIND,
         cors.KIND,
         ip_filter.KIND,
         api_key.KIND,

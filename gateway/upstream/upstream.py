@@ -74,6 +74,7 @@ class Endpoint:
         "address",
         "attempts_failed",
         "attempts_succeeded",
+        "authority",
         "ejected",
         "ejections",
         "healthy",
@@ -86,11 +87,21 @@ class Endpoint:
         "weight",
     )
 
-    def __init__(self, index: int, host: str, port: int, weight: int, pool: EndpointPool) -> None:
+    def __init__(
+        self,
+        index: int,
+        host: str,
+        port: int,
+        weight: int,
+        pool: EndpointPool,
+        authority: bytes = b"",
+    ) -> None:
         self.index = index
         self.host = host
         self.port = port
         self.address = f"{host}:{port}"
+        #: host[:port] as the endpoint's URL spells it: the Host of a `host: endpoint` rewrite
+        self.authority = authority or self.address.encode("ascii")
         self.weight = weight
         self.in_flight = 0
         self.pool = pool
@@ -174,6 +185,7 @@ class Upstream:
                     tls=tls,
                     server_name=server_name,
                 ),
+                e.authority.encode("ascii"),
             )
             for i, e in enumerate(config.endpoints)
         ]
