@@ -486,6 +486,7 @@ class _Loader:
         # as unknown by each route that uses it
         declared = top.get("upstreams")
         names = {str(k) for k in declared} if isinstance(declared, dict) else set()
+        r.upstreams = names
         middlewares = self.middlewares(top.get("middlewares"))
         routes = self.routes(top.get("routes"), names, middlewares, http, tracing)
         if r.errors:

@@ -45,6 +45,10 @@ class Reader:
         #: the stores a stage may name, by name: their type ("memory", "redis"); the loader
         #: fills it from `stores:` before reading the stages
         self.stores: dict[str, str] = {"memory": "memory"}
+        #: the declared upstream names a stage may send to (the mirror stage), filled by the
+        #: loader before the stages are read; None when a kind is parsed on its own (no
+        #: config around it), and then a name is not checked
+        self.upstreams: set[str] | None = None
 
     def error(self, path: str, message: str) -> None:
         self.add(ConfigError(path, message))

@@ -145,6 +145,17 @@ class RequestHead:
         return self.chunked or bool(self.content_length)
 
 
+class BodyCopier(Protocol):
+    """Takes a copy of a request body as it arrives (the mirror stage): the chunks already
+    buffered when it is attached, then each new one, then the end or the failure.  It never
+    slows the body down, and it is told nothing more once `chunk` returns False (it wants no
+    more: the body is larger than it copies)."""
+
+    def chunk(self, data: bytes) -> bool: ...
+    def end(self) -> None: ...
+    def failed(self) -> None: ...
+
+
 class BodyProducer(Protocol):
     """The side a `RequestBody` pauses when its buffer is full."""
 
@@ -182,6 +193,7 @@ class RequestBody:
         "_waiter",
         "_window_received",
         "_window_waited",
+        "copier",
         "eof",
         "limit",
         "on_first_read",
@@ -221,6 +233,9 @@ class RequestBody:
         self.received = 0
         #: called once before the first read (the server sends "100 Continue" from it)
         self.on_first_read: Callable[[], None] | None = None
+        #: sees every chunk as it is fed (see `attach`); None for nearly every request, so the
+        #: cost of the hook on the parser's side is this one attribute check
+        self.copier: BodyCopier | None = None
 
     # -- the parser's side -------------------------------------------------------------------
 
@@ -233,6 +248,9 @@ class RequestBody:
             return
         self._chunks.append(data)
         self._buffered += len(data)
+        copier = self.copier
+        if copier is not None and not copier.chunk(data):
+            self.copier = None
         if self._buffered > self._high_water and not self._paused:
             self._paused = True
             if self._rate_start:
@@ -242,6 +260,10 @@ class RequestBody:
 
     def feed_eof(self) -> None:
         self.eof = True
+        copier = self.copier
+        if copier is not None:
+            self.copier = None
+            copier.end()
         self._wake()
 
     def fail(self, error: GatewayError) -> None:
@@ -249,7 +271,27 @@ class RequestBody:
             self._error = error
             self._chunks.clear()
             self._buffered = 0
+        copier = self.copier
+        if copier is not None:
+            self.copier = None
+            copier.failed()
         self._wake()
+
+    def attach(self, copier: BodyCopier) -> None:
+        """Have `copier` see the whole body: what has arrived so far at once (nothing has been
+        read yet, or what was read is kept for a replay), then each chunk as it is fed."""
+        if self._error is not None:
+            copier.failed()
+            return
+        if self._replay and not copier.chunk(self._replay):
+            return
+        for data in self._chunks:
+            if not copier.chunk(data):
+                return
+        if self.eof:
+            copier.end()
+            return
+        self.copier = copier
 
     def _wake(self) -> None:
         waiter = self._waiter

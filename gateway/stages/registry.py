@@ -20,6 +20,7 @@ from gateway.stages import (
     idempotency,
     ip_filter,
     jwt,
+    mirror,
     mtls,
     rate_limit,
     redirect,
@@ -45,5 +46,6 @@ KINDS: Final[Mapping[str, StageKind[Any, Any]]] = {
         api_key.KIND,
         basic_auth.KIND,
         compress.KIND,
+        mirror.KIND,
     )
 }

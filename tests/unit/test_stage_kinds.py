@@ -20,6 +20,7 @@ BASE = """
 listeners: [{name: http, bind: "127.0.0.1:8080"}]
 upstreams:
   u: {endpoints: [{url: "http://127.0.0.1:9001"}]}
+  orders-shadow: {endpoints: [{url: "http://127.0.0.1:9002"}]}
 """
 
 
