@@ -6,6 +6,7 @@ runner pins it to the proxy core and measures the process it names.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import sys
@@ -65,6 +66,18 @@ PIPELINE = """\
 """
 
 
+#: the API key the operator scenario's requests carry, and the Origin; the stages it passes
+OPERATOR_KEY = "bench-api-key"
+OPERATOR_ORIGIN = "https://app.example.com"
+#: the operator stages an edge route typically starts with (SPEC §5.8): CORS for a web app, an
+#: allow list with a deny hole, an API key — every request passes all three
+OPERATOR = f"""\
+      - cors: {{allow_origins: ["{OPERATOR_ORIGIN}"], allow_methods: [GET, POST]}}
+      - ip_filter: {{allow: [127.0.0.0/8, "::1/128"], deny: [127.0.0.99/32, 10.0.0.0/8]}}
+      - api_key: {{keys: {{bench: {hashlib.sha256(OPERATOR_KEY.encode()).hexdigest()}}}}}
+"""
+
+
 @dataclass(frozen=True)
 class Tracing:
     """A `tracing:` section: new traces sampled at `sample_ratio`, spans sent over OTLP/HTTP."""
@@ -84,6 +97,7 @@ def gateway_config(
     tracing: Tracing | None = None,
     limit_store: str | None = None,
     redis_url: str = "",
+    operator: bool = False,
 ) -> str:
     """The gateway's YAML: `routes` routes, the last one (prefix /) measured.  `pipeline` puts
     the four stages of PIPELINE on it, `jwt` a jwt stage in front of them (JWT_STAGE: the
@@ -112,7 +126,11 @@ def gateway_config(
     for i in range(routes - 1):
         lines.append(f"  - {{name: r{i}, match: {{path_prefix: /decoy{i}}}, upstream: app}}")
     lines.append("  - name: app\n    match: {path_prefix: /}\n    upstream: app")
-    stages = (f"      - {JWT_STAGE}\n" if jwt else "") + (PIPELINE if pipeline else "")
+    stages = (
+        (OPERATOR if operator else "")
+        + (f"      - {JWT_STAGE}\n" if jwt else "")
+        + (PIPELINE if pipeline else "")
+    )
     if limit_store is not None:
         # one hot key (the route), never refused at this load: what the store costs a request
         stages += f"      - rate_limit: {{rate: 10000000, key: route, store: {limit_store}}}\n"
@@ -131,6 +149,7 @@ def _gateway_peer(
     jwt: bool = False,
     trace_ratio: float | None = None,
     limit_store: str | None = None,
+    operator: bool = False,
 ) -> Peer:
     """A gateway peer: this checkout's, or with `baseline` the one of another checkout
     (`BENCH_BASELINE=DIR`, set up with `make setup`) on the same config, so a change is measured
@@ -159,6 +178,7 @@ def _gateway_peer(
                 tracing=tracing,
                 limit_store=limit_store,
                 redis_url=context.redis_url,
+                operator=operator,
             )
         )
         if baseline:
@@ -174,7 +194,7 @@ def _gateway_peer(
         needs,
         build,
         traced=trace_ratio is not None,
-        authenticates=jwt,
+        authenticates=jwt or operator,
     )
 
 
@@ -279,6 +299,8 @@ PEERS: dict[str, Peer] = {
         # one hot rate-limited key, in this worker's memory and shared through Redis (leases)
         _gateway_peer("gateway+limit", limit_store="memory"),
         _gateway_peer("gateway+redis-limit", limit_store="shared"),
+        # cors, ip_filter and api_key in front of the bare route
+        _gateway_peer("gateway+operator", operator=True),
         Peer("nginx", "nginx", _nginx),
         Peer("haproxy", "haproxy", _haproxy),
         Peer("caddy", "caddy", _caddy),

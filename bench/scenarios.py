@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.otlp_sink import counts, endpoint
-from bench.peers import PEERS, Context
+from bench.peers import OPERATOR_KEY, OPERATOR_ORIGIN, PEERS, Context
 from bench.runner import (
     LOAD_CORE,
     PROXY_CORE,
@@ -308,6 +308,23 @@ def redis_scenario(scenario: Scenario, peer_names: list[str], settings: Settings
     return [result for result, _, _ in entries]
 
 
+def operator_scenario(
+    scenario: Scenario, peer_names: list[str], settings: Settings
+) -> list[Result]:
+    """`wrk_scenario` with every request carrying the operator peer's API key and an allowed
+    Origin (to every peer, so all send the same bytes), the peers checked first (200 with them,
+    401 without for the one that authenticates), rounds run together too; ratios to nginx."""
+    entries = [
+        (Result(peer=name, scenario=scenario.name), name, scenario.routes) for name in peer_names
+    ]
+    headers = (f"X-API-Key: {OPERATOR_KEY}", f"Origin: {OPERATOR_ORIGIN}")
+    _interleaved(
+        scenario, entries, settings, headers=headers, check=answers_with(headers), together=True
+    )
+    _reference_ratios(scenario, entries)
+    return [result for result, _, _ in entries]
+
+
 def traced_scenario(scenario: Scenario, peer_names: list[str], settings: Settings) -> list[Result]:
     """`wrk_scenario` with a live OTLP receiver for the traced peers and, when a peer
     authenticates, a fresh ES256 key (its JWKS given to the peers) and a token sent with every
@@ -517,6 +534,13 @@ SCENARIOS: dict[str, Scenario] = {
             peers=("gateway+limit", "gateway+redis-limit", "nginx"),
             run=redis_scenario,
             extra={"reference": "gateway+limit", "reference_label": "memory"},
+        ),
+        Scenario(
+            name="operator",
+            description="the bare request through cors, ip_filter and api_key (SPEC §5.8)",
+            peers=("gateway+operator", "gateway", "nginx"),
+            run=operator_scenario,
+            extra={"reference": "gateway", "reference_label": "bare"},
         ),
         Scenario(
             name="routes10k",
