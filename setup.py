@@ -40,6 +40,8 @@ HOT_MODULES = [
     "gateway/stages/rewrite.py",
     # the operator stages that look at every request of their routes: an address lookup, the
     # Origin header and the response's CORS headers
+    # gateway_stage_total per kind, counted by the operator stages below on every decision
+    "gateway/stages/outcomes.py",
     "gateway/stages/cors.py",
     "gateway/stages/ip_filter.py",
     "gateway/stages/rate_limit.py",

@@ -41,6 +41,7 @@ from gateway.pipeline import Next, RequestContext
 from gateway.stages import credentials
 from gateway.stages.converters import OWNED_REQUEST, check_name
 from gateway.stages.kind import BuildContext, StageKind
+from gateway.stages.outcomes import StageOutcomes
 
 _KIND: Final = "api_key"
 
@@ -283,7 +284,7 @@ class ApiKeyStage:
         "_query",
     )
 
-    def __init__(self, config: ApiKeyConfig, outcomes: credentials.Outcomes) -> None:
+    def __init__(self, config: ApiKeyConfig, outcomes: StageOutcomes) -> None:
         # digest -> (consumer, the consumer as the X-Consumer value)
         self._consumers: dict[bytes, tuple[str, bytes]] = {
             digest: (consumer, consumer.encode("ascii")) for digest, consumer in config.keys
@@ -391,7 +392,7 @@ class ApiKeyStage:
 
 
 def build(config: ApiKeyConfig, spec: StageSpec, env: BuildContext) -> ApiKeyStage:
-    return ApiKeyStage(config, credentials.Outcomes(env.metrics.stage_total, _KIND))
+    return ApiKeyStage(config, StageOutcomes(env.metrics.stage_total, _KIND))
 
 
 KIND: Final[StageKind[ApiKeyConfig, ApiKeyStage]] = StageKind(

@@ -73,6 +73,7 @@ from gateway.http.messages import Response
 from gateway.pipeline import Next, RequestContext
 from gateway.stages import credentials
 from gateway.stages.kind import BuildContext, StageKind
+from gateway.stages.outcomes import StageOutcomes
 
 _KIND: Final = "basic_auth"
 
@@ -453,7 +454,7 @@ class BasicAuthStage:
         "_users",
     )
 
-    def __init__(self, config: BasicAuthConfig, outcomes: credentials.Outcomes) -> None:
+    def __init__(self, config: BasicAuthConfig, outcomes: StageOutcomes) -> None:
         # user -> (hash, the user as the X-Consumer value)
         self._users: dict[str, tuple[str, bytes]] = {
             user: (hashed, user.encode("ascii")) for user, hashed in config.users
@@ -563,7 +564,7 @@ class BasicAuthStage:
 
 
 def build(config: BasicAuthConfig, spec: StageSpec, env: BuildContext) -> BasicAuthStage:
-    return BasicAuthStage(config, credentials.Outcomes(env.metrics.stage_total, _KIND))
+    return BasicAuthStage(config, StageOutcomes(env.metrics.stage_total, _KIND))
 
 
 KIND: Final[StageKind[BasicAuthConfig, BasicAuthStage]] = StageKind(

@@ -53,9 +53,10 @@ from gateway.config.stages import PipelineCheck
 from gateway.config.units import parse_size
 from gateway.errors import ConfigError
 from gateway.http.messages import BodySink, BodyStream, Response
-from gateway.observability.instruments import Counter, CounterChild
+from gateway.observability.instruments import Counter
 from gateway.pipeline import Next, RequestContext
 from gateway.stages.kind import BuildContext, StageKind
+from gateway.stages.outcomes import StageOutcomes
 
 #: the codings the stage can produce, by the name they have in Accept-Encoding
 CODINGS: Final = ("br", "gzip")
@@ -359,12 +360,11 @@ class CompressStage:
     __slots__ = (
         "_choices",
         "_config",
-        "_counted",
         "_exact",
         "_min_bytes",
         "_offered",
+        "_outcomes",
         "_prefixes",
-        "_total",
     )
 
     def __init__(self, config: CompressConfig, total: Counter) -> None:
@@ -375,18 +375,10 @@ class CompressStage:
         #: b"text/" for text/*
         self._prefixes = tuple(t[:-1].encode("ascii") for t in config.types if t.endswith("/*"))
         self._choices: dict[bytes, str | None] = {}
-        self._total = total
-        self._counted: dict[str, dict[str, CounterChild]] = {}
+        self._outcomes = StageOutcomes(total, "compress")
 
     def _count(self, ctx: RequestContext, outcome: str) -> None:
-        route = ctx.route.name
-        counters = self._counted.get(route)
-        if counters is None:
-            counters = self._counted[route] = {}
-        child = counters.get(outcome)
-        if child is None:
-            child = counters[outcome] = self._total.labels(route, "compress", outcome)
-        child.inc()
+        self._outcomes.count(ctx.route.name, outcome)
         ctx.outcome("compress", outcome)
 
     def _choose(self, accept: bytes | None) -> str | None:

@@ -38,10 +38,11 @@ from gateway.config.stages import PipelineCheck
 from gateway.config.units import parse_duration
 from gateway.errors import ConfigError, GatewayError
 from gateway.http.messages import Response
-from gateway.observability.instruments import Counter, CounterChild
+from gateway.observability.instruments import Counter
 from gateway.pipeline import Next, RequestContext
 from gateway.stages.converters import TOKEN
 from gateway.stages.kind import BuildContext, StageKind
+from gateway.stages.outcomes import StageOutcomes
 
 #: methods a browser never asks a preflight about (CORS-safelisted): always allowed
 SAFELISTED_METHODS: Final = ("GET", "HEAD", "POST")
@@ -261,13 +262,12 @@ class CorsStage:
         "_any_header",
         "_any_method",
         "_any_origin",
-        "_counted",
         "_exact",
         "_headers",
         "_methods",
+        "_outcomes",
         "_patterns",
         "_preflight",
-        "_total",
         "_vary",
     )
 
@@ -313,9 +313,7 @@ class CorsStage:
             preflight.append(_VARY_ORIGIN)
         #: what follows Access-Control-Allow-Origin on an allowed preflight's 204
         self._preflight = preflight
-        self._total = total
-        #: route -> counters by outcome
-        self._counted: dict[str, dict[str, CounterChild]] = {}
+        self._outcomes = StageOutcomes(total, "cors")
 
     # -- decisions ------------------------------------------------------------------------------
 
@@ -355,14 +353,7 @@ class CorsStage:
     # -- the request ----------------------------------------------------------------------------
 
     def _count(self, ctx: RequestContext, outcome: str) -> None:
-        route = ctx.route.name
-        counters = self._counted.get(route)
-        if counters is None:
-            counters = self._counted[route] = {}
-        child = counters.get(outcome)
-        if child is None:
-            child = counters[outcome] = self._total.labels(route, "cors", outcome)
-        child.inc()
+        self._outcomes.count(ctx.route.name, outcome)
         ctx.outcome("cors", outcome)
 
     async def __call__(self, ctx: RequestContext, call_next: Next) -> Response:

@@ -12,11 +12,10 @@ here ever holds a credential: only names, counts and header names.
 from __future__ import annotations
 
 import re
-from typing import Final, final
+from typing import Final
 
 from gateway.config.stages import PipelineCheck
 from gateway.errors import ConfigError
-from gateway.observability.instruments import Counter, CounterChild
 from gateway.stages.converters import CONSUMER_KINDS
 from gateway.stages.idempotency import IdempotencyConfig
 from gateway.stages.rate_limit import RateLimitConfig
@@ -84,25 +83,3 @@ def check_pipeline(check: PipelineCheck, kind: str, hidden_header: str | None) -
                 " consumer instead",
                 path,
             )
-
-
-@final
-class Outcomes:
-    """gateway_stage_total{route,stage,outcome} for one stage kind, its children kept per route
-    and outcome (a named middleware counts under each route that runs it)."""
-
-    __slots__ = ("_by_route", "_kind", "_total")
-
-    def __init__(self, total: Counter, kind: str) -> None:
-        self._total = total
-        self._kind = kind
-        self._by_route: dict[str, dict[str, CounterChild]] = {}
-
-    def count(self, route: str, outcome: str) -> None:
-        by_outcome = self._by_route.get(route)
-        if by_outcome is None:
-            by_outcome = self._by_route[route] = {}
-        child = by_outcome.get(outcome)
-        if child is None:
-            child = by_outcome[outcome] = self._total.labels(route, self._kind, outcome)
-        child.inc()

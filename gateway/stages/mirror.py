@@ -45,9 +45,10 @@ from gateway.config.units import parse_size
 from gateway.errors import ConfigError, GatewayError
 from gateway.http.forwarding import build_request_head, upstream_target
 from gateway.http.messages import RequestBody, Response
-from gateway.observability.instruments import Counter, CounterChild
+from gateway.observability.instruments import Counter
 from gateway.pipeline import Next, RequestContext
 from gateway.stages.kind import BuildContext, StageKind
+from gateway.stages.outcomes import StageOutcomes
 from gateway.upstream.upstream import Upstream
 
 
@@ -190,12 +191,11 @@ class _Discard:
 @final
 class MirrorStage:
     __slots__ = (
-        "_counted",
         "_loop",
         "_max_body",
         "_max_in_flight",
+        "_outcomes",
         "_ratio",
-        "_total",
         "name",
         "tasks",
     )
@@ -207,20 +207,13 @@ class MirrorStage:
         self._ratio = config.sample_ratio
         self._max_body = config.max_body_bytes
         self._max_in_flight = config.max_in_flight
-        self._total = total
+        self._outcomes = StageOutcomes(total, "mirror")
         self._loop = loop
-        self._counted: dict[str, dict[str, CounterChild]] = {}
         #: the copies in flight (kept here, as the loop keeps only weak references to tasks)
         self.tasks: set[asyncio.Task[None]] = set()
 
     def _count(self, route: str, outcome: str) -> None:
-        counters = self._counted.get(route)
-        if counters is None:
-            counters = self._counted[route] = {}
-        child = counters.get(outcome)
-        if child is None:
-            child = counters[outcome] = self._total.labels(route, "mirror", outcome)
-        child.inc()
+        self._outcomes.count(route, outcome)
 
     async def __call__(self, ctx: RequestContext, call_next: Next) -> Response:
         ctx.outcome("mirror", self._start(ctx))

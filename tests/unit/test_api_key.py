@@ -16,7 +16,7 @@ from gateway.observability.exposition import Registry
 from gateway.observability.metrics import GatewayMetrics
 from gateway.pipeline import RequestContext
 from gateway.stages.api_key import ApiKeyConfig, ApiKeyStage
-from gateway.stages.credentials import Outcomes
+from gateway.stages.outcomes import StageOutcomes
 from tests.support.config import load_config, parse_config
 from tests.support.context import make_context
 
@@ -243,7 +243,7 @@ def _stage(**options: object) -> tuple[ApiKeyStage, GatewayMetrics]:
     metrics = GatewayMetrics(Registry())
     keys = ((hashlib.sha256(KEY.encode()).digest(), "billing"),)
     config = ApiKeyConfig(keys=keys, **options)  # type: ignore[arg-type]
-    return ApiKeyStage(config, Outcomes(metrics.stage_total, "api_key")), metrics
+    return ApiKeyStage(config, StageOutcomes(metrics.stage_total, "api_key")), metrics
 
 
 def _head(target: str = "/x", headers: list[tuple[bytes, bytes]] | None = None) -> RequestHead:

@@ -29,7 +29,7 @@ from gateway.stages.basic_auth import (
     check_password,
     dummy_hash,
 )
-from gateway.stages.credentials import Outcomes
+from gateway.stages.outcomes import StageOutcomes
 from tests.support.config import load_config
 from tests.support.context import make_context
 from tests.support.process import async_wait_until
@@ -272,7 +272,7 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
 def _stage(**options: object) -> tuple[BasicAuthStage, GatewayMetrics]:
     metrics = GatewayMetrics(Registry())
     config = BasicAuthConfig(users=(("alice", ALICE), ("bob", BOB)), **options)  # type: ignore[arg-type]
-    return BasicAuthStage(config, Outcomes(metrics.stage_total, "basic_auth")), metrics
+    return BasicAuthStage(config, StageOutcomes(metrics.stage_total, "basic_auth")), metrics
 
 
 def _ctx(authorization: bytes | None, *more: tuple[bytes, bytes]) -> RequestContext:
