@@ -16,19 +16,26 @@ from __future__ import annotations
 import ipaddress
 import json
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from gateway.pipeline import RequestContext
+from gateway.pipeline import Peer, RequestContext
+
+if TYPE_CHECKING:
+    from gateway.runtime.snapshot import Snapshot
 
 Part = Callable[[RequestContext], str | None]
 
 
 def client_ip(ctx: RequestContext) -> str:
     """The client's address: behind trusted proxies, the nearest untrusted X-Forwarded-For hop."""
-    peer = ctx.peer
-    forwarded = ctx.head.x_forwarded_for
+    return real_client(ctx.peer, ctx.head.x_forwarded_for, ctx.snapshot)
+
+
+def real_client(peer: Peer, forwarded: bytes | None, snapshot: Snapshot) -> str:
+    """`client_ip` from its parts, for a request that has no context (refused before routing,
+    or not routed): the access log and the SERVER span name the same client the stages judged."""
     if not peer.trusted or not forwarded:
         return peer.ip
-    snapshot = ctx.snapshot
     hops = forwarded.decode("latin-1").split(",")
     for hop in reversed(hops):
         address = hop.strip()

@@ -56,6 +56,7 @@ from gateway.http.messages import (
 )
 from gateway.http.path import PATH_SEMICOLON, split_target
 from gateway.http.problem import problem_response
+from gateway.identity import real_client
 from gateway.observability.instruments import clock
 from gateway.observability.request_trace import CURRENT_TRACE, RequestTrace, TraceSlot
 from gateway.pipeline import Peer, RequestContext
@@ -849,7 +850,16 @@ class HttpConnection(asyncio.Protocol):
         finally:
             server.in_flight_gauge.dec()
             self._ended_at = self._loop.time()
-            server.record(exchange, ctx, status or 499, request_id, self._bytes_out, peer.ip)
+            # the client the stages judged: behind trusted proxies an X-Forwarded-For hop
+            forwarded = head.x_forwarded_for
+            client = (
+                peer.ip
+                if forwarded is None or not peer.trusted
+                else real_client(peer, forwarded, exchange.snapshot)
+            )
+            server.record(
+                exchange, ctx, status or 499, request_id, self._bytes_out, client, peer.ip
+            )
             self._sent_before += self._bytes_out
             self._bytes_out = 0
             if trace is not None:

@@ -112,6 +112,7 @@ class ServerState:
         request_id: bytes,
         bytes_out: int,
         client: str,
+        peer: str,
     ) -> None:
         """Metrics and the access log of one finished request — the only place they are emitted."""
         elapsed = clock() - exchange.measured_from
@@ -163,6 +164,7 @@ class ServerState:
                 bytes_in=bytes_in,
                 bytes_out=bytes_out,
                 client=client,
+                peer=peer,
                 stages=(ctx.outcomes or {}) if ctx is not None else {},
             )
         )

@@ -51,6 +51,7 @@ FIELDS: Final = (
     "bytes_in",
     "bytes_out",
     "client",
+    "peer",
     "stages",
 )
 FLUSH_LINES: Final = 64
@@ -85,6 +86,7 @@ class AccessEntry:
         bytes_out: int,
         client: str,
         stages: dict[str, str],
+        peer: str,
     ) -> None:
         self.time = time
         self.request_id = request_id
@@ -101,7 +103,10 @@ class AccessEntry:
         self.attempts = attempts
         self.bytes_in = bytes_in
         self.bytes_out = bytes_out
+        #: the client the stages judged: behind `trusted_proxies`, the nearest untrusted
+        #: X-Forwarded-For hop; `peer` is the connection's own address
         self.client = client
+        self.peer = peer
         #: stage name -> outcome, for the stages that decided something
         self.stages = stages
 
@@ -128,6 +133,7 @@ class AccessEntry:
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
             "client": self.client,
+            "peer": self.peer,
             "stages": self.stages,
         }
 

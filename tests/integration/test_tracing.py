@@ -37,6 +37,7 @@ def traced_config(
     pipeline: list[Mapping[str, Any]] | None = None,
     route_tracing: Mapping[str, Any] | None = None,
     access_log: Mapping[str, Any] | None = None,
+    trusted_proxies: list[str] | None = None,
 ) -> str:
     tracing: dict[str, Any] = {"service_name": "edge-test", "sample_ratio": sample_ratio}
     if receiver is not None:
@@ -57,6 +58,7 @@ def traced_config(
         tracing=tracing,
         upstreams={"app": upstream_to(upstream_url)},
         routes=[route("app", "app", "/api", **options)],
+        trusted_proxies=trusted_proxies,
     )
 
 
@@ -133,6 +135,21 @@ async def test_a_sampled_parent_is_continued_and_the_upstream_sees_the_client_sp
     assert not client.error
     assert server.resource["service.name"] == "edge-test"
     assert server.resource["deployment.environment.name"] == "test"
+
+
+async def test_behind_a_trusted_proxy_client_address_is_the_forwarded_client(
+    tmp_path: Path, receiver: OtlpReceiver, up: FaultyUpstream
+) -> None:
+    config = traced_config(up.url, receiver, trusted_proxies=["127.0.0.0/8"])
+    async with running_gateway(tmp_path, config) as gw:
+        assert await get(port_of(gw), "X-Forwarded-For: 198.51.100.7, 127.0.0.9") == 200
+        await flushed(gw)
+        spans = await receiver.wait_for(2)
+    [server] = by_kind(spans, "SERVER")
+    # semantic conventions: client.address is the original client (from X-Forwarded-For when
+    # the peer is trusted), network.peer.address the connection's peer
+    assert server.attributes["client.address"] == "198.51.100.7"
+    assert server.attributes["network.peer.address"] == "127.0.0.1"
 
 
 async def test_tracestate_bytes_beyond_ascii_go_on_as_they_came(

@@ -37,6 +37,7 @@ def entry(**overrides: Any) -> AccessEntry:
         "bytes_in": 0,
         "bytes_out": 321,
         "client": "192.0.2.10",
+        "peer": "10.0.0.1",
         "stages": {"rate_limit": "allowed"},
     }
     fields.update(overrides)
@@ -141,6 +142,7 @@ def test_line_shape() -> None:
         "bytes_in": 0,
         "bytes_out": 321,
         "client": "192.0.2.10",
+        "peer": "10.0.0.1",
         "stages": {"rate_limit": "allowed"},
     }
 
