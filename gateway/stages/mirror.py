@@ -24,7 +24,8 @@ mirror upstreams that serve the same names as the main one, and a header is also
 Outcomes (gateway_stage_total{stage="mirror"}): `mirrored` (the mirror answered, whatever its
 status), `skipped` (not sampled, or the body too large, or the client's body failed),
 `dropped` (max_in_flight copies were in flight), `failed` (the mirror could not be reached,
-reset, or timed out).  The access log shows the decision made with the request: `copied`,
+reset, or timed out), `cancelled` (a reload replaced the stage, or the gateway stopped, while
+the copy was in flight).  The access log shows the decision made with the request: `copied`,
 `skipped` or `dropped` (how the copy ends is known only after the client has its answer).
 
 A reload that replaces the stage, and shutdown, cancel the copies it has in flight: a copy is
@@ -125,6 +126,7 @@ MIRRORED: Final = "mirrored"
 SKIPPED: Final = "skipped"
 DROPPED: Final = "dropped"
 FAILED: Final = "failed"
+CANCELLED: Final = "cancelled"
 #: the access log's word for a copy started with the request
 COPIED: Final = "copied"
 
@@ -282,6 +284,23 @@ class MirrorStage:
         is_head: bool,
     ) -> None:
         route = ctx.route.name
+        try:
+            await self._copy(ctx, upstream, request, body, copy, is_head)
+        except asyncio.CancelledError:
+            # a reload replaced the stage, or shutdown: every copy started is counted once
+            self._count(route, CANCELLED)
+            raise
+
+    async def _copy(
+        self,
+        ctx: RequestContext,
+        upstream: Upstream,
+        request: bytes,
+        body: RequestBody | None,
+        copy: _BodyCopy | None,
+        is_head: bool,
+    ) -> None:
+        route = ctx.route.name
         # never longer than the client's own request may take
         timeout = ctx.route.timeout
         if copy is not None:
@@ -334,6 +353,17 @@ class MirrorStage:
                 conn.abort()
             raise
 
+    def describe(self) -> dict[str, dict[str, Any]]:
+        """/admin/upstreams, under the mirror upstream's "mirrors": its copies under way (they
+        are not the upstream's `in_flight`, which counts the requests routed to it)."""
+        return {
+            self.name: {
+                "sample_ratio": self._ratio,
+                "in_flight": len(self.tasks),
+                "max_in_flight": self._max_in_flight,
+            }
+        }
+
     def cancel_all(self) -> None:
         for task in list(self.tasks):
             task.cancel()
@@ -356,4 +386,5 @@ KIND: Final[StageKind[MirrorConfig, MirrorStage]] = StageKind(
     describe=_describe,
     retire=_cancel,
     close=_cancel,
+    upstreams=MirrorStage.describe,
 )

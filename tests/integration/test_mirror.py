@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from gateway.app import Gateway
@@ -146,6 +147,15 @@ async def _until_counted(gw: Gateway, outcome: str, count: float) -> None:
     await _poll(reached, f"{count} {outcome}")
 
 
+async def _admin_upstreams(gw: Gateway) -> list[dict[str, Any]]:
+    assert gw.admin is not None
+    url = f"http://127.0.0.1:{gw.admin.port}/admin/upstreams"
+    async with aiohttp.ClientSession() as session, session.get(url) as r:
+        assert r.status == 200
+        described: list[dict[str, Any]] = await r.json()
+    return described
+
+
 def _stage(gw: Gateway) -> MirrorStage:
     stages = [s for _, s in gw.snapshot.stages.values() if isinstance(s, MirrorStage)]
     assert len(stages) == 1
@@ -209,6 +219,12 @@ async def test_a_hanging_mirror_never_delays_the_client(tmp_path: Path, main: Re
         await _poll(lambda: len(mirror.bodies) == 1, "the copy at the mirror")
         # the client already had its answer while the mirror still holds the copy
         assert len(_stage(gw).tasks) == 1
+        # /admin/upstreams shows the copies under way on the mirror upstream
+        described = {u["name"]: u for u in await _admin_upstreams(gw)}
+        assert described["shadow"]["mirrors"] == [
+            {"stage": "api", "sample_ratio": 1.0, "in_flight": 1, "max_in_flight": 100}
+        ]
+        assert described["app"]["mirrors"] == []
         assert mirror.closed_while_held == 0
         # and the next client too
         assert (await _post(gw, b"again")).status == 200
@@ -316,6 +332,9 @@ async def test_a_reload_replacing_the_stage_cancels_its_copies(
         assert _stage(gw) is not old
         await _poll(lambda: old.tasks == set(), "the old stage's copies cancelled")
         await _poll(lambda: mirror.closed_while_held == 1, "the mirror's connection closed")
+        # every copy started ends counted once: this one as cancelled
+        assert await _counted(gw, "cancelled") == 1
+        assert await _counted(gw, "mirrored") + await _counted(gw, "failed") == 0
         # the new stage mirrors
         assert (await _post(gw, b"after")).status == 200
         await _poll(lambda: len(mirror.bodies) == 2, "the new stage's copy")
