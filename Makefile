@@ -86,9 +86,9 @@ test-deps:
 test: setup test-deps lint typecheck
 	$(BIN)/pytest
 
-# the peers compared by bench/ (each is skipped when missing)
+# the peers compared by bench/ (each is skipped when missing), and valgrind for bench.callgrind
 bench-deps:
-	@missing=""; for tool in wrk:wrk nginx:nginx-light haproxy:haproxy caddy:caddy; do \
+	@missing=""; for tool in wrk:wrk nginx:nginx-light haproxy:haproxy caddy:caddy valgrind:valgrind; do \
 		command -v $${tool%%:*} >/dev/null || missing="$$missing $${tool##*:}"; done; \
 	if [ -n "$$missing" ]; then apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi

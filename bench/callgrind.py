@@ -1,0 +1,161 @@
+"""Instructions per request on one route, counted by valgrind's callgrind.
+
+Run: python -m bench.callgrind [--route bare|operator|pipeline] [--requests N] [--out FILE]
+
+The gateway runs under callgrind with instrumentation off; after a warm-up (500 requests) it is
+switched on for N requests over 10 keep-alive connections (`bench.upstream` answering), then off
+again, and the gateway is stopped.  Prints user-space instructions per request (every thread of
+the gateway counted) and the functions with the most exclusive instructions; the callgrind file
+is kept for `callgrind_annotate`.  Loopback only, bounded: a few minutes at N = 3,000, as
+valgrind runs the gateway ~50 times slower.  Instruction counts are what to compare between two
+commits: unlike req/s on a shared VM they move by well under 1 % from run to run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.peers import OPERATOR_KEY, OPERATOR_ORIGIN, gateway_config
+
+CONNECTIONS = 10
+WARM_UP = 500
+STARTUP_DEADLINE = 120.0
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def _wait_for_port(port: int, deadline: float) -> None:
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"nothing listens on {port}") from None
+            time.sleep(0.1)
+
+
+def _request(route: str) -> bytes:
+    headers = ["Host: bench"]
+    if route == "operator":
+        headers += [f"X-API-Key: {OPERATOR_KEY}", f"Origin: {OPERATOR_ORIGIN}"]
+    return ("GET / HTTP/1.1\r\n" + "".join(f"{h}\r\n" for h in headers) + "\r\n").encode()
+
+
+async def _one_connection(port: int, request: bytes, count: int) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        for _ in range(count):
+            writer.write(request)
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 60)
+            if not head.startswith(b"HTTP/1.1 200"):
+                raise RuntimeError(f"unexpected answer: {head[:80]!r}")
+            match = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+            if match is None:
+                raise RuntimeError("an answer without Content-Length")
+            await reader.readexactly(int(match.group(1)))
+    finally:
+        writer.close()
+
+
+async def _load(port: int, request: bytes, total: int) -> None:
+    each = max(1, total // CONNECTIONS)
+    await asyncio.gather(*(_one_connection(port, request, each) for _ in range(CONNECTIONS)))
+
+
+def _total_instructions(out: Path) -> int:
+    """The file's `totals:` line (its `summary:` counts from the start, which was off)."""
+    for line in reversed(out.read_text().splitlines()):
+        if line.startswith("totals:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no totals in {out}")
+
+
+def _config(route: str, port: int, upstream: int) -> str:
+    return gateway_config(
+        port, upstream, 1, pipeline=route == "pipeline", operator=route == "operator"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--route", choices=("bare", "operator", "pipeline"), default="bare")
+    parser.add_argument("--requests", type=int, default=3000)
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--top", type=int, default=25)
+    args = parser.parse_args(argv)
+    if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
+        print("valgrind is missing: make bench-deps installs it", file=sys.stderr)
+        return 2
+    scratch = Path(tempfile.mkdtemp(prefix="bench-callgrind-"))
+    out = args.out or scratch / "callgrind.out"
+    upstream_port, port = _free_port(), _free_port()
+    config = scratch / "gateway.yaml"
+    config.write_text(_config(args.route, port, upstream_port))
+    upstream = subprocess.Popen([sys.executable, "-m", "bench.upstream", str(upstream_port)])
+    command = [
+        "valgrind",
+        "--tool=callgrind",
+        "--instr-atstart=no",
+        f"--callgrind-out-file={out}",
+        sys.executable,
+        "-m",
+        "gateway",
+        "run",
+        "-c",
+        str(config),
+    ]
+    gateway = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + STARTUP_DEADLINE
+        _wait_for_port(upstream_port, deadline)
+        _wait_for_port(port, deadline)
+        request = _request(args.route)
+        asyncio.run(_load(port, request, WARM_UP))
+        subprocess.run(["callgrind_control", "-i", "on", str(gateway.pid)], check=True)
+        asyncio.run(_load(port, request, args.requests))
+        subprocess.run(["callgrind_control", "-i", "off", str(gateway.pid)], check=True)
+    finally:
+        gateway.send_signal(signal.SIGTERM)
+        try:
+            gateway.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            gateway.kill()
+        upstream.terminate()
+        upstream.wait(timeout=10)
+    measured = (args.requests // CONNECTIONS) * CONNECTIONS
+    total = _total_instructions(out)
+    per_request = total / measured / 1000
+    print(f"{args.route}: {per_request:.1f}k instructions per request ({measured} requests)")
+    annotate = subprocess.run(
+        ["callgrind_annotate", "--threshold=100", str(out)], capture_output=True, text=True
+    )
+    lines = [line for line in annotate.stdout.splitlines() if re.match(r"^\s*[\d,]+ \(", line)]
+    for line in lines[1 : args.top + 1]:
+        count_text, _, rest = line.strip().partition(" ")
+        count = int(count_text.replace(",", ""))
+        # "(12.3%)  file:function [object]": the function and the object's file name
+        where, _, obj = rest.split(")", 1)[-1].strip().partition(" [")
+        function = where.rsplit(":", 1)[-1]
+        print(f"{count / measured:10.0f}  {function}  ({Path(obj.rstrip(']')).name})")
+    print(f"callgrind file: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
