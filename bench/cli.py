@@ -167,7 +167,11 @@ def main(argv: list[str] | None = None) -> int:
                 peers = [p for p in scenario.peers if not args.peer or p in args.peer]
                 if peers:
                     results.extend(scenario.run(scenario, peers, settings))
-    baseline = {r.scenario: r for r in results if r.peer == "nginx"}
+    # each scenario's nginx: plain, or the one configured like the scenario's peers (+tls …)
+    baseline: dict[str, Result] = {}
+    for r in results:
+        if r.peer.partition("+")[0] == "nginx":
+            baseline.setdefault(r.scenario, r)
     date, revision = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), commit()
     report = {
         "date": date,

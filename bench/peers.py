@@ -34,6 +34,8 @@ class Context:
     otlp_endpoint: str = ""
     #: the Redis a peer limiting through a redis store uses (redis://127.0.0.1:PORT/0)
     redis_url: str = ""
+    #: where a TLS peer finds ca.crt, server.crt/.key (P-256) and the client's certificate
+    certs: str = ""
 
 
 #: (scratch directory, listen port, upstream port, routes, context) -> how to start the peer
@@ -50,6 +52,10 @@ class Peer:
     traced: bool = False
     #: its route needs the scenario's bearer token (401 without it)
     authenticates: bool = False
+    #: it serves HTTPS (TLS 1.3, P-256) with the scenario's certificates
+    tls: bool = False
+    #: it asks for the client's certificate (and refuses a request without one)
+    mtls: bool = False
 
     def available(self) -> bool:
         if self.needs == "BENCH_BASELINE":
@@ -78,6 +84,10 @@ OPERATOR = f"""\
 """
 
 
+#: a client certificate from the bench's CA is required, and forwarded (RFC 9440)
+MTLS_STAGE = "      - mtls: {required: true}\n"
+
+
 @dataclass(frozen=True)
 class Tracing:
     """A `tracing:` section: new traces sampled at `sample_ratio`, spans sent over OTLP/HTTP."""
@@ -98,12 +108,23 @@ def gateway_config(
     limit_store: str | None = None,
     redis_url: str = "",
     operator: bool = False,
+    certs: str = "",
+    mtls: bool = False,
 ) -> str:
     """The gateway's YAML: `routes` routes, the last one (prefix /) measured.  `pipeline` puts
     the four stages of PIPELINE on it, `jwt` a jwt stage in front of them (JWT_STAGE: the
-    JWKS is `jwks.json` beside the config), and `tracing` turns tracing on."""
+    JWKS is `jwks.json` beside the config), and `tracing` turns tracing on.  With `certs` the
+    listener is HTTPS (TLS 1.3 only, like the other peers' TLS configs); `mtls` asks clients
+    for a certificate from that CA and puts an `mtls` stage first on the route."""
+    listener = f'{{name: http, bind: "127.0.0.1:{port}"}}'
+    if certs:
+        client_ca = f', client_ca: "{certs}/ca.crt"' if mtls else ""
+        listener = (
+            f'{{name: https, bind: "127.0.0.1:{port}", tls: {{certificates: [{{cert: '
+            f'"{certs}/server.crt", key: "{certs}/server.key"}}]{client_ca}, min_version: "1.3"}}}}'
+        )
     lines = [
-        f'listeners: [{{name: http, bind: "127.0.0.1:{port}"}}]',
+        f"listeners: [{listener}]",
         'admin: {bind: "127.0.0.1:0"}',
         "access_log: {sample_ratio: 0.01}",
         "shutdown: {drain_delay: 0s, timeout: 2s}",
@@ -127,7 +148,8 @@ def gateway_config(
         lines.append(f"  - {{name: r{i}, match: {{path_prefix: /decoy{i}}}, upstream: app}}")
     lines.append("  - name: app\n    match: {path_prefix: /}\n    upstream: app")
     stages = (
-        (OPERATOR if operator else "")
+        (MTLS_STAGE if mtls else "")
+        + (OPERATOR if operator else "")
         + (f"      - {JWT_STAGE}\n" if jwt else "")
         + (PIPELINE if pipeline else "")
     )
@@ -150,6 +172,9 @@ def _gateway_peer(
     trace_ratio: float | None = None,
     limit_store: str | None = None,
     operator: bool = False,
+    tls: bool = False,
+    mtls: bool = False,
+    workers: int = 1,
 ) -> Peer:
     """A gateway peer: this checkout's, or with `baseline` the one of another checkout
     (`BENCH_BASELINE=DIR`, set up with `make setup`) on the same config, so a change is measured
@@ -163,6 +188,8 @@ def _gateway_peer(
             tracing = Tracing(trace_ratio, context.otlp_endpoint, service_name=name)
         if limit_store not in (None, "memory") and not context.redis_url:
             raise RuntimeError(f"{name} needs the scenario's Redis")
+        if tls and not context.certs:
+            raise RuntimeError(f"{name} needs the scenario's certificates")
         if jwt:
             if not context.jwks:
                 raise RuntimeError(f"{name} needs the scenario's JWKS")
@@ -179,12 +206,17 @@ def _gateway_peer(
                 limit_store=limit_store,
                 redis_url=context.redis_url,
                 operator=operator,
+                certs=context.certs if tls else "",
+                mtls=mtls,
             )
         )
+        run = ["-m", "gateway", "run", "-c", str(config)]
+        if workers > 1:
+            run += ["--workers", str(workers)]
         if baseline:
             # -P: the baseline's own package, not the one in the current directory
-            return Launch([_baseline_python(), "-P", "-m", "gateway", "run", "-c", str(config)], {})
-        return Launch([sys.executable, "-m", "gateway", "run", "-c", str(config)], {})
+            return Launch([_baseline_python(), "-P", *run], {})
+        return Launch([sys.executable, *run], {})
 
     needs = "BENCH_BASELINE" if baseline else None
     if limit_store not in (None, "memory"):
@@ -195,86 +227,141 @@ def _gateway_peer(
         build,
         traced=trace_ratio is not None,
         authenticates=jwt or operator,
+        tls=tls,
+        mtls=mtls,
     )
 
 
-def _nginx(scratch: Path, port: int, upstream: int, routes: int, context: Context) -> Launch:
-    config = scratch / "nginx.conf"
-    config.write_text(
-        textwrap.dedent(
-            f"""
-            worker_processes 1;
-            master_process off;
-            daemon off;
-            pid {scratch}/nginx.pid;
-            error_log {scratch}/nginx.err;
-            events {{ worker_connections 20000; }}
-            http {{
-              access_log off;
-              client_max_body_size 200m;
-              proxy_request_buffering off;
-              proxy_buffering off;
-              upstream app {{ server 127.0.0.1:{upstream}; keepalive 64; }}
-              server {{
-                listen 127.0.0.1:{port};
-                keepalive_requests 1000000;
-                location / {{
-                  proxy_pass http://app;
-                  proxy_http_version 1.1;
-                  proxy_set_header Connection "";
+def _nginx_build(tls: bool = False, mtls: bool = False, workers: int = 1) -> Build:
+    def build(scratch: Path, port: int, upstream: int, routes: int, context: Context) -> Launch:
+        listen = f"listen 127.0.0.1:{port};"
+        if tls:
+            certs = context.certs
+            listen = textwrap.dedent(
+                f"""\
+                listen 127.0.0.1:{port} ssl;
+                    ssl_certificate {certs}/server.crt;
+                    ssl_certificate_key {certs}/server.key;
+                    ssl_protocols TLSv1.3;
+                    ssl_ecdh_curve prime256v1;
+                    ssl_session_tickets on;"""
+            )
+            if mtls:
+                listen += textwrap.dedent(
+                    f"""
+                        ssl_client_certificate {certs}/ca.crt;
+                        ssl_verify_client on;"""
+                )
+        # one worker is nginx without its master process; with more, the master forks them
+        processes = (
+            "worker_processes 1; master_process off;"
+            if workers == 1
+            else f"worker_processes {workers};"
+        )
+        config = scratch / "nginx.conf"
+        config.write_text(
+            textwrap.dedent(
+                f"""
+                {processes}
+                daemon off;
+                pid {scratch}/nginx.pid;
+                error_log {scratch}/nginx.err;
+                events {{ worker_connections 20000; }}
+                http {{
+                  access_log off;
+                  client_max_body_size 200m;
+                  proxy_request_buffering off;
+                  proxy_buffering off;
+                  upstream app {{ server 127.0.0.1:{upstream}; keepalive 64; }}
+                  server {{
+                    {listen}
+                    keepalive_requests 1000000;
+                    location / {{
+                      proxy_pass http://app;
+                      proxy_http_version 1.1;
+                      proxy_set_header Connection "";
+                    }}
+                  }}
                 }}
-              }}
-            }}
-            """
+                """
+            )
         )
-    )
-    return Launch(["nginx", "-p", str(scratch), "-c", str(config)], {})
+        return Launch(["nginx", "-p", str(scratch), "-c", str(config)], {})
+
+    return build
 
 
-def _haproxy(scratch: Path, port: int, upstream: int, routes: int, context: Context) -> Launch:
-    config = scratch / "haproxy.cfg"
-    config.write_text(
-        textwrap.dedent(
-            f"""
-            global
-              nbthread 1
-              maxconn 8000
-            defaults
-              mode http
-              timeout connect 5s
-              timeout client 60s
-              timeout server 60s
-              http-reuse always
-            frontend fe
-              bind 127.0.0.1:{port}
-              default_backend be
-            backend be
-              server app 127.0.0.1:{upstream}
-            """
+def _haproxy_build(tls: bool = False) -> Build:
+    def build(scratch: Path, port: int, upstream: int, routes: int, context: Context) -> Launch:
+        bind = f"bind 127.0.0.1:{port}"
+        if tls:
+            # haproxy reads the certificate and its key from one file
+            pem = scratch / "server.pem"
+            certs = Path(context.certs)
+            pem.write_bytes(
+                (certs / "server.crt").read_bytes() + (certs / "server.key").read_bytes()
+            )
+            bind += f" ssl crt {pem} ssl-min-ver TLSv1.3 curves P-256"
+        config = scratch / "haproxy.cfg"
+        config.write_text(
+            textwrap.dedent(
+                f"""
+                global
+                  nbthread 1
+                  maxconn 8000
+                defaults
+                  mode http
+                  timeout connect 5s
+                  timeout client 60s
+                  timeout server 60s
+                  http-reuse always
+                frontend fe
+                  {bind}
+                  default_backend be
+                backend be
+                  server app 127.0.0.1:{upstream}
+                """
+            )
         )
-    )
-    return Launch(["haproxy", "-db", "-f", str(config)], {})
+        return Launch(["haproxy", "-db", "-f", str(config)], {})
+
+    return build
 
 
-def _caddy(scratch: Path, port: int, upstream: int, routes: int, context: Context) -> Launch:
-    config = scratch / "Caddyfile"
-    config.write_text(
-        textwrap.dedent(
-            f"""
-            {{
-              admin off
-              auto_https off
-            }}
-            http://127.0.0.1:{port} {{
-              reverse_proxy 127.0.0.1:{upstream}
-            }}
-            """
+def _caddy_build(tls: bool = False) -> Build:
+    def build(scratch: Path, port: int, upstream: int, routes: int, context: Context) -> Launch:
+        site = f"http://127.0.0.1:{port}"
+        tls_line = ""
+        if tls:
+            site = f"https://127.0.0.1:{port}"
+            certs = context.certs
+            tls_line = (
+                f"tls {certs}/server.crt {certs}/server.key {{\n"
+                "                protocols tls1.3\n"
+                "                curves secp256r1\n"
+                "              }"
+            )
+        config = scratch / "Caddyfile"
+        config.write_text(
+            textwrap.dedent(
+                f"""
+                {{
+                  admin off
+                  auto_https off
+                }}
+                {site} {{
+                  {tls_line}
+                  reverse_proxy 127.0.0.1:{upstream}
+                }}
+                """
+            )
         )
-    )
-    return Launch(
-        ["caddy", "run", "--config", str(config), "--adapter", "caddyfile"],
-        {"GOMAXPROCS": "1", "XDG_DATA_HOME": str(scratch), "XDG_CONFIG_HOME": str(scratch)},
-    )
+        return Launch(
+            ["caddy", "run", "--config", str(config), "--adapter", "caddyfile"],
+            {"GOMAXPROCS": "1", "XDG_DATA_HOME": str(scratch), "XDG_CONFIG_HOME": str(scratch)},
+        )
+
+    return build
 
 
 def _aiohttp(scratch: Path, port: int, upstream: int, routes: int, context: Context) -> Launch:
@@ -301,9 +388,14 @@ PEERS: dict[str, Peer] = {
         _gateway_peer("gateway+redis-limit", limit_store="shared"),
         # cors, ip_filter and api_key in front of the bare route
         _gateway_peer("gateway+operator", operator=True),
-        Peer("nginx", "nginx", _nginx),
-        Peer("haproxy", "haproxy", _haproxy),
-        Peer("caddy", "caddy", _caddy),
+        Peer("nginx", "nginx", _nginx_build()),
+        Peer("haproxy", "haproxy", _haproxy_build()),
+        Peer("caddy", "caddy", _caddy_build()),
+        # HTTPS: TLS 1.3, P-256, the scenario's certificates (`tls`, `handshakes`)
+        _gateway_peer("gateway+tls", tls=True),
+        Peer("nginx+tls", "nginx", _nginx_build(tls=True), tls=True),
+        Peer("haproxy+tls", "haproxy", _haproxy_build(tls=True), tls=True),
+        Peer("caddy+tls", "caddy", _caddy_build(tls=True), tls=True),
         Peer("aiohttp", None, _aiohttp),
     )
 }

@@ -14,6 +14,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import time
@@ -87,16 +88,40 @@ def pinned(core: str, argv: list[str]) -> list[str]:
     return ["taskset", "-c", core, *argv] if shutil.which("taskset") else argv
 
 
+def _answers_http(port: int, tls: ssl.SSLContext | None) -> bool:
+    with socket.create_connection(("127.0.0.1", port), 1) as plain:
+        s = plain if tls is None else tls.wrap_socket(plain, server_hostname="localhost")
+        s.sendall(b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+        return s.recv(16).startswith(b"HTTP/1.")
+
+
+def client_tls(certs: Path | None = None) -> ssl.SSLContext:
+    """A client context trusting the bench's CA (`certs`/ca.crt) and presenting its client
+    certificate; without `certs`, one that checks nothing (only waiting for a peer uses it)."""
+    if certs is None:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        return context
+    context = ssl.create_default_context(cafile=str(certs / "ca.crt"))
+    context.load_cert_chain(str(certs / "client.crt"), str(certs / "client.key"))
+    return context
+
+
 def wait_http(
-    port: int, timeout: float = 20.0, proc: subprocess.Popen[bytes] | None = None
+    port: int,
+    timeout: float = 20.0,
+    proc: subprocess.Popen[bytes] | None = None,
+    *,
+    tls: bool = False,
 ) -> None:
-    """Until a GET / on the port gets any HTTP answer; `proc`, when given, is the process that
-    should answer: its exit ends the wait at once."""
+    """Until a GET / on the port (over TLS with `tls`) gets any HTTP answer; `proc`, when
+    given, is the process that should answer: its exit ends the wait at once."""
     deadline = time.monotonic() + timeout
+    context = client_tls() if tls else None
     while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1) as s:
-            s.sendall(b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
-            if s.recv(16).startswith(b"HTTP/1."):
+        with contextlib.suppress(OSError):
+            if _answers_http(port, context):
                 return
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"exited with status {proc.returncode} before answering")

@@ -23,6 +23,7 @@ from bench.runner import (
     LOAD_CORE,
     PROXY_CORE,
     Result,
+    client_tls,
     free_port,
     last_lines,
     measured_pid,
@@ -34,6 +35,7 @@ from bench.runner import (
     wrk_together,
 )
 from bench.tokens import mint
+from gateway.dev_certificates import init_dev_certificates
 
 NO_CONTEXT = Context()
 
@@ -86,7 +88,7 @@ def started(
             log = Path(scratch) / f"output-{attempt}.log"
             with running(launch.argv, PROXY_CORE, launch.env, log) as proc:
                 try:
-                    wait_http(port, proc=proc)
+                    wait_http(port, proc=proc, tls=peer.tls)
                 except RuntimeError as exc:
                     if proc.poll() is not None and attempt == 1:
                         continue
@@ -145,14 +147,14 @@ def _interleaved(
                     started(scenario, name, settings.upstream_port, result, routes, context)
                 )
                 if peer is not None and check is not None:
-                    check(name, f"http://127.0.0.1:{peer[1]}{scenario.path}")
+                    check(name, peer_url(name, peer[1], scenario.path))
             except Exception as exc:
                 # one peer failing to start must not cost the others their figures
                 result.note = f"failed: {exc!r}"
                 continue
             if peer is not None:
                 pid, port = peer
-                live.append((result, pid, f"http://127.0.0.1:{port}{scenario.path}"))
+                live.append((result, pid, peer_url(name, port, scenario.path)))
         for result, pid, url in live:
             warmup = wrk_round(pid, url, settings.connections, min(1.0, settings.seconds), headers)
             result.warmup_requests = warmup.requests
@@ -174,6 +176,33 @@ def _interleaved(
                     result.together.append(one)
 
 
+def peer_url(name: str, port: int, path: str) -> str:
+    """The measured URL of a peer listening on `port`: https for a TLS peer."""
+    scheme = "https" if PEERS[name].tls else "http"
+    return f"{scheme}://127.0.0.1:{port}{path}"
+
+
+@contextlib.contextmanager
+def bench_certificates() -> Iterator[str]:
+    """A CA, a P-256 server certificate for 127.0.0.1 and localhost, and a client certificate,
+    made for this run (gateway.dev_certificates) in a directory removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix="bench-certs-") as scratch:
+        init_dev_certificates(Path(scratch), ["localhost", "127.0.0.1"])
+        yield scratch
+
+
+def tls_scenario(scenario: Scenario, peer_names: list[str], settings: Settings) -> list[Result]:
+    """`wrk_scenario` over HTTPS (keep-alive: the handshakes are a few per connection, the
+    records are what is measured), rounds run together too; ratios to nginx."""
+    entries = [
+        (Result(peer=name, scenario=scenario.name), name, scenario.routes) for name in peer_names
+    ]
+    with bench_certificates() as certs:
+        _interleaved(scenario, entries, settings, context=Context(certs=certs), together=True)
+    _reference_ratios(scenario, entries)
+    return [result for result, _, _ in entries]
+
+
 def together_ratio(result: Result, reference: Result) -> float:
     """The median over the rounds run together of `result`'s req/s ÷ `reference`'s in the
     same round (0.0 without such rounds)."""
@@ -188,7 +217,8 @@ def together_ratio(result: Result, reference: Result) -> float:
 def _status(url: str, headers: dict[str, str]) -> int:
     request = urllib.request.Request(url, headers=headers)
     try:
-        with urllib.request.urlopen(request, timeout=5) as answer:
+        context = client_tls() if url.startswith("https:") else None
+        with urllib.request.urlopen(request, timeout=5, context=context) as answer:
             answer.read()
             return int(answer.status)
     except urllib.error.HTTPError as error:
@@ -541,6 +571,13 @@ SCENARIOS: dict[str, Scenario] = {
             peers=("gateway+operator", "gateway", "nginx"),
             run=operator_scenario,
             extra={"reference": "gateway", "reference_label": "bare"},
+        ),
+        Scenario(
+            name="tls",
+            description="the bare route over HTTPS: TLS 1.3, P-256, 50 keep-alive connections",
+            peers=("gateway+tls", "gateway", "nginx+tls", "haproxy+tls", "caddy+tls"),
+            run=tls_scenario,
+            extra={"reference": "nginx+tls", "reference_label": "nginx_tls"},
         ),
         Scenario(
             name="routes10k",

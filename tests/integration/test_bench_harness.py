@@ -15,7 +15,7 @@ from aiohttp.test_utils import TestServer
 from bench.otlp_sink import Sink, counts, endpoint
 from bench.peers import PEERS, Context
 from bench.runner import Result, Round
-from bench.scenarios import answers_with, together_ratio
+from bench.scenarios import answers_with, bench_certificates, together_ratio
 from bench.tokens import Credentials, mint
 from tests.integration.conftest import Seen
 from tests.support.config import load_config
@@ -120,6 +120,33 @@ def test_tracing_scenario_runs_peers_together_on_one_core(tmp_path: Path) -> Non
         assert peer["rounds_together"][0]["requests"] > 0
     expected = unsampled["rounds_together"][0]["rps"] / off["rounds_together"][0]["rps"]
     assert unsampled["x_tracing_off_together"] == round(expected, 2)
+
+
+def test_tls_scenario_runs_the_gateway_and_nginx_over_https(tmp_path: Path) -> None:
+    """The gateway and nginx with the scenario's certificates, tiny: wrk's HTTPS requests are
+    answered (no errors) by both, and the gateway's req/s is a ratio to nginx's."""
+    result = run_bench(tmp_path, "tls", "gateway+tls", "nginx+tls", timeout=180)
+    assert result.returncode == 0, result.stderr[-2000:]
+    [report_file] = tmp_path.glob("bench-*.json")
+    by_peer = {r["peer"]: r for r in json.loads(report_file.read_text())["results"]}
+    gateway, nginx = by_peer["gateway+tls"], by_peer["nginx+tls"]
+    for peer in (gateway, nginx):
+        assert peer["note"] == ""
+        assert peer["errors"] == 0
+        assert peer["rounds"][0]["requests"] > 0
+    expected = gateway["rounds"][0]["rps"] / nginx["rounds"][0]["rps"]
+    assert gateway["x_nginx_tls"] == round(expected, 2)
+
+
+def test_tls_peers_serve_https_only_with_the_scenarios_certificates(tmp_path: Path) -> None:
+    with bench_certificates() as certs:
+        PEERS["gateway+tls"].build(tmp_path, 8443, 9000, 10, Context(certs=certs))
+        config = load_config(tmp_path / "gateway.yaml")
+    [listener] = config.listeners
+    assert listener.tls is not None
+    assert listener.tls.min_version == "1.3"
+    with pytest.raises(RuntimeError, match="needs the scenario's certificates"):
+        PEERS["gateway+tls"].build(tmp_path, 8443, 9000, 10, Context())
 
 
 def test_together_ratio_pairs_rounds_and_takes_the_median() -> None:
