@@ -14,6 +14,7 @@ import tempfile
 import textwrap
 from pathlib import Path
 
+from bench.headers import nginx_add_headers
 from bench.runner import LOAD_CORE, Result, free_port, running, wait_http, wrk_round
 from bench.scenarios import SCENARIOS, Settings
 
@@ -84,6 +85,7 @@ def _upstream_argv(port: int, scratch: Path) -> tuple[list[str], str]:
                     client_max_body_size 200m;
                     location / {{ return 200 "hello world\\n"; }}
                     location /big {{ alias {scratch}/big.bin; }}
+                    location /headers {{ {nginx_add_headers()} return 200 "hello world\\n"; }}
                   }}
                 }}
                 """

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench.headers import REQUEST_HEADERS
 from bench.otlp_sink import counts, endpoint
 from bench.peers import OPERATOR_KEY, OPERATOR_ORIGIN, PEERS, Context
 from bench.runner import (
@@ -199,6 +200,19 @@ def tls_scenario(scenario: Scenario, peer_names: list[str], settings: Settings) 
     ]
     with bench_certificates() as certs:
         _interleaved(scenario, entries, settings, context=Context(certs=certs), together=True)
+    _reference_ratios(scenario, entries)
+    return [result for result, _, _ in entries]
+
+
+def large_headers_scenario(
+    scenario: Scenario, peer_names: list[str], settings: Settings
+) -> list[Result]:
+    """`wrk_scenario` with 40 request headers on every request and 20 response headers from
+    the upstream (bench/headers.py), rounds run together too; ratios to nginx."""
+    entries = [
+        (Result(peer=name, scenario=scenario.name), name, scenario.routes) for name in peer_names
+    ]
+    _interleaved(scenario, entries, settings, headers=REQUEST_HEADERS, together=True)
     _reference_ratios(scenario, entries)
     return [result for result, _, _ in entries]
 
@@ -578,6 +592,14 @@ SCENARIOS: dict[str, Scenario] = {
             peers=("gateway+tls", "gateway", "nginx+tls", "haproxy+tls", "caddy+tls"),
             run=tls_scenario,
             extra={"reference": "nginx+tls", "reference_label": "nginx_tls"},
+        ),
+        Scenario(
+            name="large-headers",
+            description="40 request headers (a browser through a CDN, an API client) and 20 "
+            "response headers",
+            peers=("gateway", "nginx", "haproxy", "caddy"),
+            run=large_headers_scenario,
+            path="/headers",
         ),
         Scenario(
             name="routes10k",

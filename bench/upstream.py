@@ -2,7 +2,8 @@
 
 Run: python -m bench.upstream PORT [BODY_BYTES]
 Answers every request with 200 and a fixed body; `/big?size=N` streams N bytes; request
-bodies are read and dropped.
+bodies are read and dropped; `/headers` answers with the large-headers scenario's 15 extra
+response headers.
 """
 
 from __future__ import annotations
@@ -13,12 +14,20 @@ import sys
 import httptools
 import uvloop
 
+from bench.headers import raw_response_headers
+
 _CHUNK = b"x" * 65536
 
 
 class Fixed(asyncio.Protocol):
     def __init__(self, body: bytes) -> None:
         self.response = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body)
+        # the large-headers scenario's answer: the same body after 15 more header lines
+        self.with_headers = b"HTTP/1.1 200 OK\r\n%bContent-Length: %d\r\n\r\n%b" % (
+            raw_response_headers(),
+            len(body),
+            body,
+        )
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
         self.url = b""
@@ -54,6 +63,8 @@ class Fixed(asyncio.Protocol):
             size = int(self.url.split(b"size=")[1]) if b"size=" in self.url else 1 << 20
             self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
             asyncio.get_running_loop().create_task(self._stream(size))
+        elif self.url.startswith(b"/headers"):
+            self.transport.write(self.with_headers)
         else:
             self.transport.write(self.response)
 

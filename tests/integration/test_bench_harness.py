@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 from aiohttp.test_utils import TestServer
 
+from bench.headers import REQUEST_HEADERS, RESPONSE_HEADERS
 from bench.otlp_sink import Sink, counts, endpoint
 from bench.peers import PEERS, Context
-from bench.runner import Result, Round
+from bench.runner import Result, Round, free_port, wait_http
 from bench.scenarios import answers_with, bench_certificates, together_ratio
 from bench.tokens import Credentials, mint
 from tests.integration.conftest import Seen
@@ -147,6 +148,38 @@ def test_tls_peers_serve_https_only_with_the_scenarios_certificates(tmp_path: Pa
     assert listener.tls.min_version == "1.3"
     with pytest.raises(RuntimeError, match="needs the scenario's certificates"):
         PEERS["gateway+tls"].build(tmp_path, 8443, 9000, 10, Context())
+
+
+def test_large_headers_scenario_sends_40_headers_and_gets_20_back(tmp_path: Path) -> None:
+    """The gateway and nginx, tiny: wrk's 40-header requests are answered without errors, the
+    rounds run together too."""
+    assert len(REQUEST_HEADERS) == 40
+    result = run_bench(tmp_path, "large-headers", "gateway", "nginx", timeout=180)
+    assert result.returncode == 0, result.stderr[-2000:]
+    [report_file] = tmp_path.glob("bench-*.json")
+    by_peer = {r["peer"]: r for r in json.loads(report_file.read_text())["results"]}
+    gateway = by_peer["gateway"]
+    assert gateway["scenario"] == "large-headers"
+    assert gateway["errors"] == 0
+    assert gateway["rounds"][0]["requests"] > 0
+    expected = gateway["rounds_together"][0]["rps"] / by_peer["nginx"]["rounds_together"][0]["rps"]
+    assert gateway["x_nginx_together"] == round(expected, 2)
+
+
+async def test_the_built_in_upstream_answers_headers_with_the_scenarios_fifteen() -> None:
+    port = free_port()
+    upstream = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.upstream", str(port), cwd=REPO
+    )
+    try:
+        await asyncio.to_thread(wait_http, port)
+        response = await exchange(port, b"GET /headers HTTP/1.1\r\nHost: bench\r\n\r\n")
+    finally:
+        upstream.terminate()
+        await upstream.wait()
+    assert response.status == 200
+    for name, value in RESPONSE_HEADERS:
+        assert response.header(name) == value, name
 
 
 def test_together_ratio_pairs_rounds_and_takes_the_median() -> None:
