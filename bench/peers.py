@@ -56,6 +56,8 @@ class Peer:
     tls: bool = False
     #: it asks for the client's certificate (and refuses a request without one)
     mtls: bool = False
+    #: the cores it runs on (taskset's list); None: the proxy core alone
+    cores: str | None = None
 
     def available(self) -> bool:
         if self.needs == "BENCH_BASELINE":
@@ -83,6 +85,9 @@ OPERATOR = f"""\
       - api_key: {{keys: {{bench: {hashlib.sha256(OPERATOR_KEY.encode()).hexdigest()}}}}}
 """
 
+
+#: a peer with two workers runs on both cores of the 2-core machine (SPEC §12)
+ALL_CORES = "0,1"
 
 #: a client certificate from the bench's CA is required, and forwarded (RFC 9440)
 MTLS_STAGE = "      - mtls: {required: true}\n"
@@ -229,6 +234,7 @@ def _gateway_peer(
         authenticates=jwt or operator,
         tls=tls,
         mtls=mtls,
+        cores=ALL_CORES if workers > 1 else None,
     )
 
 
@@ -391,6 +397,9 @@ PEERS: dict[str, Peer] = {
         Peer("nginx", "nginx", _nginx_build()),
         Peer("haproxy", "haproxy", _haproxy_build()),
         Peer("caddy", "caddy", _caddy_build()),
+        # two worker processes on both cores, sharing them with the upstream and wrk
+        _gateway_peer("gateway+workers2", workers=2),
+        Peer("nginx+workers2", "nginx", _nginx_build(workers=2), cores=ALL_CORES),
         # HTTPS: TLS 1.3, P-256, the scenario's certificates (`tls`, `handshakes`)
         _gateway_peer("gateway+tls", tls=True),
         Peer("nginx+tls", "nginx", _nginx_build(tls=True), tls=True),

@@ -1,8 +1,9 @@
 """Start things pinned to cores, drive them with wrk, and measure the proxy process.
 
 Layout on a 2-core machine (SPEC §12): the proxy under test on core 0, the upstream and wrk on
-core 1.  CPU time per request comes from the proxy's own /proc/<pid>/stat counters, so it holds
-when the machine is noisy; peak RSS is VmHWM.  Everything binds 127.0.0.1 and every process
+core 1 (a peer with two workers gets both cores, shared with them).  CPU time per request comes
+from the proxy's own /proc/<pid>/stat counters (its workers' included), so it holds when the
+machine is noisy; peak RSS is VmHWM.  Everything binds 127.0.0.1 and every process
 started here is stopped before the function that started it returns.
 """
 
@@ -165,9 +166,25 @@ def running(
             proc.wait(5)
 
 
+def _descendants(pid: int) -> list[int]:
+    """`pid`'s children, their children and so on (a peer with worker processes)."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            for child in (task / "children").read_text().split():
+                found.append(int(child))
+                found += _descendants(int(child))
+    return found
+
+
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICK
+    """User and system CPU seconds of `pid` and of its live descendants (a peer's workers)."""
+    total = 0
+    for one in (pid, *_descendants(pid)):
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{one}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+    return total / _TICK
 
 
 def peak_rss_mib(pid: int) -> float:

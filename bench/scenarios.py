@@ -87,7 +87,7 @@ def started(
                 Path(scratch), port, upstream_port, routes or scenario.routes, context
             )
             log = Path(scratch) / f"output-{attempt}.log"
-            with running(launch.argv, PROXY_CORE, launch.env, log) as proc:
+            with running(launch.argv, peer.cores or PROXY_CORE, launch.env, log) as proc:
                 try:
                     wait_http(port, proc=proc, tls=peer.tls)
                 except RuntimeError as exc:
@@ -600,6 +600,13 @@ SCENARIOS: dict[str, Scenario] = {
             peers=("gateway", "nginx", "haproxy", "caddy"),
             run=large_headers_scenario,
             path="/headers",
+        ),
+        Scenario(
+            name="workers",
+            description="the bare route with two workers on both cores (shared with the "
+            "upstream and wrk): the gateway's --workers 2 against nginx's worker_processes 2",
+            peers=("gateway+workers2", "nginx+workers2", "gateway", "nginx"),
+            run=wrk_scenario,
         ),
         Scenario(
             name="routes10k",

@@ -182,6 +182,21 @@ async def test_the_built_in_upstream_answers_headers_with_the_scenarios_fifteen(
         assert response.header(name) == value, name
 
 
+def test_workers_scenario_counts_the_cpu_of_every_worker(tmp_path: Path) -> None:
+    """Two gateway workers on both cores, tiny: answered without errors, and the CPU per
+    request is the workers' (the supervisor that was started does next to nothing itself)."""
+    result = run_bench(tmp_path, "workers", "gateway+workers2", timeout=180)
+    assert result.returncode == 0, result.stderr[-2000:]
+    [report_file] = tmp_path.glob("bench-*.json")
+    by_peer = {r["peer"]: r for r in json.loads(report_file.read_text())["results"]}
+    workers = by_peer["gateway+workers2"]
+    assert workers["note"] == ""
+    assert workers["errors"] == 0
+    assert workers["rounds"][0]["requests"] > 0
+    # a proxied request costs the gateway well over 5 µs; the supervisor alone would be ~0
+    assert workers["cpu_us_per_request"] > 5
+
+
 def test_together_ratio_pairs_rounds_and_takes_the_median() -> None:
     def result(*rps: float) -> Result:
         return Result(peer="p", scenario="s", together=[Round(1, r, 0, 0, 0, 0) for r in rps])
