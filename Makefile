@@ -61,7 +61,8 @@ typecheck: setup
 	$(BIN)/mypy --strict gateway
 	$(BIN)/mypy --strict -p deploy.stack
 
-# Debian packages the tests need (wrk drives the bench harness's own test, slowhttptest the
+# Debian packages the tests need (wrk drives the bench harness's own test, with nginx and
+# haproxy as its TLS peers and haproxy presenting wrk's client certificate, slowhttptest the
 # slow-client attacks of tests/e2e/test_slow_attacks.py, promtool from prometheus checks and
 # unit-tests the alert rules in deploy/prometheus/, and its server runs in `make stack` and
 # tests/e2e/test_stack.py; docker-compose validates docker-compose.yml; tests/packaging builds
@@ -71,7 +72,7 @@ IMAGE_TEST_PACKAGES := python3.11-venv python3.11-dev gcc libc6-dev iproute2
 
 test-deps:
 	@missing=""; for tool in wrk:wrk slowhttptest:slowhttptest promtool:prometheus \
-		redis-server:redis-server redis-cli:redis-tools; do \
+		redis-server:redis-server redis-cli:redis-tools nginx:nginx-light haproxy:haproxy; do \
 		command -v $${tool%%:*} >/dev/null || missing="$$missing $${tool##*:}"; done; \
 	for package in $(IMAGE_TEST_PACKAGES); do \
 		dpkg-query -W -f='$${Status}' $$package 2>/dev/null | grep -q 'ok installed' || \

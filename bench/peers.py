@@ -405,6 +405,11 @@ PEERS: dict[str, Peer] = {
         Peer("nginx+tls", "nginx", _nginx_build(tls=True), tls=True),
         Peer("haproxy+tls", "haproxy", _haproxy_build(tls=True), tls=True),
         Peer("caddy+tls", "caddy", _caddy_build(tls=True), tls=True),
+        # the edge over TLS: a client certificate required, then the edge peer's pipeline
+        _gateway_peer(
+            "gateway+edge-tls", pipeline=True, jwt=True, trace_ratio=0.01, tls=True, mtls=True
+        ),
+        Peer("nginx+mtls", "nginx", _nginx_build(tls=True, mtls=True), tls=True, mtls=True),
         Peer("aiohttp", None, _aiohttp),
     )
 }

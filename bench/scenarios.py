@@ -147,7 +147,7 @@ def _interleaved(
                 peer = stack.enter_context(
                     started(scenario, name, settings.upstream_port, result, routes, context)
                 )
-                if peer is not None and check is not None:
+                if peer is not None and check is not None and not PEERS[name].mtls:
                     check(name, peer_url(name, peer[1], scenario.path))
             except Exception as exc:
                 # one peer failing to start must not cost the others their figures
@@ -155,7 +155,12 @@ def _interleaved(
                 continue
             if peer is not None:
                 pid, port = peer
-                live.append((result, pid, peer_url(name, port, scenario.path)))
+                url = peer_url(name, port, scenario.path)
+                if PEERS[name].mtls:
+                    # wrk cannot present a client certificate: haproxy does it for wrk
+                    front = stack.enter_context(client_certificate_front(port, context.certs))
+                    url = f"http://127.0.0.1:{front}{scenario.path}"
+                live.append((result, pid, url))
         for result, pid, url in live:
             warmup = wrk_round(pid, url, settings.connections, min(1.0, settings.seconds), headers)
             result.warmup_requests = warmup.requests
@@ -190,6 +195,31 @@ def bench_certificates() -> Iterator[str]:
     with tempfile.TemporaryDirectory(prefix="bench-certs-") as scratch:
         init_dev_certificates(Path(scratch), ["localhost", "127.0.0.1"])
         yield scratch
+
+
+@contextlib.contextmanager
+def client_certificate_front(port: int, certs: str) -> Iterator[int]:
+    """haproxy on the load core taking wrk's plain HTTP and sending it on over TLS with the
+    bench's client certificate to the peer on `port` (keep-alive, one server connection per
+    client connection): its port.  Its CPU is the load core's, not the measured peer's."""
+    front = free_port()
+    with tempfile.TemporaryDirectory(prefix="bench-front-") as scratch:
+        pem = Path(scratch) / "client.pem"
+        pem.write_bytes(
+            Path(certs, "client.crt").read_bytes() + Path(certs, "client.key").read_bytes()
+        )
+        config = Path(scratch) / "front.cfg"
+        config.write_text(
+            "global\n  nbthread 1\n  maxconn 8000\n"
+            "defaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n"
+            "  timeout server 60s\n"
+            f"frontend front\n  bind 127.0.0.1:{front}\n  default_backend peer\n"
+            f"backend peer\n  server peer 127.0.0.1:{port} ssl verify required"
+            f" ca-file {certs}/ca.crt crt {pem} sni str(localhost) alpn http/1.1\n"
+        )
+        with running(["haproxy", "-db", "-f", str(config)], LOAD_CORE):
+            wait_http(front)
+            yield front
 
 
 def tls_scenario(scenario: Scenario, peer_names: list[str], settings: Settings) -> list[Result]:
@@ -320,6 +350,10 @@ def _reference_ratios(scenario: Scenario, entries: list[tuple[Result, str, int]]
         for result, _, _ in entries:
             if result is not reference and result.rounds and result.peer != "nginx":
                 result.figures[f"x_{label}"] = result.median("rps") / reference.median("rps")
+                # the cost ratio, which holds when the load core, not the proxy's, is the limit
+                cpu = result.median("cpu_us_per_request")
+                if cpu:
+                    result.figures[f"x_{label}_cpu"] = reference.median("cpu_us_per_request") / cpu
                 if result.together:
                     result.figures[f"x_{label}_together"] = together_ratio(result, reference)
     nginx = next((r for r, name, _ in entries if name == "nginx" and r.together), None)
@@ -386,8 +420,11 @@ def traced_scenario(scenario: Scenario, peer_names: list[str], settings: Setting
         credentials = mint()
         headers, jwks = (credentials.header,), credentials.jwks
     traced = [result for result, name, _ in entries if PEERS[name].traced]
-    with otlp_sink() as sink:
-        context = Context(jwks=jwks, otlp_endpoint=endpoint(sink))
+    with otlp_sink() as sink, contextlib.ExitStack() as stack:
+        certs = ""
+        if any(PEERS[name].tls for name in peer_names):
+            certs = stack.enter_context(bench_certificates())
+        context = Context(jwks=jwks, otlp_endpoint=endpoint(sink), certs=certs)
         _interleaved(
             scenario,
             entries,
@@ -562,6 +599,15 @@ SCENARIOS: dict[str, Scenario] = {
             peers=("gateway+edge", "gateway", "nginx"),
             run=traced_scenario,
             extra={"reference": "gateway", "reference_label": "bare"},
+        ),
+        Scenario(
+            name="edge-tls",
+            description="the edge over TLS: mtls, jwt, rate_limit, circuit_breaker, retry, "
+            "headers, 1 % traced; against nginx doing TLS with client certificates and proxy "
+            "(wrk's requests reach both through haproxy presenting the client certificate)",
+            peers=("gateway+edge-tls", "gateway+tls", "nginx+mtls"),
+            run=traced_scenario,
+            extra={"reference": "nginx+mtls", "reference_label": "nginx_mtls"},
         ),
         Scenario(
             name="tracing",

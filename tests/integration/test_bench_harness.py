@@ -197,6 +197,40 @@ def test_workers_scenario_counts_the_cpu_of_every_worker(tmp_path: Path) -> None
     assert workers["cpu_us_per_request"] > 5
 
 
+def test_edge_tls_scenario_presents_the_client_certificate_through_its_front(
+    tmp_path: Path,
+) -> None:
+    """The edge over TLS and nginx with client certificates, tiny: every request is answered
+    2xx (a missing certificate would be 403 from the mtls stage, 400 from nginx), spans reach
+    the receiver, and the cost ratio to nginx is reported."""
+    result = run_bench(tmp_path, "edge-tls", "gateway+edge-tls", "nginx+mtls", timeout=240)
+    assert result.returncode == 0, result.stderr[-2000:]
+    [report_file] = tmp_path.glob("bench-*.json")
+    by_peer = {r["peer"]: r for r in json.loads(report_file.read_text())["results"]}
+    edge, nginx = by_peer["gateway+edge-tls"], by_peer["nginx+mtls"]
+    for peer in (edge, nginx):
+        assert peer["note"] == ""
+        assert peer["errors"] == 0
+        assert peer["rounds"][0]["requests"] > 0
+    assert edge["spans_received"] > 0
+    expected = nginx["rounds"][0]["cpu_us_per_request"] / edge["rounds"][0]["cpu_us_per_request"]
+    assert abs(edge["x_nginx_mtls_cpu"] - expected) < 0.01
+
+
+def test_the_edge_tls_peer_requires_a_client_certificate_first(tmp_path: Path) -> None:
+    credentials = mint()
+    with bench_certificates() as certs:
+        context = Context(jwks=credentials.jwks, otlp_endpoint=endpoint(4318), certs=certs)
+        PEERS["gateway+edge-tls"].build(tmp_path, 8443, 9000, 10, context)
+        config = load_config(tmp_path / "gateway.yaml")
+    [listener] = config.listeners
+    assert listener.tls is not None
+    assert listener.tls.client_ca is not None
+    [measured] = [r for r in config.routes if r.name == "app"]
+    kinds = [stage.kind for stage in measured.pipeline]
+    assert kinds == ["mtls", "jwt", "rate_limit", "circuit_breaker", "retry", "headers"]
+
+
 def test_together_ratio_pairs_rounds_and_takes_the_median() -> None:
     def result(*rps: float) -> Result:
         return Result(peer="p", scenario="s", together=[Round(1, r, 0, 0, 0, 0) for r in rps])
