@@ -1,6 +1,8 @@
 """Instructions per request on one route, counted by valgrind's callgrind.
 
-Run: python -m bench.callgrind [--route bare|operator|pipeline] [--requests N] [--out FILE]
+Run: python -m bench.callgrind [--route ROUTE] [--requests N] [--out FILE]
+
+ROUTE: bare, operator, pipeline or large-headers (the scenarios' requests and routes).
 
 The gateway runs under callgrind with instrumentation off; after a warm-up (500 requests) it is
 switched on for N requests over 10 keep-alive connections (`bench.upstream` answering), then off
@@ -25,6 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.headers import REQUEST_HEADERS
 from bench.peers import OPERATOR_KEY, OPERATOR_ORIGIN, gateway_config
 
 CONNECTIONS = 10
@@ -52,9 +55,15 @@ def _wait_for_port(port: int, deadline: float) -> None:
 
 def _request(route: str) -> bytes:
     headers = ["Host: bench"]
+    path = "/"
     if route == "operator":
         headers += [f"X-API-Key: {OPERATOR_KEY}", f"Origin: {OPERATOR_ORIGIN}"]
-    return ("GET / HTTP/1.1\r\n" + "".join(f"{h}\r\n" for h in headers) + "\r\n").encode()
+    elif route == "large-headers":
+        # the large-headers scenario's 40 request headers; /headers answers with 20
+        headers += REQUEST_HEADERS
+        path = "/headers"
+    lines = "".join(f"{h}\r\n" for h in headers)
+    return f"GET {path} HTTP/1.1\r\n{lines}\r\n".encode()
 
 
 async def _one_connection(port: int, request: bytes, count: int) -> None:
@@ -94,7 +103,9 @@ def _config(route: str, port: int, upstream: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--route", choices=("bare", "operator", "pipeline"), default="bare")
+    parser.add_argument(
+        "--route", choices=("bare", "operator", "pipeline", "large-headers"), default="bare"
+    )
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--top", type=int, default=25)
