@@ -114,11 +114,14 @@ def wait_http(
     proc: subprocess.Popen[bytes] | None = None,
     *,
     tls: bool = False,
+    certs: Path | None = None,
 ) -> None:
     """Until a GET / on the port (over TLS with `tls`) gets any HTTP answer; `proc`, when
-    given, is the process that should answer: its exit ends the wait at once."""
+    given, is the process that should answer: its exit ends the wait at once.  With `certs`
+    the client presents the bench's client certificate: a peer requiring one (HAProxy's
+    `verify required`) refuses the handshake without it, so it would never seem to answer."""
     deadline = time.monotonic() + timeout
-    context = client_tls() if tls else None
+    context = client_tls(certs) if tls else None
     while time.monotonic() < deadline:
         with contextlib.suppress(OSError):
             if _answers_http(port, context):

@@ -88,7 +88,8 @@ def started(
             log = Path(scratch) / f"output-{attempt}.log"
             with running(launch.argv, PROXY_CORE, launch.env, log) as proc:
                 try:
-                    wait_http(port, proc=proc, tls=peer.tls)
+                    certs = Path(context.certs) if peer.mtls else None
+                    wait_http(port, proc=proc, tls=peer.tls, certs=certs)
                 except RuntimeError as exc:
                     if proc.poll() is not None and attempt == 1:
                         continue

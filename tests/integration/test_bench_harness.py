@@ -149,6 +149,32 @@ def test_tls_peers_serve_https_only_with_the_scenarios_certificates(tmp_path: Pa
         PEERS["gateway+tls"].build(tmp_path, 8443, 9000, 10, Context())
 
 
+def test_mtls_peers_ask_for_the_bench_clients_certificate(tmp_path: Path) -> None:
+    """The handshakes scenario's mTLS peers: the gateway's listener trusts the bench's CA and
+    its route requires a certificate; nginx, HAProxy and Caddy require one at the handshake."""
+    with bench_certificates() as certs:
+        for name in ("gateway+mtls", "nginx+mtls", "haproxy+mtls", "caddy+mtls"):
+            scratch = tmp_path / name
+            scratch.mkdir()
+            assert PEERS[name].tls
+            assert PEERS[name].mtls
+            PEERS[name].build(scratch, 8443, 9000, 10, Context(certs=certs))
+        config = load_config(tmp_path / "gateway+mtls" / "gateway.yaml")
+    [listener] = config.listeners
+    assert listener.tls is not None
+    assert listener.tls.client_ca == f"{certs}/ca.crt"
+    [measured] = [r for r in config.routes if r.name == "app"]
+    assert [stage.kind for stage in measured.pipeline] == ["mtls"]
+    nginx = (tmp_path / "nginx+mtls" / "nginx.conf").read_text()
+    assert f"ssl_client_certificate {certs}/ca.crt;" in nginx
+    assert "ssl_verify_client on;" in nginx
+    haproxy = (tmp_path / "haproxy+mtls" / "haproxy.cfg").read_text()
+    assert f"ca-file {certs}/ca.crt verify required" in haproxy
+    caddy = (tmp_path / "caddy+mtls" / "Caddyfile").read_text()
+    assert "mode require_and_verify" in caddy
+    assert f"trusted_ca_cert_file {certs}/ca.crt" in caddy
+
+
 def test_together_ratio_pairs_rounds_and_takes_the_median() -> None:
     def result(*rps: float) -> Result:
         return Result(peer="p", scenario="s", together=[Round(1, r, 0, 0, 0, 0) for r in rps])
