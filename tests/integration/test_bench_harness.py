@@ -14,7 +14,7 @@ from aiohttp.test_utils import TestServer
 
 from bench.otlp_sink import Sink, counts, endpoint
 from bench.peers import PEERS, Context
-from bench.runner import Result, Round
+from bench.runner import Result, Round, misread, parse_s_time
 from bench.scenarios import answers_with, bench_certificates, together_ratio
 from bench.tokens import Credentials, mint
 from tests.integration.conftest import Seen
@@ -136,6 +136,62 @@ def test_tls_scenario_runs_the_gateway_and_nginx_over_https(tmp_path: Path) -> N
         assert peer["rounds"][0]["requests"] > 0
     expected = gateway["rounds"][0]["rps"] / nginx["rounds"][0]["rps"]
     assert gateway["x_nginx_tls"] == round(expected, 2)
+
+
+#: `openssl s_time -www / -new -time 1` (OpenSSL 3.0.19) against nginx+tls, as printed
+S_TIME_NEW = (
+    "Collecting connection statistics for 1 seconds\n" + "*" * 573 + "\n\n"
+    "573 connections in 0.66s; 868.18 connections/user sec, bytes read 88815\n"
+    "573 connections in 2 real seconds, 155 bytes read per connection\n"
+)
+#: the same with -reuse: every connection resumed ("r")
+S_TIME_REUSE = (
+    "\n\nNow timing with session id reuse.\nstarting\n" + "r" * 1233 + "\n\n"
+    "1233 connections in 0.75s; 1644.00 connections/user sec, bytes read 191115\n"
+    "1233 connections in 2 real seconds, 155 bytes read per connection\n"
+)
+#: -reuse against `openssl s_server -www -num_tickets 0`: no ticket, so none resumed ("*")
+S_TIME_NO_TICKETS = (
+    "\n\nNow timing with session id reuse.\nstarting\n" + "*" * 1165 + "\n\n"
+    "1165 connections in 0.83s; 1403.61 connections/user sec, bytes read 5935675\n"
+    "1165 connections in 2 real seconds, 5095 bytes read per connection\n"
+)
+#: -new against haproxy+mtls without -cert: the handshakes complete on the client's side
+#: (TLS 1.3), then the server refuses the certificate and nothing is read
+S_TIME_REFUSED = (
+    "Collecting connection statistics for 1 seconds\n" + "*" * 925 + "\n\n"
+    "925 connections in 0.99s; 934.34 connections/user sec, bytes read 0\n"
+    "925 connections in 2 real seconds, 0 bytes read per connection\n"
+)
+
+
+def test_s_time_output_parsed_into_connections_bytes_and_resumptions() -> None:
+    new = parse_s_time(S_TIME_NEW)
+    assert (new.connections, new.bytes_read, new.resumed) == (573, 88815, 0)
+    reuse = parse_s_time(S_TIME_REUSE)
+    assert (reuse.connections, reuse.bytes_read, reuse.resumed) == (1233, 191115, 1233)
+    no_tickets = parse_s_time(S_TIME_NO_TICKETS)
+    assert (no_tickets.connections, no_tickets.resumed) == (1165, 0)
+    # two connections in no user time: s_time prints "inf" connections/user sec
+    tiny = parse_s_time(
+        "Collecting connection statistics for 1 seconds\n**\n\n"
+        "2 connections in 0.00s; inf connections/user sec, bytes read 466\n"
+        "2 connections in 6 real seconds, 233 bytes read per connection\n"
+    )
+    assert (tiny.connections, tiny.bytes_read) == (2, 466)
+    with pytest.raises(ValueError, match="no totals"):
+        parse_s_time("Collecting connection statistics for 1 seconds\n")
+
+
+def test_s_time_answers_of_the_wrong_size_are_errors() -> None:
+    refused = parse_s_time(S_TIME_REFUSED)
+    assert misread(refused.connections, refused.bytes_read, 155) == 925
+    new = parse_s_time(S_TIME_NEW)
+    assert misread(new.connections, new.bytes_read, 155) == 0
+    # the gateway's request ids grow by a digit now and then: a few bytes are not an error
+    assert misread(100, 100 * 188, 186) == 0
+    # a 502 is about twice the 200's size
+    assert misread(100, 100 * 391, 186) == 100
 
 
 def test_tls_peers_serve_https_only_with_the_scenarios_certificates(tmp_path: Path) -> None:
