@@ -138,6 +138,37 @@ def test_tls_scenario_runs_the_gateway_and_nginx_over_https(tmp_path: Path) -> N
     assert gateway["x_nginx_tls"] == round(expected, 2)
 
 
+def test_handshakes_scenario_measures_new_and_resumed_tls_connections(tmp_path: Path) -> None:
+    """The gateway and nginx over TLS and the gateway asking for a client certificate, tiny:
+    every peer's full and resumed rows have connections (every one resumed on the resumed rows)
+    that read the checked 200's size, and the gateway's rate is a ratio to nginx's in the same
+    mode — none for the mTLS peer, which only nginx+mtls would be compared to."""
+    result = run_bench(tmp_path, "handshakes", "gateway+tls", "nginx+tls", "gateway+mtls")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "| handshakes | gateway+mtls (resumed) |" in result.stdout
+    [report_file] = tmp_path.glob("bench-*.json")
+    by_peer = {r["peer"]: r for r in json.loads(report_file.read_text())["results"]}
+    for peer in ("gateway+tls", "nginx+tls", "gateway+mtls"):
+        for mode in ("full", "resumed"):
+            row = by_peer[f"{peer} ({mode})"]
+            assert row["scenario"] == "handshakes"
+            assert row["note"] == ""
+            assert row["errors"] == 0
+            assert row["rounds"][0]["requests"] > 0
+            assert row["connections_per_s"] > 0
+            assert row["cpu_us_per_connection"] > 0
+            if mode == "resumed":
+                assert row["resumed_percent"] == 100
+            else:
+                assert "resumed_percent" not in row
+    for mode in ("full", "resumed"):
+        gateway, nginx = by_peer[f"gateway+tls ({mode})"], by_peer[f"nginx+tls ({mode})"]
+        expected = gateway["rounds"][0]["rps"] / nginx["rounds"][0]["rps"]
+        assert gateway["x_nginx"] == round(expected, 2)
+        assert nginx["x_nginx"] == 1.0
+        assert "x_nginx" not in by_peer[f"gateway+mtls ({mode})"]
+
+
 #: `openssl s_time -www / -new -time 1` (OpenSSL 3.0.19) against nginx+tls, as printed
 S_TIME_NEW = (
     "Collecting connection statistics for 1 seconds\n" + "*" * 573 + "\n\n"
