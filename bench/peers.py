@@ -297,7 +297,7 @@ def _nginx_build(tls: bool = False, mtls: bool = False, workers: int = 1) -> Bui
     return build
 
 
-def _haproxy_build(tls: bool = False) -> Build:
+def _haproxy_build(tls: bool = False, mtls: bool = False) -> Build:
     def build(scratch: Path, port: int, upstream: int, routes: int, context: Context) -> Launch:
         bind = f"bind 127.0.0.1:{port}"
         if tls:
@@ -308,6 +308,8 @@ def _haproxy_build(tls: bool = False) -> Build:
                 (certs / "server.crt").read_bytes() + (certs / "server.key").read_bytes()
             )
             bind += f" ssl crt {pem} ssl-min-ver TLSv1.3 curves P-256"
+            if mtls:
+                bind += f" ca-file {certs}/ca.crt verify required"
         config = scratch / "haproxy.cfg"
         config.write_text(
             textwrap.dedent(
@@ -334,18 +336,32 @@ def _haproxy_build(tls: bool = False) -> Build:
     return build
 
 
-def _caddy_build(tls: bool = False) -> Build:
+def _caddy_build(tls: bool = False, mtls: bool = False) -> Build:
     def build(scratch: Path, port: int, upstream: int, routes: int, context: Context) -> Launch:
         site = f"http://127.0.0.1:{port}"
         tls_line = ""
         if tls:
-            site = f"https://127.0.0.1:{port}"
+            # no host in the address: a site for 127.0.0.1 answers a request without a Host
+            # (`openssl s_time -www` sends HTTP/1.0 without one) with an empty 200 of its own
+            # instead of proxying it; `bind` keeps it on the loopback all the same
+            site = f"https://:{port}"
             certs = context.certs
+            # the lines after the first indented as the template's, which dedent strips
+            client_auth = (
+                "                    client_auth {\n"
+                "                      mode require_and_verify\n"
+                f"                      trusted_ca_cert_file {certs}/ca.crt\n"
+                "                    }\n"
+                if mtls
+                else ""
+            )
             tls_line = (
-                f"tls {certs}/server.crt {certs}/server.key {{\n"
-                "                protocols tls1.3\n"
-                "                curves secp256r1\n"
-                "              }"
+                "bind 127.0.0.1\n"
+                f"                  tls {certs}/server.crt {certs}/server.key {{\n"
+                "                    protocols tls1.3\n"
+                "                    curves secp256r1\n"
+                f"{client_auth}"
+                "                  }"
             )
         config = scratch / "Caddyfile"
         config.write_text(
@@ -410,6 +426,10 @@ PEERS: dict[str, Peer] = {
             "gateway+edge-tls", pipeline=True, jwt=True, trace_ratio=0.01, tls=True, mtls=True
         ),
         Peer("nginx+mtls", "nginx", _nginx_build(tls=True, mtls=True), tls=True, mtls=True),
+        # the same, asking for a client certificate from the bench's CA (`handshakes`)
+        _gateway_peer("gateway+mtls", tls=True, mtls=True),
+        Peer("haproxy+mtls", "haproxy", _haproxy_build(tls=True, mtls=True), tls=True, mtls=True),
+        Peer("caddy+mtls", "caddy", _caddy_build(tls=True, mtls=True), tls=True, mtls=True),
         Peer("aiohttp", None, _aiohttp),
     )
 }

@@ -1,4 +1,5 @@
-"""Start things pinned to cores, drive them with wrk, and measure the proxy process.
+"""Start things pinned to cores, drive them with wrk (or `openssl s_time` for new TLS
+connections), and measure the proxy process.
 
 Layout on a 2-core machine (SPEC §12): the proxy under test on core 0, the upstream and wrk on
 core 1 (a peer with two workers gets both cores, shared with them).  CPU time per request comes
@@ -115,11 +116,14 @@ def wait_http(
     proc: subprocess.Popen[bytes] | None = None,
     *,
     tls: bool = False,
+    certs: Path | None = None,
 ) -> None:
     """Until a GET / on the port (over TLS with `tls`) gets any HTTP answer; `proc`, when
-    given, is the process that should answer: its exit ends the wait at once."""
+    given, is the process that should answer: its exit ends the wait at once.  With `certs`
+    the client presents the bench's client certificate: a peer requiring one (HAProxy's
+    `verify required`) refuses the handshake without it, so it would never seem to answer."""
     deadline = time.monotonic() + timeout
-    context = client_tls() if tls else None
+    context = client_tls(certs) if tls else None
     while time.monotonic() < deadline:
         with contextlib.suppress(OSError):
             if _answers_http(port, context):
@@ -303,3 +307,126 @@ def wrk_together(
         _round(output, cpu_seconds(pid) - start)
         for output, (pid, _), start in zip(outputs, targets, before, strict=True)
     ]
+
+
+#: what `openssl s_time -www /` sends on each connection (apps/s_time.c): HTTP/1.0 and no Host,
+#: so the peer answers and closes; s_time reads until the close
+S_TIME_REQUEST = b"GET / HTTP/1.0\r\n\r\n"
+#: s_time processes run at once for one measurement.  s_time makes one connection at a time;
+#: measured on the 2-core VM (full handshakes, 3 s), one process gave the gateway ~240-290 and
+#: nginx ~300-380 connections/s with both cores half idle, four gave ~480-540 and ~580-650 (x1.7-2)
+#: with the load core 95 % busy — and resumed handshakes gained as much (~240 -> ~430 for the
+#: gateway).  So four, in both modes (full and resumed stay comparable).  A proxy core is then
+#: 50-70 % busy: Debian's OpenSSL 3.0 spends about as much CPU on the client's side of a
+#: handshake (~1 ms) as on the server's, so one load core cannot saturate one proxy core, and
+#: connections/s is bounded by the client for the cheaper peers.  CPU µs per connection, from the
+#: proxy's own counters, is the figure that compares the proxies' costs.
+S_TIME_PROCESSES = 4
+
+
+@dataclass(frozen=True)
+class STime:
+    """What one `openssl s_time` run reports about itself."""
+
+    connections: int
+    bytes_read: int
+    #: connections that resumed the session (`-reuse`): s_time prints one mark per connection,
+    #: "r" when resumed, "*" for a new TLS 1.3 session ("t", "3" for TLS 1.0, SSL 3)
+    resumed: int
+
+
+# "573 connections in 0.66s; 868.18 connections/user sec, bytes read 88815": the seconds are the
+# client's user CPU.  The next line's "N connections in T real seconds" has T in whole seconds of
+# time(), and a run lasts from -time to -time + 1 s, so neither times the run: the caller does.
+_S_TIME_TOTALS = re.compile(
+    r"^(\d+) connections in [\d.]+s; \S+ connections/user sec, bytes read (\d+)$", re.M
+)
+_S_TIME_MARKS = re.compile(r"^[r*t3]+$", re.M)
+
+
+def parse_s_time(output: str) -> STime:
+    """The totals of one `s_time -new` or `-reuse` run, and how many connections resumed."""
+    totals = _S_TIME_TOTALS.search(output)
+    if totals is None:
+        raise ValueError(f"no totals in s_time's output: {output[-300:]!r}")
+    marks = "".join(_S_TIME_MARKS.findall(output))
+    return STime(int(totals.group(1)), int(totals.group(2)), marks.count("r"))
+
+
+def _s_time_argv(
+    port: int, certs: Path, seconds: float, resume: bool, client_cert: bool
+) -> list[str]:
+    argv = [
+        "openssl",
+        "s_time",
+        "-connect",
+        f"127.0.0.1:{port}",
+        "-CAfile",
+        str(certs / "ca.crt"),
+        "-www",
+        "/",
+        "-reuse" if resume else "-new",
+        "-time",
+        str(max(1, round(seconds))),
+    ]
+    if client_cert:
+        argv += ["-cert", str(certs / "client.crt"), "-key", str(certs / "client.key")]
+    return pinned(LOAD_CORE, argv)
+
+
+def s_time_round(
+    pid: int,
+    port: int,
+    certs: Path,
+    seconds: float,
+    *,
+    resume: bool,
+    client_cert: bool,
+    answer_bytes: int,
+    processes: int = S_TIME_PROCESSES,
+) -> tuple[Round, int]:
+    """`processes` s_time runs at once against the peer on `port`, each making new connections
+    (`resume`: resuming its first connection's session) with one GET each, and how many of the
+    connections resumed.  The Round has connections for requests, connections per second (of
+    the wall-clock time of the whole run, timed here) for rps and the peer's CPU µs per
+    connection; s_time measures no latencies (0).
+
+    s_time checks no answer, so the answers are checked by their size: every connection should
+    read `answer_bytes` (the peer's 200 to the same request, see `handshake_check`).  A refused
+    client certificate reads 0 bytes (TLS 1.3 completes the client's handshake before the
+    server verifies it), a 502 about twice as many; a round whose connections read on average
+    more than 5 % off (request ids vary by a digit or two) counts all its connections as errors."""
+    argv = _s_time_argv(port, certs, seconds, resume, client_cert)
+    before = cpu_seconds(pid)
+    started = time.monotonic()
+    runs = [
+        subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for _ in range(processes)
+    ]
+    # every run is waited for before any failure is raised: none is left running
+    outputs = [run.communicate(timeout=seconds + 30)[0] for run in runs]
+    elapsed = time.monotonic() - started
+    cpu_used = cpu_seconds(pid) - before
+    for run, output in zip(runs, outputs, strict=True):
+        if run.returncode != 0:
+            raise RuntimeError(f"s_time exited with status {run.returncode}: {output[-300:]!r}")
+    parsed = [parse_s_time(output) for output in outputs]
+    connections = sum(p.connections for p in parsed)
+    if connections == 0:
+        raise RuntimeError("s_time made no connection")
+    round_ = Round(
+        requests=connections,
+        rps=connections / elapsed,
+        p50_ms=0.0,
+        p99_ms=0.0,
+        cpu_us_per_request=cpu_used * 1e6 / connections,
+        errors=misread(connections, sum(p.bytes_read for p in parsed), answer_bytes),
+    )
+    return round_, sum(p.resumed for p in parsed)
+
+
+def misread(connections: int, bytes_read: int, answer_bytes: int) -> int:
+    """The connections counted as errors: all of them when they read on average more than 5 %
+    more or less than `answer_bytes`, none otherwise."""
+    off = abs(bytes_read / max(connections, 1) - answer_bytes) > 0.05 * answer_bytes
+    return connections if off else 0

@@ -7,6 +7,7 @@ import contextlib
 import re
 import resource
 import socket
+import ssl
 import statistics
 import sys
 import tempfile
@@ -23,6 +24,7 @@ from bench.peers import OPERATOR_KEY, OPERATOR_ORIGIN, PEERS, Context
 from bench.runner import (
     LOAD_CORE,
     PROXY_CORE,
+    S_TIME_REQUEST,
     Result,
     client_tls,
     free_port,
@@ -31,6 +33,7 @@ from bench.runner import (
     peak_rss_mib,
     rss_mib,
     running,
+    s_time_round,
     wait_http,
     wrk_round,
     wrk_together,
@@ -89,7 +92,8 @@ def started(
             log = Path(scratch) / f"output-{attempt}.log"
             with running(launch.argv, peer.cores or PROXY_CORE, launch.env, log) as proc:
                 try:
-                    wait_http(port, proc=proc, tls=peer.tls)
+                    certs = Path(context.certs) if peer.mtls else None
+                    wait_http(port, proc=proc, tls=peer.tls, certs=certs)
                 except RuntimeError as exc:
                     if proc.poll() is not None and attempt == 1:
                         continue
@@ -245,6 +249,198 @@ def large_headers_scenario(
     _interleaved(scenario, entries, settings, headers=REQUEST_HEADERS, together=True)
     _reference_ratios(scenario, entries)
     return [result for result, _, _ in entries]
+
+
+#: the handshakes scenario's measurements of each peer: (label, resume the session)
+HANDSHAKE_MODES = (("full", False), ("resumed", True))
+
+
+@dataclass
+class _Handshakes:
+    """One peer in one mode of the handshakes scenario, while its rounds run."""
+
+    result: Result
+    pid: int
+    port: int
+    resume: bool
+    #: the peer asks for the client's certificate: s_time presents it
+    client_cert: bool
+    #: the size of the peer's 200 to s_time's request (`handshake_check`)
+    answer_bytes: int
+    #: connections s_time saw resumed, over the rounds
+    resumed: int = 0
+
+
+def handshakes_scenario(
+    scenario: Scenario, peer_names: list[str], settings: Settings
+) -> list[Result]:
+    """New TLS connections per second, each doing one small GET (`openssl s_time -www /` on the
+    load core, `S_TIME_PROCESSES` at once: see there), two Results per peer: `NAME (full)`, a
+    new session each time (`-new`), and `NAME (resumed)`, each resuming a session of the
+    process's connection before (`-reuse`, TLS 1.3 session tickets).  An mTLS peer is connected
+    to with the bench client's certificate.  The Rounds are reused: requests are connections, rps
+    connections per second, CPU µs per request per connection, no latencies; the figures say so
+    again (`connections_per_s`, `cpu_us_per_connection`), `x_nginx` is the ratio to nginx's
+    same mode (nginx+mtls's for an mTLS peer) and `resumed_percent` what s_time saw resumed.
+
+    Every peer is started at once, checked (`handshake_check`) and warmed up with a second of
+    full handshakes; then the rounds rotate across every (peer, mode) as `_interleaved` does.  A
+    peer that does not resume a session offered gets a note on its resumed row instead of rounds
+    that would be full handshakes by another name."""
+    results: list[Result] = []
+    live: list[_Handshakes] = []
+    with bench_certificates() as scratch, contextlib.ExitStack() as stack:
+        certs = Path(scratch)
+        for name in peer_names:
+            full, resumed = (
+                Result(peer=f"{name} ({label})", scenario=scenario.name)
+                for label, _ in HANDSHAKE_MODES
+            )
+            results += [full, resumed]
+            print(f"bench: {scenario.name} / {name} starting", file=sys.stderr, flush=True)
+            try:
+                entries = _handshake_peer(stack, scenario, name, settings, certs, full, resumed)
+            except Exception as exc:
+                # one peer failing to start must not cost the others their figures
+                full.note = resumed.note = f"failed: {exc!r}"
+                continue
+            live += entries
+        for index in range(settings.rounds):
+            shift = index % len(live) if live else 0
+            for entry in live[shift:] + live[:shift]:
+                try:
+                    one, resumed_count = s_time_round(
+                        entry.pid,
+                        entry.port,
+                        certs,
+                        settings.seconds,
+                        resume=entry.resume,
+                        client_cert=entry.client_cert,
+                        answer_bytes=entry.answer_bytes,
+                    )
+                except Exception as exc:
+                    entry.result.note = f"failed: {exc!r}"
+                    continue
+                entry.result.rounds.append(one)
+                entry.resumed += resumed_count
+            live = [entry for entry in live if not entry.result.note]
+    _handshake_figures(peer_names, results, live)
+    return results
+
+
+def _handshake_peer(
+    stack: contextlib.ExitStack,
+    scenario: Scenario,
+    name: str,
+    settings: Settings,
+    certs: Path,
+    full: Result,
+    resumed: Result,
+) -> list[_Handshakes]:
+    """Start, check and warm up one peer (stopped with `stack`): its modes to measure."""
+    peer = stack.enter_context(
+        started(scenario, name, settings.upstream_port, full, context=Context(certs=str(certs)))
+    )
+    if peer is None:
+        resumed.note = full.note
+        return []
+    pid, port = peer
+    client_cert = PEERS[name].mtls
+    answer_bytes, resumes = handshake_check(port, certs, client_cert)
+    warmup, _ = s_time_round(
+        pid,
+        port,
+        certs,
+        min(1.0, settings.seconds),
+        resume=False,
+        client_cert=client_cert,
+        answer_bytes=answer_bytes,
+    )
+    full.warmup_requests = warmup.requests
+    entries = [_Handshakes(full, pid, port, False, client_cert, answer_bytes)]
+    if resumes:
+        entries.append(_Handshakes(resumed, pid, port, True, client_cert, answer_bytes))
+    else:
+        resumed.note = (
+            "no resumption: a connection offering the session of the one before got a new one"
+        )
+    return entries
+
+
+def _handshake_figures(
+    peer_names: list[str], results: list[Result], measured: list[_Handshakes]
+) -> None:
+    """The figures of the handshakes scenario's Results (see `handshakes_scenario`)."""
+    by_peer = {result.peer: result for result in results}
+    resumed = {entry.result.peer: entry.resumed for entry in measured if entry.resume}
+    for name in peer_names:
+        reference = "nginx+mtls" if PEERS[name].mtls else "nginx+tls"
+        full = by_peer[f"{name} (full)"]
+        for label, _ in HANDSHAKE_MODES:
+            result = by_peer[f"{name} ({label})"]
+            # both modes ran in the one process: each row gets the peak `started` measured
+            result.peak_rss_mib = full.peak_rss_mib
+            if not result.rounds:
+                continue
+            result.figures["connections_per_s"] = result.median("rps")
+            result.figures["cpu_us_per_connection"] = result.median("cpu_us_per_request")
+            nginx = by_peer.get(f"{reference} ({label})")
+            if nginx is not None and nginx.rounds:
+                result.figures["x_nginx"] = result.median("rps") / nginx.median("rps")
+            if result.peer in resumed:
+                connections = sum(r.requests for r in result.rounds)
+                result.figures["resumed_percent"] = 100 * resumed[result.peer] / connections
+
+
+def _s_time_client(certs: Path, client_cert: bool) -> ssl.SSLContext:
+    """A client like s_time's: trusts the bench's CA, sends no server name."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.load_verify_locations(certs / "ca.crt")
+    if client_cert:
+        context.load_cert_chain(certs / "client.crt", certs / "client.key")
+    return context
+
+
+def _s_time_exchange(
+    port: int, context: ssl.SSLContext, session: ssl.SSLSession | None = None
+) -> tuple[bytes, ssl.SSLSession | None, bool]:
+    """s_time's request on a new connection, offering `session`: the whole answer (the peer
+    closes after an HTTP/1.0 one), the session to offer next time (its ticket arrived with the
+    answer) and whether this connection resumed the one offered."""
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+        context.wrap_socket(raw, session=session) as tls,
+    ):
+        tls.sendall(S_TIME_REQUEST)
+        answer = b""
+        while chunk := tls.recv(65536):
+            answer += chunk
+        return answer, tls.session, bool(tls.session_reused)
+
+
+def handshake_check(port: int, certs: Path, client_cert: bool) -> tuple[int, bool]:
+    """Before a peer's handshakes are measured, with s_time's request: it is answered 200 (with
+    the client certificate when the peer asks for one), and the size of that answer is what
+    every measured connection must read (`s_time_round`); an mTLS peer does not answer 200
+    without the certificate (one that did would make its rows plain TLS); and a second
+    connection offering the first's session resumes it.  (answer size, resumed)"""
+    context = _s_time_client(certs, client_cert)
+    answer, session, _ = _s_time_exchange(port, context)
+    status = answer.split(b"\r\n", 1)[0]
+    if not re.fullmatch(rb"HTTP/1\.[01] 200 .*", status):
+        raise RuntimeError(f"answered {status[:40]!r}, not 200, to s_time's request")
+    if client_cert:
+        try:
+            refused = _s_time_exchange(port, _s_time_client(certs, False))[0]
+        except OSError:  # refused at the handshake (TLS alert) or by a reset
+            refused = b""
+        if refused.startswith((b"HTTP/1.1 200", b"HTTP/1.0 200")):
+            raise RuntimeError("answered 200 to a client without a certificate")
+    again, _, resumed = _s_time_exchange(port, context, session)
+    if not again.startswith(status):
+        raise RuntimeError(f"answered {again[:40]!r} on the resumed connection")
+    return len(answer), resumed
 
 
 def together_ratio(result: Result, reference: Result) -> float:
@@ -653,6 +849,22 @@ SCENARIOS: dict[str, Scenario] = {
             "upstream and wrk): the gateway's --workers 2 against nginx's worker_processes 2",
             peers=("gateway+workers2", "nginx+workers2", "gateway", "nginx"),
             run=wrk_scenario,
+        ),
+        Scenario(
+            name="handshakes",
+            description="new TLS connections per second, one small GET each (openssl s_time):"
+            " full and resumed handshakes, and both again with a client certificate (mTLS)",
+            peers=(
+                "gateway+tls",
+                "nginx+tls",
+                "haproxy+tls",
+                "caddy+tls",
+                "gateway+mtls",
+                "nginx+mtls",
+                "haproxy+mtls",
+                "caddy+mtls",
+            ),
+            run=handshakes_scenario,
         ),
         Scenario(
             name="routes10k",

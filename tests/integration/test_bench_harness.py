@@ -15,7 +15,7 @@ from aiohttp.test_utils import TestServer
 from bench.headers import REQUEST_HEADERS, RESPONSE_HEADERS
 from bench.otlp_sink import Sink, counts, endpoint
 from bench.peers import PEERS, Context
-from bench.runner import Result, Round, free_port, wait_http
+from bench.runner import Result, Round, free_port, misread, parse_s_time, wait_http
 from bench.scenarios import answers_with, bench_certificates, together_ratio
 from bench.tokens import Credentials, mint
 from tests.integration.conftest import Seen
@@ -139,6 +139,93 @@ def test_tls_scenario_runs_the_gateway_and_nginx_over_https(tmp_path: Path) -> N
     assert gateway["x_nginx_tls"] == round(expected, 2)
 
 
+def test_handshakes_scenario_measures_new_and_resumed_tls_connections(tmp_path: Path) -> None:
+    """The gateway and nginx over TLS and the gateway asking for a client certificate, tiny:
+    every peer's full and resumed rows have connections (every one resumed on the resumed rows)
+    that read the checked 200's size, and the gateway's rate is a ratio to nginx's in the same
+    mode — none for the mTLS peer, which only nginx+mtls would be compared to."""
+    result = run_bench(tmp_path, "handshakes", "gateway+tls", "nginx+tls", "gateway+mtls")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "| handshakes | gateway+mtls (resumed) |" in result.stdout
+    [report_file] = tmp_path.glob("bench-*.json")
+    by_peer = {r["peer"]: r for r in json.loads(report_file.read_text())["results"]}
+    for peer in ("gateway+tls", "nginx+tls", "gateway+mtls"):
+        for mode in ("full", "resumed"):
+            row = by_peer[f"{peer} ({mode})"]
+            assert row["scenario"] == "handshakes"
+            assert row["note"] == ""
+            assert row["errors"] == 0
+            assert row["rounds"][0]["requests"] > 0
+            assert row["connections_per_s"] > 0
+            assert row["cpu_us_per_connection"] > 0
+            if mode == "resumed":
+                assert row["resumed_percent"] == 100
+            else:
+                assert "resumed_percent" not in row
+    for mode in ("full", "resumed"):
+        gateway, nginx = by_peer[f"gateway+tls ({mode})"], by_peer[f"nginx+tls ({mode})"]
+        expected = gateway["rounds"][0]["rps"] / nginx["rounds"][0]["rps"]
+        assert gateway["x_nginx"] == round(expected, 2)
+        assert nginx["x_nginx"] == 1.0
+        assert "x_nginx" not in by_peer[f"gateway+mtls ({mode})"]
+
+
+#: `openssl s_time -www / -new -time 1` (OpenSSL 3.0.19) against nginx+tls, as printed
+S_TIME_NEW = (
+    "Collecting connection statistics for 1 seconds\n" + "*" * 573 + "\n\n"
+    "573 connections in 0.66s; 868.18 connections/user sec, bytes read 88815\n"
+    "573 connections in 2 real seconds, 155 bytes read per connection\n"
+)
+#: the same with -reuse: every connection resumed ("r")
+S_TIME_REUSE = (
+    "\n\nNow timing with session id reuse.\nstarting\n" + "r" * 1233 + "\n\n"
+    "1233 connections in 0.75s; 1644.00 connections/user sec, bytes read 191115\n"
+    "1233 connections in 2 real seconds, 155 bytes read per connection\n"
+)
+#: -reuse against `openssl s_server -www -num_tickets 0`: no ticket, so none resumed ("*")
+S_TIME_NO_TICKETS = (
+    "\n\nNow timing with session id reuse.\nstarting\n" + "*" * 1165 + "\n\n"
+    "1165 connections in 0.83s; 1403.61 connections/user sec, bytes read 5935675\n"
+    "1165 connections in 2 real seconds, 5095 bytes read per connection\n"
+)
+#: -new against haproxy+mtls without -cert: the handshakes complete on the client's side
+#: (TLS 1.3), then the server refuses the certificate and nothing is read
+S_TIME_REFUSED = (
+    "Collecting connection statistics for 1 seconds\n" + "*" * 925 + "\n\n"
+    "925 connections in 0.99s; 934.34 connections/user sec, bytes read 0\n"
+    "925 connections in 2 real seconds, 0 bytes read per connection\n"
+)
+
+
+def test_s_time_output_parsed_into_connections_bytes_and_resumptions() -> None:
+    new = parse_s_time(S_TIME_NEW)
+    assert (new.connections, new.bytes_read, new.resumed) == (573, 88815, 0)
+    reuse = parse_s_time(S_TIME_REUSE)
+    assert (reuse.connections, reuse.bytes_read, reuse.resumed) == (1233, 191115, 1233)
+    no_tickets = parse_s_time(S_TIME_NO_TICKETS)
+    assert (no_tickets.connections, no_tickets.resumed) == (1165, 0)
+    # two connections in no user time: s_time prints "inf" connections/user sec
+    tiny = parse_s_time(
+        "Collecting connection statistics for 1 seconds\n**\n\n"
+        "2 connections in 0.00s; inf connections/user sec, bytes read 466\n"
+        "2 connections in 6 real seconds, 233 bytes read per connection\n"
+    )
+    assert (tiny.connections, tiny.bytes_read) == (2, 466)
+    with pytest.raises(ValueError, match="no totals"):
+        parse_s_time("Collecting connection statistics for 1 seconds\n")
+
+
+def test_s_time_answers_of_the_wrong_size_are_errors() -> None:
+    refused = parse_s_time(S_TIME_REFUSED)
+    assert misread(refused.connections, refused.bytes_read, 155) == 925
+    new = parse_s_time(S_TIME_NEW)
+    assert misread(new.connections, new.bytes_read, 155) == 0
+    # the gateway's request ids grow by a digit now and then: a few bytes are not an error
+    assert misread(100, 100 * 188, 186) == 0
+    # a 502 is about twice the 200's size
+    assert misread(100, 100 * 391, 186) == 100
+
+
 def test_tls_peers_serve_https_only_with_the_scenarios_certificates(tmp_path: Path) -> None:
     with bench_certificates() as certs:
         PEERS["gateway+tls"].build(tmp_path, 8443, 9000, 10, Context(certs=certs))
@@ -229,6 +316,32 @@ def test_the_edge_tls_peer_requires_a_client_certificate_first(tmp_path: Path) -
     [measured] = [r for r in config.routes if r.name == "app"]
     kinds = [stage.kind for stage in measured.pipeline]
     assert kinds == ["mtls", "jwt", "rate_limit", "circuit_breaker", "retry", "headers"]
+
+
+def test_mtls_peers_ask_for_the_bench_clients_certificate(tmp_path: Path) -> None:
+    """The handshakes scenario's mTLS peers: the gateway's listener trusts the bench's CA and
+    its route requires a certificate; nginx, HAProxy and Caddy require one at the handshake."""
+    with bench_certificates() as certs:
+        for name in ("gateway+mtls", "nginx+mtls", "haproxy+mtls", "caddy+mtls"):
+            scratch = tmp_path / name
+            scratch.mkdir()
+            assert PEERS[name].tls
+            assert PEERS[name].mtls
+            PEERS[name].build(scratch, 8443, 9000, 10, Context(certs=certs))
+        config = load_config(tmp_path / "gateway+mtls" / "gateway.yaml")
+    [listener] = config.listeners
+    assert listener.tls is not None
+    assert listener.tls.client_ca == f"{certs}/ca.crt"
+    [measured] = [r for r in config.routes if r.name == "app"]
+    assert [stage.kind for stage in measured.pipeline] == ["mtls"]
+    nginx = (tmp_path / "nginx+mtls" / "nginx.conf").read_text()
+    assert f"ssl_client_certificate {certs}/ca.crt;" in nginx
+    assert "ssl_verify_client on;" in nginx
+    haproxy = (tmp_path / "haproxy+mtls" / "haproxy.cfg").read_text()
+    assert f"ca-file {certs}/ca.crt verify required" in haproxy
+    caddy = (tmp_path / "caddy+mtls" / "Caddyfile").read_text()
+    assert "mode require_and_verify" in caddy
+    assert f"trusted_ca_cert_file {certs}/ca.crt" in caddy
 
 
 def test_together_ratio_pairs_rounds_and_takes_the_median() -> None:
