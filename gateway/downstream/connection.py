@@ -44,7 +44,14 @@ from gateway.errors import (
     TooManyConnections,
 )
 from gateway.http.flow import Drain
-from gateway.http.headers import NOT_NAMED_BY_CONNECTION, connection_tokens, status_line
+from gateway.http.headers import (
+    NOT_NAMED_BY_CONNECTION,
+    PARSED,
+    RECEIVED_CLASSES,
+    connection_tokens,
+    received_name_class,
+    status_line,
+)
 from gateway.http.host import normalize_host
 from gateway.http.messages import (
     BODY_HIGH_WATER,
@@ -87,23 +94,6 @@ _MAX_REFUSING: Final = 64
 _REFUSAL_SECONDS: Final = 2.0
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 
-_SPECIAL: Final = frozenset(
-    {
-        b"host",
-        b"content-length",
-        b"transfer-encoding",
-        b"connection",
-        b"proxy-connection",
-        b"expect",
-        b"upgrade",
-        b"x-request-id",
-        b"x-forwarded-for",
-        b"forwarded",
-        b"authorization",
-        b"traceparent",
-        b"tracestate",
-    }
-)
 _NO_BODY_STATUS: Final = frozenset({204, 304})
 #: before connection_made
 _NO_PEER: Final = Peer("", trusted=False, scheme="http", listener="")
@@ -464,9 +454,15 @@ class HttpConnection(asyncio.Protocol):
         assert head is not None
         self._head_bytes += len(name) + len(value) + 4
         head.headers.append((name, value))
-        low = name.lower()
-        if low not in _SPECIAL:
+        # one lookup, by the name as spelled, classes it for the way upstream and says whether
+        # it is read here; only those are lowered
+        flags = RECEIVED_CLASSES.get(name)
+        if flags is None:
+            flags = received_name_class(name)
+        head.classes.append(flags)
+        if not flags & PARSED:
             return
+        low = name.lower()
         if low == b"host":
             if head.host is not None:
                 raise BadRequest("more than one Host header")

@@ -22,10 +22,8 @@ from typing import Final
 from gateway.http.headers import (
     DROP,
     DROP_UNTRUSTED,
-    NAME_CLASSES,
     TRACE,
     UNDERSCORE,
-    name_class,
 )
 from gateway.http.messages import RequestHead
 
@@ -90,16 +88,14 @@ def build_request_head(
         # each try carries the gateway's own traceparent (and the tracestate it read): the
         # head is returned open, without its blank line, for RequestTrace.try_head to end
         dropped |= TRACE
-    classes = NAME_CLASSES
     lines: list[bytes] = []
-    for name, value in head.headers:
-        # one dict lookup per header: what a name is (headers.name_class) is worked out once
-        low = name.lower()
-        flags = classes.get(low)
-        if flags is None:
-            flags = name_class(low)
-        if flags & dropped:
+    headers = head.headers
+    # what each name is (headers.name_class), worked out by the connection while parsing
+    classes = head.header_classes()
+    for i in range(len(headers)):
+        if classes[i] & dropped:
             continue
+        name, value = headers[i]
         lines.append(b"%b: %b\r\n" % (name, value))
     if extra:
         for name, value in extra:

@@ -156,6 +156,27 @@ DROP: Final = 1  # always: hop-by-hop, framing, gateway-set, client certs, X-Con
 DROP_UNTRUSTED: Final = 2  # from a peer not in trusted_proxies: CLIENT_CLAIMS and their families
 UNDERSCORE: Final = 4  # a "_" in the name (dropped unless the route allows them)
 TRACE: Final = 8  # W3C trace context: replaced by the gateway's own when tracing is on
+PARSED: Final = 16  # read by the connection while parsing (PARSED_NAMES)
+
+#: the request headers the connection reads while parsing the head (framing, Host, the values
+#: stages and tracing read without a scan): their class carries PARSED
+PARSED_NAMES: Final = frozenset(
+    {
+        b"host",
+        b"content-length",
+        b"transfer-encoding",
+        b"connection",
+        b"proxy-connection",
+        b"expect",
+        b"upgrade",
+        b"x-request-id",
+        b"x-forwarded-for",
+        b"forwarded",
+        b"authorization",
+        b"traceparent",
+        b"tracestate",
+    }
+)
 
 #: the trace context headers (W3C Trace Context)
 TRACE_HEADERS: Final = frozenset({b"traceparent", b"tracestate"})
@@ -164,18 +185,24 @@ TRACE_HEADERS: Final = frozenset({b"traceparent", b"tracestate"})
 _CLASS_CACHE_SIZE: Final = 4096
 #: name -> its `name_class` bits (Final: compiled code reads it without a module lookup)
 NAME_CLASSES: Final[dict[bytes, int]] = {}
+#: a name as a client spelled it -> its `name_class` bits: the connection classes each request
+#: header by it, without lowering the name first (`received_name_class`)
+RECEIVED_CLASSES: Final[dict[bytes, int]] = {}
 
 
 def name_class(low: bytes) -> int:
-    """The DROP/DROP_UNTRUSTED/UNDERSCORE bits of a lower-case header name, remembered per name
-    (a keep-alive client repeats its names, and the lookup reuses the hash the name's set
-    lookups already computed).  A name is judged with "_" read as "-", as CGI/WSGI upstreams
-    read it: X_Forwarded_For is dropped like X-Forwarded-For, whatever the route allows."""
+    """The DROP/DROP_UNTRUSTED/UNDERSCORE/TRACE/PARSED bits of a lower-case header name,
+    remembered per name (a keep-alive client repeats its names).  The connection classes each
+    request header once, while parsing (`RequestHead.classes`).  A name is judged with "_" read
+    as "-", as CGI/WSGI upstreams read it: X_Forwarded_For is dropped like X-Forwarded-For,
+    whatever the route allows (but only the exact spelling is PARSED)."""
     cached = NAME_CLASSES.get(low)
     if cached is not None:
         return cached
     folded = low.replace(b"_", b"-")
     flags = UNDERSCORE if folded != low else 0
+    if low in PARSED_NAMES:
+        flags |= PARSED
     if folded in REQUEST_DROP or folded.startswith(b"proxy-"):
         flags |= DROP
     elif folded in CLIENT_CLAIMS or folded.startswith(CLAIM_PREFIXES):
@@ -185,6 +212,20 @@ def name_class(low: bytes) -> int:
     if len(NAME_CLASSES) >= _CLASS_CACHE_SIZE:
         NAME_CLASSES.clear()
     NAME_CLASSES[low] = flags
+    return flags
+
+
+def received_name_class(name: bytes) -> int:
+    """`name_class` of a header name as received (any case), remembered per spelling: a
+    keep-alive client repeats its names spelled the same, so a request's headers are classed
+    without a lower-case copy of each name (a method call and a new object each)."""
+    cached = RECEIVED_CLASSES.get(name)
+    if cached is not None:
+        return cached
+    flags = name_class(name.lower())
+    if len(RECEIVED_CLASSES) >= _CLASS_CACHE_SIZE:
+        RECEIVED_CLASSES.clear()
+    RECEIVED_CLASSES[name] = flags
     return flags
 
 

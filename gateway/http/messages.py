@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import Protocol, final
 
 from gateway.errors import BadRequest, GatewayError, PayloadTooLarge, RequestTimeout
+from gateway.http.headers import name_class
 
 #: request-body bytes buffered before the client socket stops being read
 BODY_HIGH_WATER = 256 * 1024
@@ -27,6 +28,7 @@ class RequestHead:
     __slots__ = (
         "authorization",
         "chunked",
+        "classes",
         "connection_tokens",
         "content_length",
         "early_data",
@@ -63,6 +65,11 @@ class RequestHead:
         self.version = "1.1"
         #: replaced only by `replace_headers` (the connection appends while parsing)
         self.headers: list[tuple[bytes, bytes]] = []
+        #: each header's `name_class` bits, in step with `headers`: the connection classes each
+        #: name once while parsing, where it lowers it anyway, and the way upstream reads them
+        #: here instead of lowering and looking up every name again; a list of another length
+        #: than `headers` is not believed (`header_classes`)
+        self.classes: list[int] = []
         #: the Host header as received while parsing; normalized once the head is complete
         #: (gateway.http.host): trimmed, lower case, the port kept — what goes upstream
         self.host: bytes | None = None
@@ -108,6 +115,7 @@ class RequestHead:
         token set for the upstream that is never checked.
         """
         self.headers = headers
+        self.classes = [name_class(n.lower()) for n, _ in headers]
         authorization: bytes | None = None
         for n, v in headers:
             # the first copy, as get_header reads it; only a name of its length is lowered
@@ -115,6 +123,13 @@ class RequestHead:
                 authorization = v
                 break
         self.authorization = authorization
+
+    def header_classes(self) -> list[int]:
+        """`classes`, made again when something set `headers` without `replace_headers`."""
+        classes = self.classes
+        if len(classes) != len(self.headers):
+            classes = self.classes = [name_class(n.lower()) for n, _ in self.headers]
+        return classes
 
     def get_header(self, name: str) -> str | None:
         """First value of a header (name in lower case), decoded as latin-1, without the

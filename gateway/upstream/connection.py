@@ -34,6 +34,8 @@ _CONTENT_LENGTH: Final = 2
 _TRANSFER_ENCODING: Final = 3
 _UPGRADE: Final = 4
 _DROPPED: Final = 5
+#: a header the response carries on as it came
+_ORDINARY: Final = 0
 _RESPONSE_SPECIAL: Final[dict[bytes, int]] = {
     **dict.fromkeys(HOP_BY_HOP, _DROPPED),
     # the gateway answers with the id the upstream was sent; a second one would be noise
@@ -43,6 +45,20 @@ _RESPONSE_SPECIAL: Final[dict[bytes, int]] = {
     b"transfer-encoding": _TRANSFER_ENCODING,
     b"upgrade": _UPGRADE,
 }
+
+#: a response header's name as an upstream spelled it -> its kind (_ORDINARY or one of the
+#: above); upstreams choose spellings, so it is emptied when it grows past this
+_RECEIVED_KINDS: Final[dict[bytes, int]] = {}
+_RECEIVED_KINDS_SIZE: Final = 4096
+
+
+def _received_kind(name: bytes) -> int:
+    kind = _RESPONSE_SPECIAL.get(name.lower(), _ORDINARY)
+    if len(_RECEIVED_KINDS) >= _RECEIVED_KINDS_SIZE:
+        _RECEIVED_KINDS.clear()
+    _RECEIVED_KINDS[name] = kind
+    return kind
+
 
 #: response-body bytes buffered before the sink is attached (then the upstream socket pauses)
 _EARLY_BODY_LIMIT = 256 * 1024
@@ -247,8 +263,11 @@ class UpstreamConnection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._status:
             return  # trailers of a chunked response: dropped
-        kind = _RESPONSE_SPECIAL.get(name.lower())
+        # by the name as spelled: an upstream repeats its spellings, so no lower-case copy
+        kind = _RECEIVED_KINDS.get(name)
         if kind is None:
+            kind = _received_kind(name)
+        if kind == _ORDINARY:
             self._headers.append((name, value))
         elif kind == _CONNECTION:
             # "keep-alive" and "close" name no header: llhttp already applied them

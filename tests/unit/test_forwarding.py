@@ -8,7 +8,15 @@ import pytest
 
 from gateway.http import headers
 from gateway.http.forwarding import build_request_head, upstream_path, upstream_target
-from gateway.http.headers import DROP, DROP_UNTRUSTED, UNDERSCORE, name_class
+from gateway.http.headers import (
+    DROP,
+    DROP_UNTRUSTED,
+    PARSED,
+    TRACE,
+    UNDERSCORE,
+    name_class,
+    received_name_class,
+)
 from gateway.http.messages import RequestHead
 from gateway.http.path import split_target
 
@@ -132,3 +140,52 @@ def test_the_name_cache_is_bounded() -> None:
     for i in range(10_000):
         name_class(b"x-random-%d" % i)
     assert len(headers.NAME_CLASSES) <= 4096
+
+
+@pytest.mark.parametrize(
+    ("spelling", "expected"),
+    [
+        (b"X-Forwarded-For", DROP | PARSED),
+        (b"X_FORWARDED_FOR", DROP | UNDERSCORE),  # dropped like it, but not read as it
+        (b"HOST", DROP | PARSED),
+        (b"Content_Length", DROP | UNDERSCORE),
+        (b"TraceParent", TRACE | PARSED),
+        (b"X-Forwarded-Groups", DROP_UNTRUSTED),
+        (b"Accept", 0),
+    ],
+)
+def test_a_received_spelling_classes_as_its_lower_case_name(spelling: bytes, expected: int) -> None:
+    """The connection classes each header by the name as spelled (no lower-case copy): any
+    spelling gets its lower-case name's bits, the second time from the cache too."""
+    assert received_name_class(spelling) == expected == name_class(spelling.lower())
+    assert received_name_class(spelling) == expected
+    assert headers.RECEIVED_CLASSES[spelling] == expected
+
+
+def test_the_received_spelling_cache_is_bounded_and_still_right() -> None:
+    for i in range(10_000):
+        received_name_class(b"X-Spelled-%d" % i)
+    assert len(headers.RECEIVED_CLASSES) <= 4096
+    assert received_name_class(b"X-FORWARDED-FOR") == DROP | PARSED
+
+
+def test_a_head_whose_list_was_set_directly_is_classed_again() -> None:
+    """`build_request_head` reads the classes the connection made while parsing; a list set
+    without `replace_headers` (a test's, say) is classed again rather than misread."""
+    head = RequestHead()
+    head.replace_headers([(b"Accept", b"*/*")])
+    head.headers = [(b"Accept", b"*/*"), (b"Connection", b"close"), (b"X-Real-IP", b"1.2.3.4")]
+    assert head.header_classes() == [0, DROP | PARSED, DROP_UNTRUSTED]
+    request = build_request_head(
+        head,
+        b"/",
+        client=b"10.0.0.1",
+        trusted_peer=False,
+        scheme=b"http",
+        request_id=b"r1",
+        content_length=None,
+        chunked=False,
+    )
+    assert b"Accept: */*\r\n" in request
+    assert b"close" not in request
+    assert b"1.2.3.4" not in request
