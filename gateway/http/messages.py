@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import Protocol, final
 
 from gateway.errors import BadRequest, GatewayError, PayloadTooLarge, RequestTimeout
-from gateway.http.headers import name_class
+from gateway.http.headers import received_name_class
 
 #: request-body bytes buffered before the client socket stops being read
 BODY_HIGH_WATER = 256 * 1024
@@ -115,7 +115,8 @@ class RequestHead:
         token set for the upstream that is never checked.
         """
         self.headers = headers
-        self.classes = [name_class(n.lower()) for n, _ in headers]
+        # by spelling, from the cache the connection filled while parsing these names
+        self.classes = [received_name_class(n) for n, _ in headers]
         authorization: bytes | None = None
         for n, v in headers:
             # the first copy, as get_header reads it; only a name of its length is lowered
@@ -128,7 +129,7 @@ class RequestHead:
         """`classes`, made again when something set `headers` without `replace_headers`."""
         classes = self.classes
         if len(classes) != len(self.headers):
-            classes = self.classes = [name_class(n.lower()) for n, _ in self.headers]
+            classes = self.classes = [received_name_class(n) for n, _ in self.headers]
         return classes
 
     def get_header(self, name: str) -> str | None:
