@@ -35,6 +35,8 @@ class Peer:
     """The client end of one downstream connection, shared by every request on it."""
 
     __slots__ = (
+        "address",
+        "address_read",
         "client_cert",
         "client_sans",
         "ip",
@@ -58,6 +60,10 @@ class Peer:
         self.client_cert: ClientCertificate | None = None
         #: its SAN values
         self.client_sans: tuple[str, ...] | None = None
+        #: `ip` as (IPv6, integer) for address rules, read once per connection by the first
+        #: stage that needs it (`address_read`): gateway.stages.ip_filter.address_value
+        self.address: tuple[bool, int] | None = None
+        self.address_read = False
 
 
 @final

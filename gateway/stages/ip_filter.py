@@ -302,7 +302,10 @@ class IpFilterStage:
     def refuses(self, ip: str) -> bool:
         """Whether a request from `ip` is refused: denied, or not allowed by an allow list in
         force.  Something that is not an IP address (no real peer address) is refused."""
-        parsed = address_value(ip)
+        return self.refuses_address(address_value(ip))
+
+    def refuses_address(self, parsed: tuple[bool, int] | None) -> bool:
+        """`refuses` for an address already read by `address_value`."""
         if parsed is None:
             return True
         ipv6, value = parsed
@@ -325,7 +328,16 @@ class IpFilterStage:
         pipeline's awaitable is returned as it is; a refusal raises here, at the call, which
         every caller makes in the same expression as its await (`await call_next(ctx)`)."""
         allowed, denied = self._counters(ctx.route.name)
-        if self.refuses(client_ip(ctx)):
+        peer = ctx.peer
+        if peer.trusted and ctx.head.x_forwarded_for:
+            # the client is an X-Forwarded-For hop: read with each request
+            parsed = address_value(client_ip(ctx))
+        elif peer.address_read:
+            parsed = peer.address  # the connection's own address, read by an earlier request
+        else:
+            parsed = peer.address = address_value(peer.ip)
+            peer.address_read = True
+        if self.refuses_address(parsed):
             denied.inc()
             ctx.outcome("ip_filter", DENIED)
             raise IpForbidden("requests from this address are not accepted on this route")

@@ -121,6 +121,57 @@ async def test_behind_a_trusted_proxy_the_nearest_untrusted_hop_decides(tmp_path
             assert not _forbidden(await _get(gw, "2001:db8::1"))
 
 
+async def test_each_request_on_a_keep_alive_connection_is_judged_on_its_own_client(
+    tmp_path: Path,
+) -> None:
+    """The connection's own address is read once per connection; a trusted proxy's requests
+    on that one connection are judged each on its own X-Forwarded-For, or on the proxy."""
+    async with faulty_upstreams("app") as [up]:
+        config = _config(
+            up.port,
+            {"deny": ["203.0.113.0/24"]},
+            trusted_proxies=["127.0.0.0/8"],
+        )
+        async with running_gateway(tmp_path, config) as gw:
+            host, port = gw.bound["http"]
+            reader, writer = await asyncio.open_connection(host, port)
+            try:
+                decided = []
+                for forwarded in (None, "203.0.113.9", None, "198.51.100.7", "203.0.113.1"):
+                    extra = f"X-Forwarded-For: {forwarded}\r\n" if forwarded else ""
+                    writer.write(f"GET /x HTTP/1.1\r\nHost: api\r\n{extra}\r\n".encode())
+                    await writer.drain()
+                    decided.append(_forbidden(await asyncio.wait_for(read_response(reader), 5)))
+            finally:
+                await close_writer(writer)
+    assert decided == [False, True, False, False, True]
+    assert len(up.seen_headers) == 3
+
+
+async def test_an_untrusted_connections_address_is_refused_on_every_request(
+    tmp_path: Path,
+) -> None:
+    async with (
+        faulty_upstreams("app") as [up],
+        running_gateway(tmp_path, _config(up.port, {"deny": ["127.0.0.1/32"]})) as gw,
+    ):
+        host, port = gw.bound["http"]
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            decided = []
+            for _ in range(3):
+                # a forged X-Forwarded-For from an untrusted peer changes nothing
+                writer.write(
+                    b"GET /x HTTP/1.1\r\nHost: api\r\nX-Forwarded-For: 198.51.100.7\r\n\r\n"
+                )
+                await writer.drain()
+                decided.append(_forbidden(await asyncio.wait_for(read_response(reader), 5)))
+        finally:
+            await close_writer(writer)
+    assert decided == [True, True, True]
+    assert up.seen_headers == []
+
+
 async def test_an_ipv6_peer(tmp_path: Path) -> None:
     # needs the IPv6 loopback (every Linux has it unless IPv6 is disabled): the test fails
     # there rather than skipping, so a missing ::1 is seen
