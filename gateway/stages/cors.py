@@ -322,6 +322,9 @@ class CorsStage:
         origin is not allowed."""
         if self._any_origin:
             return b"*"
+        if origin in self._exact:
+            # as browsers serialize an origin (lower case, no spaces): no copies to make
+            return origin
         low = origin.strip(b" \t").lower()
         if low in self._exact:
             return low
