@@ -107,7 +107,8 @@ class RequestHead:
         """Make `headers` the header list (a new list, or the same one edited in place) and
         derive again what is read from it.
 
-        The one way to change the list once the head is parsed: the connection keeps the
+        The one way to change the list once the head is parsed (with `remove_headers`, which
+        takes headers out and keeps the derived values right): the connection keeps the
         Authorization value it met while parsing (the jwt stage reads it rather than scan
         every header), and whatever removes or sets headers afterwards (a Connection header
         naming it, a headers stage, the jwt stage's forwarded-claim names) would otherwise
@@ -124,6 +125,22 @@ class RequestHead:
                 authorization = v
                 break
         self.authorization = authorization
+
+    def remove_headers(self, indexes: list[int]) -> None:
+        """Remove the headers at `indexes` (in ascending order) from the list, keeping `classes`
+        in step without classing every name again; what is derived from the list is derived
+        again (`replace_headers`) only when an Authorization header was among them."""
+        headers = self.headers
+        classes = self.header_classes()
+        derive = False
+        for i in reversed(indexes):
+            name = headers[i][0]
+            if len(name) == 13 and name.lower() == b"authorization":
+                derive = True
+            del headers[i]
+            del classes[i]
+        if derive:
+            self.replace_headers(headers)
 
     def header_classes(self) -> list[int]:
         """`classes`, made again when something set `headers` without `replace_headers`."""

@@ -317,22 +317,21 @@ class ApiKeyStage:
             headers = head.headers
             size = len(self._name)
             found: bytes | None = None
-            kept: list[tuple[bytes, bytes]] = []
-            for pair in headers:
-                name = pair[0]
+            spellings: list[int] = []
+            for i in range(len(headers)):
+                name, given = headers[i]
                 if len(name) == size:
                     low = name.lower()
                     if low == self._name:
                         if found is not None:
                             # which one would be checked, and which one would the upstream read?
                             raise BadRequest(f"more than one {self._header} header")
-                        found = pair[1]
-                        continue
-                    if low.replace(b"_", b"-") == self._folded:
-                        continue  # X_API_Key: X-API-Key to a CGI/WSGI upstream
-                kept.append(pair)
-            if self._hide and len(kept) != len(headers):
-                head.replace_headers(kept)
+                        found = given
+                        spellings.append(i)
+                    elif low.replace(b"_", b"-") == self._folded:
+                        spellings.append(i)  # X_API_Key: X-API-Key to a CGI/WSGI upstream
+            if self._hide and spellings:
+                head.remove_headers(spellings)
             # stripped as get_header strips ("k" and "k " are one key); the bytes as received:
             # the digest is of what the client sent
             return None if found is None else found.strip(b" \t") or None

@@ -543,8 +543,7 @@ class BasicAuthStage:
                 # the connection refused a second copy: the first found is the one; only a
                 # name of Authorization's length is lowered
                 if len(name) == 13 and name.lower() == b"authorization":
-                    del headers[i]
-                    head.replace_headers(headers)
+                    head.remove_headers([i])
                     break
         self._decided(ctx, route, "allowed")
 

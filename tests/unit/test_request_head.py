@@ -118,3 +118,20 @@ def test_a_request_heads_header_list_is_replaced_only_through_replace_headers() 
             if (where, function, how) not in _ALLOWED:
                 changes.append(f"{where}:{line} {function}: {how}")
     assert changes == []
+
+
+def test_remove_headers_keeps_the_classes_and_the_authorization_in_step() -> None:
+    head = RequestHead()
+    head.replace_headers(
+        [(b"Accept", b"*/*"), (b"X-Api-Key", b"k"), (b"Authorization", b"Bearer a"), (b"A", b"b")]
+    )
+    classes = list(head.classes)
+    head.remove_headers([1])
+    assert head.headers == [(b"Accept", b"*/*"), (b"Authorization", b"Bearer a"), (b"A", b"b")]
+    assert head.classes == [classes[0], classes[2], classes[3]]
+    assert head.authorization == b"Bearer a"
+    head.remove_headers([0, 1])
+    assert head.headers == [(b"A", b"b")]
+    assert head.classes == [classes[3]]
+    # the Authorization header went: the value the jwt stage reads went with it
+    assert head.authorization is None
