@@ -839,7 +839,7 @@ SCENARIOS: dict[str, Scenario] = {
             name="large-headers",
             description="40 request headers (a browser through a CDN, an API client) and 20 "
             "response headers",
-            peers=("gateway", "nginx", "haproxy", "caddy"),
+            peers=("gateway", "gateway@baseline", "nginx", "haproxy", "caddy"),
             run=large_headers_scenario,
             path="/headers",
         ),
