@@ -63,7 +63,8 @@ class RequestHead:
         self.path = "/"
         self.query = ""
         self.version = "1.1"
-        #: replaced only by `replace_headers` (the connection appends while parsing)
+        #: changed only by `replace_headers` and `remove_headers` (the connection appends while
+        #: parsing)
         self.headers: list[tuple[bytes, bytes]] = []
         #: each header's `name_class` bits, in step with `headers`: the connection classes each
         #: name once while parsing, where it lowers it anyway, and the way upstream reads them
