@@ -6,8 +6,11 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+import pytest
+
 from gateway.config import load
 from gateway.config.model import GatewayConfig
+from gateway.errors import ConfigErrors
 from gateway.stages.registry import KINDS
 
 
@@ -25,3 +28,20 @@ def load_config(
     path: str | os.PathLike[str], env: Mapping[str, str] | None = None
 ) -> GatewayConfig:
     return load.load_config(path, KINDS, env=env)
+
+
+#: the smallest config a stage's tests add routes to: one listener and one upstream, `u`
+MINIMAL = """
+listeners: [{name: http, bind: "127.0.0.1:8080"}]
+upstreams:
+  u: {endpoints: [{url: "http://127.0.0.1:9001"}]}
+"""
+
+
+def config_errors(
+    text: str, *, env: Mapping[str, str] | None = None, base_dir: Path | None = None
+) -> list[str]:
+    """The messages `parse_config` refuses `text` with (the test fails if it loads)."""
+    with pytest.raises(ConfigErrors) as info:
+        parse_config(text, env=env or {}, base_dir=base_dir)
+    return [str(e) for e in info.value.errors]

@@ -17,7 +17,7 @@ from gateway.observability.metrics import GatewayMetrics
 from gateway.pipeline import RequestContext
 from gateway.stages.api_key import ApiKeyConfig, ApiKeyStage
 from gateway.stages.outcomes import StageOutcomes
-from tests.support.config import load_config, parse_config
+from tests.support.config import MINIMAL, config_errors, load_config, parse_config
 from tests.support.context import make_context
 
 KEY = "k-3f9a7c1e5b2d8f4a6c0e9b7d5f3a1c8e"
@@ -28,18 +28,12 @@ def digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-BASE = """
-listeners: [{name: http, bind: "127.0.0.1:8080"}]
-upstreams:
-  u: {endpoints: [{url: "http://127.0.0.1:9001"}]}
-"""
+BASE = MINIMAL
 
 
 def errors_of(text: str, tmp_path: Path | None = None) -> list[str]:
     if tmp_path is None:
-        with pytest.raises(ConfigErrors) as info:
-            parse_config(BASE + text, env={})
-        return [str(e) for e in info.value.errors]
+        return config_errors(BASE + text)
     (tmp_path / "gateway.yaml").write_text(BASE + text)
     with pytest.raises(ConfigErrors) as info:
         load_config(tmp_path / "gateway.yaml", env={})

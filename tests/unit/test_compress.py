@@ -10,13 +10,9 @@ import pytest
 
 from gateway.errors import ConfigErrors
 from gateway.stages.compress import CompressConfig, _edited, choose_coding, encoder
-from tests.support.config import parse_config
+from tests.support.config import MINIMAL, config_errors, parse_config
 
-BASE = """
-listeners: [{name: http, bind: "127.0.0.1:8080"}]
-upstreams:
-  u: {endpoints: [{url: "http://127.0.0.1:9001"}]}
-"""
+BASE = MINIMAL
 
 BOTH = ("br", "gzip")
 
@@ -118,9 +114,7 @@ def errors_of(value: str) -> list[str]:
     text = (
         BASE + f"routes:\n  - name: r\n    upstream: u\n    pipeline:\n      - compress: {value}\n"
     )
-    with pytest.raises(ConfigErrors) as info:
-        parse_config(text, env={})
-    return [str(e) for e in info.value.errors]
+    return config_errors(text)
 
 
 def test_defaults_and_normalized_types() -> None:

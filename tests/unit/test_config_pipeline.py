@@ -13,20 +13,14 @@ from gateway.stages.headers import HeaderEdits, HeadersConfig
 from gateway.stages.idempotency import IdempotencyConfig
 from gateway.stages.rate_limit import RateLimitConfig
 from gateway.stages.retry import RetryConfig
-from tests.support.config import load_config, parse_config
+from tests.support.config import MINIMAL, config_errors, load_config, parse_config
 from tests.support.tokens import UNUSABLE_KEYS, EcKey, jwks
 
-BASE = """
-listeners: [{name: http, bind: "127.0.0.1:8080"}]
-upstreams:
-  u: {endpoints: [{url: "http://127.0.0.1:9001"}]}
-"""
+BASE = MINIMAL
 
 
 def errors_of(text: str) -> list[str]:
-    with pytest.raises(ConfigErrors) as info:
-        parse_config(BASE + text, env={})
-    return [str(e) for e in info.value.errors]
+    return config_errors(BASE + text)
 
 
 def test_named_and_inline_stages_with_their_owners() -> None:

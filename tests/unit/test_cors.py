@@ -5,20 +5,16 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.errors import ConfigErrors, RateLimited
+from gateway.errors import RateLimited
 from gateway.http.messages import RequestHead, Response
 from gateway.observability.exposition import Registry
 from gateway.observability.metrics import GatewayMetrics
 from gateway.pipeline import RequestContext
 from gateway.stages.cors import CorsConfig, CorsStage
-from tests.support.config import parse_config
+from tests.support.config import MINIMAL, config_errors, parse_config
 from tests.support.context import make_context
 
-BASE = """
-listeners: [{name: http, bind: "127.0.0.1:8080"}]
-upstreams:
-  u: {endpoints: [{url: "http://127.0.0.1:9001"}]}
-"""
+BASE = MINIMAL
 
 
 def cors_config(yaml_value: str) -> CorsConfig:
@@ -33,10 +29,7 @@ def cors_config(yaml_value: str) -> CorsConfig:
 
 
 def errors_of(pipeline: str) -> list[str]:
-    text = BASE + "routes:\n  - name: r\n    upstream: u\n    pipeline:\n" + pipeline
-    with pytest.raises(ConfigErrors) as info:
-        parse_config(text, env={})
-    return [str(e) for e in info.value.errors]
+    return config_errors(BASE + "routes:\n  - name: r\n    upstream: u\n    pipeline:\n" + pipeline)
 
 
 # -- config ------------------------------------------------------------------------------------

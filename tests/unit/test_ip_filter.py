@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from gateway.config.reader import Reader
-from gateway.errors import ConfigErrors, IpForbidden
+from gateway.errors import IpForbidden
 from gateway.http.messages import RequestHead, Response
 from gateway.observability.exposition import Registry
 from gateway.observability.metrics import GatewayMetrics
@@ -27,14 +27,10 @@ from gateway.stages.ip_filter import (
     parse_network,
     read_cidr_file,
 )
-from tests.support.config import parse_config
+from tests.support.config import MINIMAL, config_errors, parse_config
 from tests.support.context import make_context, make_snapshot
 
-BASE = """
-listeners: [{name: http, bind: "127.0.0.1:8080"}]
-upstreams:
-  u: {endpoints: [{url: "http://127.0.0.1:9001"}]}
-"""
+BASE = MINIMAL
 
 
 def filter_config(value: str, base_dir: Path | None = None) -> IpFilterConfig:
@@ -51,9 +47,7 @@ def errors_of(value: str, base_dir: Path | None = None) -> list[str]:
     text = (
         BASE + f"routes:\n  - name: r\n    upstream: u\n    pipeline:\n      - ip_filter: {value}\n"
     )
-    with pytest.raises(ConfigErrors) as info:
-        parse_config(text, env={}, base_dir=base_dir)
-    return [str(e) for e in info.value.errors]
+    return config_errors(text, base_dir=base_dir)
 
 
 # -- CIDRs and addresses -----------------------------------------------------------------------

@@ -18,20 +18,14 @@ from gateway.pipeline import RequestContext
 from gateway.stages.kind import BuildContext
 from gateway.stages.redirect import RedirectConfig, RedirectStage
 from gateway.stores.memory import MemoryStore
-from tests.support.config import parse_config
+from tests.support.config import MINIMAL, config_errors, parse_config
 from tests.support.context import make_context, make_snapshot
 
-BASE = """
-listeners: [{name: http, bind: "127.0.0.1:8080"}]
-upstreams:
-  u: {endpoints: [{url: "http://127.0.0.1:9001"}]}
-"""
+BASE = MINIMAL
 
 
 def errors_of(text: str) -> list[str]:
-    with pytest.raises(ConfigErrors) as info:
-        parse_config(BASE + text, env={})
-    return [str(e) for e in info.value.errors]
+    return config_errors(BASE + text)
 
 
 def redirect_route(stage: str) -> str:

@@ -10,7 +10,7 @@ import re
 import pytest
 
 from gateway.config.model import EndpointConfig, StageSpec
-from gateway.errors import ConfigError, ConfigErrors, RewriteInvalid
+from gateway.errors import ConfigError, RewriteInvalid
 from gateway.http.forwarding import build_request_head, rewritten_target, with_host
 from gateway.http.messages import RequestHead, Response
 from gateway.http.path import PATH_SEMICOLON, split_target
@@ -26,20 +26,14 @@ from gateway.stages.rewrite import (
     rewritten_path,
 )
 from gateway.stores.memory import MemoryStore
-from tests.support.config import parse_config
+from tests.support.config import MINIMAL, config_errors, parse_config
 from tests.support.context import make_context, make_snapshot
 
-BASE = """
-listeners: [{name: http, bind: "127.0.0.1:8080"}]
-upstreams:
-  u: {endpoints: [{url: "http://127.0.0.1:9001"}]}
-"""
+BASE = MINIMAL
 
 
 def errors_of(text: str) -> list[str]:
-    with pytest.raises(ConfigErrors) as info:
-        parse_config(BASE + text, env={})
-    return [str(e) for e in info.value.errors]
+    return config_errors(BASE + text)
 
 
 def route_with(stage: str, extra: str = "") -> str:
