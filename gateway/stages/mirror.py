@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any, Final, final
 
@@ -268,30 +269,24 @@ class MirrorStage:
             copy = _BodyCopy(self._max_body, self._loop.create_future())
             body.attach(copy)
         task = self._loop.create_task(
-            self._send(ctx, upstream, request, body, copy, head.method == "HEAD")
+            self._counting_cancel(
+                route, self._send(ctx, upstream, request, body, copy, head.method == "HEAD")
+            )
         )
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
         return COPIED
 
-    async def _send(
-        self,
-        ctx: RequestContext,
-        upstream: Upstream,
-        request: bytes,
-        body: RequestBody | None,
-        copy: _BodyCopy | None,
-        is_head: bool,
-    ) -> None:
-        route = ctx.route.name
+    async def _counting_cancel(self, route: str, sending: Coroutine[Any, Any, None]) -> None:
+        """`sending`, counted as cancelled when a reload replacing the stage, or shutdown,
+        cancels it: every copy started is counted once."""
         try:
-            await self._copy(ctx, upstream, request, body, copy, is_head)
+            await sending
         except asyncio.CancelledError:
-            # a reload replaced the stage, or shutdown: every copy started is counted once
             self._count(route, CANCELLED)
             raise
 
-    async def _copy(
+    async def _send(
         self,
         ctx: RequestContext,
         upstream: Upstream,
