@@ -209,11 +209,14 @@ class RedisRateLimiter:
         lease.requests += 1
         lease.used = now
         if key != self._latest:
-            # most recently used last (a dict keeps insertion order); a hot key usually is
+            # most recently used last (a dict keeps insertion order); a hot key usually is.
+            # Only while `lease` is still the key's: a limiter closed meanwhile (a reload, a
+            # shutdown) no longer holds it, and a waiter's tokens are spent without it
             leases = self._leases
-            del leases[key]
-            leases[key] = lease
-            self._latest = key
+            if leases.get(key) is lease:
+                del leases[key]
+                leases[key] = lease
+                self._latest = key
         if lease.refill is None and lease.want > 1 and lease.tokens <= lease.want // 2:
             lease.refill = self._start_refill(key, lease)
 
@@ -266,8 +269,10 @@ class RedisRateLimiter:
             key, lease = next(iter(leases.items()))
             if len(leases) < self._max_keys and now - lease.used < self.idle_seconds:
                 return
-            if lease.refill is not None:
-                return  # in use right now: the next sweep
+            if lease.refill is not None or lease.waiting:
+                # in use right now (a refill under way, or requests woken by one and not yet
+                # run): the next sweep
+                return
             del leases[key]
             if key == self._latest:
                 self._latest = ""

@@ -154,7 +154,7 @@ async def test_a_refused_key_is_refused_here_until_its_next_token(
     assert (await limiter.take("k")).allowed
     refused = await limiter.take("k")
     assert not refused.allowed
-    assert 0 < refused.retry_after <= 0.2
+    assert 0 < refused.retry_after <= 0.2 + 1e-9  # (now + 0.2) - later, in floats
     trips = round_trips(redis)
     for _ in range(50):
         verdict = limiter.take_now("k")
@@ -221,3 +221,40 @@ async def test_an_evicted_key_gives_its_lease_back(
         what="the evicted lease given back",
     )
     assert bucket_tokens(redis, "first") == pytest.approx(before + held, abs=1)
+
+
+async def test_a_lease_with_requests_waiting_on_it_is_not_swept(
+    stores: list[RedisStore], redis: RedisServer
+) -> None:
+    """Requests woken by a refill run after it: a new key's sweep meanwhile must not give the
+    lease back under them (they would spend from a lease no longer held: a 500 once seen)."""
+    limiter = _limiter(stores[0], rate=1000, per=3600, burst=1000)
+    limiter.idle_seconds = 0.05
+    await limiter.take("busy")
+    [lease] = limiter.leases()
+    lease.waiting += 1  # a request woken by the refill, not run yet
+    await asyncio.sleep(0.1)  # idle for longer than idle_seconds
+    await limiter.take("other")  # a new key sweeps the idle leases
+    assert len(limiter) == 2
+    assert lease in limiter.leases()
+    lease.waiting -= 1
+    await asyncio.sleep(0.1)
+    await limiter.take("third")
+    assert lease not in limiter.leases()  # idle and no longer waited on: given back
+
+
+async def test_a_lease_granted_after_the_limiter_closed_is_spent_without_it(
+    stores: list[RedisStore], redis: RedisServer
+) -> None:
+    """A refill that lands after a reload or shutdown closed the limiter: its waiters are
+    answered from the grant, and the closed limiter holds nothing again."""
+    limiter = _limiter(stores[0], rate=1000, per=3600, burst=1000)
+    await limiter.take("k")
+    await limiter.take("j")  # "k" is no longer the latest key
+    [lease, _] = limiter.leases()
+    limiter.close()
+    lease.tokens = 2  # the grant of a refill under way at the close
+    verdict = limiter._answer("k", lease)
+    assert verdict is not None
+    assert verdict.allowed
+    assert len(limiter) == 0
