@@ -1,8 +1,10 @@
 """Instructions per request on one route, counted by valgrind's callgrind.
 
-Run: python -m bench.callgrind [--route ROUTE] [--requests N] [--out FILE]
+Run: python -m bench.callgrind [--route ROUTE] [--tracing RATIO] [--requests N] [--out FILE]
 
 ROUTE: bare, operator, pipeline or large-headers (the scenarios' requests and routes).
+RATIO: turns tracing on with that `sample_ratio` (0: traced, nothing sampled), exporting over
+OTLP/HTTP to `bench.otlp_sink`; without it the config has no `tracing:` section.
 
 The gateway runs under callgrind with instrumentation off; after a warm-up (500 requests) it is
 switched on for N requests over 10 keep-alive connections (`bench.upstream` answering), then off
@@ -27,8 +29,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench import otlp_sink
 from bench.headers import REQUEST_HEADERS
-from bench.peers import OPERATOR_KEY, OPERATOR_ORIGIN, gateway_config
+from bench.peers import OPERATOR_KEY, OPERATOR_ORIGIN, Tracing, gateway_config
 
 CONNECTIONS = 10
 WARM_UP = 500
@@ -95,9 +98,14 @@ def _total_instructions(out: Path) -> int:
     raise RuntimeError(f"no totals in {out}")
 
 
-def _config(route: str, port: int, upstream: int) -> str:
+def _config(route: str, port: int, upstream: int, tracing: Tracing | None) -> str:
     return gateway_config(
-        port, upstream, 1, pipeline=route == "pipeline", operator=route == "operator"
+        port,
+        upstream,
+        1,
+        pipeline=route == "pipeline",
+        operator=route == "operator",
+        tracing=tracing,
     )
 
 
@@ -106,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--route", choices=("bare", "operator", "pipeline", "large-headers"), default="bare"
     )
+    parser.add_argument("--tracing", type=float, default=None, metavar="RATIO")
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--top", type=int, default=25)
@@ -115,10 +124,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     scratch = Path(tempfile.mkdtemp(prefix="bench-callgrind-"))
     out = args.out or scratch / "callgrind.out"
-    upstream_port, port = _free_port(), _free_port()
+    upstream_port, port, sink_port = _free_port(), _free_port(), _free_port()
+    tracing = None
+    helpers = [subprocess.Popen([sys.executable, "-m", "bench.upstream", str(upstream_port)])]
+    if args.tracing is not None:
+        tracing = Tracing(args.tracing, otlp_sink.endpoint(sink_port))
+        helpers.append(subprocess.Popen([sys.executable, "-m", "bench.otlp_sink", str(sink_port)]))
     config = scratch / "gateway.yaml"
-    config.write_text(_config(args.route, port, upstream_port))
-    upstream = subprocess.Popen([sys.executable, "-m", "bench.upstream", str(upstream_port)])
+    config.write_text(_config(args.route, port, upstream_port, tracing))
     command = [
         "valgrind",
         "--tool=callgrind",
@@ -135,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         deadline = time.monotonic() + STARTUP_DEADLINE
         _wait_for_port(upstream_port, deadline)
+        if tracing is not None:
+            _wait_for_port(sink_port, deadline)
         _wait_for_port(port, deadline)
         request = _request(args.route)
         asyncio.run(_load(port, request, WARM_UP))
@@ -147,12 +162,15 @@ def main(argv: list[str] | None = None) -> int:
             gateway.wait(timeout=120)
         except subprocess.TimeoutExpired:
             gateway.kill()
-        upstream.terminate()
-        upstream.wait(timeout=10)
+        for helper in helpers:
+            helper.terminate()
+            helper.wait(timeout=10)
     measured = (args.requests // CONNECTIONS) * CONNECTIONS
     total = _total_instructions(out)
     per_request = total / measured / 1000
-    print(f"{args.route}: {per_request:.1f}k instructions per request ({measured} requests)")
+    traced = "" if args.tracing is None else f", tracing at {args.tracing:g}"
+    print(f"{args.route}{traced}: {per_request:.1f}k instructions per request", end="")
+    print(f" ({measured} requests)")
     annotate = subprocess.run(
         ["callgrind_annotate", "--threshold=100", str(out)], capture_output=True, text=True
     )
