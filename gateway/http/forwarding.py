@@ -70,10 +70,13 @@ def build_request_head(
     default_host: bytes = b"",
     extra: list[tuple[bytes, bytes]] | None = None,
     forward_underscores: bool = False,
-    traced: bool = False,
+    trace_lines: bytes = b"",
     upstream_host: bytes | None = None,
 ) -> bytes:
-    """The head as it goes upstream, open (without its blank line) when `traced`.
+    """The head as it goes upstream.  `trace_lines` (RequestTrace.first_try_lines), when the
+    request is traced, replace the trace headers the client sent and end the head, blank line
+    included: the first try's head is then one copy, and a later try's differs only in its
+    last bytes (RequestTrace.try_head).
 
     `upstream_host` is a rewrite stage's Host, sent instead of the client's (b"": none here,
     the proxy adds each try's endpoint with `with_host`); X-Forwarded-Host and Forwarded keep
@@ -84,10 +87,11 @@ def build_request_head(
         dropped |= DROP_UNTRUSTED
     if not forward_underscores:
         dropped |= UNDERSCORE
-    if traced:
-        # each try carries the gateway's own traceparent (and the tracestate it read): the
-        # head is returned open, without its blank line, for RequestTrace.try_head to end
+    if trace_lines:
+        # each try carries the gateway's own traceparent (and the tracestate it read)
         dropped |= TRACE
+    else:
+        trace_lines = b"\r\n"
     lines: list[bytes] = []
     headers = head.headers
     # what each name is (headers.name_class), worked out by the connection while parsing
@@ -127,16 +131,20 @@ def build_request_head(
         framing = b"Transfer-Encoding: chunked\r\n"
     else:
         framing = b""
-    if traced:
-        return (
-            b"%b %b HTTP/1.1\r\n%b%bX-Forwarded-For: %b\r\nX-Forwarded-Proto: %b\r\n"
-            b"X-Request-Id: %b\r\n%b"
-            % (head.raw_method, target, block, hosts, forwarded_for, scheme, request_id, framing)
-        )
     return (
         b"%b %b HTTP/1.1\r\n%b%bX-Forwarded-For: %b\r\nX-Forwarded-Proto: %b\r\n"
-        b"X-Request-Id: %b\r\n%b\r\n"
-        % (head.raw_method, target, block, hosts, forwarded_for, scheme, request_id, framing)
+        b"X-Request-Id: %b\r\n%b%b"
+        % (
+            head.raw_method,
+            target,
+            block,
+            hosts,
+            forwarded_for,
+            scheme,
+            request_id,
+            framing,
+            trace_lines,
+        )
     )
 
 

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from gateway.observability.tracing import Tracer
 
 #: what follows a try's span id: the flags and the line's end, then (with no tracestate to
-#: add) the head's blank line
+#: add) the head's blank line; the trace lines are the head's last bytes
 _SAMPLED_FLAGS: Final = b"-01\r\n"
 _UNSAMPLED_FLAGS: Final = b"-00\r\n"
 _SAMPLED_END: Final = _SAMPLED_FLAGS + b"\r\n"
@@ -33,16 +33,28 @@ _UNSAMPLED_END: Final = _UNSAMPLED_FLAGS + b"\r\n"
 @final
 class RequestTrace:
     """Written by the downstream connection when the request starts (`start_trace`); the proxy
-    asks it for each try's headers and span (`begin_try`); stages add span events through
-    `RequestContext.outcome`.
+    asks it for each try's head and span (`try_head`, `client_span`); stages add span events
+    through `RequestContext.outcome`.
 
     Kept as the bytes the upstream sees — the trace id, and the flags (and `tracestate`) line
-    end followed by the head's blank line — so a try's head is one sized copy (`try_head`).
+    end followed by the head's blank line.  The trace lines end the upstream head, so the first
+    try's head is built with them in one copy (`first_try_lines`), and a later try's is that
+    head with the last span id swapped (`try_head`).
     The ids as text and the SERVER span's id are made only when something reads them — a
     sampled request's spans, an access-log line, a log line — not for every unsampled
     request."""
 
-    __slots__ = ("_end", "_span_id", "_trace_id", "parent", "sampled", "span", "tracer")
+    __slots__ = (
+        "_end",
+        "_first_unsent",
+        "_span_id",
+        "_trace_id",
+        "_try_span_id",
+        "parent",
+        "sampled",
+        "span",
+        "tracer",
+    )
 
     def __init__(
         self, tracer: Tracer, trace_id: bytes, sampled: bool, parent: ParentContext | None
@@ -50,6 +62,10 @@ class RequestTrace:
         self.tracer = tracer
         self._trace_id = trace_id
         self._span_id = ""
+        #: the CLIENT span id of the try being sent (`first_try_lines`, `try_head`)
+        self._try_span_id = b""
+        #: whether `first_try_lines` are made and no try has sent them yet
+        self._first_unsent = False
         self.sampled = sampled
         self.parent = parent
         #: the SERVER span, for a sampled request whose spans are exported
@@ -75,20 +91,32 @@ class RequestTrace:
             span_id = self._span_id = new_span_id().decode()
         return span_id
 
-    def try_head(self, head: bytes, span_id: bytes) -> bytes:
-        """The request head of one upstream try whose CLIENT span is `span_id`: `head` (built
-        open, without its blank line: build_request_head's `traced`) and the trace lines."""
-        return b"%btraceparent: 00-%b-%b%b" % (head, self._trace_id, span_id, self._end)
+    def first_try_lines(self) -> bytes:
+        """The lines that end the upstream head (build_request_head's `trace_lines`): the
+        `traceparent` of the first try's CLIENT span (and `tracestate`), and the blank line."""
+        span_id = self._try_span_id = new_span_id()
+        self._first_unsent = True
+        return b"traceparent: 00-%b-%b%b" % (self._trace_id, span_id, self._end)
 
-    def begin_try(
-        self, head: bytes, method: str, upstream: str, host: str, port: int, resends: int
-    ) -> tuple[bytes, SpanRecord | None]:
-        """A new upstream try: its request head (`try_head`), and its CLIENT span when this
-        request's spans are recorded (attributes per the HTTP client semantic conventions)."""
-        span_id = new_span_id()
+    def try_head(self, head: bytes) -> bytes:
+        """The head a new upstream try sends, `head` being built with `first_try_lines`: the
+        first try sends it as it is, each later one with a new span id in place of the last
+        (its last bytes)."""
+        if self._first_unsent:
+            self._first_unsent = False
+            return head
+        span_id = self._try_span_id = new_span_id()
+        end = self._end
+        return b"%b%b%b" % (head[: -len(span_id) - len(end)], span_id, end)
+
+    def client_span(
+        self, method: str, upstream: str, host: str, port: int, resends: int
+    ) -> SpanRecord | None:
+        """The CLIENT span of the try `try_head` began, when this request's spans are recorded
+        (attributes per the HTTP client semantic conventions); None for the others."""
         server = self.span
         if server is None:
-            return self.try_head(head, span_id), None
+            return None
         attributes: Attributes = [
             "http.request.method",
             method,
@@ -106,9 +134,9 @@ class RequestTrace:
         if resends:
             attributes.append("http.request.resend_count")
             attributes.append(resends)
-        span = SpanRecord(
+        return SpanRecord(
             server.trace_id,
-            span_id.decode(),
+            self._try_span_id.decode(),
             server.span_id,
             False,
             server.trace_state,
@@ -116,7 +144,6 @@ class RequestTrace:
             method,
             attributes,
         )
-        return self.try_head(head, span_id), span
 
     def finished(self, span: SpanRecord) -> None:
         """One of this request's spans has ended: to the export queue (a compiled call)."""

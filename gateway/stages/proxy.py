@@ -146,7 +146,7 @@ class ProxyHandler:
                 default_host=upstream.default_host,
                 extra=ctx.upstream_headers,
                 forward_underscores=ctx.route.forward_underscores,
-                traced=ctx.trace is not None,
+                trace_lines=b"" if ctx.trace is None else ctx.trace.first_try_lines(),
                 upstream_host=host,
             )
             ctx.upstream_head = request
@@ -180,14 +180,15 @@ class ProxyHandler:
                     sent = tried
                 else:
                     # each try carries its own traceparent: its CLIENT span is the parent
-                    sent, try_span = trace.begin_try(
-                        tried,
-                        head.method,
-                        upstream.name,
-                        endpoint.host,
-                        endpoint.port,
-                        ctx.attempts - 1,
-                    )
+                    sent = trace.try_head(tried)
+                    if trace.span is not None:
+                        try_span = trace.client_span(
+                            head.method,
+                            upstream.name,
+                            endpoint.host,
+                            endpoint.port,
+                            ctx.attempts - 1,
+                        )
                 pool = endpoint.pool
                 conn = pool.take_idle()
                 try:
