@@ -27,7 +27,7 @@ from typing import Any
 from gateway import __version__
 from gateway.admin import build_admin_app
 from gateway.config.load import load_config
-from gateway.config.model import GatewayConfig
+from gateway.config.model import GatewayConfig, LimitsConfig
 from gateway.downstream.connection import HttpConnection
 from gateway.downstream.listening import accept_pending, refuse_new_handshakes
 from gateway.downstream.serving import ServerState
@@ -132,6 +132,11 @@ class Gateway:
     def admin_token(self) -> str | None:
         return self.snapshot.config.admin.token
 
+    def _current_limits(self) -> LimitsConfig:
+        """The limits of the config in force (the admin and status listeners read them at each
+        deadline, so a reload applies there too)."""
+        return self.snapshot.limits
+
     def config_info(self) -> dict[str, Any]:
         return {
             "version": self.snapshot.version,
@@ -232,6 +237,8 @@ class Gateway:
                     config.admin.host,
                     config.admin.port,
                     logging.getLogger("aiohttp.server"),
+                    self._current_limits,
+                    self.metrics.connections_refused_total.labels("admin", "max_connections").inc,
                 )
                 await self.admin.start()
                 if not config.admin.token and not is_loopback(config.admin.host):
@@ -248,6 +255,10 @@ class Gateway:
                         config.status.host,
                         config.status.port,
                         logging.getLogger("gateway.status"),
+                        self._current_limits,
+                        self.metrics.connections_refused_total.labels(
+                            "status", "max_connections"
+                        ).inc,
                     )
                     await self.status.start()
         except BaseException:

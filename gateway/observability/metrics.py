@@ -41,7 +41,8 @@ class GatewayMetrics:
             "gateway_connections_refused_total",
             "Client connections refused (answered 503 too_many_connections, or closed at once in"
             ' a flood): over limits.max_connections (reason "max_connections") or'
-            ' limits.max_connections_per_client ("per_client").',
+            ' limits.max_connections_per_client ("per_client"); on the admin and status'
+            ' listeners, over their 256 connections (closed at once).',
             ("listener", "reason"),
         )
         self.upstream_evictions_total = r.counter(
