@@ -98,7 +98,7 @@ def _total_instructions(out: Path) -> int:
     raise RuntimeError(f"no totals in {out}")
 
 
-def _config(route: str, port: int, upstream: int, tracing: Tracing | None) -> str:
+def _config(route: str, port: int, upstream: int, tracing: Tracing | None = None) -> str:
     return gateway_config(
         port,
         upstream,

@@ -277,6 +277,24 @@ def wrk_round(
     return _round(output, cpu_seconds(pid) - before)
 
 
+def collect(runs: Sequence[subprocess.Popen[str]], timeout: float) -> list[str]:
+    """Each run's output, all of them within `timeout` seconds in all.  Past it, every run still
+    going is killed and reaped before `subprocess.TimeoutExpired` is raised: a hung load
+    generator never outlives its round."""
+    deadline = time.monotonic() + timeout
+    outputs: list[str] = []
+    try:
+        for run in runs:
+            outputs.append(run.communicate(timeout=max(0.0, deadline - time.monotonic()))[0])
+    except subprocess.TimeoutExpired:
+        for run in runs:
+            run.kill()
+        for run in runs:
+            run.communicate()
+        raise
+    return outputs
+
+
 def wrk_together(
     targets: Sequence[tuple[int, str]],
     connections: int,
@@ -299,7 +317,7 @@ def wrk_together(
         for _, url in targets
     ]
     # every wrk is waited for before any failure is raised: none is left running
-    outputs = [run.communicate(timeout=seconds + 30)[0] for run in runs]
+    outputs = collect(runs, seconds + 30)
     failed = [run.returncode for run in runs if run.returncode != 0]
     if failed:
         raise RuntimeError(f"wrk exited with status {failed[0]}")
@@ -404,7 +422,7 @@ def s_time_round(
         for _ in range(processes)
     ]
     # every run is waited for before any failure is raised: none is left running
-    outputs = [run.communicate(timeout=seconds + 30)[0] for run in runs]
+    outputs = collect(runs, seconds + 30)
     elapsed = time.monotonic() - started
     cpu_used = cpu_seconds(pid) - before
     for run, output in zip(runs, outputs, strict=True):

@@ -15,7 +15,15 @@ from aiohttp.test_utils import TestServer
 from bench.headers import REQUEST_HEADERS, RESPONSE_HEADERS
 from bench.otlp_sink import Sink, counts, endpoint
 from bench.peers import PEERS, Context
-from bench.runner import Result, Round, free_port, misread, parse_s_time, wait_http
+from bench.runner import (
+    Result,
+    Round,
+    collect,
+    free_port,
+    misread,
+    parse_s_time,
+    wait_http,
+)
 from bench.scenarios import answers_with, bench_certificates, together_ratio
 from bench.tokens import Credentials, mint
 from tests.integration.conftest import Seen
@@ -433,3 +441,16 @@ async def test_bench_token_accepted_and_spans_counted(
         assert spans == {"gateway+edge": 4}
     finally:
         await collector.close()
+
+
+def test_a_load_generator_past_its_time_is_killed_with_the_rest_of_its_round() -> None:
+    """`collect`: one run that hangs makes the round fail, and no run of it is left behind."""
+    quick = subprocess.Popen(["echo", "done"], stdout=subprocess.PIPE, text=True)
+    hung = [subprocess.Popen(["sleep", "60"], stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    with pytest.raises(subprocess.TimeoutExpired):
+        collect([quick, *hung], 0.5)
+    assert [run.returncode for run in hung] == [-9, -9]
+    assert quick.returncode == 0
+    assert collect([subprocess.Popen(["echo", "ok"], stdout=subprocess.PIPE, text=True)], 5) == [
+        "ok\n"
+    ]
