@@ -405,6 +405,8 @@ PEERS: dict[str, Peer] = {
         # the bare route traced at 1 %, and traced at 0 % (propagation only, nothing sampled)
         _gateway_peer("gateway+traced", trace_ratio=0.01),
         _gateway_peer("gateway+unsampled", trace_ratio=0.0),
+        # the baseline checkout traced at 1 %, to measure a change to tracing against its code
+        _gateway_peer("gateway@baseline+traced", baseline=True, trace_ratio=0.01),
         # one hot rate-limited key, in this worker's memory and shared through Redis (leases)
         _gateway_peer("gateway+limit", limit_store="memory"),
         _gateway_peer("gateway+redis-limit", limit_store="shared"),

@@ -809,7 +809,7 @@ SCENARIOS: dict[str, Scenario] = {
             name="tracing",
             description="the bare route with tracing off, at 1 % to a live OTLP receiver, "
             "and on with nothing sampled",
-            peers=("gateway", "gateway+traced", "gateway+unsampled"),
+            peers=("gateway", "gateway+traced", "gateway+unsampled", "gateway@baseline+traced"),
             run=traced_scenario,
             extra={"reference": "gateway", "reference_label": "tracing_off"},
         ),

@@ -4,7 +4,8 @@ and of the OTLP/gRPC `Export` call.
 
 Why our own: building opentelemetry-proto's messages field by field from Python costs ~36 µs
 per span, and the SDK's encoder ~49 µs; this module, compiled with the hot path, writes the
-same bytes in a few µs on the export thread, which shares the CPU with the event loop.  Only
+same bytes in a few µs, on the event loop as each span ends (see gateway.observability.spans
+for why there and not on the export thread).  Only
 the handful of messages a span needs are written (field numbers from
 opentelemetry/proto/{collector/trace,trace,common,resource}/v1/*.proto); the tests decode every
 byte with opentelemetry-proto, so a wrong number cannot go unnoticed.
@@ -147,10 +148,10 @@ class _Remembered:
     fraction of writing one (a single lookup by a (field, name, value) tuple cost ~570
     instructions, hashing and comparing the tuple).  Strings and ints only: as dict keys True
     == 1 == 1.0, and a bool or a double attribute is rare.  Emptied when `count` reaches the
-    bound, so values that do not repeat (a path each request) cost memory only up to it.  The
-    export thread uses it, and so does an exporter being built (its resource attributes): each
-    entry holds the right bytes whoever wrote it, and a lookup or store is one dict operation
-    under the GIL."""
+    bound, so values that do not repeat (a path each request) cost memory only up to it.
+    Spans are encoded on the event loop and so are an exporter's resource attributes; should
+    another thread ever encode too, each entry holds the right bytes whoever wrote it, and a
+    lookup or store is one dict operation under the GIL."""
 
     __slots__ = ("by_field", "count")
 
@@ -260,20 +261,24 @@ def _put_span(out: Parts, span: SpanRecord) -> None:
     out.append(flags)
 
 
-def encode_spans(spans: Sequence[SpanRecord]) -> bytes:
-    """`spans` as ScopeSpans' `spans` fields (= 2): a piece of an export request, so that a
-    big batch can be written a few spans at a time (see `export_request`)."""
+def encode_span(record: SpanRecord) -> bytes:
+    """One span as a ScopeSpans `spans` field (= 2): a piece of an export request (see
+    `export_request`), written on the event loop when the span ends."""
+    span: Parts = []
+    _put_span(span, record)
     out: Parts = []
-    for record in spans:
-        span: Parts = []
-        _put_span(span, record)
-        _put_field(out, 2, b"".join(span))
+    _put_field(out, 2, b"".join(span))
     return b"".join(out)
+
+
+def encode_spans(spans: Sequence[SpanRecord]) -> bytes:
+    """Several spans' pieces, one after the other."""
+    return b"".join([encode_span(record) for record in spans])
 
 
 def export_request(resource: bytes, scope: bytes, encoded_spans: Sequence[bytes]) -> bytes:
     """ExportTraceServiceRequest { resource_spans = 1: ResourceSpans { resource = 1,
-    scope_spans = 2: ScopeSpans { scope = 1, spans = 2 } } } holding the spans `encode_spans`
+    scope_spans = 2: ScopeSpans { scope = 1, spans = 2 } } } holding the spans `encode_span`
     wrote (repeated fields may simply follow each other)."""
     scope_spans: Parts = []
     _put_field(scope_spans, 1, scope)

@@ -6,8 +6,10 @@ The queue is ours because a collector that is down or slow must never delay a re
 memory: at most `batch.max_queue_size` spans wait, and every span lost — queue full, export
 failed, still queued at shutdown — is counted (`gateway_tracing_spans_dropped_total{reason}`).
 The bytes are ours too (gateway.observability.otlp_encoding, for the cost: see
-gateway.observability.spans); the transports are the standard ones — http.client, and grpcio
-for gRPC (imported only for `protocol: grpc`).
+gateway.observability.spans), written on the event loop as each span ends: the queue holds each
+span's piece of an export request, and the thread joins a batch's pieces and sends them.  The
+transports are the standard ones — http.client, and grpcio for gRPC (imported only for
+`protocol: grpc`).
 """
 
 from __future__ import annotations
@@ -26,11 +28,12 @@ from urllib.parse import urlsplit
 
 from gateway.config.model import TracingBatchConfig, TracingConfig
 from gateway.observability.logs import rfc3339
-from gateway.observability.otlp_encoding import encode_spans, export_request, resource_and_scope
+from gateway.observability.otlp_encoding import encode_span, export_request, resource_and_scope
 from gateway.observability.spans import (
     CLIENT,
     SERVER,
     AttributeValue,
+    SpanEncoder,
     SpanQueue,
     SpanRecord,
     attribute_pairs,
@@ -38,17 +41,19 @@ from gateway.observability.spans import (
 
 log = logging.getLogger("gateway.tracing")
 
-#: writes an export request's body from a batch
-_Body = Callable[[Sequence[SpanRecord]], bytes]
-#: spans encoded between two chances for the event loop to take the GIL (~1.5M instructions)
-ENCODE_AT_A_TIME = 32
+#: writes an export request's body from a batch of encoded spans
+_Body = Callable[[Sequence[bytes]], bytes]
 #: OTLP/gRPC's one method (opentelemetry/proto/collector/trace/v1/trace_service.proto)
 GRPC_EXPORT_METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
 
 
 class SpanExporter(Protocol):
-    def export(self, spans: Sequence[SpanRecord]) -> bool:
-        """Deliver `spans`; False when they were not (they are then dropped and counted)."""
+    def encode(self, span: SpanRecord) -> bytes:
+        """An ended span as this exporter's bytes (called on the event loop)."""
+
+    def export(self, spans: Sequence[bytes]) -> bool:
+        """Deliver `spans` (each as `encode` wrote it); False when they were not (they are
+        then dropped and counted)."""
 
     def shutdown(self) -> None: ...
 
@@ -86,6 +91,7 @@ class OtlpHttpExporter:
         self._headers = {"Content-Type": "application/x-protobuf", **dict(headers)}
         self._body = body
         self._connection: http.client.HTTPConnection | None = None
+        self.encode: SpanEncoder = encode_span
 
     def _connect(self) -> http.client.HTTPConnection:
         if self._https:
@@ -94,7 +100,7 @@ class OtlpHttpExporter:
             )
         return http.client.HTTPConnection(self._host, self._port, timeout=self._timeout)
 
-    def export(self, spans: Sequence[SpanRecord]) -> bool:
+    def export(self, spans: Sequence[bytes]) -> bool:
         body = self._body(spans)
         for _ in range(2):
             reused = self._connection is not None
@@ -154,8 +160,9 @@ class OtlpGrpcExporter:
         self._metadata = tuple((name.lower(), value) for name, value in headers)
         self._timeout = timeout
         self._body = body
+        self.encode: SpanEncoder = encode_span
 
-    def export(self, spans: Sequence[SpanRecord]) -> bool:
+    def export(self, spans: Sequence[bytes]) -> bool:
         try:
             self._export(self._body(spans), timeout=self._timeout, metadata=self._metadata)
         except self._rpc_error as exc:
@@ -182,9 +189,11 @@ class ConsoleExporter:
     def __init__(self, resource: Sequence[tuple[str, AttributeValue]]) -> None:
         self._resource = dict(resource)
 
-    def export(self, spans: Sequence[SpanRecord]) -> bool:
-        lines = [json.dumps(self._line(span), separators=(",", ":")) for span in spans]
-        sys.stdout.write("\n".join(lines) + "\n")
+    def encode(self, span: SpanRecord) -> bytes:
+        return json.dumps(self._line(span), separators=(",", ":")).encode()
+
+    def export(self, spans: Sequence[bytes]) -> bool:
+        sys.stdout.write(b"".join([line + b"\n" for line in spans]).decode())
         sys.stdout.flush()
         return True
 
@@ -223,15 +232,8 @@ def make_exporter(config: TracingConfig, version: str) -> SpanExporter:
         return ConsoleExporter(resource)
     resource_bytes, scope = resource_and_scope(resource, "gateway", version)
 
-    def body(spans: Sequence[SpanRecord]) -> bytes:
-        pieces = []
-        for start in range(0, len(spans), ENCODE_AT_A_TIME):
-            if start:
-                # compiled code holds the GIL: let the event loop have it between pieces, so a
-                # 512-span batch (~20M instructions) never stalls requests for milliseconds
-                time.sleep(0)
-            pieces.append(encode_spans(spans[start : start + ENCODE_AT_A_TIME]))
-        return export_request(resource_bytes, scope, pieces)
+    def body(spans: Sequence[bytes]) -> bytes:
+        return export_request(resource_bytes, scope, spans)
 
     if config.protocol == "grpc":
         return OtlpGrpcExporter(config.collector_url, config.headers, config.timeout, body)
@@ -264,7 +266,9 @@ class BoundedBatchProcessor:
         self._on_dropped = on_dropped
         self._on_exported = on_exported
         self._wake = threading.Condition()
-        self.spans = SpanQueue(batch.max_queue_size, self._batch_size, self._notify, on_dropped)
+        self.spans = SpanQueue(
+            batch.max_queue_size, self._batch_size, self._notify, on_dropped, exporter.encode
+        )
         self._queue = self.spans.spans
         #: flush requests waiting for the queue to empty
         self._flushes: list[threading.Event] = []
