@@ -805,13 +805,12 @@ class HttpConnection(asyncio.Protocol):
             if error is None and route is not None:
                 tracer = exchange.snapshot.tracer
                 if tracer is not None:
-                    trace = begin_request(tracer, head, route, peer)
                     slot = self._trace_slot
                     if slot is None:
                         # this runs on the connection's task: its context keeps the slot
                         slot = self._trace_slot = TraceSlot()
                         CURRENT_TRACE.set(slot)
-                    slot.trace = trace
+                    trace = slot.trace = begin_request(tracer, head, route, peer, slot)
                 ctx = RequestContext(
                     head,
                     exchange.body,

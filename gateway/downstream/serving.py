@@ -141,9 +141,10 @@ class ServerState:
             # request pays nothing and an unsampled one this one test; read before end_request,
             # which lets go of the span
             span = trace.span
-            if span is not None and route is not None:
-                route.duration.exemplar(elapsed, span.trace_id, span.span_id)
-            end_request(trace, status, client, request_id)
+            if span is not None:
+                if route is not None:
+                    route.duration.exemplar(elapsed, span.trace_id, span.span_id)
+                end_request(trace, status, client, request_id)
         access_log = exchange.snapshot.access_log
         if not access_log.wants(status):
             return

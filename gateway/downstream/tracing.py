@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from gateway.observability.instruments import bounded_method
-from gateway.observability.request_trace import RequestTrace, start_trace
+from gateway.observability.request_trace import RequestTrace, TraceSlot, start_trace
 from gateway.observability.spans import SERVER, Attributes, SpanRecord
 
 if TYPE_CHECKING:
@@ -17,8 +17,10 @@ if TYPE_CHECKING:
     from gateway.runtime.snapshot import Route
 
 
-def begin_request(tracer: Tracer, head: RequestHead, route: Route, peer: Peer) -> RequestTrace:
-    trace = start_trace(tracer, head.traceparent, head.tracestate, route.trace_bound)
+def begin_request(
+    tracer: Tracer, head: RequestHead, route: Route, peer: Peer, slot: TraceSlot
+) -> RequestTrace:
+    trace = start_trace(tracer, head.traceparent, head.tracestate, route.trace_bound, slot)
     if trace.sampled and tracer.recording:
         method = bounded_method(head.method)
         if method == "OTHER":

@@ -12,7 +12,7 @@ Why encoded on the event loop rather than by the export thread: the instructions
 but a thread that encodes takes the GIL from the loop again and again (each hand-over waits on
 the scheduler when the core is busy), and a batch's ~500 ended records waiting for it are
 ~1,500 objects the garbage collector tracks.  In `make bench`'s tracing scenario (rounds run
-together, bench/README.md) 1 % sampling went from 0.92 to 0.94 × tracing off with this move.
+together, bench/README.md) 1 % sampling went from 0.92 to 0.94 x tracing off with this move.
 """
 
 from __future__ import annotations

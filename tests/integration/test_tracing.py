@@ -21,7 +21,7 @@ from tests.support.faulty import FaultyUpstream, closed_port, faulty_upstreams
 from tests.support.gateway import port_of, running_gateway, write_config
 from tests.support.otlp import OtlpReceiver, ReceivedSpan, otlp_grpc_receiver, otlp_receiver
 from tests.support.process import async_wait_until
-from tests.support.raw import exchange
+from tests.support.raw import close_writer, exchange, open_raw, read_response
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT = "00f067aa0ba902b7"
@@ -396,6 +396,47 @@ async def test_the_access_log_names_the_trace_and_the_server_span(
     [sent] = header(up, "traceparent")
     assert len(line["span_id"]) == 16
     assert line["span_id"] not in (PARENT, sent.split("-")[2])
+
+
+async def test_each_request_on_a_kept_alive_connection_has_its_own_trace(
+    tmp_path: Path, up: FaultyUpstream, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Unsampled new traces on one connection share an object (TraceSlot.spare): nothing of a
+    request's trace may reach the next — ids on the wire, ids in the access log."""
+    config = traced_config(up.url, None, sample_ratio=0, access_log={"enabled": True})
+    parents = ["", "", f"traceparent: {SAMPLED}\r\n", "", f"traceparent: {UNSAMPLED}\r\n", ""]
+    async with running_gateway(tmp_path, config) as gw:
+        reader, writer = await open_raw(port_of(gw))
+        try:
+            for n, parent in enumerate(parents):
+                writer.write(
+                    f"GET /api/{n} HTTP/1.1\r\nHost: edge.test\r\n{parent}\r\n".encode()
+                )
+                assert (await read_response(reader)).status == 200
+        finally:
+            await close_writer(writer)
+        gw.snapshot.access_log.flush()
+    sent = [header(up, "traceparent", n) for n in range(len(parents))]
+    assert all(len(values) == 1 for values in sent)
+    parsed = [parse_traceparent(values[0]) for values in sent]
+    lines = [json.loads(x) for x in capfd.readouterr().out.splitlines() if x.startswith("{")]
+    logged = {x["path"]: x for x in lines if x.get("route") == "app"}
+    assert len(logged) == len(parents)
+    new_traces = set()
+    for n, (parent, ids) in enumerate(zip(parents, parsed, strict=True)):
+        assert ids is not None
+        trace_id, span_id, sampled = ids
+        line = logged[f"/api/{n}"]
+        assert line["trace_id"] == trace_id
+        assert line["span_id"] not in (span_id, PARENT)
+        assert sampled is (parent == f"traceparent: {SAMPLED}\r\n")
+        if parent:
+            assert trace_id == TRACE
+        else:
+            new_traces.add(trace_id)
+    assert len(new_traces) == parents.count("")
+    assert len({x["span_id"] for x in logged.values()}) == len(parents)
+    assert len({ids[1] for ids in parsed if ids is not None}) == len(parents)
 
 
 class _Lines(logging.Handler):
