@@ -454,6 +454,19 @@ def together_ratio(result: Result, reference: Result) -> float:
     return float(statistics.median(ratios)) if ratios else 0.0
 
 
+def together_cpu_ratio(result: Result, reference: Result) -> float:
+    """The median over the rounds run together of `reference`'s CPU µs per request ÷
+    `result`'s in the same round (0.0 without such rounds).  Steadier than the req/s ratio:
+    identical gateways loaded together on one core came out 0.96-1.07 of each other in req/s
+    (the scheduler's shares are not equal) but within ±1.5 % in CPU per request."""
+    ratios = [
+        theirs.cpu_us_per_request / mine.cpu_us_per_request
+        for mine, theirs in zip(result.together, reference.together, strict=False)
+        if mine.cpu_us_per_request and theirs.cpu_us_per_request
+    ]
+    return float(statistics.median(ratios)) if ratios else 0.0
+
+
 def _status(url: str, headers: dict[str, str]) -> int:
     request = urllib.request.Request(url, headers=headers)
     try:
@@ -537,7 +550,9 @@ def redis_scripts(port: int) -> int:
 
 def _reference_ratios(scenario: Scenario, entries: list[tuple[Result, str, int]]) -> None:
     """Each peer's req/s as a ratio to `extra["reference"]`'s (`x_<reference_label>`, and
-    `_together` over the rounds run together), and to nginx's over the rounds run together."""
+    `_together` over the rounds run together), its CPU per request likewise (`_cpu`,
+    `_cpu_together`: the reference's ÷ the peer's), and its req/s to nginx's over the rounds
+    run together."""
     reference = next(
         (r for r, name, _ in entries if name == scenario.extra.get("reference") and r.rounds), None
     )
@@ -552,6 +567,9 @@ def _reference_ratios(scenario: Scenario, entries: list[tuple[Result, str, int]]
                     result.figures[f"x_{label}_cpu"] = reference.median("cpu_us_per_request") / cpu
                 if result.together:
                     result.figures[f"x_{label}_together"] = together_ratio(result, reference)
+                    result.figures[f"x_{label}_cpu_together"] = together_cpu_ratio(
+                        result, reference
+                    )
     nginx = next((r for r, name, _ in entries if name == "nginx" and r.together), None)
     if nginx is not None:
         for result, _, _ in entries:

@@ -24,7 +24,7 @@ from bench.runner import (
     parse_s_time,
     wait_http,
 )
-from bench.scenarios import answers_with, bench_certificates, together_ratio
+from bench.scenarios import answers_with, bench_certificates, together_cpu_ratio, together_ratio
 from bench.tokens import Credentials, mint
 from tests.integration.conftest import Seen
 from tests.support.config import load_config
@@ -360,6 +360,16 @@ def test_together_ratio_pairs_rounds_and_takes_the_median() -> None:
     mine, reference = result(90, 45, 95), result(100, 50, 100)
     assert together_ratio(mine, reference) == 0.9
     assert together_ratio(result(), reference) == 0.0
+
+
+def test_together_cpu_ratio_pairs_rounds_and_is_the_references_cost_over_the_peers() -> None:
+    def result(*cpu: float) -> Result:
+        return Result(peer="p", scenario="s", together=[Round(1, 1, 0, 0, c, 0) for c in cpu])
+
+    mine, reference = result(20, 40, 25), result(18, 30, 20)
+    assert together_cpu_ratio(mine, reference) == 0.8  # 0.9, 0.75, 0.8
+    assert together_cpu_ratio(result(), reference) == 0.0
+    assert together_cpu_ratio(result(0, 20), result(18, 19)) == 0.95  # a round with no cost
 
 
 def _edge_config(
