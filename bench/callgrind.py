@@ -1,6 +1,7 @@
 """Instructions per request on one route, counted by valgrind's callgrind.
 
 Run: python -m bench.callgrind [--route ROUTE] [--tracing RATIO] [--requests N] [--out FILE]
+                              [--cache-sim]
 
 ROUTE: bare, operator, pipeline or large-headers (the scenarios' requests and routes).
 RATIO: turns tracing on with that `sample_ratio` (0: traced, nothing sampled), exporting over
@@ -9,10 +10,12 @@ OTLP/HTTP to `bench.otlp_sink`; without it the config has no `tracing:` section.
 The gateway runs under callgrind with instrumentation off; after a warm-up (500 requests) it is
 switched on for N requests over 10 keep-alive connections (`bench.upstream` answering), then off
 again, and the gateway is stopped.  Prints user-space instructions per request (every thread of
-the gateway counted) and the functions with the most exclusive instructions; the callgrind file
-is kept for `callgrind_annotate`.  Loopback only, bounded: a few minutes at N = 3,000, as
-valgrind runs the gateway ~50 times slower.  Instruction counts are what to compare between two
-commits: unlike req/s on a shared VM they move by well under 1 % from run to run.
+the gateway counted) and the functions with the most exclusive instructions — with
+`--cache-sim`, also the cache misses per request of callgrind's model of this machine's caches
+(slower still) — and the callgrind file is kept for `callgrind_annotate`.  Loopback only,
+bounded: a few minutes at N = 3,000, as valgrind runs the gateway ~50 times slower.
+Instruction counts are what to compare between two commits: unlike req/s on a shared VM they
+move by well under 1 % from run to run.
 """
 
 from __future__ import annotations
@@ -90,12 +93,39 @@ async def _load(port: int, request: bytes, total: int) -> None:
     await asyncio.gather(*(_one_connection(port, request, each) for _ in range(CONNECTIONS)))
 
 
-def _total_instructions(out: Path) -> int:
-    """The file's `totals:` line (its `summary:` counts from the start, which was off)."""
-    for line in reversed(out.read_text().splitlines()):
+def _totals(out: Path) -> dict[str, int]:
+    """Each event's count on the file's `totals:` line (its `summary:` counts from the start,
+    which was off), by the names of its `events:` line (Ir; with --cache-sim the misses too)."""
+    lines = out.read_text().splitlines()
+    events = next((line.split()[1:] for line in lines if line.startswith("events:")), ["Ir"])
+    for line in reversed(lines):
         if line.startswith("totals:"):
-            return int(line.split()[1])
+            return dict(zip(events, (int(n) for n in line.split()[1:]), strict=False))
     raise RuntimeError(f"no totals in {out}")
+
+
+def _total_instructions(out: Path) -> int:
+    return _totals(out)["Ir"]
+
+
+#: callgrind's cache-simulation events, as the report names them
+_MISSES = {
+    "I1mr": "L1 instruction",
+    "D1mr": "L1 data read",
+    "D1mw": "L1 data write",
+    "ILmr": "last-level instruction",
+    "DLmr": "last-level data read",
+    "DLmw": "last-level data write",
+}
+
+
+def _cache_lines(out: Path) -> list[str]:
+    """How the caches were simulated (the file's `desc:` lines naming a cache), if they were."""
+    return [
+        line[len("desc: ") :]
+        for line in out.read_text().splitlines()[:20]
+        if line.startswith("desc:") and "cache:" in line
+    ]
 
 
 def _config(route: str, port: int, upstream: int, tracing: Tracing | None = None) -> str:
@@ -118,6 +148,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument(
+        "--cache-sim",
+        action="store_true",
+        help="also simulate the caches (callgrind --cache-sim=yes) and print misses per request",
+    )
     args = parser.parse_args(argv)
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         print("valgrind is missing: make bench-deps installs it", file=sys.stderr)
@@ -136,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         "valgrind",
         "--tool=callgrind",
         "--instr-atstart=no",
+        *(["--cache-sim=yes"] if args.cache_sim else []),
         f"--callgrind-out-file={out}",
         sys.executable,
         "-m",
@@ -166,11 +202,19 @@ def main(argv: list[str] | None = None) -> int:
             helper.terminate()
             helper.wait(timeout=10)
     measured = (args.requests // CONNECTIONS) * CONNECTIONS
-    total = _total_instructions(out)
-    per_request = total / measured / 1000
+    totals = _totals(out)
+    per_request = totals["Ir"] / measured / 1000
     traced = "" if args.tracing is None else f", tracing at {args.tracing:g}"
     print(f"{args.route}{traced}: {per_request:.1f}k instructions per request", end="")
     print(f" ({measured} requests)")
+    if args.cache_sim:
+        misses = ", ".join(
+            f"{name} {totals[event] / measured:.0f}"
+            for event, name in _MISSES.items()
+            if event in totals
+        )
+        print(f"cache misses per request: {misses}")
+        print("simulated: " + "; ".join(_cache_lines(out)))
     annotate = subprocess.run(
         ["callgrind_annotate", "--threshold=100", str(out)], capture_output=True, text=True
     )

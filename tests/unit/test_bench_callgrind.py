@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench.callgrind import _config, _request, _total_instructions
+from bench.callgrind import _cache_lines, _config, _request, _total_instructions, _totals
 from bench.peers import OPERATOR_KEY, Tracing
 
 
@@ -13,6 +13,26 @@ def test_the_totals_line_counts_not_the_summary(tmp_path: Path) -> None:
     out = tmp_path / "callgrind.out"
     out.write_text("version: 1\nevents: Ir\nsummary: 0\nfn=(1) f\n1 5\ntotals: 159174496\n")
     assert _total_instructions(out) == 159_174_496
+
+
+def test_with_the_cache_simulated_each_event_is_read_by_its_name(tmp_path: Path) -> None:
+    out = tmp_path / "callgrind.out"
+    out.write_text(
+        "version: 1\ndesc: I1 cache: 65536 B, 64 B, 16-way associative\n"
+        "desc: Timerange: Basic block 0 - 134128286\n"
+        "events: Ir Dr Dw I1mr D1mr D1mw ILmr DLmr DLmw\nsummary: 0 0 0 0 0 0 0 0 0\n"
+        "fn=(1) f\n1 5 1 1 1 0 0 0 0 0\n"
+        "totals: 541190182 154708228 96980902 16920551 7226130 2260535 6574 5567 2649\n"
+    )
+    totals = _totals(out)
+    assert (totals["Ir"], totals["I1mr"], totals["D1mr"], totals["DLmw"]) == (
+        541_190_182,
+        16_920_551,
+        7_226_130,
+        2_649,
+    )
+    assert _total_instructions(out) == 541_190_182
+    assert _cache_lines(out) == ["I1 cache: 65536 B, 64 B, 16-way associative"]
 
 
 def test_the_operator_route_sends_its_key_and_origin_and_has_its_stages() -> None:
