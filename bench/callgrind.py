@@ -3,7 +3,9 @@
 Run: python -m bench.callgrind [--route ROUTE] [--tracing RATIO] [--requests N] [--out FILE]
                               [--cache-sim]
 
-ROUTE: bare, operator, pipeline or large-headers (the scenarios' requests and routes).
+ROUTE: bare, operator, pipeline, edge or large-headers (the scenarios' requests and routes;
+edge is the pipeline behind a jwt stage, with a token minted for the run — add `--tracing 0.01`
+for the edge scenario's tracing).
 RATIO: turns tracing on with that `sample_ratio` (0: traced, nothing sampled), exporting over
 OTLP/HTTP to `bench.otlp_sink`; without it the config has no `tracing:` section.
 
@@ -35,6 +37,7 @@ from pathlib import Path
 from bench import otlp_sink
 from bench.headers import REQUEST_HEADERS
 from bench.peers import OPERATOR_KEY, OPERATOR_ORIGIN, Tracing, gateway_config
+from bench.tokens import mint
 
 CONNECTIONS = 10
 WARM_UP = 500
@@ -59,10 +62,13 @@ def _wait_for_port(port: int, deadline: float) -> None:
             time.sleep(0.1)
 
 
-def _request(route: str) -> bytes:
+def _request(route: str, authorization: str = "") -> bytes:
+    """The request sent on `route`; `authorization` is the edge route's bearer-token header."""
     headers = ["Host: bench"]
     path = "/"
-    if route == "operator":
+    if route == "edge":
+        headers.append(authorization)
+    elif route == "operator":
         headers += [f"X-API-Key: {OPERATOR_KEY}", f"Origin: {OPERATOR_ORIGIN}"]
     elif route == "large-headers":
         # the large-headers scenario's 40 request headers; /headers answers with 20
@@ -133,7 +139,8 @@ def _config(route: str, port: int, upstream: int, tracing: Tracing | None = None
         port,
         upstream,
         1,
-        pipeline=route == "pipeline",
+        pipeline=route in ("pipeline", "edge"),
+        jwt=route == "edge",
         operator=route == "operator",
         tracing=tracing,
     )
@@ -142,7 +149,9 @@ def _config(route: str, port: int, upstream: int, tracing: Tracing | None = None
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
-        "--route", choices=("bare", "operator", "pipeline", "large-headers"), default="bare"
+        "--route",
+        choices=("bare", "operator", "pipeline", "edge", "large-headers"),
+        default="bare",
     )
     parser.add_argument("--tracing", type=float, default=None, metavar="RATIO")
     parser.add_argument("--requests", type=int, default=3000)
@@ -165,6 +174,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.tracing is not None:
         tracing = Tracing(args.tracing, otlp_sink.endpoint(sink_port))
         helpers.append(subprocess.Popen([sys.executable, "-m", "bench.otlp_sink", str(sink_port)]))
+    authorization = ""
+    if args.route == "edge":
+        credentials = mint()
+        (scratch / "jwks.json").write_bytes(credentials.jwks)  # the jwt stage's jwks_file
+        authorization = credentials.header
     config = scratch / "gateway.yaml"
     config.write_text(_config(args.route, port, upstream_port, tracing))
     command = [
@@ -187,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         if tracing is not None:
             _wait_for_port(sink_port, deadline)
         _wait_for_port(port, deadline)
-        request = _request(args.route)
+        request = _request(args.route, authorization)
         asyncio.run(_load(port, request, WARM_UP))
         subprocess.run(["callgrind_control", "-i", "on", str(gateway.pid)], check=True)
         asyncio.run(_load(port, request, args.requests))

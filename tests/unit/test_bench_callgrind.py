@@ -43,6 +43,17 @@ def test_the_operator_route_sends_its_key_and_origin_and_has_its_stages() -> Non
     assert "circuit_breaker" in _config("pipeline", 8080, 8081)
 
 
+def test_the_edge_route_is_the_pipeline_behind_jwt_and_sends_the_token() -> None:
+    config = _config("edge", 8080, 8081)
+    assert "jwt:" in config
+    assert "jwks_file: jwks.json" in config
+    assert "circuit_breaker" in config
+    assert "jwt:" not in _config("pipeline", 8080, 8081)
+    request = _request("edge", "Authorization: Bearer abc.def.ghi")
+    assert b"\r\nAuthorization: Bearer abc.def.ghi\r\n" in request
+    assert b"Authorization" not in _request("pipeline")
+
+
 def test_tracing_is_on_only_when_a_ratio_is_given() -> None:
     assert "tracing:" not in _config("bare", 8080, 8081)
     traced = _config("bare", 8080, 8081, Tracing(0.0, "http://127.0.0.1:8082/v1/traces"))
