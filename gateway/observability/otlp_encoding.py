@@ -271,11 +271,6 @@ def encode_span(record: SpanRecord) -> bytes:
     return b"".join(out)
 
 
-def encode_spans(spans: Sequence[SpanRecord]) -> bytes:
-    """Several spans' pieces, one after the other."""
-    return b"".join([encode_span(record) for record in spans])
-
-
 def export_request(resource: bytes, scope: bytes, encoded_spans: Sequence[bytes]) -> bytes:
     """ExportTraceServiceRequest { resource_spans = 1: ResourceSpans { resource = 1,
     scope_spans = 2: ScopeSpans { scope = 1, spans = 2 } } } holding the spans `encode_span`

@@ -80,7 +80,12 @@ class RequestTrace:
             self._end = flags + b"tracestate: " + state.encode("latin-1") + b"\r\n\r\n"
 
     def restart(self, tracer: Tracer, trace_id: bytes) -> None:
-        """Become a new unsampled trace with no parent (see `TraceSlot.spare`)."""
+        """Become a new unsampled trace with no parent (see `TraceSlot.spare`).
+
+        The assignments repeat `__init__`'s on purpose: moved into a method both call, the
+        attributes are no longer set in `__init__` itself, and compiled code then checks each
+        one for being unset wherever it is read — measured, ~100 instructions more per
+        unsampled request."""
         self.tracer = tracer
         self._trace_id = trace_id
         self._span_id = ""

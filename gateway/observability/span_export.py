@@ -193,7 +193,7 @@ class ConsoleExporter:
         return json.dumps(self._line(span), separators=(",", ":")).encode()
 
     def export(self, spans: Sequence[bytes]) -> bool:
-        sys.stdout.write(b"".join([line + b"\n" for line in spans]).decode())
+        sys.stdout.write((b"\n".join(spans) + b"\n").decode())
         sys.stdout.flush()
         return True
 

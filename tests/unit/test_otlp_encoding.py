@@ -8,7 +8,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
-from gateway.observability.otlp_encoding import encode_spans, export_request, resource_and_scope
+from gateway.observability.otlp_encoding import encode_span, export_request, resource_and_scope
 from gateway.observability.spans import CLIENT, SERVER, AttributeValue, SpanRecord
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -36,7 +36,7 @@ def span(**changes: object) -> SpanRecord:
 
 def encode_export_request(resource: bytes, scope: bytes, spans: list[SpanRecord]) -> bytes:
     """A request holding `spans`, written in one piece."""
-    return export_request(resource, scope, [encode_spans(spans)])
+    return export_request(resource, scope, [encode_span(span) for span in spans])
 
 
 def only_span(*records: SpanRecord, resource: bytes = b"", scope: bytes = b"") -> Span:
@@ -146,11 +146,11 @@ def test_a_batch_carries_its_resource_and_scope_once_and_every_span_in_order() -
 
 
 def test_a_batch_written_a_few_spans_at_a_time_is_the_same_request() -> None:
-    """The exporter encodes a big batch in pieces (letting the event loop run between them):
-    the pieces joined are byte for byte the request written in one go."""
+    """Spans are encoded one by one as they end, and an export joins whatever pieces it holds:
+    pieces of any grouping are byte for byte the request written in one go."""
     resource, scope = resource_and_scope([("service.name", "edge")], "gateway", "")
     records = [span(span_id=f"{i + 1:016x}") for i in range(100)]
-    pieces = [encode_spans(records[i : i + 32]) for i in range(0, 100, 32)]
+    pieces = [b"".join(map(encode_span, records[i : i + 32])) for i in range(0, 100, 32)]
     assert len(pieces) == 4
     whole = encode_export_request(resource, scope, records)
     assert export_request(resource, scope, pieces) == whole
