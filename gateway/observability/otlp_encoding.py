@@ -4,11 +4,11 @@ and of the OTLP/gRPC `Export` call.
 
 Why our own: building opentelemetry-proto's messages field by field from Python costs ~36 µs
 per span, and the SDK's encoder ~49 µs; this module, compiled with the hot path, writes the
-same bytes in a few µs, on the event loop as each span ends (see gateway.observability.spans
-for why there and not on the export thread).  Only
-the handful of messages a span needs are written (field numbers from
-opentelemetry/proto/{collector/trace,trace,common,resource}/v1/*.proto); the tests decode every
-byte with opentelemetry-proto, so a wrong number cannot go unnoticed.
+same bytes in a few µs (~13k instructions a span), on the event loop as each span ends (see
+gateway.observability.spans for why there and not on the export thread).  Only the handful
+of messages a span needs are written (field numbers from
+opentelemetry/proto/{collector/trace,trace,common,resource}/v1/*.proto); the tests decode
+every byte with opentelemetry-proto, so a wrong number cannot go unnoticed.
 """
 
 from __future__ import annotations
@@ -38,9 +38,13 @@ _UINT64: Final = 0xFFFF_FFFF_FFFF_FFFF
 #: each one-byte varint as bytes, ready to append
 _ONE_BYTE: Final = [bytes((n,)) for n in range(0x80)]
 
-# A message is written as a list of byte strings joined once: appending to a list is cheap in
-# compiled code, while growing a bytearray piece by piece reallocates it (~250 instructions a
-# piece, most of the encoder's time when it did).
+# A span is written in few pieces: its fixed fields formatted together (`b"%b%b" % (...)`
+# compiles to one allocation and a copy of each piece), its attributes as a list of byte
+# strings joined once.  Every piece is an object made, listed and freed (~100 instructions,
+# callgrind), so a tag or a length is never a piece of its own on a span's path — writing them
+# so cost a third of the encoder's instructions — and a bytearray grown piece by piece
+# reallocates (~250 instructions a piece).  The messages written once per exporter (resource,
+# scope, the request around a batch) still use the simpler `_put_*` helpers.
 Parts = list[bytes]
 
 
@@ -61,18 +65,6 @@ def _put_varint(out: Parts, value: int) -> None:
     out.append(bytes(encoded))
 
 
-def _varint_size(value: int) -> int:
-    if 0 <= value < 0x80:
-        return 1
-    size = 1
-    if value < 0:
-        value &= _UINT64
-    while value > 0x7F:
-        size += 1
-        value >>= 7
-    return size
-
-
 def _put_tag(out: Parts, field: int, wire_type: int) -> None:
     _put_varint(out, (field << 3) | wire_type)
 
@@ -82,132 +74,6 @@ def _put_field(out: Parts, field: int, payload: bytes) -> None:
     _put_tag(out, field, _LENGTH)
     _put_varint(out, len(payload))
     out.append(payload)
-
-
-def _put_fixed64(out: Parts, field: int, value: int) -> None:
-    _put_tag(out, field, _FIXED64)
-    out.append(value.to_bytes(8, "little"))
-
-
-#: KeyValue's `key` field, ready to write, for each attribute name seen (names are the code's
-#: and the config's own: a few dozen)
-_KEYS: Final[dict[str, bytes]] = {}
-_MAX_KEYS: Final = 1024
-
-
-def _key(name: str) -> bytes:
-    encoded = _KEYS.get(name)
-    if encoded is None:
-        out: Parts = []
-        _put_field(out, 1, name.encode())
-        encoded = b"".join(out)
-        if len(_KEYS) < _MAX_KEYS:
-            _KEYS[name] = encoded
-    return encoded
-
-
-def _put_attribute(out: Parts, field: int, name: str, value: AttributeValue) -> None:
-    """KeyValue { key = 1, value = 2: AnyValue { string_value = 1, bool_value = 2,
-    int_value = 3, double_value = 4 } } as `field` of the enclosing message.  Lengths are
-    computed first so that every byte is written once, into `out`."""
-    key = _key(name)
-    if isinstance(value, str):
-        text = value.encode()
-        any_size = 1 + _varint_size(len(text)) + len(text)
-    elif isinstance(value, int):  # a bool too
-        text = b""
-        any_size = 1 + _varint_size(int(value))
-    else:
-        text = struct.pack("<d", value)
-        any_size = 1 + 8
-    _put_tag(out, field, _LENGTH)
-    _put_varint(out, len(key) + 1 + _varint_size(any_size) + any_size)
-    out.append(key)
-    _put_tag(out, 2, _LENGTH)
-    _put_varint(out, any_size)
-    if isinstance(value, str):
-        _put_tag(out, 1, _LENGTH)
-        _put_varint(out, len(text))
-        out.append(text)
-    elif isinstance(value, bool):
-        _put_tag(out, 2, _VARINT)
-        out.append(_ONE_BYTE[1 if value else 0])
-    elif isinstance(value, int):
-        _put_tag(out, 3, _VARINT)
-        _put_varint(out, value)
-    else:
-        _put_tag(out, 4, _FIXED64)
-        out.append(text)
-
-
-@final
-class _Remembered:
-    """Each attribute written before, as the bytes `_put_attribute` wrote for it, by field,
-    name and value: a span's attributes mostly repeat from one request to the next (method,
-    route, addresses, status), and three dict lookups by keys whose hashes are cached cost a
-    fraction of writing one (a single lookup by a (field, name, value) tuple cost ~570
-    instructions, hashing and comparing the tuple).  Strings and ints only: as dict keys True
-    == 1 == 1.0, and a bool or a double attribute is rare.  Emptied when `count` reaches the
-    bound, so values that do not repeat (a path each request) cost memory only up to it.
-    Spans are encoded on the event loop and so are an exporter's resource attributes; should
-    another thread ever encode too, each entry holds the right bytes whoever wrote it, and a
-    lookup or store is one dict operation under the GIL."""
-
-    __slots__ = ("by_field", "count")
-
-    def __init__(self) -> None:
-        self.by_field: dict[int, dict[str, dict[str | int, bytes]]] = {}
-        self.count = 0
-
-
-_REMEMBERED: Final = _Remembered()
-_MAX_REMEMBERED: Final = 4096
-
-
-def _put_attributes(out: Parts, field: int, attributes: Attributes) -> None:
-    """Each attribute of a flat list (spans.Attributes: a name, then its value)."""
-    memory = _REMEMBERED
-    by_name = memory.by_field.get(field)
-    if by_name is None:
-        by_name = memory.by_field[field] = {}
-    for at in range(0, len(attributes), 2):
-        name = cast(str, attributes[at])  # compiled: a type check, not a call
-        value = attributes[at + 1]
-        kind = type(value)
-        if kind is not str and kind is not int:
-            _put_attribute(out, field, name, value)
-            continue
-        key: str | int = value  # type: ignore[assignment]  # a str or an int, checked above
-        by_value = by_name.get(name)
-        if by_value is None:
-            by_value = by_name[name] = {}
-        encoded = by_value.get(key)
-        if encoded is None:
-            one: Parts = []
-            _put_attribute(one, field, name, value)
-            encoded = b"".join(one)
-            if memory.count >= _MAX_REMEMBERED:
-                memory.by_field.clear()
-                memory.count = 0
-                by_name = memory.by_field[field] = {}
-                by_value = by_name[name] = {}
-            by_value[key] = encoded
-            memory.count += 1
-        out.append(encoded)
-
-
-def resource_and_scope(
-    resource: Sequence[tuple[str, AttributeValue]], scope_name: str, scope_version: str
-) -> tuple[bytes, bytes]:
-    """The Resource (attributes = 1) and InstrumentationScope (name = 1, version = 2) every
-    export repeats: encoded once per exporter."""
-    scope: Parts = []
-    _put_field(scope, 1, scope_name.encode())
-    if scope_version:
-        _put_field(scope, 2, scope_version.encode())
-    attributes: Parts = []
-    _put_attributes(attributes, 1, [item for pair in resource for item in pair])
-    return b"".join(attributes), b"".join(scope)
 
 
 # Span's fields of a fixed size, their tag and length as one constant: trace_id = 1 (16 bytes),
@@ -228,47 +94,219 @@ _REMOTE_PARENT_FLAGS: Final = _FLAGS_TAG + (_SAMPLED_FLAG | _HAS_IS_REMOTE | _IS
 )
 #: start_time_unix_nano = 7 and end_time_unix_nano = 8, tags and values, in one pack
 _TIMES: Final = struct.Struct("<BQBQ")
+# AnyValue's fields: string_value = 1, bool_value = 2, int_value = 3, double_value = 4; and
+# KeyValue.value = 2
+_STRING_VALUE_TAG: Final = bytes((1 << 3 | _LENGTH,))
+_TRUE_VALUE: Final = bytes((2 << 3 | _VARINT, 1))
+_FALSE_VALUE: Final = bytes((2 << 3 | _VARINT, 0))
+_INT_VALUE_TAG: Final = bytes((3 << 3 | _VARINT,))
+_DOUBLE_VALUE_TAG: Final = bytes((4 << 3 | _FIXED64,))
+_ANY_VALUE_TAG: Final = bytes((2 << 3 | _LENGTH,))
+# the one-byte tags of the other length-delimited fields a span writes: Span.trace_state = 3,
+# name = 5, events = 11, status = 15; Event.name = 2; ScopeSpans.spans = 2
+_TRACE_STATE_TAG: Final = bytes((3 << 3 | _LENGTH,))
+_NAME_TAG: Final = bytes((5 << 3 | _LENGTH,))
+_EVENTS_TAG: Final = bytes((11 << 3 | _LENGTH,))
+_EVENT_NAME_TAG: Final = bytes((2 << 3 | _LENGTH,))
+_SPANS_TAG: Final = bytes((2 << 3 | _LENGTH,))
+#: Event.time_unix_nano = 1, tag and value
+_EVENT_TIME_TAG: Final = 1 << 3 | _FIXED64
+_EVENT_TIME: Final = struct.Struct("<BQ")
+#: Span.status (= 15) whole for an error: Status { code = 3: STATUS_CODE_ERROR }
+_ERROR_STATUS: Final = bytes((15 << 3 | _LENGTH, 2, 3 << 3 | _VARINT, _STATUS_ERROR))
 
 
-def _put_span(out: Parts, span: SpanRecord) -> None:
-    """One Span message's fields."""
-    out.append(_TRACE_ID_FIELD)
-    out.append(unhexlify(span.trace_id))
-    out.append(_SPAN_ID_FIELD)
-    out.append(unhexlify(span.span_id))
+def _length(size: int) -> bytes:
+    """A length as its varint bytes: one or two for every field of a span but a huge value."""
+    if size < 0x80:
+        return _ONE_BYTE[size]
+    if size < 0x4000:
+        return bytes((size & 0x7F | 0x80, size >> 7))
+    out: Parts = []
+    _put_varint(out, size)
+    return out[0]
+
+
+def _field(field_tag: bytes, payload: bytes) -> bytes:
+    """A length-delimited field whose tag (`field_tag`, bytes ready to write) is one byte."""
+    return b"%b%b%b" % (field_tag, _length(len(payload)), payload)
+
+
+#: KeyValue's `key` field, ready to write, for each attribute name seen (names are the code's
+#: and the config's own: a few dozen)
+_KEYS: Final[dict[str, bytes]] = {}
+_MAX_KEYS: Final = 1024
+
+
+def _key(name: str) -> bytes:
+    encoded = _KEYS.get(name)
+    if encoded is None:
+        out: Parts = []
+        _put_field(out, 1, name.encode())
+        encoded = b"".join(out)
+        if len(_KEYS) < _MAX_KEYS:
+            _KEYS[name] = encoded
+    return encoded
+
+
+def _attribute(field: int, name: str, value: AttributeValue) -> bytes:
+    """KeyValue { key = 1, value = 2: AnyValue { string_value = 1, bool_value = 2,
+    int_value = 3, double_value = 4 } } as `field` of the enclosing message (a field number
+    under 16: a one-byte tag)."""
+    if isinstance(value, str):
+        text = value.encode()
+        any_value = b"%b%b%b" % (_STRING_VALUE_TAG, _length(len(text)), text)
+    elif isinstance(value, bool):
+        any_value = _TRUE_VALUE if value else _FALSE_VALUE
+    elif isinstance(value, int):
+        number: Parts = [_INT_VALUE_TAG]
+        _put_varint(number, value)
+        any_value = b"".join(number)
+    else:
+        any_value = _DOUBLE_VALUE_TAG + struct.pack("<d", value)
+    key_value = b"%b%b%b%b" % (_key(name), _ANY_VALUE_TAG, _length(len(any_value)), any_value)
+    return _field(_ONE_BYTE[field << 3 | _LENGTH], key_value)
+
+
+@final
+class _Remembered:
+    """Each attribute written before, as the bytes `_attribute` wrote for it, by field, name
+    and value: a span's attributes mostly repeat from one request to the next (method, route,
+    addresses, status), and two dict lookups by keys whose hashes are cached cost a fraction of
+    writing one (a single lookup by a (field, name, value) tuple cost ~570 instructions,
+    hashing and comparing the tuple).  Strings and ints only: as dict keys True == 1 == 1.0,
+    and a bool or a double attribute is rare.
+
+    Bounded without ever being emptied: a name stops being remembered at `_PER_NAME` values
+    (a request id, a path with ids in it: values that do not repeat fill their own name's
+    share, and are written directly from then on, while the names that do repeat keep
+    theirs), and no new value is remembered once `count` reaches `_MAX_REMEMBERED`.
+    Spans are encoded on the event loop and so are an exporter's resource attributes; should
+    another thread ever encode too, each entry holds the right bytes whoever wrote it, and a
+    lookup or store is one dict operation under the GIL."""
+
+    __slots__ = ("by_field", "count")
+
+    def __init__(self) -> None:
+        self.by_field: dict[int, dict[str, dict[str | int, bytes]]] = {}
+        self.count = 0
+
+
+_REMEMBERED: Final = _Remembered()
+_PER_NAME: Final = 256
+_MAX_REMEMBERED: Final = 8192
+
+
+def _put_attributes(out: Parts, field: int, attributes: Attributes) -> None:
+    """Each attribute of a flat list (spans.Attributes: a name, then its value)."""
+    memory = _REMEMBERED
+    by_name = memory.by_field.get(field)
+    if by_name is None:
+        by_name = memory.by_field[field] = {}
+    for at in range(0, len(attributes), 2):
+        name = cast(str, attributes[at])  # compiled: a type check, not a call
+        value = attributes[at + 1]
+        kind = type(value)
+        if kind is not str and kind is not int:
+            out.append(_attribute(field, name, value))
+            continue
+        key: str | int = value  # type: ignore[assignment]  # a str or an int, checked above
+        by_value = by_name.get(name)
+        if by_value is None:
+            by_value = by_name[name] = {}
+        encoded = by_value.get(key)
+        if encoded is None:
+            encoded = _attribute(field, name, value)
+            if len(by_value) < _PER_NAME and memory.count < _MAX_REMEMBERED:
+                by_value[key] = encoded
+                memory.count += 1
+        out.append(encoded)
+
+
+def resource_and_scope(
+    resource: Sequence[tuple[str, AttributeValue]], scope_name: str, scope_version: str
+) -> tuple[bytes, bytes]:
+    """The Resource (attributes = 1) and InstrumentationScope (name = 1, version = 2) every
+    export repeats: encoded once per exporter."""
+    scope: Parts = []
+    _put_field(scope, 1, scope_name.encode())
+    if scope_version:
+        _put_field(scope, 2, scope_version.encode())
+    attributes: Parts = []
+    _put_attributes(attributes, 1, [item for pair in resource for item in pair])
+    return b"".join(attributes), b"".join(scope)
+
+
+#: the name field (= 5) of each span name seen (a route's names repeat), bounded like _KEYS
+_NAMES: Final[dict[str, bytes]] = {}
+
+
+def _name_field(name: str) -> bytes:
+    encoded = _NAMES.get(name)
+    if encoded is None:
+        encoded = _field(_NAME_TAG, name.encode())
+        if len(_NAMES) < _MAX_KEYS:
+            _NAMES[name] = encoded
+    return encoded
+
+
+def _attributes_bytes(field: int, attributes: Attributes) -> bytes:
+    if not attributes:
+        return b""
+    out: Parts = []
+    _put_attributes(out, field, attributes)
+    return b"".join(out)
+
+
+def _events_bytes(events: list[tuple[str, int, Attributes]]) -> bytes:
+    """Each Event { time_unix_nano = 1, name = 2, attributes = 3 } as Span.events (= 11)."""
+    encoded = b""
+    for name, time_ns, attributes in events:
+        event = b"%b%b%b" % (
+            _EVENT_TIME.pack(_EVENT_TIME_TAG, time_ns),
+            _field(_EVENT_NAME_TAG, name.encode()),
+            _attributes_bytes(3, attributes),
+        )
+        encoded += _field(_EVENTS_TAG, event)
+    return encoded
+
+
+def _span_body(span: SpanRecord) -> bytes:
+    """One Span message's fields, in a handful of pieces: each piece of a span is a bytes
+    object made, kept in a list and joined, so writing a tag or a length as a piece of its own
+    cost more than writing its bytes (~100 instructions a piece, callgrind) — here the fixed
+    fields are formatted together and only the attributes are joined."""
+    ids = b"%b%b%b%b" % (
+        _TRACE_ID_FIELD,
+        unhexlify(span.trace_id),
+        _SPAN_ID_FIELD,
+        unhexlify(span.span_id),
+    )
     if span.trace_state:
-        _put_field(out, 3, span.trace_state.encode())
+        ids += _field(_TRACE_STATE_TAG, span.trace_state.encode())
     flags = _LOCAL_PARENT_FLAGS
     if span.parent_span_id:
-        out.append(_PARENT_SPAN_ID_FIELD)
-        out.append(unhexlify(span.parent_span_id))
+        ids += _PARENT_SPAN_ID_FIELD + unhexlify(span.parent_span_id)
         if span.parent_is_remote:
             flags = _REMOTE_PARENT_FLAGS
-    _put_field(out, 5, span.name.encode())
-    out.append(_KIND_TAG)
-    out.append(_ONE_BYTE[span.kind])
-    out.append(_TIMES.pack(_START_TAG, span.start_ns, _END_TAG, span.end_ns))
-    _put_attributes(out, 9, span.attributes)
-    for name, time_ns, attributes in span.events:
-        # Event: time_unix_nano = 1, name = 2, attributes = 3
-        event: Parts = []
-        _put_fixed64(event, 1, time_ns)
-        _put_field(event, 2, name.encode())
-        _put_attributes(event, 3, attributes)
-        _put_field(out, 11, b"".join(event))
-    if span.error:
-        _put_field(out, 15, bytes((3 << 3 | _VARINT, _STATUS_ERROR)))  # Status.code = 3
-    out.append(flags)
+    events = _events_bytes(span.events) if span.events else b""
+    return b"%b%b%b%b%b%b%b%b%b" % (
+        ids,
+        _name_field(span.name),
+        _KIND_TAG,
+        _ONE_BYTE[span.kind],
+        _TIMES.pack(_START_TAG, span.start_ns, _END_TAG, span.end_ns),
+        _attributes_bytes(9, span.attributes),
+        events,
+        _ERROR_STATUS if span.error else b"",
+        flags,
+    )
 
 
 def encode_span(record: SpanRecord) -> bytes:
     """One span as a ScopeSpans `spans` field (= 2): a piece of an export request (see
     `export_request`), written on the event loop when the span ends."""
-    span: Parts = []
-    _put_span(span, record)
-    out: Parts = []
-    _put_field(out, 2, b"".join(span))
-    return b"".join(out)
+    return _field(_SPANS_TAG, _span_body(record))
 
 
 def export_request(resource: bytes, scope: bytes, encoded_spans: Sequence[bytes]) -> bytes:

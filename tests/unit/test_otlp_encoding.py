@@ -34,6 +34,14 @@ def span(**changes: object) -> SpanRecord:
     return record
 
 
+def forget_attributes() -> None:
+    """Empty the encoder's memory of attributes (module state, shared by every test)."""
+    from gateway.observability import otlp_encoding
+
+    otlp_encoding._REMEMBERED.by_field.clear()
+    otlp_encoding._REMEMBERED.count = 0
+
+
 def encode_export_request(resource: bytes, scope: bytes, spans: list[SpanRecord]) -> bytes:
     """A request holding `spans`, written in one piece."""
     return export_request(resource, scope, [encode_span(span) for span in spans])
@@ -170,19 +178,50 @@ def test_a_remembered_attribute_keeps_its_type_bool_int_and_double_of_one_value(
             assert decoded == value
 
 
-def test_remembered_attributes_are_bounded_and_still_right_past_the_bound() -> None:
+def test_remembered_attributes_are_bounded_by_name_and_in_all_and_still_right() -> None:
+    """A name whose values never repeat (a request id) stops being remembered at its share and
+    is written directly from then on, while a name that repeats is still remembered after it;
+    however many names there are, the memory stays under its bound."""
     from gateway.observability import otlp_encoding
 
+    memory = otlp_encoding._REMEMBERED
+    forget_attributes()
+
+    def remembered(name: str) -> dict[str | int, bytes]:
+        return memory.by_field.get(9, {}).get(name, {})
+
+    per_name = otlp_encoding._PER_NAME
+    for n in range(per_name + 10):
+        [attribute] = only_span(span(attributes=["gateway.request_id", f"id-{n}"])).attributes
+        assert value_of(attribute.value) == f"id-{n}"
+    assert len(remembered("gateway.request_id")) == per_name
+    assert "id-0" in remembered("gateway.request_id")
+    assert f"id-{per_name + 9}" not in remembered("gateway.request_id")
+    # a repeating value of another name is remembered (and read back right) after that
+    for _ in range(2):
+        [attribute] = only_span(span(attributes=["http.route", "/api/*"])).attributes
+        assert value_of(attribute.value) == "/api/*"
+    assert "/api/*" in remembered("http.route")
+
     bound = otlp_encoding._MAX_REMEMBERED
-    for n in range(bound + 10):
-        [attribute] = only_span(span(attributes=["url.path", f"/{n}"])).attributes
-        assert value_of(attribute.value) == f"/{n}"
-        assert otlp_encoding._REMEMBERED.count <= bound
-        remembered = otlp_encoding._REMEMBERED.by_field.values()
-        assert sum(len(v) for by_name in remembered for v in by_name.values()) <= bound
-    # the same attribute as a span's and as an event's is not the same bytes (field 9 vs 3)
-    record = span(attributes=["k", "v"])
-    record.add_event("e", ["k", "v"])
-    decoded = only_span(record)
-    assert [a.key for a in decoded.attributes] == ["k"]
-    assert [a.key for a in decoded.events[0].attributes] == ["k"]
+    names = bound // per_name + 2  # more names filling their share than the bound holds
+    for name in range(names):
+        for n in range(per_name):
+            record = span(attributes=[f"name.{name}", n])
+            [attribute] = only_span(record).attributes
+            assert (attribute.key, value_of(attribute.value)) == (f"name.{name}", n)
+    assert memory.count <= bound
+    assert sum(len(v) for by_name in memory.by_field.values() for v in by_name.values()) <= bound
+    forget_attributes()  # the other tests' spans are remembered again
+
+
+def test_an_attribute_remembered_as_a_spans_is_not_reused_as_an_events() -> None:
+    """The same name and value as a span's attribute and as an event's are not the same bytes
+    (field 9 vs 3): remembered apart."""
+    forget_attributes()
+    for _ in range(2):  # written, then from memory
+        record = span(attributes=["k", "v"])
+        record.add_event("e", ["k", "v"])
+        decoded = only_span(record)
+        assert [a.key for a in decoded.attributes] == ["k"]
+        assert [a.key for a in decoded.events[0].attributes] == ["k"]
