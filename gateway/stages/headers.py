@@ -8,6 +8,7 @@ apply to the response the rest of the pipeline returned; an error answered by th
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Final, final
 
@@ -106,15 +107,24 @@ class HeadersStage:
             _Edits(config.response) if config.response.set or config.response.remove else None
         )
 
-    async def __call__(self, ctx: RequestContext, call_next: Next) -> Response:
+    def __call__(self, ctx: RequestContext, call_next: Next) -> Awaitable[Response]:
+        """The request's edits, then the rest of the pipeline — wrapped in a coroutine of ours
+        only when there are response edits to make on the way back (a frame costs a request
+        ~1.2k instructions, callgrind)."""
         if self._request is not None:
             head = ctx.head
             # Authorization may be removed or set here (it is not a name the gateway owns)
             head.replace_headers(self._request.apply(head.headers))
-        response = await call_next(ctx)
-        if self._response is not None:
-            response.headers = self._response.apply(response.headers)
-        return response
+        response_edits = self._response
+        if response_edits is None:
+            return call_next(ctx)
+        return _edit_response(call_next(ctx), response_edits)
+
+
+async def _edit_response(pending: Awaitable[Response], edits: _Edits) -> Response:
+    response = await pending
+    response.headers = edits.apply(response.headers)
+    return response
 
 
 def build(config: HeadersConfig, spec: StageSpec, env: BuildContext) -> HeadersStage:

@@ -78,6 +78,27 @@ async def test_a_misspelled_token_is_malformed_even_when_its_canonical_form_is_c
     assert 'error_description="malformed token"' in dict(info.value.headers)["WWW-Authenticate"]
 
 
+async def test_a_token_ending_like_a_cached_one_is_verified_and_the_cached_one_kept(
+    tmp_path: Path,
+) -> None:
+    """The cache finds a token by its last characters (its signature's): another payload under
+    a cached token's signature ends the same way, and must be verified (and refused), not
+    served the cached token's claims — nor push the cached token out."""
+    stage, snapshot = _build(tmp_path, jwks(GOOD))
+    cached = token(GOOD, claims(sub="alice"))
+    assert (await _call(stage, snapshot, f"Bearer {cached}")).status == 200  # now cached
+    header, _, signature = cached.split(".")
+    other_payload = token(GOOD, claims(sub="mallory")).split(".")[1]
+    forged = f"{header}.{other_payload}.{signature}"
+    assert forged != cached
+    assert forged[-24:] == cached[-24:]
+    for _ in range(2):
+        with pytest.raises(Unauthenticated):
+            await _call(stage, snapshot, f"Bearer {forged}")
+        assert (await _call(stage, snapshot, f"Bearer {cached}")).status == 200
+    assert [entry[2] for entry in stage._cache.values()] == [cached]
+
+
 AUTHORIZATION_FORMS = [
     ("canonical", "Bearer {tok}", None),
     ("lower-case-scheme", "bearer {tok}", None),
