@@ -1,17 +1,21 @@
 """Instructions per request on one route, counted by valgrind's callgrind.
 
 Run: python -m bench.callgrind [--route ROUTE] [--tracing RATIO] [--requests N] [--out FILE]
-                              [--cache-sim]
+                              [--tls | --mtls] [--cache-sim]
 
 ROUTE: bare, operator, pipeline, edge or large-headers (the scenarios' requests and routes;
 edge is the pipeline behind a jwt stage, with a token minted for the run — add `--tracing 0.01`
 for the edge scenario's tracing).
 RATIO: turns tracing on with that `sample_ratio` (0: traced, nothing sampled), exporting over
 OTLP/HTTP to `bench.otlp_sink`; without it the config has no `tracing:` section.
+--tls serves the route over HTTPS (TLS 1.3, certificates made for the run), as the `tls`
+scenario does; --mtls also presents a client certificate to an `mtls` stage first on the route
+(the `edge-tls` scenario is `--route edge --mtls --tracing 0.01`).
 
-The gateway runs under callgrind with instrumentation off; after a warm-up (500 requests) it is
-switched on for N requests over 10 keep-alive connections (`bench.upstream` answering), then off
-again, and the gateway is stopped.  Prints user-space instructions per request (every thread of
+The gateway runs under callgrind with instrumentation off; 10 keep-alive connections are opened
+and warmed up (500 requests), then it is switched on for N requests on the same connections
+(`bench.upstream` answering) — no accept or TLS handshake is counted — then off again, and the
+gateway is stopped.  Prints user-space instructions per request (every thread of
 the gateway counted) and the functions with the most exclusive instructions — with
 `--cache-sim`, also the cache misses per request of callgrind's model of this machine's caches
 (slower still) — and the callgrind file is kept for `callgrind_annotate`.  Loopback only,
@@ -28,6 +32,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -38,6 +43,7 @@ from bench import otlp_sink
 from bench.headers import REQUEST_HEADERS
 from bench.peers import OPERATOR_KEY, OPERATOR_ORIGIN, Tracing, gateway_config
 from bench.tokens import mint
+from gateway.dev_certificates import init_dev_certificates
 
 CONNECTIONS = 10
 WARM_UP = 500
@@ -78,25 +84,54 @@ def _request(route: str, authorization: str = "") -> bytes:
     return f"GET {path} HTTP/1.1\r\n{lines}\r\n".encode()
 
 
-async def _one_connection(port: int, request: bytes, count: int) -> None:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+def _client_tls(certs: Path, client_certificate: bool) -> ssl.SSLContext:
+    """The load's TLS 1.3 context, trusting the run's CA (with its client certificate for
+    mtls)."""
+    context = ssl.create_default_context(cafile=str(certs / "ca.crt"))
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    if client_certificate:
+        context.load_cert_chain(str(certs / "client.crt"), str(certs / "client.key"))
+    return context
+
+
+async def _exchange(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes, count: int
+) -> None:
+    for _ in range(count):
+        writer.write(request)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 60)
+        if not head.startswith(b"HTTP/1.1 200"):
+            raise RuntimeError(f"unexpected answer: {head[:80]!r}")
+        match = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+        if match is None:
+            raise RuntimeError("an answer without Content-Length")
+        await reader.readexactly(int(match.group(1)))
+
+
+async def _load(
+    port: int, request: bytes, total: int, pid: int, tls: ssl.SSLContext | None = None
+) -> None:
+    """`WARM_UP` requests, then `total` counted ones (callgrind's instrumentation switched on
+    for them in gateway process `pid`), on the same `CONNECTIONS` keep-alive connections: no
+    connection's accept or TLS handshake is counted as a request's."""
+    connections = [
+        await asyncio.open_connection("127.0.0.1", port, ssl=tls) for _ in range(CONNECTIONS)
+    ]
     try:
-        for _ in range(count):
-            writer.write(request)
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 60)
-            if not head.startswith(b"HTTP/1.1 200"):
-                raise RuntimeError(f"unexpected answer: {head[:80]!r}")
-            match = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
-            if match is None:
-                raise RuntimeError("an answer without Content-Length")
-            await reader.readexactly(int(match.group(1)))
+        each = max(1, WARM_UP // CONNECTIONS)
+        await asyncio.gather(*(_exchange(r, w, request, each) for r, w in connections))
+        _instrumentation(pid, "on")
+        each = max(1, total // CONNECTIONS)
+        await asyncio.gather(*(_exchange(r, w, request, each) for r, w in connections))
+        _instrumentation(pid, "off")
     finally:
-        writer.close()
+        for _, writer in connections:
+            writer.close()
 
 
-async def _load(port: int, request: bytes, total: int) -> None:
-    each = max(1, total // CONNECTIONS)
-    await asyncio.gather(*(_one_connection(port, request, each) for _ in range(CONNECTIONS)))
+def _instrumentation(pid: int, state: str) -> None:
+    # run while the connections are idle: blocking the load's loop meanwhile is harmless
+    subprocess.run(["callgrind_control", "-i", state, str(pid)], check=True)
 
 
 def _totals(out: Path) -> dict[str, int]:
@@ -134,7 +169,14 @@ def _cache_lines(out: Path) -> list[str]:
     ]
 
 
-def _config(route: str, port: int, upstream: int, tracing: Tracing | None = None) -> str:
+def _config(
+    route: str,
+    port: int,
+    upstream: int,
+    tracing: Tracing | None = None,
+    certs: str = "",
+    mtls: bool = False,
+) -> str:
     return gateway_config(
         port,
         upstream,
@@ -143,6 +185,8 @@ def _config(route: str, port: int, upstream: int, tracing: Tracing | None = None
         jwt=route == "edge",
         operator=route == "operator",
         tracing=tracing,
+        certs=certs,
+        mtls=mtls,
     )
 
 
@@ -157,6 +201,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="serve the route over HTTPS (TLS 1.3, P-256; certificates made for the run)",
+    )
+    parser.add_argument(
+        "--mtls",
+        action="store_true",
+        help="HTTPS with a client certificate, and an mtls stage first on the route",
+    )
     parser.add_argument(
         "--cache-sim",
         action="store_true",
@@ -179,8 +233,14 @@ def main(argv: list[str] | None = None) -> int:
         credentials = mint()
         (scratch / "jwks.json").write_bytes(credentials.jwks)  # the jwt stage's jwks_file
         authorization = credentials.header
+    tls = None
+    certs = ""
+    if args.tls or args.mtls:
+        init_dev_certificates(scratch / "certs", ["localhost", "127.0.0.1"])
+        certs = str(scratch / "certs")
+        tls = _client_tls(scratch / "certs", args.mtls)
     config = scratch / "gateway.yaml"
-    config.write_text(_config(args.route, port, upstream_port, tracing))
+    config.write_text(_config(args.route, port, upstream_port, tracing, certs, args.mtls))
     command = [
         "valgrind",
         "--tool=callgrind",
@@ -202,10 +262,7 @@ def main(argv: list[str] | None = None) -> int:
             _wait_for_port(sink_port, deadline)
         _wait_for_port(port, deadline)
         request = _request(args.route, authorization)
-        asyncio.run(_load(port, request, WARM_UP))
-        subprocess.run(["callgrind_control", "-i", "on", str(gateway.pid)], check=True)
-        asyncio.run(_load(port, request, args.requests))
-        subprocess.run(["callgrind_control", "-i", "off", str(gateway.pid)], check=True)
+        asyncio.run(_load(port, request, args.requests, gateway.pid, tls))
     finally:
         gateway.send_signal(signal.SIGTERM)
         try:
@@ -219,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     totals = _totals(out)
     per_request = totals["Ir"] / measured / 1000
     traced = "" if args.tracing is None else f", tracing at {args.tracing:g}"
-    print(f"{args.route}{traced}: {per_request:.1f}k instructions per request", end="")
+    over = " over mTLS" if args.mtls else " over TLS" if args.tls else ""
+    print(f"{args.route}{over}{traced}: {per_request:.1f}k instructions per request", end="")
     print(f" ({measured} requests)")
     if args.cache_sim:
         misses = ", ".join(

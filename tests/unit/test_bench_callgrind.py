@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
 
-from bench.callgrind import _cache_lines, _config, _request, _total_instructions, _totals
+import pytest
+
+from bench.callgrind import (
+    _cache_lines,
+    _client_tls,
+    _config,
+    _request,
+    _total_instructions,
+    _totals,
+)
 from bench.peers import OPERATOR_KEY, Tracing
+from gateway.dev_certificates import init_dev_certificates
 
 
 def test_the_totals_line_counts_not_the_summary(tmp_path: Path) -> None:
@@ -59,3 +70,38 @@ def test_tracing_is_on_only_when_a_ratio_is_given() -> None:
     traced = _config("bare", 8080, 8081, Tracing(0.0, "http://127.0.0.1:8082/v1/traces"))
     assert "sample_ratio: 0.0, exporter: otlp" in traced
     assert 'endpoint: "http://127.0.0.1:8082/v1/traces"' in traced
+
+
+def test_tls_and_mtls_serve_the_route_over_https_with_the_runs_certificates(
+    tmp_path: Path,
+) -> None:
+    plain = _config("bare", 8080, 8081)
+    assert "tls:" not in plain
+    tls = _config("bare", 8080, 8081, certs=str(tmp_path))
+    assert f"{tmp_path}/server.crt" in tls
+    assert 'min_version: "1.3"' in tls
+    assert "client_ca" not in tls
+    assert "mtls:" not in tls
+    mtls = _config("edge", 8080, 8081, certs=str(tmp_path), mtls=True)
+    assert f'client_ca: "{tmp_path}/ca.crt"' in mtls
+    assert "mtls: {required: true}" in mtls
+    assert "jwt:" in mtls
+
+
+def test_the_load_trusts_the_runs_ca_and_presents_the_client_certificate_for_mtls(
+    tmp_path: Path,
+) -> None:
+    init_dev_certificates(tmp_path, ["localhost", "127.0.0.1"])
+    context = _client_tls(tmp_path, client_certificate=True)
+    assert context.minimum_version is ssl.TLSVersion.TLSv1_3
+    assert context.verify_mode is ssl.CERT_REQUIRED
+    [ca] = context.get_ca_certs()
+    subject = [item for rdn in ca["subject"] for item in rdn]
+    assert ("commonName", "gateway development CA") in subject
+    # the client's key pair is read only for mtls: without it, plain TLS still works
+    only_ca = tmp_path / "only-ca"
+    only_ca.mkdir()
+    (only_ca / "ca.crt").write_bytes((tmp_path / "ca.crt").read_bytes())
+    assert _client_tls(only_ca, client_certificate=False).get_ca_certs() == [ca]
+    with pytest.raises(FileNotFoundError):
+        _client_tls(only_ca, client_certificate=True)
