@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import contextlib
+import ssl
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from gateway.certificates import check_certificate
 from gateway.errors import ConfigErrors
-from gateway.tls import ClientCertificate, ListenerTLS
+from gateway.tls import ClientCertificate, DirectSSLObject, ListenerTLS, front_context
 from tests.support.certs import TestCA, other_key
 from tests.support.config import load_config
 
@@ -199,3 +201,48 @@ def test_upstream_tls(tmp_path: Path) -> None:
 )
 def test_upstream_tls_errors(tmp_path: Path, body: str, error: str) -> None:
     assert error in _errors(_upstream(tmp_path, body))
+
+
+def _pump(source: ssl.MemoryBIO, target: ssl.MemoryBIO) -> None:
+    data = source.read()
+    if data:
+        target.write(data)
+
+
+def test_a_listeners_tls_objects_call_ssl_directly_and_still_serve_sni(tmp_path: Path) -> None:
+    """The listener's connections read, write and count pending bytes through the C object's
+    own methods (no ssl.SSLObject wrapper frame per call), and are otherwise ssl's: a
+    handshake asking for b.test is switched to b's certificate, and bytes go both ways."""
+    ca = TestCA(tmp_path)
+    a = ca.issue("a", dns=("a.test",))
+    b = ca.issue("b", dns=("b.test",))
+    tls = ListenerTLS.build(
+        [check_certificate(a.cert, a.key), check_certificate(b.cert, b.key)], None, "1.2"
+    )
+    front = front_context(lambda: tls)
+    server_in, server_out, client_in, client_out = (ssl.MemoryBIO() for _ in range(4))
+    server = front.wrap_bio(server_in, server_out, server_side=True)
+    assert isinstance(server, DirectSSLObject)
+    inner = server._sslobj  # type: ignore[attr-defined]
+    for method in ("read", "write", "pending"):
+        assert getattr(server, method).__self__ is inner
+    client_context = ssl.create_default_context(cafile=str(ca.path))
+    client = client_context.wrap_bio(client_in, client_out, server_hostname="b.test")
+    for _ in range(10):
+        for side in (client, server):
+            with contextlib.suppress(ssl.SSLWantReadError):  # the other side's turn
+                side.do_handshake()
+        _pump(client_out, server_in)
+        _pump(server_out, client_in)
+    peer = client.getpeercert()
+    assert peer is not None
+    assert ("DNS", "b.test") in peer["subjectAltName"]
+    assert client.write(b"GET / HTTP/1.1\r\n\r\n") == 18
+    _pump(client_out, server_in)
+    assert server.read(1024) == b"GET / HTTP/1.1\r\n\r\n"
+    assert server.pending() == 0
+    buffer = bytearray(64)
+    assert server.write(b"HTTP/1.1 204 No Content\r\n\r\n") == 27
+    _pump(server_out, client_in)
+    assert client.read(64, buffer) == 27
+    assert bytes(buffer[:27]) == b"HTTP/1.1 204 No Content\r\n\r\n"
