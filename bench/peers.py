@@ -420,6 +420,8 @@ PEERS: dict[str, Peer] = {
         Peer("nginx+workers2", "nginx", _nginx_build(workers=2), cores=ALL_CORES),
         # HTTPS: TLS 1.3, P-256, the scenario's certificates (`tls`, `handshakes`)
         _gateway_peer("gateway+tls", tls=True),
+        # the baseline checkout over HTTPS, to measure a change to the TLS path against its code
+        _gateway_peer("gateway@baseline+tls", baseline=True, tls=True),
         Peer("nginx+tls", "nginx", _nginx_build(tls=True), tls=True),
         Peer("haproxy+tls", "haproxy", _haproxy_build(tls=True), tls=True),
         Peer("caddy+tls", "caddy", _caddy_build(tls=True), tls=True),

@@ -849,7 +849,14 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario(
             name="tls",
             description="the bare route over HTTPS: TLS 1.3, P-256, 50 keep-alive connections",
-            peers=("gateway+tls", "gateway", "nginx+tls", "haproxy+tls", "caddy+tls"),
+            peers=(
+                "gateway+tls",
+                "gateway",
+                "nginx+tls",
+                "haproxy+tls",
+                "caddy+tls",
+                "gateway@baseline+tls",
+            ),
             run=tls_scenario,
             extra={"reference": "nginx+tls", "reference_label": "nginx_tls"},
         ),
