@@ -163,6 +163,14 @@ def front_context(current: Callable[[], ListenerTLS]) -> ssl.SSLContext:
 
     ctx.sni_callback = on_server_name
     ctx.sslobject_class = DirectSSLObject
+    # One TLS 1.3 session ticket per connection, as Go's servers (Caddy, Traefik) send, not
+    # OpenSSL's two: OpenSSL 3.0 copies the session for each ticket by encoding and decoding
+    # it, the client's certificate included, so the second ticket cost a full handshake ~4 %
+    # of its instructions and one with a client certificate ~13 % (callgrind, `python -m
+    # bench.callgrind --tls|--mtls --handshakes full`).  A client still gets a fresh ticket
+    # from every connection it makes.  (Read from the context the connection starts on: the
+    # SNI switch keeps it.)
+    ctx.num_tickets = 1
     return ctx
 
 

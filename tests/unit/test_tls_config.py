@@ -212,7 +212,8 @@ def _pump(source: ssl.MemoryBIO, target: ssl.MemoryBIO) -> None:
 def test_a_listeners_tls_objects_call_ssl_directly_and_still_serve_sni(tmp_path: Path) -> None:
     """The listener's connections read, write and count pending bytes through the C object's
     own methods (no ssl.SSLObject wrapper frame per call), and are otherwise ssl's: a
-    handshake asking for b.test is switched to b's certificate, and bytes go both ways."""
+    handshake asking for b.test is switched to b's certificate, and bytes go both ways.  The
+    client gets one session ticket, not OpenSSL's default two."""
     ca = TestCA(tmp_path)
     a = ca.issue("a", dns=("a.test",))
     b = ca.issue("b", dns=("b.test",))
@@ -227,6 +228,16 @@ def test_a_listeners_tls_objects_call_ssl_directly_and_still_serve_sni(tmp_path:
     for method in ("read", "write", "pending"):
         assert getattr(server, method).__self__ is inner
     client_context = ssl.create_default_context(cafile=str(ca.path))
+    tickets: list[bytes] = []
+
+    def seen(
+        conn: object, direction: str, version: object, kind: object, message: object, data: bytes
+    ) -> None:
+        if direction == "read" and message == ssl._TLSMessageType.NEWSESSION_TICKET:
+            tickets.append(data)
+
+    # ssl's message hook: private, but the only way to see each session ticket arrive
+    client_context._msg_callback = seen  # type: ignore[attr-defined]
     client = client_context.wrap_bio(client_in, client_out, server_hostname="b.test")
     for _ in range(10):
         for side in (client, server):
@@ -246,3 +257,5 @@ def test_a_listeners_tls_objects_call_ssl_directly_and_still_serve_sni(tmp_path:
     _pump(server_out, client_in)
     assert client.read(64, buffer) == 27
     assert bytes(buffer[:27]) == b"HTTP/1.1 204 No Content\r\n\r\n"
+    # one TLS 1.3 session ticket per connection, not OpenSSL's two
+    assert len(tickets) == 1
