@@ -1,7 +1,7 @@
 """Instructions per request on one route, counted by valgrind's callgrind.
 
 Run: python -m bench.callgrind [--route ROUTE] [--tracing RATIO] [--requests N] [--out FILE]
-                              [--tls | --mtls] [--cache-sim]
+                              [--tls | --mtls] [--handshakes full|resumed] [--cache-sim]
 
 ROUTE: bare, operator, pipeline, edge or large-headers (the scenarios' requests and routes;
 edge is the pipeline behind a jwt stage, with a token minted for the run — add `--tracing 0.01`
@@ -10,7 +10,10 @@ RATIO: turns tracing on with that `sample_ratio` (0: traced, nothing sampled), e
 OTLP/HTTP to `bench.otlp_sink`; without it the config has no `tracing:` section.
 --tls serves the route over HTTPS (TLS 1.3, certificates made for the run), as the `tls`
 scenario does; --mtls also presents a client certificate to an `mtls` stage first on the route
-(the `edge-tls` scenario is `--route edge --mtls --tracing 0.01`).
+(the `edge-tls` scenario is `--route edge --mtls --tracing 0.01`).  With --handshakes, each
+request is on a new connection — the handshakes scenario's GET, as `openssl s_time` sends it —
+with a full handshake or resuming the previous connection's session, and the figure is per
+connection.
 
 The gateway runs under callgrind with instrumentation off; 10 keep-alive connections are opened
 and warmed up (500 requests), then it is switched on for N requests on the same connections
@@ -42,11 +45,13 @@ from pathlib import Path
 from bench import otlp_sink
 from bench.headers import REQUEST_HEADERS
 from bench.peers import OPERATOR_KEY, OPERATOR_ORIGIN, Tracing, gateway_config
+from bench.scenarios import s_time_client, s_time_exchange
 from bench.tokens import mint
 from gateway.dev_certificates import init_dev_certificates
 
 CONNECTIONS = 10
 WARM_UP = 500
+HANDSHAKE_WARM_UP = 20
 STARTUP_DEADLINE = 120.0
 
 
@@ -127,6 +132,23 @@ async def _load(
     finally:
         for _, writer in connections:
             writer.close()
+
+
+def _handshakes(port: int, count: int, pid: int, certs: Path, mtls: bool, resumed: bool) -> int:
+    """`count` new TLS connections counted (after a warm-up of `HANDSHAKE_WARM_UP`), each doing
+    the handshakes scenario's one small GET (`s_time_exchange`): full handshakes, or each
+    offering the previous connection's session (`resumed`).  How many did resume."""
+    context = s_time_client(certs, mtls)
+    session = None
+    for _ in range(HANDSHAKE_WARM_UP):
+        _, session, _ = s_time_exchange(port, context, session if resumed else None)
+    _instrumentation(pid, "on")
+    reused = 0
+    for _ in range(count):
+        _, session, was_resumed = s_time_exchange(port, context, session if resumed else None)
+        reused += was_resumed
+    _instrumentation(pid, "off")
+    return reused
 
 
 def _instrumentation(pid: int, state: str) -> None:
@@ -212,11 +234,21 @@ def main(argv: list[str] | None = None) -> int:
         help="HTTPS with a client certificate, and an mtls stage first on the route",
     )
     parser.add_argument(
+        "--handshakes",
+        choices=("full", "resumed"),
+        default=None,
+        help="with --tls or --mtls: a new connection for each request (the handshakes "
+        "scenario's GET), full handshakes or resuming the previous connection's session; "
+        "instructions per connection",
+    )
+    parser.add_argument(
         "--cache-sim",
         action="store_true",
         help="also simulate the caches (callgrind --cache-sim=yes) and print misses per request",
     )
     args = parser.parse_args(argv)
+    if args.handshakes and not (args.tls or args.mtls):
+        parser.error("--handshakes needs --tls or --mtls")
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         print("valgrind is missing: make bench-deps installs it", file=sys.stderr)
         return 2
@@ -239,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         init_dev_certificates(scratch / "certs", ["localhost", "127.0.0.1"])
         certs = str(scratch / "certs")
         tls = _client_tls(scratch / "certs", args.mtls)
+    reused = 0
     config = scratch / "gateway.yaml"
     config.write_text(_config(args.route, port, upstream_port, tracing, certs, args.mtls))
     command = [
@@ -261,8 +294,18 @@ def main(argv: list[str] | None = None) -> int:
         if tracing is not None:
             _wait_for_port(sink_port, deadline)
         _wait_for_port(port, deadline)
-        request = _request(args.route, authorization)
-        asyncio.run(_load(port, request, args.requests, gateway.pid, tls))
+        if args.handshakes:
+            reused = _handshakes(
+                port,
+                args.requests,
+                gateway.pid,
+                scratch / "certs",
+                args.mtls,
+                args.handshakes == "resumed",
+            )
+        else:
+            request = _request(args.route, authorization)
+            asyncio.run(_load(port, request, args.requests, gateway.pid, tls))
     finally:
         gateway.send_signal(signal.SIGTERM)
         try:
@@ -272,13 +315,19 @@ def main(argv: list[str] | None = None) -> int:
         for helper in helpers:
             helper.terminate()
             helper.wait(timeout=10)
-    measured = (args.requests // CONNECTIONS) * CONNECTIONS
+    measured = args.requests if args.handshakes else (args.requests // CONNECTIONS) * CONNECTIONS
     totals = _totals(out)
     per_request = totals["Ir"] / measured / 1000
     traced = "" if args.tracing is None else f", tracing at {args.tracing:g}"
     over = " over mTLS" if args.mtls else " over TLS" if args.tls else ""
-    print(f"{args.route}{over}{traced}: {per_request:.1f}k instructions per request", end="")
-    print(f" ({measured} requests)")
+    if args.handshakes:
+        print(
+            f"{args.route}{over}, {args.handshakes} handshakes{traced}: {per_request:.1f}k"
+            f" instructions per connection ({measured} connections, {reused} resumed)"
+        )
+    else:
+        print(f"{args.route}{over}{traced}: {per_request:.1f}k instructions per request", end="")
+        print(f" ({measured} requests)")
     if args.cache_sim:
         misses = ", ".join(
             f"{name} {totals[event] / measured:.0f}"

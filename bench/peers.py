@@ -432,6 +432,7 @@ PEERS: dict[str, Peer] = {
         Peer("nginx+mtls", "nginx", _nginx_build(tls=True, mtls=True), tls=True, mtls=True),
         # the same, asking for a client certificate from the bench's CA (`handshakes`)
         _gateway_peer("gateway+mtls", tls=True, mtls=True),
+        _gateway_peer("gateway@baseline+mtls", baseline=True, tls=True, mtls=True),
         Peer("haproxy+mtls", "haproxy", _haproxy_build(tls=True, mtls=True), tls=True, mtls=True),
         Peer("caddy+mtls", "caddy", _caddy_build(tls=True, mtls=True), tls=True, mtls=True),
         Peer("aiohttp", None, _aiohttp),

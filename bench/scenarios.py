@@ -392,7 +392,7 @@ def _handshake_figures(
                 result.figures["resumed_percent"] = 100 * resumed[result.peer] / connections
 
 
-def _s_time_client(certs: Path, client_cert: bool) -> ssl.SSLContext:
+def s_time_client(certs: Path, client_cert: bool) -> ssl.SSLContext:
     """A client like s_time's: trusts the bench's CA, sends no server name."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False
@@ -402,7 +402,7 @@ def _s_time_client(certs: Path, client_cert: bool) -> ssl.SSLContext:
     return context
 
 
-def _s_time_exchange(
+def s_time_exchange(
     port: int, context: ssl.SSLContext, session: ssl.SSLSession | None = None
 ) -> tuple[bytes, ssl.SSLSession | None, bool]:
     """s_time's request on a new connection, offering `session`: the whole answer (the peer
@@ -425,19 +425,19 @@ def handshake_check(port: int, certs: Path, client_cert: bool) -> tuple[int, boo
     every measured connection must read (`s_time_round`); an mTLS peer does not answer 200
     without the certificate (one that did would make its rows plain TLS); and a second
     connection offering the first's session resumes it.  (answer size, resumed)"""
-    context = _s_time_client(certs, client_cert)
-    answer, session, _ = _s_time_exchange(port, context)
+    context = s_time_client(certs, client_cert)
+    answer, session, _ = s_time_exchange(port, context)
     status = answer.split(b"\r\n", 1)[0]
     if not re.fullmatch(rb"HTTP/1\.[01] 200 .*", status):
         raise RuntimeError(f"answered {status[:40]!r}, not 200, to s_time's request")
     if client_cert:
         try:
-            refused = _s_time_exchange(port, _s_time_client(certs, False))[0]
+            refused = s_time_exchange(port, s_time_client(certs, False))[0]
         except OSError:  # refused at the handshake (TLS alert) or by a reset
             refused = b""
         if refused.startswith((b"HTTP/1.1 200", b"HTTP/1.0 200")):
             raise RuntimeError("answered 200 to a client without a certificate")
-    again, _, resumed = _s_time_exchange(port, context, session)
+    again, _, resumed = s_time_exchange(port, context, session)
     if not again.startswith(status):
         raise RuntimeError(f"answered {again[:40]!r} on the resumed connection")
     return len(answer), resumed
@@ -888,6 +888,8 @@ SCENARIOS: dict[str, Scenario] = {
                 "nginx+mtls",
                 "haproxy+mtls",
                 "caddy+mtls",
+                "gateway@baseline+tls",
+                "gateway@baseline+mtls",
             ),
             run=handshakes_scenario,
         ),
