@@ -14,6 +14,7 @@ from bench.callgrind import (
     _request,
     _total_instructions,
     _totals,
+    main,
 )
 from bench.peers import OPERATOR_KEY, Tracing
 from gateway.dev_certificates import init_dev_certificates
@@ -105,3 +106,10 @@ def test_the_load_trusts_the_runs_ca_and_presents_the_client_certificate_for_mtl
     assert _client_tls(only_ca, client_certificate=False).get_ca_certs() == [ca]
     with pytest.raises(FileNotFoundError):
         _client_tls(only_ca, client_certificate=True)
+
+
+def test_handshakes_are_counted_only_over_tls(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["--handshakes", "full"])
+    assert exited.value.code == 2
+    assert "--handshakes needs --tls or --mtls" in capsys.readouterr().err
