@@ -54,6 +54,8 @@ HOT_MODULES = [
     # the api_key stage: a header scan, a sha256 and a dict lookup per request of its routes
     # (basic_auth's warm path is as short, but its tests observe its module's functions)
     "gateway/stages/api_key.py",
+    # the mtls stage: a certificate check and a header on every request of its routes
+    "gateway/stages/mtls.py",
     "gateway/core/token_bucket.py",
     "gateway/core/breaker.py",
     "gateway/stores/base.py",
