@@ -120,10 +120,10 @@ class DirectSSLObject(ssl.SSLObject):
     uvloop drives TLS through those three (it keeps them bound per connection), several times a
     request; each wrapper is an interpreted frame that only passes its arguments on: together
     1.5k of the 25k instructions TLS added to a keep-alive HTTPS request (callgrind,
-    `python -m bench.callgrind --tls`).  Here they are the
-    methods the wrappers call, set on the instance when it is made, so a call goes straight
-    to C with the same arguments and the same results.  Everything else (the handshake, the
-    peer certificate, `context` for SNI) is ssl.SSLObject's own.
+    `python -m bench.callgrind --tls`).  Here they are the methods the wrappers call, set on
+    the instance when it is made, so a call goes straight to C with the same arguments and the
+    same results.  Everything else (the handshake, the peer certificate, `context` for SNI) is
+    ssl.SSLObject's own.
     """
 
     @classmethod
