@@ -43,6 +43,10 @@ from gateway.stages.converters import OWNED_REQUEST, check_name
 from gateway.stages.kind import BuildContext, StageKind
 from gateway.stages.outcomes import StageOutcomes
 
+#: an empty sha256, copied for each presented key (never updated itself): `hashlib.sha256(key)`
+#: looks the algorithm up in OpenSSL 3's providers on every call, a copy does not (the
+#: operator route: 75.3k -> 74.9k instructions per request, callgrind)
+_SHA256: Final = hashlib.sha256()
 _KIND: Final = "api_key"
 
 
@@ -376,7 +380,9 @@ class ApiKeyStage:
         # leak the length of the matching prefix; hmac.compare_digest is not needed when no
         # plain key is compared at all.  The digest is not salted: keys are random tokens of
         # high entropy (unlike passwords), so an unsalted sha256 of one cannot be reversed.
-        found = self._consumers.get(hashlib.sha256(key).digest())
+        digest = _SHA256.copy()
+        digest.update(key)
+        found = self._consumers.get(digest.digest())
         if found is None:
             self._decided(ctx, route, "invalid")
             raise self._refused("the API key is not valid")
