@@ -89,16 +89,6 @@ def _request(route: str, authorization: str = "") -> bytes:
     return f"GET {path} HTTP/1.1\r\n{lines}\r\n".encode()
 
 
-def _client_tls(certs: Path, client_certificate: bool) -> ssl.SSLContext:
-    """The load's TLS 1.3 context, trusting the run's CA (with its client certificate for
-    mtls)."""
-    context = ssl.create_default_context(cafile=str(certs / "ca.crt"))
-    context.minimum_version = ssl.TLSVersion.TLSv1_3
-    if client_certificate:
-        context.load_cert_chain(str(certs / "client.crt"), str(certs / "client.key"))
-    return context
-
-
 async def _exchange(
     reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes, count: int
 ) -> None:
@@ -270,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.tls or args.mtls:
         init_dev_certificates(scratch / "certs", ["localhost", "127.0.0.1"])
         certs = str(scratch / "certs")
-        tls = _client_tls(scratch / "certs", args.mtls)
+        tls = s_time_client(scratch / "certs", args.mtls)  # TLS 1.3: the listener allows no less
     reused = 0
     config = scratch / "gateway.yaml"
     config.write_text(_config(args.route, port, upstream_port, tracing, certs, args.mtls))

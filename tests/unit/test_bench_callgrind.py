@@ -9,7 +9,6 @@ import pytest
 
 from bench.callgrind import (
     _cache_lines,
-    _client_tls,
     _config,
     _request,
     _total_instructions,
@@ -17,6 +16,7 @@ from bench.callgrind import (
     main,
 )
 from bench.peers import OPERATOR_KEY, Tracing
+from bench.scenarios import s_time_client
 from gateway.dev_certificates import init_dev_certificates
 
 
@@ -93,8 +93,8 @@ def test_the_load_trusts_the_runs_ca_and_presents_the_client_certificate_for_mtl
     tmp_path: Path,
 ) -> None:
     init_dev_certificates(tmp_path, ["localhost", "127.0.0.1"])
-    context = _client_tls(tmp_path, client_certificate=True)
-    assert context.minimum_version is ssl.TLSVersion.TLSv1_3
+    # the handshakes scenario's client, which the keep-alive load shares
+    context = s_time_client(tmp_path, client_cert=True)
     assert context.verify_mode is ssl.CERT_REQUIRED
     [ca] = context.get_ca_certs()
     subject = [item for rdn in ca["subject"] for item in rdn]
@@ -103,9 +103,9 @@ def test_the_load_trusts_the_runs_ca_and_presents_the_client_certificate_for_mtl
     only_ca = tmp_path / "only-ca"
     only_ca.mkdir()
     (only_ca / "ca.crt").write_bytes((tmp_path / "ca.crt").read_bytes())
-    assert _client_tls(only_ca, client_certificate=False).get_ca_certs() == [ca]
+    assert s_time_client(only_ca, client_cert=False).get_ca_certs() == [ca]
     with pytest.raises(FileNotFoundError):
-        _client_tls(only_ca, client_certificate=True)
+        s_time_client(only_ca, client_cert=True)
 
 
 def test_handshakes_are_counted_only_over_tls(capsys: pytest.CaptureFixture[str]) -> None:
