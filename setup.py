@@ -30,6 +30,8 @@ HOT_MODULES = [
     "gateway/http/path.py",
     "gateway/http/headers.py",
     "gateway/http/flow.py",
+    # the two waits of a request (its head, its upstream answer), resumed by the callbacks
+    "gateway/core/waiter.py",
     "gateway/http/host.py",
     "gateway/routing.py",
     "gateway/pipeline.py",

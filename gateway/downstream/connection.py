@@ -23,12 +23,14 @@ seconds; and the average runs over the whole response, since TCP windows open in
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import fcntl
 import logging
 import struct
 import termios
 from collections import deque
-from typing import TYPE_CHECKING, Final, cast, final
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any, Final, cast, final
 
 import httptools
 
@@ -63,6 +65,7 @@ from gateway.http.messages import (
 )
 from gateway.http.path import PATH_SEMICOLON, split_target
 from gateway.http.problem import problem_response
+from gateway.core.waiter import Continued, Waiter
 from gateway.identity import real_client
 from gateway.observability.instruments import clock
 from gateway.observability.request_trace import CURRENT_TRACE, RequestTrace, TraceSlot
@@ -139,6 +142,8 @@ class HttpConnection(asyncio.Protocol):
         "_chunk_raw",
         "_chunked_out",
         "_closing",
+        "_context",
+        "_coro",
         "_counted_client",
         "_current",
         "_drain",
@@ -158,8 +163,10 @@ class HttpConnection(asyncio.Protocol):
         "_raw_head",
         "_reading_paused",
         "_refusal_timer",
+        "_resume",
         "_sampled_at",
         "_sent_before",
+        "_start",
         "_stopped",
         "_stream",
         "_task",
@@ -169,6 +176,8 @@ class HttpConnection(asyncio.Protocol):
         "_tunnel_bytes",
         "_tunnel_seen",
         "_upgrading",
+        "_waiting",
+        "_wake",
         "_wakeup",
         "_write_paused",
         "_write_paused_at",
@@ -199,10 +208,22 @@ class HttpConnection(asyncio.Protocol):
         self._in_head = False
         self._current: Exchange | None = None
         self._queue: deque[Exchange] = deque()
+        #: `_process`, run by this connection's callbacks (see gateway.core.waiter) while it
+        #: waits only on `Waiter`s; handed to `_task` when it awaits anything else
+        self._coro: Coroutine[Any, None, None] | None = None
+        #: the Waiter the driven `_process` awaits
+        self._waiting: Waiter[Any] | None = None
+        #: `_process` is to be started, or `_wake` woken, once the parser is out of the way
+        self._start = False
+        self._wake: Waiter[None] | None = None
+        #: the bound `_step`, made once
+        self._resume = self._step
+        #: the context `_process` runs in, driven or in `_task`
+        self._context = contextvars.copy_context()
         self._task: asyncio.Task[None] | None = None
-        #: the trace slot in `_task`'s context (made by its first traced request)
+        #: the trace slot in `_context` (made by its first traced request)
         self._trace_slot: TraceSlot | None = None
-        self._wakeup: asyncio.Future[None] | None = None
+        self._wakeup: Waiter[None] | None = None
         self._closing = False
         self._stopped = False  # no more requests are parsed on this connection
         self._reading_paused = False
@@ -320,6 +341,8 @@ class HttpConnection(asyncio.Protocol):
             self._current.body.fail(BadRequest("client closed the connection"))
         if self._task is not None and not self._task.done():
             self._task.cancel()
+        elif self._waiting is not None:
+            self._waiting.cancel()  # the driven `_process` unwinds on the loop's next turn
         self._drain.fail(ClientClosed())
         server.on_connection_closed()
 
@@ -355,6 +378,11 @@ class HttpConnection(asyncio.Protocol):
             self.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
+        self._received(data)
+        if self._start or self._wake is not None:
+            self._run_queue()
+
+    def _received(self, data: bytes) -> None:
         tunnel = self._tunnel
         if tunnel is not None:
             self._tunnel_bytes += len(data)
@@ -711,29 +739,79 @@ class HttpConnection(asyncio.Protocol):
             # not tunnelled, no body: Upgrade was ignored and the connection stays HTTP/1.1
             self.parser = httptools.HttpRequestParser(self)
         if rest:
-            self.data_received(rest)
+            self._received(rest)
 
     # -- the request queue -------------------------------------------------------------------
 
     def _enqueue(self, exchange: Exchange) -> None:
+        """Queue a request for `_process`, which `_run_queue` starts or wakes once llhttp has
+        returned (never from inside its callbacks)."""
         self._queue.append(exchange)
-        if self._task is None:
+        if self._coro is None and self._task is None:
             self.deadline_kind = 0
-            self._task = self._loop.create_task(self._process())
+            self._start = True
             return
         wakeup = self._wakeup
         if wakeup is not None:
             self._wakeup = None
             self.deadline_kind = 0
-            wakeup.set_result(None)
+            wakeup.settle(None)
+            self._wake = wakeup
         elif len(self._queue) > _MAX_QUEUED:
             self.pause_reading()
 
-    async def _process(self) -> None:
-        """The connection's one task: answers queued requests in order, then waits for more.
+    def _run_queue(self) -> None:
+        """Start `_process`, or wake it, for the requests `_enqueue` queued."""
+        if self._start:
+            self._start = False
+            self._coro = self._process()
+            self._step()
+            return
+        wake = self._wake
+        if wake is not None:
+            self._wake = None
+            wake.wake()
 
-        Keeping it across keep-alive requests costs one future per wait instead of a new task
-        per request.
+    def _step(self) -> None:
+        """Run the driven `_process` until it waits again (gateway.core.waiter).
+
+        It goes on here while it awaits `Waiter`s; anything else it awaits (a body's bytes, a
+        new upstream connection, a drain) hands the rest of it to a task.
+        """
+        coro = self._coro
+        if coro is None:
+            return
+        waiting = self._waiting
+        if waiting is not None:
+            if not waiting.done():
+                return  # a stale wake-up (the cancel of a wait that was woken already)
+            self._waiting = None
+        try:
+            pending = self._context.run(coro.send, None)
+        except StopIteration:
+            self._coro = None
+            return
+        except Exception:
+            # what a task would have kept as its exception: never into the callback that woke it
+            self._coro = None
+            log.exception("answering on a connection from %s failed", self.peer.ip)
+            return
+        if type(pending) is Waiter:
+            waiter = pending
+            waiter._asyncio_future_blocking = False
+            waiter.driver = self._resume
+            self._waiting = waiter
+            return
+        self._coro = None
+        self._task = self._loop.create_task(
+            cast(Coroutine[Any, None, None], Continued(coro, pending)), context=self._context
+        )
+
+    async def _process(self) -> None:
+        """Answers queued requests in order, then waits for more: run by the connection's own
+        callbacks while it waits on `Waiter`s, in a task once it awaits anything else.
+
+        Kept across keep-alive requests: each wait costs one `Waiter`, not a coroutine.
         """
         queue = self._queue
         try:
@@ -756,13 +834,16 @@ class HttpConnection(asyncio.Protocol):
                         self._ended_at = self._loop.time()
                 if not self._wait_for_next():
                     return
-                self._wakeup = self._loop.create_future()
-                await self._wakeup
+                if self._coro is None:
+                    # run by a task (it awaited something else): it ends here, and the next
+                    # request starts a driven `_process` again
+                    return
+                self._wakeup = wakeup = Waiter[None](self._loop)
+                await wakeup
         except (asyncio.CancelledError, ClientClosed):
             pass
         finally:
             self._task = None
-            self._trace_slot = None  # a later task has a context of its own
             self._wakeup = None
             for pending in queue:
                 if pending.body is not None:
@@ -807,7 +888,7 @@ class HttpConnection(asyncio.Protocol):
                 if tracer is not None:
                     slot = self._trace_slot
                     if slot is None:
-                        # this runs on the connection's task: its context keeps the slot
+                        # this runs in the connection's `_context`, which keeps the slot
                         slot = self._trace_slot = TraceSlot()
                         CURRENT_TRACE.set(slot)
                     trace = slot.trace = begin_request(tracer, head, route, peer, slot)
@@ -1030,10 +1111,15 @@ class HttpConnection(asyncio.Protocol):
             self._close_transport()
 
     def abort(self) -> asyncio.Task[None] | None:
-        """Drop the connection now; the task still answering on it, if any."""
-        task = self._task
+        """Drop the connection now; the task still answering on it, if any (a driven
+        `_process` is cancelled and unwinds here, unless it hands its unwinding to a task)."""
         if self.transport is not None:
             self.transport.abort()
+        waiting = self._waiting
+        if waiting is not None and self._coro is not None:
+            waiting.cancel()
+            self._step()
+        task = self._task
         if task is not None and not task.done():
             task.cancel()
         return task
@@ -1178,6 +1264,8 @@ class HttpConnection(asyncio.Protocol):
         self.deadline_kind = 0
         if kind == _HEAD and (self._in_head or self._head is not None):
             self._parse_failed(RequestTimeout("the request head did not arrive in time"))
+            if self._start or self._wake is not None:
+                self._run_queue()
         else:
             self._close_transport()
 

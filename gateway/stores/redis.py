@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 
 from gateway.config.model import StoreConfig, StoreTLSConfig
 from gateway.config.stores import redacted_url
+from gateway.core.waiter import into_task
 from gateway.observability.instruments import (
     DEFAULT_BUCKETS,
     CounterChild,
@@ -613,6 +614,14 @@ class RedisStore:
                 f"store {self.name!r} ({self.shown_url}){where} is down, next attempt in"
                 f" {(down[0] - started) * 1000:.0f} ms (last error: {self.last_error})"
             )
+        # a request's stages may call this from a driven coroutine (gateway.core.waiter): the
+        # timeout below, and redis-py's inside, need a task
+        try:
+            await into_task()
+        except BaseException:
+            if isinstance(operation, Coroutine):
+                operation.close()  # cancelled on the way: never sent
+            raise
         self._in_flight += 1
         try:
             async with asyncio.timeout(self.timeout):

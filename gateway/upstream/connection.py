@@ -21,6 +21,7 @@ from gateway.errors import GatewayError, RequestTimeout, UpstreamTimeout, Upstre
 from gateway.http.flow import Drain
 from gateway.http.headers import HOP_BY_HOP, connection_tokens
 from gateway.http.messages import BodyProducer, BodySink, Completion, RequestBody, Response
+from gateway.core.waiter import Waiter
 
 if TYPE_CHECKING:
     from gateway.upstream.pool import EndpointPool
@@ -86,6 +87,7 @@ class UpstreamConnection(asyncio.Protocol):
         "_drain",
         "_failure",
         "_got_bytes",
+        "_head_arrived",
         "_head_waiter",
         "_headers",
         "_is_head",
@@ -141,12 +143,14 @@ class UpstreamConnection(asyncio.Protocol):
         #: a tunnel now, no longer counted in the pool
         self.detached = False
         self._reset_exchange()
+        #: the head waiter settled by the callback under way, woken as it returns
+        self._head_arrived: Waiter[Response] | None = None
         self._body_timeout = 30.0
         self.on_upgrade_data: Callable[[bytes], None] | None = None
         self.tunnel_peer: BodyProducer | None = None
 
     def _reset_exchange(self) -> None:
-        self._head_waiter: asyncio.Future[Response] | None = None
+        self._head_waiter: Waiter[Response] | None = None
         #: created only when a body is piped: most responses arrive whole and never need it
         self._done: asyncio.Future[None] | None = None
         self._failure: GatewayError | None = None
@@ -189,6 +193,15 @@ class UpstreamConnection(asyncio.Protocol):
         self.reusable = True  # until an exchange says otherwise
 
     def data_received(self, data: bytes) -> None:
+        self._received(data)
+        arrived = self._head_arrived
+        if arrived is not None:
+            # the proxy goes on now that llhttp has returned and this protocol's state is whole
+            # (for a driven request, right here: gateway.core.waiter)
+            self._head_arrived = None
+            arrived.wake()
+
+    def _received(self, data: bytes) -> None:
         if self._upgraded:
             self._tunnel_data(data)
             return
@@ -334,7 +347,9 @@ class UpstreamConnection(asyncio.Protocol):
         waiter = self._head_waiter
         self._head_waiter = None
         if waiter is not None and not waiter.done():
-            waiter.set_result(response)
+            # woken when data_received returns, not from inside llhttp's callback
+            waiter.settle(response)
+            self._head_arrived = waiter
         if no_body:
             self.on_message_complete()
         elif status == 101:
@@ -397,7 +412,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._reset_exchange()
         self._is_head = is_head
         self._body_timeout = body_timeout
-        head_waiter: asyncio.Future[Response] = loop.create_future()
+        head_waiter: Waiter[Response] = Waiter(loop)
         self._head_waiter = head_waiter
         self._active = True
         if body is None:
