@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Final, cast, final
 
 import httptools
 
+from gateway.core.waiter import Continued, Waiter
 from gateway.downstream.redirect_https import ACME_CHALLENGE
 from gateway.downstream.tracing import begin_request
 from gateway.errors import (
@@ -65,7 +66,6 @@ from gateway.http.messages import (
 )
 from gateway.http.path import PATH_SEMICOLON, split_target
 from gateway.http.problem import problem_response
-from gateway.core.waiter import Continued, Waiter
 from gateway.identity import real_client
 from gateway.observability.instruments import clock
 from gateway.observability.request_trace import CURRENT_TRACE, RequestTrace, TraceSlot

@@ -51,6 +51,7 @@ from gateway.core.jwt_tokens import (
     read_jwks,
     verify,
 )
+from gateway.core.waiter import into_task
 from gateway.errors import ConfigError, Unauthenticated
 from gateway.http.messages import Response
 from gateway.observability.instruments import Counter, CounterChild
@@ -357,6 +358,8 @@ class JwksFetcher:
                 self._kid_fetch_at = now
         if due:
             with contextlib.suppress(TimeoutError):
+                # a request's driven coroutine is not a task, which Python 3.12's wait_for needs
+                await into_task()
                 await asyncio.wait_for(asyncio.shield(self._fetching()), _FETCH_WAIT)
         return self.keys
 

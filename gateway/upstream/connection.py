@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, Final, cast, final
 
 import httptools
 
+from gateway.core.waiter import Waiter
 from gateway.errors import GatewayError, RequestTimeout, UpstreamTimeout, UpstreamUnavailable
 from gateway.http.flow import Drain
 from gateway.http.headers import HOP_BY_HOP, connection_tokens
 from gateway.http.messages import BodyProducer, BodySink, Completion, RequestBody, Response
-from gateway.core.waiter import Waiter
 
 if TYPE_CHECKING:
     from gateway.upstream.pool import EndpointPool

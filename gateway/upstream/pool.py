@@ -30,6 +30,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Protocol, final
 
+from gateway.core.waiter import into_task
 from gateway.errors import ConnectFailed, ConnectTimeout, UpstreamBusy
 from gateway.observability.instruments import clock
 from gateway.upstream.connection import UpstreamConnection
@@ -200,6 +201,8 @@ class EndpointPool:
         started = loop.time()
         began = clock()
         try:
+            # a request's driven coroutine is not a task, which Python 3.12's wait_for needs
+            await into_task()
             await asyncio.wait_for(
                 loop.create_connection(lambda: conn, self.host, self.port), limit
             )
