@@ -29,7 +29,7 @@ import logging
 import struct
 import termios
 from collections import deque
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Final, cast, final
 
 import httptools
@@ -148,6 +148,7 @@ class HttpConnection(asyncio.Protocol):
         "_current",
         "_drain",
         "_ended_at",
+        "_enter",
         "_final_sent",
         "_head",
         "_head_bytes",
@@ -165,6 +166,7 @@ class HttpConnection(asyncio.Protocol):
         "_refusal_timer",
         "_resume",
         "_sampled_at",
+        "_send",
         "_sent_before",
         "_start",
         "_stopped",
@@ -218,8 +220,11 @@ class HttpConnection(asyncio.Protocol):
         self._wake: Waiter[None] | None = None
         #: the bound `_step`, made once
         self._resume = self._step
-        #: the context `_process` runs in, driven or in `_task`
-        self._context = contextvars.copy_context()
+        #: the context `_process` runs in, driven or in `_task`, and its `run` (bound once, as
+        #: is `_send`: each is a method object a step would otherwise make)
+        self._context = context = contextvars.copy_context()
+        self._enter = context.run
+        self._send: Callable[[None], object] | None = None
         self._task: asyncio.Task[None] | None = None
         #: the trace slot in `_context` (made by its first traced request)
         self._trace_slot: TraceSlot | None = None
@@ -764,7 +769,8 @@ class HttpConnection(asyncio.Protocol):
         """Start `_process`, or wake it, for the requests `_enqueue` queued."""
         if self._start:
             self._start = False
-            self._coro = self._process()
+            self._coro = coro = self._process()
+            self._send = coro.send
             self._step()
             return
         wake = self._wake
@@ -779,7 +785,8 @@ class HttpConnection(asyncio.Protocol):
         new upstream connection, a drain) hands the rest of it to a task.
         """
         coro = self._coro
-        if coro is None:
+        send = self._send
+        if coro is None or send is None:
             return
         waiting = self._waiting
         if waiting is not None:
@@ -787,13 +794,13 @@ class HttpConnection(asyncio.Protocol):
                 return  # a stale wake-up (the cancel of a wait that was woken already)
             self._waiting = None
         try:
-            pending = self._context.run(coro.send, None)
+            pending = self._enter(send, None)
         except StopIteration:
-            self._coro = None
+            self._coro = self._send = None
             return
         except Exception:
             # what a task would have kept as its exception: never into the callback that woke it
-            self._coro = None
+            self._coro = self._send = None
             log.exception("answering on a connection from %s failed", self.peer.ip)
             return
         if type(pending) is Waiter:
@@ -802,7 +809,7 @@ class HttpConnection(asyncio.Protocol):
             waiter.driver = self._resume
             self._waiting = waiter
             return
-        self._coro = None
+        self._coro = self._send = None
         self._task = self._loop.create_task(
             cast(Coroutine[Any, None, None], Continued(coro, pending)), context=self._context
         )
