@@ -163,6 +163,7 @@ class HttpConnection(asyncio.Protocol):
         "_rate_since",
         "_raw_head",
         "_reading_paused",
+        "_ready",
         "_refusal_timer",
         "_resume",
         "_sampled_at",
@@ -180,6 +181,7 @@ class HttpConnection(asyncio.Protocol):
         "_upgrading",
         "_waiting",
         "_wake",
+        "_wake_later",
         "_wakeup",
         "_write_paused",
         "_write_paused_at",
@@ -218,8 +220,11 @@ class HttpConnection(asyncio.Protocol):
         #: `_process` is to be started, or `_wake` woken, once the parser is out of the way
         self._start = False
         self._wake: Waiter[None] | None = None
-        #: the bound `_step`, made once
+        #: the bound `_step`, made once, and what a Waiter calls to have it run on the loop's
+        #: next turn with the listener's other wake-ups (core.waiter.ReadySteps)
         self._resume = self._step
+        self._ready = server.ready
+        self._wake_later = self._queue_step
         #: the context `_process` runs in, driven or in `_task`, and its `run` (bound once, as
         #: is `_send`: each is a method object a step would otherwise make)
         self._context = context = contextvars.copy_context()
@@ -766,20 +771,25 @@ class HttpConnection(asyncio.Protocol):
             self.pause_reading()
 
     def _run_queue(self) -> None:
-        """Start `_process`, or wake it, for the requests `_enqueue` queued."""
+        """Start `_process`, or wake it, for the requests `_enqueue` queued: it runs on the
+        loop's next turn, with the listener's other wake-ups (core.waiter.ReadySteps)."""
         if self._start:
             self._start = False
             self._coro = coro = self._process()
             self._send = coro.send
-            self._step()
+            self._ready.add(self._resume)
             return
         wake = self._wake
         if wake is not None:
             self._wake = None
             wake.wake()
 
+    def _queue_step(self) -> None:
+        self._ready.add(self._resume)
+
     def _step(self) -> None:
-        """Run the driven `_process` until it waits again (gateway.core.waiter).
+        """Run the driven `_process` until it waits again (gateway.core.waiter); called by the
+        listener's ReadySteps (and by `abort`).
 
         It goes on here while it awaits `Waiter`s; anything else it awaits (a body's bytes, a
         new upstream connection, a drain) hands the rest of it to a task.
@@ -806,7 +816,7 @@ class HttpConnection(asyncio.Protocol):
         if type(pending) is Waiter:
             waiter = pending
             waiter._asyncio_future_blocking = False
-            waiter.driver = self._resume
+            waiter.driver = self._wake_later
             self._waiting = waiter
             return
         self._coro = self._send = None

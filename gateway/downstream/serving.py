@@ -8,6 +8,7 @@ import os
 import time
 from typing import TYPE_CHECKING, Protocol, final
 
+from gateway.core.waiter import ReadySteps
 from gateway.downstream.tracing import end_request
 from gateway.observability.access_log import AccessEntry, loggable_path
 from gateway.observability.instruments import CounterChild, bounded_method, clock
@@ -49,6 +50,7 @@ class ServerState:
         "in_flight_gauge",
         "listener",
         "loop",
+        "ready",
         "refused_full",
         "refused_per_client",
         "refusing",
@@ -76,6 +78,8 @@ class ServerState:
         self.connections = app.connections
         self.client_connections = app.client_connections
         self.loop = loop
+        #: the listener's driven requests woken this turn, resumed together (core.waiter)
+        self.ready = ReadySteps(loop)
         self.listener = listener
         self.scheme = scheme
         self.connections_gauge = app.metrics.connections_active.labels(listener)

@@ -1,7 +1,7 @@
-"""gateway.core.waiter: a Waiter is an asyncio future to a task, a direct wake-up to a driver;
-`Continued` hands a driven coroutine to a task mid-way; `into_task` gets a task for code that
-needs one.  The connection's driver itself is tested over sockets
-(tests/integration/test_driven_requests.py)."""
+"""gateway.core.waiter: a Waiter is an asyncio future to a task and a direct wake-up to a
+driver; ReadySteps resumes the woken together on the loop's next turn; `Continued` hands a
+driven coroutine to a task mid-way; `into_task` gets a task for code that needs one.  The
+connection's driver itself is tested over sockets (tests/integration/test_driven_requests.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any, cast
 
 import pytest
 
-from gateway.core.waiter import Continued, Waiter, into_task
+from gateway.core.waiter import Continued, ReadySteps, Waiter, into_task
 
 VAR: contextvars.ContextVar[str] = contextvars.ContextVar("test_waiter", default="unset")
 
@@ -166,3 +166,38 @@ async def _await(waiter: Waiter[int]) -> int:
 
 def _continued(coro: Coroutine[Any, None, Any], pending: object) -> Coroutine[Any, None, Any]:
     return cast(Coroutine[Any, None, Any], Continued(coro, pending))
+
+
+async def test_ready_steps_run_together_on_the_loop_s_next_turn_in_order() -> None:
+    ready = ReadySteps(asyncio.get_running_loop())
+    ran: list[int] = []
+
+    def second() -> None:
+        ran.append(2)
+        ready.add(lambda: ran.append(4))  # woken while the others run: the turn after
+
+    ready.add(lambda: ran.append(1))
+    ready.add(second)
+    ready.add(lambda: ran.append(3))
+    assert ran == []  # never inside the caller's frame
+    await asyncio.sleep(0)
+    assert ran == [1, 2, 3]
+    await asyncio.sleep(0)
+    assert ran == [1, 2, 3, 4]
+
+
+async def test_a_run_cut_short_leaves_the_remaining_steps_for_the_next_turn() -> None:
+    ready = ReadySteps(asyncio.get_running_loop())
+    ran: list[str] = []
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    ready.add(lambda: ran.append("before"))
+    ready.add(interrupted)
+    ready.add(lambda: ran.append("after"))
+    with pytest.raises(KeyboardInterrupt):
+        ready._run()  # as the loop would, interrupted by the second step
+    assert ran == ["before"]
+    await asyncio.sleep(0)
+    assert ran == ["before", "after"]
