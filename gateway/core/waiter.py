@@ -220,7 +220,7 @@ class ReadySteps:
     at one loop handle per turn instead of a future, a handle and a task step per wake-up.
     Resuming each request inside the callback that woke it counts fewer instructions (42.9k
     against 44.2k a request, callgrind) but ran slower under load than even futures and tasks
-    (0.91 × their requests per second): parsing and writing interleaved lose the caches'
+    (0.91 times their requests per second): parsing and writing interleaved lose the caches'
     warmth and the grouping of socket writes (bench/README.md)."""
 
     __slots__ = ("_loop", "_scheduled", "_steps")
