@@ -834,6 +834,10 @@ class HttpConnection(asyncio.Protocol):
         try:
             while True:
                 while queue:
+                    if self._closing:
+                        # the connection was closed or aborted while this request waited for its
+                        # turn (a driven `_process` starts on the loop's next turn): not run
+                        return
                     try:
                         await self._run(queue[0])
                     finally:
@@ -1131,6 +1135,7 @@ class HttpConnection(asyncio.Protocol):
         """Drop the connection now; the task still answering on it, if any (a driven
         `_process` is cancelled and unwinds here, unless it hands its unwinding to a task)."""
         if self.transport is not None:
+            self._closing = True  # what is queued is not run (`_process`)
             self.transport.abort()
         waiting = self._waiting
         if waiting is not None and self._coro is not None:

@@ -193,3 +193,27 @@ async def test_a_driven_request_gets_a_task_before_waiting_for_a_jwks_refetch(
             assert (await _get(port, token(new, claims()))).status == 200  # a refetch
             assert len(fetches) == before + 1
     assert waits_outside_a_task == []
+
+
+async def test_a_request_queued_when_the_connection_is_aborted_is_never_run(
+    gw: Gateway, upstream: tuple[TestServer, Seen]
+) -> None:
+    """The driven request loop starts on the loop's next turn: a connection aborted (shutdown)
+    in between runs nothing it had queued — nothing reaches the upstream, nothing stays in
+    flight."""
+    _, seen = upstream
+    reader, writer = await open_raw(port_of(gw))
+    try:
+        writer.write(b"GET /warm HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert (await asyncio.wait_for(read_response(reader), 5)).status == 200
+        conn = _only_connection(gw)
+        # arrives and is aborted in one turn of the loop, as at a shutdown
+        conn.data_received(b"GET /never HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert in_flight_requests(gw) == 1
+        conn.abort()
+        # out of flight only once answered, had it been sent: the upstream would have seen it
+        await async_wait_until(lambda: in_flight_requests(gw) == 0, what="request dropped")
+        assert (conn._coro, conn._task) == (None, None)
+    finally:
+        await close_writer(writer)
+    assert [r["path"] for r in seen.requests] == ["/warm"]
