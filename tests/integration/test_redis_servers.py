@@ -104,8 +104,13 @@ async def test_tls_refuses_a_client_without_a_trusted_certificate(
         alert = "UNKNOWN_CA"
     try:
         # the server's alert reaches the client as redis-py's ConnectionError (not a
-        # ResponseError: no command was ever answered)
-        with pytest.raises(redis.exceptions.ConnectionError, match=alert):
+        # ResponseError: no command was ever answered) — or a reset: in TLS 1.3 the client's
+        # SET may already be on its way when the server refuses the certificate, and a server
+        # closing with unread bytes resets the connection, which can discard the alert before
+        # the client reads it (seen once in a clean-clone run)
+        with pytest.raises(
+            redis.exceptions.ConnectionError, match=f"{alert}|Connection reset by peer"
+        ):
             await client.set("intruder", "was-here")
     finally:
         await client.aclose()
