@@ -7,9 +7,10 @@ request is driven unwinds it as a cancelled task would."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import struct
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 from typing import TypeVar
 
@@ -32,6 +33,21 @@ def _only_connection(gw: Gateway) -> HttpConnection:
     connections = list(gw.connections)
     assert len(connections) == 1
     return connections[0]
+
+
+@contextlib.asynccontextmanager
+async def _warm_connection(
+    gw: Gateway,
+) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter, HttpConnection]]:
+    """A client connection that has been answered once (GET /warm), and the gateway's end of
+    it; closed at the end."""
+    reader, writer = await open_raw(port_of(gw))
+    try:
+        writer.write(b"GET /warm HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert (await asyncio.wait_for(read_response(reader), 5)).status == 200
+        yield reader, writer, _only_connection(gw)
+    finally:
+        await close_writer(writer)
 
 
 def _driven(conn: HttpConnection) -> bool:
@@ -60,11 +76,7 @@ async def test_a_body_still_arriving_moves_the_request_to_a_task_and_the_next_on
     gw: Gateway, upstream: tuple[TestServer, Seen]
 ) -> None:
     _, seen = upstream
-    reader, writer = await open_raw(port_of(gw))
-    try:
-        writer.write(b"GET /warm HTTP/1.1\r\nHost: a\r\n\r\n")
-        assert (await asyncio.wait_for(read_response(reader), 5)).status == 200
-        conn = _only_connection(gw)
+    async with _warm_connection(gw) as (reader, writer, conn):
         assert _driven(conn)
         writer.write(b"POST /up HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nhello")
         await async_wait_until(lambda: conn._task is not None, what="the request in a task")
@@ -76,8 +88,6 @@ async def test_a_body_still_arriving_moves_the_request_to_a_task_and_the_next_on
         response = await asyncio.wait_for(read_response(reader), 5)
         assert (response.status, response.body) == (200, b"GET /after 0")
         await async_wait_until(lambda: _driven(conn), what="driven again")
-    finally:
-        await close_writer(writer)
     assert [(r["path"], r["body"]) for r in seen.requests] == [
         ("/warm", b""),
         ("/up", b"helloworld"),
@@ -89,10 +99,7 @@ async def test_pipelined_requests_are_answered_in_order_whichever_way_each_runs(
     gw: Gateway, upstream: tuple[TestServer, Seen]
 ) -> None:
     _, seen = upstream
-    reader, writer = await open_raw(port_of(gw))
-    try:
-        writer.write(b"GET /warm HTTP/1.1\r\nHost: a\r\n\r\n")
-        assert (await asyncio.wait_for(read_response(reader), 5)).status == 200
+    async with _warm_connection(gw) as (reader, writer, _):
         # plain, with a body (complete on arrival), plain, answered by the gateway, plain
         writer.write(
             b"GET /p1 HTTP/1.1\r\nHost: a\r\n\r\n"
@@ -102,8 +109,6 @@ async def test_pipelined_requests_are_answered_in_order_whichever_way_each_runs(
             b"GET /p5 HTTP/1.1\r\nHost: a\r\n\r\n"
         )
         answers = [await asyncio.wait_for(read_response(reader), 5) for _ in range(5)]
-    finally:
-        await close_writer(writer)
     assert [a.status for a in answers] == [200] * 5
     assert [answers[i].body for i in (0, 1, 2, 4)] == [
         b"GET /p1 0",
@@ -118,24 +123,21 @@ async def test_a_client_leaving_while_its_driven_request_waits_unwinds_it(
     gw: Gateway, upstream: tuple[TestServer, Seen]
 ) -> None:
     server, seen = upstream
-    reader, writer = await open_raw(port_of(gw))
-    writer.write(b"GET /warm HTTP/1.1\r\nHost: a\r\n\r\n")
-    assert (await asyncio.wait_for(read_response(reader), 5)).status == 200
-    conn = _only_connection(gw)
-    writer.write(b"GET /slow?s=5 HTTP/1.1\r\nHost: a\r\n\r\n")
-    await async_wait_until(lambda: len(seen.slow_peer_ports) == 1, what="upstream reached")
-    assert _driven(conn)  # waiting for the upstream's head, on the connection's callbacks
-    app = next(r for r in gw.snapshot.routes if r.name == "app")
-    cancelled = app.requests_child("GET", 499)
-    before = cancelled.value
-    # a reset (a FIN alone is a half-close, and its request is still answered)
-    sock = writer.get_extra_info("socket")
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    writer.transport.abort()
-    await async_wait_until(lambda: in_flight_requests(gw) == 0, what="request unwound")
-    await async_wait_until(lambda: not gw.connections, what="connection gone")
-    assert (conn._coro, conn._task, conn._waiting) == (None, None, None)
-    assert cancelled.value == before + 1
+    async with _warm_connection(gw) as (_, writer, conn):
+        writer.write(b"GET /slow?s=5 HTTP/1.1\r\nHost: a\r\n\r\n")
+        await async_wait_until(lambda: len(seen.slow_peer_ports) == 1, what="upstream reached")
+        assert _driven(conn)  # waiting for the upstream's head, on the connection's callbacks
+        app = next(r for r in gw.snapshot.routes if r.name == "app")
+        cancelled = app.requests_child("GET", 499)
+        before = cancelled.value
+        # a reset (a FIN alone is a half-close, and its request is still answered)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()
+        await async_wait_until(lambda: in_flight_requests(gw) == 0, what="request unwound")
+        await async_wait_until(lambda: not gw.connections, what="connection gone")
+        assert (conn._coro, conn._task, conn._waiting) == (None, None, None)
+        assert cancelled.value == before + 1
     # the upstream connection carried an unanswered request: closed, never reused
     address = f"127.0.0.1:{server.port}"
     await async_wait_until(
@@ -202,11 +204,7 @@ async def test_a_request_queued_when_the_connection_is_aborted_is_never_run(
     in between runs nothing it had queued — nothing reaches the upstream, nothing stays in
     flight."""
     _, seen = upstream
-    reader, writer = await open_raw(port_of(gw))
-    try:
-        writer.write(b"GET /warm HTTP/1.1\r\nHost: a\r\n\r\n")
-        assert (await asyncio.wait_for(read_response(reader), 5)).status == 200
-        conn = _only_connection(gw)
+    async with _warm_connection(gw) as (_, _, conn):
         # arrives and is aborted in one turn of the loop, as at a shutdown
         conn.data_received(b"GET /never HTTP/1.1\r\nHost: a\r\n\r\n")
         assert in_flight_requests(gw) == 1
@@ -214,6 +212,4 @@ async def test_a_request_queued_when_the_connection_is_aborted_is_never_run(
         # out of flight only once answered, had it been sent: the upstream would have seen it
         await async_wait_until(lambda: in_flight_requests(gw) == 0, what="request dropped")
         assert (conn._coro, conn._task) == (None, None)
-    finally:
-        await close_writer(writer)
     assert [r["path"] for r in seen.requests] == ["/warm"]
