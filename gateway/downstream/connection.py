@@ -859,7 +859,8 @@ class HttpConnection(asyncio.Protocol):
                     # run by a task (it awaited something else): it ends here, and the next
                     # request starts a driven `_process` again
                     return
-                self._wakeup = wakeup = Waiter[None](self._loop)
+                wakeup: Waiter[None] = Waiter(self._loop)
+                self._wakeup = wakeup
                 await wakeup
         except (asyncio.CancelledError, ClientClosed):
             pass
