@@ -622,6 +622,12 @@ class RedisStore:
             if isinstance(operation, Coroutine):
                 operation.close()  # cancelled on the way: never sent
             raise
+        if self._closed:
+            # closed in the turn the hand-over took (a reload retired the store): not sent, nor
+            # a connection opened again under a client being closed
+            if isinstance(operation, Coroutine):
+                operation.close()
+            raise StoreError(f"store {self.name!r} ({self.shown_url}) is closed")
         self._in_flight += 1
         try:
             async with asyncio.timeout(self.timeout):

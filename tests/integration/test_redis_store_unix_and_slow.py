@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway.core.waiter import Continued
 from gateway.stores.base import IN_USE, NEW, RecordsMeter, StoreError
 from gateway.stores.redis import RedisStore
 from tests.support.redis_server import RedisServer
@@ -134,3 +135,35 @@ async def test_closing_waits_for_an_operation_in_flight_and_nothing_connects_aft
         assert time.monotonic() < deadline, redis.command("CLIENT", "LIST")
         await asyncio.sleep(0.05)
     assert redis.command("EXISTS", "gw:idem:n:after").strip() == "0"
+
+
+async def test_an_operation_whose_store_closes_while_it_is_handed_to_a_task_is_never_sent(
+    redis: RedisServer,
+) -> None:
+    """A request's stages run in a driven coroutine, which `run` hands to a task (one turn of
+    the loop) before it counts the operation in flight.  A reload that closes the store in
+    that turn closes it with nothing counted: the operation must then fail as closed, not go
+    out on a connection being closed (CI saw "Connection lost") or open a new one."""
+    store = RedisStore("shared", redis.url, timeout=1.0)
+    await store.ping()
+    operation = store.run(store.client.set("gw:raced", "1"), "gw:raced")
+    # driven as a request's coroutine is, from a callback (no task): it yields to be handed to
+    # a task, before anything is counted or sent
+    first_step = asyncio.get_running_loop().create_future()
+    asyncio.get_running_loop().call_soon(lambda: first_step.set_result(operation.send(None)))
+    assert await first_step is None
+    assert store._in_flight == 0
+    await store.aclose()  # the turn in which the reload's close runs
+    task = asyncio.get_running_loop().create_task(Continued(operation, None))  # type: ignore[arg-type]
+    try:
+        with pytest.raises(StoreError, match="is closed"):
+            await task
+        assert redis.command("EXISTS", "gw:raced").strip() == "0"
+        deadline = time.monotonic() + 5
+        while _clients(redis) > 0:  # nothing connected again
+            assert time.monotonic() < deadline, redis.command("CLIENT", "LIST")
+            await asyncio.sleep(0.05)
+    finally:
+        # should the operation have connected again, that connection would keep the event loop
+        # from closing (the test run would hang instead of failing)
+        await store.client.connection_pool.disconnect()
