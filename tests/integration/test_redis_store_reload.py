@@ -61,15 +61,21 @@ async def test_an_unchanged_store_is_kept_and_a_changed_one_replaced(
 
         # the store's settings change: a new client, and the stage is rebuilt to use it
         original_close = store.aclose
+        done = asyncio.Event()
+        traffic_over = asyncio.Event()
+        close_asked = asyncio.Event()
 
         async def recorded_close() -> None:
             closed.append(store)
+            close_asked.set()
+            # the grace (0 here) stands for "once the requests that began on the old snapshot
+            # are done": the traffic below ends first, whatever the machine's timing
+            await traffic_over.wait()
             await original_close()
 
         monkeypatch.setattr(store, "aclose", recorded_close)
         write_config(tmp_path, _config(redis.url, up.url, prefix="two:"))
         # requests keep coming while the store is swapped: none is dropped or refused
-        done = asyncio.Event()
 
         async def traffic() -> list[int]:
             statuses = []
@@ -82,8 +88,11 @@ async def test_an_unchanged_store_is_kept_and_a_changed_one_replaced(
         load = asyncio.ensure_future(traffic())
         await asyncio.sleep(0)  # the first request is under way
         assert (await gw.reload())["ok"]
+        # the commit asks for the close at once (grace 0) ...
+        await asyncio.wait_for(close_asked.wait(), 5)
         done.set()
         during = await load
+        traffic_over.set()  # ... which goes on once the traffic has stopped
         assert during
         assert set(during) == {200}
         assert gw._shared.live_stores["shared"] is not store
