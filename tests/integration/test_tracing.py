@@ -305,7 +305,8 @@ async def test_each_retry_is_a_client_span_and_the_upstream_sees_each(
         assert second.attributes["http.request.resend_count"] == 1
         assert second.attributes["http.response.status_code"] == 200
         assert not server.error
-        # every try's own span is the parent the upstream saw
+        # every try's own span (two spans, two ids) is the parent the upstream saw
+        assert first.span_id != second.span_id
         assert {(server.trace_id, t.span_id, True) for t in tries} <= sent
 
 
