@@ -898,7 +898,7 @@ class HttpConnection(asyncio.Protocol):
         request_id = head.request_id
         peer = self.peer
         if request_id is None or not peer.trusted or not _valid_request_id(request_id):
-            request_id = server.new_request_id()
+            request_id = server.request_ids.new()
         ctx: RequestContext | None = None
         trace: RequestTrace | None = None
         status = 0

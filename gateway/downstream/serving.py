@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from typing import TYPE_CHECKING, Protocol, final
+from typing import TYPE_CHECKING, Final, Protocol, final
 
 from gateway.core.waiter import ReadySteps
 from gateway.downstream.tracing import end_request
@@ -18,6 +18,39 @@ if TYPE_CHECKING:
     from gateway.downstream.connection import Exchange, HttpConnection
     from gateway.pipeline import RequestContext
     from gateway.runtime.snapshot import Route, Snapshot
+
+
+#: "000" to "999": the last three digits of a request id
+_THREE_DIGITS: Final = [b"%03d" % n for n in range(1000)]
+
+
+@final
+class RequestIds:
+    """X-Request-Id values for the requests that bring none: unique per process (a random
+    prefix) and cheap — a counter, not a uuid.
+
+    The counter is written as a thousands part, formatted once every 1000 ids, and the last
+    three digits from a table: one concatenation per request instead of formatting the number
+    (~520 instructions, callgrind, against ~170).  The first thousand are "<prefix>-000" to
+    "<prefix>-999", then "<prefix>-1000" on: the number of ids given out before, every one
+    different."""
+
+    __slots__ = ("_head", "_low", "_prefix", "_thousands")
+
+    def __init__(self) -> None:
+        self._prefix = os.urandom(6).hex().encode("ascii") + b"-"
+        self._thousands = 0
+        self._head = self._prefix
+        self._low = -1
+
+    def new(self) -> bytes:
+        low = self._low + 1
+        if low == 1000:
+            low = 0
+            self._thousands += 1
+            self._head = b"%b%d" % (self._prefix, self._thousands)
+        self._low = low
+        return self._head + _THREE_DIGITS[low]
 
 
 class ServingApp(Protocol):
@@ -36,8 +69,6 @@ class ServingApp(Protocol):
 @final
 class ServerState:
     __slots__ = (
-        "_id_counter",
-        "_id_prefix",
         "_unrouted",
         "_unrouted_bytes_in",
         "_unrouted_bytes_out",
@@ -54,6 +85,7 @@ class ServerState:
         "refused_full",
         "refused_per_client",
         "refusing",
+        "request_ids",
         "scheme",
         "slow_downloads",
         "slow_uploads",
@@ -92,9 +124,7 @@ class ServerState:
         slow = app.metrics.slow_clients_total
         self.slow_uploads = slow.labels(listener, "upload")
         self.slow_downloads = slow.labels(listener, "download")
-        # ids are unique per process (random prefix) and cheap (a counter): no uuid per request
-        self._id_prefix = os.urandom(6).hex().encode("ascii") + b"-"
-        self._id_counter = 0
+        self.request_ids = RequestIds()
         self._unrouted: dict[tuple[str, int], CounterChild] = {}
         # requests that match no route count with route="", as in gateway_requests_total
         self._unrouted_bytes_in = app.metrics.request_bytes_total.labels("")
@@ -104,9 +134,7 @@ class ServerState:
         self.app.on_connection_closed()
 
     def new_request_id(self) -> bytes:
-        self._id_counter += 1
-        # %b and %d only: compiled, that is one sized copy instead of the general formatter
-        return b"%b%d" % (self._id_prefix, self._id_counter)
+        return self.request_ids.new()
 
     def record(
         self,
