@@ -149,6 +149,7 @@ class HttpConnection(asyncio.Protocol):
         "_drain",
         "_ended_at",
         "_enter",
+        "_feed",
         "_final_sent",
         "_head",
         "_head_bytes",
@@ -173,6 +174,7 @@ class HttpConnection(asyncio.Protocol):
         "_stopped",
         "_stream",
         "_task",
+        "_time",
         "_trace_slot",
         "_tunnel",
         "_tunnel_active_at",
@@ -196,8 +198,12 @@ class HttpConnection(asyncio.Protocol):
     def __init__(self, server: ServerState) -> None:
         self.server = server
         self._loop = server.loop
+        self._time = server.loop_time
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
+        #: `parser.feed_data`, bound once per parser (a method looked up per call costs ~100
+        #: instructions): set wherever `parser` is
+        self._feed = self.parser.feed_data
         self.peer = _NO_PEER
         self.deadline = 0.0
         self.deadline_kind = 0
@@ -315,7 +321,7 @@ class HttpConnection(asyncio.Protocol):
                 peer.client_cert = cert = ClientCertificate.from_der(der)
                 peer.client_sans = cert.san_values
         # the first request head must arrive within header_timeout of the connection opening
-        self.deadline = self._loop.time() + server.snapshot.limits.header_timeout
+        self.deadline = self._time() + server.snapshot.limits.header_timeout
         self.deadline_kind = _HEAD
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -358,7 +364,7 @@ class HttpConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._write_paused = True
-        self._write_paused_at = now = self._loop.time()
+        self._write_paused_at = now = self._time()
         transport = self.transport
         if transport is not None:
             self._acked_seen = self._acked(transport)
@@ -405,7 +411,7 @@ class HttpConnection(asyncio.Protocol):
         was_in_head = self._in_head
         current = self._current
         try:
-            self.parser.feed_data(data)
+            self._feed(data)
         except httptools.HttpParserUpgrade as exc:
             self._on_upgrade(data[exc.args[0] :])
         except httptools.HttpParserCallbackError as exc:
@@ -423,7 +429,7 @@ class HttpConnection(asyncio.Protocol):
                 limits = self.server.snapshot.limits
                 if not was_in_head and not self._queue:
                     # a new head began and did not end: it must end within header_timeout
-                    self.deadline = self._loop.time() + limits.header_timeout
+                    self.deadline = self._time() + limits.header_timeout
                     self.deadline_kind = _HEAD
                 # llhttp buffers a header until it ends: bound what a never-ending one costs
                 self._raw_head = self._raw_head + len(data) if was_in_head else len(data)
@@ -604,7 +610,7 @@ class HttpConnection(asyncio.Protocol):
                 self._host_raw = raw_host
                 self._host_forwarded = forwarded
                 self._host_name = name
-        now = self._loop.time()
+        now = self._time()
         error: GatewayError | None = None
         route: Route | None = server.https_redirect
         if route is None or head.path.startswith(ACME_CHALLENGE):
@@ -710,7 +716,7 @@ class HttpConnection(asyncio.Protocol):
             return
         head = self._head if self._head is not None and self._in_head else RequestHead()
         self._in_head = False
-        exchange = Exchange(head, self.server.snapshot, self._loop.time(), None, error, None)
+        exchange = Exchange(head, self.server.snapshot, self._time(), None, error, None)
         exchange.close = True
         self.server.in_flight_gauge.inc()
         self._enqueue(exchange)
@@ -748,6 +754,7 @@ class HttpConnection(asyncio.Protocol):
         else:
             # not tunnelled, no body: Upgrade was ignored and the connection stays HTTP/1.1
             self.parser = httptools.HttpRequestParser(self)
+        self._feed = self.parser.feed_data
         if rest:
             self._received(rest)
 
@@ -852,7 +859,7 @@ class HttpConnection(asyncio.Protocol):
                     if self._write_paused:
                         # the client is not reading: answer nothing more until it does
                         await self._drain.wait()
-                        self._ended_at = self._loop.time()
+                        self._ended_at = self._time()
                 if not self._wait_for_next():
                     return
                 if self._coro is None:
@@ -947,7 +954,7 @@ class HttpConnection(asyncio.Protocol):
             raise
         finally:
             server.in_flight_gauge.dec()
-            self._ended_at = self._loop.time()
+            self._ended_at = self._time()
             # the client the stages judged: behind trusted proxies an X-Forwarded-For hop
             forwarded = head.x_forwarded_for
             client = (
@@ -1091,7 +1098,7 @@ class HttpConnection(asyncio.Protocol):
             upstream.forward(early)
         self.deadline_kind = 0
 
-        self._tunnel_active_at = self._loop.time()
+        self._tunnel_active_at = self._time()
 
         def to_client(data: bytes) -> None:
             if data:
@@ -1124,7 +1131,7 @@ class HttpConnection(asyncio.Protocol):
         self._stopped = True
         if transport.can_write_eof():
             transport.write_eof()
-            self.deadline = self._loop.time() + _LINGER_SECONDS
+            self.deadline = self._time() + _LINGER_SECONDS
             self.deadline_kind = _LINGER
             if self._reading_paused:
                 self._reading_paused = False

@@ -86,6 +86,7 @@ class UpstreamConnection(asyncio.Protocol):
         "_done",
         "_drain",
         "_failure",
+        "_feed",
         "_got_bytes",
         "_head_arrived",
         "_head_waiter",
@@ -103,6 +104,7 @@ class UpstreamConnection(asyncio.Protocol):
         "_reset_parser",
         "_sink",
         "_status",
+        "_time",
         "_timer",
         "_upgrade_header",
         "_upgraded",
@@ -126,9 +128,13 @@ class UpstreamConnection(asyncio.Protocol):
 
     def __init__(self, loop: asyncio.AbstractEventLoop, pool: EndpointPool) -> None:
         self._loop = loop
+        self._time = pool.loop_time
         self.pool = pool
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
+        #: `parser.feed_data`, bound once per parser (a method looked up per call costs ~100
+        #: instructions): set wherever `parser` is
+        self._feed = self.parser.feed_data
         self.reusable = False
         self.reused = False
         self.in_use = False
@@ -211,14 +217,14 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self._got_bytes = True
         if self._timer is not None:
-            self._last_activity = self._loop.time()  # only the body timer reads it
+            self._last_activity = self._time()  # only the body timer reads it
         counted = not self._status or self._chunked
         if counted:
             # a head still arriving, or a chunked body: what is not body is bounded (the rest
             # of a body is bounded by back-pressure)
             self._raw_read += len(data)
         try:
-            self.parser.feed_data(data)
+            self._feed(data)
         except httptools.HttpParserUpgrade as exc:
             self._upgraded = True
             rest = data[exc.args[0] :]
@@ -409,6 +415,7 @@ class UpstreamConnection(asyncio.Protocol):
         loop = self._loop
         if self._reset_parser:
             self.parser = httptools.HttpResponseParser(self)
+            self._feed = self.parser.feed_data
         self._reset_exchange()
         self._is_head = is_head
         self._body_timeout = body_timeout
@@ -434,7 +441,7 @@ class UpstreamConnection(asyncio.Protocol):
                     sender.cancel()
                 elif not sender.cancelled() and sender.exception() is not None:
                     self._keep_alive = False
-        self.deadline = loop.time() + header_timeout
+        self.deadline = self._time() + header_timeout
         self.pool.watch()
         return await head_waiter
 
@@ -442,11 +449,10 @@ class UpstreamConnection(asyncio.Protocol):
         transport = self.transport
         assert transport is not None
         try:
-            loop = self._loop
             while True:
                 # waiting on the client: a stalled upload may lose this connection to a request
                 # waiting for one (the pool's eviction), as a stalled reader does
-                self.stalled_since = loop.time()
+                self.stalled_since = self._time()
                 try:
                     data = await body.read()
                 finally:
@@ -469,7 +475,7 @@ class UpstreamConnection(asyncio.Protocol):
             self._fail(exc)
             raise
         if self._head_waiter is not None:
-            self.deadline = self._loop.time() + header_timeout
+            self.deadline = self._time() + header_timeout
             self.pool.watch()
 
     # -- BodyStream --------------------------------------------------------------------------
@@ -492,7 +498,7 @@ class UpstreamConnection(asyncio.Protocol):
         elif self._closed:
             done.set_exception(UpstreamUnavailable("upstream closed the connection"))
         else:
-            self._last_activity = self._loop.time()
+            self._last_activity = self._time()
             self._timer = self._loop.call_later(self._body_timeout, self._on_body_timeout)
         return done
 
@@ -506,7 +512,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def pause(self) -> None:
         self._paused_by_sink = True
-        self.stalled_since = self._loop.time()
+        self.stalled_since = self._time()
         self._set_reading(False)
 
     def resume(self) -> None:
@@ -516,7 +522,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def progressing(self) -> None:
         if self._paused_by_sink:
-            self.stalled_since = self._loop.time()
+            self.stalled_since = self._time()
 
     def evict(self) -> None:
         """Take the connection back from a client that stalled (the pool is full and others
@@ -603,7 +609,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._timer = None
         if self._message_done or self._closed:
             return
-        idle = self._loop.time() - self._last_activity
+        idle = self._time() - self._last_activity
         if self._paused_by_sink or idle < self._body_timeout:
             # paused by a slow client (the client side has its own timeout), or still moving
             self._timer = self._loop.call_later(

@@ -67,6 +67,7 @@ class EndpointPool:
         "connect_timeout",
         "host",
         "idle_timeout",
+        "loop_time",
         "max_connections",
         "observer",
         "opened",
@@ -91,6 +92,9 @@ class EndpointPool:
         server_name: str | None = None,
     ) -> None:
         self._loop = loop
+        #: `loop.time`, bound once (a method looked up per call costs ~100 instructions); the
+        #: pool's connections read it too
+        self.loop_time: Callable[[], float] = loop.time
         #: for an https endpoint: the client context and the name verified (and sent as SNI)
         self.tls = tls
         self.server_name = server_name or host
@@ -198,7 +202,7 @@ class EndpointPool:
         conn = UpstreamConnection(loop, self)
         # loop time for what is left of the connect timeout, instruments.clock for the
         # reported durations
-        started = loop.time()
+        started = self.loop_time()
         began = clock()
         try:
             # a request's driven coroutine is not a task, which Python 3.12's wait_for needs
@@ -223,7 +227,7 @@ class EndpointPool:
         connected = clock()
         self.observer.on_connect(connected - began)
         if self.tls is not None:
-            await self._handshake(conn, self.tls, limit - (loop.time() - started))
+            await self._handshake(conn, self.tls, limit - (self.loop_time() - started))
             self.observer.on_handshake(clock() - connected)
         self.observer.on_acquire(False)
         conn.in_use = True
@@ -261,10 +265,9 @@ class EndpointPool:
     ) -> None:
         """Wait at most `wait` seconds for `waiter`, meanwhile taking slots back from clients
         that have stalled long enough (looked for a few times a second, by whichever waiter)."""
-        loop = self._loop
-        deadline = loop.time() + wait
+        deadline = self.loop_time() + wait
         while not waiter.done():
-            now = loop.time()
+            now = self.loop_time()
             if now >= self._next_eviction_scan:
                 self._next_eviction_scan = now + STALL_EVICTION / 4
                 self._evict_stalled(self._waiters.count)
@@ -278,7 +281,7 @@ class EndpointPool:
 
     def _evict_stalled(self, wanted: int) -> None:
         """Free up to `wanted` slots, from the clients stalled longest (at least STALL_EVICTION)."""
-        since = self._loop.time() - STALL_EVICTION
+        since = self.loop_time() - STALL_EVICTION
         stalled = [
             conn
             for conn in self._busy
@@ -310,7 +313,7 @@ class EndpointPool:
             conn.close()
             return
         self._busy.discard(conn)
-        conn.idle_since = self._loop.time()
+        conn.idle_since = self.loop_time()
         self._idle.append(conn)
         if self._sweeper is None:
             self._sweeper = self._loop.call_later(self.idle_timeout, self._sweep)
@@ -335,7 +338,7 @@ class EndpointPool:
 
     def _check_deadlines(self) -> None:
         self._watcher = None
-        now = self._loop.time()
+        now = self.loop_time()
         waiting = False
         for conn in list(self._busy):
             conn.check_deadline(now)
@@ -355,13 +358,13 @@ class EndpointPool:
 
     def _sweep(self) -> None:
         self._sweeper = None
-        deadline = self._loop.time() - self.idle_timeout
+        deadline = self.loop_time() - self.idle_timeout
         idle = self._idle
         # the oldest are on the left
         while idle and idle[0].idle_since <= deadline:
             idle.popleft().close()
         if idle:
-            wait = idle[0].idle_since + self.idle_timeout - self._loop.time()
+            wait = idle[0].idle_since + self.idle_timeout - self.loop_time()
             self._sweeper = self._loop.call_later(max(wait, 0.01), self._sweep)
 
     def retire(self, on_drained: Callable[[], None]) -> None:
