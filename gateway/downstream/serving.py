@@ -32,7 +32,7 @@ class RequestIds:
 
     The counter is written as a thousands part, formatted once every 1000 ids, and the last
     three digits from a table: one concatenation per request instead of formatting the number
-    (~520 instructions, callgrind, against ~170).  The first thousand are "<prefix>-000" to
+    (~520 instructions, callgrind, against ~205).  The first thousand are "<prefix>-000" to
     "<prefix>-999", then "<prefix>-1000" on: the number of ids given out before, every one
     different."""
 
