@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from aiohttp import web
@@ -149,3 +149,23 @@ async def gw(tmp_path: Path, upstream: tuple[TestServer, Seen]) -> AsyncIterator
     assert server.port is not None
     async with running_gateway(tmp_path, basic_config(server.port)) as gateway:
         yield gateway
+
+
+#: what the awaitable `waits_outside_a_task` wraps answers
+T = TypeVar("T")
+
+
+@pytest.fixture
+def waits_outside_a_task(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """`asyncio.wait_for` as from Python 3.12 on, which needs the current task (as
+    `asyncio.timeout` does already): the waits it was called for outside a task."""
+    original = asyncio.wait_for
+    outside: list[str] = []
+
+    async def wait_for(awaitable: Awaitable[T], timeout: float | None) -> T:  # noqa: ASYNC109
+        if asyncio.current_task() is None:
+            outside.append(repr(awaitable))
+        return await original(awaitable, timeout)
+
+    monkeypatch.setattr(asyncio, "wait_for", wait_for)
+    return outside

@@ -10,23 +10,16 @@ import asyncio
 import contextlib
 import socket
 import struct
-from collections.abc import AsyncIterator, Awaitable
-from pathlib import Path
-from typing import TypeVar
+from collections.abc import AsyncIterator
 
-import pytest
 from aiohttp.test_utils import TestServer
 
 from gateway.app import Gateway
 from gateway.downstream.connection import HttpConnection
 from tests.integration.conftest import Seen
-from tests.integration.test_jwt_stage import _config, _get, jwks_server
-from tests.support.gateway import in_flight_requests, pooled_connections, port_of, running_gateway
+from tests.support.gateway import in_flight_requests, pooled_connections, port_of
 from tests.support.process import async_wait_until
 from tests.support.raw import close_writer, exchange, open_raw, read_response
-from tests.support.tokens import EcKey, RsaKey, claims, jwks, token
-
-T = TypeVar("T")
 
 
 def _only_connection(gw: Gateway) -> HttpConnection:
@@ -145,27 +138,12 @@ async def test_a_client_leaving_while_its_driven_request_waits_unwinds_it(
     )
 
 
-@pytest.fixture
-def waits_outside_a_task(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """`asyncio.wait_for` as from Python 3.12 on, which needs the current task (as
-    `asyncio.timeout` does already): the waits it was called for outside a task."""
-    original = asyncio.wait_for
-    outside: list[str] = []
-
-    async def wait_for(awaitable: Awaitable[T], timeout: float | None) -> T:  # noqa: ASYNC109
-        if asyncio.current_task() is None:
-            outside.append(repr(awaitable))
-        return await original(awaitable, timeout)
-
-    monkeypatch.setattr(asyncio, "wait_for", wait_for)
-    return outside
-
-
 async def test_a_driven_request_gets_a_task_before_connecting_upstream(
     gw: Gateway, upstream: tuple[TestServer, Seen], waits_outside_a_task: list[str]
 ) -> None:
     """A driven request (no task) gets one before each of its waits with a timeout: here a new
-    upstream connection's; a JWKS refetch's below, the Redis store's in tests/e2e."""
+    upstream connection's; a JWKS refetch's in test_jwt_stage (key rotation), the Redis
+    store's in tests/e2e.  `waits_outside_a_task`: tests/integration/conftest.py."""
     server, seen = upstream
     port = port_of(gw)
     # the connection the gateway opened at start is busy with this one ...
@@ -176,24 +154,6 @@ async def test_a_driven_request_gets_a_task_before_connecting_upstream(
     assert response.status == 200
     assert (await slow).status == 200
     assert pooled_connections(gw)[f"127.0.0.1:{server.port}"] == 2
-    assert waits_outside_a_task == []
-
-
-async def test_a_driven_request_gets_a_task_before_waiting_for_a_jwks_refetch(
-    tmp_path: Path, upstream: tuple[TestServer, Seen], waits_outside_a_task: list[str]
-) -> None:
-    server, _ = upstream
-    old, new = RsaKey("2025"), EcKey("2026")
-    document = [jwks(old)]
-    async with jwks_server(document) as (url, fetches):
-        config = _config(server.port or 0, {"jwks_url": url})
-        async with running_gateway(tmp_path, config) as gw:
-            port = port_of(gw)
-            assert (await _get(port, token(old, claims()))).status == 200
-            before = len(fetches)
-            document[0] = jwks(old, new)
-            assert (await _get(port, token(new, claims()))).status == 200  # a refetch
-            assert len(fetches) == before + 1
     assert waits_outside_a_task == []
 
 

@@ -111,8 +111,11 @@ async def jwks_server(
 
 
 async def test_jwks_url_with_key_rotation(
-    tmp_path: Path, upstream: tuple[TestServer, Seen]
+    tmp_path: Path, upstream: tuple[TestServer, Seen], waits_outside_a_task: list[str]
 ) -> None:
+    """A new key is fetched when a token names it, at most once per interval — and the
+    request that waits for the fetch, driven without a task (gateway.core.waiter), gets one
+    first (the fetch's `wait_for` needs it from Python 3.12 on)."""
     server, _ = upstream
     old, new = RsaKey("2025"), EcKey("2026")
     document = [jwks(old)]
@@ -129,6 +132,7 @@ async def test_jwks_url_with_key_rotation(
             # an unknown kid does not refetch again within the minimum interval
             assert (await _get(port, token(new, claims(), kid="nope"))).status == 401
             assert len(fetches) == before + 1
+    assert waits_outside_a_task == []
 
 
 async def test_the_token_cache_forgets_the_least_recently_used_token(
