@@ -46,7 +46,7 @@ from gateway.errors import (
     RequestTimeout,
     TooManyConnections,
 )
-from gateway.http.flow import Drain
+from gateway.http.flow import Drain, not_connected
 from gateway.http.headers import (
     NOT_NAMED_BY_CONNECTION,
     PARSED,
@@ -169,6 +169,7 @@ class HttpConnection(asyncio.Protocol):
         "_resume",
         "_sampled_at",
         "_send",
+        "_send_bytes",
         "_sent_before",
         "_start",
         "_stopped",
@@ -204,6 +205,8 @@ class HttpConnection(asyncio.Protocol):
         #: `parser.feed_data`, bound once per parser (a method looked up per call costs ~100
         #: instructions): set wherever `parser` is
         self._feed = self.parser.feed_data
+        #: `transport.write`, bound once the transport is known (a response's head is one call)
+        self._send_bytes: Callable[[bytes], object] = not_connected
         self.peer = _NO_PEER
         self.deadline = 0.0
         self.deadline_kind = 0
@@ -285,6 +288,7 @@ class HttpConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, but have its interface
         self.transport = cast(asyncio.Transport, transport)
+        self._send_bytes = self.transport.write
         server = self.server
         snapshot = server.snapshot
         limits = snapshot.limits
@@ -1031,7 +1035,7 @@ class HttpConnection(asyncio.Protocol):
                 b"" if no_body else response.body,
             )
             self._bytes_out += len(data)
-            transport.write(data)
+            self._send_bytes(data)
             if stream is not None:
                 # HEAD / 204 / 304: a body was announced, none follows
                 stream.release_unused()
@@ -1044,7 +1048,7 @@ class HttpConnection(asyncio.Protocol):
                 connection,
             )
             self._bytes_out += len(data)
-            transport.write(data)
+            self._send_bytes(data)
             self._chunked_out = chunked
             self._stream = stream
             if self._write_paused:

@@ -48,3 +48,8 @@ class Drain:
 def _retrieve(future: asyncio.Future[None]) -> None:
     if not future.cancelled():
         future.exception()
+
+
+def not_connected(data: bytes) -> object:
+    """A protocol's bound `transport.write` before `connection_made` gives it a transport."""
+    raise ConnectionError("no transport to write to yet")

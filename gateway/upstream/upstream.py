@@ -31,14 +31,14 @@ from gateway.observability.instruments import CounterChild, GaugeChild, Histogra
 from gateway.observability.metrics import GatewayMetrics
 from gateway.upstream.balancer import LeastRequest, RoundRobin
 from gateway.upstream.health import HealthChecker
-from gateway.upstream.pool import EndpointPool
+from gateway.upstream.pool import EndpointPool, PoolObserver
 from gateway.upstream.tls import client_context
 
 log = logging.getLogger("gateway.upstream")
 
 
 @final
-class _PoolMetrics:
+class _PoolMetrics(PoolObserver):
     __slots__ = ("_connect", "_evicted", "_fresh", "_handshake", "_reused")
 
     def __init__(

@@ -9,23 +9,9 @@ from collections.abc import Callable
 import pytest
 
 from gateway.upstream.connection import UpstreamConnection
-from gateway.upstream.pool import EndpointPool
+from gateway.upstream.pool import EndpointPool, PoolObserver
 from tests.support.faulty import faulty_upstreams
 from tests.support.process import async_wait_until
-
-
-class _Unobserved:
-    def on_connect(self, seconds: float) -> None:
-        pass
-
-    def on_handshake(self, seconds: float) -> None:
-        pass
-
-    def on_acquire(self, reused: bool) -> None:
-        pass
-
-    def on_evict(self) -> None:
-        pass
 
 
 def _hand_over_the_connection(pool: EndpointPool, conn: UpstreamConnection) -> None:
@@ -57,7 +43,7 @@ async def test_a_waiter_cancelled_as_it_is_served_gives_back_what_it_was_handed(
             max_connections=1,
             idle_timeout=5.0,
             connect_timeout=1.0,
-            observer=_Unobserved(),
+            observer=PoolObserver(),
             queue_timeout=5.0,
         )
         try:
@@ -76,3 +62,39 @@ async def test_a_waiter_cancelled_as_it_is_served_gives_back_what_it_was_handed(
             pool.release(again)
         finally:
             pool.close()
+
+
+async def test_idle_connections_go_newest_first_and_the_sweeper_closes_the_oldest() -> None:
+    async with faulty_upstreams("a") as [a]:
+        pool = EndpointPool(
+            asyncio.get_running_loop(),
+            "127.0.0.1",
+            a.port,
+            max_connections=3,
+            idle_timeout=10.0,
+            connect_timeout=1.0,
+            observer=PoolObserver(),
+        )
+        now = 100.0
+        pool.loop_time = lambda: now  # the pool's clock, moved by hand
+        try:
+            conns = [await pool.acquire() for _ in range(3)]
+            for i, conn in enumerate(conns):  # idle since 100, 101 and 102
+                now = 100.0 + i
+                _hand_over_the_connection(pool, conn)
+            newest = pool.take_idle()
+            assert newest is conns[2]  # the warmest
+            _hand_over_the_connection(pool, newest)  # idle since 102 again
+            now = 111.5  # the two oldest idle for more than 10 s, the newest for 9.5 s
+            pool._sweep()
+            await async_wait_until(
+                lambda: conns[0].is_closed and conns[1].is_closed, what="the two oldest closed"
+            )
+            assert not conns[2].is_closed
+            assert pool.idle_count == 1
+            assert pool.take_idle() is conns[2]
+            assert pool.take_idle() is None
+            _hand_over_the_connection(pool, conns[2])
+        finally:
+            pool.close()
+        assert pool.idle_count == 0 and conns[2].is_closed
