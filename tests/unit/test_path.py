@@ -212,3 +212,30 @@ def test_normalization_is_idempotent_and_canonical() -> None:
         assert "%2e" not in path.lower()
         assert "%41" not in path
     assert checked > 1000
+
+
+def test_a_repeated_target_gets_the_same_answer_and_the_memo_stays_bounded() -> None:
+    from gateway.http import path
+
+    path._SPLIT.clear()
+    targets = [b"/", b"/api/users/123?x=1", b"/a//b/./c", b"/a%41b?q", b"/p;x", b"/a%25b"]
+    first = [path.split_target(t) for t in targets]
+    assert set(path._SPLIT) == set(targets)  # each answer kept
+    assert [path.split_target(t) for t in targets] == first  # and given again unchanged
+    assert first[2] == ("/a/b/c", "", False, 0)
+    assert first[4][3] == path.PATH_SEMICOLON and first[5][3] == path.PATH_ESCAPED_PERCENT
+    # a long target is answered but not kept: the memo holds at most ~1 MiB of targets
+    long_target = b"/" + b"a" * 300
+    assert path.split_target(long_target) == ("/" + "a" * 300, "", True, 0)
+    assert long_target not in path._SPLIT
+    # targets that never repeat: the memo is emptied when full, never grows past its bound
+    for i in range(2 * path._SPLIT_ENTRIES + 7):
+        path.split_target(b"/items/%d" % i)
+        assert len(path._SPLIT) <= path._SPLIT_ENTRIES
+    assert path.split_target(b"/") == first[0]
+
+
+def test_a_refused_target_is_refused_every_time() -> None:
+    for _ in range(3):
+        with pytest.raises(BadRequest, match="%2F"):
+            normalize_target(b"/a%2Fb")
