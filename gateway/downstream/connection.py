@@ -49,7 +49,20 @@ from gateway.errors import (
 from gateway.http.flow import Drain, not_connected
 from gateway.http.headers import (
     NOT_NAMED_BY_CONNECTION,
-    PARSED,
+    PARSED_SHIFT,
+    READ_AUTHORIZATION,
+    READ_CONNECTION,
+    READ_CONTENT_LENGTH,
+    READ_EXPECT,
+    READ_FORWARDED,
+    READ_FORWARDED_FOR,
+    READ_HOST,
+    READ_PROXY_CONNECTION,
+    READ_REQUEST_ID,
+    READ_TRACEPARENT,
+    READ_TRACESTATE,
+    READ_TRANSFER_ENCODING,
+    READ_UPGRADE,
     RECEIVED_CLASSES,
     connection_tokens,
     received_name_class,
@@ -506,60 +519,60 @@ class HttpConnection(asyncio.Protocol):
         assert head is not None
         self._head_bytes += len(name) + len(value) + 4
         head.headers.append((name, value))
-        # one lookup, by the name as spelled, classes it for the way upstream and says whether
-        # it is read here; only those are lowered
+        # one lookup, by the name as spelled, classes it for the way upstream and says which
+        # of the names read here it is (none is lowered)
         flags = RECEIVED_CLASSES.get(name)
         if flags is None:
             flags = received_name_class(name)
         head.classes.append(flags)
-        if not flags & PARSED:
+        read = flags >> PARSED_SHIFT
+        if read == 0:
             return
-        low = name.lower()
-        if low == b"host":
+        if read == READ_HOST:
             if head.host is not None:
                 raise BadRequest("more than one Host header")
             head.host = value
-        elif low == b"content-length":
+        elif read == READ_CONTENT_LENGTH:
             head.content_length = int(value)
-        elif low == b"transfer-encoding":
+        elif read == READ_TRANSFER_ENCODING:
             if value.strip().lower() != b"chunked":
                 raise BadRequest("only Transfer-Encoding: chunked is accepted")
             head.chunked = True
-        elif low == b"connection":
+        elif read == READ_CONNECTION:
             tokens = connection_tokens(value)
             head.connection_tokens = (
                 tokens if head.connection_tokens is None else head.connection_tokens | tokens
             )
-        elif low == b"proxy-connection":
+        elif read == READ_PROXY_CONNECTION:
             # llhttp reads it like Connection when it decides keep-alive: see the version in
             # on_headers_complete
             head.proxy_connection = True
-        elif low == b"expect":
+        elif read == READ_EXPECT:
             if value.strip().lower() == b"100-continue":
                 head.expect_continue = True
-        elif low == b"upgrade":
+        elif read == READ_UPGRADE:
             if head.upgrade is not None:
                 # which one would be tunnelled? the first here, perhaps the last upstream
                 raise BadRequest("more than one Upgrade header")
             head.upgrade = value
-        elif low == b"x-request-id":
+        elif read == READ_REQUEST_ID:
             head.request_id = value
-        elif low == b"x-forwarded-for":
+        elif read == READ_FORWARDED_FOR:
             previous = head.x_forwarded_for
             head.x_forwarded_for = value if previous is None else previous + b", " + value
-        elif low == b"forwarded":
+        elif read == READ_FORWARDED:
             previous = head.forwarded
             head.forwarded = value if previous is None else previous + b", " + value
-        elif low == b"authorization":
+        elif read == READ_AUTHORIZATION:
             # the jwt stage and the upstream could each believe a different copy
             if head.authorization is not None:
                 raise BadRequest("more than one Authorization header")
             # kept for the jwt stage, which would otherwise scan every header for it
             head.authorization = value
-        elif low == b"traceparent":
+        elif read == READ_TRACEPARENT:
             # a second one makes it ambiguous: a new trace (never an error: W3C Trace Context)
             head.traceparent = value if head.traceparent is None else b""
-        elif low == b"tracestate":
+        elif read == READ_TRACESTATE:
             previous = head.tracestate
             head.tracestate = value if previous is None else previous + b"," + value
 

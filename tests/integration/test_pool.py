@@ -97,4 +97,5 @@ async def test_idle_connections_go_newest_first_and_the_sweeper_closes_the_oldes
             _hand_over_the_connection(pool, conns[2])
         finally:
             pool.close()
-        assert pool.idle_count == 0 and conns[2].is_closed
+        assert pool.idle_count == 0
+        assert conns[2].is_closed

@@ -12,6 +12,12 @@ from gateway.http.headers import (
     DROP,
     DROP_UNTRUSTED,
     PARSED,
+    PARSED_NAMES,
+    PARSED_SHIFT,
+    READ_CONNECTION,
+    READ_FORWARDED_FOR,
+    READ_HOST,
+    READ_TRACEPARENT,
     TRACE,
     UNDERSCORE,
     name_class,
@@ -145,11 +151,11 @@ def test_the_name_cache_is_bounded() -> None:
 @pytest.mark.parametrize(
     ("spelling", "expected"),
     [
-        (b"X-Forwarded-For", DROP | PARSED),
+        (b"X-Forwarded-For", DROP | PARSED | READ_FORWARDED_FOR << PARSED_SHIFT),
         (b"X_FORWARDED_FOR", DROP | UNDERSCORE),  # dropped like it, but not read as it
-        (b"HOST", DROP | PARSED),
+        (b"HOST", DROP | PARSED | READ_HOST << PARSED_SHIFT),
         (b"Content_Length", DROP | UNDERSCORE),
-        (b"TraceParent", TRACE | PARSED),
+        (b"TraceParent", TRACE | PARSED | READ_TRACEPARENT << PARSED_SHIFT),
         (b"X-Forwarded-Groups", DROP_UNTRUSTED),
         (b"Accept", 0),
     ],
@@ -162,11 +168,26 @@ def test_a_received_spelling_classes_as_its_lower_case_name(spelling: bytes, exp
     assert headers.RECEIVED_CLASSES[spelling] == expected
 
 
+def test_each_name_the_connection_reads_has_its_own_number_in_any_spelling() -> None:
+    """The connection reads a header by the number above PARSED_SHIFT: thirteen names,
+    thirteen numbers, whatever the case the client spelled them in; no other name has one."""
+    assert sorted(PARSED_NAMES.values()) == list(range(1, len(PARSED_NAMES) + 1))
+    for low, read in PARSED_NAMES.items():
+        for spelling in (low, low.upper(), low.title()):
+            flags = received_name_class(spelling)
+            assert flags & PARSED
+            assert flags >> PARSED_SHIFT == read
+    for other in (b"accept", b"x_forwarded_for", b"host_", b"x-request-ids", b"hosts"):
+        assert received_name_class(other) >> PARSED_SHIFT == 0
+
+
 def test_the_received_spelling_cache_is_bounded_and_still_right() -> None:
     for i in range(10_000):
         received_name_class(b"X-Spelled-%d" % i)
     assert len(headers.RECEIVED_CLASSES) <= 4096
-    assert received_name_class(b"X-FORWARDED-FOR") == DROP | PARSED
+    assert received_name_class(b"X-FORWARDED-FOR") == (
+        DROP | PARSED | READ_FORWARDED_FOR << PARSED_SHIFT
+    )
 
 
 def test_a_head_whose_list_was_set_directly_is_classed_again() -> None:
@@ -175,7 +196,8 @@ def test_a_head_whose_list_was_set_directly_is_classed_again() -> None:
     head = RequestHead()
     head.replace_headers([(b"Accept", b"*/*")])
     head.headers = [(b"Accept", b"*/*"), (b"Connection", b"close"), (b"X-Real-IP", b"1.2.3.4")]
-    assert head.header_classes() == [0, DROP | PARSED, DROP_UNTRUSTED]
+    connection = DROP | PARSED | READ_CONNECTION << PARSED_SHIFT
+    assert head.header_classes() == [0, connection, DROP_UNTRUSTED]
     request = build_request_head(
         head,
         b"/",

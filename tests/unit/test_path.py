@@ -223,7 +223,8 @@ def test_a_repeated_target_gets_the_same_answer_and_the_memo_stays_bounded() -> 
     assert set(path._SPLIT) == set(targets)  # each answer kept
     assert [path.split_target(t) for t in targets] == first  # and given again unchanged
     assert first[2] == ("/a/b/c", "", False, 0)
-    assert first[4][3] == path.PATH_SEMICOLON and first[5][3] == path.PATH_ESCAPED_PERCENT
+    assert first[4][3] == path.PATH_SEMICOLON
+    assert first[5][3] == path.PATH_ESCAPED_PERCENT
     # a long target is answered but not kept: the memo holds at most ~1 MiB of targets
     long_target = b"/" + b"a" * 300
     assert path.split_target(long_target) == ("/" + "a" * 300, "", True, 0)
