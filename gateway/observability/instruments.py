@@ -86,12 +86,17 @@ class GaugeChild:
 
 @final
 class HistogramChild:
-    __slots__ = ("bounds", "counts", "exemplars", "sum")
+    __slots__ = ("_counts", "_run_count", "_run_index", "bounds", "exemplars", "sum")
 
     def __init__(self, bounds: tuple[float, ...]) -> None:
         self.bounds = bounds
-        #: per-bucket counts; the last slot is the +Inf bucket
-        self.counts = [0] * (len(bounds) + 1)
+        #: per-bucket counts (read through `counts`); the last slot is the +Inf bucket
+        self._counts = [0] * (len(bounds) + 1)
+        #: observations in bucket `_run_index` not yet added to `_counts`: consecutive values
+        #: mostly land in one bucket, and compiled, this count is a machine integer where a
+        #: list item is an int object made anew at each increment (~200 instructions, callgrind)
+        self._run_index = 0
+        self._run_count = 0
         self.sum = 0.0
         #: per bucket, its latest exemplar; None until the first one (most children never get
         #: any, and a list per child would be bytes per route for nothing)
@@ -106,8 +111,20 @@ class HistogramChild:
             if value <= bound:
                 break
             index += 1
-        self.counts[index] += 1
+        if index != self._run_index:
+            self._counts[self._run_index] += self._run_count
+            self._run_index = index
+            self._run_count = 0
+        self._run_count += 1
         self.sum += value
+
+    @property
+    def counts(self) -> list[int]:
+        """Per-bucket counts, the last one the +Inf bucket."""
+        if self._run_count:
+            self._counts[self._run_index] += self._run_count
+            self._run_count = 0
+        return self._counts
 
     def exemplar(self, value: float, trace_id: str, span_id: str) -> None:
         """Make (`value`, `trace_id`, `span_id`, now) the exemplar of the bucket `value` falls in.

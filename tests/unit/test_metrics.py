@@ -112,6 +112,29 @@ def test_label_values_and_help_are_escaped() -> None:
     assert families[0].documentation == 'Help with \\ and\nnewline "quotes".'
 
 
+def test_histogram_counts_are_exact_however_runs_of_one_bucket_are_read() -> None:
+    """observe keeps a run of values in one bucket as a machine integer, added to the list
+    when the bucket changes or when the counts are read: whenever they are read (between
+    observations, in the middle of a run, twice in a row), they are the plain tally."""
+    r = Registry()
+    child = r.histogram("run_seconds", "Runs.", buckets=(0.001, 0.01, 0.1)).labels()
+    values = (0.0005, 0.005, 0.05, 0.5)  # one in each bucket, +Inf included
+    tally = [0, 0, 0, 0]
+    step = 0
+    for run_length in (1, 7, 1, 1, 300, 2, 45, 1, 9, 1000, 3):
+        bucket = (step * 3 + run_length) % 4
+        for i in range(run_length):
+            child.observe(values[bucket])
+            tally[bucket] += 1
+            if i % 97 == 5:
+                assert child.counts == tally  # read in the middle of a run
+        assert child.counts == tally
+        assert child.counts == tally  # a second read adds nothing again
+        step += 1
+    _, samples = parse(r.render())
+    assert samples[key("run_seconds_bucket", le="+Inf")] == sum(tally)
+
+
 def test_histogram_buckets_are_le_and_cumulative_only_in_the_text() -> None:
     r = Registry()
     h = r.histogram("app_seconds", "Latency.", buckets=(1.0, 0.1, 0.5))  # sorted on declaration
