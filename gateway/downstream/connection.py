@@ -968,7 +968,9 @@ class HttpConnection(asyncio.Protocol):
                     error = BadRequest("no route")
                 response = problem_response(error, request_id)
             status = response.status
-            await self._respond(exchange, response, request_id)
+            piping = self._respond(exchange, response, request_id)
+            if piping is not None:
+                await piping
         except asyncio.CancelledError:
             status = status or 499  # the client closed the request
             raise
@@ -995,7 +997,12 @@ class HttpConnection(asyncio.Protocol):
                 if slot is not None:
                     slot.trace = None
 
-    async def _respond(self, exchange: Exchange, response: Response, request_id: bytes) -> None:
+    def _respond(
+        self, exchange: Exchange, response: Response, request_id: bytes
+    ) -> Coroutine[Any, Any, None] | None:
+        """Write the response's head (and its body when it has one in hand); a streamed body
+        is the coroutine returned, to await.  Not a coroutine itself: most responses are
+        written whole at once, and a coroutine frame costs a request ~1k instructions."""
         transport = self.transport
         assert transport is not None
         self._rate_base = self._sent_before
@@ -1043,7 +1050,7 @@ class HttpConnection(asyncio.Protocol):
             self._bytes_out += len(data)
             transport.write(data)
             self._start_tunnel(exchange, tunnel)
-            return
+            return None
         if stream is None or no_body:
             data = b"%b%bX-Request-Id: %b\r\n%b%b\r\n%b" % (
                 status_bytes,
@@ -1058,38 +1065,52 @@ class HttpConnection(asyncio.Protocol):
             if stream is not None:
                 # HEAD / 204 / 304: a body was announced, none follows
                 stream.release_unused()
-        else:
-            data = b"%b%bX-Request-Id: %b\r\n%b%b\r\n" % (
-                status_bytes,
-                block,
-                request_id,
-                framing,
-                connection,
-            )
-            self._bytes_out += len(data)
-            self._send_bytes(data)
-            self._chunked_out = chunked
-            self._stream = stream
-            if self._write_paused:
-                stream.pause()
-            try:
-                await stream.pipe(self)
-            except GatewayError:
-                # the head is out: the only honest signal left is to cut the connection — with
-                # a reset, so that even a close-delimited body is seen as broken, and so that
-                # what is still buffered for a client that reads slowly is freed now
-                self._stream = None
-                self._closing = True
-                transport.abort()
-                raise ClientClosed() from None
-            finally:
-                self._stream = None
-            if chunked:
-                transport.write(b"0\r\n\r\n")
-                self._bytes_out += 5
+            self._responded(exchange, keep_alive)
+            return None
+        data = b"%b%bX-Request-Id: %b\r\n%b%b\r\n" % (
+            status_bytes,
+            block,
+            request_id,
+            framing,
+            connection,
+        )
+        self._bytes_out += len(data)
+        self._send_bytes(data)
+        self._chunked_out = chunked
+        self._stream = stream
+        if self._write_paused:
+            stream.pause()
+        return self._pipe_body(exchange, stream, chunked, keep_alive)
+
+    async def _pipe_body(
+        self, exchange: Exchange, stream: BodyStream, chunked: bool, keep_alive: bool
+    ) -> None:
+        """A streamed response body, after its head (`_respond`)."""
+        transport = self.transport
+        assert transport is not None
+        try:
+            await stream.pipe(self)
+        except GatewayError:
+            # the head is out: the only honest signal left is to cut the connection — with
+            # a reset, so that even a close-delimited body is seen as broken, and so that
+            # what is still buffered for a client that reads slowly is freed now
+            self._stream = None
+            self._closing = True
+            transport.abort()
+            raise ClientClosed() from None
+        finally:
+            self._stream = None
+        if chunked:
+            transport.write(b"0\r\n\r\n")
+            self._bytes_out += 5
+        self._responded(exchange, keep_alive)
+
+    def _responded(self, exchange: Exchange, keep_alive: bool) -> None:
+        """The response is out: a connection not kept alive stops here."""
         if not keep_alive:
             self._stopped = True
             self._final_sent = True
+            body = exchange.body
             if body is not None and not body.eof:
                 self._linger()
             else:

@@ -202,9 +202,15 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, but have its interface
-        self.transport = cast(asyncio.Transport, transport)
-        self._send_bytes = self.transport.write
+        self.use_transport(cast(asyncio.Transport, transport))
         self.reusable = True  # until an exchange says otherwise
+
+    def use_transport(self, transport: asyncio.Transport) -> None:
+        """Write to `transport` from now on: the connected socket's, then the TLS one over it
+        (the pool's handshake).  The one way `transport` is set, so that the bound write
+        always belongs to it."""
+        self.transport = transport
+        self._send_bytes = transport.write
 
     def data_received(self, data: bytes) -> None:
         self._received(data)

@@ -274,7 +274,7 @@ class EndpointPool:
         if secure is None:
             conn.close()
             raise ConnectFailed(f"TLS handshake with {where} failed: connection closed")
-        conn.transport = secure
+        conn.use_transport(secure)
 
     async def _wait_for_slot(
         self, waiter: asyncio.Future[UpstreamConnection | None], wait: float

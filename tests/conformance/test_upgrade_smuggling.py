@@ -134,18 +134,23 @@ async def test_body_arriving_in_pieces_is_framed_as_declared(
 async def test_bodyless_upgrade_is_ignored_and_pipelining_goes_on(
     upgrade_gw: tuple[Gateway, Seen],
 ) -> None:
-    """A genuinely pipelined request after a body-less upgrade request is still served."""
+    """A genuinely pipelined request after a body-less upgrade request is still served — read
+    by the new parser the connection switched to: its own method, its own Connection: close."""
     gateway, seen = upgrade_gw
     reader, writer = await open_raw(port_of(gateway))
     writer.write(
         b"GET /first HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: foo\r\n\r\n"
-        b"GET /second HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"PUT /second HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
     )
     first = await asyncio.wait_for(read_response(reader), 5)
     second = await asyncio.wait_for(read_response(reader), 5)
+    assert await is_closed(reader)
     await close_writer(writer)
     assert (first.status, second.status) == (200, 200)
-    assert [r["path"] for r in seen.requests] == ["/first", "/second"]
+    assert [(r["method"], r["path"]) for r in seen.requests] == [
+        ("GET", "/first"),
+        ("PUT", "/second"),
+    ]
     assert b"upgrade" not in _headers(seen.requests[0])
 
 

@@ -120,8 +120,7 @@ def test_histogram_counts_are_exact_however_runs_of_one_bucket_are_read() -> Non
     child = r.histogram("run_seconds", "Runs.", buckets=(0.001, 0.01, 0.1)).labels()
     values = (0.0005, 0.005, 0.05, 0.5)  # one in each bucket, +Inf included
     tally = [0, 0, 0, 0]
-    step = 0
-    for run_length in (1, 7, 1, 1, 300, 2, 45, 1, 9, 1000, 3):
+    for step, run_length in enumerate((1, 7, 1, 1, 300, 2, 45, 1, 9, 1000, 3)):
         bucket = (step * 3 + run_length) % 4
         for i in range(run_length):
             child.observe(values[bucket])
@@ -130,7 +129,6 @@ def test_histogram_counts_are_exact_however_runs_of_one_bucket_are_read() -> Non
                 assert child.counts == tally  # read in the middle of a run
         assert child.counts == tally
         assert child.counts == tally  # a second read adds nothing again
-        step += 1
     _, samples = parse(r.render())
     assert samples[key("run_seconds_bucket", le="+Inf")] == sum(tally)
 
