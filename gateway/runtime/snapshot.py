@@ -64,6 +64,9 @@ def route_template(match: MatchConfig) -> str:
 class Route:
     __slots__ = (
         "_children",
+        "_last_child",
+        "_last_method",
+        "_last_status",
         "_requests",
         "config",
         "duration",
@@ -113,6 +116,11 @@ class Route:
         self._requests = metrics.requests_total
         #: method -> status -> child; nested so the lookup builds no tuple key
         self._children: dict[str, dict[int, CounterChild]] = {}
+        #: the child of the last (method, status) counted: most requests of a route repeat
+        #: the one before (two dict lookups fewer, ~150 instructions)
+        self._last_method = ""
+        self._last_status = 0
+        self._last_child: CounterChild | None = None
         self.duration = metrics.request_duration_seconds.labels(config.name)
         self.request_bytes = metrics.request_bytes_total.labels(config.name)
         self.response_bytes = metrics.response_bytes_total.labels(config.name)
@@ -131,6 +139,16 @@ class Route:
         return None if proxy is None else proxy.draw()
 
     def requests_child(self, method: str, status: int) -> CounterChild:
+        last = self._last_child
+        if last is not None and status == self._last_status and method == self._last_method:
+            return last
+        child = self._requests_child(method, status)
+        self._last_method = method
+        self._last_status = status
+        self._last_child = child
+        return child
+
+    def _requests_child(self, method: str, status: int) -> CounterChild:
         by_status = self._children.get(method)
         if by_status is None:
             by_status = self._children[method] = {}

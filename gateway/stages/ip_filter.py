@@ -289,7 +289,15 @@ DENIED: Final = "denied"
 
 @final
 class IpFilterStage:
-    __slots__ = ("_allow", "_allow_only", "_counted", "_deny", "_total")
+    __slots__ = (
+        "_allow",
+        "_allow_only",
+        "_counted",
+        "_deny",
+        "_last_address",
+        "_last_refused",
+        "_total",
+    )
 
     def __init__(self, config: IpFilterConfig, total: Counter) -> None:
         self._allow = config.allow
@@ -298,6 +306,12 @@ class IpFilterStage:
         self._total = total
         #: route -> (allowed, denied) counters
         self._counted: dict[str, tuple[CounterChild, CounterChild]] = {}
+        #: the last address judged (the very object: a connection keeps its peer's, read
+        #: once) and the verdict: a keep-alive client's next request is one identity test,
+        #: not a probe per prefix length (~0.5k instructions).  The lists never change: a
+        #: reload that changes them builds another stage
+        self._last_address: tuple[bool, int] | None = None
+        self._last_refused = True
 
     def refuses(self, ip: str) -> bool:
         """Whether a request from `ip` is refused: denied, or not allowed by an allow list in
@@ -337,7 +351,13 @@ class IpFilterStage:
         else:
             parsed = peer.address = address_value(peer.ip)
             peer.address_read = True
-        if self.refuses_address(parsed):
+        if parsed is not None and parsed is self._last_address:
+            refused = self._last_refused
+        else:
+            refused = self.refuses_address(parsed)
+            self._last_address = parsed
+            self._last_refused = refused
+        if refused:
             denied.inc()
             ctx.outcome("ip_filter", DENIED)
             raise IpForbidden("requests from this address are not accepted on this route")

@@ -522,7 +522,14 @@ class UpstreamConnection(asyncio.Protocol):
         """The whole body when it has already arrived (then the connection is released)."""
         if not self._message_done:
             return None
-        body = b"".join(self._take_held()) if self._body_chunks else b""
+        chunks = self._body_chunks
+        if len(chunks) == 1:
+            # the common case, the body in one read: no list made, no join
+            body = chunks[0]
+            chunks.clear()
+            self._chunks_len = 0
+        else:
+            body = b"".join(self._take_held()) if chunks else b""
         self._finish()
         return body
 

@@ -172,6 +172,36 @@ async def test_an_untrusted_connections_address_is_refused_on_every_request(
     assert up.seen_headers == []
 
 
+async def test_interleaved_keep_alive_clients_are_each_judged_on_their_own_address(
+    tmp_path: Path,
+) -> None:
+    """The stage remembers its last verdict for the very address object a connection keeps:
+    requests from two clients, interleaved on two keep-alive connections, never borrow each
+    other's verdict, whichever came last."""
+    async with (
+        faulty_upstreams("app") as [up],
+        running_gateway(tmp_path, _config(up.port, {"deny": ["127.0.0.13/32"]})) as gw,
+    ):
+        host, port = gw.bound["http"]
+        connections = {
+            source: await asyncio.open_connection(host, port, local_addr=(source, 0))
+            for source in ("127.0.0.1", "127.0.0.13")
+        }
+        decided = []
+        try:
+            order = ("127.0.0.1", "127.0.0.1", "127.0.0.13", "127.0.0.13", "127.0.0.1")
+            for source in (*order, "127.0.0.13"):
+                reader, writer = connections[source]
+                writer.write(b"GET /x HTTP/1.1\r\nHost: api\r\n\r\n")
+                await writer.drain()
+                decided.append(_forbidden(await asyncio.wait_for(read_response(reader), 5)))
+        finally:
+            for _, writer in connections.values():
+                await close_writer(writer)
+    assert decided == [False, False, True, True, False, True]
+    assert len(up.seen_headers) == 3
+
+
 async def test_an_ipv6_peer(tmp_path: Path) -> None:
     # needs the IPv6 loopback (every Linux has it unless IPv6 is disabled): the test fails
     # there rather than skipping, so a missing ::1 is seen
