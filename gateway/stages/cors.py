@@ -364,7 +364,8 @@ class CorsStage:
         origin: bytes | None = None
         several = False
         for name, value in head.headers:
-            if len(name) == 6 and name.lower() == b"origin":
+            # the first letter before a lower-case copy: Accept is six letters too
+            if len(name) == 6 and name[0] | 0x20 == 0x6F and name.lower() == b"origin":
                 several = origin is not None
                 origin = value
                 if several:
@@ -431,7 +432,8 @@ class CorsStage:
         for i, (name, value) in enumerate(headers):
             size = len(name)
             if size == 4:
-                if name.lower() == b"vary":
+                # the first letter before a lower-case copy: Date is four letters too
+                if name[0] | 0x20 == 0x76 and name.lower() == b"vary":
                     if vary_at < 0:
                         vary_at = i
                     if not covered and _names_origin(value):

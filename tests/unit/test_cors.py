@@ -476,3 +476,26 @@ async def test_a_later_refusal_carries_the_cors_headers() -> None:
     with pytest.raises(RateLimited) as info:
         await cors(request("GET", ("Origin", "https://evil.com")), limited)
     assert info.value.headers == (("Retry-After", "1"), ("Vary", "Origin"))
+
+
+@pytest.mark.parametrize("spelling", ["Origin", "origin", "ORIGIN", "oRiGiN"])
+async def test_origin_is_read_in_any_spelling_and_other_six_letter_names_are_not_it(
+    spelling: str,
+) -> None:
+    cors, metrics = stage(FULL)
+    upstream = Upstream([(b"Date", b"Thu, 03 Dec 2026 12:00:00 GMT"), (b"VARY", b"Accept")])
+    ctx = request(
+        "GET",
+        ("Accept", "https://app.example.com"),
+        (spelling, "https://app.example.com"),
+        ("Pragma", "https://evil.com"),
+    )
+    response = await cors(ctx, upstream)
+    assert names(response) == {
+        "date": ["Thu, 03 Dec 2026 12:00:00 GMT"],
+        "vary": ["Accept, Origin"],  # merged into the upstream's, however it spelled it
+        "access-control-allow-origin": ["https://app.example.com"],
+        "access-control-allow-credentials": ["true"],
+        "access-control-expose-headers": ["X-Total"],
+    }
+    assert counted(metrics) == {"allowed": 1}
