@@ -294,8 +294,9 @@ class IpFilterStage:
         "_allow_only",
         "_counted",
         "_deny",
-        "_last_address",
+        "_last_ipv6",
         "_last_refused",
+        "_last_value",
         "_total",
     )
 
@@ -306,11 +307,12 @@ class IpFilterStage:
         self._total = total
         #: route -> (allowed, denied) counters
         self._counted: dict[str, tuple[CounterChild, CounterChild]] = {}
-        #: the last address judged (the very object: a connection keeps its peer's, read
-        #: once) and the verdict: a keep-alive client's next request is one identity test,
-        #: not a probe per prefix length (~0.5k instructions).  The lists never change: a
-        #: reload that changes them builds another stage
-        self._last_address: tuple[bool, int] | None = None
+        #: the last address judged (its family and value; -1: none yet) and the verdict: a
+        #: client's next request, or the next client behind the same address, is two integer
+        #: compares, not a probe per prefix length (~0.5k instructions).  The lists never
+        #: change: a reload that changes them builds another stage
+        self._last_ipv6 = False
+        self._last_value = -1
         self._last_refused = True
 
     def refuses(self, ip: str) -> bool:
@@ -351,12 +353,17 @@ class IpFilterStage:
         else:
             parsed = peer.address = address_value(peer.ip)
             peer.address_read = True
-        if parsed is not None and parsed is self._last_address:
-            refused = self._last_refused
+        if parsed is None:
+            refused = True  # not an IP address: no real peer to judge
         else:
-            refused = self.refuses_address(parsed)
-            self._last_address = parsed
-            self._last_refused = refused
+            ipv6, value = parsed
+            if value == self._last_value and ipv6 == self._last_ipv6:
+                refused = self._last_refused
+            else:
+                refused = self.refuses_address(parsed)
+                self._last_ipv6 = ipv6
+                self._last_value = value
+                self._last_refused = refused
         if refused:
             denied.inc()
             ctx.outcome("ip_filter", DENIED)

@@ -175,9 +175,9 @@ async def test_an_untrusted_connections_address_is_refused_on_every_request(
 async def test_interleaved_keep_alive_clients_are_each_judged_on_their_own_address(
     tmp_path: Path,
 ) -> None:
-    """The stage remembers its last verdict for the very address object a connection keeps:
-    requests from two clients, interleaved on two keep-alive connections, never borrow each
-    other's verdict, whichever came last."""
+    """The stage remembers its verdict for the last address it judged: requests from two
+    clients, interleaved on two keep-alive connections, never borrow each other's verdict,
+    whichever came last."""
     async with (
         faulty_upstreams("app") as [up],
         running_gateway(tmp_path, _config(up.port, {"deny": ["127.0.0.13/32"]})) as gw,
