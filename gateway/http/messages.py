@@ -127,6 +127,20 @@ class RequestHead:
                 break
         self.authorization = authorization
 
+    def add_headers(self, added: list[tuple[bytes, bytes]]) -> None:
+        """Append `added` to the list, classing only the new names; Authorization is read again
+        only when the list had none and one is added (the first copy is the one read)."""
+        headers = self.headers
+        classes = self.header_classes()
+        for name, value in added:
+            headers.append((name, value))
+            classes.append(received_name_class(name))
+        if self.authorization is None:
+            for name, value in added:
+                if len(name) == 13 and name.lower() == b"authorization":
+                    self.authorization = value
+                    break
+
     def remove_headers(self, indexes: list[int]) -> None:
         """Remove the headers at `indexes` (in ascending order) from the list, keeping `classes`
         in step without classing every name again; what is derived from the list is derived

@@ -85,6 +85,10 @@ class _Edits:
     def _drops(self, name: bytes) -> bool:
         return len(name) in self.lengths and name.lower() in self.drop
 
+    def drops_any(self, headers: list[tuple[bytes, bytes]]) -> bool:
+        # compiled, any() over a generator is a plain loop that stops at the first hit
+        return any(self._drops(name) for name, _ in headers)
+
     def apply(self, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
         """`headers` edited (in place when nothing is dropped, the common case)."""
         for name, _ in headers:
@@ -111,10 +115,16 @@ class HeadersStage:
         """The request's edits, then the rest of the pipeline — wrapped in a coroutine of ours
         only when there are response edits to make on the way back (a frame costs a request
         ~1.2k instructions, callgrind)."""
-        if self._request is not None:
+        request_edits = self._request
+        if request_edits is not None:
             head = ctx.head
             # Authorization may be removed or set here (it is not a name the gateway owns)
-            head.replace_headers(self._request.apply(head.headers))
+            if request_edits.drops_any(head.headers):
+                head.replace_headers(request_edits.apply(head.headers))
+            else:
+                # nothing to drop (the common case): the set headers are appended, and only
+                # their names classed (`replace_headers` classes every name again, ~0.6k)
+                head.add_headers(request_edits.set)
         response_edits = self._response
         if response_edits is None:
             return call_next(ctx)

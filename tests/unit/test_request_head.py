@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway.http.headers import received_name_class
 from gateway.http.messages import RequestHead
 
 PACKAGE = Path(__file__).resolve().parents[2] / "gateway"
@@ -43,6 +44,20 @@ def test_the_same_list_edited_in_place_is_read_again() -> None:
     headers.clear()
     head.replace_headers(headers)
     assert head.authorization is None
+
+
+def test_added_headers_are_classed_and_an_added_authorization_is_read_when_none_was() -> None:
+    """add_headers (a headers stage that drops nothing) classes only the new names; the
+    Authorization value follows when the list had none, and stays the first copy otherwise."""
+    head = RequestHead()
+    head.replace_headers([(b"Host", b"a"), (b"X_Custom", b"1")])
+    head.add_headers([(b"X-Env", b"bench"), (b"authorization", b"Bearer added")])
+    assert head.headers[2:] == [(b"X-Env", b"bench"), (b"authorization", b"Bearer added")]
+    assert head.header_classes() == [received_name_class(n) for n, _ in head.headers]
+    assert head.authorization == b"Bearer added"
+    head.add_headers([(b"Authorization", b"Bearer second")])
+    assert head.authorization == b"Bearer added"  # the first copy, as get_header reads it
+    assert head.get_header("authorization") == "Bearer added"
 
 
 #: list methods that change a list in place
