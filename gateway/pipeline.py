@@ -219,8 +219,9 @@ class RequestContext:
         """Record what a stage decided, for the access log and as a span event."""
         outcomes = self.outcomes
         if outcomes is None:
-            outcomes = self.outcomes = {}
-        outcomes[stage] = decision
+            self.outcomes = {stage: decision}
+        else:
+            outcomes[stage] = decision
         trace = self.trace
         if trace is not None:
             trace.event(stage, decision)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from gateway.errors import BadRequest, ConfigErrors, Unauthenticated
+from gateway.http.headers import received_name_class
 from gateway.http.messages import RequestHead, Response
 from gateway.identity import identity_part
 from gateway.observability.exposition import Registry
@@ -304,6 +305,36 @@ async def test_missing_and_invalid_keys_are_401_with_the_challenge() -> None:
     assert seen.contexts == []
     assert _counted(metrics, "missing") == 2
     assert _counted(metrics, "invalid") == 2
+
+
+@pytest.mark.parametrize(
+    ("spelling", "value", "outcome"),
+    [
+        (b"X-API-Key", KEY.encode(), "allowed"),
+        (b"X-API-Key", KEY.encode() + b" ", "allowed"),  # "k" and "k " are one key
+        (b"x-api-key", KEY.encode() + b"\t", "allowed"),
+        (b"X-API-KEY", b" " + KEY.encode(), "allowed"),
+        (b"X-API-Key", b"\t" + KEY.encode() + b" \t", "allowed"),
+        (b"X-API-Key", b" \t ", "missing"),
+        (b"X-API-Key", b"k", "invalid"),
+    ],
+)
+async def test_a_key_is_read_in_any_spelling_of_the_name_and_without_blanks_around_it(
+    spelling: bytes, value: bytes, outcome: str
+) -> None:
+    stage, metrics = _stage()
+    head = _head(headers=[(b"Host", b"a"), (spelling, value), (b"Origin", b"o")])
+    ctx = make_context(head)
+    if outcome == "allowed":
+        await stage(ctx, Seen())
+        assert ctx.consumer == "billing"
+    else:
+        with pytest.raises(Unauthenticated):
+            await stage(ctx, Seen())
+    assert ctx.outcomes == {"api_key": outcome}
+    assert _counted(metrics, outcome) == 1
+    assert head.headers == [(b"Host", b"a"), (b"Origin", b"o")]  # hidden either way
+    assert head.header_classes() == [received_name_class(n) for n, _ in head.headers]
 
 
 async def test_two_key_headers_are_a_bad_request() -> None:
