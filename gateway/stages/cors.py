@@ -265,6 +265,7 @@ class CorsStage:
         "_exact",
         "_headers",
         "_methods",
+        "_only",
         "_outcomes",
         "_patterns",
         "_preflight",
@@ -277,6 +278,8 @@ class CorsStage:
         #: a response depends on the request's Origin unless the answer is * for everyone
         self._vary = not self._any_origin
         self._exact = frozenset(o.encode("ascii") for o in origins if "*" not in o)
+        #: the one exact origin when there is one (a web app's own): compared, not hashed
+        self._only: bytes | None = next(iter(self._exact)) if len(self._exact) == 1 else None
         #: (b"scheme://", b".domain[:port]") of each wildcard pattern
         patterns: list[tuple[bytes, bytes]] = []
         for origin in origins:
@@ -322,7 +325,8 @@ class CorsStage:
         origin is not allowed."""
         if self._any_origin:
             return b"*"
-        if origin in self._exact:
+        only = self._only
+        if (only is not None and origin == only) or origin in self._exact:
             # as browsers serialize an origin (lower case, no spaces): no copies to make
             return origin
         low = origin.strip(b" \t").lower()

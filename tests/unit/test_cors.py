@@ -499,3 +499,23 @@ async def test_origin_is_read_in_any_spelling_and_other_six_letter_names_are_not
         "access-control-expose-headers": ["X-Total"],
     }
     assert counted(metrics) == {"allowed": 1}
+
+
+@pytest.mark.parametrize(
+    ("origin", "answer"),
+    [
+        (b"https://app.example.com", b"https://app.example.com"),
+        (b"https://APP.example.com", b"https://app.example.com"),
+        (b"", None),  # an empty Origin is no origin, even beside a one-origin list
+        (b"https://app.example.co", None),
+        (b"https://app.example.com.evil.com", None),
+        (b"null", None),
+    ],
+)
+def test_a_one_origin_list_allows_that_origin_only(origin: bytes, answer: bytes | None) -> None:
+    cors, _ = stage('{allow_origins: ["https://app.example.com"]}')
+    assert cors.allowed_origin(origin) == answer
+    if not origin:  # nor with two origins listed
+        two, _ = stage('{allow_origins: ["https://a.example", "https://b.example"]}')
+        assert two.allowed_origin(origin) is None
+        assert two.allowed_origin(b"https://b.example") == b"https://b.example"
