@@ -333,8 +333,10 @@ class ApiKeyStage:
             for i in range(len(headers)):
                 name, given = headers[i]
                 if len(name) == size:
+                    # spelled as configured: the name itself stands for its lower case (a
+                    # lower-case copy is always a new object, so `low is name` says which)
                     low = name if name == self._spelled else name.lower()
-                    if low == self._name or low is name:
+                    if low is name or low == self._name:
                         if found is not None:
                             # which one would be checked, and which one would the upstream read?
                             raise BadRequest(f"more than one {self._header} header")

@@ -14,6 +14,22 @@ from tests.support.faulty import faulty_upstreams
 from tests.support.process import async_wait_until
 
 
+def _pool(
+    port: int, *, max_connections: int, idle_timeout: float, **options: float
+) -> EndpointPool:
+    """A pool to `port` on 127.0.0.1 that observes nothing, connecting within a second."""
+    return EndpointPool(
+        asyncio.get_running_loop(),
+        "127.0.0.1",
+        port,
+        max_connections=max_connections,
+        idle_timeout=idle_timeout,
+        connect_timeout=1.0,
+        observer=PoolObserver(),
+        **options,
+    )
+
+
 def _hand_over_the_connection(pool: EndpointPool, conn: UpstreamConnection) -> None:
     conn.in_use = False  # as UpstreamConnection does before it releases itself
     pool.release(conn)
@@ -36,16 +52,7 @@ async def test_a_waiter_cancelled_as_it_is_served_gives_back_what_it_was_handed(
     hand_over: Callable[[EndpointPool, UpstreamConnection], None],
 ) -> None:
     async with faulty_upstreams("a") as [a]:
-        pool = EndpointPool(
-            asyncio.get_running_loop(),
-            "127.0.0.1",
-            a.port,
-            max_connections=1,
-            idle_timeout=5.0,
-            connect_timeout=1.0,
-            observer=PoolObserver(),
-            queue_timeout=5.0,
-        )
+        pool = _pool(a.port, max_connections=1, idle_timeout=5.0, queue_timeout=5.0)
         try:
             conn = await pool.acquire()
             waiting = asyncio.ensure_future(pool.acquire())
@@ -66,15 +73,7 @@ async def test_a_waiter_cancelled_as_it_is_served_gives_back_what_it_was_handed(
 
 async def test_idle_connections_go_newest_first_and_the_sweeper_closes_the_oldest() -> None:
     async with faulty_upstreams("a") as [a]:
-        pool = EndpointPool(
-            asyncio.get_running_loop(),
-            "127.0.0.1",
-            a.port,
-            max_connections=3,
-            idle_timeout=10.0,
-            connect_timeout=1.0,
-            observer=PoolObserver(),
-        )
+        pool = _pool(a.port, max_connections=3, idle_timeout=10.0)
         now = 100.0
         pool.loop_time = lambda: now  # the pool's clock, moved by hand
         try:
