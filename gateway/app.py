@@ -36,8 +36,10 @@ from gateway.observability.exposition import Registry, read_snapshots
 from gateway.observability.logs import setup_logging
 from gateway.observability.metrics import GatewayMetrics
 from gateway.observability.process import ProcessSampler, build_labels
+from gateway.runtime.listen import listening_socket
 from gateway.runtime.shared import SharedState
 from gateway.runtime.snapshot import Snapshot, build_snapshot
+from gateway.runtime.threads import in_own_thread
 from gateway.stages.registry import KINDS
 from gateway.status import build_status_app
 from gateway.stores.base import StoreError
@@ -57,6 +59,8 @@ _WARM_TIMEOUT = 1.0
 #: draining: how long a listener that drops new SYNs keeps accepting before it closes, so that
 #: handshakes already under way complete and are served (each needs one round trip more)
 _HANDSHAKE_GRACE = 0.25
+#: a listener's accept queue: bursts of new connections wait here rather than being refused
+_BACKLOG = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,13 +199,18 @@ class Gateway:
 
     # -- start -------------------------------------------------------------------------------
 
+    def _load(self) -> GatewayConfig:
+        """The config file and every file it references, read and checked (on a thread of its
+        own: gateway.runtime.threads)."""
+        return load_config(self.config_path, KINDS)
+
     async def start(self) -> None:
         """Load the config, bind the listeners and the admin, warm up; raises on failure."""
         loop = asyncio.get_running_loop()
         self._loop = loop
         self._shared = SharedState(loop, self.metrics)
         self._shared.version = __version__
-        config = await asyncio.to_thread(load_config, self.config_path, KINDS)
+        config = await in_own_thread("config-load", self._load)
         snapshot = build_snapshot(config, self._shared)
         self._shared.commit(snapshot.upstreams, snapshot.stages, snapshot.tracer, snapshot.stores)
         self._install(snapshot)
@@ -214,15 +223,28 @@ class Gateway:
                 context = _front_context(state) if tls else None
                 # a client that never completes its handshake is dropped like a slow head
                 handshake_timeout = config.limits.header_timeout if tls else None
-                server = await loop.create_server(
-                    factory,
-                    listener.host,
-                    listener.port,
-                    reuse_port=self.workers > 1 or None,
-                    backlog=4096,
-                    ssl=context,
-                    ssl_handshake_timeout=handshake_timeout,
+                reuse_port = self.workers > 1
+                sock = listening_socket(
+                    listener.host, listener.port, backlog=_BACKLOG, reuse_port=reuse_port
                 )
+                if sock is not None:
+                    server = await loop.create_server(
+                        factory,
+                        sock=sock,
+                        backlog=_BACKLOG,
+                        ssl=context,
+                        ssl_handshake_timeout=handshake_timeout,
+                    )
+                else:  # a host name: the loop resolves it
+                    server = await loop.create_server(
+                        factory,
+                        listener.host,
+                        listener.port,
+                        reuse_port=reuse_port or None,
+                        backlog=_BACKLOG,
+                        ssl=context,
+                        ssl_handshake_timeout=handshake_timeout,
+                    )
                 self._listeners.append(
                     _Listener(server, state, factory, context, handshake_timeout)
                 )
@@ -339,7 +361,7 @@ class Gateway:
             assert self._shared is not None
             at = _rfc3339(time.time())
             try:
-                config = await asyncio.to_thread(load_config, self.config_path, KINDS)
+                config = await in_own_thread("config-load", self._load)
                 _check_restart_needed(self.snapshot.config, config)
                 snapshot = build_snapshot(config, self._shared)
             except ConfigErrors as exc:
@@ -499,7 +521,7 @@ class Gateway:
             self._shared.close()
             await self._shared.close_stores()
             # what the tracers queued is exported (up to the exporter's timeout), off the loop
-            await asyncio.to_thread(self._shared.close_tracers)
+            await in_own_thread("tracer-close", self._shared.close_tracers)
         self.snapshot.access_log.flush()
         if self.metrics_dir:
             with contextlib.suppress(OSError):

@@ -24,11 +24,14 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway.config.model import LimitsConfig
+from gateway.runtime.listen import listening_socket
 
 #: connections one admin or status listener holds at once: probes and scrapers need a few
 MAX_CONNECTIONS: Final = 256
 #: aiohttp's own keep-alive timer, left as a backstop behind the guard's idle_timeout
 _AIOHTTP_KEEPALIVE: Final = 3600.0
+#: asyncio's default accept queue: admin and status take few connections
+_BACKLOG: Final = 100
 _TIMEOUT_TEXT: Final = b"the request head did not arrive in time\r\n"
 _REQUEST_TIMEOUT: Final = (
     b"HTTP/1.1 408 Request Timeout\r\nContent-Type: text/plain; charset=utf-8\r\n"
@@ -197,9 +200,18 @@ class WebListener:
         assert handlers is not None
         loop = asyncio.get_running_loop()
         try:
-            self._server = await loop.create_server(
-                lambda: _GuardedConnection(self, handlers()), self._host, self._port
-            )
+
+            def factory() -> _GuardedConnection:
+                return _GuardedConnection(self, handlers())
+
+            # bound here for an IP address: no resolver thread left behind (runtime.listen)
+            sock = listening_socket(self._host, self._port, backlog=_BACKLOG)
+            if sock is not None:
+                self._server = await loop.create_server(factory, sock=sock, backlog=_BACKLOG)
+            else:
+                self._server = await loop.create_server(
+                    factory, self._host, self._port, backlog=_BACKLOG
+                )
         except BaseException:
             await runner.cleanup()
             raise

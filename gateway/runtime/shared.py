@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Mapping
 from typing import final
 
@@ -200,7 +201,9 @@ class SharedState:
         def close() -> None:
             if tracer in self._retired_tracers:
                 self._retired_tracers.discard(tracer)
-                self.loop.run_in_executor(None, tracer.close)
+                # its last export may wait for the collector: off the loop, on a thread that
+                # ends with it (gateway.runtime.threads)
+                threading.Thread(target=tracer.close, name="tracer-close", daemon=True).start()
 
         self.loop.call_later(TRACER_GRACE, close)
 

@@ -1,0 +1,100 @@
+"""The serving process runs on one thread (README, "One thread"): no resolver pool for its IP
+binds and upstreams, no watcher threads, no executor left idle by a config load or a reload.
+Counted in /proc: a thread found there is a thread the kernel makes every system call pay for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from tests.support.config_builder import gateway_yaml, listener, route, upstream_to
+from tests.support.process import (
+    GatewayProcess,
+    async_wait_until,
+    free_port,
+    http_get,
+)
+
+
+def _threads(pid: int) -> list[str]:
+    """The names of process `pid`'s threads."""
+    names = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/comm") as comm:
+            names.append(comm.read().strip())
+    return names
+
+
+def _config(http: int, admin: int, status: int, upstream: int, prefix: str) -> str:
+    """`prefix` routed to an upstream (a pool's connections: no resolver for an IP address)."""
+    return gateway_yaml(
+        listeners=[listener(http)],
+        admin={"bind": f"127.0.0.1:{admin}"},
+        status={"bind": f"127.0.0.1:{status}"},
+        upstreams={"app": upstream_to(f"http://127.0.0.1:{upstream}")},
+        routes=[route("app", "app", prefix)],
+    )
+
+
+async def until_served(
+    served: Callable[[str], Awaitable[int | None]], path: str, what: str
+) -> None:
+    deadline = time.monotonic() + 15
+    while await served(path) != 200:
+        assert time.monotonic() < deadline, f"{what} never served {path}"
+        await asyncio.sleep(0.05)
+
+
+async def test_serving_reloading_and_watching_leave_one_thread(tmp_path: Path) -> None:
+    async def answer(request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", answer)
+    upstream = TestServer(app, host="127.0.0.1")
+    await upstream.start_server()
+    http, admin, status = free_port(), free_port(), free_port()
+    path = tmp_path / "gateway.yaml"
+    path.write_text(_config(http, admin, status, upstream.port, "/one"))
+    gateway = GatewayProcess(path)
+    pid = gateway.proc.pid
+    try:
+
+        async def served(path: str) -> int | None:
+            # aiohttp, not urllib: the upstream answers on this test's loop
+            try:
+                async with (
+                    aiohttp.ClientSession() as session,
+                    session.get(f"http://127.0.0.1:{http}{path}") as response,
+                ):
+                    return response.status
+            except aiohttp.ClientError:
+                return None
+
+        await until_served(served, "/one", "the first config")
+        assert await served("/two") == 404
+        # the admin and status listeners answer too (each bound by the gateway, not resolved)
+        assert http_get(f"http://127.0.0.1:{admin}/readyz")[0] == 200
+        assert http_get(f"http://127.0.0.1:{status}/readyz")[0] == 200
+        assert _threads(pid) == ["python"], _threads(pid)
+
+        # an editor's save: the watcher (inotify on the loop) sees it, the config is loaded on
+        # a thread of its own, which ends with the load
+        saved = tmp_path / ".gateway.yaml.swp"
+        saved.write_text(_config(http, admin, status, upstream.port, "/two"))
+        os.replace(saved, path)
+        await until_served(served, "/two", "the saved config")
+        await async_wait_until(
+            lambda: _threads(pid) == ["python"], within=5, what="the load's thread to end"
+        )
+    finally:
+        gateway.stop()
+        await upstream.close()
