@@ -145,9 +145,9 @@ class RequestContext:
         "claims",
         "consumer",
         "deadline",
+        "decisions",
         "endpoint",
         "head",
-        "outcomes",
         "peer",
         "request_id",
         "rewrite",
@@ -187,8 +187,10 @@ class RequestContext:
         self.upstream: str | None = None
         self.endpoint: str | None = None
         self.attempts = 0
-        #: stage name -> what it decided; created on first use
-        self.outcomes: dict[str, str] | None = None
+        #: what the stages decided, flat (a stage's name, its decision, the next stage's …),
+        #: created on first use: two appends a decision, where a dict cost a hash table per
+        #: request for what is read only when the request is logged (`outcomes`)
+        self.decisions: list[str] | None = None
         #: the request head as it goes upstream (built once, reused by retries)
         self.upstream_head: bytes | None = None
         #: headers stages add for the upstream that a client can never send itself (they are
@@ -217,14 +219,24 @@ class RequestContext:
 
     def outcome(self, stage: str, decision: str) -> None:
         """Record what a stage decided, for the access log and as a span event."""
-        outcomes = self.outcomes
-        if outcomes is None:
-            self.outcomes = {stage: decision}
+        decisions = self.decisions
+        if decisions is None:
+            self.decisions = [stage, decision]
         else:
-            outcomes[stage] = decision
+            decisions.append(stage)
+            decisions.append(decision)
         trace = self.trace
         if trace is not None:
             trace.event(stage, decision)
+
+    @property
+    def outcomes(self) -> dict[str, str] | None:
+        """Stage name -> what it decided (its last decision, should it decide twice); None
+        when no stage decided anything."""
+        decisions = self.decisions
+        if decisions is None:
+            return None
+        return {decisions[i]: decisions[i + 1] for i in range(0, len(decisions), 2)}
 
 
 @final

@@ -16,6 +16,7 @@ from gateway.identity import identity_part
 from gateway.observability.exposition import Registry
 from gateway.observability.metrics import GatewayMetrics
 from gateway.pipeline import RequestContext
+from gateway.stages import api_key
 from gateway.stages.api_key import ApiKeyConfig, ApiKeyStage
 from gateway.stages.outcomes import StageOutcomes
 from tests.support.config import MINIMAL, config_errors, load_config, parse_config
@@ -388,3 +389,23 @@ async def test_a_key_in_the_query_twice_or_missing() -> None:
         assert info.value.headers == (
             ("WWW-Authenticate", 'ApiKey realm="gateway", in="query", name="api_key"'),
         )
+
+
+@pytest.mark.parametrize("builtin", [True, False], ids=["cpython-sha256", "openssl-copy"])
+def test_a_key_is_hashed_as_sha256_by_either_implementation(
+    builtin: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stage hashes with CPython's own sha256 where it exists, else with a copy of an empty
+    OpenSSL one: either way the digest a config names (printf %s KEY | sha256sum)."""
+    if not builtin:
+
+        def no_module(name: str) -> object:
+            raise ImportError(name)
+
+        monkeypatch.setattr(api_key.importlib, "import_module", no_module)
+    sha256_of = api_key._sha256_of()
+    keys = [b"", b"k", b"bench-api-key", b"\xff" * 55, b"x" * 56, b"y" * 64, b"z" * 1000]
+    for key in keys:
+        assert sha256_of(key).digest() == hashlib.sha256(key).digest()
+    # each call starts afresh: nothing of one key is left in the next one's digest
+    assert sha256_of(b"a").digest() == hashlib.sha256(b"a").digest()

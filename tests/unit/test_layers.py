@@ -33,7 +33,8 @@ LAYERS: tuple[frozenset[str], ...] = tuple(
         "stages",
         "downstream",
         "runtime",
-        "app cli admin status probes web_listener supervisor watch inotify idempotency __main__ __init__",
+        "app cli admin status probes web_listener supervisor watch inotify idempotency"
+        " __main__ __init__",
     )
 )
 

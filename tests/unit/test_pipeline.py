@@ -50,3 +50,14 @@ async def test_a_stage_can_answer_without_calling_next() -> None:
     ctx = make_context()
     assert (await handler(ctx)).status == 429
     assert called == []
+
+
+async def test_outcomes_name_each_stage_once_with_its_last_decision() -> None:
+    ctx = make_context()
+    assert ctx.outcomes is None
+    ctx.outcome("cors", "allowed")
+    ctx.outcome("ip_filter", "allowed")
+    ctx.outcome("retry", "retried")
+    ctx.outcome("retry", "budget_exhausted")  # a stage deciding again: its last word stands
+    assert ctx.outcomes == {"cors": "allowed", "ip_filter": "allowed", "retry": "budget_exhausted"}
+    assert list(ctx.outcomes) == ["cors", "ip_filter", "retry"]
