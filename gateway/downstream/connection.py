@@ -956,7 +956,13 @@ class HttpConnection(asyncio.Protocol):
                 )
                 try:
                     response = await route.handler(ctx)
+                    edit = ctx.edit  # the route's first stage left its response edit here
+                    if edit is not None:
+                        response = edit.edited(response)
                 except GatewayError as exc:
+                    edit = ctx.edit
+                    if edit is not None:
+                        edit.refused(exc)
                     response = problem_response(exc, request_id)
                     if exc.close:
                         exchange.close = True

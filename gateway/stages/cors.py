@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import re
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final, final
 
@@ -39,7 +39,7 @@ from gateway.config.units import parse_duration
 from gateway.errors import ConfigError, GatewayError
 from gateway.http.messages import Response
 from gateway.observability.instruments import Counter
-from gateway.pipeline import Next, RequestContext
+from gateway.pipeline import Next, RequestContext, ResponseEdit
 from gateway.stages.converters import TOKEN
 from gateway.stages.kind import BuildContext, StageKind
 from gateway.stages.outcomes import StageOutcomes
@@ -255,6 +255,72 @@ def _is_cors_header(name: bytes) -> bool:
     return len(name) > 15 and name[:15].lower() == _PREFIX
 
 
+async def _answered(response: Response) -> Response:
+    return response
+
+
+@final
+class CorsEdit(ResponseEdit):
+    """What an allowed request's response gets (`allowed` is its Access-Control-Allow-Origin
+    value; None for a refused origin or none: Vary alone), on the way back through the stage
+    or from the connection (pipeline.ResponseEdit)."""
+
+    __slots__ = ("_actual", "_allowed", "_vary")
+
+    def __init__(
+        self, allowed: bytes | None, vary: bool, actual: list[tuple[bytes, bytes]]
+    ) -> None:
+        self._allowed = allowed
+        self._vary = vary
+        #: what follows Access-Control-Allow-Origin (credentials, exposed headers)
+        self._actual = actual
+
+    def refused(self, error: GatewayError) -> None:
+        extra = []
+        allowed = self._allowed
+        if allowed is not None:
+            extra.append(("Access-Control-Allow-Origin", allowed.decode("ascii")))
+            extra += [(n.decode("ascii"), v.decode("ascii")) for n, v in self._actual]
+        if self._vary:
+            extra.append(("Vary", "Origin"))
+        error.headers = (*error.headers, *extra)
+
+    def edited(self, response: Response) -> Response:
+        """The upstream's response with its CORS headers replaced by ours, and Origin in
+        Vary."""
+        headers = response.headers
+        vary_at = -1
+        covered = not self._vary
+        upstream_cors = False
+        for i, (name, value) in enumerate(headers):
+            size = len(name)
+            if size == 4:
+                # the first letter before a lower-case copy: Date is four letters too
+                if name[0] | 0x20 == 0x76 and name.lower() == b"vary":
+                    if vary_at < 0:
+                        vary_at = i
+                    if not covered and _names_origin(value):
+                        covered = True
+            elif size > 15 and name[:15].lower() == _PREFIX:
+                upstream_cors = True
+        if not covered and vary_at >= 0:
+            # merged into the upstream's first Vary line: some caches read only one
+            name, value = headers[vary_at]
+            value = value.strip(b" \t")
+            headers[vary_at] = (name, value + b", Origin" if value else b"Origin")
+            covered = True
+        if upstream_cors:
+            headers = [(n, v) for n, v in headers if not _is_cors_header(n)]
+        allowed = self._allowed
+        if allowed is not None:
+            headers.append((_ALLOW_ORIGIN, allowed))
+            headers.extend(self._actual)
+        if not covered:
+            headers.append(_VARY_ORIGIN)
+        response.headers = headers
+        return response
+
+
 @final
 class CorsStage:
     __slots__ = (
@@ -265,10 +331,13 @@ class CorsStage:
         "_exact",
         "_headers",
         "_methods",
+        "_no_origin",
         "_only",
+        "_only_edit",
         "_outcomes",
         "_patterns",
         "_preflight",
+        "_rejected",
         "_vary",
     )
 
@@ -317,6 +386,11 @@ class CorsStage:
         #: what follows Access-Control-Allow-Origin on an allowed preflight's 204
         self._preflight = preflight
         self._outcomes = StageOutcomes(total, "cors")
+        # the edits most requests get, made once: a refused origin's, a request without an
+        # Origin (`*` for everyone, or Vary alone), and the one listed origin's
+        self._rejected = CorsEdit(None, self._vary, actual)
+        self._no_origin = CorsEdit(b"*" if self._any_origin else None, self._vary, actual)
+        self._only_edit = CorsEdit(self._only, self._vary, actual)
 
     # -- decisions ------------------------------------------------------------------------------
 
@@ -363,7 +437,8 @@ class CorsStage:
         self._outcomes.count(ctx.route.name, outcome)
         ctx.outcome("cors", outcome)
 
-    async def __call__(self, ctx: RequestContext, call_next: Next) -> Response:
+    def _decide(self, ctx: RequestContext) -> Response | CorsEdit:
+        """The preflight's answer, or what the response is to get."""
         head = ctx.head
         origin: bytes | None = None
         several = False
@@ -374,7 +449,6 @@ class CorsStage:
                 origin = value
                 if several:
                     break
-        allowed: bytes | None = None
         if origin is not None:
             if head.method == "OPTIONS":
                 preflight = self._preflight_answer(ctx, origin, several)
@@ -382,23 +456,36 @@ class CorsStage:
                     return preflight
             # a browser sends one Origin: with several, none is believed (but * is for everyone)
             allowed = None if several and not self._any_origin else self.allowed_origin(origin)
-            self._count(ctx, REJECTED if allowed is None else ALLOWED)
-        elif self._any_origin:
-            allowed = b"*"
+            if allowed is None:
+                self._count(ctx, REJECTED)
+                return self._rejected
+            self._count(ctx, ALLOWED)
+            if allowed == self._only:
+                return self._only_edit
+            return CorsEdit(allowed, self._vary, self._actual)
+        return self._no_origin
+
+    async def __call__(self, ctx: RequestContext, call_next: Next) -> Response:
+        edit = self._decide(ctx)
+        if isinstance(edit, Response):
+            return edit
         try:
             response = await call_next(ctx)
         except GatewayError as exc:
             # a later stage's refusal (401, 429 …) must be readable by the script that caused it
-            extra = []
-            if allowed is not None:
-                extra.append(("Access-Control-Allow-Origin", allowed.decode("ascii")))
-                extra += [(n.decode("ascii"), v.decode("ascii")) for n, v in self._actual]
-            if self._vary:
-                extra.append(("Vary", "Origin"))
-            exc.headers = (*exc.headers, *extra)
+            edit.refused(exc)
             raise
-        response.headers = self._edited(response.headers, allowed)
-        return response
+        return edit.edited(response)
+
+    def outermost(self, ctx: RequestContext, call_next: Next) -> Awaitable[Response]:
+        """`__call__` when this stage is its route's first (pipeline.compose): the same
+        answers, with the response's edit left to the connection (`ctx.edit`) — nothing is
+        outside this stage to see the response first — and no coroutine frame of its own."""
+        edit = self._decide(ctx)
+        if isinstance(edit, Response):
+            return _answered(edit)
+        ctx.edit = edit
+        return call_next(ctx)
 
     def _preflight_answer(
         self, ctx: RequestContext, origin: bytes, several: bool
@@ -424,40 +511,6 @@ class CorsStage:
             return Response(204, [_VARY_ORIGIN] if self._vary else [])
         self._count(ctx, PREFLIGHT)
         return Response(204, [(_ALLOW_ORIGIN, allowed), *self._preflight])
-
-    def _edited(
-        self, headers: list[tuple[bytes, bytes]], allowed: bytes | None
-    ) -> list[tuple[bytes, bytes]]:
-        """The upstream's response headers with its CORS headers replaced by ours, and Origin
-        in Vary."""
-        vary_at = -1
-        covered = not self._vary
-        upstream_cors = False
-        for i, (name, value) in enumerate(headers):
-            size = len(name)
-            if size == 4:
-                # the first letter before a lower-case copy: Date is four letters too
-                if name[0] | 0x20 == 0x76 and name.lower() == b"vary":
-                    if vary_at < 0:
-                        vary_at = i
-                    if not covered and _names_origin(value):
-                        covered = True
-            elif size > 15 and name[:15].lower() == _PREFIX:
-                upstream_cors = True
-        if not covered and vary_at >= 0:
-            # merged into the upstream's first Vary line: some caches read only one
-            name, value = headers[vary_at]
-            value = value.strip(b" \t")
-            headers[vary_at] = (name, value + b", Origin" if value else b"Origin")
-            covered = True
-        if upstream_cors:
-            headers = [(n, v) for n, v in headers if not _is_cors_header(n)]
-        if allowed is not None:
-            headers.append((_ALLOW_ORIGIN, allowed))
-            headers.extend(self._actual)
-        if not covered:
-            headers.append(_VARY_ORIGIN)
-        return headers
 
 
 def build(config: CorsConfig, spec: StageSpec, env: BuildContext) -> CorsStage:

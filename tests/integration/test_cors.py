@@ -60,7 +60,19 @@ APP = {
 }
 
 
-def _config(port: int, cors: dict[str, Any] = APP, **sections: Any) -> str:
+#: a stage in front of cors: cors is then not its route's first stage, and edits the response
+#: in its own coroutine rather than leaving the edit to the connection (pipeline.ResponseEdit)
+FRONT = {"ip_filter": {"allow": ["127.0.0.0/8"]}}
+
+
+@pytest.fixture(params=[False, True], ids=["cors-first", "cors-behind-a-stage"])
+def behind(request: pytest.FixtureRequest) -> bool:
+    """Whether the routes put a stage in front of cors: the answers must not differ."""
+    return bool(request.param)
+
+
+def _config(port: int, cors: dict[str, Any] = APP, *, behind: bool = False, **sections: Any) -> str:
+    front = [FRONT] if behind else []
     return gateway_yaml(
         upstreams={"app": upstream_to(f"http://127.0.0.1:{port}")},
         routes=[
@@ -68,10 +80,19 @@ def _config(port: int, cors: dict[str, Any] = APP, **sections: Any) -> str:
                 "limited",
                 "app",
                 "/limited",
-                pipeline=[{"cors": cors}, {"rate_limit": {"rate": 1, "per": "1h", "burst": 1}}],
+                pipeline=[
+                    *front,
+                    {"cors": cors},
+                    {"rate_limit": {"rate": 1, "per": "1h", "burst": 1}},
+                ],
             ),
-            route("public", "app", "/public", pipeline=[{"cors": {"allow_origins": ["*"]}}]),
-            route("api", "app", "/", pipeline=[{"cors": cors}]),
+            route(
+                "public",
+                "app",
+                "/public",
+                pipeline=[*front, {"cors": {"allow_origins": ["*"]}}],
+            ),
+            route("api", "app", "/", pipeline=[*front, {"cors": cors}]),
         ],
         **sections,
     )
@@ -100,10 +121,10 @@ def _cors_headers(response: RawResponse) -> dict[str, list[str]]:
 
 
 async def test_a_preflight_is_answered_without_the_upstream(
-    tmp_path: Path, upstream: tuple[int, list[str]]
+    tmp_path: Path, upstream: tuple[int, list[str]], behind: bool
 ) -> None:
     port, hits = upstream
-    async with running_gateway(tmp_path, _config(port)) as gw:
+    async with running_gateway(tmp_path, _config(port, behind=behind)) as gw:
         response = await _send(
             gw,
             "OPTIONS",
@@ -155,10 +176,10 @@ async def test_a_preflight_is_answered_without_the_upstream(
 
 
 async def test_an_allowed_origin_gets_the_gateways_headers_not_the_upstreams(
-    tmp_path: Path, upstream: tuple[int, list[str]]
+    tmp_path: Path, upstream: tuple[int, list[str]], behind: bool
 ) -> None:
     port, hits = upstream
-    async with running_gateway(tmp_path, _config(port)) as gw:
+    async with running_gateway(tmp_path, _config(port, behind=behind)) as gw:
         response = await _send(gw, "PUT", "/orders/7", ("Origin", "https://APP.example.com"))
         assert response.status == 200
         assert response.body == b"upstream"
@@ -193,10 +214,10 @@ async def test_an_allowed_origin_gets_the_gateways_headers_not_the_upstreams(
     ],
 )
 async def test_a_refused_origin_goes_upstream_and_gets_no_cors_header(
-    tmp_path: Path, upstream: tuple[int, list[str]], origins: list[str]
+    tmp_path: Path, upstream: tuple[int, list[str]], behind: bool, origins: list[str]
 ) -> None:
     port, hits = upstream
-    async with running_gateway(tmp_path, _config(port)) as gw:
+    async with running_gateway(tmp_path, _config(port, behind=behind)) as gw:
         response = await _send(gw, "GET", "/orders", *(("Origin", o) for o in origins))
         # CORS is the browser's to enforce: the request went on, its answer is kept from scripts
         assert response.status == 200
@@ -208,10 +229,10 @@ async def test_a_refused_origin_goes_upstream_and_gets_no_cors_header(
 
 
 async def test_a_later_refusal_is_readable_by_the_script(
-    tmp_path: Path, upstream: tuple[int, list[str]]
+    tmp_path: Path, upstream: tuple[int, list[str]], behind: bool
 ) -> None:
     port, hits = upstream
-    async with running_gateway(tmp_path, _config(port)) as gw:
+    async with running_gateway(tmp_path, _config(port, behind=behind)) as gw:
         origin = ("Origin", "https://app.example.com")
         assert (await _send(gw, "GET", "/limited", origin)).status == 200
         refused = await _send(gw, "GET", "/limited", origin)
@@ -233,10 +254,10 @@ async def test_a_later_refusal_is_readable_by_the_script(
 
 
 async def test_star_is_the_same_answer_for_everyone(
-    tmp_path: Path, upstream: tuple[int, list[str]]
+    tmp_path: Path, upstream: tuple[int, list[str]], behind: bool
 ) -> None:
     port, hits = upstream
-    async with running_gateway(tmp_path, _config(port)) as gw:
+    async with running_gateway(tmp_path, _config(port, behind=behind)) as gw:
         for headers in ([], [("Origin", "https://evil.example")], [("Origin", "null")]):
             response = await _send(gw, "GET", "/public/logo.svg", *headers)
             # never a reflection, and the upstream's own is replaced

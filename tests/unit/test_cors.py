@@ -9,7 +9,7 @@ from gateway.errors import RateLimited
 from gateway.http.messages import RequestHead, Response
 from gateway.observability.exposition import Registry
 from gateway.observability.metrics import GatewayMetrics
-from gateway.pipeline import RequestContext
+from gateway.pipeline import RequestContext, compose
 from gateway.stages.cors import CorsConfig, CorsStage
 from tests.support.config import MINIMAL, config_errors, parse_config
 from tests.support.context import make_context
@@ -519,3 +519,26 @@ def test_a_one_origin_list_allows_that_origin_only(origin: bytes, answer: bytes 
         two, _ = stage('{allow_origins: ["https://a.example", "https://b.example"]}')
         assert two.allowed_origin(origin) is None
         assert two.allowed_origin(b"https://b.example") == b"https://b.example"
+
+
+async def test_first_in_its_route_the_stage_leaves_its_edit_to_the_connection() -> None:
+    """As the route's first stage (compose calls its `outermost`), the stage runs no coroutine
+    of its own: the response comes back as the upstream gave it, with the edit the connection
+    applies in `ctx.edit` — the same edit `__call__` would have made; a preflight is still
+    answered here, with no edit left."""
+    cors, _ = stage(FULL)
+    upstream = Upstream([(b"Access-Control-Allow-Origin", b"*"), (b"ETag", b'"1"')])
+    handler = compose([cors], upstream)
+    ctx = request("GET", ("Origin", "https://app.example.com"))
+    response = await handler(ctx)
+    assert names(response) == {"access-control-allow-origin": ["*"], "etag": ['"1"']}
+    assert ctx.edit is not None
+    assert names(ctx.edit.edited(response)) == names(await cors(ctx, upstream))
+    preflight = request(
+        "OPTIONS", ("Origin", "https://app.example.com"), ("Access-Control-Request-Method", "PUT")
+    )
+    answer = await handler(preflight)
+    assert answer.status == 204
+    assert answer.headers[0] == (b"Access-Control-Allow-Origin", b"https://app.example.com")
+    assert preflight.edit is None
+    assert upstream.calls == 2

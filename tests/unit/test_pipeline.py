@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
+
 from gateway.http.messages import Response
 from gateway.pipeline import Next, RequestContext, compose
 from tests.support.context import make_context
@@ -61,3 +63,26 @@ async def test_outcomes_name_each_stage_once_with_its_last_decision() -> None:
     ctx.outcome("retry", "budget_exhausted")  # a stage deciding again: its last word stands
     assert ctx.outcomes == {"cors": "allowed", "ip_filter": "allowed", "retry": "budget_exhausted"}
     assert list(ctx.outcomes) == ["cors", "ip_filter", "retry"]
+
+
+class Outermost(Recorder):
+    """A stage that can leave its response edit to the connection when it is first."""
+
+    def outermost(self, ctx: RequestContext, call_next: Next) -> Awaitable[Response]:
+        self.log.append(f"outermost:{self.name}")
+        return call_next(ctx)
+
+
+async def test_only_the_first_stage_is_called_through_outermost() -> None:
+    """The first stage's `outermost` runs in its place (nothing is outside it to see the
+    response first: pipeline.ResponseEdit); the same kind of stage further in is awaited as
+    usual, since the stages in front of it see the response it returns."""
+    log: list[str] = []
+
+    async def terminal(ctx: RequestContext) -> Response:
+        log.append("terminal")
+        return Response(200, [])
+
+    handler = compose([Outermost("a", log), Outermost("b", log)], terminal)
+    await handler(make_context())
+    assert log == ["outermost:a", "in:b", "terminal", "out:b"]
