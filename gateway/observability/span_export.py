@@ -1,4 +1,5 @@
-"""Getting finished spans out of the process: a bounded queue, one export thread, and the three
+"""Getting finished spans out of the process: a bounded queue, export runs on a thread each
+(ended with the run: BoundedBatchProcessor), and the three
 exporters of SPEC "Tracing" — OTLP over HTTP/protobuf, OTLP over gRPC, and JSON lines on
 stdout.  Imported only when spans are recorded (an exporter other than "none").
 
@@ -7,13 +8,14 @@ memory: at most `batch.max_queue_size` spans wait, and every span lost — queue
 failed, still queued at shutdown — is counted (`gateway_tracing_spans_dropped_total{reason}`).
 The bytes are ours too (gateway.observability.otlp_encoding, for the cost: see
 gateway.observability.spans), written on the event loop as each span ends: the queue holds each
-span's piece of an export request, and the thread joins a batch's pieces and sends them.  The
+span's piece of an export request, and an export run joins a batch's pieces and sends them.  The
 transports are the standard ones — http.client, and grpcio for gRPC (imported only for
 `protocol: grpc`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import http.client
 import json
@@ -242,10 +244,16 @@ def make_exporter(config: TracingConfig, version: str) -> SpanExporter:
 
 class BoundedBatchProcessor:
     """Ended spans queue in `spans` (at most `max_queue_size`; the event loop adds them with
-    `spans.add`) and one thread exports them in batches of `max_export_batch_size`, at least
-    every `schedule_delay`.  `on_dropped(count, reason)`
-    hears of every span lost — "queue_full", "export_failed" or "shutdown" — and `on_exported`
-    of every span delivered; both may be called from the export thread.
+    `spans.add`) and are exported in batches of `max_export_batch_size`, at least every
+    `schedule_delay`.  `on_dropped(count, reason)` hears of every span lost — "queue_full",
+    "export_failed" or "shutdown" — and `on_exported` of every span delivered; both may be
+    called from an export thread.
+
+    Exports run on a thread started for them, which ends once the queue holds less than a
+    batch: a thread that waited between exports would make the serving process multi-threaded
+    for good, and every system call it makes pay for it (gateway.runtime.threads).  A timer on
+    the event loop starts one every `schedule_delay` when spans wait, and a full batch starts one
+    at once; at most one runs at a time.
 
     At shutdown what is queued is exported for at most `close_within` seconds (one export's
     timeout): a collector that is down must not hold a draining gateway past its own shutdown
@@ -257,6 +265,7 @@ class BoundedBatchProcessor:
         batch: TracingBatchConfig,
         on_dropped: Callable[[int, str], None],
         on_exported: Callable[[int], None],
+        loop: asyncio.AbstractEventLoop,
         close_within: float = 10.0,
     ) -> None:
         self._exporter = exporter
@@ -265,32 +274,52 @@ class BoundedBatchProcessor:
         self._delay = batch.schedule_delay
         self._on_dropped = on_dropped
         self._on_exported = on_exported
-        self._wake = threading.Condition()
+        self._loop = loop
+        #: guards `_running`, `_again`, `_flushes`, `_thread` and `spans.closed`
+        self._lock = threading.Lock()
+        #: an export run is under way (on `_thread`, or in `shutdown`'s caller)
+        self._running = False
+        #: asked for while a run was under way: that run goes round once more
+        self._again = False
+        self._thread: threading.Thread | None = None
         self.spans = SpanQueue(
-            batch.max_queue_size, self._batch_size, self._notify, on_dropped, exporter.encode
+            batch.max_queue_size, self._batch_size, self._start, on_dropped, exporter.encode
         )
         self._queue = self.spans.spans
         #: flush requests waiting for the queue to empty
         self._flushes: list[threading.Event] = []
-        self._thread = threading.Thread(target=self._work, name="gateway-span-export", daemon=True)
-        self._thread.start()
+        self._timer = loop.call_later(self._delay, self._due)
 
-    def _notify(self) -> None:
-        with self._wake:
-            self._wake.notify()
+    def _due(self) -> None:
+        """Every `schedule_delay`, on the event loop: what waits is exported."""
+        if self.spans.closed:
+            return
+        if self._queue:
+            self._start()
+        self._timer = self._loop.call_later(self._delay, self._due)
+
+    def _start(self) -> None:
+        """An export run, on a thread of its own unless one is under way."""
+        with self._lock:
+            if self._running:
+                self._again = True
+                return
+            self._running = True
+            thread = self._thread = threading.Thread(
+                target=self._work, name="gateway-span-export", daemon=True
+            )
+        thread.start()
 
     def _work(self) -> None:
         while True:
-            with self._wake:
-                idle = not self._flushes and len(self._queue) < self._batch_size
-                if idle and not self.spans.closed:
-                    self._wake.wait(self._delay)
+            with self._lock:
                 closing = self.spans.closed
                 flushes, self._flushes = self._flushes, []
+                self._again = False
             give_up_at = time.monotonic() + self._close_within if closing else None
             while self._queue:
                 if give_up_at is None and self.spans.closed:
-                    # closed while this thread was exporting: from now, one timeout's grace
+                    # closed while this run was exporting: from now, one timeout's grace
                     closing = True
                     give_up_at = time.monotonic() + self._close_within
                 if give_up_at is not None and time.monotonic() >= give_up_at:
@@ -303,7 +332,13 @@ class BoundedBatchProcessor:
                     break
             for done in flushes:
                 done.set()
-            if closing:
+            with self._lock:
+                if self._again or self._flushes:
+                    continue
+                if not closing and len(self._queue) >= self._batch_size:
+                    continue
+                # less than a batch waits for the timer; the run (and its thread) ends
+                self._running = False
                 return
 
     def _export_one_batch(self) -> None:
@@ -311,7 +346,7 @@ class BoundedBatchProcessor:
         batch = [queue.popleft() for _ in range(min(self._batch_size, len(queue)))]
         try:
             delivered = self._exporter.export(batch)
-        except Exception:  # an exporter bug must not end the export thread
+        except Exception:  # an exporter bug must not end the export run
             log.exception("span export raised")
             delivered = False
         if delivered:
@@ -322,21 +357,32 @@ class BoundedBatchProcessor:
     def force_flush(self, timeout: float) -> bool:
         """Export everything queued now; False when that took longer than `timeout` seconds."""
         done = threading.Event()
-        with self._wake:
+        with self._lock:
             if self.spans.closed:
                 return True
             self._flushes.append(done)
-            self._wake.notify()
+        self._start()
         return done.wait(timeout)
 
     def shutdown(self) -> None:
-        """Export what is queued (bounded by the exporter's timeout), then stop."""
-        with self._wake:
+        """Export what is queued (bounded by the exporter's timeout), then stop: on the
+        caller's thread, or by waiting for the run under way."""
+        with self._lock:
             if self.spans.closed:
                 return
             self.spans.closed = True
-            self._wake.notify()
-        self._thread.join()
+            running = self._thread if self._running else None
+            if running is None:
+                self._running = True  # this thread runs the last export itself
+            else:
+                self._again = True
+        # the timer is the loop's to cancel (RuntimeError: the loop closed, no timer runs)
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self._timer.cancel)
+        if running is None:
+            self._work()
+        else:
+            running.join()
         with contextlib.suppress(Exception):
             self._exporter.shutdown()
 
@@ -346,8 +392,14 @@ def span_export(
     version: str,
     on_dropped: Callable[[int, str], None],
     on_exported: Callable[[int], None],
+    loop: asyncio.AbstractEventLoop,
 ) -> BoundedBatchProcessor:
-    """The export side of one `tracing:` section: its exporter and the thread feeding it."""
+    """The export side of one `tracing:` section: its exporter and the runs feeding it."""
     return BoundedBatchProcessor(
-        make_exporter(config, version), config.batch, on_dropped, on_exported, config.timeout
+        make_exporter(config, version),
+        config.batch,
+        on_dropped,
+        on_exported,
+        loop,
+        config.timeout,
     )

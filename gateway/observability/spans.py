@@ -120,7 +120,7 @@ SpanEncoder = Callable[[SpanRecord], bytes]
 
 @final
 class SpanQueue:
-    """Ended spans waiting for the export thread (gateway.observability.span_export owns it),
+    """Ended spans waiting for an export run (gateway.observability.span_export owns them),
     as their exporter's bytes (`encode`): at most `max_size` of them; `wake()` is called when a
     batch's worth is waiting, and `on_dropped(1, reason)` for each span refused — "queue_full",
     "shutdown" once `closed`, or "export_failed" if it could not be encoded.  Here, compiled,

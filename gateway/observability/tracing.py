@@ -4,7 +4,7 @@ other than "none" the export of finished spans.
 The data plane decides sampling, makes trace and span ids (`gateway.core.trace_context`) and
 records spans for sampled requests (`gateway.observability.request_trace`,
 `gateway.observability.spans`); an unsampled request makes no span at all.  Finished spans
-go to `gateway.observability.span_export`: a bounded queue and one export thread, so a
+go to `gateway.observability.span_export`: a bounded queue and export runs off the loop, so a
 collector that is down or slow never delays a request; lost spans are counted
 (`gateway_tracing_spans_dropped_total{reason}`).
 """
@@ -60,7 +60,9 @@ class Tracer:
         if self.recording:
             from gateway.observability.span_export import span_export
 
-            self._export = span_export(config, version, self._count_dropped, self._count_exported)
+            self._export = span_export(
+                config, version, self._count_dropped, self._count_exported, loop
+            )
             self.span_queue = self._export.spans
 
     # -- counting from either thread --
@@ -89,7 +91,7 @@ class Tracer:
         return True if export is None else export.force_flush(timeout)
 
     def close(self) -> None:
-        """Export what is queued and stop the export thread (blocks up to the exporter's
+        """Export what is queued and stop exporting (blocks up to the exporter's
         timeout: call it off the event loop)."""
         export = self._export
         if export is not None:

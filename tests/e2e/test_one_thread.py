@@ -10,12 +10,15 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from tests.support.config_builder import gateway_yaml, listener, route, upstream_to
+from tests.support.otlp import otlp_receiver
 from tests.support.process import (
     GatewayProcess,
     async_wait_until,
@@ -33,7 +36,7 @@ def _threads(pid: int) -> list[str]:
     return names
 
 
-def _config(http: int, admin: int, status: int, upstream: int, prefix: str) -> str:
+def _config(http: int, admin: int, status: int, upstream: int, prefix: str, **sections: Any) -> str:
     """`prefix` routed to an upstream (a pool's connections: no resolver for an IP address)."""
     return gateway_yaml(
         listeners=[listener(http)],
@@ -41,6 +44,7 @@ def _config(http: int, admin: int, status: int, upstream: int, prefix: str) -> s
         status={"bind": f"127.0.0.1:{status}"},
         upstreams={"app": upstream_to(f"http://127.0.0.1:{upstream}")},
         routes=[route("app", "app", prefix)],
+        **sections,
     )
 
 
@@ -53,7 +57,13 @@ async def until_served(
         await asyncio.sleep(0.05)
 
 
-async def test_serving_reloading_and_watching_leave_one_thread(tmp_path: Path) -> None:
+@pytest.mark.parametrize("traced", [False, True], ids=["untraced", "traced"])
+async def test_serving_reloading_and_watching_leave_one_thread(
+    tmp_path: Path, traced: bool
+) -> None:
+    """With tracing, spans are exported on a thread started for each export run, which ends
+    with it: between exports the process is back to one thread."""
+
     async def answer(request: web.Request) -> web.Response:
         return web.Response(text="ok")
 
@@ -62,8 +72,19 @@ async def test_serving_reloading_and_watching_leave_one_thread(tmp_path: Path) -
     upstream = TestServer(app, host="127.0.0.1")
     await upstream.start_server()
     http, admin, status = free_port(), free_port(), free_port()
+    receiver_context = otlp_receiver()
+    receiver = await receiver_context.__aenter__()
+    sections: dict[str, Any] = {}
+    if traced:
+        batch = {"schedule_delay": "50ms"}
+        sections["tracing"] = {
+            "sample_ratio": 1,
+            "exporter": "otlp",
+            "endpoint": receiver.url,
+            "batch": batch,
+        }
     path = tmp_path / "gateway.yaml"
-    path.write_text(_config(http, admin, status, upstream.port, "/one"))
+    path.write_text(_config(http, admin, status, upstream.port, "/one", **sections))
     gateway = GatewayProcess(path)
     pid = gateway.proc.pid
     try:
@@ -84,17 +105,31 @@ async def test_serving_reloading_and_watching_leave_one_thread(tmp_path: Path) -
         # the admin and status listeners answer too (each bound by the gateway, not resolved)
         assert http_get(f"http://127.0.0.1:{admin}/readyz")[0] == 200
         assert http_get(f"http://127.0.0.1:{status}/readyz")[0] == 200
+        if traced:
+            # the spans of the requests above went out: the export runs ended with them
+            await receiver.wait_for(2)
+            await async_wait_until(
+                lambda: _threads(pid) == ["python"], within=5, what="the export run to end"
+            )
         assert _threads(pid) == ["python"], _threads(pid)
 
         # an editor's save: the watcher (inotify on the loop) sees it, the config is loaded on
         # a thread of its own, which ends with the load
         saved = tmp_path / ".gateway.yaml.swp"
-        saved.write_text(_config(http, admin, status, upstream.port, "/two"))
+        saved.write_text(_config(http, admin, status, upstream.port, "/two", **sections))
         os.replace(saved, path)
         await until_served(served, "/two", "the saved config")
         await async_wait_until(
             lambda: _threads(pid) == ["python"], within=5, what="the load's thread to end"
         )
+        if traced:
+            exported = len(receiver.spans)
+            assert await served("/two") == 200
+            await receiver.wait_for(exported + 1)
+            await async_wait_until(
+                lambda: _threads(pid) == ["python"], within=5, what="the export run to end"
+            )
     finally:
         gateway.stop()
         await upstream.close()
+        await receiver_context.__aexit__(None, None, None)
