@@ -412,6 +412,8 @@ PEERS: dict[str, Peer] = {
         _gateway_peer("gateway+redis-limit", limit_store="shared"),
         # cors, ip_filter and api_key in front of the bare route
         _gateway_peer("gateway+operator", operator=True),
+        # the baseline checkout with the same stages, to measure a change to them against its code
+        _gateway_peer("gateway@baseline+operator", baseline=True, operator=True),
         Peer("nginx", "nginx", _nginx_build()),
         Peer("haproxy", "haproxy", _haproxy_build()),
         Peer("caddy", "caddy", _caddy_build()),

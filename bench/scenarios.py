@@ -842,7 +842,7 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario(
             name="operator",
             description="the bare request through cors, ip_filter and api_key (SPEC §5.8)",
-            peers=("gateway+operator", "gateway", "nginx"),
+            peers=("gateway+operator", "gateway@baseline+operator", "gateway", "nginx"),
             run=operator_scenario,
             extra={"reference": "gateway", "reference_label": "bare"},
         ),
