@@ -109,9 +109,9 @@ async def test_serving_reloading_and_watching_leave_one_thread(
             # the spans of the requests above went out: the export runs ended with them
             await receiver.wait_for(2)
             await async_wait_until(
-                lambda: _threads(pid) == ["python"], within=5, what="the export run to end"
+                lambda: len(_threads(pid)) == 1, within=5, what="the export run to end"
             )
-        assert _threads(pid) == ["python"], _threads(pid)
+        assert len(_threads(pid)) == 1, _threads(pid)
 
         # an editor's save: the watcher (inotify on the loop) sees it, the config is loaded on
         # a thread of its own, which ends with the load
@@ -120,14 +120,14 @@ async def test_serving_reloading_and_watching_leave_one_thread(
         os.replace(saved, path)
         await until_served(served, "/two", "the saved config")
         await async_wait_until(
-            lambda: _threads(pid) == ["python"], within=5, what="the load's thread to end"
+            lambda: len(_threads(pid)) == 1, within=5, what="the load's thread to end"
         )
         if traced:
             exported = len(receiver.spans)
             assert await served("/two") == 200
             await receiver.wait_for(exported + 1)
             await async_wait_until(
-                lambda: _threads(pid) == ["python"], within=5, what="the export run to end"
+                lambda: len(_threads(pid)) == 1, within=5, what="the export run to end"
             )
     finally:
         gateway.stop()
