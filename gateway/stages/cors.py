@@ -331,13 +331,12 @@ class CorsStage:
         "_exact",
         "_headers",
         "_methods",
-        "_no_origin",
         "_only",
         "_only_edit",
+        "_origin_free",
         "_outcomes",
         "_patterns",
         "_preflight",
-        "_rejected",
         "_vary",
     )
 
@@ -386,10 +385,10 @@ class CorsStage:
         #: what follows Access-Control-Allow-Origin on an allowed preflight's 204
         self._preflight = preflight
         self._outcomes = StageOutcomes(total, "cors")
-        # the edits most requests get, made once: a refused origin's, a request without an
-        # Origin (`*` for everyone, or Vary alone), and the one listed origin's
-        self._rejected = CorsEdit(None, self._vary, actual)
-        self._no_origin = CorsEdit(b"*" if self._any_origin else None, self._vary, actual)
+        # the edits most requests get, made once: one whose answer names no origin of the
+        # request (`*` for everyone; else none sent or a refused one: Vary alone), and the one
+        # listed origin's
+        self._origin_free = CorsEdit(b"*" if self._any_origin else None, self._vary, actual)
         self._only_edit = CorsEdit(self._only, self._vary, actual)
 
     # -- decisions ------------------------------------------------------------------------------
@@ -458,12 +457,14 @@ class CorsStage:
             allowed = None if several and not self._any_origin else self.allowed_origin(origin)
             if allowed is None:
                 self._count(ctx, REJECTED)
-                return self._rejected
+                return self._origin_free
             self._count(ctx, ALLOWED)
+            if self._any_origin:
+                return self._origin_free  # `*`, whatever the origin
             if allowed == self._only:
                 return self._only_edit
             return CorsEdit(allowed, self._vary, self._actual)
-        return self._no_origin
+        return self._origin_free
 
     async def __call__(self, ctx: RequestContext, call_next: Next) -> Response:
         edit = self._decide(ctx)

@@ -6,6 +6,7 @@ Counted in /proc: a thread found there is a thread the kernel makes every system
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -18,7 +19,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from tests.support.config_builder import gateway_yaml, listener, route, upstream_to
-from tests.support.otlp import otlp_receiver
+from tests.support.otlp import OtlpReceiver, otlp_receiver
 from tests.support.process import (
     GatewayProcess,
     async_wait_until,
@@ -70,10 +71,21 @@ async def test_serving_reloading_and_watching_leave_one_thread(
     app = web.Application()
     app.router.add_get("/{tail:.*}", answer)
     upstream = TestServer(app, host="127.0.0.1")
-    await upstream.start_server()
+    async with contextlib.AsyncExitStack() as cleanup:
+        await upstream.start_server()
+        cleanup.push_async_callback(upstream.close)
+        receiver = await cleanup.enter_async_context(otlp_receiver())
+        await _serve_reload_and_count(tmp_path, upstream.port, receiver, traced, cleanup)
+
+
+async def _serve_reload_and_count(
+    tmp_path: Path,
+    upstream: int,
+    receiver: OtlpReceiver,
+    traced: bool,
+    cleanup: contextlib.AsyncExitStack,
+) -> None:
     http, admin, status = free_port(), free_port(), free_port()
-    receiver_context = otlp_receiver()
-    receiver = await receiver_context.__aenter__()
     sections: dict[str, Any] = {}
     if traced:
         batch = {"schedule_delay": "50ms"}
@@ -84,52 +96,48 @@ async def test_serving_reloading_and_watching_leave_one_thread(
             "batch": batch,
         }
     path = tmp_path / "gateway.yaml"
-    path.write_text(_config(http, admin, status, upstream.port, "/one", **sections))
+    path.write_text(_config(http, admin, status, upstream, "/one", **sections))
     gateway = GatewayProcess(path)
+    cleanup.callback(gateway.stop)
     pid = gateway.proc.pid
-    try:
 
-        async def served(path: str) -> int | None:
-            # aiohttp, not urllib: the upstream answers on this test's loop
-            try:
-                async with (
-                    aiohttp.ClientSession() as session,
-                    session.get(f"http://127.0.0.1:{http}{path}") as response,
-                ):
-                    return response.status
-            except aiohttp.ClientError:
-                return None
+    async def served(path: str) -> int | None:
+        # aiohttp, not urllib: the upstream answers on this test's loop
+        try:
+            async with (
+                aiohttp.ClientSession() as session,
+                session.get(f"http://127.0.0.1:{http}{path}") as response,
+            ):
+                return response.status
+        except aiohttp.ClientError:
+            return None
 
-        await until_served(served, "/one", "the first config")
-        assert await served("/two") == 404
-        # the admin and status listeners answer too (each bound by the gateway, not resolved)
-        assert http_get(f"http://127.0.0.1:{admin}/readyz")[0] == 200
-        assert http_get(f"http://127.0.0.1:{status}/readyz")[0] == 200
-        if traced:
-            # the spans of the requests above went out: the export runs ended with them
-            await receiver.wait_for(2)
-            await async_wait_until(
-                lambda: len(_threads(pid)) == 1, within=5, what="the export run to end"
-            )
-        assert len(_threads(pid)) == 1, _threads(pid)
-
-        # an editor's save: the watcher (inotify on the loop) sees it, the config is loaded on
-        # a thread of its own, which ends with the load
-        saved = tmp_path / ".gateway.yaml.swp"
-        saved.write_text(_config(http, admin, status, upstream.port, "/two", **sections))
-        os.replace(saved, path)
-        await until_served(served, "/two", "the saved config")
+    await until_served(served, "/one", "the first config")
+    assert await served("/two") == 404
+    # the admin and status listeners answer too (each bound by the gateway, not resolved)
+    assert http_get(f"http://127.0.0.1:{admin}/readyz")[0] == 200
+    assert http_get(f"http://127.0.0.1:{status}/readyz")[0] == 200
+    if traced:
+        # the spans of the requests above went out: the export runs ended with them
+        await receiver.wait_for(2)
         await async_wait_until(
-            lambda: len(_threads(pid)) == 1, within=5, what="the load's thread to end"
+            lambda: len(_threads(pid)) == 1, within=5, what="the export run to end"
         )
-        if traced:
-            exported = len(receiver.spans)
-            assert await served("/two") == 200
-            await receiver.wait_for(exported + 1)
-            await async_wait_until(
-                lambda: len(_threads(pid)) == 1, within=5, what="the export run to end"
-            )
-    finally:
-        gateway.stop()
-        await upstream.close()
-        await receiver_context.__aexit__(None, None, None)
+    assert len(_threads(pid)) == 1, _threads(pid)
+
+    # an editor's save: the watcher (inotify on the loop) sees it, the config is loaded on
+    # a thread of its own, which ends with the load
+    saved = tmp_path / ".gateway.yaml.swp"
+    saved.write_text(_config(http, admin, status, upstream, "/two", **sections))
+    os.replace(saved, path)
+    await until_served(served, "/two", "the saved config")
+    await async_wait_until(
+        lambda: len(_threads(pid)) == 1, within=5, what="the load's thread to end"
+    )
+    if traced:
+        exported = len(receiver.spans)
+        assert await served("/two") == 200
+        await receiver.wait_for(exported + 1)
+        await async_wait_until(
+            lambda: len(_threads(pid)) == 1, within=5, what="the export run to end"
+        )
